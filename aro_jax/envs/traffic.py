@@ -1,0 +1,124 @@
+"""Arrival processes: pure functions of (key, time, params).
+
+The request rate of a region is a smooth daily/weekly shape (in the region's local time)
+times bursts, optionally replaced by a replayed trace; arrivals per tick are a
+Gamma-modulated Poisson count.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+from jax.scipy.special import erf
+
+SECONDS_PER_DAY = 86_400.0
+SECONDS_PER_WEEK = 7 * SECONDS_PER_DAY
+# Day 0 of simulated time is a Monday 00:00 UTC; days 5 and 6 are the weekend.
+_PEAK_HOUR_LOCAL = 14.0  # afternoon peak of interactive traffic (Azure 2024 week-long trace)
+
+
+@struct.dataclass
+class TrafficParams:
+    """Everything that shapes one region's demand. All fields may be vmapped."""
+
+    mean_rate_rps: float = 5.0  # weekly mean arrival rate, requests/s
+    diurnal_peak_to_trough: float = 2.0  # conversation ~2x, code ~10x (Azure 2024 trace)
+    weekend_factor: float = 1.0  # weekend level / weekday level (code ~0.2, Azure 2024)
+    tz_offset_h: float = 0.0  # local time = UTC + offset
+    # CV of the per-tick Gamma rate modulation (ServeGen: per-client CV median 1.2-1.3 at
+    # request level; a 30 s tick averages much of that away, so the default is smaller).
+    burst_cv: float = 0.3
+    # Log-normal token lengths fitted to the Azure 2023 conversation trace (shared data README).
+    input_log_mean: float = 6.63
+    input_log_sd: float = 0.99
+    output_log_mean: float = 5.02
+    output_log_sd: float = 0.86
+    max_context_tokens: float = 4096.0  # Llama 2 context window (Touvron et al. 2023)
+    flash_start_s: float = -1.0  # negative: no flash crowd
+    flash_duration_s: float = 0.0
+    flash_multiplier: float = 1.0
+    # Trace replay: per-tick rate multipliers (mean 1) of a real trace, replayed cyclically
+    # over the daily shape when trace_weight = 1, so the mean load stays mean_rate_rps.
+    trace_multiplier: jax.Array = struct.field(default_factory=lambda: jnp.ones((1,)))
+    trace_weight: float = 0.0
+    trace_tick_s: float = 30.0
+
+
+def daily_weekly_shape(t_s: jax.Array, p: TrafficParams) -> jax.Array:
+    """Multiplicative rate shape at UTC time `t_s` (seconds); averages to 1 over a week."""
+    local_s = t_s + p.tz_offset_h * 3600.0
+    hour = jnp.mod(local_s, SECONDS_PER_DAY) / 3600.0
+    day = jnp.floor(jnp.mod(local_s, SECONDS_PER_WEEK) / SECONDS_PER_DAY)
+    amp = (p.diurnal_peak_to_trough - 1.0) / (p.diurnal_peak_to_trough + 1.0)
+    diurnal = 1.0 + amp * jnp.cos(2.0 * jnp.pi * (hour - _PEAK_HOUR_LOCAL) / 24.0)
+    weekly = jnp.where(day >= 5, p.weekend_factor, 1.0)
+    weekly_mean = (5.0 + 2.0 * p.weekend_factor) / 7.0
+    return diurnal * weekly / weekly_mean
+
+
+def expected_rate_rps(t_s: jax.Array, p: TrafficParams) -> jax.Array:
+    """Mean arrival rate (requests/s) at time `t_s`, before bursts."""
+    idx = jnp.floor(t_s / p.trace_tick_s).astype(jnp.int32) % p.trace_multiplier.shape[0]
+    burst = jnp.where(p.trace_weight > 0.5, p.trace_multiplier[idx], 1.0)
+    rate = p.mean_rate_rps * daily_weekly_shape(t_s, p) * burst
+    in_flash = (t_s >= p.flash_start_s) & (t_s < p.flash_start_s + p.flash_duration_s)
+    in_flash = in_flash & (p.flash_start_s >= 0.0)
+    return rate * jnp.where(in_flash, p.flash_multiplier, 1.0)
+
+
+def sample_arrivals(key: jax.Array, t_s: jax.Array, tick_s: float, p: TrafficParams) -> jax.Array:
+    """Requests arriving in [t_s, t_s + tick_s): a Gamma-modulated Poisson count (float).
+
+    Sampled by moment matching, because gamma and Poisson draws cost 20x a normal draw
+    on CPU (DESIGN "Speed"): the modulation is log-normal with the Gamma's mean 1 and CV,
+    and the Poisson count is its normal approximation (mean = variance = lambda, lambda is
+    in the tens to thousands per 30 s tick). Mean and variance equal the exact process's
+    (tests/test_traffic.py checks both against `sample_arrivals_exact`).
+    """
+    k_mod, k_cnt = jax.random.split(key)
+    sigma2 = jnp.log1p(p.burst_cv**2)
+    z_mod, z_cnt = jax.random.normal(k_mod, (2,))
+    modulation = jnp.exp(jnp.sqrt(sigma2) * z_mod - 0.5 * sigma2)
+    lam = expected_rate_rps(t_s, p) * tick_s * modulation
+    return jnp.maximum(lam + jnp.sqrt(lam) * z_cnt, 0.0)
+
+
+def sample_arrivals_exact(key: jax.Array, t_s: jax.Array, tick_s: float, p: TrafficParams) -> jax.Array:
+    """Reference sampler: Gamma(shape 1/cv^2, mean 1) modulation, exact Poisson count."""
+    k_mod, k_cnt = jax.random.split(key)
+    shape = 1.0 / jnp.maximum(p.burst_cv**2, 1e-6)
+    modulation = jax.random.gamma(k_mod, shape) / shape
+    lam = expected_rate_rps(t_s, p) * tick_s * modulation
+    return jax.random.poisson(k_cnt, lam).astype(jnp.float32)
+
+
+def _norm_cdf(x: jax.Array) -> jax.Array:
+    return 0.5 * (1.0 + erf(x / jnp.sqrt(2.0)))
+
+
+def clipped_lognormal_mean(log_mean, log_sd, cap):
+    """E[min(X, cap)] for X ~ LogNormal(log_mean, log_sd): prompts beyond the context
+    window are truncated by the server."""
+    log_cap = jnp.log(cap)
+    below = jnp.exp(log_mean + 0.5 * log_sd**2) * _norm_cdf((log_cap - log_mean - log_sd**2) / log_sd)
+    above = cap * (1.0 - _norm_cdf((log_cap - log_mean) / log_sd))
+    return below + above
+
+
+def lognormal_quantile(log_mean, log_sd, z, cap):
+    """Quantile at standard-normal score `z` (1.645 = p95), capped at the context window."""
+    return jnp.minimum(jnp.exp(log_mean + z * log_sd), cap)
+
+
+def token_stats(p: TrafficParams) -> dict[str, jax.Array]:
+    """Mean and p95 input/output tokens per request (context window applied)."""
+    cap_in = p.max_context_tokens
+    mean_in = clipped_lognormal_mean(p.input_log_mean, p.input_log_sd, cap_in)
+    mean_out = clipped_lognormal_mean(p.output_log_mean, p.output_log_sd, p.max_context_tokens)
+    return {
+        "input_mean": mean_in,
+        "output_mean": mean_out,
+        "input_p95": lognormal_quantile(p.input_log_mean, p.input_log_sd, 1.645, cap_in),
+        "output_p95": lognormal_quantile(p.output_log_mean, p.output_log_sd, 1.645, p.max_context_tokens),
+    }
