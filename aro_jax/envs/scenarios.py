@@ -8,7 +8,6 @@ chooses EnvParams. `TRAINING_SCENARIOS` may be used to train and tune;
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 
 import jax
@@ -16,8 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from aro_jax.envs import hardware
-from aro_jax.envs.serving import EnvParams, ServiceCurve, replica_capacity_rps, token_stats
-from aro_jax.envs.traffic import TrafficParams, expected_rate_rps
+from aro_jax.envs import serving as sv
+from aro_jax.envs.serving import EnvParams, ServiceCurve
+from aro_jax.envs.traffic import TrafficParams, peak_rate_rps
 
 # Traffic mixes measured on the Azure 2023 traces (shared data README) and the published
 # Azure 2024 week-long shape: code is bursty with a 10x daily swing and quiet weekends;
@@ -35,7 +35,6 @@ TRAFFIC_MIXES = {
 # DistServe (OSDI'24) chatbot SLOs by model size: OPT-13B 0.25 s / 0.1 s, OPT-66B 2.5 s /
 # 0.15 s; we use the nearest size for Llama-2-7B and Llama-2-70B.
 SLO_BY_MODEL = {"llama2-7b": (0.25, 0.10), "llama2-70b": (2.5, 0.15)}
-TARGET_PEAK_UTILISATION = 0.8  # static-for-peak sizing headroom, as in HPA targets
 
 TRAINING_SCENARIOS = ("diurnal",)
 HELD_OUT_SCENARIOS = ("flash-crowd", "outage", "token-shift", "trace-conv", "trace-code")
@@ -83,45 +82,21 @@ def node_params(spec: NodeSpec, episode_ticks: int = 2880, tick_s: float = 30.0)
     return _with_static_sizing(params)
 
 
-def replicas_for_rate(params: EnvParams, rate_rps, utilisation: float = TARGET_PEAK_UTILISATION):
-    """Replicas needed to serve `rate_rps` at the target utilisation (float, >= 1)."""
-    per_replica = replica_capacity_rps(params)
-    return jnp.clip(jnp.ceil(rate_rps / (per_replica * utilisation)), params.min_replicas, params.max_replicas)
-
-
-def peak_rate_rps(params: EnvParams) -> float:
-    """Peak of the expected daily/weekly rate over a week (before bursts)."""
-    t = jnp.arange(0.0, 7 * 86_400.0, 300.0)
-    return float(jnp.max(jax.vmap(lambda s: expected_rate_rps(s, params.traffic))(t)))
-
-
 def _with_static_sizing(params: EnvParams) -> EnvParams:
     """Initial allocation sized for the mean; cost reference = allocation for the peak."""
-    idle_cores, busy_cores = 1.0, 2.0 + params.tensor_parallel  # see serving._cpu_cores_per_replica
-    host_gb = 10.0 + 4.0 * params.tensor_parallel  # see serving._host_memory_per_replica_gb
-
-    def allocation(replicas):
-        cores = _round_up(replicas * (idle_cores + busy_cores), params.cpu_step_cores)
-        memory = _round_up(replicas * host_gb, params.memory_step_gb)
-        return cores, memory
-
-    mean_replicas = float(replicas_for_rate(params, params.traffic.mean_rate_rps))
-    peak_replicas = float(replicas_for_rate(params, peak_rate_rps(params)))
-    cores, memory = allocation(mean_replicas)
-    peak_cores, peak_memory = allocation(peak_replicas)
-    from aro_jax.envs.serving import CPU_USD_PER_CORE_H, MEMORY_USD_PER_GB_H
-
-    peak_cost = peak_replicas * params.replica_price_usd_per_h + peak_cores * CPU_USD_PER_CORE_H + peak_memory * MEMORY_USD_PER_GB_H
+    mean_replicas = sv.replicas_for_rate(params, params.traffic.mean_rate_rps)
+    peak_replicas = sv.replicas_for_rate(params, peak_rate_rps(params.traffic))
+    peak_cost = (
+        peak_replicas * params.replica_price_usd_per_h
+        + sv.cores_for(params, peak_replicas) * sv.CPU_USD_PER_CORE_H
+        + sv.memory_for(params, peak_replicas) * sv.MEMORY_USD_PER_GB_H
+    )
     return params.replace(
-        initial_replicas=mean_replicas,
-        initial_cpu_cores=cores,
-        initial_host_memory_gb=memory,
+        initial_replicas=float(mean_replicas),
+        initial_cpu_cores=float(sv.cores_for(params, mean_replicas)),
+        initial_host_memory_gb=float(sv.memory_for(params, mean_replicas)),
         cost_ref_usd_per_h=float(peak_cost),
     )
-
-
-def _round_up(x: float, step: float) -> float:
-    return float(max(math.ceil(x / step), 1) * step)
 
 
 def default_node_params() -> EnvParams:

@@ -337,6 +337,27 @@ def fluid_tick(
     return metrics, queue_after
 
 
+TARGET_UTILISATION = 0.8  # sizing headroom for static allocations, as in HPA targets
+
+
+def replicas_for_rate(params: EnvParams, rate_rps, utilisation=TARGET_UTILISATION):
+    """Replicas needed to serve `rate_rps` at `utilisation` of capacity (float, in limits)."""
+    per_replica = replica_capacity_rps(params)
+    return jnp.clip(jnp.ceil(rate_rps / (per_replica * utilisation)), params.min_replicas, params.max_replicas)
+
+
+def cores_for(params: EnvParams, replicas):
+    """CPU cores that keep `replicas` from being CPU-bound, in whole allocation steps."""
+    idle, busy = _cpu_cores_per_replica(params)
+    return jnp.ceil(replicas * (idle + busy) / params.cpu_step_cores) * params.cpu_step_cores
+
+
+def memory_for(params: EnvParams, replicas, cache_weights=False):
+    """Host memory (GB) for `replicas`, plus one copy of the weights if cached, in steps."""
+    need = replicas * _host_memory_per_replica_gb(params) + jnp.where(cache_weights, params.weights_gb, 0.0)
+    return jnp.ceil(need / params.memory_step_gb) * params.memory_step_gb
+
+
 def _cpu_cores_per_replica(params: EnvParams):
     """(idle, busy-at-full-load) cores per replica. vLLM V1 runs an API-server and an
     engine-core process plus one worker per GPU, each driving one core when busy

@@ -57,6 +57,14 @@ def daily_weekly_shape(t_s: jax.Array, p: TrafficParams) -> jax.Array:
     return diurnal * weekly / weekly_mean
 
 
+def peak_rate_rps(p: TrafficParams) -> jax.Array:
+    """Highest expected rate of the daily/weekly shape (times the trace's highest burst)."""
+    amp = (p.diurnal_peak_to_trough - 1.0) / (p.diurnal_peak_to_trough + 1.0)
+    weekly_mean = (5.0 + 2.0 * p.weekend_factor) / 7.0
+    burst = jnp.where(p.trace_weight > 0.5, jnp.max(p.trace_multiplier), 1.0)
+    return p.mean_rate_rps * (1.0 + amp) * jnp.maximum(1.0, p.weekend_factor) / weekly_mean * burst
+
+
 def expected_rate_rps(t_s: jax.Array, p: TrafficParams) -> jax.Array:
     """Mean arrival rate (requests/s) at time `t_s`, before bursts."""
     idx = jnp.floor(t_s / p.trace_tick_s).astype(jnp.int32) % p.trace_multiplier.shape[0]

@@ -1,0 +1,225 @@
+"""Typed experiment configs: YAML files composed by `include:`, dotted overrides, and
+validation that names the offending key before anything compiles.
+
+Defaults live here, in the dataclasses; YAML files only say what differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
+
+
+class ConfigError(ValueError):
+    """An invalid config; the message names the key and says what is expected."""
+
+
+@dataclass
+class NodeConfig:
+    name: str = MISSING
+    profile: str = "llama2-70b-a100-tp4"  # a name in aro_jax.envs.hardware.PROFILES
+    traffic_mix: str = "conversation"  # "conversation" or "code"
+    mean_rate_rps: float = 4.0
+    tz_offset_h: float = 0.0
+    max_replicas: int = 16
+    peer_rtt_ms: float = 50.0  # round trip to the region's rebalancing peer
+    peer_spare_rps: float = 2.0  # spare capacity that peer lends
+
+
+@dataclass
+class ClusterConfig:
+    name: str = "single"
+    nodes: list[NodeConfig] = field(default_factory=lambda: [NodeConfig(name="node-0")])
+
+
+@dataclass
+class RewardConfig:
+    alpha: float = 1.0  # weight of served share of demand
+    beta: float = 0.5  # weight of (1 - normalised latency)
+    gamma: float = 1.0  # weight of normalised cost
+    slo_penalty: float = 1.0  # weight of the share of requests missing the SLO
+
+
+@dataclass
+class EnvConfig:
+    action_set: str = "extended"  # "extended" (11 actions) or "paper" (the paper's 5)
+    tick_s: float = 30.0
+    episode_ticks: int = 2880  # one simulated day
+    num_clusters: int = 16  # simulated clusters per node, stepped in parallel
+    scenario: str = "diurnal"
+    data_dir: str = "../shared/data"  # holds traces/ for trace-replay scenarios
+    reward: RewardConfig = field(default_factory=RewardConfig)
+
+
+@dataclass
+class PPOConfig:
+    lr: float = 3e-4
+    anneal_lr: bool = True
+    max_grad_norm: float = 0.5
+    rollout_steps: int = 64  # env steps per cluster per update
+    num_minibatches: int = 4
+    update_epochs: int = 4
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    clip_eps: float = 0.2
+    ent_coef: float = 0.01
+    vf_coef: float = 0.5
+    hidden_sizes: list[int] = field(default_factory=lambda: [64, 64])
+    normalize_obs: bool = True
+    action_masking: bool = True
+
+
+@dataclass
+class TrainConfig:
+    total_env_steps: int = 2_000_000  # summed over nodes and clusters
+    seed: int = 0
+    num_chunks: int = 10  # compiled chunks; progress, metrics and checkpoints between them
+    run_dir: str = "runs/default"
+    keep_checkpoints: int = 3
+
+
+@dataclass
+class EvalConfig:
+    num_seeds: int = 8  # evaluation episodes per node
+    scenario: str = "diurnal"
+    baselines: list[str] = field(default_factory=lambda: ["static-mean", "static-peak", "reactive", "predictive"])
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "default"
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> Any:
+    """Read a YAML file, merging its `include:` files (relative paths) first."""
+    path = path.resolve()
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path in seen:
+        raise ConfigError(f"{path}: include cycle through {[str(p) for p in seen]}")
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as e:  # yaml.YAMLError and friends
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+    includes = cfg.pop("include", [])
+    if isinstance(includes, str):
+        includes = [includes]
+    merged = OmegaConf.create()
+    for inc in includes:
+        merged = OmegaConf.merge(merged, _read_yaml(path.parent / inc, seen + (path,)))
+    return OmegaConf.merge(merged, cfg)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> ExperimentConfig:
+    """Load, compose, override and validate an experiment config.
+
+    `overrides` are dotted `key=value` strings (`ppo.lr=1e-4`). Raises ConfigError naming
+    the offending key for unknown keys, wrong types and impossible values.
+    """
+    schema = OmegaConf.structured(ExperimentConfig)
+    try:
+        layers = [schema]
+        layers.append(_read_yaml(Path(path) if path else DEFAULT_CONFIG))
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"override {bad[0]!r} is not of the form key=value (e.g. ppo.lr=1e-4)")
+        cfg = OmegaConf.merge(*layers)
+        for override in overrides:
+            key, value = override.split("=", 1)
+            OmegaConf.update(cfg, key.strip(), yaml.safe_load(value), merge=True)
+        obj = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        raise ConfigError(f"config key '{key}': {str(e).splitlines()[0]}") from e
+    validate(obj)
+    return obj
+
+
+def to_yaml(cfg: ExperimentConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: ExperimentConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Impossible values, each reported with its key."""
+    from aro_jax.envs import hardware, scenarios
+    from aro_jax.envs.serving import ACTION_SETS
+
+    def require(ok: bool, key: str, msg: str):
+        if not ok:
+            raise ConfigError(f"config key '{key}': {msg}")
+
+    require(len(cfg.cluster.nodes) > 0, "cluster.nodes", "at least one node is needed")
+    names = [n.name for n in cfg.cluster.nodes]
+    require(len(set(names)) == len(names), "cluster.nodes", f"node names must be unique, got {names}")
+    for i, n in enumerate(cfg.cluster.nodes):
+        k = f"cluster.nodes.{i}"
+        require(n.profile in hardware.PROFILES, f"{k}.profile", f"unknown profile {n.profile!r}; choose one of {sorted(hardware.PROFILES)}")
+        require(n.traffic_mix in scenarios.TRAFFIC_MIXES, f"{k}.traffic_mix", f"must be one of {sorted(scenarios.TRAFFIC_MIXES)}, got {n.traffic_mix!r}")
+        require(n.mean_rate_rps > 0, f"{k}.mean_rate_rps", f"must be > 0, got {n.mean_rate_rps}")
+        require(n.max_replicas >= 1, f"{k}.max_replicas", f"must be >= 1, got {n.max_replicas}")
+        require(-12 <= n.tz_offset_h <= 14, f"{k}.tz_offset_h", f"must be a UTC offset in [-12, 14] hours, got {n.tz_offset_h}")
+        require(n.peer_rtt_ms >= 0 and n.peer_spare_rps >= 0, k, "peer_rtt_ms and peer_spare_rps must be >= 0")
+
+    e = cfg.env
+    require(e.action_set in ACTION_SETS, "env.action_set", f"must be one of {sorted(ACTION_SETS)}, got {e.action_set!r}")
+    require(e.tick_s > 0, "env.tick_s", f"must be > 0, got {e.tick_s}")
+    require(e.episode_ticks >= 1, "env.episode_ticks", f"must be >= 1, got {e.episode_ticks}")
+    require(e.num_clusters >= 1, "env.num_clusters", f"must be >= 1, got {e.num_clusters}")
+    require(e.scenario in scenarios.TRAINING_SCENARIOS, "env.scenario",
+            f"{e.scenario!r} is not a training scenario (held-out scenarios {list(scenarios.HELD_OUT_SCENARIOS)} are for evaluation only); choose one of {list(scenarios.TRAINING_SCENARIOS)}")
+    for w in ("alpha", "beta", "gamma", "slo_penalty"):
+        require(getattr(e.reward, w) >= 0, f"env.reward.{w}", f"must be >= 0, got {getattr(e.reward, w)}")
+
+    p = cfg.ppo
+    require(p.lr > 0, "ppo.lr", f"must be > 0, got {p.lr}")
+    require(p.rollout_steps >= 1, "ppo.rollout_steps", f"must be >= 1, got {p.rollout_steps}")
+    require(p.update_epochs >= 1, "ppo.update_epochs", f"must be >= 1, got {p.update_epochs}")
+    require(p.num_minibatches >= 1, "ppo.num_minibatches", f"must be >= 1, got {p.num_minibatches}")
+    batch = p.rollout_steps * e.num_clusters * len(cfg.cluster.nodes)
+    require(batch % p.num_minibatches == 0, "ppo.num_minibatches",
+            f"{p.num_minibatches} does not divide the batch of {batch} transitions (rollout_steps x num_clusters x nodes)")
+    require(0 < p.gamma <= 1, "ppo.gamma", f"must be in (0, 1], got {p.gamma}")
+    require(0 <= p.gae_lambda <= 1, "ppo.gae_lambda", f"must be in [0, 1], got {p.gae_lambda}")
+    require(p.clip_eps > 0, "ppo.clip_eps", f"must be > 0, got {p.clip_eps}")
+    require(p.max_grad_norm > 0, "ppo.max_grad_norm", f"must be > 0, got {p.max_grad_norm}")
+    require(p.ent_coef >= 0 and p.vf_coef >= 0, "ppo.ent_coef", "ent_coef and vf_coef must be >= 0")
+    require(len(p.hidden_sizes) >= 1 and all(h >= 1 for h in p.hidden_sizes), "ppo.hidden_sizes", f"need positive layer sizes, got {p.hidden_sizes}")
+
+    t = cfg.train
+    require(t.num_chunks >= 1, "train.num_chunks", f"must be >= 1, got {t.num_chunks}")
+    require(t.keep_checkpoints >= 1, "train.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")
+    updates = num_updates(cfg)
+    require(updates >= t.num_chunks, "train.total_env_steps",
+            f"{t.total_env_steps} steps give {updates} PPO updates of {batch} transitions, fewer than train.num_chunks={t.num_chunks}")
+
+    from aro_jax.envs.heuristics import HEURISTICS
+
+    require(cfg.eval.num_seeds >= 1, "eval.num_seeds", f"must be >= 1, got {cfg.eval.num_seeds}")
+    require(cfg.eval.scenario in scenarios.SCENARIOS, "eval.scenario", f"must be one of {list(scenarios.SCENARIOS)}")
+    for b in cfg.eval.baselines:
+        require(b in HEURISTICS, "eval.baselines", f"unknown baseline {b!r}; choose from {sorted(HEURISTICS)}")
+
+
+def num_updates(cfg: ExperimentConfig) -> int:
+    batch = cfg.ppo.rollout_steps * cfg.env.num_clusters * len(cfg.cluster.nodes)
+    return cfg.train.total_env_steps // batch

@@ -1,0 +1,126 @@
+"""Heuristic baselines as pure policies: (policy_state, raw_obs, params) -> (action, policy_state).
+
+They read only what an operator's dashboard shows (the raw observation, OBS_FIELDS) and
+the node's static description (EnvParams), so they run inside jit next to the learned
+policies and could run in the deployment agent too. One action per tick, like the agent.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax.numpy as jnp
+
+from aro_jax.envs import serving as sv
+from aro_jax.envs.traffic import peak_rate_rps
+
+_F = {name: i for i, name in enumerate(sv.OBS_FIELDS)}
+# Kubernetes HPA defaults: 10% tolerance, scale up at once, scale down on the highest
+# recommendation of the stabilisation window (BLIS autoscaler config: 240 s).
+HPA_TOLERANCE = 0.1
+HPA_TARGET_LOAD = 0.7
+HPA_SCALE_DOWN_WINDOW_S = 240.0
+PREDICTIVE_HEADROOM = 0.25
+
+
+class Policy(NamedTuple):
+    """A pure policy. `init(params)` gives its state; `act(state, raw_obs, params)`."""
+
+    init: Callable[[sv.EnvParams], Any]
+    act: Callable[[Any, Any, sv.EnvParams], tuple[Any, Any]]
+
+
+def _allocation_actions(obs, params, target_replicas, target_cores, target_memory_gb):
+    """Move one step toward a target allocation: GPUs first, then CPU, then memory."""
+    total = obs[_F["replicas_ready"]] + obs[_F["replicas_pending"]]
+    ready = obs[_F["replicas_ready"]]
+    cores, mem = obs[_F["cpu_cores"]], obs[_F["host_memory_gb"]]
+    return jnp.select(
+        [
+            total < target_replicas,
+            ready > target_replicas,
+            cores < target_cores,
+            cores - params.cpu_step_cores >= target_cores,
+            mem < target_memory_gb,
+            mem - params.memory_step_gb >= target_memory_gb,
+        ],
+        [sv.INC_GPU, sv.DEC_GPU, sv.INC_CPU, sv.DEC_CPU, sv.INC_MEM, sv.DEC_MEM],
+        sv.MAINTAIN,
+    )
+
+
+def static_policy(sizing: str) -> Policy:
+    """A fixed allocation sized for the mean or the peak rate at the target utilisation."""
+
+    def act(pstate, obs, params):
+        rate = params.traffic.mean_rate_rps if sizing == "mean" else peak_rate_rps(params.traffic)
+        replicas = sv.replicas_for_rate(params, rate)
+        action = _allocation_actions(obs, params, replicas, sv.cores_for(params, replicas), sv.memory_for(params, replicas))
+        return action, pstate
+
+    return Policy(init=lambda params: jnp.zeros(()), act=act)
+
+
+def _overflow_actions(obs, params, load, action):
+    """At the replica limit and overloaded: forward to the peer; pull back once calm."""
+    at_limit = obs[_F["replicas_ready"]] + obs[_F["replicas_pending"]] >= params.max_replicas
+    fwd = obs[_F["forward_fraction"]]
+    action = jnp.where((action == sv.MAINTAIN) & at_limit & (load > 1.0), sv.REBALANCE, action)
+    return jnp.where((action == sv.MAINTAIN) & (fwd > 0) & (load < HPA_TARGET_LOAD), sv.PULL_BACK, action)
+
+
+def reactive_policy(tick_s: float = 30.0) -> Policy:
+    """Kubernetes HPA on load = request rate / capacity: desired = ceil(current * load /
+    target), no change within the tolerance, scale-down on the window's highest
+    recommendation; plus thresholds on latency (SLO) and dropped requests that force a
+    scale-up, and CPU/memory scaled on their utilisation."""
+    window = max(int(round(HPA_SCALE_DOWN_WINDOW_S / tick_s)), 1)
+
+    def init(params):
+        return jnp.full((window,), params.initial_replicas)
+
+    def act(recent_desired, obs, params):
+        ready = obs[_F["replicas_ready"]]
+        total = ready + obs[_F["replicas_pending"]]
+        capacity = jnp.maximum(obs[_F["capacity_rps"]], 1e-6)
+        load = obs[_F["request_rate_rps"]] / capacity
+        ratio = load / HPA_TARGET_LOAD
+        desired = jnp.where(jnp.abs(ratio - 1.0) <= HPA_TOLERANCE, ready, jnp.ceil(ready * ratio))
+        e2e_budget = params.slo_ttft_s + sv.token_stats(params.traffic)["output_mean"] * params.slo_tpot_s
+        breach = (obs[_F["latency_e2e_mean_s"]] > e2e_budget) | (obs[_F["drop_fraction"]] > 0.01)
+        desired = jnp.where(breach, jnp.maximum(desired, ready + 1), desired)
+        desired = jnp.clip(desired, params.min_replicas, params.max_replicas)
+        recent_desired = jnp.concatenate([recent_desired[1:], desired[None]])
+        scale_down_to = jnp.max(recent_desired)
+        cpu_util, mem_util = obs[_F["cpu_util"]], obs[_F["memory_util"]]
+        action = jnp.select(
+            [desired > total, scale_down_to < ready, cpu_util > 0.8, mem_util > 0.9, cpu_util < 0.4, mem_util < 0.4],
+            [sv.INC_GPU, sv.DEC_GPU, sv.INC_CPU, sv.INC_MEM, sv.DEC_CPU, sv.DEC_MEM],
+            sv.MAINTAIN,
+        )
+        return _overflow_actions(obs, params, load, action), recent_desired
+
+    return Policy(init=init, act=act)
+
+
+def predictive_policy() -> Policy:
+    """Capacity planning on the forecast: provision for max(current, forecast at the
+    cold-start horizon) plus headroom, with CPU and memory planned for that many replicas
+    and the weights cached in host memory so scale-ups start fast."""
+
+    def act(pstate, obs, params):
+        rate = jnp.maximum(obs[_F["request_rate_rps"]], obs[_F["forecast_rate_rps"]])
+        replicas = sv.replicas_for_rate(params, rate * (1.0 + PREDICTIVE_HEADROOM), 1.0)
+        action = _allocation_actions(obs, params, replicas, sv.cores_for(params, replicas), sv.memory_for(params, replicas, True))
+        load = obs[_F["request_rate_rps"]] / jnp.maximum(obs[_F["capacity_rps"]], 1e-6)
+        return _overflow_actions(obs, params, load, action), pstate
+
+    return Policy(init=lambda params: jnp.zeros(()), act=act)
+
+
+HEURISTICS: dict[str, Callable[..., Policy]] = {
+    "static-mean": lambda tick_s=30.0: static_policy("mean"),
+    "static-peak": lambda tick_s=30.0: static_policy("peak"),
+    "reactive": reactive_policy,
+    "predictive": lambda tick_s=30.0: predictive_policy(),
+}

@@ -1,0 +1,401 @@
+"""The node environment: gymnax conformance, finite rollouts, invariants, action masks."""
+
+import chex
+import gymnax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from gymnax.wrappers.purerl import LogWrapper
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import aro_jax.envs  # noqa: F401  (registers ServingNode-v0)
+from aro_jax.envs import scenarios, serving
+from aro_jax.envs.serving import (
+    DEC_CPU,
+    DEC_GPU,
+    DEGRADE,
+    INC_CPU,
+    INC_GPU,
+    MAINTAIN,
+    OBS_FIELDS,
+    PULL_BACK,
+    REBALANCE,
+    RESTORE,
+    EnvParams,
+    ServingNodeEnv,
+)
+
+ALLOCATION_FIELDS = ("replicas_ready", "cpu_cores", "host_memory_gb", "forward_fraction", "small_model_fraction")
+
+
+def random_rollout(env, params, key, num_envs, num_steps, policy=None):
+    """jit(scan(vmap(step))) from fresh resets; returns (states before each step, actions, step outputs).
+
+    `policy(key, state) -> action` defaults to uniform random actions."""
+    if policy is None:
+        policy = lambda k, s: env.action_space(params).sample(k)  # noqa: E731
+
+    def one_env(key):
+        key, k_reset = jax.random.split(key)
+        obs, state = env.reset(k_reset, params)
+
+        def tick(carry, _):
+            state, key = carry
+            key, k_act, k_step = jax.random.split(key, 3)
+            action = policy(k_act, state)
+            obs, next_state, reward, terminated, truncated, info = env.step(k_step, state, action, params)
+            out = dict(obs=obs, reward=reward, terminated=terminated, truncated=truncated, metrics=info["metrics"])
+            return (next_state, key), (state, action, out)
+
+        _, trajectory = jax.lax.scan(tick, (state, key), None, num_steps)
+        return trajectory
+
+    return jax.jit(jax.vmap(one_env))(jax.random.split(key, num_envs))
+
+
+# --------------------------------------------------------------------------------------
+# gymnax conformance
+# --------------------------------------------------------------------------------------
+
+
+def test_registered_and_made_by_gymnax():
+    assert "ServingNode-v0" in gymnax.registered_envs
+    env, params = gymnax.make("ServingNode-v0")
+    assert isinstance(env, ServingNodeEnv) and isinstance(params, EnvParams)
+    assert env.name == "ServingNode-v0"
+    assert env.action_space(params).n == env.num_actions == 11
+    assert env.observation_space(params).shape == (len(OBS_FIELDS),)
+    paper_env, _ = gymnax.make("ServingNode-v0", action_set="paper")
+    assert paper_env.num_actions == 5
+    with pytest.raises(ValueError, match="action_set"):
+        ServingNodeEnv("nope")
+
+
+def test_jit_reset_and_step_return_six_values(env, params):
+    obs, state = jax.jit(env.reset)(jax.random.key(0), params)
+    assert obs.shape == env.observation_space(params).shape and obs.dtype == jnp.float32
+    out = jax.jit(env.step)(jax.random.key(1), state, jnp.int32(INC_GPU), params)
+    assert len(out) == 6
+    obs, state, reward, terminated, truncated, info = out
+    assert obs.shape == (len(OBS_FIELDS),)
+    assert reward.shape == () and terminated.shape == () and truncated.shape == ()
+    assert terminated.dtype == jnp.bool_ and truncated.dtype == jnp.bool_
+    assert {"final_observation", "metrics"} <= set(info)
+    assert int(state.time) == 1
+
+
+def test_vmap_over_keys(env, params):
+    keys = jax.random.split(jax.random.key(0), 8)
+    obs, state = jax.vmap(env.reset, in_axes=(0, None))(keys, params)
+    assert obs.shape == (8, len(OBS_FIELDS))
+    # Random start times: the batch does not all start at the same clock.
+    assert len(np.unique(np.asarray(state.clock_s))) > 1
+    actions = jnp.arange(8) % env.num_actions
+    obs, state, reward, terminated, truncated, _ = jax.vmap(env.step, in_axes=(0, 0, 0, None))(keys, state, actions, params)
+    assert obs.shape == (8, len(OBS_FIELDS)) and reward.shape == (8,) and truncated.shape == (8,)
+
+
+def test_vmap_over_stacked_node_params(env, params, small_node_params):
+    stacked = scenarios.stack_params([params, small_node_params])
+    keys = jax.random.split(jax.random.key(3), 2)
+    actions = jnp.array([INC_GPU, DEGRADE])
+    obs_b, state_b = jax.jit(jax.vmap(env.reset))(keys, stacked)
+    step_b = jax.jit(jax.vmap(env.step))(keys, state_b, actions, stacked)
+    for i, node in enumerate([params, small_node_params]):
+        obs_i, state_i = env.reset(keys[i], node)
+        np.testing.assert_allclose(obs_b[i], obs_i, rtol=1e-5, atol=1e-6)
+        step_i = env.step(keys[i], state_i, actions[i], node)
+        np.testing.assert_allclose(step_b[0][i], step_i[0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(step_b[2][i], step_i[2], rtol=1e-5, atol=1e-6)
+    # Two different nodes really are different: replica counts and rates differ.
+    assert not np.allclose(obs_b[0], obs_b[1])
+
+
+def test_step_compiles_once(env, params):
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(key, state, action):
+        return env.step(key, state, action, params)
+
+    _, state = env.reset(jax.random.key(0), params)
+    for i in range(3 * 5):  # crosses episode ends (auto-reset) with max_steps_in_episode = 5
+        _, state, *_ = step(jax.random.key(i), state, jnp.int32(i % env.num_actions))
+    # A state that came straight from reset must not retrace either.
+    step(jax.random.key(99), env.reset(jax.random.key(1), params)[1], jnp.int32(MAINTAIN))
+
+    short = params.replace(max_steps_in_episode=5)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step_short(key, state, action, p):
+        return env.step(key, state, action, p)
+
+    _, state = env.reset(jax.random.key(0), short)
+    for i in range(12):
+        _, state, *_ = step_short(jax.random.key(i), state, jnp.int32(i % env.num_actions), short)
+
+
+def test_truncation_at_time_limit(env, params):
+    p = params.replace(max_steps_in_episode=5)
+    _, state = env.reset(jax.random.key(0), p)
+    for t in range(1, 6):
+        obs, state, reward, terminated, truncated, info = env.step(jax.random.key(t), state, jnp.int32(MAINTAIN), p)
+        assert not bool(terminated)
+        if t < 5:
+            assert not bool(truncated) and int(state.time) == t
+            np.testing.assert_array_equal(info["final_observation"], obs)
+        else:
+            assert bool(truncated)
+            assert int(state.time) == 0
+            assert not np.allclose(info["final_observation"], obs)
+            # The pre-reset observation reflects the ended episode (5 ticks later), not a fresh one.
+            assert np.isfinite(np.asarray(info["final_observation"])).all()
+
+
+def test_log_wrapper_reports_episode_returns(env, params):
+    p = params.replace(max_steps_in_episode=5)
+    wrapped = LogWrapper(env)
+    _, state = wrapped.reset(jax.random.key(0), p)
+
+    def tick(state, key):
+        k_act, k_step = jax.random.split(key)
+        action = env.action_space(p).sample(k_act)
+        _, state, reward, _, truncated, info = wrapped.step(k_step, state, action, p)
+        return state, (reward, truncated, info["returned_episode"], info["returned_episode_returns"], info["returned_episode_lengths"])
+
+    _, (rewards, truncated, returned, returns, lengths) = jax.lax.scan(tick, state, jax.random.split(jax.random.key(1), 12))
+    np.testing.assert_array_equal(np.asarray(returned), np.asarray(truncated))
+    assert np.flatnonzero(np.asarray(returned)).tolist() == [4, 9]
+    for end in (4, 9):
+        np.testing.assert_allclose(returns[end], rewards[end - 4 : end + 1].sum(), rtol=1e-5)
+        assert int(lengths[end]) == 5
+
+
+# --------------------------------------------------------------------------------------
+# Finite rollouts
+# --------------------------------------------------------------------------------------
+
+
+def test_random_rollout_is_finite(env, params, small_node_params):
+    stacked = scenarios.stack_params([params, small_node_params])
+    states, actions, out = jax.vmap(lambda p, k: random_rollout(env, p, k, num_envs=32, num_steps=300))(
+        stacked, jax.random.split(jax.random.key(0), 2)
+    )
+    chex.assert_tree_all_finite((states, out))
+    assert out["obs"].shape == (2, 32, 300, len(OBS_FIELDS))
+    assert int(out["truncated"].sum()) == 2 * 32 * (300 // params.max_steps_in_episode)
+    assert not bool(out["terminated"].any())
+
+
+@pytest.fixture(scope="module")
+def constant_action_rollouts(env, default_params):
+    """400 ticks (no episode end) of always the same action, for each extreme action."""
+    extreme = jnp.array([INC_GPU, DEC_GPU, DEC_CPU, DEGRADE, REBALANCE])
+
+    def run(action, key):
+        return random_rollout(env, default_params, key, num_envs=4, num_steps=400, policy=lambda k, s: action)
+
+    return dict(zip(extreme.tolist(), jax.jit(jax.vmap(run))(extreme, jax.random.split(jax.random.key(7), len(extreme)))))
+
+
+@pytest.mark.parametrize(
+    "action", [INC_GPU, DEC_GPU, DEC_CPU, DEGRADE, REBALANCE], ids=["IncreaseGPU", "DecreaseGPU", "DecreaseCPU", "DegradeQuality", "Rebalance"]
+)
+def test_extreme_action_sequences_stay_finite_and_bounded(constant_action_rollouts, default_params, action):
+    states, _, out = constant_action_rollouts[action]
+    chex.assert_tree_all_finite((states, out))
+    p = default_params
+    final = jax.tree.map(lambda x: x[:, -1], states)
+    replicas_total = final.replicas_ready + final.replicas_pending.sum(-1)
+    assert (replicas_total <= p.max_replicas).all() and (final.replicas_ready >= p.min_replicas).all()
+    assert (final.cpu_cores >= p.cpu_step_cores).all() and (final.cpu_cores <= p.max_cpu_cores).all()
+    if action == INC_GPU:
+        np.testing.assert_allclose(final.replicas_ready, p.max_replicas)
+    elif action == DEC_GPU:
+        np.testing.assert_allclose(final.replicas_ready, p.min_replicas)
+    elif action == DEC_CPU:
+        # Decreasing CPU stops at one idle core per ready replica (or the minimum step).
+        assert (final.cpu_cores >= jnp.minimum(final.replicas_ready, p.cpu_step_cores) - 1e-6).all()
+        assert (final.cpu_cores < p.initial_cpu_cores).all()
+    elif action == DEGRADE:
+        np.testing.assert_allclose(final.small_model_fraction, p.max_small_model_fraction, rtol=1e-5)
+    elif action == REBALANCE:
+        np.testing.assert_allclose(final.forward_fraction, p.max_forward_fraction, rtol=1e-5)
+        m = out["metrics"]
+        assert (m["forwarded"] <= p.peer_spare_rps * p.tick_s * (1 + 1e-5)).all()
+
+
+def test_hundredfold_traffic_spike_stays_finite(env, params):
+    week_s = 7 * 86_400.0
+    spike = params.replace(
+        traffic=params.traffic.replace(flash_start_s=0.0, flash_duration_s=2 * week_s, flash_multiplier=100.0)
+    )
+    states, _, out = random_rollout(env, spike, jax.random.key(5), num_envs=8, num_steps=200)
+    chex.assert_tree_all_finite((states, out))
+    m = out["metrics"]
+    assert float(m["dropped"].sum()) > 0.0  # 100x the mean load cannot all be served
+    assert (m["queue_requests"] <= spike.max_queue_requests * (1 + 1e-6)).all()
+    assert (m["gpu_util"] <= 1.0).all() and (m["slo_attainment"] >= 0.0).all()
+
+
+# --------------------------------------------------------------------------------------
+# Invariants every tick
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def invariant_rollout(env, params, small_node_params):
+    """Random actions on three nodes: default, a small bursty node, and the default under a 20x spike."""
+    spiky = params.replace(traffic=params.traffic.replace(flash_start_s=0.0, flash_duration_s=1e7, flash_multiplier=20.0))
+    stacked = scenarios.stack_params([params, small_node_params, spiky])
+    return jax.vmap(lambda p, k: random_rollout(env, p, k, num_envs=16, num_steps=200))(
+        stacked, jax.random.split(jax.random.key(11), 3)
+    )
+
+
+def test_requests_are_conserved_every_tick(invariant_rollout):
+    states, _, out = invariant_rollout
+    m = out["metrics"]
+    queue_before = states.queue_requests
+    balance = m["served"] + m["dropped"] + m["forwarded"] + (m["queue_requests"] - queue_before)
+    # float32 sums of terms up to ~1e5 requests: relative tolerance 1e-5 of the backlog.
+    scale = m["arrivals"] + queue_before + 1.0
+    np.testing.assert_array_less(np.abs(np.asarray(m["arrivals"] - balance)), np.asarray(1e-5 * scale + 1e-3))
+    for name in ("arrivals", "served", "dropped", "forwarded", "queue_requests"):
+        assert (m[name] >= 0.0).all(), name
+
+
+def test_metrics_are_in_range_every_tick(invariant_rollout):
+    _, _, out = invariant_rollout
+    m = out["metrics"]
+    for name in ("gpu_util", "cpu_util", "memory_util", "slo_attainment", "quality"):
+        values = np.asarray(m[name])
+        assert values.min() >= 0.0 and values.max() <= 1.0, (name, values.min(), values.max())
+    assert (m["cost_usd"] >= 0.0).all()
+    assert (m["capacity_rps"] >= 0.0).all()
+    for name in ("ttft_mean_s", "ttft_p95_s", "e2e_mean_s", "e2e_p95_s", "tpot_s"):
+        assert (m[name] > 0.0).all(), name
+    assert (m["ttft_p95_s"] >= 0.0).all()
+
+
+def _fluid_capacity_pair(params, arrivals, queue, replicas, small_fraction, forward_fraction):
+    """fluid_tick at r and r + 1 replicas with CPU and host memory ample for r + 1."""
+    idle, busy = serving._cpu_cores_per_replica(params)
+    cores = (replicas + 1.0) * (idle + busy)
+    memory = (replicas + 1.0) * serving._host_memory_per_replica_gb(params) + params.weights_gb
+
+    def tick(r):
+        metrics, _ = serving.fluid_tick(params, arrivals, queue, r, cores, memory, r, forward_fraction, small_fraction)
+        return metrics
+
+    return tick(replicas), tick(replicas + 1.0)
+
+
+_capacity_pair = jax.jit(_fluid_capacity_pair)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    arrivals=st.floats(0.0, 1e5),
+    queue=st.floats(0.0, 1e4),
+    replicas=st.integers(1, 31),
+    small_fraction=st.floats(0.0, 0.8),
+    forward_fraction=st.floats(0.0, 0.5),
+    small_node=st.booleans(),
+)
+def test_adding_a_replica_never_lowers_capacity(arrivals, queue, replicas, small_fraction, forward_fraction, small_node):
+    spec = scenarios.NodeSpec(profile="llama2-7b-h100-tp1") if small_node else scenarios.NodeSpec()
+    p = _node_params_cached(spec)
+    before, after = _capacity_pair(
+        p, jnp.float32(arrivals), jnp.float32(queue), jnp.float32(replicas), jnp.float32(small_fraction), jnp.float32(forward_fraction)
+    )
+    assert float(after["capacity_rps"]) >= float(before["capacity_rps"]) * (1 - 1e-6)
+    assert float(after["capacity_rps"]) > 0.0
+    # More capacity serves at least as much and drops no more.
+    assert float(after["served"]) >= float(before["served"]) * (1 - 1e-5) - 1e-3
+    assert float(after["dropped"]) <= float(before["dropped"]) * (1 + 1e-5) + 1e-3
+
+
+_PARAMS_CACHE = {}
+
+
+def _node_params_cached(spec):
+    if spec not in _PARAMS_CACHE:
+        _PARAMS_CACHE[spec] = scenarios.node_params(spec)
+    return _PARAMS_CACHE[spec]
+
+
+# --------------------------------------------------------------------------------------
+# Action mask
+# --------------------------------------------------------------------------------------
+
+
+def test_action_mask_at_the_limits(env, params):
+    _, state = env.reset(jax.random.key(0), params)
+    mask = env.action_mask(state, params)
+    assert mask.shape == (env.num_actions,) and mask.dtype == jnp.bool_
+    # Fresh state: nothing forwarded, no small-model share.
+    assert not mask[PULL_BACK] and not mask[RESTORE] and mask[MAINTAIN]
+
+    at_max = state.replace(
+        replicas_ready=jnp.float32(params.max_replicas),
+        cpu_cores=jnp.float32(params.max_cpu_cores),
+        host_memory_gb=jnp.float32(params.max_host_memory_gb),
+        forward_fraction=jnp.float32(params.max_forward_fraction),
+        small_model_fraction=jnp.float32(params.max_small_model_fraction),
+    )
+    mask = env.action_mask(at_max, params)
+    assert not mask[INC_GPU] and not mask[INC_CPU] and not mask[serving.INC_MEM]
+    assert not mask[REBALANCE] and not mask[DEGRADE]
+    assert mask[DEC_GPU] and mask[DEC_CPU] and mask[PULL_BACK] and mask[RESTORE] and mask[MAINTAIN]
+    # IncreaseGPU at the limit changes nothing.
+    next_state, *_ = env.transition(jax.random.key(1), at_max, INC_GPU, params)
+    assert float(next_state.replicas_ready + next_state.replicas_pending.sum()) == params.max_replicas
+
+    # Pending replicas count towards the limit.
+    pending_full = state.replace(
+        replicas_ready=jnp.float32(params.max_replicas - 1), replicas_pending=state.replicas_pending.at[3].set(1.0)
+    )
+    assert not env.action_mask(pending_full, params)[INC_GPU]
+
+    at_min = state.replace(
+        replicas_ready=jnp.float32(params.min_replicas),
+        cpu_cores=jnp.float32(params.cpu_step_cores),
+        host_memory_gb=jnp.float32(params.memory_step_gb),
+    )
+    mask = env.action_mask(at_min, params)
+    assert not mask[DEC_GPU] and not mask[DEC_CPU] and not mask[serving.DEC_MEM]
+    assert mask[INC_GPU] and mask[INC_CPU]
+
+    paper = ServingNodeEnv("paper")
+    assert paper.action_mask(at_max, params).shape == (5,)
+
+
+def test_masked_actions_change_no_allocation(env, invariant_rollout, params, small_node_params):
+    """Along random trajectories, an action the mask forbids acts exactly like MaintainCurrent."""
+    states, _, _ = invariant_rollout
+    node_params = [params, small_node_params]
+    for node in range(2):
+        p = node_params[node]
+        flat = jax.tree.map(lambda x: x[node].reshape((-1,) + x.shape[3:])[::7], states)
+
+        def check(state, key):
+            mask = env.action_mask(state, p)
+            after = jax.vmap(lambda a: env.transition(key, state, a, p)[0])(jnp.arange(env.num_actions))
+            base = env.transition(key, state, MAINTAIN, p)[0]
+            same = jnp.stack([
+                jnp.all(jnp.stack([
+                    jnp.isclose(getattr(after, f), getattr(base, f)).all(axis=tuple(range(1, getattr(after, f).ndim)))
+                    for f in ALLOCATION_FIELDS
+                ]), axis=0)
+                & jnp.isclose(after.replicas_pending.sum(-1), base.replicas_pending.sum())
+            ])[0]
+            return mask, same
+
+        n = flat.time.shape[0]
+        masks, same = jax.jit(jax.vmap(check))(flat, jax.random.split(jax.random.key(node), n))
+        masks, same = np.asarray(masks), np.asarray(same)
+        assert (~masks).any()  # the trajectories did hit some limits
+        assert same[~masks].all()
