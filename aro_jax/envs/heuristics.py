@@ -20,7 +20,7 @@ _F = {name: i for i, name in enumerate(sv.OBS_FIELDS)}
 HPA_TOLERANCE = 0.1
 HPA_TARGET_LOAD = 0.7
 HPA_SCALE_DOWN_WINDOW_S = 240.0
-PREDICTIVE_HEADROOM = 0.25
+PREDICTIVE_HEADROOM = 1.0 / HPA_TARGET_LOAD - 1.0  # plan for the same target load as the HPA
 
 
 class Policy(NamedTuple):
@@ -87,15 +87,19 @@ def reactive_policy(tick_s: float = 30.0) -> Policy:
         ratio = load / HPA_TARGET_LOAD
         desired = jnp.where(jnp.abs(ratio - 1.0) <= HPA_TOLERANCE, ready, jnp.ceil(ready * ratio))
         e2e_budget = params.slo_ttft_s + sv.token_stats(params.traffic)["output_mean"] * params.slo_tpot_s
-        breach = (obs[_F["latency_e2e_mean_s"]] > e2e_budget) | (obs[_F["drop_fraction"]] > 0.01)
+        # Latency counts as a breach only when load-induced (busy GPUs), else adding
+        # replicas cannot fix it and HPA would scale to the limit for nothing.
+        slow = (obs[_F["latency_e2e_mean_s"]] > e2e_budget) & (obs[_F["gpu_util"]] > HPA_TARGET_LOAD)
+        breach = slow | (obs[_F["drop_fraction"]] > 0.01)
         desired = jnp.where(breach, jnp.maximum(desired, ready + 1), desired)
         desired = jnp.clip(desired, params.min_replicas, params.max_replicas)
         recent_desired = jnp.concatenate([recent_desired[1:], desired[None]])
         scale_down_to = jnp.max(recent_desired)
         cpu_util, mem_util = obs[_F["cpu_util"]], obs[_F["memory_util"]]
         action = jnp.select(
-            [desired > total, scale_down_to < ready, cpu_util > 0.8, mem_util > 0.9, cpu_util < 0.4, mem_util < 0.4],
-            [sv.INC_GPU, sv.DEC_GPU, sv.INC_CPU, sv.INC_MEM, sv.DEC_CPU, sv.DEC_MEM],
+            # A CPU-bound node shows high load too: relieve the CPU before adding GPUs.
+            [cpu_util > 0.8, desired > total, scale_down_to < ready, mem_util > 0.9, cpu_util < 0.4, mem_util < 0.4],
+            [sv.INC_CPU, sv.INC_GPU, sv.DEC_GPU, sv.INC_MEM, sv.DEC_CPU, sv.DEC_MEM],
             sv.MAINTAIN,
         )
         return _overflow_actions(obs, params, load, action), recent_desired

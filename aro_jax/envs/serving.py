@@ -311,7 +311,9 @@ def fluid_tick(
         + host_memory_gb * MEMORY_USD_PER_GB_H * hours
         + forwarded * ((t_in + t_out) * BYTES_PER_TOKEN / 1e9 * EGRESS_USD_PER_GB + peer_usd_per_request)
     )
-    quality = (served * mix(params.model.quality, params.small_model.quality) + forwarded * params.model.quality) / jnp.maximum(done, 1e-9)
+    # Quality relative to the node's own model (1.0); the peer serves the same model.
+    small_quality = params.small_model.quality / params.model.quality
+    quality = (served * mix(1.0, small_quality) + forwarded) / jnp.maximum(done, 1e-9)
 
     metrics = {
         "arrivals": arrivals,
@@ -418,20 +420,21 @@ class ServingNodeEnv(environment.Environment[EnvState, EnvParams]):
         random_start = jnp.floor(jax.random.uniform(key, (), maxval=week_s) / tick) * tick
         clock_s = jnp.where(params.random_start > 0.5, random_start, params.start_time_s)
         rate = expected_rate_rps(clock_s, params.traffic)
-        replicas = params.initial_replicas
+        # Strong float32 (not weakly typed Python floats from params), so a reset state and
+        # a stepped state have the same types and a jitted step does not retrace.
+        replicas = jnp.asarray(params.initial_replicas, jnp.float32)
+        cpu_cores = jnp.asarray(params.initial_cpu_cores, jnp.float32)
+        host_memory_gb = jnp.asarray(params.initial_host_memory_gb, jnp.float32)
         zeros = jnp.zeros(())
-        metrics, _ = fluid_tick(
-            params, rate * tick, zeros, replicas, params.initial_cpu_cores, params.initial_host_memory_gb,
-            replicas, zeros, zeros,
-        )
+        metrics, _ = fluid_tick(params, rate * tick, zeros, replicas, cpu_cores, host_memory_gb, replicas, zeros, zeros)
         state = EnvState(
             time=0,
             clock_s=clock_s,
             replicas_ready=replicas,
             replicas_pending=jnp.zeros((PENDING_SLOTS,)),
             replicas_draining=zeros,
-            cpu_cores=jnp.asarray(params.initial_cpu_cores, jnp.float32),
-            host_memory_gb=jnp.asarray(params.initial_host_memory_gb, jnp.float32),
+            cpu_cores=cpu_cores,
+            host_memory_gb=host_memory_gb,
             forward_fraction=zeros,
             small_model_fraction=zeros,
             queue_requests=zeros,
