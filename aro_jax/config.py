@@ -126,9 +126,10 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> Any:
     return OmegaConf.merge(merged, cfg)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> ExperimentConfig:
+def load_config(path: str | Path | None = None, overrides: list[str] = (), extra_files: list[str | Path] = ()) -> ExperimentConfig:
     """Load, compose, override and validate an experiment config.
 
+    `extra_files` are YAML layers merged after `path` (e.g. another cluster file);
     `overrides` are dotted `key=value` strings (`ppo.lr=1e-4`). Raises ConfigError naming
     the offending key for unknown keys, wrong types and impossible values.
     """
@@ -136,6 +137,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ex
     try:
         layers = [schema]
         layers.append(_read_yaml(Path(path) if path else DEFAULT_CONFIG))
+        layers.extend(_read_yaml(Path(f)) for f in extra_files)
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"override {bad[0]!r} is not of the form key=value (e.g. ppo.lr=1e-4)")

@@ -107,24 +107,30 @@ def reactive_policy(tick_s: float = 30.0) -> Policy:
     return Policy(init=init, act=act)
 
 
-def predictive_policy() -> Policy:
-    """Capacity planning on the forecast: provision for max(current, forecast at the
-    cold-start horizon) plus headroom, with CPU and memory planned for that many replicas
-    and the weights cached in host memory so scale-ups start fast."""
+def predictive_policy(tick_s: float = 30.0) -> Policy:
+    """Capacity planning on the forecast at the cold-start horizon plus headroom, with CPU
+    and memory planned for that many replicas and the weights cached in host memory so
+    scale-ups start fast; scale-down waits out the same stabilisation window as the HPA."""
+    window = max(int(round(HPA_SCALE_DOWN_WINDOW_S / tick_s)), 1)
 
-    def act(pstate, obs, params):
-        rate = jnp.maximum(obs[_F["request_rate_rps"]], obs[_F["forecast_rate_rps"]])
-        replicas = sv.replicas_for_rate(params, rate * (1.0 + PREDICTIVE_HEADROOM), 1.0)
+    def init(params):
+        return jnp.full((window,), params.initial_replicas)
+
+    def act(recent_targets, obs, params):
+        rate = obs[_F["forecast_rate_rps"]]
+        target = sv.replicas_for_rate(params, rate * (1.0 + PREDICTIVE_HEADROOM), 1.0)
+        recent_targets = jnp.concatenate([recent_targets[1:], target[None]])
+        replicas = jnp.max(recent_targets)
         action = _allocation_actions(obs, params, replicas, sv.cores_for(params, replicas), sv.memory_for(params, replicas, True))
         load = obs[_F["request_rate_rps"]] / jnp.maximum(obs[_F["capacity_rps"]], 1e-6)
-        return _overflow_actions(obs, params, load, action), pstate
+        return _overflow_actions(obs, params, load, action), recent_targets
 
-    return Policy(init=lambda params: jnp.zeros(()), act=act)
+    return Policy(init=init, act=act)
 
 
 HEURISTICS: dict[str, Callable[..., Policy]] = {
     "static-mean": lambda tick_s=30.0: static_policy("mean"),
     "static-peak": lambda tick_s=30.0: static_policy("peak"),
     "reactive": reactive_policy,
-    "predictive": lambda tick_s=30.0: predictive_policy(),
+    "predictive": predictive_policy,
 }

@@ -172,22 +172,55 @@ class EnvState(environment.EnvState):
 # --------------------------------------------------------------------------------------
 
 
-def _instance_model(curve: ServiceCurve, tokens_in, tokens_out):
-    """Per-instance prefill time, per-seq decode cost, KV-capped batch and max rate."""
-    prefill_s = curve.prefill_s(tokens_in)
-    context = tokens_in + 0.5 * tokens_out  # mean KV footprint over a request's decode
+def _token_moments(traffic: TrafficParams) -> dict[str, jax.Array]:
+    """`token_stats` plus E[L^2] of the clipped input and output lengths: service times
+    are non-linear in the lengths (quadratic prefill, context growing with the output),
+    so means of products are needed, not products of means."""
+    stats = token_stats(traffic)
+    cap = traffic.max_context_tokens
+
+    def clipped_sq_mean(mu, sd):
+        # E[min(X, cap)^2] for X ~ LogNormal(mu, sd).
+        phi = lambda z: 0.5 * (1.0 + jax.scipy.special.erf(z / jnp.sqrt(2.0)))  # noqa: E731
+        log_cap = jnp.log(cap)
+        return jnp.exp(2.0 * mu + 2.0 * sd**2) * phi((log_cap - mu - 2.0 * sd**2) / sd) + cap**2 * (1.0 - phi((log_cap - mu) / sd))
+
+    stats["input_sq_mean"] = clipped_sq_mean(traffic.input_log_mean, traffic.input_log_sd)
+    stats["output_sq_mean"] = clipped_sq_mean(traffic.output_log_mean, traffic.output_log_sd)
+    return stats
+
+
+def _instance_model(curve: ServiceCurve, tokens):
+    """Per-instance mean prefill time, decode iterations per request, per-seq decode
+    cost, KV-capped batch and max rate, for lengths L (input) and n (output)."""
+    t_in, t_out = tokens["input_mean"], tokens["output_mean"]
+    # Mean of the quadratic prefill time over the prompt distribution, E[c L^2] > c E[L]^2
+    # (the reference sim prefills each prompt at its own length).
+    prefill_s = (
+        curve.prefill_base_s + curve.prefill_s_per_token * t_in + curve.prefill_s_per_token_sq * tokens["input_sq_mean"]
+    )
+    # The prefill emits the first token, so a request takes n - 1 decode iterations.
+    decode_iters = jnp.maximum(t_out - 1.0, 1e-3)
+    # At its j-th decode iteration a sequence attends over L + j tokens: summed over its
+    # iterations that is (n-1) L + n(n-1)/2, so the mean context per iteration is:
+    out_pairs = 0.5 * (tokens["output_sq_mean"] - t_out)  # E[n(n-1)/2]
+    context = t_in + out_pairs / decode_iters
     per_seq_s = curve.decode_s_per_seq + curve.decode_s_per_context_token * context
-    batch_max = jnp.maximum(jnp.minimum(curve.max_batch_seqs, curve.kv_capacity_tokens / context), 1.0)
-    # At full batch each second holds: rate * prefill + (rate * out / batch) iterations.
-    max_rate = batch_max / (batch_max * prefill_s + tokens_out * (curve.decode_base_s + per_seq_s * batch_max))
-    return prefill_s, per_seq_s, batch_max, max_rate
+    # Admission reserves prompt + output KV for the whole decode; sequences are in the
+    # batch for n - 1 iterations, so the batch's mean footprint per sequence is
+    # E[(n-1)(L+n)] / E[n-1] = E[L] + E[n(n-1)] / E[n-1].
+    footprint = t_in + 2.0 * out_pairs / decode_iters
+    batch_max = jnp.maximum(jnp.minimum(curve.max_batch_seqs, curve.kv_capacity_tokens / footprint), 1.0)
+    # At full batch each second holds: rate * prefill + (rate * (n-1) / batch) iterations.
+    max_rate = batch_max / (batch_max * prefill_s + decode_iters * (curve.decode_base_s + per_seq_s * batch_max))
+    return prefill_s, decode_iters, per_seq_s, batch_max, max_rate
 
 
 def replica_capacity_rps(params: EnvParams, small_fraction=0.0, tokens=None):
     """Max requests/s one replica sustains at the node's mean token mix."""
-    tokens = tokens or token_stats(params.traffic)
-    big = _instance_model(params.model, tokens["input_mean"], tokens["output_mean"])[3]
-    small = _instance_model(params.small_model, tokens["input_mean"], tokens["output_mean"])[3]
+    tokens = tokens or _token_moments(params.traffic)
+    big = _instance_model(params.model, tokens)[-1]
+    small = _instance_model(params.small_model, tokens)[-1]
     big = big * params.model.instances_per_replica
     small = small * params.small_model.instances_per_replica
     return 1.0 / ((1.0 - small_fraction) / big + small_fraction / small)
@@ -195,12 +228,12 @@ def replica_capacity_rps(params: EnvParams, small_fraction=0.0, tokens=None):
 
 def _latency_at_utilisation(curve: ServiceCurve, util, tokens):
     """Mean TTFT service part, p95 TTFT service part and time per output token (s)."""
-    prefill_s, per_seq_s, batch_max, max_rate = _instance_model(curve, tokens["input_mean"], tokens["output_mean"])
+    prefill_s, decode_iters, per_seq_s, batch_max, max_rate = _instance_model(curve, tokens)
     rate = util * max_rate
     prefill_share = jnp.minimum(rate * prefill_s, 0.95)
-    # Little's law on the decode batch: B = rate * out * step(B) / (1 - prefill share).
-    denom = 1.0 - prefill_share - rate * tokens["output_mean"] * per_seq_s
-    batch = rate * tokens["output_mean"] * curve.decode_base_s / jnp.maximum(denom, 1e-6)
+    # Little's law on the decode batch: B = rate * (n-1) * step(B) / (1 - prefill share).
+    denom = 1.0 - prefill_share - rate * decode_iters * per_seq_s
+    batch = rate * decode_iters * curve.decode_base_s / jnp.maximum(denom, 1e-6)
     batch = jnp.where(denom > 0, jnp.minimum(batch, batch_max), batch_max)
     tpot_s = (curve.decode_base_s + per_seq_s * batch) / (1.0 - prefill_share)
     # Prefills queue behind each other (M/G/1, Pollaczek-Khinchine) with prompt-length
@@ -234,7 +267,7 @@ def fluid_tick(
     Requests are conserved: arrivals = served + dropped + forwarded + (queue' - queue).
     """
     tick = params.tick_s
-    tokens = token_stats(params.traffic)
+    tokens = _token_moments(params.traffic)
     t_in, t_out = tokens["input_mean"], tokens["output_mean"]
 
     forwarded = jnp.minimum(forward_fraction * arrivals, params.peer_spare_rps * tick)
@@ -274,15 +307,15 @@ def fluid_tick(
     # Admission wait for a batch slot: Allen-Cunneen / Sakasegawa M/G/c with c = KV-capped slots.
     slots = jnp.maximum(replicas_serving * mix(big[4], small[4]), 1.0)
     rho = jnp.minimum(util, 0.99)
-    service_s = prefill_s + t_out * tpot_s
+    service_s = prefill_s + (t_out - 1.0) * tpot_s
     wait_slot_s = rho ** (jnp.sqrt(2.0 * (slots + 1.0)) - 1.0) / (slots * (1.0 - rho)) * service_s
     wait_backlog_s = 0.5 * (queue_requests + queue_after) / jnp.maximum(capacity_rps, 1e-6)
     wait_backlog_s = jnp.minimum(wait_backlog_s, params.queue_timeout_s)
     random_wait_s = wait_prefill_s + wait_slot_s
     ttft_mean_s = wait_backlog_s + random_wait_s + prefill_s + 0.5 * tpot_s
     ttft_p95_s = wait_backlog_s + 3.0 * random_wait_s + prefill_p95_s + 0.5 * tpot_s  # Exp p95 = ln 20 * mean
-    e2e_mean_s = ttft_mean_s + t_out * tpot_s
-    e2e_p95_s = ttft_p95_s + tokens["output_p95"] * tpot_s
+    e2e_mean_s = ttft_mean_s + (t_out - 1.0) * tpot_s  # the prefill emitted the first token
+    e2e_p95_s = ttft_p95_s + (tokens["output_p95"] - 1.0) * tpot_s
 
     # Forwarded requests: two RTTs plus the peer's unloaded service.
     fwd_ttft_s = 2.0 * params.peer_rtt_s + big[0] + 0.5 * params.model.decode_base_s
@@ -514,22 +547,29 @@ class ServingNodeEnv(environment.Environment[EnvState, EnvParams]):
         return jnp.array(False)
 
     def action_mask(self, state: EnvState, params: EnvParams) -> jax.Array:
-        """Feasible actions (bool, one per action): False where the action cannot change anything."""
-        total = state.replicas_ready + state.replicas_pending.sum()
-        feasible = jnp.array([
-            state.cpu_cores < params.max_cpu_cores,
-            total < params.max_replicas,
-            state.host_memory_gb < params.max_host_memory_gb,
-            state.forward_fraction < params.max_forward_fraction,
-            True,
-            state.cpu_cores > params.cpu_step_cores,
-            state.replicas_ready > params.min_replicas,
-            state.host_memory_gb > params.memory_step_gb,
-            state.forward_fraction > 0,
-            state.small_model_fraction < params.max_small_model_fraction,
-            state.small_model_fraction > 0,
-        ])
-        return feasible[: self.num_actions]
+        """Feasible actions (bool, one per action) in this state."""
+        return feasible_actions(raw_observation(state, params), params)[: self.num_actions]
+
+
+def feasible_actions(raw_obs: jax.Array, params: EnvParams) -> jax.Array:
+    """Which of the 11 extended actions can change anything, from the raw observation
+    alone (so a deployed policy can mask too). MaintainCurrent is always feasible."""
+    f = {name: raw_obs[..., i] for i, name in enumerate(OBS_FIELDS)}
+    total = f["replicas_ready"] + f["replicas_pending"]
+    true = jnp.ones_like(total, dtype=bool)
+    return jnp.stack([
+        f["cpu_cores"] < params.max_cpu_cores,
+        total < params.max_replicas,
+        f["host_memory_gb"] < params.max_host_memory_gb,
+        f["forward_fraction"] < params.max_forward_fraction,
+        true,
+        f["cpu_cores"] > params.cpu_step_cores,
+        f["replicas_ready"] > params.min_replicas,
+        f["host_memory_gb"] > params.memory_step_gb,
+        f["forward_fraction"] > 0,
+        f["small_model_fraction"] < params.max_small_model_fraction,
+        f["small_model_fraction"] > 0,
+    ], axis=-1)
 
 
 def reward_fn(metrics: dict[str, jax.Array], params: EnvParams) -> jax.Array:
