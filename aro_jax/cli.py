@@ -12,32 +12,22 @@ from pathlib import Path
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_scheduler=false")
 
 
-def _cluster_params(cfg, scenario: str):
-    from aro_jax.envs import scenarios
-
-    nodes = []
-    for n in cfg.cluster.nodes:
-        p = scenarios.node_params(scenarios.NodeSpec(**dataclasses.asdict(n)), cfg.env.episode_ticks, cfg.env.tick_s)
-        r = cfg.env.reward
-        p = p.replace(alpha=r.alpha, beta=r.beta, gamma=r.gamma, slo_penalty=r.slo_penalty)
-        nodes.append(scenarios.apply_scenario(p, scenario, cfg.env.data_dir) if scenario != "train" else p)
-    return scenarios.stack_params(nodes)
-
-
 def evaluate_policies(cfg, policies: dict, scenario: str, out_dir: Path, seed: int = 0) -> dict:
-    """Run every policy on every node of the cluster on one scenario; write the KPI table
+    """Run every policy (name -> (Policy, policy_state or None)) on every node of the
+    cluster on one scenario; write the KPI table
     (markdown/CSV/JSON) and the one-day timeline of the first node; return the rows."""
     import jax
     import numpy as np
 
     from aro_jax.algorithms import evaluation as ev
+    from aro_jax.envs.scenarios import cluster_params
     from aro_jax.envs.serving import ServingNodeEnv
 
     env = ServingNodeEnv(cfg.env.action_set)
-    params = _cluster_params(cfg, scenario)
+    params = cluster_params(cfg, scenario)
     rows, traces = {}, {}
-    for name, policy in policies.items():
-        metrics = ev.run_episodes(env, policy, params, jax.random.PRNGKey(seed), cfg.eval.num_seeds, cfg.env.episode_ticks)
+    for name, (policy, policy_state) in policies.items():
+        metrics = ev.run_episodes(env, policy, params, jax.random.PRNGKey(seed), cfg.eval.num_seeds, cfg.env.episode_ticks, policy_state)
         rows[name] = ev.cluster_kpis(metrics, cfg.env.tick_s)
         traces[name] = {k: np.asarray(v[0, 0]) for k, v in metrics.items()}
     ev.save_table(rows, out_dir, f"kpis_{scenario}")
@@ -51,7 +41,7 @@ def evaluate_policies(cfg, policies: dict, scenario: str, out_dir: Path, seed: i
 def _heuristic_policies(cfg, names):
     from aro_jax.envs.heuristics import HEURISTICS
 
-    return {n: HEURISTICS[n](cfg.env.tick_s) for n in names}
+    return {n: (HEURISTICS[n](cfg.env.tick_s), None) for n in names}
 
 
 def cmd_evaluate(args) -> int:
@@ -65,7 +55,10 @@ def cmd_evaluate(args) -> int:
     if args.checkpoint:
         from aro_jax.algorithms.checkpointing import load_trained_policy
 
-        policies["learned"] = load_trained_policy(Path(args.checkpoint))
+        run_cfg, policy, weights = load_trained_policy(Path(args.checkpoint))
+        if not (args.config or args.cluster):
+            cfg = load_config(Path(args.checkpoint) / "config.yaml", overrides)  # the run's own cluster
+        policies["learned"] = (policy, weights)
     names = args.policy or ([] if args.checkpoint else cfg.eval.baselines)
     unknown = [n for n in names if n not in _all_heuristics()]
     if unknown:
@@ -83,13 +76,38 @@ def _all_heuristics():
     return HEURISTICS
 
 
-def cmd_run(args) -> int:
-    """The main job: the embedded default config, baselines evaluated on the cluster."""
+def _config_args(args):
+    """(config path or None, overrides): a first positional `key=value` is an override."""
+    if args.config and "=" in args.config and not Path(args.config).exists():
+        return None, [args.config, *args.overrides]
+    return args.config, list(args.overrides)
+
+
+def cmd_train(args) -> int:
+    from aro_jax.algorithms import driver
     from aro_jax.config import load_config
 
-    cfg = load_config(args.config, list(args.overrides))
-    out = Path(args.out or cfg.train.run_dir)
-    evaluate_policies(cfg, _heuristic_policies(cfg, cfg.eval.baselines), cfg.eval.scenario, out)
+    if args.resume:
+        driver.train(None, Path(args.resume), resume=True)
+        return 0
+    cfg = load_config(*_config_args(args))
+    driver.train(cfg, Path(args.run_dir or cfg.train.run_dir))
+    return 0
+
+
+def cmd_run(args) -> int:
+    """The main job: train on the config, then evaluate the policy against the baselines."""
+    from aro_jax.algorithms import driver
+    from aro_jax.algorithms.checkpointing import load_trained_policy
+    from aro_jax.config import load_config
+
+    cfg = load_config(*_config_args(args))
+    run_dir = Path(args.run_dir or cfg.train.run_dir)
+    driver.train(cfg, run_dir)
+    _, policy, weights = load_trained_policy(run_dir)
+    policies = {"ppo (learned)": (policy, weights), **_heuristic_policies(cfg, cfg.eval.baselines)}
+    evaluate_policies(cfg, policies, cfg.eval.scenario, run_dir / "eval")
+    print(f"learning curve: {run_dir}/learning_curve.png")
     return 0
 
 
@@ -97,11 +115,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="aro", description="Federated RL orchestration of LLM inference serving.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="the main job on a config (default: the embedded ten-region config)")
+    p = sub.add_parser("run", help="the main job: train, evaluate against the baselines (default: embedded ten-region config)")
     p.add_argument("config", nargs="?", help="experiment YAML (default: embedded default.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. ppo.lr=1e-4")
-    p.add_argument("--out", help="output directory (default: train.run_dir)")
+    p.add_argument("--run-dir", help="run directory (default: train.run_dir)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("train", help="train a policy; --resume RUN_DIR continues a run")
+    p.add_argument("config", nargs="?", help="experiment YAML (default: embedded default.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. ppo.lr=1e-4 env.num_clusters=2048")
+    p.add_argument("--run-dir", help="run directory (default: train.run_dir)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="KPI table of policies on a scenario")
     p.add_argument("--policy", action="append", help="heuristic baseline (repeatable): static-mean|static-peak|reactive|predictive")
@@ -114,11 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_evaluate)
 
     args = parser.parse_args(argv)
+    from aro_jax.algorithms.checkpointing import CheckpointError
     from aro_jax.config import ConfigError
 
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -46,7 +46,8 @@ class RewardConfig:
     alpha: float = 1.0  # weight of served share of demand
     beta: float = 0.5  # weight of (1 - normalised latency)
     gamma: float = 1.0  # weight of normalised cost
-    slo_penalty: float = 1.0  # weight of the share of requests missing the SLO
+    slo_penalty: float = 3.0  # weight of the share of requests missing the SLO
+    quality_penalty: float = 2.0  # weight of quality lost by serving on the small model
 
 
 @dataclass
@@ -189,7 +190,7 @@ def validate(cfg: ExperimentConfig) -> None:
     require(e.num_clusters >= 1, "env.num_clusters", f"must be >= 1, got {e.num_clusters}")
     require(e.scenario in scenarios.TRAINING_SCENARIOS, "env.scenario",
             f"{e.scenario!r} is not a training scenario (held-out scenarios {list(scenarios.HELD_OUT_SCENARIOS)} are for evaluation only); choose one of {list(scenarios.TRAINING_SCENARIOS)}")
-    for w in ("alpha", "beta", "gamma", "slo_penalty"):
+    for w in ("alpha", "beta", "gamma", "slo_penalty", "quality_penalty"):
         require(getattr(e.reward, w) >= 0, f"env.reward.{w}", f"must be >= 0, got {getattr(e.reward, w)}")
 
     p = cfg.ppo
@@ -210,7 +211,7 @@ def validate(cfg: ExperimentConfig) -> None:
     t = cfg.train
     require(t.num_chunks >= 1, "train.num_chunks", f"must be >= 1, got {t.num_chunks}")
     require(t.keep_checkpoints >= 1, "train.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")
-    updates = num_updates(cfg)
+    updates = t.total_env_steps // batch
     require(updates >= t.num_chunks, "train.total_env_steps",
             f"{t.total_env_steps} steps give {updates} PPO updates of {batch} transitions, fewer than train.num_chunks={t.num_chunks}")
 
@@ -223,5 +224,8 @@ def validate(cfg: ExperimentConfig) -> None:
 
 
 def num_updates(cfg: ExperimentConfig) -> int:
+    """PPO updates a run makes: whole chunks of equal size (each compiles once), so up to
+    num_chunks - 1 updates' worth of total_env_steps is not run."""
     batch = cfg.ppo.rollout_steps * cfg.env.num_clusters * len(cfg.cluster.nodes)
-    return cfg.train.total_env_steps // batch
+    per_chunk = cfg.train.total_env_steps // batch // cfg.train.num_chunks
+    return per_chunk * cfg.train.num_chunks

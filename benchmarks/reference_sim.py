@@ -109,12 +109,21 @@ class _Engine:
         self.busy = 0.0  # seconds spent in iterations
 
 
-def simulate(spec: EngineSpec, replicas: int, req: Requests, queue_timeout_s: float) -> Requests:
+DISPATCH = ("least_outstanding", "round_robin", "random")
+
+
+def simulate(
+    spec: EngineSpec, replicas: int, req: Requests, queue_timeout_s: float,
+    dispatch: str = "least_outstanding", seed: int = 0,
+) -> Requests:
     """Run the pool over all requests until every one is finished or dropped.
 
     Fills `req.admit_s`, `first_token_s`, `finish_s`, `drop_s`, `engine` in place and
-    returns `req`. `req.arrival_s` must be sorted.
+    returns `req`. `req.arrival_s` must be sorted. `dispatch`: one of DISPATCH (`seed`
+    drives "random").
     """
+    if dispatch not in DISPATCH:
+        raise ValueError(f"dispatch must be one of {DISPATCH}, got {dispatch!r}")
     n = len(req.arrival_s)
     if n and int((req.input_tokens + req.output_tokens).max()) > spec.kv_capacity_tokens:
         raise ValueError("a request's KV footprint exceeds the engine's KV capacity")
@@ -130,6 +139,7 @@ def simulate(spec: EngineSpec, replicas: int, req: Requests, queue_timeout_s: fl
     d_base, d_ctx, d_seq = spec.decode_base_s, spec.decode_s_per_context_token, spec.decode_s_per_seq
     prefill_s = spec.prefill_s
     engines = [_Engine() for _ in range(replicas)]
+    pick = np.random.default_rng(seed).integers(0, replicas, n) if dispatch == "random" else None
 
     def purge(e, now):
         q = e.queue
@@ -191,7 +201,12 @@ def simulate(spec: EngineSpec, replicas: int, req: Requests, queue_timeout_s: fl
         for e in engines:
             advance(e, a)
             purge(e, a)
-        k = min(range(replicas), key=lambda j: engines[j].outstanding)
+        if dispatch == "least_outstanding":
+            k = min(range(replicas), key=lambda j: engines[j].outstanding)
+        elif dispatch == "round_robin":
+            k = i % replicas
+        else:
+            k = int(pick[i])
         e = engines[k]
         e.queue.append(i)
         e.outstanding += 1

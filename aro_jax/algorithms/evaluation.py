@@ -39,8 +39,9 @@ KPIS = {
 }
 
 
-def rollout(env: sv.ServingNodeEnv, policy: Policy, params: sv.EnvParams, key: jax.Array, num_ticks: int):
-    """One episode of `num_ticks` from reset; returns per-tick metrics and actions (T,)."""
+def rollout(env: sv.ServingNodeEnv, policy: Policy, params: sv.EnvParams, key: jax.Array, num_ticks: int, policy_state=None):
+    """One episode of `num_ticks` from reset; returns per-tick metrics and actions (T,).
+    `policy_state` (e.g. a learned policy's weights) replaces `policy.init(params)`."""
     k_reset, k_steps = jax.random.split(key)
     _, state = env.reset_env(k_reset, params)
 
@@ -53,15 +54,17 @@ def rollout(env: sv.ServingNodeEnv, policy: Policy, params: sv.EnvParams, key: j
         state, metrics, _ = env.transition(k_env, state, action, params)
         return (state, pstate), {**metrics, "action": action}
 
-    _, metrics = jax.lax.scan(tick, (state, policy.init(params)), jax.random.split(k_steps, num_ticks))
+    pstate = policy.init(params) if policy_state is None else policy_state
+    _, metrics = jax.lax.scan(tick, (state, pstate), jax.random.split(k_steps, num_ticks))
     return metrics
 
 
 @partial(jax.jit, static_argnames=("env", "policy", "num_seeds", "num_ticks"))
-def run_episodes(env, policy: Policy, node_params: sv.EnvParams, key, num_seeds: int, num_ticks: int):
-    """Metrics of shape (nodes, seeds, ticks) for a stack of node params."""
+def run_episodes(env, policy: Policy, node_params: sv.EnvParams, key, num_seeds: int, num_ticks: int, policy_state=None):
+    """Metrics of shape (nodes, seeds, ticks) for a stack of node params. The same seeds
+    for every policy: common random numbers make the comparison paired."""
     keys = jax.random.split(key, num_seeds)
-    per_node = lambda p: jax.vmap(lambda k: rollout(env, policy, p, k, num_ticks))(keys)  # noqa: E731
+    per_node = lambda p: jax.vmap(lambda k: rollout(env, policy, p, k, num_ticks, policy_state))(keys)  # noqa: E731
     return jax.vmap(per_node)(node_params)
 
 

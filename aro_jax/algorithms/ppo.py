@@ -38,7 +38,8 @@ class Hyperparams:
     alpha: float = 1.0  # reward weights, applied to every node's EnvParams
     beta: float = 0.5
     cost_weight: float = 1.0  # the paper's gamma (named apart from the discount)
-    slo_penalty: float = 1.0
+    slo_penalty: float = 3.0
+    quality_penalty: float = 2.0
 
     @classmethod
     def from_config(cls, cfg: ExperimentConfig) -> "Hyperparams":
@@ -46,7 +47,7 @@ class Hyperparams:
         return cls(
             lr=p.lr, clip_eps=p.clip_eps, ent_coef=p.ent_coef, vf_coef=p.vf_coef, gamma=p.gamma,
             gae_lambda=p.gae_lambda, max_grad_norm=p.max_grad_norm,
-            alpha=r.alpha, beta=r.beta, cost_weight=r.gamma, slo_penalty=r.slo_penalty,
+            alpha=r.alpha, beta=r.beta, cost_weight=r.gamma, slo_penalty=r.slo_penalty, quality_penalty=r.quality_penalty,
         )
 
 
@@ -59,6 +60,9 @@ class TrainState:
     obs: jax.Array  # (nodes, clusters, obs_dim) raw observations
     key: jax.Array
     update_step: jax.Array  # PPO updates done
+
+
+KPI_KEYS = ("e2e_mean_s", "slo_attainment", "cost_usd", "dropped", "arrivals")
 
 
 class Transition(NamedTuple):
@@ -103,14 +107,23 @@ def optimizer(hp: Hyperparams, total_updates: int, minibatches_per_update: int, 
 
 
 def with_reward_weights(node_params: sv.EnvParams, hp: Hyperparams) -> sv.EnvParams:
+    if not hasattr(node_params, "alpha"):
+        return node_params  # another gymnax env (e.g. a probe): no reward weights to set
     shape = jnp.shape(node_params.alpha)
     full = lambda v: jnp.broadcast_to(jnp.asarray(v, jnp.float32), shape)  # noqa: E731
-    return node_params.replace(alpha=full(hp.alpha), beta=full(hp.beta), gamma=full(hp.cost_weight), slo_penalty=full(hp.slo_penalty))
+    return node_params.replace(
+        alpha=full(hp.alpha), beta=full(hp.beta), gamma=full(hp.cost_weight),
+        slo_penalty=full(hp.slo_penalty), quality_penalty=full(hp.quality_penalty),
+    )
 
 
-def make_train(cfg: ExperimentConfig, node_params: sv.EnvParams):
-    """Build (init, train_chunk, train) for a learner over a stack of node params."""
-    env = sv.ServingNodeEnv(cfg.env.action_set)
+def make_train(cfg: ExperimentConfig, node_params, env=None):
+    """Build (init, train_chunk, train, network) for a learner over a stack of node params.
+
+    `env` is any gymnax environment (default: the serving node with cfg's action set);
+    action masking applies when it has `action_mask_from_obs(obs, params)`.
+    """
+    env = env or sv.ServingNodeEnv(cfg.env.action_set)
     network = ActorCritic(env.num_actions, tuple(cfg.ppo.hidden_sizes))
     num_nodes = jax.tree.leaves(node_params)[0].shape[0]
     clusters = cfg.env.num_clusters
@@ -118,30 +131,27 @@ def make_train(cfg: ExperimentConfig, node_params: sv.EnvParams):
     batch = steps * num_nodes * clusters
     minibatches, epochs = cfg.ppo.num_minibatches, cfg.ppo.update_epochs
     total_updates = max(num_updates(cfg), 1)
-    obs_dim = len(sv.OBS_FIELDS)
-    use_mask = cfg.ppo.action_masking
+    obs_dim = env.observation_space(jax.tree.map(lambda x: x[0], node_params)).shape[0]
+    use_mask = cfg.ppo.action_masking and hasattr(env, "action_mask_from_obs")
 
     # Envs form a (nodes, clusters) grid: vmap over node params, then cluster keys.
     reset_all = jax.vmap(jax.vmap(env.reset, in_axes=(0, None)), in_axes=(0, 0))
     step_all = jax.vmap(jax.vmap(env.step, in_axes=(0, 0, 0, None)), in_axes=(0, 0, 0, 0))
 
-    def mask_of(raw_obs, params):
+    def mask_of(obs, params):
         if not use_mask:
-            return jnp.ones(raw_obs.shape[:-1] + (env.num_actions,), bool)
-        per_node = jax.vmap(lambda o, p: sv.feasible_actions(o, p), in_axes=(0, 0))
-        return per_node(raw_obs, params)[..., : env.num_actions]
+            return jnp.ones(obs.shape[:-1] + (env.num_actions,), bool)
+        return jax.vmap(env.action_mask_from_obs)(obs, params)
 
     def env_keys(key):
         return jax.random.split(key, num_nodes * clusters).reshape(num_nodes, clusters, -1)
-
-    scale = jax.vmap(sv.observation_scale)(node_params)[:, None, :]  # (nodes, 1, obs_dim)
 
     def init(key: jax.Array, hp: Hyperparams) -> TrainState:
         k_net, k_env, key = jax.random.split(key, 3)
         params = network.init(k_net, jnp.zeros((obs_dim,)))
         tx, _ = optimizer(hp, total_updates, minibatches, cfg.ppo.anneal_lr)
         obs, env_state = reset_all(env_keys(k_env), with_reward_weights(node_params, hp))
-        return TrainState(params, tx.init(params), RunningStats.create(obs_dim), env_state, obs / scale, key, jnp.zeros((), jnp.int32))
+        return TrainState(params, tx.init(params), RunningStats.create(obs_dim), env_state, obs, key, jnp.zeros((), jnp.int32))
 
     def update(state: TrainState, hp: Hyperparams):
         nparams = with_reward_weights(node_params, hp)
@@ -151,8 +161,7 @@ def make_train(cfg: ExperimentConfig, node_params: sv.EnvParams):
         def env_step(carry, _):
             env_state, obs, key = carry
             key, k_act, k_env = jax.random.split(key, 3)
-            raw = obs * scale
-            mask = mask_of(raw, nparams)
+            mask = mask_of(obs, nparams)
             nobs = stats.normalize(obs) if cfg.ppo.normalize_obs else obs
             logits, value = network.apply(state.params, nobs)
             logits = masked_logits(logits, mask)
@@ -164,10 +173,10 @@ def make_train(cfg: ExperimentConfig, node_params: sv.EnvParams):
             _, next_value = network.apply(state.params, nfinal)
             done = jnp.logical_or(terminated, truncated)
             tr = Transition(nobs, mask, action, log_prob, value, next_value, reward, terminated.astype(jnp.float32), done.astype(jnp.float32))
-            kpi = {k: info["metrics"][k].mean() for k in ("e2e_mean_s", "slo_attainment", "cost_usd", "dropped", "arrivals")}
+            kpi = {k: info["metrics"][k].mean() for k in KPI_KEYS if k in info.get("metrics", {})}
             return (env_state, next_obs, key), (tr, obs, kpi)
 
-        (env_state, obs, key), (traj, raw_obs, kpi) = jax.lax.scan(env_step, (state.env_state, state.obs, state.key), None, steps)
+        (env_state, obs, key), (traj, env_obs, kpi) = jax.lax.scan(env_step, (state.env_state, state.obs, state.key), None, steps)
         adv, targets = gae(traj.reward, traj.value, traj.next_value, traj.terminated, traj.done, hp.gamma, hp.gae_lambda)
 
         def loss_fn(params, mb, mb_adv, mb_targets):
@@ -202,15 +211,15 @@ def make_train(cfg: ExperimentConfig, node_params: sv.EnvParams):
             return (params, opt_state, key), info
 
         (params, opt_state, key), losses = jax.lax.scan(epoch, (state.params, state.opt_state, key), None, epochs)
-        new_stats = stats.update(raw_obs / scale) if cfg.ppo.normalize_obs else stats
-        metrics = {
-            "reward": traj.reward.mean(),
-            "e2e_mean_s": kpi["e2e_mean_s"].mean(),
-            "slo_attainment": kpi["slo_attainment"].mean(),
-            "cost_usd_per_h": kpi["cost_usd"].mean() * 3600.0 / cfg.env.tick_s,
-            "dropped_pct": 100.0 * kpi["dropped"].sum() / jnp.maximum(kpi["arrivals"].sum(), 1e-9),
-            **jax.tree.map(jnp.mean, losses),
-        }
+        new_stats = stats.update(env_obs) if cfg.ppo.normalize_obs else stats
+        metrics = {"reward": traj.reward.mean(), **jax.tree.map(jnp.mean, losses)}
+        if kpi:
+            metrics.update(
+                e2e_mean_s=kpi["e2e_mean_s"].mean(),
+                slo_attainment=kpi["slo_attainment"].mean(),
+                cost_usd_per_h=kpi["cost_usd"].mean() * 3600.0 / cfg.env.tick_s,
+                dropped_pct=100.0 * kpi["dropped"].sum() / jnp.maximum(kpi["arrivals"].sum(), 1e-9),
+            )
         new_state = TrainState(params, opt_state, new_stats, env_state, obs, key, state.update_step + 1)
         return new_state, metrics
 

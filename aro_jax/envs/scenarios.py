@@ -108,6 +108,18 @@ def stack_params(params_list: list[EnvParams]) -> EnvParams:
     return jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *params_list)
 
 
+def cluster_params(cfg, scenario: str = "train") -> EnvParams:
+    """Stacked EnvParams (leading node axis) for an ExperimentConfig's cluster, with its
+    reward weights; `scenario="train"` is the training distribution (random start times)."""
+    nodes = []
+    for n in cfg.cluster.nodes:
+        p = node_params(NodeSpec(**dataclasses.asdict(n)), cfg.env.episode_ticks, cfg.env.tick_s)
+        r = cfg.env.reward
+        p = p.replace(alpha=r.alpha, beta=r.beta, gamma=r.gamma, slo_penalty=r.slo_penalty, quality_penalty=r.quality_penalty)
+        nodes.append(p if scenario == "train" else apply_scenario(p, scenario, cfg.env.data_dir))
+    return stack_params(nodes)
+
+
 def apply_scenario(params: EnvParams, scenario: str, data_dir: str | Path | None = None) -> EnvParams:
     """Turn a node's training-distribution params into a named scenario (one day from
     Monday 00:00 UTC, deterministic start so every policy sees the same day)."""

@@ -136,11 +136,13 @@ class EnvParams(environment.EnvParams):
     # DistServe (OSDI'24) chatbot SLOs, per model size (set per node by make_params).
     slo_ttft_s: float = 2.5
     slo_tpot_s: float = 0.15
-    # Reward: alpha * served fraction + beta * (1 - latency) - gamma * cost - slo_penalty * misses.
+    # Reward: alpha * served share + beta * (1 - latency) - gamma * cost - slo_penalty * misses
+    # - quality_penalty * quality loss (without it, the small model would be a free lunch).
     alpha: float = 1.0
     beta: float = 0.5
     gamma: float = 1.0
-    slo_penalty: float = 1.0
+    slo_penalty: float = 3.0
+    quality_penalty: float = 2.0
     cost_ref_usd_per_h: float = 1.0  # normalises cost: static allocation for peak load
     rate_ref_rps: float = 1.0  # normalises rates: the node's mean load
     outage_start_s: float = -1.0
@@ -173,20 +175,21 @@ class EnvState(environment.EnvState):
 
 
 def _token_moments(traffic: TrafficParams) -> dict[str, jax.Array]:
-    """`token_stats` plus E[L^2] of the clipped input and output lengths: service times
-    are non-linear in the lengths (quadratic prefill, context growing with the output),
-    so means of products are needed, not products of means."""
+    """`token_stats` plus raw moments E[L^k] of the clipped lengths (input k = 2..4,
+    output k = 2): service times are non-linear in the lengths (quadratic prefill,
+    context growing with the output), so the fluid model needs means of powers."""
     stats = token_stats(traffic)
-    cap = traffic.max_context_tokens
+    log_cap = jnp.log(traffic.max_context_tokens)
 
-    def clipped_sq_mean(mu, sd):
-        # E[min(X, cap)^2] for X ~ LogNormal(mu, sd).
+    def clipped_moment(mu, sd, k):
+        # E[min(X, cap)^k] for X ~ LogNormal(mu, sd).
         phi = lambda z: 0.5 * (1.0 + jax.scipy.special.erf(z / jnp.sqrt(2.0)))  # noqa: E731
-        log_cap = jnp.log(cap)
-        return jnp.exp(2.0 * mu + 2.0 * sd**2) * phi((log_cap - mu - 2.0 * sd**2) / sd) + cap**2 * (1.0 - phi((log_cap - mu) / sd))
+        below = jnp.exp(k * mu + 0.5 * (k * sd) ** 2) * phi((log_cap - mu - k * sd**2) / sd)
+        return below + jnp.exp(k * log_cap) * (1.0 - phi((log_cap - mu) / sd))
 
-    stats["input_sq_mean"] = clipped_sq_mean(traffic.input_log_mean, traffic.input_log_sd)
-    stats["output_sq_mean"] = clipped_sq_mean(traffic.output_log_mean, traffic.output_log_sd)
+    for k in (2, 3, 4):
+        stats[f"input_m{k}"] = clipped_moment(traffic.input_log_mean, traffic.input_log_sd, k)
+    stats["output_m2"] = clipped_moment(traffic.output_log_mean, traffic.output_log_sd, 2)
     return stats
 
 
@@ -197,13 +200,13 @@ def _instance_model(curve: ServiceCurve, tokens):
     # Mean of the quadratic prefill time over the prompt distribution, E[c L^2] > c E[L]^2
     # (the reference sim prefills each prompt at its own length).
     prefill_s = (
-        curve.prefill_base_s + curve.prefill_s_per_token * t_in + curve.prefill_s_per_token_sq * tokens["input_sq_mean"]
+        curve.prefill_base_s + curve.prefill_s_per_token * t_in + curve.prefill_s_per_token_sq * tokens["input_m2"]
     )
     # The prefill emits the first token, so a request takes n - 1 decode iterations.
     decode_iters = jnp.maximum(t_out - 1.0, 1e-3)
     # At its j-th decode iteration a sequence attends over L + j tokens: summed over its
     # iterations that is (n-1) L + n(n-1)/2, so the mean context per iteration is:
-    out_pairs = 0.5 * (tokens["output_sq_mean"] - t_out)  # E[n(n-1)/2]
+    out_pairs = 0.5 * (tokens["output_m2"] - t_out)  # E[n(n-1)/2]
     context = t_in + out_pairs / decode_iters
     per_seq_s = curve.decode_s_per_seq + curve.decode_s_per_context_token * context
     # Admission reserves prompt + output KV for the whole decode; sequences are in the
@@ -226,19 +229,55 @@ def replica_capacity_rps(params: EnvParams, small_fraction=0.0, tokens=None):
     return 1.0 / ((1.0 - small_fraction) / big + small_fraction / small)
 
 
-def _latency_at_utilisation(curve: ServiceCurve, util, tokens):
-    """Mean TTFT service part, p95 TTFT service part and time per output token (s)."""
+def _latency_at_utilisation(curve: ServiceCurve, util, tokens, arrival_scv=1.0):
+    """Per instance at `util`: mean and p95 prefill time, time per output token, prefill
+    share, KV-capped batch, and the mean TTFT wait beyond the own prefill (s).
+    `arrival_scv`: squared CV of the instance's inter-arrival times (1: Poisson).
+
+    Mechanics of the reference (benchmarks/reference_sim.py): at each iteration boundary
+    all waiting requests are admitted and prefilled in one iteration, before any decode.
+    """
     prefill_s, decode_iters, per_seq_s, batch_max, max_rate = _instance_model(curve, tokens)
     rate = util * max_rate
     prefill_share = jnp.minimum(rate * prefill_s, 0.95)
-    # Little's law on the decode batch: B = rate * (n-1) * step(B) / (1 - prefill share).
-    denom = 1.0 - prefill_share - rate * decode_iters * per_seq_s
-    batch = rate * decode_iters * curve.decode_base_s / jnp.maximum(denom, 1e-6)
-    batch = jnp.where(denom > 0, jnp.minimum(batch, batch_max), batch_max)
-    tpot_s = (curve.decode_base_s + per_seq_s * batch) / (1.0 - prefill_share)
-    # Prefills queue behind each other (M/G/1, Pollaczek-Khinchine) with prompt-length
-    # variability cs^2 = exp(sd^2) - 1 of the log-normal input.
-    return prefill_s, curve.prefill_s(tokens["input_p95"]), tpot_s, prefill_share, batch_max
+    decode_tokens_rps = rate * decode_iters
+
+    # Little's law on the decode batch B (time average): B = rate * (n-1) * tpot, where a
+    # sequence decodes in a batch of itself plus B others (Poisson-like batch sizes) at
+    # step(B + 1), stretched by the prefills that interrupt it: 1 / (1 - rho_p).
+    def batch_for(extra_wait_s):
+        # `extra_wait_s`: time per request in the batch besides its decode iterations.
+        denom = 1.0 - prefill_share - decode_tokens_rps * per_seq_s
+        numer = decode_tokens_rps * (curve.decode_base_s + per_seq_s * arrival_scv) + rate * extra_wait_s * (1.0 - prefill_share)
+        return jnp.where(denom > 0, jnp.minimum(numer / jnp.maximum(denom, 1e-6), batch_max), batch_max)
+
+    # TTFT: prefill work is a non-preemptive priority M/G/1 with decode iterations as the
+    # low class, so the work ahead of an arrival is W = (rate E[P^2] + f_d D) / (2 (1 -
+    # rho_p)), f_d the time share of decode iterations of length D (below 1 - rho_p when
+    # the engine idles). W is the residual R of the iteration in progress plus the
+    # prefills that arrived in its elapsed part (rho_p R); the request's own prefill
+    # iteration also takes those arriving in the residual (rho_p R more).
+    # Smoother than Poisson arrivals (a dispatcher spreading them over replicas) scale the
+    # arrival part of E[P^2] as Kingman's G/G/1 does: (ca^2 + cs^2) for (1 + cs^2).
+    a, b, c = curve.prefill_base_s, curve.prefill_s_per_token, curve.prefill_s_per_token_sq
+    m1, m2, m3, m4 = tokens["input_mean"], tokens["input_m2"], tokens["input_m3"], tokens["input_m4"]
+    prefill_sq_s2 = a * a + 2 * a * b * m1 + (b * b + 2 * a * c) * m2 + 2 * b * c * m3 + c * c * m4  # E[P^2]
+    prefill_sq_s2 = prefill_sq_s2 - (1.0 - arrival_scv) * prefill_s**2
+    busy_batch = jnp.maximum(batch_for(0.0), 1.0)
+    step_s = curve.decode_base_s + per_seq_s * busy_batch
+    decode_share = jnp.minimum(1.0 - prefill_share, decode_tokens_rps * step_s / busy_batch)
+    work_ahead_s = (rate * prefill_sq_s2 + decode_share * step_s) / (2.0 * (1.0 - prefill_share))
+    residual_s = work_ahead_s / (1.0 + prefill_share)
+    wait_s = work_ahead_s + arrival_scv * prefill_share * residual_s
+    # Before its first decode a request also waits for the chain of prefills of requests
+    # that arrived during its own prefill iteration I: I rho_p / (1 - rho_p). It holds its
+    # batch slot meanwhile (counts in B) and users see it in the time per output token.
+    own_iteration_s = prefill_s + (1.0 + arrival_scv) * prefill_share * residual_s
+    chain_s = arrival_scv * own_iteration_s * prefill_share / (1.0 - prefill_share)
+    batch = batch_for(chain_s)
+    tpot_s = (curve.decode_base_s + per_seq_s * jnp.minimum(batch + arrival_scv, batch_max)) / (1.0 - prefill_share)
+    tpot_s = tpot_s + chain_s / decode_iters
+    return prefill_s, curve.prefill_s(tokens["input_p95"]), tpot_s, prefill_share, batch_max, wait_s
 
 
 def _lognormal_cdf_from_mean_p95(x, mean, p95):
@@ -296,14 +335,16 @@ def fluid_tick(
     util = jnp.clip(util, 0.0, 1.0)
 
     # Latency of the requests served this tick.
-    big = _latency_at_utilisation(params.model, util, tokens)
-    small = _latency_at_utilisation(params.small_model, util, tokens)
+    # Dispatch spreads arrivals over the instances, so each sees a smoother stream than
+    # Poisson: squared CV 1/N for round-robin over N (Erlang-N gaps); least-outstanding
+    # dispatch is at least as smooth (benchmarks/fluid_agreement.md).
+    arrival_scv = lambda curve: 1.0 / jnp.maximum(replicas_serving * curve.instances_per_replica, 1.0)  # noqa: E731
+    big = _latency_at_utilisation(params.model, util, tokens, arrival_scv(params.model))
+    small = _latency_at_utilisation(params.small_model, util, tokens, arrival_scv(params.small_model))
     q = small_fraction
     mix = lambda b, s: (1.0 - q) * b + q * s  # noqa: E731
     prefill_s, prefill_p95_s, tpot_s = mix(big[0], small[0]), mix(big[1], small[1]), mix(big[2], small[2])
-    prefill_share = mix(big[3], small[3])
-    cs2_prefill = jnp.expm1(params.traffic.input_log_sd**2)
-    wait_prefill_s = 0.5 * (1.0 + cs2_prefill) * prefill_share / (1.0 - prefill_share) * prefill_s
+    wait_iteration_s = mix(big[5], small[5])
     # Admission wait for a batch slot: Allen-Cunneen / Sakasegawa M/G/c with c = KV-capped slots.
     slots = jnp.maximum(replicas_serving * mix(big[4], small[4]), 1.0)
     rho = jnp.minimum(util, 0.99)
@@ -311,9 +352,11 @@ def fluid_tick(
     wait_slot_s = rho ** (jnp.sqrt(2.0 * (slots + 1.0)) - 1.0) / (slots * (1.0 - rho)) * service_s
     wait_backlog_s = 0.5 * (queue_requests + queue_after) / jnp.maximum(capacity_rps, 1e-6)
     wait_backlog_s = jnp.minimum(wait_backlog_s, params.queue_timeout_s)
-    random_wait_s = wait_prefill_s + wait_slot_s
-    ttft_mean_s = wait_backlog_s + random_wait_s + prefill_s + 0.5 * tpot_s
-    ttft_p95_s = wait_backlog_s + 3.0 * random_wait_s + prefill_p95_s + 0.5 * tpot_s  # Exp p95 = ln 20 * mean
+    random_wait_s = wait_iteration_s + wait_slot_s
+    # A standing backlog is served FCFS: its wait replaces the stationary queueing wait
+    # (the reference sim's requests wait ~the backlog, not the backlog plus an M/G/c wait).
+    ttft_mean_s = jnp.maximum(wait_backlog_s, random_wait_s) + prefill_s
+    ttft_p95_s = jnp.maximum(wait_backlog_s, 3.0 * random_wait_s) + prefill_p95_s  # Exp p95 = ln 20 * mean
     e2e_mean_s = ttft_mean_s + (t_out - 1.0) * tpot_s  # the prefill emitted the first token
     e2e_p95_s = ttft_p95_s + (tokens["output_p95"] - 1.0) * tpot_s
 
@@ -550,6 +593,10 @@ class ServingNodeEnv(environment.Environment[EnvState, EnvParams]):
         """Feasible actions (bool, one per action) in this state."""
         return feasible_actions(raw_observation(state, params), params)[: self.num_actions]
 
+    def action_mask_from_obs(self, obs: jax.Array, params: EnvParams) -> jax.Array:
+        """Feasible actions from (a batch of) this env's observations."""
+        return feasible_actions(obs * observation_scale(params), params)[..., : self.num_actions]
+
 
 def feasible_actions(raw_obs: jax.Array, params: EnvParams) -> jax.Array:
     """Which of the 11 extended actions can change anything, from the raw observation
@@ -574,7 +621,7 @@ def feasible_actions(raw_obs: jax.Array, params: EnvParams) -> jax.Array:
 
 def reward_fn(metrics: dict[str, jax.Array], params: EnvParams) -> jax.Array:
     """ARO reward: alpha * throughput + beta * (1 - latency) - gamma * cost, each in [0, ~1],
-    minus an SLO-miss penalty. Throughput is the share of demand served (locally or by a
+    minus penalties for SLO misses and for quality lost to the small model. Throughput is the share of demand served (locally or by a
     peer); latency is mean end-to-end latency over the SLO-implied end-to-end budget; cost
     is $/h over the node's static-for-peak cost."""
     demand = jnp.maximum(metrics["arrivals"], 1e-9)
@@ -583,7 +630,11 @@ def reward_fn(metrics: dict[str, jax.Array], params: EnvParams) -> jax.Array:
     latency = jnp.clip(metrics["e2e_mean_s"] / e2e_budget_s, 0.0, 1.0)
     cost = metrics["cost_usd"] * 3600.0 / params.tick_s / params.cost_ref_usd_per_h
     misses = 1.0 - metrics["slo_attainment"]
-    return params.alpha * served_share + params.beta * (1.0 - latency) - params.gamma * cost - params.slo_penalty * misses
+    quality_loss = 1.0 - metrics["quality"]
+    return (
+        params.alpha * served_share + params.beta * (1.0 - latency) - params.gamma * cost
+        - params.slo_penalty * misses - params.quality_penalty * quality_loss
+    )
 
 
 def _observed(metrics: dict[str, jax.Array]) -> dict[str, jax.Array]:
