@@ -13,7 +13,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_sched
 
 
 def evaluate_policies(cfg, policies: dict, scenario: str, out_dir: Path, seed: int = 0) -> dict:
-    """Run every policy (name -> (Policy, policy_state or None)) on every node of the
+    """Run every policy (name -> (Policy, policy_state or None, per_node)) on every node of the
     cluster on one scenario; write the KPI table
     (markdown/CSV/JSON) and the one-day timeline of the first node; return the rows."""
     import jax
@@ -26,8 +26,8 @@ def evaluate_policies(cfg, policies: dict, scenario: str, out_dir: Path, seed: i
     env = ServingNodeEnv(cfg.env.action_set)
     params = cluster_params(cfg, scenario)
     rows, traces = {}, {}
-    for name, (policy, policy_state) in policies.items():
-        metrics = ev.run_episodes(env, policy, params, jax.random.PRNGKey(seed), cfg.eval.num_seeds, cfg.env.episode_ticks, policy_state)
+    for name, (policy, policy_state, per_node) in policies.items():
+        metrics = ev.run_episodes(env, policy, params, jax.random.PRNGKey(seed), cfg.eval.num_seeds, cfg.env.episode_ticks, policy_state, per_node)
         rows[name] = ev.cluster_kpis(metrics, cfg.env.tick_s)
         traces[name] = {k: np.asarray(v[0, 0]) for k, v in metrics.items()}
     ev.save_table(rows, out_dir, f"kpis_{scenario}")
@@ -41,7 +41,7 @@ def evaluate_policies(cfg, policies: dict, scenario: str, out_dir: Path, seed: i
 def _heuristic_policies(cfg, names):
     from aro_jax.envs.heuristics import HEURISTICS
 
-    return {n: (HEURISTICS[n](cfg.env.tick_s), None) for n in names}
+    return {n: (HEURISTICS[n](cfg.env.tick_s), None, False) for n in names}
 
 
 def cmd_evaluate(args) -> int:
@@ -55,10 +55,10 @@ def cmd_evaluate(args) -> int:
     if args.checkpoint:
         from aro_jax.algorithms.checkpointing import load_trained_policy
 
-        run_cfg, policy, weights = load_trained_policy(Path(args.checkpoint))
+        _, policy, weights, per_node = load_trained_policy(Path(args.checkpoint))
         if not (args.config or args.cluster):
             cfg = load_config(Path(args.checkpoint) / "config.yaml", overrides)  # the run's own cluster
-        policies["learned"] = (policy, weights)
+        policies["learned"] = (policy, weights, per_node)
     names = args.policy or ([] if args.checkpoint else cfg.eval.baselines)
     unknown = [n for n in names if n not in _all_heuristics()]
     if unknown:
@@ -104,8 +104,8 @@ def cmd_run(args) -> int:
     cfg = load_config(*_config_args(args))
     run_dir = Path(args.run_dir or cfg.train.run_dir)
     driver.train(cfg, run_dir)
-    _, policy, weights = load_trained_policy(run_dir)
-    policies = {"ppo (learned)": (policy, weights), **_heuristic_policies(cfg, cfg.eval.baselines)}
+    _, policy, weights, per_node = load_trained_policy(run_dir)
+    policies = {f"ppo ({cfg.federated.mode})": (policy, weights, per_node), **_heuristic_policies(cfg, cfg.eval.baselines)}
     evaluate_policies(cfg, policies, cfg.eval.scenario, run_dir / "eval")
     print(f"learning curve: {run_dir}/learning_curve.png")
     return 0

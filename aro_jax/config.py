@@ -80,6 +80,29 @@ class PPOConfig:
 
 
 @dataclass
+class FederatedConfig:
+    """How the nodes learn together. "centralized": one learner on every node's pooled
+    data; "federated": one learner per node, deltas robustly aggregated each round;
+    "local": one learner per node, no aggregation (the Local-only baseline)."""
+
+    mode: str = "centralized"
+    aggregator: str = "krum"  # a name in aro_jax.federated.aggregators.AGGREGATORS
+    pre_aggregators: list[str] = field(default_factory=list)  # e.g. [nnm] or [bucketing]
+    num_byzantine: int = 0  # f the aggregator tolerates
+    local_updates: int = 4  # K local PPO updates per node per round
+    server_lr: float = 1.0
+    server_momentum: float = 0.0
+    attack: str = "none"  # a name in aro_jax.federated.attacks.ATTACKS
+    attack_strength: float = 1.0
+    byzantine_nodes: list[int] = field(default_factory=list)  # indices of misbehaving nodes
+    attack_start_round: int = 0
+    dp_clip_norm: float = 0.0  # per-node update clip (L2); 0 disables DP
+    dp_noise_multiplier: float = 0.0  # noise std / clip norm, added to each node's update
+    dp_delta: float = 1e-5
+    devices: int = 1  # devices the node axis is sharded over (must divide the node count)
+
+
+@dataclass
 class TrainConfig:
     total_env_steps: int = 2_000_000  # summed over nodes and clusters
     seed: int = 0
@@ -101,6 +124,7 @@ class ExperimentConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    federated: FederatedConfig = field(default_factory=FederatedConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -208,6 +232,8 @@ def validate(cfg: ExperimentConfig) -> None:
     require(p.ent_coef >= 0 and p.vf_coef >= 0, "ppo.ent_coef", "ent_coef and vf_coef must be >= 0")
     require(len(p.hidden_sizes) >= 1 and all(h >= 1 for h in p.hidden_sizes), "ppo.hidden_sizes", f"need positive layer sizes, got {p.hidden_sizes}")
 
+    _validate_federated(cfg, require)
+
     t = cfg.train
     require(t.num_chunks >= 1, "train.num_chunks", f"must be >= 1, got {t.num_chunks}")
     require(t.keep_checkpoints >= 1, "train.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")
@@ -221,6 +247,39 @@ def validate(cfg: ExperimentConfig) -> None:
     require(cfg.eval.scenario in scenarios.SCENARIOS, "eval.scenario", f"must be one of {list(scenarios.SCENARIOS)}")
     for b in cfg.eval.baselines:
         require(b in HEURISTICS, "eval.baselines", f"unknown baseline {b!r}; choose from {sorted(HEURISTICS)}")
+
+
+def _validate_federated(cfg: ExperimentConfig, require) -> None:
+    fed, n = cfg.federated, len(cfg.cluster.nodes)
+    require(fed.mode in ("centralized", "federated", "local"), "federated.mode", f"must be centralized, federated or local, got {fed.mode!r}")
+    if fed.mode == "centralized":
+        return  # the other federated settings do not apply
+    from aro_jax.federated import aggregators, attacks
+
+    require(fed.local_updates >= 1, "federated.local_updates", f"must be >= 1, got {fed.local_updates}")
+    require(fed.server_lr > 0, "federated.server_lr", f"must be > 0, got {fed.server_lr}")
+    require(0 <= fed.server_momentum < 1, "federated.server_momentum", f"must be in [0, 1), got {fed.server_momentum}")
+    require(fed.num_byzantine >= 0, "federated.num_byzantine", f"must be >= 0, got {fed.num_byzantine}")
+    require(fed.aggregator in aggregators.AGGREGATORS, "federated.aggregator", f"unknown {fed.aggregator!r}; choose from {sorted(aggregators.AGGREGATORS)}")
+    for p in fed.pre_aggregators:
+        require(p in aggregators.PRE_AGGREGATORS, "federated.pre_aggregators", f"unknown {p!r}; choose from {sorted(aggregators.PRE_AGGREGATORS)}")
+    if fed.mode == "federated":
+        try:
+            aggregators.check_requirements(fed.aggregator, n, fed.num_byzantine)
+        except ValueError as e:
+            require(False, "federated.num_byzantine", f"{e} (cluster has {n} nodes)")
+    require(fed.attack in attacks.ATTACKS, "federated.attack", f"unknown {fed.attack!r}; choose from {sorted(attacks.ATTACKS)}")
+    require(all(0 <= i < n for i in fed.byzantine_nodes), "federated.byzantine_nodes", f"indices must be in [0, {n}), got {fed.byzantine_nodes}")
+    require(fed.attack == "none" or fed.byzantine_nodes, "federated.byzantine_nodes", f"attack {fed.attack!r} needs at least one Byzantine node index")
+    require(fed.dp_clip_norm >= 0 and fed.dp_noise_multiplier >= 0, "federated.dp_noise_multiplier", "dp_clip_norm and dp_noise_multiplier must be >= 0")
+    require(fed.dp_noise_multiplier == 0 or fed.dp_clip_norm > 0, "federated.dp_clip_norm", "noise needs a clip norm > 0 (the noise std is noise_multiplier x clip_norm)")
+    require(0 < fed.dp_delta < 1, "federated.dp_delta", f"must be in (0, 1), got {fed.dp_delta}")
+    require(fed.devices >= 1 and n % fed.devices == 0, "federated.devices", f"must divide the {n} nodes, got {fed.devices}")
+    if fed.mode != "centralized":
+        batch = cfg.ppo.rollout_steps * cfg.env.num_clusters * n
+        rounds = cfg.train.total_env_steps // batch // fed.local_updates
+        require(rounds >= cfg.train.num_chunks, "federated.local_updates",
+                f"{fed.local_updates} local updates per round leave {rounds} rounds, fewer than train.num_chunks={cfg.train.num_chunks}")
 
 
 def num_updates(cfg: ExperimentConfig) -> int:

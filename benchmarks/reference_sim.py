@@ -3,19 +3,20 @@
 N replicas, each an independent vLLM-like engine (iteration-level continuous batching,
 no chunked prefill), driven by the same `ServiceCurve` as `aro_jax.envs.serving`:
 
-- Dispatch: each arrival goes to the engine with the fewest outstanding requests
-  (waiting + in service; ties to the lowest index), the "least outstanding requests"
-  policy of common L7 load balancers. It is join-the-shortest-queue, which is close to
-  the one shared queue that the fluid model assumes.
+- Dispatch (default): each arrival goes to the engine with the fewest outstanding
+  requests (waiting + in service; ties to the lowest index), the "least outstanding
+  requests" policy of common L7 load balancers (join-the-shortest-queue). Round-robin and
+  uniform random dispatch are options, for comparison.
 - Queue: FCFS per engine. A request still waiting `queue_timeout_s` after its arrival
   is dropped (at arrival + timeout).
 - Admission, at every iteration boundary: take waiting requests in FCFS order while the
   batch has fewer than `max_batch_seqs` sequences and the KV cache can hold the request's
-  whole footprint, prompt + output tokens. Full reservation (vLLM V0 without preemption,
-  like TGI's token budget) means no preemption or recomputation; vLLM's incremental
-  allocation holds prompt + half the output on average instead, which differs from this
-  by ~1% of the footprint for both traffic mixes (outputs are short next to prompts).
-  The head of the queue blocks those behind it (no skipping), as in vLLM.
+  whole footprint, prompt + output tokens. Full reservation (a token budget of prompt +
+  output length, as TGI's router keeps) needs no preemption or recomputation. vLLM's
+  incremental allocation holds about prompt + half the output instead; that changes
+  little here: the 70B conversation batch is capped by `max_batch_seqs` either way, and
+  code outputs are ~2% of the prompt. The head of the queue blocks those behind it (no
+  skipping), as in vLLM's FCFS scheduler.
 - Iterations, prefill first: if anything was admitted, one iteration runs all their
   prefills, lasting the sum of `prefill_s(L)`; it emits each request's first token
   (TTFT). Otherwise one decode iteration runs for all running sequences, lasting
@@ -227,7 +228,7 @@ def simulate(
 
 def summarise(req: Requests, start_s: float, end_s: float) -> dict[str, float]:
     """Metrics over the window [start_s, end_s): throughput from completions in it;
-    latencies and drops of the requests that arrived in it; queue = waiting at end_s."""
+    latencies and drops of the requests that arrived in it; queues at end_s."""
     dropped = ~np.isnan(req.drop_s)
     completed = (req.finish_s >= start_s) & (req.finish_s < end_s)
     arrived = (req.arrival_s >= start_s) & (req.arrival_s < end_s)
@@ -236,6 +237,9 @@ def summarise(req: Requests, start_s: float, end_s: float) -> dict[str, float]:
     ttft = (req.first_token_s - req.arrival_s)[served]
     left_queue_s = np.where(dropped, req.drop_s, req.admit_s)
     waiting = (req.arrival_s <= end_s) & (left_queue_s > end_s)
+    # What the fluid model's queue holds: it drops at once the requests that cannot start
+    # within the timeout, while here they wait until their timeout passes.
+    waiting_to_serve = waiting & ~dropped
     return {
         "throughput_rps": float(completed.sum()) / (end_s - start_s),
         "ttft_mean_s": float(ttft.mean()) if ttft.size else np.nan,
@@ -243,4 +247,5 @@ def summarise(req: Requests, start_s: float, end_s: float) -> dict[str, float]:
         "e2e_p95_s": float(np.percentile(e2e, 95)) if e2e.size else np.nan,
         "drop_fraction": float(dropped[arrived].mean()) if arrived.any() else 0.0,
         "queue_requests": float(waiting.sum()),
+        "queue_to_serve_requests": float(waiting_to_serve.sum()),
     }

@@ -81,14 +81,14 @@ def restore(run_dir: Path, abstract_state, abstract_hp, step: int | None = None)
 
 
 def load_trained_policy(run_dir: Path, step: int | None = None):
-    """(cfg, Policy, policy weights) for a run's latest (or given) checkpoint."""
-    from aro_jax.algorithms import learned_policy, ppo
-    from aro_jax.envs.scenarios import cluster_params
+    """(cfg, Policy, weights, per_node) for a run's latest (or given) checkpoint; with
+    per_node the weights have a leading node axis (Local-only runs)."""
+    from aro_jax.algorithms import driver, learned_policy, ppo
 
     cfg = load_run_config(run_dir)
-    init, _, _, network = ppo.make_train(cfg, cluster_params(cfg, "train"))
+    trainer = driver.make_trainer(cfg)
     hp0 = ppo.Hyperparams.from_config(cfg)
-    abstract = jax.eval_shape(init, jax.random.PRNGKey(0), hp0)
+    abstract = jax.eval_shape(trainer.init, jax.random.PRNGKey(0), hp0)
     state, _, step = restore(run_dir, abstract, jax.eval_shape(lambda: hp0), step)
-    policy = learned_policy.greedy_policy(network, cfg.ppo.normalize_obs, cfg.ppo.action_masking)
-    return cfg, policy, learned_policy.PolicyWeights(state.params, state.obs_stats)
+    policy = learned_policy.greedy_policy(trainer.network, cfg.ppo.normalize_obs, cfg.ppo.action_masking)
+    return cfg, policy, trainer.weights(state), trainer.per_node

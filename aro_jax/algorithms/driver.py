@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any, Callable, NamedTuple
 
 import jax
 import numpy as np
@@ -28,9 +29,48 @@ def _tensorboard(run_dir: Path):
     return SummaryWriter(str(run_dir / "tb"))
 
 
-def train(cfg: config_lib.ExperimentConfig, run_dir: Path, resume: bool = False, quiet: bool = False):
-    """Train per `cfg` into `run_dir` (or continue the run there); returns the final
-    (TrainState, Hyperparams). The result does not depend on where a run was resumed."""
+class Trainer(NamedTuple):
+    """A compiled learner seen by the driver: centralized PPO (unit = one PPO update) or
+    federated/local PPO (unit = one round of K local updates per node)."""
+
+    init: Callable  # (key, hp) -> state
+    chunk: Callable  # (state, hp, units: static) -> (state, metrics per unit)
+    units_total: int
+    env_steps_per_unit: int
+    units_done: Callable  # state -> int
+    weights: Callable  # state -> PolicyWeights (leading node axis when per_node)
+    per_node: bool  # one policy per node (local-only) instead of one shared policy
+    network: Any
+
+
+def make_trainer(cfg: config_lib.ExperimentConfig) -> Trainer:
+    node_params = cluster_params(cfg, "train")
+    nodes = len(cfg.cluster.nodes)
+    steps_per_update = cfg.ppo.rollout_steps * cfg.env.num_clusters * nodes
+    if cfg.federated.mode == "centralized":
+        learner = ppo.make_train(cfg, node_params)
+        return Trainer(
+            init=learner.init, chunk=learner.train_chunk, units_total=config_lib.num_updates(cfg),
+            env_steps_per_unit=steps_per_update, units_done=lambda s: int(s.update_step),
+            weights=lambda s: learned_policy.PolicyWeights(s.params, s.obs_stats), per_node=False, network=learner.network,
+        )
+    from aro_jax.federated import fedppo
+
+    init, chunk, learner = fedppo.make_federated_train(cfg, node_params)
+    local = cfg.federated.mode == "local"
+    return Trainer(
+        init=init, chunk=chunk, units_total=fedppo.num_rounds(cfg),
+        env_steps_per_unit=steps_per_update * cfg.federated.local_updates, units_done=lambda s: int(s.round),
+        weights=(lambda s: learned_policy.PolicyWeights(s.nodes.params, s.nodes.obs_stats)) if local
+        else (lambda s: learned_policy.PolicyWeights(s.global_params, s.global_stats)),
+        per_node=local, network=learner.network,
+    )
+
+
+def train(cfg: config_lib.ExperimentConfig | None, run_dir: Path, resume: bool = False, quiet: bool = False):
+    """Train per `cfg` into `run_dir`, or continue the run there (`resume`, cfg from the
+    run); returns (final state, Hyperparams). Where a run was resumed does not change its
+    result: the state is restored exactly and each chunk is the same compiled program."""
     run_dir = Path(run_dir)
     if resume:
         cfg = checkpointing.load_run_config(run_dir)
@@ -40,45 +80,42 @@ def train(cfg: config_lib.ExperimentConfig, run_dir: Path, resume: bool = False,
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(config_lib.to_yaml(cfg))
 
-    node_params = cluster_params(cfg, "train")
-    init, train_chunk, _, network = ppo.make_train(cfg, node_params)
+    trainer = make_trainer(cfg)
     hp = ppo.Hyperparams.from_config(cfg)
-    total_updates = config_lib.num_updates(cfg)
-    per_chunk = total_updates // cfg.train.num_chunks
-    steps_per_update = cfg.ppo.rollout_steps * cfg.env.num_clusters * len(cfg.cluster.nodes)
-
+    per_chunk = trainer.units_total // cfg.train.num_chunks
     mngr = checkpointing.manager(run_dir, cfg.train.keep_checkpoints)
     if resume:
-        abstract = jax.eval_shape(init, jax.random.PRNGKey(0), hp)
+        abstract = jax.eval_shape(trainer.init, jax.random.PRNGKey(0), hp)
         state, hp, _ = checkpointing.restore(run_dir, abstract, jax.eval_shape(lambda: hp))
     else:
-        state = jax.jit(init)(jax.random.PRNGKey(cfg.train.seed), hp)
-    done_updates = int(state.update_step)
+        state = jax.jit(trainer.init)(jax.random.PRNGKey(cfg.train.seed), hp)
+    done = trainer.units_done(state)
 
-    chunk_fn = jax.jit(train_chunk, static_argnums=2)
+    chunk_fn = jax.jit(trainer.chunk, static_argnums=2)
     env = ServingNodeEnv(cfg.env.action_set)
-    policy = learned_policy.greedy_policy(network, cfg.ppo.normalize_obs, cfg.ppo.action_masking)
+    policy = learned_policy.greedy_policy(trainer.network, cfg.ppo.normalize_obs, cfg.ppo.action_masking)
     eval_params = cluster_params(cfg, "diurnal")
     writer = _tensorboard(run_dir)
     log_path = run_dir / "metrics.jsonl"
 
-    bar = tqdm(total=total_updates * steps_per_update, initial=done_updates * steps_per_update, unit="step", unit_scale=True, disable=quiet, desc="train")
-    while done_updates < total_updates:
-        n = per_chunk
+    steps = trainer.env_steps_per_unit
+    bar = tqdm(total=trainer.units_total * steps, initial=done * steps, unit="step", unit_scale=True, disable=quiet, desc="train")
+    while done < trainer.units_total:
         t0 = time.perf_counter()
-        state, metrics = chunk_fn(state, hp, n)
+        state, metrics = chunk_fn(state, hp, per_chunk)
         jax.block_until_ready(metrics)
         dt = time.perf_counter() - t0
-        done_updates = int(state.update_step)
-        weights = learned_policy.PolicyWeights(state.params, state.obs_stats)
-        eval_metrics = evaluation.run_episodes(env, policy, eval_params, jax.random.PRNGKey(10_000), EVAL_SEEDS, EVAL_TICKS, weights)
+        done = trainer.units_done(state)
+        eval_metrics = evaluation.run_episodes(
+            env, policy, eval_params, jax.random.PRNGKey(10_000), EVAL_SEEDS, EVAL_TICKS, trainer.weights(state), trainer.per_node
+        )
         eval_reward = float(np.mean(eval_metrics["reward"]))
         record = {
             "event": "train",
-            "update": done_updates,
-            "env_steps": done_updates * steps_per_update,
-            "steps_per_s": n * steps_per_update / dt,
-            **{k: float(np.mean(v[-max(1, n // 4):])) for k, v in metrics.items()},
+            "unit": done,
+            "env_steps": done * steps,
+            "steps_per_s": per_chunk * steps / dt,
+            **{k: float(np.mean(v[-max(1, per_chunk // 4):])) for k, v in metrics.items()},
             "eval_reward": eval_reward,
         }
         with open(log_path, "a") as f:
@@ -87,8 +124,8 @@ def train(cfg: config_lib.ExperimentConfig, run_dir: Path, resume: bool = False,
             for k, v in record.items():
                 if isinstance(v, float):
                     writer.add_scalar(k, v, record["env_steps"])
-        checkpointing.save(mngr, done_updates, state, hp, config_lib.to_dict(cfg), eval_reward)
-        bar.update(n * steps_per_update)
+        checkpointing.save(mngr, done, state, hp, config_lib.to_dict(cfg), eval_reward)
+        bar.update(per_chunk * steps)
         bar.set_postfix(sps=f"{record['steps_per_s']:.3g}", reward=f"{record['reward']:.3f}", eval=f"{eval_reward:.3f}",
                         e2e_s=f"{record['e2e_mean_s']:.2f}", slo=f"{record['slo_attainment']:.3f}", cost_h=f"{record['cost_usd_per_h']:.1f}")
     bar.close()

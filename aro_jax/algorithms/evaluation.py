@@ -59,13 +59,14 @@ def rollout(env: sv.ServingNodeEnv, policy: Policy, params: sv.EnvParams, key: j
     return metrics
 
 
-@partial(jax.jit, static_argnames=("env", "policy", "num_seeds", "num_ticks"))
-def run_episodes(env, policy: Policy, node_params: sv.EnvParams, key, num_seeds: int, num_ticks: int, policy_state=None):
+@partial(jax.jit, static_argnames=("env", "policy", "num_seeds", "num_ticks", "per_node_state"))
+def run_episodes(env, policy: Policy, node_params: sv.EnvParams, key, num_seeds: int, num_ticks: int, policy_state=None, per_node_state=False):
     """Metrics of shape (nodes, seeds, ticks) for a stack of node params. The same seeds
-    for every policy: common random numbers make the comparison paired."""
+    for every policy: common random numbers make the comparison paired. With
+    `per_node_state`, `policy_state` has a leading node axis (one policy per node)."""
     keys = jax.random.split(key, num_seeds)
-    per_node = lambda p: jax.vmap(lambda k: rollout(env, policy, p, k, num_ticks, policy_state))(keys)  # noqa: E731
-    return jax.vmap(per_node)(node_params)
+    per_node = lambda p, ps: jax.vmap(lambda k: rollout(env, policy, p, k, num_ticks, ps))(keys)  # noqa: E731
+    return jax.vmap(per_node, in_axes=(0, 0 if per_node_state else None))(node_params, policy_state)
 
 
 def kpis(metrics: dict, tick_s: float, axis=None) -> dict[str, np.ndarray]:

@@ -47,10 +47,15 @@ class RunningStats:
     def create(cls, dim: int) -> "RunningStats":
         return cls(mean=jnp.zeros(dim), var=jnp.ones(dim), count=jnp.asarray(1e-4, jnp.float32))
 
+    @classmethod
+    def from_batch(cls, batch: jax.Array) -> "RunningStats":
+        """Statistics of a batch of shape (..., dim)."""
+        x = batch.reshape(-1, batch.shape[-1])
+        return cls(x.mean(0), x.var(0), jnp.asarray(x.shape[0], jnp.float32))
+
     def update(self, batch: jax.Array) -> "RunningStats":
         """Fold in a batch of shape (..., dim)."""
-        x = batch.reshape(-1, batch.shape[-1])
-        return self.merge(RunningStats(x.mean(0), x.var(0), jnp.asarray(x.shape[0], jnp.float32)))
+        return self.merge(RunningStats.from_batch(batch))
 
     def merge(self, other: "RunningStats") -> "RunningStats":
         """Combine two sets of statistics (Chan et al. 1979 parallel variance)."""

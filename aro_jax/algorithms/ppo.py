@@ -1,6 +1,6 @@
 """PPO in one compiled program (PureJaxRL layout, gymnax 1.x semantics).
 
-`make_train(config, node_params)` returns pure functions: `init(key, hp)` builds the
+`make_train(config, node_params)` returns a Learner of pure functions: `init(key, hp)` builds the
 training state, `train_chunk(state, hp, n)` runs n PPO updates as one `lax.scan`, and
 `train(key, hp)` does everything under one jit. Sweepable hyperparameters (`Hyperparams`)
 are pytree leaves, so `vmap` over seeds and over hyperparameters gives one program.
@@ -95,15 +95,15 @@ def gae(rewards, values, next_values, terminated, dones, gamma, lam):
     return adv, adv + values
 
 
-def optimizer(hp: Hyperparams, total_updates: int, minibatches_per_update: int, anneal_lr: bool):
-    """Adam with global-norm clipping; the learning rate optionally anneals linearly to 0."""
-    steps_total = total_updates * minibatches_per_update
+def optimizer(hp: Hyperparams, total_updates: int, steps_per_update: int, anneal_lr: bool):
+    """Adam with global-norm clipping; the learning rate optionally anneals linearly to 0
+    over the run. `steps_per_update` = optimiser steps per PPO update (epochs x minibatches)."""
 
     def lr_schedule(count):
-        frac = 1.0 - jnp.minimum(count // minibatches_per_update, total_updates) / total_updates
+        frac = 1.0 - jnp.minimum(count // steps_per_update, total_updates) / total_updates
         return hp.lr * (frac if anneal_lr else 1.0)
 
-    return optax.chain(optax.clip_by_global_norm(hp.max_grad_norm), optax.adam(lr_schedule, eps=1e-5)), steps_total
+    return optax.chain(optax.clip_by_global_norm(hp.max_grad_norm), optax.adam(lr_schedule, eps=1e-5))
 
 
 def with_reward_weights(node_params: sv.EnvParams, hp: Hyperparams) -> sv.EnvParams:
@@ -117,8 +117,19 @@ def with_reward_weights(node_params: sv.EnvParams, hp: Hyperparams) -> sv.EnvPar
     )
 
 
-def make_train(cfg: ExperimentConfig, node_params, env=None):
-    """Build (init, train_chunk, train, network) for a learner over a stack of node params.
+class Learner(NamedTuple):
+    """What make_train builds. `init` and `update` also take node params explicitly, so
+    the federated trainer can map them over a node axis."""
+
+    init: Any  # (key, hp[, node_params]) -> TrainState
+    update: Any  # (state, hp[, node_params]) -> (state, metrics, observation stats of the rollout)
+    train_chunk: Any  # (state, hp, num_updates: static) -> (state, metrics stacked per update)
+    train: Any  # (key, hp) -> (state, metrics): the whole run under one jit
+    network: Any
+
+
+def make_train(cfg: ExperimentConfig, node_params, env=None) -> Learner:
+    """Build a learner over a stack of node params (leading node axis).
 
     `env` is any gymnax environment (default: the serving node with cfg's action set);
     action masking applies when it has `action_mask_from_obs(obs, params)`.
@@ -146,16 +157,17 @@ def make_train(cfg: ExperimentConfig, node_params, env=None):
     def env_keys(key):
         return jax.random.split(key, num_nodes * clusters).reshape(num_nodes, clusters, -1)
 
-    def init(key: jax.Array, hp: Hyperparams) -> TrainState:
+    def init(key: jax.Array, hp: Hyperparams, node_params=node_params) -> TrainState:
         k_net, k_env, key = jax.random.split(key, 3)
         params = network.init(k_net, jnp.zeros((obs_dim,)))
-        tx, _ = optimizer(hp, total_updates, minibatches, cfg.ppo.anneal_lr)
+        tx = optimizer(hp, total_updates, minibatches * epochs, cfg.ppo.anneal_lr)
         obs, env_state = reset_all(env_keys(k_env), with_reward_weights(node_params, hp))
         return TrainState(params, tx.init(params), RunningStats.create(obs_dim), env_state, obs, key, jnp.zeros((), jnp.int32))
 
-    def update(state: TrainState, hp: Hyperparams):
+    def update(state: TrainState, hp: Hyperparams, node_params=node_params):
+        """One PPO update: a rollout on every (node, cluster) env, GAE, epochs of minibatches."""
         nparams = with_reward_weights(node_params, hp)
-        tx, _ = optimizer(hp, total_updates, minibatches, cfg.ppo.anneal_lr)
+        tx = optimizer(hp, total_updates, minibatches * epochs, cfg.ppo.anneal_lr)
         stats = state.obs_stats
 
         def env_step(carry, _):
@@ -177,7 +189,10 @@ def make_train(cfg: ExperimentConfig, node_params, env=None):
             return (env_state, next_obs, key), (tr, obs, kpi)
 
         (env_state, obs, key), (traj, env_obs, kpi) = jax.lax.scan(env_step, (state.env_state, state.obs, state.key), None, steps)
-        adv, targets = gae(traj.reward, traj.value, traj.next_value, traj.terminated, traj.done, hp.gamma, hp.gae_lambda)
+        # Values are learned on rewards scaled by (1 - gamma), i.e. in units of mean reward
+        # per tick, so they stay O(1) whatever the horizon (and value clipping stays sane).
+        scaled_reward = traj.reward * (1.0 - hp.gamma)
+        adv, targets = gae(scaled_reward, traj.value, traj.next_value, traj.terminated, traj.done, hp.gamma, hp.gae_lambda)
 
         def loss_fn(params, mb, mb_adv, mb_targets):
             logits, value = network.apply(params, mb.obs)
@@ -221,13 +236,13 @@ def make_train(cfg: ExperimentConfig, node_params, env=None):
                 dropped_pct=100.0 * kpi["dropped"].sum() / jnp.maximum(kpi["arrivals"].sum(), 1e-9),
             )
         new_state = TrainState(params, opt_state, new_stats, env_state, obs, key, state.update_step + 1)
-        return new_state, metrics
+        return new_state, metrics, RunningStats.from_batch(env_obs)
 
     def train_chunk(state: TrainState, hp: Hyperparams, num: int):
         """`num` PPO updates (static) as one scan; metrics stacked per update."""
-        return jax.lax.scan(lambda s, _: update(s, hp), state, None, num)
+        return jax.lax.scan(lambda s, _: update(s, hp)[:2], state, None, num)
 
     def train(key: jax.Array, hp: Hyperparams):
         return train_chunk(init(key, hp), hp, total_updates)
 
-    return init, train_chunk, train, network
+    return Learner(init, update, train_chunk, train, network)

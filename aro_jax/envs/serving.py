@@ -230,12 +230,16 @@ def replica_capacity_rps(params: EnvParams, small_fraction=0.0, tokens=None):
 
 
 def _latency_at_utilisation(curve: ServiceCurve, util, tokens, arrival_scv=1.0):
-    """Per instance at `util`: mean and p95 prefill time, time per output token, prefill
-    share, KV-capped batch, and the mean TTFT wait beyond the own prefill (s).
-    `arrival_scv`: squared CV of the instance's inter-arrival times (1: Poisson).
+    """Per instance at `util`: mean and p95 prefill time, time per output token (as users
+    measure it, (e2e - TTFT) / (n - 1)), prefill share, KV-capped batch, and the mean TTFT
+    wait beyond the own prefill (s). `arrival_scv`: squared CV of the instance's
+    inter-arrival times (1: Poisson).
 
     Mechanics of the reference (benchmarks/reference_sim.py): at each iteration boundary
     all waiting requests are admitted and prefilled in one iteration, before any decode.
+    Terms that count arrivals just after the request's own arrival (its batch-mates, the
+    prefills before its first decode, the others in its batch) are scaled by
+    `arrival_scv`: a Poisson stream brings rate * t in a short t, a deterministic one none.
     """
     prefill_s, decode_iters, per_seq_s, batch_max, max_rate = _instance_model(curve, tokens)
     rate = util * max_rate
@@ -243,8 +247,8 @@ def _latency_at_utilisation(curve: ServiceCurve, util, tokens, arrival_scv=1.0):
     decode_tokens_rps = rate * decode_iters
 
     # Little's law on the decode batch B (time average): B = rate * (n-1) * tpot, where a
-    # sequence decodes in a batch of itself plus B others (Poisson-like batch sizes) at
-    # step(B + 1), stretched by the prefills that interrupt it: 1 / (1 - rho_p).
+    # sequence decodes in a batch of B others plus itself (size-biased: + ca^2, 1 for
+    # Poisson-like batch sizes), stretched by the prefills that interrupt it: 1 / (1 - rho_p).
     def batch_for(extra_wait_s):
         # `extra_wait_s`: time per request in the batch besides its decode iterations.
         denom = 1.0 - prefill_share - decode_tokens_rps * per_seq_s

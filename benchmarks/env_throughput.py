@@ -1,0 +1,512 @@
+"""Env-stepping throughput: the serving node env next to gymnax CartPole-v1.
+
+Measures env steps/s of `jit(scan(vmap(env.step)))` with random actions (gymnax 1.x
+`step`, auto-reset included) at several batch sizes. Each batch size runs in its own
+subprocess (so peak RSS is per size); inside it the node env and CartPole are timed one
+after the other with the same harness, so their ratio comes from the same process.
+A second set of subprocesses shards the batch over 2 fake XLA CPU devices
+(`--xla_force_host_platform_device_count=2`) with `jax.shard_map`. If the node env is
+slower than the aim (>= 1/10 of CartPole and > 1M steps/s at batch >= 4096), a profile
+subprocess times the parts of a step separately.
+
+    /work/venv/bin/python benchmarks/env_throughput.py            # writes benchmarks/env_throughput.md
+    /work/venv/bin/python benchmarks/env_throughput.py --batches 1 256 --steps 50 --repeats 2 --out /tmp/x.md
+
+Timing: first call (compile + run), then `--repeats` rounds of steady-state calls with the
+programs of one subprocess interleaved (node, CartPole, node, ...) so that load from other
+jobs hits both alike; the table gives median rates, and compile time = first call -
+median call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BASE_XLA_FLAGS = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+AIM_BATCH = 4096
+AIM_RATIO = 0.1
+AIM_RATE = 1e6
+
+
+def default_steps(batch: int) -> int:
+    """Scan length: ~1M env steps per call for small batches, at least 100 steps."""
+    return int(max(100, min(10_000, 2**20 // batch)))
+
+
+def rss_mb() -> float:
+    # ru_maxrss is in KiB on Linux.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# --------------------------------------------------------------------------------------
+# Worker side (imports jax)
+# --------------------------------------------------------------------------------------
+
+
+def _envs():
+    import gymnax
+
+    from aro_jax.envs.scenarios import default_node_params
+    from aro_jax.envs.serving import ServingNodeEnv
+
+    cartpole, cartpole_params = gymnax.make("CartPole-v1")
+    return {"node": (ServingNodeEnv(), default_node_params()), "cartpole": (cartpole, cartpole_params)}
+
+
+def make_rollout(env, batch: int, steps: int):
+    """(key, state, params) -> (state, checksum): `steps` steps of `batch` envs, random actions.
+
+    Params are a traced argument (as in training), broadcast over the batch. Rewards and
+    observations feed a checksum so XLA cannot drop the observation computation.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    n_actions = env.num_actions
+    vstep = jax.vmap(env.step, in_axes=(0, 0, 0, None))
+
+    def rollout(key, state, params):
+        def body(carry, _):
+            state, acc, key = carry
+            key, k_act, k_env = jax.random.split(key, 3)
+            actions = jax.random.randint(k_act, (batch,), 0, n_actions)
+            obs, state, reward, _, _, _ = vstep(jax.random.split(k_env, batch), state, actions, params)
+            acc = acc + reward + obs.sum(-1)
+            return (state, acc, key), None
+
+        (state, acc, _), _ = jax.lax.scan(body, (state, jnp.zeros((batch,)), key), None, steps)
+        return state, acc
+
+    return rollout
+
+
+def init_states(env, params, batch: int, seed: int = 0):
+    import jax
+
+    keys = jax.random.split(jax.random.PRNGKey(seed), batch)
+    _, state = jax.jit(jax.vmap(env.reset, in_axes=(0, None)))(keys, params)
+    return state
+
+
+def time_interleaved(calls: dict, repeats: int, after_first=None) -> dict:
+    """calls: name -> (fn, args). Each fn's first call (compile + run) in order, then
+    `repeats` rounds calling every fn once per round (interleaved, so load changes on a
+    shared machine hit all of them alike). Returns name -> timings; compile = first - median."""
+    import jax
+
+    out = {}
+    for name, (fn, args) in calls.items():
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        out[name] = {"first_s": time.perf_counter() - t0, "times_s": []}
+        if after_first:
+            after_first(name, out[name])
+    for _ in range(repeats):
+        for name, (fn, args) in calls.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            out[name]["times_s"].append(time.perf_counter() - t0)
+    for t in out.values():
+        t["median_s"] = statistics.median(t["times_s"])
+        t["compile_s"] = max(t["first_s"] - t["median_s"], 0.0)
+    return out
+
+
+def _record_rss(name, t):
+    t["rss_mb_after"] = rss_mb()
+
+
+def worker_single(batch: int, steps: int, repeats: int) -> dict:
+    import jax
+
+    envs = _envs()
+    base = rss_mb()
+    calls = {}
+    for name, (env, params) in envs.items():
+        state = init_states(env, params, batch)
+        calls[name] = (jax.jit(make_rollout(env, batch, steps)), (jax.random.PRNGKey(1), state, params))
+    out = {"batch": batch, "steps": steps, "devices": len(jax.devices()), "rss_mb_base": base}
+    for name, t in time_interleaved(calls, repeats, _record_rss).items():
+        t["steps_per_s"] = batch * steps / t["median_s"]
+        out[name] = t
+    return out
+
+
+def make_sharded_rollout(env, batch: int, steps: int):
+    """The same rollout with the batch split over all devices by shard_map."""
+    import jax
+    from jax.sharding import PartitionSpec as P
+
+    ndev = len(jax.devices())
+    assert batch % ndev == 0, f"batch {batch} not divisible by {ndev} devices"
+    mesh = jax.make_mesh((ndev,), ("d",))
+    local = make_rollout(env, batch // ndev, steps)
+
+    def per_device(keys, state, params):
+        return local(keys[0], state, params)
+
+    # check_vma=False: a lax.scan carry inside shard_map otherwise fails the
+    # varying-manual-axes type check (DESIGN "Speed").
+    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P("d"), P("d"), P()), out_specs=(P("d"), P("d")), check_vma=False)
+    return jax.jit(sharded), mesh
+
+
+def worker_sharded(batch: int, steps: int, repeats: int) -> dict:
+    import jax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    calls = {}
+    for name, (env, params) in _envs().items():
+        fn, mesh = make_sharded_rollout(env, batch, steps)
+        shard = NamedSharding(mesh, P("d"))
+        state = jax.device_put(init_states(env, params, batch), shard)
+        keys = jax.device_put(jax.random.split(jax.random.PRNGKey(1), len(jax.devices())), shard)
+        calls[name] = (fn, (keys, state, params))
+    out = {"batch": batch, "steps": steps, "devices": len(jax.devices())}
+    for name, t in time_interleaved(calls, repeats, _record_rss).items():
+        t["steps_per_s"] = batch * steps / t["median_s"]
+        out[name] = t
+    return out
+
+
+def worker_profile(batch: int, steps: int, repeats: int) -> dict:
+    """Time the parts of a node-env step, each as jit(scan(vmap(part))) at `batch`."""
+    import jax
+    import jax.numpy as jnp
+
+    from aro_jax.envs import forecast as fc
+    from aro_jax.envs import serving as sv
+    from aro_jax.envs.scenarios import default_node_params
+    from aro_jax.envs.traffic import sample_arrivals
+
+    env = sv.ServingNodeEnv()
+    params = default_node_params()
+    state0 = init_states(env, params, batch)
+    n_act = env.num_actions
+
+    # Each part: f(key, state, action, params) -> (new_state, scalar per env).
+    def full_step(k, s, a, p):
+        obs, s2, r, _, _, _ = env.step(k, s, a, p)
+        return s2, r + obs.sum()
+
+    def step_env_only(k, s, a, p):  # no auto-reset
+        obs, s2, r, _, _ = env.step_env(k, s, a, p)
+        return s2, r + obs.sum()
+
+    def reset_only(k, s, a, p):
+        obs, s2 = env.reset_env(k, p)
+        return s, obs.sum() + s2.clock_s
+
+    def obs_only(k, s, a, p):  # the clock advances, so get_obs is not loop-invariant
+        s = s.replace(clock_s=s.clock_s + p.tick_s)
+        return s, env.get_obs(s, p).sum()
+
+    def sampler_only(k, s, a, p):
+        return s, sample_arrivals(k, s.clock_s, p.tick_s, p.traffic)
+
+    def forecast_only(k, s, a, p):
+        f = fc.update(s.forecast, s.clock_s, s.last["arrivals"] / p.tick_s)
+        return s.replace(forecast=f), f.coef.sum()
+
+    def fluid_only(k, s, a, p):
+        # Inputs from the state plus noise, so nothing is constant across steps.
+        z = jax.random.normal(k)
+        arrivals = jnp.maximum(s.last["arrivals"] * (1.0 + 0.1 * z), 0.0)
+        m, q = sv.fluid_tick(p, arrivals, s.queue_requests, s.replicas_ready, s.cpu_cores, s.host_memory_gb,
+                             s.replicas_ready, s.forward_fraction, s.small_model_fraction)
+        return s.replace(queue_requests=q), sum(v for v in m.values())
+
+    def reward_only(k, s, a, p):  # metrics perturbed by the action, so not loop-invariant
+        x = a.astype(jnp.float32) * 0.01
+        m = {**s.last, "arrivals": s.last["arrivals"] + x, "served": s.last["arrivals"], "forwarded": x,
+             "cost_usd": s.cpu_cores * 1e-3 + x, "quality": 1.0 - x}
+        return s, sv.reward_fn(m, p)
+
+    def prng_only(k, s, a, p):  # the draws one env.step makes: 3 splits, 3 normals, 1 uniform
+        k_step, k_reset = jax.random.split(k)
+        k_arr, k_cold = jax.random.split(k_step)
+        k_mod, _ = jax.random.split(k_arr)
+        z = jax.random.normal(k_mod, (2,)).sum() + jax.random.normal(k_cold) + jax.random.uniform(k_reset)
+        return s, z
+
+    # Auto-reset against one reset state computed outside the loop (what a cheaper
+    # auto-reset would cost: gymnax recomputes reset_env every step).
+    obs_r0, state_r0 = jax.tree.map(lambda x: x[0], jax.jit(jax.vmap(env.reset_env, in_axes=(0, None)))(
+        jax.random.split(jax.random.PRNGKey(7), 1), params))
+
+    def step_cached_reset(k, s, a, p):
+        obs, s2, r, term, _ = env.step_env(k, s, a, p)
+        done = term | env.is_truncated(s2, p)
+        s2 = jax.tree.map(lambda x, y: jax.lax.select(done, x, y), state_r0, s2)
+        obs = jax.lax.select(done, obs_r0, obs)
+        return s2, r + obs.sum()
+
+    def harness_only(k, s, a, p):  # keys, actions and the carry alone
+        return s, a.astype(jnp.float32)
+
+    parts = {
+        "env.step (gymnax: step_env + reset_env + select)": full_step,
+        "step_env (no auto-reset)": step_env_only,
+        "reset_env alone": reset_only,
+        "get_obs alone": obs_only,
+        "fluid_tick alone": fluid_only,
+        "sample_arrivals alone": sampler_only,
+        "forecast.update alone": forecast_only,
+        "reward_fn alone": reward_only,
+        "PRNG draws of one step alone (3 splits, 3 normals, 1 uniform)": prng_only,
+        "harness alone (key split, random actions, carry)": harness_only,
+        "step_env + select against a cached reset state (alternative auto-reset)": step_cached_reset,
+    }
+
+    def make(part):
+        vpart = jax.vmap(part, in_axes=(0, 0, 0, None))
+
+        def run(key, state, p):
+            def body(carry, _):
+                s, acc, key = carry
+                key, k_act, k_env = jax.random.split(key, 3)
+                a = jax.random.randint(k_act, (batch,), 0, n_act)
+                s, v = vpart(jax.random.split(k_env, batch), s, a, p)
+                return (s, acc + v, key), None
+
+            (s, acc, _), _ = jax.lax.scan(body, (state, jnp.zeros((batch,)), key), None, steps)
+            return s, acc
+
+        return jax.jit(run)
+
+    calls = {name: (make(part), (jax.random.PRNGKey(1), state0, params)) for name, part in parts.items()}
+    out = {"batch": batch, "steps": steps, "parts": time_interleaved(calls, repeats)}
+    for t in out["parts"].values():
+        t["ns_per_env_step"] = t["median_s"] / (batch * steps) * 1e9
+    return out
+
+
+def worker_main(args) -> None:
+    import jax
+
+    fn = {"single": worker_single, "sharded": worker_sharded, "profile": worker_profile}[args.worker]
+    res = fn(args.batch, args.steps, args.repeats)
+    res["rss_mb"] = rss_mb()
+    res["jax"] = jax.__version__
+    res["xla_flags"] = os.environ.get("XLA_FLAGS", "")
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+# --------------------------------------------------------------------------------------
+# Driver side (no jax import: each measurement is a fresh subprocess)
+# --------------------------------------------------------------------------------------
+
+
+def run_worker(kind: str, batch: int, steps: int, repeats: int, xla_flags: str, timeout: float) -> dict:
+    env = dict(os.environ, XLA_FLAGS=xla_flags)
+    cmd = [sys.executable, __file__, "--worker", kind, "--batch", str(batch), "--steps", str(steps), "--repeats", str(repeats)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"worker {kind} batch={batch} failed (rc={proc.returncode}):\n{proc.stderr[-3000:]}")
+    res = json.loads(lines[-1][len("RESULT "):])
+    res["wall_s"] = time.perf_counter() - t0
+    print(f"  {kind} batch={batch}: done in {res['wall_s']:.1f}s", file=sys.stderr, flush=True)
+    return res
+
+
+def fmt_rate(x: float) -> str:
+    if x >= 1e6:
+        return f"{x / 1e6:.2f}M"
+    if x >= 1e3:
+        return f"{x / 1e3:.1f}k"
+    return f"{x:.0f}"
+
+
+def interpretation(single: list, sharded: list, profile: dict | None, met: bool) -> list[str]:
+    """Bullets computed from this run's numbers (so a rerun rewrites them consistently)."""
+    out = []
+    if single:
+        ratios = ", ".join(f"{r['node']['steps_per_s'] / r['cartpole']['steps_per_s']:.3f} at {r['batch']}" for r in single)
+        best = max(single, key=lambda r: r["node"]["steps_per_s"])
+        out.append(f"- Node env / CartPole, one device: {ratios}. The node env peaks at {fmt_rate(best['node']['steps_per_s'])} "
+                   f"steps/s (batch {best['batch']}); CartPole at "
+                   f"{fmt_rate(max(r['cartpole']['steps_per_s'] for r in single))}.")
+        out.append(f"- Aim (batch >= {AIM_BATCH}: >= {AIM_RATIO:g} x CartPole and > 1M steps/s): **{'met' if met else 'not met'}** "
+                   "in this run.")
+        comp = [r["node"]["compile_s"] for r in single]
+        ccomp = [r["cartpole"]["compile_s"] for r in single]
+        out.append(f"- Compile: the node-env rollout takes {min(comp):.1f}-{max(comp):.1f} s to compile, CartPole "
+                   f"{min(ccomp):.1f}-{max(ccomp):.1f} s. Peak RSS of the largest batch ({single[-1]['batch']}): "
+                   f"{single[-1]['node']['rss_mb_after']:.0f} MB after the node env.")
+    if sharded:
+        by_batch = {r["batch"]: r for r in single}
+        bits = []
+        for r in sharded:
+            one = by_batch.get(r["batch"])
+            if one:
+                bits.append(f"batch {r['batch']}: node {r['node']['steps_per_s'] / one['node']['steps_per_s']:.2f}x, "
+                            f"CartPole {r['cartpole']['steps_per_s'] / one['cartpole']['steps_per_s']:.2f}x")
+        if bits:
+            out.append("- Sharding over 2 fake CPU devices vs one device: " + "; ".join(bits) + ". "
+                       "One XLA CPU device runs this loop mostly on one core; two devices use both cores "
+                       "(with other jobs on the machine the second core is not always free).")
+    if profile:
+        parts = profile["parts"]
+        ns = {k: v["ns_per_env_step"] for k, v in parts.items()}
+        full = ns["env.step (gymnax: step_env + reset_env + select)"]
+        step_env = ns["step_env (no auto-reset)"]
+        reset = ns["reset_env alone"]
+        harness = ns["harness alone (key split, random actions, carry)"]
+        cached = ns["step_env + select against a cached reset state (alternative auto-reset)"]
+        comp = {k: ns[k] for k in ("fluid_tick alone", "sample_arrivals alone", "forecast.update alone", "get_obs alone",
+                                   "reward_fn alone", "PRNG draws of one step alone (3 splits, 3 normals, 1 uniform)")}
+        ranked = ", ".join(f"{k.replace(' alone', '')} {v:.0f} ns" for k, v in sorted(comp.items(), key=lambda kv: -kv[1]))
+        out.append(f"- Profile at batch {profile['batch']}: a full gymnax `env.step` costs {full:.0f} ns per env step "
+                   f"(the harness alone {harness:.0f} ns); `step_env` without auto-reset {step_env:.0f} ns; `reset_env` alone "
+                   f"{reset:.0f} ns. gymnax's `step` runs `reset_env` on every step and selects it on done, and this env's "
+                   f"`reset_env` calls `fluid_tick` to fill the first observation, so the reset is paid every step: "
+                   f"auto-resetting against a reset state computed once costs {cached:.0f} ns "
+                   f"({full / cached:.2f}x faster than `env.step`).")
+        top = sorted(comp.items(), key=lambda kv: -kv[1])[:2]
+        out.append(f"- Parts alone (ns per env step, each including the harness's {harness:.0f} ns): {ranked}. The largest "
+                   f"are {top[0][0].replace(' alone', '')} and {top[1][0].replace(' alone', '')}. `fluid_tick` evaluates the "
+                   "latency model twice (big and small model) with erf/exp/log/pow, and a step makes several threefry "
+                   "draws (key splits in gymnax's step, the env's transition and the sampler; normals for arrivals and "
+                   "cold start; a uniform in reset); CartPole's whole step is a few multiply-adds and one uniform draw.")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 256, 4096, 16384, 65536])
+    ap.add_argument("--steps", type=int, default=None, help="scan length (default: per batch, 100..10000)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--shard-batches", type=int, nargs="*", default=[4096, 16384],
+                    help="batch sizes to also run sharded over 2 fake CPU devices")
+    ap.add_argument("--profile-batch", type=int, default=AIM_BATCH)
+    ap.add_argument("--profile-steps", type=int, default=100)
+    ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--out", default=str(Path(__file__).with_suffix(".md")))
+    ap.add_argument("--timeout", type=float, default=600.0, help="per subprocess, seconds")
+    # Internal: run one measurement and print a JSON line.
+    ap.add_argument("--worker", choices=["single", "sharded", "profile"])
+    ap.add_argument("--batch", type=int)
+    args = ap.parse_args()
+    if args.worker:
+        return worker_main(args)
+
+    import importlib.metadata as md
+
+    t_start = time.perf_counter()
+    load_start = os.getloadavg()
+    flags1 = " ".join(f for f in [os.environ.get("XLA_FLAGS", ""), BASE_XLA_FLAGS] if f)
+    flags2 = flags1 + " --xla_force_host_platform_device_count=2"
+    steps_of = lambda b: args.steps or default_steps(b)  # noqa: E731
+
+    single = []
+    for b in args.batches:
+        single.append(run_worker("single", b, steps_of(b), args.repeats, flags1, args.timeout))
+    sharded = []
+    for b in args.shard_batches:
+        sharded.append(run_worker("sharded", b, steps_of(b), args.repeats, flags2, args.timeout))
+
+    big = [r for r in single if r["batch"] >= AIM_BATCH]
+    met = bool(big) and all(
+        r["node"]["steps_per_s"] >= AIM_RATIO * r["cartpole"]["steps_per_s"] and r["node"]["steps_per_s"] > AIM_RATE for r in big
+    )
+    profile = None
+    if not met and not args.no_profile:
+        pb = args.profile_batch
+        profile = run_worker("profile", pb, args.profile_steps, args.repeats, flags1, args.timeout)
+    total_s = time.perf_counter() - t_start
+    load_end = os.getloadavg()
+
+    # ---- markdown ----
+    jax_version = single[0]["jax"] if single else md.version("jax")
+    machine = f"{os.cpu_count()}-core {platform.machine()} CPU, no GPU, jax {jax_version}"
+    argv = " ".join(sys.argv[1:])
+    cmd = f"/work/venv/bin/python benchmarks/env_throughput.py{(' ' + argv) if argv else ''}"
+    L = []
+    L.append("# Env throughput: serving node env vs gymnax CartPole-v1\n")
+    L.append(f"- Command: `{cmd}` (from the repository root)")
+    L.append(f"- Machine: {machine} (jaxlib {md.version('jaxlib')}, gymnax {md.version('gymnax')}, "
+             f"Python {platform.python_version()}); other jobs may share the cores, so absolute rates are noisy and "
+             "the ratios (same process, calls interleaved) are the figures to compare.")
+    L.append(f"- XLA_FLAGS: `{flags1}` (one device); `{flags2}` (sharded rows)")
+    L.append(f"- Harness: `jit(scan(vmap(env.step)))`, gymnax 1.x `step` (auto-reset: `reset_env` runs every step and "
+             f"is selected on done), uniform random actions, a fresh key per env per step, params a traced argument "
+             f"broadcast over the batch, rewards and observations summed into the carry. Median of {args.repeats} "
+             f"steady-state calls, node and CartPole calls interleaved; compile s = first call - median call. Each batch size in its own subprocess; "
+             f"peak RSS is that process's `ru_maxrss` after imports and reset (before any rollout compiled), after the "
+             f"node env's first call, and after both envs ran (node first, then CartPole). Total wall time {total_s:.0f} s; "
+             f"1-min load average {load_start[0]:.1f} at the start and {load_end[0]:.1f} at the end "
+             f"(2 cores: above ~2 means other jobs were competing for them).\n")
+
+    L.append("## One XLA CPU device\n")
+    L.append("| batch | scan steps | node steps/s | CartPole steps/s | ratio node/CartPole | node compile s | CartPole compile s | peak RSS MB (after imports / node / both) |")
+    L.append("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in single:
+        n, c = r["node"], r["cartpole"]
+        L.append(f"| {r['batch']} | {r['steps']} | {fmt_rate(n['steps_per_s'])} | {fmt_rate(c['steps_per_s'])} | "
+                 f"{n['steps_per_s'] / c['steps_per_s']:.3f} | {n['compile_s']:.2f} | {c['compile_s']:.2f} | "
+                 f"{r['rss_mb_base']:.0f} / {n['rss_mb_after']:.0f} / {r['rss_mb']:.0f} |")
+    L.append("")
+
+    if sharded:
+        by_batch = {r["batch"]: r for r in single}
+        L.append("## Sharded over 2 fake XLA CPU devices (`jax.shard_map`, `check_vma=False`)\n")
+        L.append("| batch | scan steps | node steps/s | CartPole steps/s | ratio node/CartPole | node speed-up vs 1 device | CartPole speed-up vs 1 device | node compile s | peak RSS MB (node / both) |")
+        L.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for r in sharded:
+            n, c = r["node"], r["cartpole"]
+            one = by_batch.get(r["batch"])
+            su = lambda k: f"{r[k]['steps_per_s'] / one[k]['steps_per_s']:.2f}x" if one else "-"  # noqa: E731
+            L.append(f"| {r['batch']} | {r['steps']} | {fmt_rate(n['steps_per_s'])} | {fmt_rate(c['steps_per_s'])} | "
+                     f"{n['steps_per_s'] / c['steps_per_s']:.3f} | {su('node')} | {su('cartpole')} | {n['compile_s']:.2f} | "
+                     f"{n['rss_mb_after']:.0f} / {r['rss_mb']:.0f} |")
+        L.append("\n(The speed-ups compare with the one-device subprocess run earlier in the same invocation.)\n")
+
+    L.append("## Aim\n")
+    L.append(f"Aim: at batch >= {AIM_BATCH}, node env >= {AIM_RATIO:g} x CartPole's rate in the same run and > 1M node steps/s "
+             "(one device).\n")
+    for r in big:
+        n, c = r["node"]["steps_per_s"], r["cartpole"]["steps_per_s"]
+        ok = n >= AIM_RATIO * c and n > AIM_RATE
+        L.append(f"- batch {r['batch']}: node {fmt_rate(n)}/s, ratio {n / c:.3f} -> "
+                 f"{'met' if ok else 'NOT met'} (ratio {'ok' if n >= AIM_RATIO * c else 'short'}, "
+                 f"rate {'ok' if n > AIM_RATE else 'short'})")
+    if not big:
+        L.append("- no batch >= 4096 was run")
+    L.append(f"\n**Overall: {'met' if met else 'not met'}.**\n")
+
+    if profile:
+        full = next(iter(profile["parts"].values()))["ns_per_env_step"]
+        L.append(f"## Where a node-env step's time goes (batch {profile['batch']}, {profile['steps']} scan steps, one device)\n")
+        L.append("Each part alone inside the same harness (`jit(scan(vmap(part)))`, random actions and fresh keys "
+                 "per step); parts are not additive (XLA fuses differently, shared subexpressions), "
+                 "but they show the order of magnitude. Every row includes the harness cost (its own row).\n")
+        L.append("| part | ns per env step | share of env.step | steps/s | compile s |")
+        L.append("|---|---:|---:|---:|---:|")
+        for name, t in profile["parts"].items():
+            L.append(f"| {name} | {t['ns_per_env_step']:.0f} | {t['ns_per_env_step'] / full:.0%} | "
+                     f"{fmt_rate(1e9 / t['ns_per_env_step'])} | {t['compile_s']:.2f} |")
+        L.append("")
+
+    L.append("## Interpretation\n")
+    L.extend(interpretation(single, sharded, profile, met))
+    L.append("")
+    Path(args.out).write_text("\n".join(L))
+    json_path = Path(args.out).with_suffix(".json")
+    json_path.write_text(json.dumps({"single": single, "sharded": sharded, "profile": profile, "flags": [flags1, flags2]}, indent=1))
+    print(f"wrote {args.out} and {json_path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

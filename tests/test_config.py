@@ -1,0 +1,102 @@
+"""Configs: every bad input is refused with a message naming the key (or file) before
+anything compiles; includes compose and dotted overrides apply."""
+
+import pytest
+
+from aro_jax import cli
+from aro_jax.config import DEFAULT_CONFIG, ConfigError, ExperimentConfig, load_config
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["ppo.foo=1"], "config key 'ppo.foo'"),
+        (["ppo.lr=abc"], "config key 'ppo.lr'"),
+        (["ppo.num_minibatches=7"], "config key 'ppo.num_minibatches'"),
+        (["cluster.nodes.0.profile=no-such-gpu"], "config key 'cluster.nodes.0.profile'"),
+        (["env.scenario=outage"], "config key 'env.scenario'"),
+        (["cluster.nodes.0.mean_rate_rps=-1"], "config key 'cluster.nodes.0.mean_rate_rps'"),
+        (["ppo.lr"], "'ppo.lr' is not of the form key=value"),
+    ],
+    ids=["unknown-key", "wrong-type", "minibatches-not-dividing", "unknown-profile", "held-out-scenario", "negative-rate", "override-syntax"],
+)
+def test_invalid_override_names_the_key(overrides, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert expected in str(err.value)
+
+
+def test_error_messages_say_what_is_wrong():
+    def message(overrides):
+        with pytest.raises(ConfigError) as err:
+            load_config(None, overrides)
+        return str(err.value)
+
+    assert "does not divide the batch" in message(["ppo.num_minibatches=7"])
+    assert "no-such-gpu" in message(["cluster.nodes.0.profile=no-such-gpu"])
+    assert "not a training scenario" in message(["env.scenario=outage"])
+    assert "must be > 0" in message(["cluster.nodes.0.mean_rate_rps=-1"])
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "absent.yaml"
+    with pytest.raises(ConfigError, match="not found") as err:
+        load_config(path)
+    assert str(path) in str(err.value)
+
+
+def test_invalid_yaml_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("ppo: {lr: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML") as err:
+        load_config(path)
+    assert str(path) in str(err.value)
+
+
+def test_include_cycle(tmp_path):
+    (tmp_path / "a.yaml").write_text("include: [b.yaml]\n")
+    (tmp_path / "b.yaml").write_text("include: [a.yaml]\nname: b\n")
+    with pytest.raises(ConfigError, match="include cycle") as err:
+        load_config(tmp_path / "a.yaml")
+    assert "a.yaml" in str(err.value)
+
+
+def test_default_config_loads():
+    cfg = load_config()
+    assert isinstance(cfg, ExperimentConfig)
+    assert cfg.name == "default"
+    assert len(cfg.cluster.nodes) == 10  # default.yaml includes cluster10.yaml
+    assert load_config(DEFAULT_CONFIG) == cfg
+
+
+def test_include_composes_and_the_including_file_wins(tmp_path):
+    (tmp_path / "base.yaml").write_text(
+        "cluster:\n  name: pair\n  nodes:\n    - {name: a, mean_rate_rps: 2.0}\n    - {name: b, traffic_mix: code}\nppo: {lr: 1.0e-3, update_epochs: 2}\n"
+    )
+    (tmp_path / "exp.yaml").write_text("include: [base.yaml]\nname: exp\nppo: {lr: 5.0e-4}\n")
+    cfg = load_config(tmp_path / "exp.yaml")
+    assert cfg.name == "exp"
+    assert [n.name for n in cfg.cluster.nodes] == ["a", "b"]
+    assert cfg.cluster.nodes[0].mean_rate_rps == 2.0
+    assert cfg.cluster.nodes[1].traffic_mix == "code"
+    assert cfg.ppo.update_epochs == 2  # from the included file
+    assert cfg.ppo.lr == 5e-4  # the including file overrides its includes
+    assert cfg.ppo.gamma == ExperimentConfig().ppo.gamma  # unset keys keep the defaults
+
+
+def test_overrides_apply():
+    cfg = load_config(None, ["ppo.hidden_sizes=[32,32]", "cluster.nodes.0.mean_rate_rps=3", "ppo.lr=1e-4", "env.num_clusters=8"])
+    assert cfg.ppo.hidden_sizes == [32, 32]
+    assert cfg.cluster.nodes[0].mean_rate_rps == 3.0
+    assert isinstance(cfg.cluster.nodes[0].mean_rate_rps, float)
+    assert cfg.ppo.lr == 1e-4
+    assert cfg.env.num_clusters == 8
+    assert cfg.cluster.nodes[1] == load_config().cluster.nodes[1]  # other nodes untouched
+
+
+def test_cli_bad_override_exits_2_without_traceback(capsys):
+    code = cli.main(["train", "ppo.lr=abc"])
+    out = capsys.readouterr()
+    assert code == 2
+    assert "error: config key 'ppo.lr'" in out.err
+    assert "Traceback" not in out.err + out.out

@@ -1,0 +1,106 @@
+"""The fluid serving model against the request-level reference simulator (a short version
+of benchmarks/fluid_agreement.py), and unit checks of the reference itself."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from fluid_agreement import CASES, case_params, capacity_rps, run_fluid, run_reference  # noqa: E402
+from reference_sim import EngineSpec, Requests, simulate, summarise  # noqa: E402
+
+REPLICAS = 2
+SEEDS = (0, 1)
+WARMUP_S, WINDOW_S = 300.0, 900.0
+# Aims of the agreement (issue): throughput within 5% and mean end-to-end latency within
+# 20% below saturation; above it, the share of arrivals not served in the window (drops
+# plus queue growth) within 0.1 absolute. The 7B code node at 2x sits near that bound
+# (~0.09): its KV-bound engines shed long prompts (benchmarks/fluid_agreement.md).
+THROUGHPUT_RTOL, E2E_RTOL, UNSERVED_ATOL = 0.05, 0.20, 0.10
+
+
+def _compare(profile, mix, load):
+    params = case_params(profile, mix)
+    rate = load * capacity_rps(params, REPLICAS)
+    ref = run_reference(params, REPLICAS, rate, SEEDS, WARMUP_S, WINDOW_S)
+    fluid = run_fluid(params, REPLICAS, rate, WARMUP_S, WINDOW_S)
+    return ref, fluid
+
+
+@pytest.mark.parametrize("load", [0.3, 0.7])
+@pytest.mark.parametrize("profile,mix", CASES)
+def test_below_capacity_throughput_and_latency_agree(profile, mix, load):
+    ref, fluid = _compare(profile, mix, load)
+    assert fluid["throughput_rps"] == pytest.approx(ref["throughput_rps"], rel=THROUGHPUT_RTOL)
+    assert fluid["e2e_mean_s"] == pytest.approx(ref["e2e_mean_s"], rel=E2E_RTOL)
+    assert ref["drop_fraction"] == 0.0 and fluid["drop_fraction"] == 0.0
+
+
+@pytest.mark.parametrize("load", [1.2, 2.0])
+@pytest.mark.parametrize("profile,mix", CASES)
+def test_above_capacity_both_shed_a_consistent_share(profile, mix, load):
+    ref, fluid = _compare(profile, mix, load)
+    offered_excess = 1.0 - 1.0 / load  # what a server at exactly the fluid capacity cannot serve
+    assert ref["unserved_fraction"] > 0.5 * offered_excess and fluid["unserved_fraction"] > 0.5 * offered_excess
+    assert fluid["unserved_fraction"] == pytest.approx(ref["unserved_fraction"], abs=UNSERVED_ATOL)
+    # Both hold a backlog of about the timeout's worth of service.
+    assert fluid["queue_to_serve_requests"] == pytest.approx(ref["queue_to_serve_requests"], rel=0.25)
+
+
+# --- The reference simulator on hand-checkable cases -----------------------------------
+
+SPEC = EngineSpec(
+    prefill_base_s=0.01, prefill_s_per_token=1e-4, prefill_s_per_token_sq=0.0,
+    decode_base_s=0.02, decode_s_per_context_token=1e-5, decode_s_per_seq=1e-3,
+    kv_capacity_tokens=1000.0, max_batch_seqs=8,
+)
+
+
+def _requests(arrival, tokens_in, tokens_out):
+    return Requests(np.array(arrival, float), np.array(tokens_in), np.array(tokens_out))
+
+
+def test_single_request_timeline():
+    req = simulate(SPEC, 1, _requests([1.0], [100], [4]), queue_timeout_s=60.0)
+    prefill = 0.01 + 100 * 1e-4
+    # Three decode iterations (the prefill emitted token 1) at contexts 101, 102, 103.
+    decode = sum(0.02 + 1e-5 * c + 1e-3 for c in (101, 102, 103))
+    assert req.first_token_s[0] == pytest.approx(1.0 + prefill)
+    assert req.finish_s[0] == pytest.approx(1.0 + prefill + decode)
+
+
+def test_arrivals_during_an_iteration_are_prefilled_together_at_its_end():
+    req = simulate(SPEC, 1, _requests([0.0, 0.025, 0.026], [100, 100, 100], [3, 2, 2]), queue_timeout_s=60.0)
+    prefill = 0.01 + 100 * 1e-4
+    first_decode_end = prefill + 0.02 + 1e-5 * 101 + 1e-3
+    assert req.admit_s[1:].tolist() == pytest.approx([first_decode_end] * 2)
+    assert req.first_token_s[1:].tolist() == pytest.approx([first_decode_end + 2 * prefill] * 2)
+
+
+def test_kv_admission_is_fcfs_without_skipping():
+    # 600 + 900 reserved tokens exceed the KV (1000): the second waits for the first to
+    # finish, and the third (101 tokens, would fit) may not skip ahead of it.
+    arrivals, tokens_in, tokens_out = [0.0, 0.001, 0.002], [500, 600, 100], [100, 300, 1]
+    req = simulate(SPEC, 1, _requests(arrivals, tokens_in, tokens_out), queue_timeout_s=60.0)
+    assert req.admit_s[1] == pytest.approx(req.finish_s[0])
+    assert req.admit_s[2] >= req.finish_s[1]
+    # With a 1 s timeout both waiting requests are dropped at arrival + timeout.
+    req = simulate(SPEC, 1, _requests(arrivals, tokens_in, tokens_out), queue_timeout_s=1.0)
+    assert np.isnan(req.admit_s[1:]).all() and req.drop_s[1:].tolist() == pytest.approx([1.001, 1.002])
+
+
+def test_every_request_is_served_or_dropped_and_dispatch_balances():
+    rng = np.random.default_rng(0)
+    n = 2000
+    req = _requests(np.sort(rng.uniform(0, 100, n)), rng.integers(1, 400, n), rng.integers(1, 50, n))
+    simulate(SPEC, 3, req, queue_timeout_s=5.0)
+    served, dropped = ~np.isnan(req.finish_s), ~np.isnan(req.drop_s)
+    assert np.all(served ^ dropped)
+    assert np.all(req.first_token_s[served] <= req.finish_s[served])
+    assert np.all(req.admit_s[served] - req.arrival_s[served] <= 5.0)
+    assert np.bincount(req.engine, minlength=3).min() > 0.25 * n
+    m = summarise(req, 0.0, 100.0)
+    assert 0.0 <= m["drop_fraction"] <= 1.0 and m["queue_to_serve_requests"] <= m["queue_requests"]
