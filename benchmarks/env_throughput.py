@@ -180,21 +180,35 @@ def worker_sharded(batch: int, steps: int, repeats: int) -> dict:
 
 
 def worker_profile(batch: int, steps: int, repeats: int) -> dict:
-    """Time the parts of a node-env step, each as jit(scan(vmap(part))) at `batch`."""
+    """Where a node-env step's time goes, at `batch`, each variant as jit(scan(vmap(f))).
+
+    Two views: (a) parts alone, their inputs perturbed every step (so XLA cannot hoist
+    them out of the loop as loop-invariant); (b) ablations: the full gymnax `env.step`
+    with one component replaced by a cheap stand-in, patched into the env module only in
+    this benchmark process while tracing (the env's source is untouched). The saving of
+    an ablation is that component's cost in context.
+    """
+    import contextlib
+
     import jax
     import jax.numpy as jnp
 
     from aro_jax.envs import forecast as fc
     from aro_jax.envs import serving as sv
     from aro_jax.envs.scenarios import default_node_params
-    from aro_jax.envs.traffic import sample_arrivals
+    from aro_jax.envs.traffic import expected_rate_rps, sample_arrivals
 
     env = sv.ServingNodeEnv()
     params = default_node_params()
     state0 = init_states(env, params, batch)
     n_act = env.num_actions
 
-    # Each part: f(key, state, action, params) -> (new_state, scalar per env).
+    def jiggle(k, s):
+        """Every float leaf of the state times (1 + 1e-6 z): nothing is loop-invariant."""
+        z = 1.0 + 1e-6 * jax.random.normal(jax.random.fold_in(k, 99))
+        return jax.tree.map(lambda x: x * z if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x, s)
+
+    # Each variant: f(key, state, action, params) -> (new_state, scalar per env).
     def full_step(k, s, a, p):
         obs, s2, r, _, _, _ = env.step(k, s, a, p)
         return s2, r + obs.sum()
@@ -207,30 +221,24 @@ def worker_profile(batch: int, steps: int, repeats: int) -> dict:
         obs, s2 = env.reset_env(k, p)
         return s, obs.sum() + s2.clock_s
 
-    def obs_only(k, s, a, p):  # the clock advances, so get_obs is not loop-invariant
-        s = s.replace(clock_s=s.clock_s + p.tick_s)
+    def obs_only(k, s, a, p):
+        s = jiggle(k, s)
         return s, env.get_obs(s, p).sum()
 
     def sampler_only(k, s, a, p):
+        s = jiggle(k, s)
         return s, sample_arrivals(k, s.clock_s, p.tick_s, p.traffic)
 
     def forecast_only(k, s, a, p):
+        s = jiggle(k, s)
         f = fc.update(s.forecast, s.clock_s, s.last["arrivals"] / p.tick_s)
         return s.replace(forecast=f), f.coef.sum()
 
     def fluid_only(k, s, a, p):
-        # Inputs from the state plus noise, so nothing is constant across steps.
-        z = jax.random.normal(k)
-        arrivals = jnp.maximum(s.last["arrivals"] * (1.0 + 0.1 * z), 0.0)
-        m, q = sv.fluid_tick(p, arrivals, s.queue_requests, s.replicas_ready, s.cpu_cores, s.host_memory_gb,
+        s = jiggle(k, s)
+        m, q = sv.fluid_tick(p, s.last["arrivals"], s.queue_requests, s.replicas_ready, s.cpu_cores, s.host_memory_gb,
                              s.replicas_ready, s.forward_fraction, s.small_model_fraction)
         return s.replace(queue_requests=q), sum(v for v in m.values())
-
-    def reward_only(k, s, a, p):  # metrics perturbed by the action, so not loop-invariant
-        x = a.astype(jnp.float32) * 0.01
-        m = {**s.last, "arrivals": s.last["arrivals"] + x, "served": s.last["arrivals"], "forwarded": x,
-             "cost_usd": s.cpu_cores * 1e-3 + x, "quality": 1.0 - x}
-        return s, sv.reward_fn(m, p)
 
     def prng_only(k, s, a, p):  # the draws one env.step makes: 3 splits, 3 normals, 1 uniform
         k_step, k_reset = jax.random.split(k)
@@ -239,8 +247,8 @@ def worker_profile(batch: int, steps: int, repeats: int) -> dict:
         z = jax.random.normal(k_mod, (2,)).sum() + jax.random.normal(k_cold) + jax.random.uniform(k_reset)
         return s, z
 
-    # Auto-reset against one reset state computed outside the loop (what a cheaper
-    # auto-reset would cost: gymnax recomputes reset_env every step).
+    # Auto-reset against one reset state computed outside the loop (gymnax recomputes
+    # reset_env every step and selects it only on done).
     obs_r0, state_r0 = jax.tree.map(lambda x: x[0], jax.jit(jax.vmap(env.reset_env, in_axes=(0, None)))(
         jax.random.split(jax.random.PRNGKey(7), 1), params))
 
@@ -251,21 +259,51 @@ def worker_profile(batch: int, steps: int, repeats: int) -> dict:
         obs = jax.lax.select(done, obs_r0, obs)
         return s2, r + obs.sum()
 
-    def harness_only(k, s, a, p):  # keys, actions and the carry alone
-        return s, a.astype(jnp.float32)
+    def harness_only(k, s, a, p):  # keys, actions, the carry and the state perturbation
+        return jiggle(k, s), a.astype(jnp.float32)
 
-    parts = {
-        "env.step (gymnax: step_env + reset_env + select)": full_step,
-        "step_env (no auto-reset)": step_env_only,
-        "reset_env alone": reset_only,
-        "get_obs alone": obs_only,
-        "fluid_tick alone": fluid_only,
-        "sample_arrivals alone": sampler_only,
-        "forecast.update alone": forecast_only,
-        "reward_fn alone": reward_only,
-        "PRNG draws of one step alone (3 splits, 3 normals, 1 uniform)": prng_only,
-        "harness alone (key split, random actions, carry)": harness_only,
-        "step_env + select against a cached reset state (alternative auto-reset)": step_cached_reset,
+    # Cheap stand-ins for the ablations (same output structure, inputs still used).
+    metric_keys = list(jax.eval_shape(
+        lambda: sv.fluid_tick(params, 1.0, 0.0, 1.0, 8.0, 64.0, 1.0, 0.0, 0.0))[0].keys())
+
+    def fluid_stub(p, arrivals, queue, serving, cpu, mem, billed, fwd, small):
+        served = jnp.minimum(arrivals + queue, serving * 100.0)
+        x = served * 1e-3 + cpu * 1e-4 + mem * 1e-5 + billed * 1e-2 + fwd + small
+        return {key: x for key in metric_keys} | {"arrivals": arrivals, "served": served}, arrivals + queue - served
+
+    def sampler_stub(key, t_s, tick_s, traffic):
+        return expected_rate_rps(t_s, traffic) * tick_s
+
+    def raw_obs_stub(state, p):
+        x = state.clock_s * 1e-6 + state.queue_requests + state.replicas_ready + state.last["arrivals"]
+        return jnp.broadcast_to(x, (len(sv.OBS_FIELDS),)).astype(jnp.float32)
+
+    @contextlib.contextmanager
+    def patched(module, name, value):
+        old = getattr(module, name)
+        setattr(module, name, value)
+        try:
+            yield
+        finally:
+            setattr(module, name, old)
+
+    nothing = contextlib.nullcontext
+    variants = {
+        # name: (function, patch context factory)
+        "env.step (gymnax: step_env + reset_env + select)": (full_step, nothing),
+        "step_env (no auto-reset)": (step_env_only, nothing),
+        "step_env + select against a cached reset state (alternative auto-reset)": (step_cached_reset, nothing),
+        "env.step, fluid_tick stubbed (step and reset)": (full_step, lambda: patched(sv, "fluid_tick", fluid_stub)),
+        "env.step, sample_arrivals stubbed (expected rate)": (full_step, lambda: patched(sv, "sample_arrivals", sampler_stub)),
+        "env.step, forecast.update stubbed (identity)": (full_step, lambda: patched(fc, "update", lambda f, t, r: f)),
+        "env.step, raw_observation stubbed (step and reset)": (full_step, lambda: patched(sv, "raw_observation", raw_obs_stub)),
+        "reset_env alone": (reset_only, nothing),
+        "get_obs alone": (obs_only, nothing),
+        "fluid_tick alone": (fluid_only, nothing),
+        "sample_arrivals alone": (sampler_only, nothing),
+        "forecast.update alone": (forecast_only, nothing),
+        "PRNG draws of one step alone (3 splits, 3 normals, 1 uniform)": (prng_only, nothing),
+        "harness alone (key split, random actions, carry, state perturbation)": (harness_only, nothing),
     }
 
     def make(part):
@@ -282,11 +320,18 @@ def worker_profile(batch: int, steps: int, repeats: int) -> dict:
             (s, acc, _), _ = jax.lax.scan(body, (state, jnp.zeros((batch,)), key), None, steps)
             return s, acc
 
-        return jax.jit(run)
+        return run
 
-    calls = {name: (make(part), (jax.random.PRNGKey(1), state0, params)) for name, part in parts.items()}
+    args = (jax.random.PRNGKey(1), state0, params)
+    calls, compile_s = {}, {}
+    for name, (part, ctx) in variants.items():
+        with ctx():  # patches are active only while tracing
+            t0 = time.perf_counter()
+            calls[name] = (jax.jit(make(part)).lower(*args).compile(), args)
+            compile_s[name] = time.perf_counter() - t0
     out = {"batch": batch, "steps": steps, "parts": time_interleaved(calls, repeats)}
-    for t in out["parts"].values():
+    for name, t in out["parts"].items():
+        t["compile_s"] = compile_s[name]  # lower + compile, measured directly here
         t["ns_per_env_step"] = t["median_s"] / (batch * steps) * 1e9
     return out
 
@@ -329,6 +374,10 @@ def fmt_rate(x: float) -> str:
     return f"{x:.0f}"
 
 
+FULL = "env.step (gymnax: step_env + reset_env + select)"
+CACHED = "step_env + select against a cached reset state (alternative auto-reset)"
+
+
 def interpretation(single: list, sharded: list, profile: dict | None, met: bool) -> list[str]:
     """Bullets computed from this run's numbers (so a rerun rewrites them consistently)."""
     out = []
@@ -358,28 +407,28 @@ def interpretation(single: list, sharded: list, profile: dict | None, met: bool)
                        "One XLA CPU device runs this loop mostly on one core; two devices use both cores "
                        "(with other jobs on the machine the second core is not always free).")
     if profile:
-        parts = profile["parts"]
-        ns = {k: v["ns_per_env_step"] for k, v in parts.items()}
-        full = ns["env.step (gymnax: step_env + reset_env + select)"]
-        step_env = ns["step_env (no auto-reset)"]
-        reset = ns["reset_env alone"]
-        harness = ns["harness alone (key split, random actions, carry)"]
-        cached = ns["step_env + select against a cached reset state (alternative auto-reset)"]
-        comp = {k: ns[k] for k in ("fluid_tick alone", "sample_arrivals alone", "forecast.update alone", "get_obs alone",
-                                   "reward_fn alone", "PRNG draws of one step alone (3 splits, 3 normals, 1 uniform)")}
-        ranked = ", ".join(f"{k.replace(' alone', '')} {v:.0f} ns" for k, v in sorted(comp.items(), key=lambda kv: -kv[1]))
+        ns = {k: v["ns_per_env_step"] for k, v in profile["parts"].items()}
+        full = ns[FULL]
+        saving = lambda k: full - ns[k]  # noqa: E731
+        abl = {k: saving(k) for k in ns if k.startswith("env.step, ") or k.startswith("step_env")}
+        ranked = "; ".join(f"{k}: {v:+.0f} ns ({v / full:+.0%})" for k, v in sorted(abl.items(), key=lambda kv: -kv[1]))
         out.append(f"- Profile at batch {profile['batch']}: a full gymnax `env.step` costs {full:.0f} ns per env step "
-                   f"(the harness alone {harness:.0f} ns); `step_env` without auto-reset {step_env:.0f} ns; `reset_env` alone "
-                   f"{reset:.0f} ns. gymnax's `step` runs `reset_env` on every step and selects it on done, and this env's "
-                   f"`reset_env` calls `fluid_tick` to fill the first observation, so the reset is paid every step: "
-                   f"auto-resetting against a reset state computed once costs {cached:.0f} ns "
-                   f"({full / cached:.2f}x faster than `env.step`).")
-        top = sorted(comp.items(), key=lambda kv: -kv[1])[:2]
-        out.append(f"- Parts alone (ns per env step, each including the harness's {harness:.0f} ns): {ranked}. The largest "
-                   f"are {top[0][0].replace(' alone', '')} and {top[1][0].replace(' alone', '')}. `fluid_tick` evaluates the "
-                   "latency model twice (big and small model) with erf/exp/log/pow, and a step makes several threefry "
-                   "draws (key splits in gymnax's step, the env's transition and the sampler; normals for arrivals and "
-                   "cold start; a uniform in reset); CartPole's whole step is a few multiply-adds and one uniform draw.")
+                   f"({fmt_rate(1e9 / full)} steps/s in that process; CartPole's whole step at this batch is about "
+                   f"{1e9 / next((r['cartpole']['steps_per_s'] for r in single if r['batch'] == profile['batch']), float('nan')):.0f} ns). "
+                   f"Savings when a component is removed or stubbed: {ranked}.")
+        out.append(f"- Auto-reset: gymnax's `step` runs `reset_env` on every step and selects it only on done; this env's "
+                   f"`reset_env` calls `fluid_tick` (and the forecaster init, observation) to fill the first observation, "
+                   f"so the whole reset is paid every step: `reset_env` alone costs {ns['reset_env alone']:.0f} ns, and "
+                   f"stepping without it (`step_env`) costs {ns['step_env (no auto-reset)']:.0f} ns; auto-resetting against "
+                   f"a reset state computed once costs {ns[CACHED]:.0f} ns ({full / ns[CACHED]:.2f}x faster than `env.step`).")
+        alone = {k: ns[k] for k in ns if k.endswith(" alone") and not k.startswith("harness")}
+        out.append("- Parts alone (ns per env step, each including the harness's "
+                   f"{ns['harness alone (key split, random actions, carry, state perturbation)']:.0f} ns): "
+                   + ", ".join(f"{k.replace(' alone', '')} {v:.0f}" for k, v in sorted(alone.items(), key=lambda kv: -kv[1]))
+                   + ". `fluid_tick` evaluates the latency model twice (big and small model) with erf/exp/log/pow; a step "
+                   "makes several threefry draws (key splits in gymnax's step, the env's transition and the sampler; "
+                   "normals for arrivals and cold start; a uniform in reset). CartPole's step is a few multiply-adds and "
+                   "one uniform draw.")
     return out
 
 
@@ -487,16 +536,20 @@ def main() -> None:
     L.append(f"\n**Overall: {'met' if met else 'not met'}.**\n")
 
     if profile:
-        full = next(iter(profile["parts"].values()))["ns_per_env_step"]
+        parts = profile["parts"]
+        full = parts[FULL]["ns_per_env_step"]
         L.append(f"## Where a node-env step's time goes (batch {profile['batch']}, {profile['steps']} scan steps, one device)\n")
-        L.append("Each part alone inside the same harness (`jit(scan(vmap(part)))`, random actions and fresh keys "
-                 "per step); parts are not additive (XLA fuses differently, shared subexpressions), "
-                 "but they show the order of magnitude. Every row includes the harness cost (its own row).\n")
-        L.append("| part | ns per env step | share of env.step | steps/s | compile s |")
-        L.append("|---|---:|---:|---:|---:|")
-        for name, t in profile["parts"].items():
-            L.append(f"| {name} | {t['ns_per_env_step']:.0f} | {t['ns_per_env_step'] / full:.0%} | "
-                     f"{fmt_rate(1e9 / t['ns_per_env_step'])} | {t['compile_s']:.2f} |")
+        L.append("Same harness (`jit(scan(vmap(f)))`, random actions, fresh keys per step), all variants compiled first and "
+                 "then timed interleaved in one process. Ablations: the full gymnax `env.step` with one component swapped "
+                 "for a cheap stand-in (patched into the env module in the benchmark process while tracing; the env's "
+                 "source is untouched); the saving is that component's cost in context. Parts alone: each component with "
+                 "its inputs perturbed every step so XLA cannot hoist it out of the loop; these include the harness "
+                 "(its own row) and are not additive. Compile s here is `lower().compile()` time.\n")
+        L.append("| variant | ns per env step | vs env.step | saving vs env.step (ns) | steps/s | compile s |")
+        L.append("|---|---:|---:|---:|---:|---:|")
+        for name, t in parts.items():
+            ns = t["ns_per_env_step"]
+            L.append(f"| {name} | {ns:.0f} | {ns / full:.0%} | {full - ns:+.0f} | {fmt_rate(1e9 / ns)} | {t['compile_s']:.2f} |")
         L.append("")
 
     L.append("## Interpretation\n")

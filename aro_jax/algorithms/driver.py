@@ -90,13 +90,16 @@ def train(cfg: config_lib.ExperimentConfig | None, run_dir: Path, resume: bool =
     else:
         state = jax.jit(trainer.init)(jax.random.PRNGKey(cfg.train.seed), hp)
     done = trainer.units_done(state)
+    log_path = run_dir / "metrics.jsonl"
+    if resume and log_path.exists():  # drop lines logged after the restored checkpoint
+        kept = [r for r in read_metrics(log_path) if r["unit"] <= done]
+        log_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     chunk_fn = jax.jit(trainer.chunk, static_argnums=2)
     env = ServingNodeEnv(cfg.env.action_set)
     policy = learned_policy.greedy_policy(trainer.network, cfg.ppo.normalize_obs, cfg.ppo.action_masking)
     eval_params = cluster_params(cfg, "diurnal")
     writer = _tensorboard(run_dir)
-    log_path = run_dir / "metrics.jsonl"
 
     steps = trainer.env_steps_per_unit
     bar = tqdm(total=trainer.units_total * steps, initial=done * steps, unit="step", unit_scale=True, disable=quiet, desc="train")

@@ -145,11 +145,13 @@ def _masked_mean(updates: Array, valid: Array) -> Array:
     return jnp.sum(jnp.where(valid[:, None], updates, 0.0), axis=0) / count
 
 
-def _rank_weighted_sum(keys: Array, values: Array, weight_of_rank: Callable[[Array], Array]) -> Array:
+def _rank_weighted_sum(
+    keys: Array, values: Array, weight_of_rank: Callable[[Array], Array], tie_break_by_value: bool = False
+) -> Array:
     """Per column, sum of values weighted by weight_of_rank(rank of its key in that column).
 
     Ranks are those of a stable ascending sort of each column of `keys` (ties broken by
-    row index). keys: (n, d) with no NaN (+inf sorts last); values: (n, d) finite;
+    the value when tie_break_by_value, then by row index). keys: (n, d) with no NaN (+inf sorts last); values: (n, d) finite;
     weight_of_rank maps int32 ranks to float weights and is zero for ranks to ignore.
     Returns (d,). This is how every coordinate-wise order statistic here is computed.
     """
@@ -161,7 +163,8 @@ def _rank_weighted_sum(keys: Array, values: Array, weight_of_rank: Callable[[Arr
 
     if n > _RANK_METHOD_MAX_ROWS:
         positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[:, None], (n, 1))
-        _, sorted_values = lax.sort((keys, values), dimension=0, is_stable=True, num_keys=1)
+        sorted_operands = lax.sort((keys, values), dimension=0, is_stable=True, num_keys=2 if tie_break_by_value else 1)
+        sorted_values = sorted_operands[1]
         return weighted(positions, sorted_values)
 
     row = jnp.arange(n)
@@ -169,7 +172,11 @@ def _rank_weighted_sum(keys: Array, values: Array, weight_of_rank: Callable[[Arr
 
     def block_sum(key_cols: Array, value_cols: Array) -> Array:
         ki, kj = key_cols[:, None, :], key_cols[None, :, :]
-        precedes = (kj < ki) | ((kj == ki) & earlier[:, :, None])
+        tied_before = earlier[:, :, None]
+        if tie_break_by_value:
+            vi, vj = value_cols[:, None, :], value_cols[None, :, :]
+            tied_before = (vj < vi) | ((vj == vi) & tied_before)
+        precedes = (kj < ki) | ((kj == ki) & tied_before)
         rank = jnp.sum(precedes, axis=1, dtype=jnp.int32)
         return weighted(rank, value_cols)
 
@@ -201,15 +208,29 @@ def _masked_median(updates: Array, valid: Array) -> Array:
     return _rank_weighted_sum(keys, values, lambda r: 0.5 * ((r == lo).astype(values.dtype) + (r == hi)))
 
 
-def _krum_scores(dist: Array, members: Array, num_neighbours: Array | int) -> Array:
+def _krum_scores(dist: Array, members: Array, num_neighbours: Array | int) -> tuple[Array, Array]:
     """Krum score of each member: sum of squared distances to its num_neighbours nearest
-    other members. Non-members score +inf and are never anyone's neighbour."""
+    other members. Non-members score +inf and are never anyone's neighbour.
+
+    Also returns the tie-breaker: the sum of squared distances to all other members.
+    Distinct rows tie on the score structurally, not by chance - with one neighbour, two
+    mutual nearest neighbours always do - and breaking those ties by index would make the
+    choice depend on the nodes' order; the total distance is order-free and generically
+    distinct (rows that tie on both are duplicates, and either gives the same vector).
+    """
     n = dist.shape[0]
     pair = members[:, None] & members[None, :] & ~jnp.eye(n, dtype=bool)
     nearest_first = jnp.sort(jnp.where(pair, dist, jnp.inf), axis=1)
     counted = jnp.arange(n) < num_neighbours
     scores = jnp.sum(jnp.where(counted[None, :], nearest_first, 0.0), axis=1)
-    return jnp.where(members, scores, jnp.inf)
+    totals = jnp.sum(jnp.where(pair, dist, 0.0), axis=1)
+    return jnp.where(members, scores, jnp.inf), jnp.where(members, totals, jnp.inf)
+
+
+def _krum_winner(scores: Array, totals: Array) -> Array:
+    """Index of the lowest score, ties broken by the lowest total distance, then index."""
+    tied = scores == jnp.min(scores)
+    return jnp.argmin(jnp.where(tied, totals, jnp.inf))
 
 
 # --- aggregators -----------------------------------------------------------------------
@@ -245,23 +266,26 @@ def _trimmed_mean(updates: Array, valid: Array, f: int) -> tuple[Array, Info]:
 
 def _krum(updates: Array, valid: Array, f: int) -> tuple[Array, Info]:
     """Krum (Blanchard et al. 2017): the row whose n - f - 2 nearest other rows (the
-    paper's neighbour count) are closest in summed squared distance. Ties go to the lowest
-    index. Invalid rows score +inf and are nobody's neighbour."""
+    paper's neighbour count) are closest in summed squared distance. Equal scores go to the
+    row with the lower total distance to all rows (order-free), then the lower index.
+    Invalid rows score +inf and are nobody's neighbour."""
     n = updates.shape[0]
-    scores = _krum_scores(_masked_distances(updates, valid), valid, n - f - 2)
-    selected = jnp.argmin(scores)
+    scores, totals = _krum_scores(_masked_distances(updates, valid), valid, n - f - 2)
+    selected = _krum_winner(scores, totals)
     return updates[selected], {"selected": selected, "scores": scores}
 
 
 def _multi_krum(updates: Array, valid: Array, f: int, m: int | None = None) -> tuple[Array, Info]:
     """Multi-Krum (Blanchard et al. 2017): the mean of the m rows with the lowest Krum
-    scores (n - f - 2 neighbours), default m = n - f. m = 1 is Krum."""
+    scores (n - f - 2 neighbours; ties ordered as in Krum), default m = n - f. m = 1 is
+    Krum."""
     n = updates.shape[0]
     m = n - f if m is None else int(m)
     if not 1 <= m <= n - f:
         raise ValueError(f"multi_krum requires 1 <= m <= n - f = {n - f}; got m = {m}")
-    scores = _krum_scores(_masked_distances(updates, valid), valid, n - f - 2)
-    _, selected = lax.top_k(-scores, m)
+    scores, totals = _krum_scores(_masked_distances(updates, valid), valid, n - f - 2)
+    _, _, ranked = lax.sort((scores, totals, jnp.arange(n)), num_keys=2)
+    selected = ranked[:m]
     return jnp.mean(updates[selected], axis=0), {"selected": selected, "scores": scores}
 
 
@@ -329,7 +353,9 @@ def _bulyan(updates: Array, valid: Array, f: int) -> tuple[Array, Info]:
        last of r = 1 rows is taken as is), and remove it.
     2. Per coordinate, average the beta = theta - 2f selected values closest to the
        selected values' median (the paper's rule, not the plain trimmed mean of the middle
-       beta; ties broken by row index).
+       beta). Equal distances on both sides of the median go to the lower value, so the
+       result does not depend on the nodes' order.
+    Krum ties are broken as in `krum`.
 
     With k invalid rows, theta and beta are taken for the n - k valid rows and f - k
     Byzantine: theta = n - 2f + k, beta = n - 4f + 3k.
@@ -344,7 +370,7 @@ def _bulyan(updates: Array, valid: Array, f: int) -> tuple[Array, Info]:
     def select(remaining: Array, step: Array) -> tuple[Array, Array]:
         left = num_valid - step
         neighbours = jnp.where(left <= 1, 0, jnp.clip(left - f_left - 2, 1, left - 1))
-        winner = jnp.argmin(_krum_scores(dist, remaining, neighbours))
+        winner = _krum_winner(*_krum_scores(dist, remaining, neighbours))
         active = step < theta
         remaining = remaining.at[winner].set(remaining[winner] & ~active)
         return remaining, jnp.where(active, winner, n)
@@ -358,7 +384,7 @@ def _bulyan(updates: Array, valid: Array, f: int) -> tuple[Array, Info]:
     median = _masked_median(rows, in_set)
     closeness = jnp.where(in_set[:, None], jnp.abs(rows - median), jnp.inf)
     beta_f = beta.astype(updates.dtype)
-    aggregate = _rank_weighted_sum(closeness, rows, lambda r: (r < beta) / beta_f)
+    aggregate = _rank_weighted_sum(closeness, rows, lambda r: (r < beta) / beta_f, tie_break_by_value=True)
     selected = jnp.zeros((n,), bool).at[chosen].set(True, mode="drop")
     return aggregate, {"selected": selected}
 

@@ -141,7 +141,7 @@ def make_federated_train(cfg: ExperimentConfig, node_params):
             round=state.round + 1,
         )
         metrics = {k: v.mean() for k, v in metrics.items()}
-        metrics.update({k: jnp.asarray(v, jnp.float32) for k, v in info.items()})
+        metrics.update({k: jnp.asarray(info[k], jnp.float32) for k in ("num_invalid", "skipped") if k in info})
         metrics["delta_norm"] = jnp.linalg.norm(deltas, axis=1).mean()
         return new_state, metrics
 

@@ -84,12 +84,11 @@ def central_noise_for_mean(
 
 
 def dp_event(noise_multiplier: float, sampling_rate: float, rounds: int):
-    """The dp-accounting event for `rounds` rounds of the per-node Gaussian mechanism."""
+    """The dp-accounting event for `rounds` rounds of the per-node Gaussian mechanism, each
+    Poisson-sampled with `sampling_rate` (1.0 is the unsampled mechanism)."""
     import dp_accounting
 
-    round_event = dp_accounting.GaussianDpEvent(noise_multiplier)
-    if sampling_rate < 1.0:
-        round_event = dp_accounting.PoissonSampledDpEvent(sampling_rate, round_event)
+    round_event = dp_accounting.PoissonSampledDpEvent(sampling_rate, dp_accounting.GaussianDpEvent(noise_multiplier))
     return dp_accounting.SelfComposedDpEvent(round_event, rounds)
 
 
