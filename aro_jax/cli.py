@@ -138,7 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.num_seeds=16")
     p.set_defaults(func=cmd_evaluate)
 
-    args = parser.parse_args(argv)
+    # Overrides may come after options too (`aro train CFG --run-dir D ppo.lr=1e-4`).
+    args, extra = parser.parse_known_args(argv)
+    unknown = [x for x in extra if x.startswith("-") or "=" not in x]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = [*getattr(args, "overrides", []), *extra]
     from aro_jax.algorithms.checkpointing import CheckpointError
     from aro_jax.config import ConfigError
 

@@ -151,8 +151,9 @@ def _rank_weighted_sum(
     """Per column, sum of values weighted by weight_of_rank(rank of its key in that column).
 
     Ranks are those of a stable ascending sort of each column of `keys` (ties broken by
-    the value when tie_break_by_value, then by row index). keys: (n, d) with no NaN (+inf sorts last); values: (n, d) finite;
-    weight_of_rank maps int32 ranks to float weights and is zero for ranks to ignore.
+    the value when tie_break_by_value, then by row index). keys: (n, d) with no NaN
+    (+inf sorts last); values: (n, d) finite; weight_of_rank maps int32 ranks to float
+    weights and is zero for ranks to ignore.
     Returns (d,). This is how every coordinate-wise order statistic here is computed.
     """
     n, d = keys.shape

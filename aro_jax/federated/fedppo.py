@@ -44,14 +44,16 @@ class FedState:
 
 
 def node_map(fn, devices: int):
-    """Map `fn` over the leading node axis: vmap on one device, shard_map over a mesh of
-    `devices` (each device vmaps its share of nodes)."""
+    """Map `fn(node_state, hp, node_params)` over the leading node axis of its first and
+    last arguments (hp is shared): vmap on one device, or shard_map over a mesh of
+    `devices` where each device vmaps its share of the nodes."""
+    mapped = jax.vmap(fn, in_axes=(0, None, 0))
     if devices <= 1:
-        return jax.vmap(fn)
+        return mapped
     mesh = Mesh(np.array(jax.devices()[:devices]), (NODE_AXIS,))
     # check_vma=False: the local phase's lax.scan carries mix replicated and per-node
     # values, which the varying-axes checker rejects on jax 0.10 (DESIGN "Speed").
-    return jax.shard_map(jax.vmap(fn), mesh=mesh, in_specs=P(NODE_AXIS), out_specs=P(NODE_AXIS), check_vma=False)
+    return jax.shard_map(mapped, mesh=mesh, in_specs=(P(NODE_AXIS), P(), P(NODE_AXIS)), out_specs=P(NODE_AXIS), check_vma=False)
 
 
 def make_federated_train(cfg: ExperimentConfig, node_params):
