@@ -84,6 +84,10 @@ def _config_args(args):
 
 
 def cmd_train(args) -> int:
+    if args.coordinator:
+        from aro_jax.federated.distributed import initialize_distributed
+
+        initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     from aro_jax.algorithms import driver
     from aro_jax.config import load_config
 
@@ -126,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. ppo.lr=1e-4 env.num_clusters=2048")
     p.add_argument("--run-dir", help="run directory (default: train.run_dir)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    p.add_argument("--coordinator", metavar="HOST:PORT", help="multi-process run: address of process 0 (jax.distributed)")
+    p.add_argument("--num-processes", type=int, default=1, help="multi-process run: number of processes")
+    p.add_argument("--process-id", type=int, default=0, help="multi-process run: this process's index")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="KPI table of policies on a scenario")

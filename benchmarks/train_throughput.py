@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -133,6 +134,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=str(Path(__file__).with_suffix(".md")))
     ap.add_argument("--timeout", type=float, default=600.0)
+    ap.add_argument("--render", metavar="JSON", help="re-render the markdown from a saved JSON, no measuring")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -140,33 +142,45 @@ def main() -> None:
         print("RESULT " + json.dumps(res), flush=True)
         return
 
+    out_json = Path(args.out).with_suffix(".json")
+    if args.render:
+        data = json.loads(Path(args.render).read_text())
+    else:
+        t_start = time.perf_counter()
+        load_start = os.getloadavg()[0]
+        flags = " ".join(f for f in [os.environ.get("XLA_FLAGS", ""), BASE_XLA_FLAGS] if f)
+        rows = [run_worker(c, args.updates, args.repeats, flags, args.timeout) for c in args.clusters]
+        data = {"rows": rows, "flags": flags, "argv": sys.argv[1:], "updates": args.updates, "repeats": args.repeats,
+                "total_s": time.perf_counter() - t_start, "load_start": load_start, "load_end": os.getloadavg()[0],
+                "cpu_count": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version()}
+        out_json.write_text(json.dumps(data, indent=1))
+    Path(args.out).write_text(render(data))
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+def render(data: dict) -> str:
     import importlib.metadata as md
 
-    t_start = time.perf_counter()
-    load_start = os.getloadavg()
-    flags = " ".join(f for f in [os.environ.get("XLA_FLAGS", ""), BASE_XLA_FLAGS] if f)
-    rows = [run_worker(c, args.updates, args.repeats, flags, args.timeout) for c in args.clusters]
-    total_s = time.perf_counter() - t_start
-    load_end = os.getloadavg()
-
+    rows, flags, total_s = data["rows"], data["flags"], data["total_s"]
+    load_start, load_end = data["load_start"], data["load_end"]
     jax_version = rows[0]["jax"]
-    machine = f"{os.cpu_count()}-core {platform.machine()} CPU, no GPU, jax {jax_version}"
-    argv = " ".join(sys.argv[1:])
+    machine = f"{data['cpu_count']}-core {data['machine']} CPU, no GPU, jax {jax_version}"
+    argv = " ".join(data["argv"])
     cmd = f"/work/venv/bin/python benchmarks/train_throughput.py{(' ' + argv) if argv else ''}"
     L = ["# Training throughput: PPO on the serving node env vs the same PPO on gymnax CartPole-v1\n"]
     L.append(f"- Command: `{cmd}` (from the repository root)")
     L.append(f"- Machine: {machine} (jaxlib {md.version('jaxlib')}, gymnax {md.version('gymnax')}, flax {md.version('flax')}, "
-             f"optax {md.version('optax')}, Python {platform.python_version()}); other jobs may share the cores, so absolute "
+             f"optax {md.version('optax')}, Python {data['python']}); other jobs may share the cores, so absolute "
              "rates are noisy and the ratios (same process, calls interleaved) are the figures to compare.")
     L.append(f"- XLA_FLAGS: `{flags}` (one XLA CPU device)")
     L.append(f"- Trainer: `aro_jax.algorithms.ppo.make_train` on one node (`default_node_params()` stacked to a node axis "
              f"of 1; CartPole: `gymnax.make('CartPole-v1')` params stacked the same way, `env=CartPoleEnv`, no action "
              f"mask), rollout_steps {ROLLOUT_STEPS}, 4 minibatches, 4 epochs, hidden [64, 64], obs normalisation on "
              f"(config default); node env with action masking (config default). Timed: `jit(train_chunk)` of "
-             f"{args.updates} PPO updates; median of {args.repeats} steady-state calls; compile s = first call - median "
+             f"{data['updates']} PPO updates; median of {data['repeats']} steady-state calls; compile s = first call - median "
              f"call. Each num_clusters in its own subprocess; peak RSS = that process's `ru_maxrss` after the node "
              f"learner's first call. Total wall time {total_s:.0f} s; 1-min load "
-             f"average {load_start[0]:.1f} at the start and {load_end[0]:.1f} at the end (2 cores: above ~2 means other jobs "
+             f"average {load_start:.1f} at the start and {load_end:.1f} at the end (2 cores: above ~2 means other jobs "
              "were competing for them).\n")
     L.append("## Whole training (env steps/s, after compile)\n")
     L.append("| num_clusters | env steps per update | node steps/s | CartPole steps/s | ratio node/CartPole | node compile s | CartPole compile s | peak RSS MB (node / both) |")
@@ -202,22 +216,20 @@ def main() -> None:
     for r in rows:
         n, c = r["train"]["node"], r["train"]["cartpole"]
         en, ec = r["env_only"]["node"]["s_per_update"], r["env_only"]["cartpole"]["s_per_update"]
-        L.append(f"- {r['clusters']} clusters: a node-env update takes {n['s_per_update'] * 1e3:.0f} ms vs CartPole's "
-                 f"{c['s_per_update'] * 1e3:.0f} ms. Stepping the envs alone: node {en * 1e3:.0f} ms, CartPole {ec * 1e3:.0f} ms "
+        L.append(f"- {r['clusters']} clusters: a node-env update takes {n['s_per_update'] * 1e3:.1f} ms vs CartPole's "
+                 f"{c['s_per_update'] * 1e3:.1f} ms. Stepping the envs alone: node {en * 1e3:.1f} ms, CartPole {ec * 1e3:.1f} ms "
                  f"per update's worth of steps; everything else (policy forward passes, GAE, 4 epochs x 4 minibatches of "
-                 f"PPO, obs normalisation) is roughly {(n['s_per_update'] - en) * 1e3:.0f} ms vs {(c['s_per_update'] - ec) * 1e3:.0f} ms "
+                 f"PPO, obs normalisation) is roughly {(n['s_per_update'] - en) * 1e3:.1f} ms vs {(c['s_per_update'] - ec) * 1e3:.1f} ms "
                  f"(the node learner has 20 observation features vs 4, 11 actions vs 2, and action masking).")
     L.append(f"- Compile: node-env training {min(r['train']['node']['compile_s'] for r in rows):.0f}-"
              f"{max(r['train']['node']['compile_s'] for r in rows):.0f} s, CartPole "
              f"{min(r['train']['cartpole']['compile_s'] for r in rows):.0f}-{max(r['train']['cartpole']['compile_s'] for r in rows):.0f} s "
              "(once per run per chunk size; the driver reuses the compiled chunk).")
-    L.append(f"- Sanity: the node learner's last mean reward in the timed chunk was finite in every run "
+    finite = all(math.isfinite(r["node_last_reward"]) for r in rows)
+    L.append(f"- Sanity: the node learner's last mean reward in the timed chunk was {'finite in every run' if finite else 'NOT finite'} "
              f"({', '.join(format(r['node_last_reward'], '.3f') for r in rows)}).")
     L.append("")
-    Path(args.out).write_text("\n".join(L))
-    Path(args.out).with_suffix(".json").write_text(json.dumps({"rows": rows, "flags": flags}, indent=1))
-    print(f"wrote {args.out}", file=sys.stderr)
-
+    return "\n".join(L)
 
 if __name__ == "__main__":
     main()

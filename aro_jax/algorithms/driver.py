@@ -72,13 +72,16 @@ def train(cfg: config_lib.ExperimentConfig | None, run_dir: Path, resume: bool =
     run); returns (final state, Hyperparams). Where a run was resumed does not change its
     result: the state is restored exactly and each chunk is the same compiled program."""
     run_dir = Path(run_dir)
+    lead = jax.process_index() == 0  # in multi-process runs only process 0 logs and prints
+    quiet = quiet or not lead
     if resume:
         cfg = checkpointing.load_run_config(run_dir)
     else:
         if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
             raise checkpointing.CheckpointError(f"{run_dir}: already holds checkpoints; use --resume {run_dir} to continue it or choose another run directory")
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(config_lib.to_yaml(cfg))
+        if lead:
+            (run_dir / "config.yaml").write_text(config_lib.to_yaml(cfg))
 
     trainer = make_trainer(cfg)
     hp = ppo.Hyperparams.from_config(cfg)
@@ -91,7 +94,7 @@ def train(cfg: config_lib.ExperimentConfig | None, run_dir: Path, resume: bool =
         state = jax.jit(trainer.init)(jax.random.PRNGKey(cfg.train.seed), hp)
     done = trainer.units_done(state)
     log_path = run_dir / "metrics.jsonl"
-    if resume and log_path.exists():  # drop lines logged after the restored checkpoint
+    if resume and lead and log_path.exists():  # drop lines logged after the restored checkpoint
         kept = [r for r in read_metrics(log_path) if r["unit"] <= done]
         log_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
@@ -121,9 +124,10 @@ def train(cfg: config_lib.ExperimentConfig | None, run_dir: Path, resume: bool =
             **{k: float(np.mean(v[-max(1, per_chunk // 4):])) for k, v in metrics.items()},
             "eval_reward": eval_reward,
         }
-        with open(log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if writer is not None:
+        if lead:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if writer is not None and lead:
             for k, v in record.items():
                 if isinstance(v, float):
                     writer.add_scalar(k, v, record["env_steps"])
@@ -134,7 +138,8 @@ def train(cfg: config_lib.ExperimentConfig | None, run_dir: Path, resume: bool =
     bar.close()
     mngr.wait_until_finished()
     mngr.close()
-    plot_learning_curve(log_path, run_dir / "learning_curve.png")
+    if lead:
+        plot_learning_curve(log_path, run_dir / "learning_curve.png")
     return state, hp
 
 
