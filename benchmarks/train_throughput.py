@@ -221,9 +221,9 @@ def render(data: dict) -> str:
                  f"per update's worth of steps; everything else (policy forward passes, GAE, 4 epochs x 4 minibatches of "
                  f"PPO, obs normalisation) is roughly {(n['s_per_update'] - en) * 1e3:.1f} ms vs {(c['s_per_update'] - ec) * 1e3:.1f} ms "
                  f"(the node learner has 20 observation features vs 4, 11 actions vs 2, and action masking).")
-    L.append(f"- Compile: node-env training {min(r['train']['node']['compile_s'] for r in rows):.0f}-"
-             f"{max(r['train']['node']['compile_s'] for r in rows):.0f} s, CartPole "
-             f"{min(r['train']['cartpole']['compile_s'] for r in rows):.0f}-{max(r['train']['cartpole']['compile_s'] for r in rows):.0f} s "
+    span = lambda xs: f"{min(xs):.0f}" if f"{min(xs):.0f}" == f"{max(xs):.0f}" else f"{min(xs):.0f}-{max(xs):.0f}"  # noqa: E731
+    L.append(f"- Compile: node-env training {span([r['train']['node']['compile_s'] for r in rows])} s, CartPole "
+             f"{span([r['train']['cartpole']['compile_s'] for r in rows])} s "
              "(once per run per chunk size; the driver reuses the compiled chunk).")
     finite = all(math.isfinite(r["node_last_reward"]) for r in rows)
     L.append(f"- Sanity: the node learner's last mean reward in the timed chunk was {'finite in every run' if finite else 'NOT finite'} "

@@ -14,7 +14,7 @@ from aro_jax.federated.attacks import ATTACKS, alie_z_max, apply_attack
 
 DIM = 64  # one width everywhere, so each (aggregator, n, f) compiles once per session
 # (n, f) shapes for the reference comparison: f = 0, small, Bulyan's edge n = 4f + 3, and
-# n = 51 > 48, where coordinate-wise order statistics switch from rank counting to sorting.
+# n = 51 > 32, where coordinate-wise order statistics switch from a sorting network to lax.sort.
 SHAPES = [(5, 0), (7, 1), (12, 2), (51, 12)]
 
 
@@ -194,19 +194,35 @@ def test_blocked_computation_matches_unblocked(name, monkeypatch):
     x = make_updates(5, 12)
     whole, _ = aggregate(x, name, 2)
     monkeypatch.setattr(agg, "_DISTANCE_BLOCK_ELEMENTS", 12 * 12 * 5)  # 64 = 12 blocks of 5 + 4
-    monkeypatch.setattr(agg, "_RANK_BLOCK_ELEMENTS", 12 * 12 * 7)  # 9 blocks of 7 + 1
+    monkeypatch.setattr(agg, "_NETWORK_BLOCK_ELEMENTS", 12 * 7)  # 9 blocks of 7 + 1
     blocked, _ = aggregate(x, name, 2)
     np.testing.assert_allclose(np.asarray(blocked), np.asarray(whole), rtol=1e-6, atol=1e-6)
 
 
-def test_sort_and_rank_paths_agree(monkeypatch):
+def test_sort_and_network_paths_agree(monkeypatch):
     x = make_updates(6, 12)
+    x[3] = np.nan  # invalid rows sort last in both
     for name in ("median", "trimmed_mean", "bulyan"):
-        by_rank, _ = aggregate(x, name, 2)
-        monkeypatch.setattr(agg, "_RANK_METHOD_MAX_ROWS", 0)
+        by_network, _ = aggregate(x, name, 2)
+        monkeypatch.setattr(agg, "_NETWORK_MAX_ROWS", 0)
         by_sort, _ = aggregate(x, name, 2)
         monkeypatch.undo()
-        np.testing.assert_allclose(np.asarray(by_sort), np.asarray(by_rank), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(by_sort), np.asarray(by_network), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", range(1, 33))
+def test_sorting_network_sorts(n):
+    """0-1 principle: a comparator network sorts everything iff it sorts every 0/1 input
+    (exhaustive up to 14 wires; 4096 random 0/1 inputs beyond)."""
+    rng = np.random.default_rng(n)
+    if n <= 14:
+        inputs = (np.arange(2**n)[:, None] >> np.arange(n)[None, :]) & 1
+    else:
+        inputs = rng.integers(0, 2, size=(4096, n))
+    wires = inputs.T.copy()
+    for low, high in agg._sorting_network(n):
+        wires[low], wires[high] = np.minimum(wires[low], wires[high]), np.maximum(wires[low], wires[high])
+    np.testing.assert_array_equal(wires.T, np.sort(inputs, axis=1))
 
 
 def test_distances_are_stable_far_from_origin():

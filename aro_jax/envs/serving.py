@@ -506,7 +506,20 @@ class ServingNodeEnv(environment.Environment[EnvState, EnvParams]):
         cpu_cores = jnp.asarray(params.initial_cpu_cores, jnp.float32)
         host_memory_gb = jnp.asarray(params.initial_host_memory_gb, jnp.float32)
         zeros = jnp.zeros(())
-        metrics, _ = fluid_tick(params, rate * tick, zeros, replicas, cpu_cores, host_memory_gb, replicas, zeros, zeros)
+        # gymnax computes a reset on every step (auto-reset under vmap is a select), so the
+        # first observation is cheap: the expected load against the initial capacity, no
+        # latency yet; the forecaster's prior is the node's mean rate.
+        capacity = replicas * replica_capacity_rps(params)
+        last = {
+            "arrivals": rate * tick,
+            "e2e_mean_s": zeros,
+            "cpu_util": zeros,
+            "gpu_util": jnp.minimum(rate / jnp.maximum(capacity, 1e-9), 1.0),
+            "memory_util": zeros,
+            "capacity_rps": capacity,
+            "drop_fraction": zeros,
+            "slo_attainment": jnp.ones(()),
+        }
         state = EnvState(
             time=0,
             clock_s=clock_s,
@@ -519,9 +532,10 @@ class ServingNodeEnv(environment.Environment[EnvState, EnvParams]):
             small_model_fraction=zeros,
             queue_requests=zeros,
             forecast=fc.init(params.traffic.mean_rate_rps),
-            last=_observed(metrics),
+            last=last,
         )
-        return self.get_obs(state, params), state
+        obs = raw_observation(state, params, forecast_rps=params.traffic.mean_rate_rps) / observation_scale(params)
+        return obs, state
 
     def step_env(self, key, state: EnvState, action, params: EnvParams):
         state, metrics, reward = self.transition(key, state, action, params)
@@ -655,13 +669,14 @@ def _observed(metrics: dict[str, jax.Array]) -> dict[str, jax.Array]:
     }
 
 
-def raw_observation(state: EnvState, params: EnvParams) -> jax.Array:
-    """The live metrics an operator sees, in OBS_FIELDS order and natural units."""
+def raw_observation(state: EnvState, params: EnvParams, forecast_rps=None) -> jax.Array:
+    """The live metrics an operator sees, in OBS_FIELDS order and natural units
+    (`forecast_rps` given: skip the forecaster)."""
     last = state.last
     local = state.clock_s + params.traffic.tz_offset_h * 3600.0
     day = 2 * jnp.pi * local / 86_400.0
     week = 2 * jnp.pi * local / (7 * 86_400.0)
-    fcast = fc.predict_rate_rps(state.forecast, local, params.forecast_horizon_s, params.tick_s)
+    fcast = fc.predict_rate_rps(state.forecast, local, params.forecast_horizon_s, params.tick_s) if forecast_rps is None else forecast_rps
     return jnp.stack([
         last["arrivals"] / params.tick_s,
         last["e2e_mean_s"],
