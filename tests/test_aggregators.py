@@ -262,6 +262,16 @@ def test_identical_inputs_return_that_input(name):
         np.testing.assert_allclose(result, row, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["median", "krum", "bulyan"])
+def test_vmap_over_rounds_matches_single_calls(name):
+    rounds = np.stack([make_updates(20, 12), make_updates(21, 12)])
+    rounds[1, 4] = np.nan
+    batched, info = jax.jit(jax.vmap(make_aggregator(name, 2)))(jnp.asarray(rounds))
+    for r in range(2):
+        np.testing.assert_allclose(np.asarray(batched[r]), run(name, rounds[r], 2)[0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(info["num_invalid"]), [0, 1])
+
+
 # --- requirements -------------------------------------------------------------------------
 
 

@@ -160,7 +160,7 @@ TRUNCATION_STEPS = 5
 def probe_config():
     rollout_steps, clusters = 16, 8
     return load_config(None, [
-        ONE_NODE, f"env.num_clusters={clusters}", f"ppo.rollout_steps={rollout_steps}",
+        ONE_NODE, "federated.mode=centralized", f"env.num_clusters={clusters}", f"ppo.rollout_steps={rollout_steps}",
         "ppo.num_minibatches=2", "ppo.update_epochs=4", "ppo.hidden_sizes=[16,16]", "ppo.lr=3e-3",
         "ppo.anneal_lr=false", "ppo.normalize_obs=false", f"ppo.gamma={PROBE_GAMMA}",
         f"train.total_env_steps={rollout_steps * clusters * PROBE_UPDATES}", "train.num_chunks=1",
@@ -226,7 +226,7 @@ def test_probe_truncation_is_bootstrapped():
 def serving_learner():
     """A tiny learner on one serving node: 2 clusters x 8 steps, 2 updates."""
     cfg = load_config(None, [
-        ONE_NODE, "env.num_clusters=2", "env.episode_ticks=64", "ppo.rollout_steps=8",
+        ONE_NODE, "federated.mode=centralized", "env.num_clusters=2", "env.episode_ticks=64", "ppo.rollout_steps=8",
         "ppo.num_minibatches=2", "ppo.update_epochs=1", "ppo.hidden_sizes=[32,32]",
         "train.total_env_steps=32", "train.num_chunks=1",
     ])

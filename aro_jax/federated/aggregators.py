@@ -418,7 +418,7 @@ def _bulyan(updates: Array, valid: Array, f: int) -> tuple[Array, Info]:
     # theta <= n - f whenever the round is not skipped, so n - f steps cover every case.
     max_selected = n - f
     _, chosen = lax.scan(select, valid, jnp.arange(max_selected))
-    chosen = jnp.sort(chosen)  # index order (decides ties in step 2); unused steps hold n, last
+    chosen = jnp.sort(chosen)  # unused steps hold n: they sort last, after the theta chosen
     in_set = jnp.arange(max_selected) < theta
     rows = updates[jnp.minimum(chosen, n - 1)]
     median = _masked_median(rows, in_set)
