@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+import bench_common  # noqa: E402  (benchmarks/ is the script directory)
+
 BASE_XLA_FLAGS = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 AIM_BATCH = 4096
 AIM_RATIO = 0.1
@@ -357,25 +359,11 @@ def worker_main(args) -> None:
 
 
 def run_worker(kind: str, batch: int, steps: int, repeats: int, xla_flags: str, timeout: float) -> dict:
-    env = dict(os.environ, XLA_FLAGS=xla_flags)
-    cmd = [sys.executable, __file__, "--worker", kind, "--batch", str(batch), "--steps", str(steps), "--repeats", str(repeats)]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"worker {kind} batch={batch} failed (rc={proc.returncode}):\n{proc.stderr[-3000:]}")
-    res = json.loads(lines[-1][len("RESULT "):])
-    res["wall_s"] = time.perf_counter() - t0
-    print(f"  {kind} batch={batch}: done in {res['wall_s']:.1f}s", file=sys.stderr, flush=True)
-    return res
+    args = [kind, "--batch", str(batch), "--steps", str(steps), "--repeats", str(repeats)]
+    return bench_common.run_worker(__file__, args, f"{kind} batch={batch}", xla_flags, timeout)
 
 
-def fmt_rate(x: float) -> str:
-    if x >= 1e6:
-        return f"{x / 1e6:.2f}M"
-    if x >= 1e3:
-        return f"{x / 1e3:.1f}k"
-    return f"{x:.0f}"
+fmt_rate = bench_common.fmt_rate
 
 
 FULL = "env.step (gymnax: step_env + reset_env + select)"

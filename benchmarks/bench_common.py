@@ -1,0 +1,32 @@
+"""Helpers shared by the benchmark scripts: fresh-process workers and rate formatting."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+
+def run_worker(script: str, worker_args: list[str], label: str, xla_flags: str, timeout: float) -> dict:
+    """Run `script --worker ...` in a fresh process (its own XLA flags and peak RSS) and
+    return the JSON it prints on its last `RESULT ` line, plus `wall_s`."""
+    env = dict(os.environ, XLA_FLAGS=xla_flags)
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, script, "--worker", *worker_args], env=env, capture_output=True, text=True, timeout=timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"worker {label} failed (rc={proc.returncode}):\n{proc.stderr[-3000:]}")
+    res = json.loads(lines[-1][len("RESULT "):])
+    res["wall_s"] = time.perf_counter() - t0
+    print(f"  {label}: done in {res['wall_s']:.1f}s", file=sys.stderr, flush=True)
+    return res
+
+
+def fmt_rate(x: float) -> str:
+    if x >= 1e6:
+        return f"{x / 1e6:.2f}M"
+    if x >= 1e3:
+        return f"{x / 1e3:.1f}k"
+    return f"{x:.0f}"
