@@ -115,6 +115,71 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _load_sweep(args, require: str):
+    from aro_jax import sweep
+
+    spec = sweep.load_sweep(args.sweep_file, require)
+    if args.overrides:  # command-line overrides apply to the base config of every point
+        spec.overrides = [*spec.overrides, *args.overrides]
+        for point in [{}, *spec.points]:
+            spec.config(point)
+    return spec, Path(args.run_dir or spec.run_dir or f"runs/sweeps/{spec.name}")
+
+
+def cmd_sweep(args) -> int:
+    """Train every point of a sweep file (x seeds) in one compiled program, evaluate, rank."""
+    from aro_jax import sweep
+
+    spec, run_dir = _load_sweep(args, "sweep")
+    sweep.run_sweep(spec, run_dir)
+    return 0
+
+
+def cmd_optimize(args) -> int:
+    """Batched Bayesian optimisation (Optuna ask/tell) of a sweep file's bo: section."""
+    from aro_jax import sweep
+
+    spec, run_dir = _load_sweep(args, "bo")
+    for key in ("trials", "batch_size", "storage", "study_name", "slo_target"):
+        if getattr(args, key) is not None:
+            setattr(spec.bo, key, getattr(args, key))
+    sweep.run_optimize(spec, run_dir, fail_running=args.fail_running)
+    return 0
+
+
+def cmd_export(args) -> int:
+    """Write a self-describing policy directory from a training run's latest checkpoint."""
+    from aro_jax.deploy.export import ExportError, export_policy, load_policy
+
+    try:
+        out = export_policy(Path(args.run_dir), Path(args.out_dir), overwrite=args.force)
+        policy = load_policy(out)  # check it loads before saying so
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    kind = f"{len(policy.node_names)} per-node policies" if policy.spec["per_node"] else "one global policy"
+    print(f"exported {kind} for nodes {list(policy.node_names)} ({len(policy.action_names)} actions, env {policy.env_version}) to {out}")
+    return 0
+
+
+def cmd_agent(args) -> int:
+    """Serve decisions from an exported policy: JSON lines on stdin/stdout, or HTTP."""
+    from aro_jax.deploy.agent import Agent
+    from aro_jax.deploy.export import ExportError, load_policy
+    from aro_jax.deploy import service
+
+    try:
+        agent = Agent(load_policy(Path(args.policy)), args.node)
+    except (ExportError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.http is not None:
+        service.serve_http(agent, args.host, args.http)
+    else:
+        service.serve_jsonl(agent)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="aro", description="Federated RL orchestration of LLM inference serving.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -144,6 +209,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="output directory")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.num_seeds=16")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("sweep", help="vectorised hyperparameter sweep: every point x seed in one compiled program")
+    p.add_argument("sweep_file", help="sweep YAML (e.g. configs/sweeps/lr_entropy.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides of the base config, e.g. train.total_env_steps=1e6")
+    p.add_argument("--run-dir", help="output directory (default: run_dir in the file, else runs/sweeps/NAME)")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("optimize", help="Bayesian optimisation (Optuna) of a sweep file's bo: parameters; resumable")
+    p.add_argument("sweep_file", help="sweep YAML with a bo: section")
+    p.add_argument("overrides", nargs="*", help="dotted overrides of the base config")
+    p.add_argument("--run-dir", help="output directory (default: run_dir in the file, else runs/sweeps/NAME)")
+    p.add_argument("--trials", type=int, help="finished trials to reach (overrides bo.trials)")
+    p.add_argument("--batch-size", type=int, help="proposals per vmapped training run (overrides bo.batch_size)")
+    p.add_argument("--storage", help="Optuna storage URL (default: sqlite:///RUN_DIR/study.db)")
+    p.add_argument("--study-name", help="study name (overrides bo.study_name)")
+    p.add_argument("--slo-target", type=float, help="required SLO attainment as a fraction (overrides bo.slo_target)")
+    p.add_argument("--fail-running", action="store_true", help="mark every RUNNING trial FAIL and re-enqueue it (no other worker alive)")
+    p.set_defaults(func=cmd_optimize)
+
+    p = sub.add_parser("export", help="export a trained run's policy to a self-describing directory (loads without the trainer)")
+    p.add_argument("run_dir", help="training run directory (holding config.yaml and checkpoints/)")
+    p.add_argument("out_dir", help="directory to write (policy.json, params/, training_config.yaml)")
+    p.add_argument("--force", action="store_true", help="replace out_dir if it exists")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("agent", help="deployment agent: metrics in (JSON lines on stdin, or HTTP), decisions out")
+    p.add_argument("--policy", required=True, help="an export directory written by `aro export`")
+    p.add_argument("--node", help="the node this agent serves (default: given per request, or the only node)")
+    p.add_argument("--http", type=int, metavar="PORT", help="serve HTTP on PORT (POST /act, GET /healthz, GET /metrics) instead of stdin/stdout")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1)")
+    p.set_defaults(func=cmd_agent)
 
     # Overrides may come after options too (`aro train CFG --run-dir D ppo.lr=1e-4`).
     args, extra = parser.parse_known_args(argv)

@@ -65,8 +65,7 @@ def make_federated_train(cfg: ExperimentConfig, node_params):
     learner = ppo.make_train(cfg, one_node)
     per_node_params = jax.tree.map(lambda x: x[:, None], node_params)  # (nodes, 1, ...)
     k_local = fed.local_updates
-    byzantine = jnp.zeros(n_nodes, bool).at[jnp.asarray(fed.byzantine_nodes, jnp.int32)].set(True) if fed.byzantine_nodes else jnp.zeros(n_nodes, bool)
-    aggregate_opts = {}
+    byzantine = jnp.isin(jnp.arange(n_nodes), jnp.asarray(fed.byzantine_nodes, jnp.int32))
 
     def local_phase(state: ppo.TrainState, hp, params):
         """K local PPO updates of one node; returns its state, mean metrics, rollout stats."""
@@ -126,9 +125,7 @@ def make_federated_train(cfg: ExperimentConfig, node_params):
                 sent = privacy.clip_updates(sent, fed.dp_clip_norm)
                 if fed.dp_noise_multiplier > 0:
                     sent = privacy.add_noise(sent, k_noise, fed.dp_noise_multiplier, fed.dp_clip_norm)
-            aggregate, info = aggregators.aggregate(
-                sent, fed.aggregator, fed.num_byzantine, pre=tuple(fed.pre_aggregators), key=k_agg, **aggregate_opts
-            )
+            aggregate, info = aggregators.aggregate(sent, fed.aggregator, fed.num_byzantine, pre=tuple(fed.pre_aggregators), key=k_agg)
             velocity = fed.server_momentum * state.server_velocity + aggregate
             new_global = unravel(flat_global + fed.server_lr * velocity)
             nodes = nodes.replace(obs_stats=broadcast(new_stats))
