@@ -100,10 +100,12 @@ def cmd_train(args) -> int:
 
 
 def cmd_run(args) -> int:
-    """The main job: train on the config, then evaluate the policy against the baselines."""
+    """The main job: train on the config, evaluate the policy against the baselines, and
+    export it for the deployment agent."""
     from aro_jax.algorithms import driver
     from aro_jax.algorithms.checkpointing import load_trained_policy
     from aro_jax.config import load_config
+    from aro_jax.deploy.export import export_policy
 
     cfg = load_config(*_config_args(args))
     run_dir = Path(args.run_dir or cfg.train.run_dir)
@@ -111,7 +113,9 @@ def cmd_run(args) -> int:
     _, policy, weights, per_node = load_trained_policy(run_dir)
     policies = {f"ppo ({cfg.federated.mode})": (policy, weights, per_node), **_heuristic_policies(cfg, cfg.eval.baselines)}
     evaluate_policies(cfg, policies, cfg.eval.scenario, run_dir / "eval")
+    exported = export_policy(run_dir, run_dir / "export", overwrite=True)
     print(f"learning curve: {run_dir}/learning_curve.png")
+    print(f"exported policy: {exported} (serve it with: aro agent --policy {exported})")
     return 0
 
 
