@@ -144,7 +144,7 @@ def write_report(args, results: dict, skipped: list[str]) -> None:
         "# Aggregation time per call",
         "",
         "Median wall time of one jitted aggregation of a (n, d) float32 matrix after compilation,",
-        f"f = (n - 3) // 4 Byzantine nodes (the largest f Bulyan allows, so every aggregator runs at",
+        "f = (n - 3) // 4 Byzantine nodes (the largest f Bulyan allows, so every aggregator runs at",
         "the same (n, f)). Each cell is its own process; default options (geometric median: 8",
         "Weiszfeld iterations; centered clipping: 3 iterations from the coordinate-wise median).",
         "",

@@ -127,7 +127,7 @@ def table(rows: list[dict]) -> str:
     for row in rows:
         ref, fl = row["ref"], row["fluid"]
         lines.append(f"| {row['load']:.1f} | reference | " + " | ".join(fmt(k, ref[k]) for k in METRICS) + " |")
-        lines.append(f"| | fluid | " + " | ".join(fmt(k, fl[k]) for k in METRICS) + " |")
+        lines.append("| | fluid | " + " | ".join(fmt(k, fl[k]) for k in METRICS) + " |")
         lines.append("| | error | " + " | ".join(_error(k, ref[k], fl[k]) for k in METRICS) + " |")
     return "\n".join(lines)
 

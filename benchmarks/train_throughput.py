@@ -23,8 +23,6 @@ import math
 import os
 import platform
 import resource
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path

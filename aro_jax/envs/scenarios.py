@@ -12,7 +12,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from aro_jax.envs import hardware
 from aro_jax.envs import serving as sv

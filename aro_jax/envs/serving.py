@@ -9,7 +9,6 @@ that model, checked against a request-level simulator in benchmarks/fluid_agreem
 
 from __future__ import annotations
 
-from typing import Any
 
 import jax
 import jax.numpy as jnp
