@@ -279,7 +279,7 @@ def worker_profile(batch: int, steps: int, repeats: int) -> dict:
     def sampler_stub(key, t_s, tick_s, traffic):
         return expected_rate_rps(t_s, traffic) * tick_s
 
-    def raw_obs_stub(state, p):
+    def raw_obs_stub(state, p, forecast_rps=None):
         x = state.clock_s * 1e-6 + state.queue_requests + state.replicas_ready + state.last["arrivals"]
         return jnp.broadcast_to(x, (len(sv.OBS_FIELDS),)).astype(jnp.float32)
 
