@@ -45,34 +45,29 @@ def _heuristic_policies(cfg, names):
 
 def cmd_evaluate(args) -> int:
     from aro_jax.config import load_config
+    from aro_jax.envs.heuristics import HEURISTICS
 
+    unknown = [n for n in args.policy or [] if n not in HEURISTICS]
+    if unknown:  # before loading or compiling anything
+        print(f"error: unknown --policy {unknown[0]!r}; choose from {sorted(HEURISTICS)}", file=sys.stderr)
+        return 2
     overrides = list(args.overrides)
     if args.scenario:
         overrides.append(f"eval.scenario={args.scenario}")
-    cfg = load_config(args.config, overrides, [args.cluster] if args.cluster else [])
     policies = {}
-    if args.checkpoint:
+    if args.checkpoint:  # first: a bad run directory is named precisely
         from aro_jax.algorithms.checkpointing import load_trained_policy
 
         _, policy, weights, per_node = load_trained_policy(Path(args.checkpoint))
-        if not (args.config or args.cluster):
-            cfg = load_config(Path(args.checkpoint) / "config.yaml", overrides)  # the run's own cluster
         policies["learned"] = (policy, weights, per_node)
+    # A checkpoint is evaluated on its run's own cluster unless a config or cluster is given.
+    config = Path(args.checkpoint) / "config.yaml" if args.checkpoint and not (args.config or args.cluster) else args.config
+    cfg = load_config(config, overrides, [args.cluster] if args.cluster else [])
     names = args.policy or ([] if args.checkpoint else cfg.eval.baselines)
-    unknown = [n for n in names if n not in _all_heuristics()]
-    if unknown:
-        print(f"error: unknown --policy {unknown[0]!r}; choose from {sorted(_all_heuristics())}", file=sys.stderr)
-        return 2
     policies.update(_heuristic_policies(cfg, names))
     out = Path(args.out or (Path(args.checkpoint) / "eval" if args.checkpoint else "runs/eval"))
     evaluate_policies(cfg, policies, cfg.eval.scenario, out)
     return 0
-
-
-def _all_heuristics():
-    from aro_jax.envs.heuristics import HEURISTICS
-
-    return HEURISTICS
 
 
 def _config_args(args):
