@@ -1,14 +1,26 @@
-"""Robustness of federated PPO to Byzantine nodes: final evaluation reward of the global
-policy for each aggregator x attack, f of the ten regions Byzantine from round 0, seeds
-trained in one vmapped program. Rows are written to the markdown as they finish.
+"""Robustness of federated PPO to Byzantine regions: final return of the global policy for
+every aggregator x attack x f (Byzantine regions of ten), attack strengths swept, several
+training seeds; FedAvg and Local-only as reference rows.
 
-usage: python benchmarks/robustness.py [--f 3] [--seeds 3] [--steps 2000000]
-           [--aggregators mean median multi_krum] [--attacks none sign_flip alie nan]
+One compiled program covers the grid: attacks and (aggregator, f) defences are picked by
+`lax.switch` from `FedState.threat` (aro_jax.federated.fedppo), and every run of one
+defence (all attacks x strengths x seeds) trains in one vmapped call. Results are kept in
+robustness_runs/ (one JSON per batch; a batch already there is not re-run) and rendered
+to robustness.md. `--part k/P` runs every P-th batch, so P processes share the grid.
+
+Study config: the default ten-region cluster with 4 simulated clusters per region (not
+16) and 2.5M env steps (240 rounds of 4 local updates). At that size the no-attack run
+reaches the plateau the 30M-step main job reaches (eval reward ~0.4 by 2.5M steps) at a
+sixth of the cost, which is what makes the grid affordable on a CPU.
+
+usage: python benchmarks/robustness.py [--f 1 2 3] [--seeds 3] [--steps 2500000]
+           [--aggregators ...] [--attacks ...] [--local]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import time
@@ -17,6 +29,7 @@ from pathlib import Path
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_scheduler=false")
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from aro_jax.algorithms import driver, evaluation, learned_policy  # noqa: E402
@@ -24,66 +37,232 @@ from aro_jax.algorithms.ppo import Hyperparams  # noqa: E402
 from aro_jax.config import load_config  # noqa: E402
 from aro_jax.envs.scenarios import cluster_params  # noqa: E402
 from aro_jax.envs.serving import ServingNodeEnv  # noqa: E402
+from aro_jax.federated import aggregators, attacks, fedppo  # noqa: E402
 
+HERE = Path(__file__).parent
+N_NODES = 10
 EVAL_SEEDS, EVAL_TICKS = 2, 2880
-STRENGTH = {"sign_flip": 1.0, "scaled": 10.0, "gaussian": 1.0, "alie": 1.5, "ipm": 0.5}  # one strength each (not swept)
+# Attack strengths (attacks.py defines each): the first is the primary one, the rest are
+# run with --sweep. None is ALIE's z_max(n, f). A boosted sign flip (4x) outweighs the 7
+# honest regions under plain averaging; IPM's small epsilon is the one that defeats
+# median and Krum (Xie et al. 2020), its large one defeats the mean.
+STRENGTHS = {
+    "none": [0.0], "sign_flip": [4.0, 1.0], "alie": [None, 1.5], "ipm": [0.1, 10.0], "nan": [0.0],
+    "gaussian": [1.0, 0.01], "scaled": [10.0], "mimic": [0.0], "stale": [0.0],
+}
+ATTACKS = list(STRENGTHS)
+# Aggregators whose output does not depend on f (only the invalid-row budget does): one
+# defence with f = 3 stands for every f <= 3.
+F_FREE = {"geometric_median", "centered_clipping"}
 
 
-def cell(aggregator: str, attack: str, f: int, seeds: int, steps: int) -> list[float]:
-    """Evaluation reward of the final global policy, one value per training seed."""
-    byz = list(range(f)) if attack != "none" else []
-    overrides = [f"train.total_env_steps={steps}", "train.num_chunks=1", f"federated.aggregator={aggregator}",
-                 f"federated.num_byzantine={0 if aggregator == 'mean' else f}", f"federated.attack={attack}",
-                 f"federated.byzantine_nodes={byz}", f"federated.attack_strength={STRENGTH.get(attack, 1.0)}"]
-    cfg = load_config(None, overrides)
-    trainer = driver.make_trainer(cfg)
-    hp = Hyperparams.from_config(cfg)
-    keys = jax.random.split(jax.random.PRNGKey(cfg.train.seed), seeds)
-    states = jax.jit(jax.vmap(trainer.init, in_axes=(0, None)))(keys, hp)
-    states, _ = jax.jit(jax.vmap(lambda s: trainer.chunk(s, hp, trainer.units_total)))(states)
+def study_config(steps: int, extra: list[str] = ()):
+    # One XLA device per process: vmap over runs of a program sharded over fake CPU devices
+    # can hang XLA's CPU runtime (DESIGN "Speed"); run two processes (--part) to use 2 cores.
+    return load_config(None, ["env.num_clusters=4", f"train.total_env_steps={steps}", "train.num_chunks=1", *extra])
+
+
+def defences() -> list[tuple[str, int]]:
+    """Every (aggregator, f) the grid uses; FedAvg assumes f = 0."""
+    out = [("mean", 0)]
+    for name in aggregators.ROBUST_AGGREGATORS:
+        for f in (1, 2, 3):
+            if (name in F_FREE and f != 3) or not aggregators._REQUIREMENTS[name][0](N_NODES, f):
+                continue
+            out.append((name, f))
+    return out
+
+
+def defence_for(name: str, f: int) -> tuple[str, int]:
+    if name == "mean":
+        return ("mean", 0)
+    return (name, 3) if name in F_FREE else (name, f)
+
+
+class Study:
+    """The compiled grid program and evaluator, built once."""
+
+    def __init__(self, steps: int, attack_names: list[str]):
+        self.cfg = study_config(steps, ["federated.mode=federated"])
+        self.defences = defences()
+        self.attacks = attack_names
+        params = cluster_params(self.cfg, "train")
+        init, chunk, learner = fedppo.make_federated_train(self.cfg, params, attack_names, self.defences)
+        hp = Hyperparams.from_config(self.cfg)
+        rounds = fedppo.num_rounds(self.cfg)
+
+        def train_one(key, attack, strength, byzantine, defence):
+            state = init(key, hp)
+            state = state.replace(threat=fedppo.Threat(attack, strength, byzantine, defence))
+            state, metrics = chunk(state, hp, rounds)
+            weights = learned_policy.PolicyWeights(state.global_params, state.global_stats)
+            return weights, metrics["skipped"].mean()
+
+        self.train = jax.jit(jax.vmap(train_one, in_axes=(0, 0, 0, 0, None)))
+        self.evaluate = make_evaluator(self.cfg, learner.network, per_node=False)
+        self.rounds = rounds
+
+    def run(self, defence: tuple[str, int], f: int, cells: list[tuple[str, float]], seeds: int) -> list[dict]:
+        runs = [(a, s, seed) for a, s in cells for seed in range(seeds)]
+        keys = jnp.stack([jax.random.PRNGKey(seed) for _, _, seed in runs])
+        attack = jnp.asarray([self.attacks.index(a) for a, _, _ in runs], jnp.int32)
+        strength = jnp.asarray([s for _, s, _ in runs], jnp.float32)
+        byz = jnp.asarray([[i < (0 if a == "none" else f) for i in range(N_NODES)] for a, _, _ in runs])
+        weights, skipped = self.train(keys, attack, strength, byz, jnp.int32(self.defences.index(defence)))
+        rewards = self.evaluate(weights)
+        return [
+            {"aggregator": defence[0], "f_assumed": defence[1], "f": 0 if a == "none" else f, "attack": a, "strength": s,
+             "seed": seed, "reward": float(r), "skipped_rounds": float(k)}
+            for (a, s, seed), r, k in zip(runs, np.asarray(rewards), np.asarray(skipped))
+        ]
+
+
+def make_evaluator(cfg, network, per_node: bool):
+    """weights stacked over runs -> mean reward per run (greedy, diurnal, common seeds)."""
     env = ServingNodeEnv(cfg.env.action_set)
     params = cluster_params(cfg, "diurnal")
-    policy = learned_policy.greedy_policy(trainer.network)
-    rewards = []
-    for i in range(seeds):
-        weights = trainer.weights(jax.tree.map(lambda x: x[i], states))
-        m = evaluation.run_episodes(env, policy, params, jax.random.PRNGKey(123), EVAL_SEEDS, EVAL_TICKS, weights)
-        rewards.append(float(np.mean(m["reward"])))
-    return rewards
+    policy = learned_policy.greedy_policy(network)
+
+    def one(w):
+        m = evaluation.run_episodes(env, policy, params, jax.random.PRNGKey(123), EVAL_SEEDS, EVAL_TICKS, w, per_node_state=per_node)
+        return m["reward"].mean()
+
+    return jax.jit(jax.vmap(one))
+
+
+def local_only(steps: int, seeds: int) -> list[dict]:
+    """Local-only reference: each region trains alone (no aggregation, so no attack)."""
+    cfg = study_config(steps, ["federated.mode=local"])
+    trainer = driver.make_trainer(cfg)
+    hp = Hyperparams.from_config(cfg)
+    keys = jnp.stack([jax.random.PRNGKey(s) for s in range(seeds)])
+
+    def train_one(key):
+        state, _ = trainer.chunk(trainer.init(key, hp), hp, trainer.units_total)
+        return trainer.weights(state)
+
+    weights = jax.jit(jax.vmap(train_one))(keys)
+    rewards = make_evaluator(cfg, trainer.network, per_node=True)(weights)
+    return [{"aggregator": "local-only", "f_assumed": 0, "f": 0, "attack": "none", "strength": 0.0, "seed": s,
+             "reward": float(r), "skipped_rounds": 0.0} for s, r in enumerate(np.asarray(rewards))]
+
+
+def strength_value(attack: str, s, f: int) -> float:
+    return attacks.alie_z_max(N_NODES, f) if s is None else float(s)
+
+
+RUNS = HERE / "robustness_runs"
+
+
+def load() -> list[dict]:
+    return [r for f in sorted(RUNS.glob("*.json")) for r in json.loads(f.read_text())]
+
+
+def save(name: str, records: list[dict]) -> None:
+    RUNS.mkdir(exist_ok=True)
+    (RUNS / f"{name}.json").write_text(json.dumps(records, indent=0))
+
+
+def done(records: list[dict], defence: tuple[str, int], f: int, attack: str, strength: float, seeds: int) -> bool:
+    n = sum(1 for r in records if (r["aggregator"], r["f_assumed"], r["f"], r["attack"]) == (*defence, f, attack)
+            and abs(r["strength"] - strength) < 1e-6)
+    return n >= seeds
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--f", type=int, default=3)
+    ap.add_argument("--f", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=2_000_000)
-    ap.add_argument("--aggregators", nargs="+", default=["mean", "median", "multi_krum"])
-    ap.add_argument("--attacks", nargs="+", default=["none", "sign_flip", "alie", "nan"])
+    ap.add_argument("--steps", type=int, default=2_500_000)
+    ap.add_argument("--aggregators", nargs="+", default=list(aggregators.AGGREGATORS), choices=list(aggregators.AGGREGATORS))
+    ap.add_argument("--attacks", nargs="+", default=["none", "sign_flip", "alie", "ipm", "nan"], choices=ATTACKS)
+    ap.add_argument("--sweep", action="store_true", help="every strength of STRENGTHS, not only the first")
+    ap.add_argument("--local", action="store_true", help="also run the Local-only reference")
+    ap.add_argument("--render-only", action="store_true")
+    ap.add_argument("--part", default="0/1", help="k/P: run every P-th batch starting at k")
     args = ap.parse_args()
-    out = Path(__file__).with_name("robustness.md")
-    head = [
-        "# Robustness to Byzantine regions (partial grid)",
-        "",
-        f"Command: `python benchmarks/robustness.py --f {args.f} --seeds {args.seeds} --steps {args.steps} "
-        f"--aggregators {' '.join(args.aggregators)} --attacks {' '.join(args.attacks)}`; machine: {os.cpu_count()}-core "
-        f"{platform.machine()} CPU, jax {jax.__version__}.",
-        "",
-        f"Default config (ten regions, 4 local updates per round) trained for {args.steps:,} env steps; regions 0..{args.f - 1} "
-        f"send the attack from round 0 (strengths: {STRENGTH}); aggregators assume f = {args.f} (FedAvg: none). Reward: the "
-        f"final global policy, greedy, diurnal scenario, {EVAL_SEEDS} evaluation seeds x 10 regions x 1 day, per training seed.",
-        "",
-        "| aggregator | attack | mean reward | worst seed | per seed | wall s |",
-        "|---|---|---|---|---|---|",
-    ]
-    out.write_text("\n".join(head) + "\n")
-    for agg in args.aggregators:
-        for attack in args.attacks:
+    records = load()
+    part, parts = map(int, args.part.split("/"))
+    if not args.render_only:
+        if args.local and part == 0 and not any(r["aggregator"] == "local-only" for r in records):
             t0 = time.perf_counter()
-            r = cell(agg, attack, args.f, args.seeds, args.steps)
-            row = f"| {agg} | {attack} | {np.mean(r):.3f} | {min(r):.3f} | {', '.join(f'{x:.3f}' for x in r)} | {time.perf_counter() - t0:.0f} |"
-            with open(out, "a") as fh:
-                fh.write(row + "\n")
-            print(row, flush=True)
+            save("local-only", local_only(args.steps, args.seeds))
+            print(f"local-only: {time.perf_counter() - t0:.0f} s", flush=True)
+        batches = [(f, name) for f in args.f for name in args.aggregators
+                   if name != "bulyan" or aggregators._REQUIREMENTS[name][0](N_NODES, f)]
+        study = None
+        for f, name in batches[part::parts]:
+            defence = defence_for(name, f)
+            cells = [(a, strength_value(a, s, f)) for a in args.attacks for s in STRENGTHS[a][: None if args.sweep else 1]]
+            cells = [(a, s) for a, s in cells if not done(records, defence, 0 if a == "none" else f, a, s, args.seeds)]
+            if not cells:
+                continue
+            study = study or Study(args.steps, args.attacks)
+            t0 = time.perf_counter()
+            save(f"{name}-f{f}-{len(list(RUNS.glob(f'{name}-f{f}*')))}", study.run(defence, f, cells, args.seeds))
+            print(f"{name} f={f}: {len(cells) * args.seeds} runs in {time.perf_counter() - t0:.0f} s", flush=True)
+        records = load()
+    render(records, args)
+
+
+def summarise(records: list[dict], defence: tuple[str, int], f: int, attack: str) -> tuple[float, float, float] | None:
+    """(mean over seeds, worst seed, strength) at the attack's most damaging strength."""
+    rows = [r for r in records if (r["aggregator"], r["f_assumed"], r["f"], r["attack"]) == (*defence, f, attack)]
+    by_strength: dict[float, list[float]] = {}
+    for r in rows:
+        by_strength.setdefault(round(r["strength"], 4), []).append(r["reward"])
+    if not by_strength:
+        return None
+    strength, rewards = min(by_strength.items(), key=lambda kv: np.mean(kv[1]))
+    return float(np.mean(rewards)), float(np.min(rewards)), strength
+
+
+def render(records: list[dict], args) -> None:
+    names = [a for a in aggregators.AGGREGATORS if any(r["aggregator"] == a for r in records)]
+    seeds = max((r["seed"] for r in records), default=-1) + 1
+    lines = [
+        "# Robustness to Byzantine regions",
+        "",
+        f"Command: `python benchmarks/robustness.py --f {' '.join(map(str, args.f))} --seeds {args.seeds} --steps {args.steps}"
+        f"{' --local' if args.local else ''}` (results accumulate in robustness_runs/; `--part k/P` splits the grid over P processes; `--render-only` redraws this file); "
+        f"machine: {os.cpu_count()}-core {platform.machine()} CPU, jax {jax.__version__}.",
+        "",
+        f"Setup: the ten-region cluster, 4 simulated clusters per region, {args.steps:,} env steps (240 rounds of 4 local "
+        "PPO updates per region). Regions 0..f-1 (us-east, us-west, eu-west) are Byzantine from round 0; each robust "
+        "aggregator assumes the true f (geometric median and centered clipping do not use f; FedAvg assumes f = 0). "
+        f"Return: mean reward per tick of the final global policy, greedy, on the diurnal training scenario, "
+        f"{EVAL_SEEDS} evaluation seeds x 10 regions x 1 day, common seeds for every run; {seeds} training seeds per cell.",
+        "",
+        f"Attack strengths ({'swept; the worst, by mean over seeds, is reported' if args.sweep else 'the first of each list'}): "
+        f"{STRENGTHS} (None: ALIE's z_max(n, f)). "
+        "Each cell: mean over seeds / worst seed, at the worst strength. *worst attack*: the lowest cell mean minus the "
+        "same aggregator's no-attack mean; *kept*: their ratio, given only where the no-attack mean is at least 0.1 "
+        "(a ratio to a return near zero says nothing).",
+        "",
+    ]
+    local = [r["reward"] for r in records if r["aggregator"] == "local-only"]
+    if local:
+        lines += [f"Local-only reference (no federation, immune to attacks): {np.mean(local):.3f} mean / {min(local):.3f} "
+                  f"worst over {len(local)} seeds.", ""]
+    for f in sorted({r["f"] for r in records if r["f"] > 0}):
+        present = [a for a in ATTACKS[1:] if any(r["f"] == f and r["attack"] == a for r in records)]
+        lines += [f"## f = {f} of 10 regions Byzantine", "",
+                  "| aggregator | no attack | " + " | ".join(present) + " | worst attack | kept |",
+                  "|---|" + "---|" * (len(present) + 3)]
+        for name in names:
+            d = defence_for(name, f)
+            base = summarise(records, d, 0, "none")
+            cells = {a: summarise(records, d, f, a) for a in present}
+            if base is None or all(c is None for c in cells.values()):
+                continue
+            fmt = lambda c: "-" if c is None else f"{c[0]:.2f} / {c[1]:.2f}"  # noqa: E731
+            worst = min((c[0] for c in cells.values() if c is not None), default=np.nan)
+            kept = f"{100 * worst / base[0]:.0f} %" if base[0] >= 0.1 else "n/a"
+            label = "mean (FedAvg)" if name == "mean" else name
+            lines.append(f"| {label} | {fmt(base)} | " + " | ".join(fmt(cells[a]) for a in present)
+                         + f" | {worst - base[0]:+.2f} | {kept} |")
+        lines.append("")
+    (HERE / "robustness.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -85,3 +85,29 @@ def test_local_only_keeps_nodes_apart():
     _, state, _ = _train(["federated.mode=local"])
     flat = jax.vmap(lambda p: jax.flatten_util.ravel_pytree(p)[0])(state.nodes.params)
     assert not np.allclose(flat[0], flat[1])
+
+
+@pytest.mark.timeout(300)
+def test_threat_picked_at_run_time_equals_the_configured_program():
+    # One program over several attacks and defences, its threat set at run time, trains
+    # exactly like the program built for that single attack and defence from the config.
+    byz = ["federated.attack=sign_flip", "federated.byzantine_nodes=[1]", "federated.attack_strength=3.0"]
+    _, expected, _ = _train([*byz, "federated.aggregator=median", "federated.num_byzantine=1"])
+
+    cfg = load_config(CLUSTER, ["federated.aggregator=mean"])
+    attack_names, defences = ["none", "nan", "sign_flip"], [("mean", 0), ("median", 1), ("trimmed_mean", 1)]
+    init, chunk, _ = fedppo.make_federated_train(cfg, cluster_params(cfg, "train"), attack_names, defences)
+    hp = Hyperparams.from_config(cfg)
+    state = jax.jit(init)(jax.random.PRNGKey(0), hp)
+    threat = fedppo.Threat(attack=jnp.int32(2), strength=jnp.float32(3.0),
+                           byzantine=jnp.arange(4) == 1, defence=jnp.int32(1))
+    state, _ = jax.jit(chunk, static_argnums=2)(state.replace(threat=threat), hp, fedppo.num_rounds(cfg))
+    got = jax.flatten_util.ravel_pytree(state.global_params)[0]
+    want = jax.flatten_util.ravel_pytree(expected.global_params)[0]
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_unsatisfiable_defence_option_is_refused():
+    cfg = load_config(CLUSTER, [])
+    with pytest.raises(ValueError, match="krum"):
+        fedppo.make_federated_train(cfg, cluster_params(cfg, "train"), None, [("median", 1), ("krum", 1)])

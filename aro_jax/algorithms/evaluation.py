@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from functools import partial
 from pathlib import Path
 
@@ -111,6 +112,16 @@ def cluster_kpis(metrics: dict, tick_s: float) -> dict[str, float]:
             vals = vals * nodes  # kpis() averaged the rate over nodes x ticks; the cluster sums nodes
         out[k] = float(vals.mean())
     return out
+
+
+def hyperscore(v, beta: float = 5.0, gamma: float = -math.log(2.0), kappa: float = 2.0):
+    """The ARO paper's HyperScore = 100 [1 + sigmoid(beta ln V + gamma)^kappa] of a
+    normalised evaluation score V in (0, 1]; the defaults are the parameter values
+    published with the formula. It lies in (100, 100 [1 + sigmoid(gamma)^kappa]]."""
+    v = np.asarray(v, np.float64)
+    if np.any((v <= 0) | (v > 1)):
+        raise ValueError(f"HyperScore needs V in (0, 1], got {v}")
+    return 100.0 * (1.0 + (1.0 / (1.0 + np.exp(-(beta * np.log(v) + gamma)))) ** kappa)
 
 
 def format_table(rows: dict[str, dict[str, float]], title: str = "") -> str:

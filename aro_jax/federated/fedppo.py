@@ -11,10 +11,17 @@ merged into one normaliser. "local" mode skips the aggregation (Local-only basel
 The local phase is mapped over the node axis by `node_map`: `vmap` on one device, or
 `shard_map` over a mesh axis of N devices (and across processes under jax.distributed),
 with the same code. Aggregation runs on the gathered (n_nodes, n_params) deltas, once.
+
+Who attacks, how hard, and which (aggregator, f) defends are traced values in
+`FedState.threat`, picked from static option lists by `lax.switch`: the config gives a
+one-option program, and a robustness study can pass every attack and defence to
+`make_federated_train` and run the whole grid through one compiled program.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import jax
@@ -33,6 +40,16 @@ NODE_AXIS = "node"
 
 
 @struct.dataclass
+class Threat:
+    """The round's adversary and defence, as traced values (see the module docstring)."""
+
+    attack: jax.Array  # int32 index into the attack names
+    strength: jax.Array  # float32, the attack's scale (attacks.apply_attack)
+    byzantine: jax.Array  # (n_nodes,) bool, the nodes that misbehave
+    defence: jax.Array  # int32 index into the (aggregator, f) defences
+
+
+@struct.dataclass
 class FedState:
     nodes: ppo.TrainState  # stacked over the node axis
     global_params: Any
@@ -41,6 +58,7 @@ class FedState:
     previous_deltas: jax.Array  # (n_nodes, n_params): last round's deltas (stale attack)
     key: jax.Array
     round: jax.Array
+    threat: Threat
 
 
 def node_map(fn, devices: int):
@@ -56,16 +74,39 @@ def node_map(fn, devices: int):
     return jax.shard_map(mapped, mesh=mesh, in_specs=(P(NODE_AXIS), P(), P(NODE_AXIS)), out_specs=P(NODE_AXIS), check_vma=False)
 
 
-def make_federated_train(cfg: ExperimentConfig, node_params):
+def make_federated_train(
+    cfg: ExperimentConfig,
+    node_params,
+    attack_options: Sequence[str] | None = None,
+    defence_options: Sequence[tuple[str, int]] | None = None,
+):
     """Build (init, train_chunk, learner) for federated or local-only PPO over the stacked
-    `node_params` (one learner per node, each with cfg.env.num_clusters clusters)."""
+    `node_params` (one learner per node, each with cfg.env.num_clusters clusters).
+
+    `attack_options` (attack names) and `defence_options` ((aggregator, f) pairs) are the
+    choices `FedState.threat` indexes; both default to the config's single choice, which
+    `init` selects. Every defence's (n, f) requirement is checked here."""
     fed = cfg.federated
     n_nodes = jax.tree.leaves(node_params)[0].shape[0]
     one_node = jax.tree.map(lambda x: x[:1], node_params)
     learner = ppo.make_train(cfg, one_node)
     per_node_params = jax.tree.map(lambda x: x[:, None], node_params)  # (nodes, 1, ...)
     k_local = fed.local_updates
-    byzantine = jnp.isin(jnp.arange(n_nodes), jnp.asarray(fed.byzantine_nodes, jnp.int32))
+    attack_options = tuple(attack_options or (fed.attack,))
+    defence_options = tuple(defence_options or ((fed.aggregator, fed.num_byzantine),))
+    for name in attack_options:
+        if name not in attacks.ATTACKS:
+            raise ValueError(f"unknown attack {name!r}; valid names: {sorted(attacks.ATTACKS)}")
+    if fed.mode == "federated":
+        for name, f in defence_options:
+            aggregators.check_requirements(name, n_nodes, f)
+    attack_branches = [partial(attacks.apply_attack, name) for name in attack_options]
+
+    def defend(name, f, sent, key):
+        aggregate, info = aggregators.aggregate(sent, name, f, pre=tuple(fed.pre_aggregators), key=key)
+        return aggregate, info["num_invalid"], info["skipped"]
+
+    defence_branches = [partial(defend, name, f) for name, f in defence_options]
 
     def local_phase(state: ppo.TrainState, hp, params):
         """K local PPO updates of one node; returns its state, mean metrics, rollout stats."""
@@ -96,6 +137,12 @@ def make_federated_train(cfg: ExperimentConfig, node_params):
             previous_deltas=jnp.zeros((n_nodes, flat.shape[0]), flat.dtype),
             key=key,
             round=jnp.zeros((), jnp.int32),
+            threat=Threat(
+                attack=jnp.zeros((), jnp.int32),
+                strength=jnp.asarray(fed.attack_strength, jnp.float32),
+                byzantine=jnp.isin(jnp.arange(n_nodes), jnp.asarray(fed.byzantine_nodes, jnp.int32)),
+                defence=jnp.zeros((), jnp.int32),
+            ),
         )
 
     def round_step(state: FedState, hp):
@@ -115,17 +162,20 @@ def make_federated_train(cfg: ExperimentConfig, node_params):
         for i in range(n_nodes):
             new_stats = new_stats.merge(jax.tree.map(lambda x: x[i], rollout_stats))
 
-        info = {}
+        metrics = {k: v.mean() for k, v in metrics.items()}
+        threat = state.threat
         if fed.mode == "local":
             new_global, velocity = state.global_params, state.server_velocity
         else:
-            active = byzantine & (state.round >= fed.attack_start_round)
-            sent = attacks.apply_attack(fed.attack, deltas, active, k_attack, fed.attack_strength, state.previous_deltas)
+            active = threat.byzantine & (state.round >= fed.attack_start_round)
+            sent = jax.lax.switch(threat.attack, attack_branches, deltas, active, k_attack, threat.strength, state.previous_deltas)
             if fed.dp_clip_norm > 0:
                 sent = privacy.clip_updates(sent, fed.dp_clip_norm)
                 if fed.dp_noise_multiplier > 0:
                     sent = privacy.add_noise(sent, k_noise, fed.dp_noise_multiplier, fed.dp_clip_norm)
-            aggregate, info = aggregators.aggregate(sent, fed.aggregator, fed.num_byzantine, pre=tuple(fed.pre_aggregators), key=k_agg)
+            aggregate, num_invalid, skipped = jax.lax.switch(threat.defence, defence_branches, sent, k_agg)
+            metrics["num_invalid"] = num_invalid.astype(jnp.float32)
+            metrics["skipped"] = skipped.astype(jnp.float32)
             velocity = fed.server_momentum * state.server_velocity + aggregate
             new_global = unravel(flat_global + fed.server_lr * velocity)
             nodes = nodes.replace(obs_stats=broadcast(new_stats))
@@ -138,9 +188,8 @@ def make_federated_train(cfg: ExperimentConfig, node_params):
             previous_deltas=deltas,
             key=key,
             round=state.round + 1,
+            threat=threat,
         )
-        metrics = {k: v.mean() for k, v in metrics.items()}
-        metrics.update({k: jnp.asarray(info[k], jnp.float32) for k in ("num_invalid", "skipped") if k in info})
         metrics["delta_norm"] = jnp.linalg.norm(deltas, axis=1).mean()
         return new_state, metrics
 
