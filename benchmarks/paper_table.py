@@ -8,8 +8,9 @@ metrics as load grows; HyperScore.
 Every learned row is trained for `--seeds` seeds (the seeds of one row train in one
 vmapped program) and its 95% confidence interval is Student's t over those seeds; a
 heuristic row's interval is over the evaluation seeds. All rows of a scenario see the same
-evaluation seeds (common random numbers). Results accumulate in paper_table.json (a row
-already there is not retrained); the markdown and plots are redrawn from it.
+evaluation seeds (common random numbers). Each row is kept in paper_table_runs/ (a row
+already there is not retrained, so several processes can share the rows with --rows);
+the markdown and plots are redrawn from them.
 
 usage: python benchmarks/paper_table.py [--seeds 3] [--steps 2500000] [--eval-seeds 4]
 """
@@ -21,6 +22,7 @@ import json
 import math
 import os
 import platform
+import re
 import time
 from pathlib import Path
 
@@ -40,13 +42,17 @@ from aro_jax.envs.serving import ServingNodeEnv  # noqa: E402
 from aro_jax.federated import attacks  # noqa: E402
 
 HERE = Path(__file__).parent
+RUNS = HERE / "paper_table_runs"
 METHOD = "ARO (fed. PPO, multi-Krum)"
+METHOD_GM = "ARO (fed. PPO, geometric median)"
 # Learned rows: config overrides on top of the study config (see study_overrides).
 LEARNED = {
     "Centralized RL": ["federated.mode=centralized"],
     "Local-only RL": ["federated.mode=local"],
     "FedAvg": ["federated.mode=federated", "federated.aggregator=mean", "federated.num_byzantine=0"],
     METHOD: ["federated.mode=federated"],
+    # The aggregator that held up best in benchmarks/robustness.md.
+    METHOD_GM: ["federated.mode=federated", "federated.aggregator=geometric_median"],
 }
 # The method under attack (ALIE at the paper's z, regions 0..f-1) and under DP noise.
 STRESSED = {
@@ -131,10 +137,16 @@ def evaluate_row(cfg, policy, states: list, per_node: bool, eval_seeds: int) -> 
     return out
 
 
+_GREEDY: dict = {}
+
+
 def run_learned(name: str, overrides: list[str], args) -> dict:
     cfg, network, weights, per_node = train_seeds(study_overrides(args.steps) + overrides, args.seeds)
     states = [jax.tree.map(lambda x: x[i], weights) for i in range(args.seeds)]
-    return evaluate_row(cfg, learned_policy.greedy_policy(network), states, per_node, args.eval_seeds)
+    # Every learned row has the same network, so one Policy object serves them all and the
+    # evaluation compiles once (the weights are its state).
+    policy = _GREEDY.setdefault((network.num_actions, tuple(network.hidden_sizes)), learned_policy.greedy_policy(network))
+    return evaluate_row(cfg, policy, states, per_node, args.eval_seeds)
 
 
 def run_heuristic(name: str, args) -> dict:
@@ -161,6 +173,8 @@ def kpi(results: dict, row: str, scenario: str, key: str) -> tuple[float, float]
 
 
 def change_pct(results, row, ref, scenario, key) -> str:
+    if ref not in results:
+        return "-"
     a, b = kpi(results, row, scenario, key)[0], kpi(results, ref, scenario, key)[0]
     return f"{100 * (a - b) / b:+.1f} %"
 
@@ -171,7 +185,7 @@ def render(results: dict, args) -> None:
     cmd = f"python benchmarks/paper_table.py --seeds {args.seeds} --steps {args.steps} --eval-seeds {args.eval_seeds}"
     lines = [
         "# The ARO paper's comparison on the ten-region cluster", "",
-        f"Command: `{cmd}` (rows accumulate in paper_table.json; `--render-only` redraws); machine: {os.cpu_count()}-core "
+        f"Command: `{cmd}` (rows accumulate in paper_table_runs/; `--render-only` redraws); machine: {os.cpu_count()}-core "
         f"{platform.machine()} CPU, jax {jax.__version__}.", "",
         f"Learned rows: the default config with 4 simulated clusters per region, {args.steps:,} env steps, {args.seeds} "
         f"training seeds; mean ± 95% CI (Student t over training seeds). Heuristic rows: CI over the {args.eval_seeds} "
@@ -185,18 +199,20 @@ def render(results: dict, args) -> None:
         for r in rows:
             lines.append(f"| {r} | " + " | ".join(fmt(*kpi(results, r, s, c)) for c in COLUMNS) + " |")
         lines.append("")
-    if METHOD in results and "Reactive" in results:
+    methods = [m for m in (METHOD, METHOD_GM) if m in results]
+    if methods and "Reactive" in results:
         lines += ["## Against the paper's claims", "",
                   "The method's relative change (mean over training seeds) against Reactive (mean e2e latency, throughput) "
                   "and Static allocation (cost, $/h). Paper: " + ", ".join(f"{k} {v:+.0f} %" for k, v in PAPER_CLAIMS.items()) + ".", "",
-                  "| scenario | latency vs Reactive | throughput vs Reactive | cost vs Static (mean) | cost vs Static (peak) | $ per 1M tok vs Static (peak) |",
-                  "|---|---|---|---|---|---|"]
-        for s in scen:
-            lines.append(f"| {s} | {change_pct(results, METHOD, 'Reactive', s, 'e2e_mean_ms')} | "
-                         f"{change_pct(results, METHOD, 'Reactive', s, 'throughput_rps')} | "
-                         f"{change_pct(results, METHOD, 'Static (mean)', s, 'cost_usd_per_h')} | "
-                         f"{change_pct(results, METHOD, 'Static (peak)', s, 'cost_usd_per_h')} | "
-                         f"{change_pct(results, METHOD, 'Static (peak)', s, 'cost_usd_per_mtok')} |")
+                  "| method | scenario | latency vs Reactive | throughput vs Reactive | cost vs Static (mean) | cost vs Static (peak) | $ per 1M tok vs Static (peak) |",
+                  "|---|---|---|---|---|---|---|"]
+        for m in methods:
+            for s in scen:
+                lines.append(f"| {m} | {s} | {change_pct(results, m, 'Reactive', s, 'e2e_mean_ms')} | "
+                             f"{change_pct(results, m, 'Reactive', s, 'throughput_rps')} | "
+                             f"{change_pct(results, m, 'Static (mean)', s, 'cost_usd_per_h')} | "
+                             f"{change_pct(results, m, 'Static (peak)', s, 'cost_usd_per_h')} | "
+                             f"{change_pct(results, m, 'Static (peak)', s, 'cost_usd_per_mtok')} |")
         lines.append("")
     stressed = [r for r in STRESSED if r in results]
     if stressed:
@@ -208,7 +224,7 @@ def render(results: dict, args) -> None:
                     lines.append(f"| {r} | {s} | " + " | ".join(fmt(*kpi(results, r, s, c)) for c in
                                                               ("e2e_mean_ms", "slo_attainment_pct", "cost_usd_per_mtok", "quality", "reward")) + " |")
         lines.append("")
-    be_rows = [r for r in (METHOD, "Reactive", "Static (peak)") if r in results]
+    be_rows = [r for r in (METHOD, METHOD_GM, "Reactive", "Static (peak)") if r in results]
     if be_rows:
         keys = list(results[be_rows[0]]["best_effort"])
         lines += ["## Best-effort serving (Jha et al. 2024)", "",
@@ -262,7 +278,7 @@ def plot(results, rows, scen) -> None:
     fig.savefig(HERE / "paper_table.png", dpi=110)
     plt.close(fig)
 
-    be_rows = [r for r in (METHOD, "Reactive", "Static (peak)") if r in results]
+    be_rows = [r for r in (METHOD, METHOD_GM, "Reactive", "Static (peak)") if r in results]
     if be_rows:
         fig, ax = plt.subplots(figsize=(7, 4))
         for r in be_rows:
@@ -287,14 +303,15 @@ def main():
     ap.add_argument("--rows", nargs="+", help="only these rows (default: all)")
     ap.add_argument("--render-only", action="store_true")
     args = ap.parse_args()
-    path = HERE / "paper_table.json"
-    results = json.loads(path.read_text()) if path.exists() else {}
+    RUNS.mkdir(exist_ok=True)
+    results = {json.loads(f.read_text())["name"]: json.loads(f.read_text()) for f in RUNS.glob("*.json")}
     if not args.render_only:
         todo = [*HEURISTIC_ROWS, METHOD, *[r for r in LEARNED if r != METHOD], *STRESSED]
         for name in [r for r in todo if r not in results and (not args.rows or r in args.rows)]:
             t0 = time.perf_counter()
-            results[name] = run_heuristic(name, args) if name in HEURISTIC_ROWS else run_learned(name, {**LEARNED, **STRESSED}[name], args)
-            path.write_text(json.dumps(results))
+            row = run_heuristic(name, args) if name in HEURISTIC_ROWS else run_learned(name, {**LEARNED, **STRESSED}[name], args)
+            results[name] = {"name": name, **row}
+            (RUNS / f"{re.sub('[^a-z0-9]+', '-', name.lower()).strip('-')}.json").write_text(json.dumps(results[name]))
             print(f"{name}: {time.perf_counter() - t0:.0f} s", flush=True)
     render(results, args)
 

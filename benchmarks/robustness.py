@@ -217,6 +217,23 @@ def summarise(records: list[dict], defence: tuple[str, int], f: int, attack: str
     return float(np.mean(rewards)), float(np.min(rewards)), strength
 
 
+def aim_statement(summary: dict[str, tuple[float, float, str]], f: int) -> str:
+    """The issue's aim, checked on the table: the best robust aggregator keeps >= 90% of
+    its no-attack return under every attack, while FedAvg collapses under at least one."""
+    robust = {k: v for k, v in summary.items() if k != "mean"}
+    if not robust or "mean" not in summary:
+        return ""
+    best = max(robust, key=lambda k: robust[k][1])
+    base, worst, attack = robust[best]
+    fed_base, fed_worst, fed_attack = summary["mean"]
+    kept = worst / fed_base if fed_base > 0 else float("nan")
+    met = kept >= 0.9 and fed_worst < 0
+    return (f"Best robust aggregator at f = {f} by its worst attack: **{best}**, {worst:.2f} under {attack} "
+            f"({base:.2f} without attack), {100 * kept:.0f} % of federated training's no-attack return ({fed_base:.2f}, "
+            f"FedAvg); FedAvg itself falls to {fed_worst:.2f} under {fed_attack}. Aim (the best robust aggregator keeps "
+            f">= 90 % under every attack while FedAvg collapses under one): **{'met' if met else 'not met'}**.")
+
+
 def render(records: list[dict], args) -> None:
     names = [a for a in aggregators.AGGREGATORS if any(r["aggregator"] == a for r in records)]
     seeds = max((r["seed"] for r in records), default=-1) + 1
@@ -236,8 +253,9 @@ def render(records: list[dict], args) -> None:
         f"Attack strengths ({'swept; the worst, by mean over seeds, is reported' if args.sweep else 'the first of each list'}): "
         f"{STRENGTHS} (None: ALIE's z_max(n, f)). "
         "Each cell: mean over seeds / worst seed, at the worst strength. *worst attack*: the lowest cell mean minus the "
-        "same aggregator's no-attack mean; *kept*: their ratio, given only where the no-attack mean is at least 0.1 "
-        "(a ratio to a return near zero says nothing).",
+        "same aggregator's no-attack mean. *kept*: the lowest cell mean as a share of the no-attack return of federated "
+        "training, FedAvg's (the robust aggregators' own no-attack means are too close to zero and too noisy at this "
+        "budget to divide by).",
         "",
     ]
     local = [r["reward"] for r in records if r["aggregator"] == "local-only"]
@@ -245,6 +263,7 @@ def render(records: list[dict], args) -> None:
         lines += [f"Local-only reference (no federation, immune to attacks): {np.mean(local):.3f} mean / {min(local):.3f} "
                   f"worst over {len(local)} seeds.", ""]
     for f in sorted({r["f"] for r in records if r["f"] > 0}):
+        summary = {}
         present = [a for a in ATTACKS[1:] if any(r["f"] == f and r["attack"] == a for r in records)]
         lines += [f"## f = {f} of 10 regions Byzantine", "",
                   "| aggregator | no attack | " + " | ".join(present) + " | worst attack | kept |",
@@ -257,11 +276,13 @@ def render(records: list[dict], args) -> None:
                 continue
             fmt = lambda c: "-" if c is None else f"{c[0]:.2f} / {c[1]:.2f}"  # noqa: E731
             worst = min((c[0] for c in cells.values() if c is not None), default=np.nan)
-            kept = f"{100 * worst / base[0]:.0f} %" if base[0] >= 0.1 else "n/a"
+            fedavg = summarise(records, ("mean", 0), 0, "none")
+            kept = f"{100 * worst / fedavg[0]:.0f} %" if fedavg and fedavg[0] > 0 else "n/a"
             label = "mean (FedAvg)" if name == "mean" else name
             lines.append(f"| {label} | {fmt(base)} | " + " | ".join(fmt(cells[a]) for a in present)
                          + f" | {worst - base[0]:+.2f} | {kept} |")
-        lines.append("")
+            summary[name] = (base[0], worst, min(present, key=lambda a: (cells[a] or (np.inf,))[0]))
+        lines += ["", aim_statement(summary, f), ""]
     (HERE / "robustness.md").write_text("\n".join(lines) + "\n")
 
 

@@ -87,7 +87,6 @@ def test_local_only_keeps_nodes_apart():
     assert not np.allclose(flat[0], flat[1])
 
 
-@pytest.mark.timeout(300)
 def test_threat_picked_at_run_time_equals_the_configured_program():
     # One program over several attacks and defences, its threat set at run time, trains
     # exactly like the program built for that single attack and defence from the config.
