@@ -31,12 +31,10 @@ from pathlib import Path
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_scheduler=false")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from aro_jax.algorithms import driver, evaluation, learned_policy  # noqa: E402
-from aro_jax.algorithms.ppo import Hyperparams  # noqa: E402
 from aro_jax.config import load_config  # noqa: E402
 from aro_jax.envs.heuristics import HEURISTICS  # noqa: E402
 from aro_jax.envs.scenarios import SCENARIOS, cluster_params  # noqa: E402
@@ -80,20 +78,6 @@ def study_overrides(steps: int) -> list[str]:
     # The robustness study's size (benchmarks/robustness.py): 4 clusters per region, which
     # reaches the main job's plateau in 2.5M env steps.
     return ["env.num_clusters=4", f"train.total_env_steps={steps}", "train.num_chunks=1"]
-
-
-def train_seeds(overrides: list[str], seeds: int):
-    """(cfg, network, weights stacked over seeds, per_node) for one learned row."""
-    cfg = load_config(None, overrides)
-    trainer = driver.make_trainer(cfg)
-    hp = Hyperparams.from_config(cfg)
-
-    def one(key):
-        state, _ = trainer.chunk(trainer.init(key, hp), hp, trainer.units_total)
-        return trainer.weights(state)
-
-    weights = jax.jit(jax.vmap(one))(jnp.stack([jax.random.PRNGKey(s) for s in range(seeds)]))
-    return cfg, trainer.network, weights, trainer.per_node
 
 
 def scenarios(cfg) -> list[str]:
@@ -145,7 +129,9 @@ _GREEDY: dict = {}
 
 
 def run_learned(name: str, overrides: list[str], args) -> dict:
-    cfg, network, weights, per_node = train_seeds(study_overrides(args.steps) + overrides, args.seeds)
+    cfg = load_config(None, study_overrides(args.steps) + overrides)
+    trainer, weights = driver.train_seeds(cfg, args.seeds)
+    network, per_node = trainer.network, trainer.per_node
     states = [jax.tree.map(lambda x: x[i], weights) for i in range(args.seeds)]
     # Every learned row has the same network, so one Policy object serves them all and the
     # evaluation compiles once (the weights are its state).

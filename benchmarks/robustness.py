@@ -62,12 +62,20 @@ def study_config(steps: int, extra: list[str] = ()):
     return load_config(None, ["env.num_clusters=4", f"train.total_env_steps={steps}", "train.num_chunks=1", *extra])
 
 
+def allowed(name: str, f: int) -> bool:
+    try:
+        aggregators.check_requirements(name, N_NODES, f)
+        return True
+    except ValueError:
+        return False
+
+
 def defences() -> list[tuple[str, int]]:
     """Every (aggregator, f) the grid uses; FedAvg assumes f = 0."""
     out = [("mean", 0)]
     for name in aggregators.ROBUST_AGGREGATORS:
         for f in (1, 2, 3):
-            if (name in F_FREE and f != 3) or not aggregators._REQUIREMENTS[name][0](N_NODES, f):
+            if (name in F_FREE and f != 3) or not allowed(name, f):
                 continue
             out.append((name, f))
     return out
@@ -133,21 +141,13 @@ def make_evaluator(cfg, network, per_node: bool):
 def local_only(steps: int, seeds: int) -> list[dict]:
     """Local-only reference: each region trains alone (no aggregation, so no attack)."""
     cfg = study_config(steps, ["federated.mode=local"])
-    trainer = driver.make_trainer(cfg)
-    hp = Hyperparams.from_config(cfg)
-    keys = jnp.stack([jax.random.PRNGKey(s) for s in range(seeds)])
-
-    def train_one(key):
-        state, _ = trainer.chunk(trainer.init(key, hp), hp, trainer.units_total)
-        return trainer.weights(state)
-
-    weights = jax.jit(jax.vmap(train_one))(keys)
+    trainer, weights = driver.train_seeds(cfg, seeds)
     rewards = make_evaluator(cfg, trainer.network, per_node=True)(weights)
     return [{"aggregator": "local-only", "f_assumed": 0, "f": 0, "attack": "none", "strength": 0.0, "seed": s,
              "reward": float(r), "skipped_rounds": 0.0} for s, r in enumerate(np.asarray(rewards))]
 
 
-def strength_value(attack: str, s, f: int) -> float:
+def strength_value(s, f: int) -> float:
     return attacks.alie_z_max(N_NODES, f) if s is None else float(s)
 
 
@@ -189,11 +189,11 @@ def main():
             save("local-only", local_only(args.steps, args.seeds))
             print(f"local-only: {time.perf_counter() - t0:.0f} s", flush=True)
         batches = [(f, name) for f in args.f for name in args.aggregators
-                   if name != "bulyan" or aggregators._REQUIREMENTS[name][0](N_NODES, f)]
+                   if allowed(name, f)]
         study = None
         for f, name in batches[part::parts]:
             defence = defence_for(name, f)
-            cells = [(a, strength_value(a, s, f)) for a in args.attacks for s in STRENGTHS[a][: None if args.sweep else 1]]
+            cells = [(a, strength_value(s, f)) for a in args.attacks for s in STRENGTHS[a][: None if args.sweep else 1]]
             cells = [(a, s) for a, s in cells if not done(records, defence, 0 if a == "none" else f, a, s, args.seeds)]
             if not cells:
                 continue

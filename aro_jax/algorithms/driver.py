@@ -67,6 +67,20 @@ def make_trainer(cfg: config_lib.ExperimentConfig) -> Trainer:
     )
 
 
+def train_seeds(cfg: config_lib.ExperimentConfig, seeds: int):
+    """Train seeds 0..seeds-1 of `cfg` in one vmapped program, with no logging; returns
+    (trainer, final policy weights stacked over seeds). For benchmarks and studies."""
+    trainer = make_trainer(cfg)
+    hp = ppo.Hyperparams.from_config(cfg)
+
+    def one(key):
+        state, _ = trainer.chunk(trainer.init(key, hp), hp, trainer.units_total)
+        return trainer.weights(state)
+
+    keys = jax.numpy.stack([jax.random.PRNGKey(s) for s in range(seeds)])
+    return trainer, jax.jit(jax.vmap(one))(keys)
+
+
 def train(cfg: config_lib.ExperimentConfig | None, run_dir: Path, resume: bool = False, quiet: bool = False):
     """Train per `cfg` into `run_dir`, or continue the run there (`resume`, cfg from the
     run); returns (final state, Hyperparams). Where a run was resumed does not change its
