@@ -7,8 +7,10 @@ out of range) gives a structured error and the safe fallback decision (MaintainC
 with the reason; the agent never raises on input.
 
 State across ticks: the exported policy is feed-forward on the current observation, so
-the agent keeps none for the decision itself (the load forecast arrives as the input
-field `forecast_rate_rps`); it keeps only counters for monitoring.
+this decision function keeps none (the load forecast arrives as the input field
+`forecast_rate_rps`); the control loop (`aro_jax.deploy.control_loop`) holds the state
+that turns live vLLM metrics into that observation. Monitoring goes through
+`prometheus_client` (`Telemetry`), shared by the agent, the loop and the HTTP service.
 """
 
 from __future__ import annotations
@@ -19,8 +21,13 @@ import time
 from typing import Any
 
 import numpy as np
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from aro_jax.deploy.export import ExportedPolicy
+
+# `_created` series double the exposition and no consumer here reads them.
+prometheus_client.disable_created_metrics()
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 # Allowed range per field (inclusive); anything not listed must be >= 0.
@@ -40,6 +47,39 @@ FIELD_RANGES = {
 LATENCY_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 RESERVED_KEYS = {"node", "id"}
 RANGE_TOLERANCE = 1e-6  # float32 rounding of a ratio that is 1 by construction
+# Bounds on what a response echoes back, so a response stays proportional to its items.
+MAX_ECHO_CHARS = 64
+MAX_IGNORED_FIELDS = 16
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= MAX_ECHO_CHARS else text[: MAX_ECHO_CHARS - 3] + "..."
+
+
+class Telemetry:
+    """The agent's Prometheus metrics in one registry (one per agent process; tests make
+    their own). Survives a policy reload: the new Agent gets the same Telemetry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.decisions = Counter("aro_agent_decisions", "Decisions made, by action (fallbacks included).", ["action"], registry=r)
+        self.invalid = Counter("aro_agent_invalid_input", "Inputs refused (fallback decision), by field or error.", ["field"], registry=r)
+        self.latency = Histogram(
+            "aro_agent_decision_latency_seconds", "Time from input to decision (validation + policy).", buckets=LATENCY_BUCKETS_S, registry=r,
+        )
+        self.policy_info = Gauge("aro_agent_policy_info", "The loaded policy export.", ["format_version", "env_version", "config_sha256"], registry=r)
+        self.http_requests = Counter("aro_agent_http_requests", "HTTP requests answered, by route and status code.", ["path", "code"], registry=r)
+        self.http_rejected = Counter("aro_agent_http_rejected", "HTTP requests refused before a decision, by reason.", ["reason"], registry=r)
+
+    def set_policy(self, policy: ExportedPolicy) -> None:
+        spec = policy.spec
+        self.policy_info.clear()
+        self.policy_info.labels(str(spec["format_version"]), str(spec["env_version"]), str(spec.get("training", {}).get("config_sha256", ""))).set(1)
+
+    def text(self) -> str:
+        return prometheus_client.generate_latest(self.registry).decode()
 
 
 class InvalidInput(ValueError):
@@ -52,15 +92,15 @@ class Agent:
     """Decisions from one exported policy. `node` fixes the node this agent serves; without
     it, a request names its node (required when the export has several)."""
 
-    def __init__(self, policy: ExportedPolicy, node: str | None = None):
+    def __init__(self, policy: ExportedPolicy, node: str | None = None, telemetry: Telemetry | None = None):
         self.policy = policy
         self.node = policy.resolve_node(node) if node is not None else None
         self._lock = threading.Lock()
-        self.decisions = {name: 0 for name in policy.action_names}
-        self.errors: dict[str, int] = {}
+        self.telemetry = telemetry or Telemetry()
+        self.telemetry.set_policy(policy)
+        for name in policy.action_names:  # every action appears in /metrics from the start
+            self.telemetry.decisions.labels(name)
         self.ticks = 0
-        self._lat_counts = [0] * (len(LATENCY_BUCKETS_S) + 1)
-        self._lat_sum = 0.0
 
     # ---- validation --------------------------------------------------------------
     def _node_of(self, payload: dict) -> str:
@@ -72,7 +112,7 @@ class Agent:
         if not isinstance(node, str):
             raise InvalidInput("node", f"must be a string, got {type(node).__name__}")
         if self.node is not None and node != self.node:
-            raise InvalidInput("node", f"this agent serves node {self.node!r}, got {node!r}")
+            raise InvalidInput("node", f"this agent serves node {self.node!r}, got {_short(node)}")
         if node not in self.policy.node_names:
             raise InvalidInput("node", f"unknown node; this policy serves {list(self.policy.node_names)}")
         return node
@@ -103,7 +143,9 @@ class Agent:
             if hi is not None and v > hi + RANGE_TOLERANCE:
                 raise InvalidInput(name, f"above {hi:g} ({v:g})")
             raw[i] = v
-        extra = sorted(str(k) for k in payload if k not in RESERVED_KEYS and k not in self.policy._idx)
+        extra = sorted(str(k)[:MAX_ECHO_CHARS] for k in payload if k not in RESERVED_KEYS and k not in self.policy._idx)
+        if len(extra) > MAX_IGNORED_FIELDS:
+            extra = extra[:MAX_IGNORED_FIELDS] + [f"... and {len(extra) - MAX_IGNORED_FIELDS} more"]
         return node, raw, extra
 
     # ---- decisions ---------------------------------------------------------------
@@ -121,8 +163,7 @@ class Agent:
             out = self.fallback(e.error, e.field, e.reason)
         except Exception as e:  # never crash on input: the safe action, with the reason
             out = self.fallback("internal_error", None, f"{type(e).__name__}: {e}")
-        if isinstance(payload, dict) and isinstance(payload.get("id"), (str, int)) and not isinstance(payload.get("id"), bool):
-            out["id"] = payload["id"]
+        _echo_id(payload, out)
         self._record(out, time.perf_counter() - t0)
         return out
 
@@ -151,8 +192,7 @@ class Agent:
                     outs[i]["ignored_fields"] = extra
         dt = (time.perf_counter() - t0) / max(len(payloads), 1)
         for p, o in zip(payloads, outs):
-            if isinstance(p, dict) and isinstance(p.get("id"), (str, int)) and not isinstance(p.get("id"), bool):
-                o["id"] = p["id"]
+            _echo_id(p, o)
             self._record(o, dt)
         return outs  # type: ignore[return-value]
 
@@ -163,58 +203,23 @@ class Agent:
         }
 
     def _record(self, out: dict, latency_s: float) -> None:
+        t = self.telemetry
         with self._lock:
             self.ticks += 1
-            self.decisions[out["action"]] += 1
-            if out.get("fallback"):
-                key = out["field"] or out["error"]
-                self.errors[key] = self.errors.get(key, 0) + 1
-            self._lat_sum += latency_s
-            for b, edge in enumerate(LATENCY_BUCKETS_S):
-                if latency_s <= edge:
-                    self._lat_counts[b] += 1
-                    break
-            else:
-                self._lat_counts[-1] += 1
+        t.decisions.labels(out["action"]).inc()
+        if out.get("fallback"):
+            t.invalid.labels(out["field"] or out["error"]).inc()
+        t.latency.observe(latency_s)
 
     # ---- monitoring --------------------------------------------------------------
     def prometheus_text(self) -> str:
-        """Counters and the latency histogram in the Prometheus text exposition format."""
-        with self._lock:
-            lines = [
-                "# HELP aro_agent_decisions_total Decisions made, by action (fallbacks included).",
-                "# TYPE aro_agent_decisions_total counter",
-            ]
-            lines += [f'aro_agent_decisions_total{{action="{a}"}} {n}' for a, n in self.decisions.items()]
-            lines += [
-                "# HELP aro_agent_invalid_input_total Inputs refused (fallback decision), by field or error.",
-                "# TYPE aro_agent_invalid_input_total counter",
-            ]
-            lines += [f'aro_agent_invalid_input_total{{field="{_esc(k)}"}} {n}' for k, n in sorted(self.errors.items())]
-            lines += [
-                "# HELP aro_agent_decision_latency_seconds Time from input to decision (validation + policy).",
-                "# TYPE aro_agent_decision_latency_seconds histogram",
-            ]
-            cum = 0
-            for edge, n in zip(LATENCY_BUCKETS_S, self._lat_counts):
-                cum += n
-                lines.append(f'aro_agent_decision_latency_seconds_bucket{{le="{edge}"}} {cum}')
-            lines.append(f'aro_agent_decision_latency_seconds_bucket{{le="+Inf"}} {self.ticks}')
-            lines.append(f"aro_agent_decision_latency_seconds_sum {self._lat_sum:.9f}")
-            lines.append(f"aro_agent_decision_latency_seconds_count {self.ticks}")
-            spec = self.policy.spec
-            lines += [
-                "# HELP aro_agent_policy_info The loaded policy export.",
-                "# TYPE aro_agent_policy_info gauge",
-                f'aro_agent_policy_info{{format_version="{_esc(spec["format_version"])}",env_version="{_esc(spec["env_version"])}",'
-                f'config_sha256="{_esc(spec.get("training", {}).get("config_sha256", ""))}"}} 1',
-            ]
-        return "\n".join(lines) + "\n"
+        """Every metric of this agent's Telemetry in the Prometheus text format."""
+        return self.telemetry.text()
 
     def health(self) -> dict:
         return {
             "status": "ok",
-            "policy": str(self.policy.path),
+            "policy": self.policy.path.name,  # the export's name, not where it lives on disk
             "format_version": self.policy.spec["format_version"],
             "env_version": self.policy.env_version,
             "nodes": [self.node] if self.node else list(self.policy.node_names),
@@ -224,5 +229,10 @@ class Agent:
         }
 
 
-def _esc(s) -> str:
-    return str(s).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+def _echo_id(payload, out: dict) -> None:
+    """Echo a request's `id` (a string up to MAX_ECHO_CHARS, or an integer that fits in 64 bits)."""
+    ident = payload.get("id") if isinstance(payload, dict) else None
+    if isinstance(ident, str) and len(ident) <= MAX_ECHO_CHARS:
+        out["id"] = ident
+    elif isinstance(ident, int) and not isinstance(ident, bool) and abs(ident) < 2**63:
+        out["id"] = ident

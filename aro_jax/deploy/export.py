@@ -31,8 +31,11 @@ from typing import Sequence
 
 import numpy as np
 
+from aro_jax.deploy.controls import node_controls
+
 FORMAT_VERSION = "1.0"
 SPEC_FILE = "policy.json"
+SPEC_CHECKSUM_FILE = "policy.json.sha256"  # policy.json cannot hold its own digest
 PARAMS_DIR = "params"
 CONFIG_FILE = "training_config.yaml"
 KIND = "aro-exported-policy"
@@ -103,6 +106,7 @@ def export_policy(run_dir: str | Path, out_dir: str | Path, overwrite: bool = Fa
             "policy": policy_of_node[name],
             "observation_scale": [float(x) for x in scales[i]],
             "limits": {k: float(np.asarray(getattr(params, k), np.float32)[i]) for k in MASK_LIMITS},
+            "controls": node_controls(params, i),
         }
 
     config_text = (run_dir / "config.yaml").read_text()
@@ -152,8 +156,9 @@ def export_policy(run_dir: str | Path, out_dir: str | Path, overwrite: bool = Fa
     try:
         _save_tree(tmp / PARAMS_DIR, trees)
         (tmp / CONFIG_FILE).write_text(config_text)
-        spec["files"] = {rel: digest for rel, digest in _file_digests(tmp).items() if rel != SPEC_FILE}
+        spec["files"] = {rel: digest for rel, digest in _file_digests(tmp).items() if rel not in (SPEC_FILE, SPEC_CHECKSUM_FILE)}
         (tmp / SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n")
+        (tmp / SPEC_CHECKSUM_FILE).write_text(hashlib.sha256((tmp / SPEC_FILE).read_bytes()).hexdigest() + "\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)
@@ -305,6 +310,7 @@ def load_policy(path: str | Path) -> ExportedPolicy:
     if not spec_path.is_file():
         hint = " (this is a training run directory: export it first with `aro export RUN_DIR OUT_DIR`)" if (path / "config.yaml").is_file() else ""
         raise ExportError(f"{path}: no {SPEC_FILE}, so this is not an exported policy directory{hint}")
+    _check_spec_digest(path, spec_path)
     try:
         spec = json.loads(spec_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -320,6 +326,7 @@ def load_policy(path: str | Path) -> ExportedPolicy:
     missing = [k for k in ("env_version", "network", "observation", "actions", "nodes", "policies", "files") if k not in spec]
     if missing:
         raise ExportError(f"{spec_path}: spec lacks {missing}; the file is incomplete")
+    _check_spec_sections(spec_path, spec)
     for rel, digest in spec["files"].items():
         f = path / rel
         if not f.is_file():
@@ -339,6 +346,34 @@ def load_policy(path: str | Path) -> ExportedPolicy:
         raise ExportError(f"{path}: parameters do not match the spec ({type(e).__name__}: {e})") from e
     _check_shapes(policy, spec)
     return policy
+
+
+def _check_spec_digest(path: Path, spec_path: Path) -> None:
+    digest_path = path / SPEC_CHECKSUM_FILE
+    if not digest_path.is_file():
+        raise ExportError(f"{path}: no {SPEC_CHECKSUM_FILE}, so {SPEC_FILE} cannot be verified; re-export the run with this version of aro (`aro export RUN_DIR OUT_DIR`)")
+    expected = digest_path.read_text(errors="replace").strip()
+    if hashlib.sha256(spec_path.read_bytes()).hexdigest() != expected:
+        raise ExportError(f"{spec_path}: contents do not match the checksum in {SPEC_CHECKSUM_FILE}; the spec was edited, truncated or corrupted")
+
+
+# Keys each spec section must hold (the loader reads them all).
+SPEC_SECTION_KEYS = {
+    "network": ("hidden_sizes", "num_actions", "input_dim", "layers"),
+    "observation": ("fields", "normalize", "eps", "clip"),
+    "actions": ("names", "fallback", "masking"),
+}
+
+
+def _check_spec_sections(spec_path: Path, spec: dict) -> None:
+    for section, keys in SPEC_SECTION_KEYS.items():
+        if not isinstance(spec[section], dict):
+            raise ExportError(f"{spec_path}: {section} must be an object, got {type(spec[section]).__name__}")
+        lacking = [k for k in keys if k not in spec[section]]
+        if lacking:
+            raise ExportError(f"{spec_path}: {section} lacks {', '.join(f'{section}.{k}' for k in lacking)}; the file is incomplete")
+    if spec["actions"]["fallback"] not in spec["actions"]["names"]:
+        raise ExportError(f"{spec_path}: actions.fallback {spec['actions']['fallback']!r} is not one of actions.names")
 
 
 def _to_numpy(tree):
