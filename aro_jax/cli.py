@@ -11,32 +11,6 @@ from pathlib import Path
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_scheduler=false")
 
 
-def evaluate_policies(cfg, policies: dict, scenario: str, out_dir: Path, seed: int = 0) -> dict:
-    """Run every policy (name -> (Policy, policy_state or None, per_node)) on every node of the
-    cluster on one scenario; write the KPI table
-    (markdown/CSV/JSON) and the one-day timeline of the first node; return the rows."""
-    import jax
-    import numpy as np
-
-    from aro_jax.algorithms import evaluation as ev
-    from aro_jax.envs.scenarios import cluster_params
-    from aro_jax.envs.serving import ServingNodeEnv
-
-    env = ServingNodeEnv(cfg.env.action_set)
-    params = cluster_params(cfg, scenario)
-    rows, traces = {}, {}
-    for name, (policy, policy_state, per_node) in policies.items():
-        metrics = ev.run_episodes(env, policy, params, jax.random.PRNGKey(seed), cfg.eval.num_seeds, cfg.env.episode_ticks, policy_state, per_node)
-        rows[name] = ev.cluster_kpis(metrics, cfg.env.tick_s)
-        traces[name] = {k: np.asarray(v[0, 0]) for k, v in metrics.items()}
-    ev.save_table(rows, out_dir, f"kpis_{scenario}")
-    ev.plot_timeline(traces, cfg.env.tick_s, cfg.cluster.nodes[0].name, out_dir / f"timeline_{scenario}.png")
-    title = f"{cfg.cluster.name}, scenario {scenario}, {cfg.eval.num_seeds} seeds x {len(cfg.cluster.nodes)} nodes x 1 day"
-    print(ev.format_table(rows, title))
-    print(f"\nwrote {out_dir}/kpis_{scenario}.{{md,csv,json}} and timeline_{scenario}.png")
-    return rows
-
-
 def _heuristic_policies(cfg, names):
     from aro_jax.envs.heuristics import HEURISTICS
 
@@ -56,7 +30,7 @@ def cmd_evaluate(args) -> int:
         overrides.append(f"eval.scenario={args.scenario}")
     policies = {}
     if args.checkpoint:  # first: a bad run directory is named precisely
-        from aro_jax.algorithms.checkpointing import load_trained_policy
+        from aro_jax.training.checkpointing import load_trained_policy
 
         _, policy, weights, per_node = load_trained_policy(Path(args.checkpoint))
         policies["learned"] = (policy, weights, per_node)
@@ -66,6 +40,8 @@ def cmd_evaluate(args) -> int:
     names = args.policy or ([] if args.checkpoint else cfg.eval.baselines)
     policies.update(_heuristic_policies(cfg, names))
     out = Path(args.out or (Path(args.checkpoint) / "eval" if args.checkpoint else "runs/eval"))
+    from aro_jax.training.evaluation import evaluate_policies
+
     evaluate_policies(cfg, policies, cfg.eval.scenario, out)
     return 0
 
@@ -82,7 +58,7 @@ def cmd_train(args) -> int:
         from aro_jax.federated.distributed import initialize_distributed
 
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-    from aro_jax.algorithms import driver
+    from aro_jax.training import driver
     from aro_jax.config import load_config
 
     if args.resume:
@@ -96,10 +72,11 @@ def cmd_train(args) -> int:
 def cmd_run(args) -> int:
     """The main job: train on the config, evaluate the policy against the baselines, and
     export it for the deployment agent."""
-    from aro_jax.algorithms import driver
-    from aro_jax.algorithms.checkpointing import load_trained_policy
+    from aro_jax.training import driver
+    from aro_jax.training.checkpointing import load_trained_policy
     from aro_jax.config import load_config
     from aro_jax.deploy.export import export_policy
+    from aro_jax.training.evaluation import evaluate_policies
 
     cfg = load_config(*_config_args(args))
     run_dir = Path(args.run_dir or cfg.train.run_dir)
@@ -245,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = [*getattr(args, "overrides", []), *extra]
-    from aro_jax.algorithms.checkpointing import CheckpointError
+    from aro_jax.training.checkpointing import CheckpointError
     from aro_jax.config import ConfigError
 
     try:

@@ -1,7 +1,9 @@
 """Typed experiment configs: YAML files composed by `include:`, dotted overrides, and
 validation that names the offending key before anything compiles.
 
-Defaults live here, in the dataclasses; YAML files only say what differs.
+Defaults live in the dataclasses (here, and in the layers that own a section: the reward
+weights in `envs.params`, the federated settings in `federated.fedppo`); YAML files only
+say what differs.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from typing import Any
 import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from aro_jax.envs.params import RewardWeights
+from aro_jax.federated.fedppo import FederatedConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
@@ -42,15 +47,6 @@ class ClusterConfig:
 
 
 @dataclass
-class RewardConfig:
-    alpha: float = 1.0  # weight of served share of demand
-    beta: float = 0.5  # weight of (1 - normalised latency)
-    gamma: float = 1.0  # weight of normalised cost
-    slo_penalty: float = 3.0  # weight of the share of requests missing the SLO
-    quality_penalty: float = 2.0  # weight of quality lost by serving on the small model
-
-
-@dataclass
 class EnvConfig:
     action_set: str = "extended"  # "extended" (11 actions) or "paper" (the paper's 5)
     tick_s: float = 30.0
@@ -58,11 +54,13 @@ class EnvConfig:
     num_clusters: int = 16  # simulated clusters per node, stepped in parallel
     scenario: str = "diurnal"
     data_dir: str = "../shared/data"  # holds traces/ for trace-replay scenarios
-    reward: RewardConfig = field(default_factory=RewardConfig)
+    reward: RewardWeights = field(default_factory=RewardWeights)
 
 
 @dataclass
-class PPOConfig:
+class PPOSection:
+    """The `ppo:` section: values (Hyperparams) and static settings (ppo.PPOConfig) of the learner."""
+
     lr: float = 3e-4
     anneal_lr: bool = True
     max_grad_norm: float = 0.5
@@ -77,29 +75,6 @@ class PPOConfig:
     hidden_sizes: list[int] = field(default_factory=lambda: [64, 64])
     normalize_obs: bool = True
     action_masking: bool = True
-
-
-@dataclass
-class FederatedConfig:
-    """How the nodes learn together. "centralized": one learner on every node's pooled
-    data; "federated": one learner per node, deltas robustly aggregated each round;
-    "local": one learner per node, no aggregation (the Local-only baseline)."""
-
-    mode: str = "centralized"
-    aggregator: str = "krum"  # a name in aro_jax.federated.aggregators.AGGREGATORS
-    pre_aggregators: list[str] = field(default_factory=list)  # e.g. [nnm] or [bucketing]
-    num_byzantine: int = 0  # f the aggregator tolerates
-    local_updates: int = 4  # K local PPO updates per node per round
-    server_lr: float = 1.0
-    server_momentum: float = 0.0
-    attack: str = "none"  # a name in aro_jax.federated.attacks.ATTACKS
-    attack_strength: float = 1.0
-    byzantine_nodes: list[int] = field(default_factory=list)  # indices of misbehaving nodes
-    attack_start_round: int = 0
-    dp_clip_norm: float = 0.0  # per-node update clip (L2); 0 disables DP
-    dp_noise_multiplier: float = 0.0  # noise std / clip norm, added to each node's update
-    dp_delta: float = 1e-5
-    devices: int = 1  # devices the node axis is sharded over (must divide the node count)
 
 
 @dataclass
@@ -123,7 +98,7 @@ class ExperimentConfig:
     name: str = "default"
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
-    ppo: PPOConfig = field(default_factory=PPOConfig)
+    ppo: PPOSection = field(default_factory=PPOSection)
     federated: FederatedConfig = field(default_factory=FederatedConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -214,7 +189,7 @@ def validate(cfg: ExperimentConfig) -> None:
     require(e.num_clusters >= 1, "env.num_clusters", f"must be >= 1, got {e.num_clusters}")
     require(e.scenario in scenarios.TRAINING_SCENARIOS, "env.scenario",
             f"{e.scenario!r} is not a training scenario (held-out scenarios {list(scenarios.HELD_OUT_SCENARIOS)} are for evaluation only); choose one of {list(scenarios.TRAINING_SCENARIOS)}")
-    for w in ("alpha", "beta", "gamma", "slo_penalty", "quality_penalty"):
+    for w in dataclasses.asdict(e.reward):
         require(getattr(e.reward, w) >= 0, f"env.reward.{w}", f"must be >= 0, got {getattr(e.reward, w)}")
 
     p = cfg.ppo

@@ -195,6 +195,7 @@ def worker_profile(batch: int, steps: int, repeats: int) -> dict:
     import jax.numpy as jnp
 
     from aro_jax.envs import forecast as fc
+    from aro_jax.envs import fluid
     from aro_jax.envs import serving as sv
     from aro_jax.envs.scenarios import default_node_params
     from aro_jax.envs.traffic import expected_rate_rps, sample_arrivals
@@ -241,7 +242,7 @@ def worker_profile(batch: int, steps: int, repeats: int) -> dict:
 
     def fluid_only(k, s, a, p):
         s = jiggle(k, s)
-        m, q = sv.fluid_tick(p, s.last["arrivals"], s.queue_requests, s.replicas_ready, s.cpu_cores, s.host_memory_gb,
+        m, q = fluid.fluid_tick(p, s.last["arrivals"], s.queue_requests, s.replicas_ready, s.cpu_cores, s.host_memory_gb,
                              s.replicas_ready, s.forward_fraction, s.small_model_fraction)
         return s.replace(queue_requests=q), sum(v for v in m.values())
 
@@ -269,7 +270,7 @@ def worker_profile(batch: int, steps: int, repeats: int) -> dict:
 
     # Cheap stand-ins for the ablations (same output structure, inputs still used).
     metric_keys = list(jax.eval_shape(
-        lambda: sv.fluid_tick(params, 1.0, 0.0, 1.0, 8.0, 64.0, 1.0, 0.0, 0.0))[0].keys())
+        lambda: fluid.fluid_tick(params, 1.0, 0.0, 1.0, 8.0, 64.0, 1.0, 0.0, 0.0))[0].keys())
 
     def fluid_stub(p, arrivals, queue, serving, cpu, mem, billed, fwd, small):
         served = jnp.minimum(arrivals + queue, serving * 100.0)

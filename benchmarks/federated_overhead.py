@@ -17,7 +17,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_sched
 
 import jax  # noqa: E402
 
-from aro_jax.algorithms.ppo import Hyperparams  # noqa: E402
+from aro_jax.training import trainers  # noqa: E402
 from aro_jax.config import load_config  # noqa: E402
 from aro_jax.envs.scenarios import cluster_params  # noqa: E402
 from aro_jax.federated import aggregators, fedppo  # noqa: E402
@@ -25,8 +25,8 @@ from aro_jax.federated import aggregators, fedppo  # noqa: E402
 
 def compiled_chunk(overrides, rounds):
     cfg = load_config(None, overrides)
-    init, chunk, _ = fedppo.make_federated_train(cfg, cluster_params(cfg, "train"))
-    hp = Hyperparams.from_config(cfg)
+    init, chunk, _ = trainers.make_federated(cfg, cluster_params(cfg, "train"))
+    hp = trainers.hyperparams(cfg)
     state = jax.jit(init)(jax.random.PRNGKey(0), hp)
     fn = jax.jit(chunk, static_argnums=2)
     jax.block_until_ready(fn(state, hp, rounds))  # compile
@@ -51,7 +51,7 @@ def main():
             run()
             times[name].append((time.perf_counter() - t0) / args.rounds)
     cfg = next(iter(runs.values()))[1]
-    n_params = sum(x.size for x in jax.tree.leaves(fedppo.make_federated_train(cfg, cluster_params(cfg, "train"))[2].network.init(jax.random.PRNGKey(0), jax.numpy.zeros(20))))
+    n_params = sum(x.size for x in jax.tree.leaves(trainers.make_federated(cfg, cluster_params(cfg, "train"))[2].network.init(jax.random.PRNGKey(0), jax.numpy.zeros(20))))
     base = statistics.median(times["local (no aggregation)"])
     # The aggregation step alone, on a (nodes, params) matrix of the same shape.
     deltas = jax.random.normal(jax.random.PRNGKey(1), (len(cfg.cluster.nodes), n_params))

@@ -19,7 +19,7 @@ PREFILL = ("prefill_base_ms", "prefill_ms_per_token", "prefill_ms_per_token_sq")
 DECODE = ("decode_base_ms", "decode_ms_per_context_token", "decode_ms_per_seq")
 
 
-def _fmt(xs) -> str:
+def format_value(xs) -> str:
     return ", ".join(f"{x:.4g}" for x in xs)
 
 
@@ -34,7 +34,7 @@ def table(fits: dict[str, dict]) -> str:
             mape, worst = fit[f"{phase}_err"]
             committed = [getattr(prof, f) for f in fields]
             lines.append(
-                f"| {name} | {phase} | {fit['source']} | {_fmt(fit[phase])} | {_fmt(committed)}"
+                f"| {name} | {phase} | {fit['source']} | {format_value(fit[phase])} | {format_value(committed)}"
                 f" | {mape:.1f} | {worst:.1f} | {fit[f'{phase}_rows']} |"
             )
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""Agreement of the fluid serving model (aro_jax.envs.serving.fluid_tick) with the
+"""Agreement of the fluid serving model (aro_jax.envs.fluid.fluid_tick) with the
 request-level reference simulator (benchmarks/reference_sim.py).
 
 Same node profile, token mix and replica count; arrivals at fixed multiples of the fluid
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a plain script from a checkout
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from aro_jax.envs import serving  # noqa: E402
+from aro_jax.envs import fluid, serving  # noqa: E402
 from aro_jax.envs.scenarios import NodeSpec, node_params  # noqa: E402
 from reference_sim import EngineSpec, sample_requests, simulate, summarise  # noqa: E402
 
@@ -46,7 +46,7 @@ def case_params(profile: str, mix: str):
 
 
 def capacity_rps(params, replicas: int) -> float:
-    return float(serving.replica_capacity_rps(params)) * replicas
+    return float(fluid.replica_capacity_rps(params)) * replicas
 
 
 def run_reference(
@@ -70,13 +70,13 @@ def run_fluid(params, replicas: int, rate_rps: float, warmup_s: float, window_s:
     """fluid_tick iterated from an empty queue at a constant rate; window metrics."""
     tick = float(params.tick_s)
     n_warm, n_win = round(warmup_s / tick), round(window_s / tick)
-    idle_cores, busy_cores = serving._cpu_cores_per_replica(params)
+    idle_cores, busy_cores = fluid.cpu_cores_per_replica(params)
     cores = 2.0 * replicas * (idle_cores + busy_cores)
-    memory_gb = 2.0 * replicas * (serving._host_memory_per_replica_gb(params) + params.weights_gb)
+    memory_gb = 2.0 * replicas * (fluid.host_memory_per_replica_gb(params) + params.weights_gb)
     r = jnp.float32(replicas)
 
     def step(queue, _):
-        m, queue = serving.fluid_tick(params, jnp.float32(rate_rps * tick), queue, r, cores, memory_gb, r, 0.0, 0.0)
+        m, queue = fluid.fluid_tick(params, jnp.float32(rate_rps * tick), queue, r, cores, memory_gb, r, 0.0, 0.0)
         return queue, m
 
     _, m = jax.lax.scan(step, jnp.float32(0.0), None, length=n_warm + n_win)
@@ -146,8 +146,8 @@ def dispatch_table(replicas: int, seeds, warmup_s: float, window_s: float, load:
         m = run_fluid(params, replicas, rate, warmup_s, window_s)
         lines.append(f"| {profile} | fluid (arrival CV^2 1/{replicas}) | {m['ttft_mean_s']:.3g} | {m['e2e_mean_s']:.3g} |")
         # The per-instance formulas with Poisson arrivals, as random dispatch gives.
-        tokens = serving._token_moments(params.traffic)
-        lat = serving._latency_at_utilisation(params.model, load, tokens, 1.0)
+        tokens = fluid.token_moments(params.traffic)
+        lat = fluid._latency_at_utilisation(params.model, load, tokens, 1.0)
         ttft = float(lat[0] + lat[5])
         e2e = ttft + (float(tokens["output_mean"]) - 1.0) * float(lat[2])
         lines.append(f"| {profile} | fluid formulas, Poisson arrivals | {ttft:.3g} | {e2e:.3g} |")
@@ -231,7 +231,7 @@ dispatch gives each engine Poisson arrivals, which the same formulas with CV 1 f
 
 ## Notes
 
-What the fluid model does to follow the reference's mechanics (aro_jax/envs/serving.py,
+What the fluid model does to follow the reference's mechanics (aro_jax/envs/fluid.py,
 `_instance_model`, `_latency_at_utilisation`, latency lines of `fluid_tick`):
 - Prefill time is averaged over the prompt distribution (E[c L^2], clipped log-normal
   moments), not taken at the mean prompt; this alone moved capacity by 4% (70B

@@ -34,7 +34,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from aro_jax.algorithms import driver, evaluation, learned_policy  # noqa: E402
+from aro_jax.training import driver, evaluation, learned_policy, trainers  # noqa: E402
 from aro_jax.config import load_config  # noqa: E402
 from aro_jax.envs.heuristics import HEURISTICS  # noqa: E402
 from aro_jax.envs.scenarios import SCENARIOS, cluster_params  # noqa: E402
@@ -130,7 +130,7 @@ _GREEDY: dict = {}
 
 def run_learned(name: str, overrides: list[str], args) -> dict:
     cfg = load_config(None, study_overrides(args.steps) + overrides)
-    trainer, weights = driver.train_seeds(cfg, args.seeds)
+    trainer, weights = trainers.train_seeds(cfg, args.seeds)
     network, per_node = trainer.network, trainer.per_node
     states = [jax.tree.map(lambda x: x[i], weights) for i in range(args.seeds)]
     # Every learned row has the same network, so one Policy object serves them all and the

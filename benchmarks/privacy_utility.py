@@ -23,8 +23,8 @@ os.environ.setdefault("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_sched
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from aro_jax.algorithms import driver, evaluation, learned_policy  # noqa: E402
-from aro_jax.algorithms.ppo import Hyperparams  # noqa: E402
+from aro_jax.training import driver, evaluation, learned_policy, trainers  # noqa: E402
+from aro_jax.training import trainers  # noqa: E402
 from aro_jax.config import load_config  # noqa: E402
 from aro_jax.envs.heuristics import reactive_policy  # noqa: E402
 from aro_jax.envs.scenarios import cluster_params  # noqa: E402
@@ -39,8 +39,8 @@ def run(steps: int, clip: float, noise: float, delta: float):
     if noise > 0 or clip > 0:
         overrides += [f"federated.dp_clip_norm={clip}", f"federated.dp_noise_multiplier={noise}", f"federated.dp_delta={delta}"]
     cfg = load_config(None, overrides)
-    trainer = driver.make_trainer(cfg)
-    hp = Hyperparams.from_config(cfg)
+    trainer = trainers.make_trainer(cfg)
+    hp = trainers.hyperparams(cfg)
     t0 = time.perf_counter()
     state = jax.jit(trainer.init)(jax.random.PRNGKey(cfg.train.seed), hp)
     state, metrics = jax.jit(trainer.chunk, static_argnums=2)(state, hp, trainer.units_total)
@@ -50,7 +50,7 @@ def run(steps: int, clip: float, noise: float, delta: float):
     params = cluster_params(cfg, "diurnal")
     policy = learned_policy.greedy_policy(trainer.network)
     m = evaluation.run_episodes(env, policy, params, jax.random.PRNGKey(123), EVAL_SEEDS, EVAL_TICKS, trainer.weights(state))
-    rounds = fedppo.num_rounds(cfg)
+    rounds = trainers.num_rounds(cfg)
     eps = privacy.epsilon(noise, 1.0, rounds, delta) if noise > 0 else float("inf")
     return cfg, rounds, eps, evaluation.cluster_kpis(m, cfg.env.tick_s), float(np.mean(metrics["delta_norm"])), wall
 
@@ -97,7 +97,7 @@ def main():
     lines.append(f"| Reactive (reference) | | | | {reactive['reward']:.3f} | {reactive['e2e_mean_ms']:,.0f} | "
                  f"{reactive['slo_attainment_pct']:.1f} | {reactive['cost_usd_per_mtok']:.3f} | {reactive['quality']:.3f} |")
     lines += ["", f"Mean L2 norm of a node's round delta without DP: {rows[0]['mean_delta_norm']:.3g} "
-              f"({sum(x.size for x in jax.tree.leaves(driver.make_trainer(cfg).network.init(jax.random.PRNGKey(0), jax.numpy.zeros(20))))} parameters)."]
+              f"({sum(x.size for x in jax.tree.leaves(trainers.make_trainer(cfg).network.init(jax.random.PRNGKey(0), jax.numpy.zeros(20))))} parameters)."]
     out = Path(__file__).with_name("privacy_utility.md")
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

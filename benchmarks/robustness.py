@@ -32,8 +32,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from aro_jax.algorithms import driver, evaluation, learned_policy  # noqa: E402
-from aro_jax.algorithms.ppo import Hyperparams  # noqa: E402
+from aro_jax.training import driver, evaluation, learned_policy, trainers  # noqa: E402
+from aro_jax.training import trainers  # noqa: E402
 from aro_jax.config import load_config  # noqa: E402
 from aro_jax.envs.scenarios import cluster_params  # noqa: E402
 from aro_jax.envs.serving import ServingNodeEnv  # noqa: E402
@@ -95,9 +95,9 @@ class Study:
         self.defences = defences()
         self.attacks = attack_names
         params = cluster_params(self.cfg, "train")
-        init, chunk, learner = fedppo.make_federated_train(self.cfg, params, attack_names, self.defences)
-        hp = Hyperparams.from_config(self.cfg)
-        rounds = fedppo.num_rounds(self.cfg)
+        init, chunk, learner = trainers.make_federated(self.cfg, params, attack_names, self.defences)
+        hp = trainers.hyperparams(self.cfg)
+        rounds = trainers.num_rounds(self.cfg)
 
         def train_one(key, attack, strength, byzantine, defence):
             state = init(key, hp)
@@ -141,7 +141,7 @@ def make_evaluator(cfg, network, per_node: bool):
 def local_only(steps: int, seeds: int) -> list[dict]:
     """Local-only reference: each region trains alone (no aggregation, so no attack)."""
     cfg = study_config(steps, ["federated.mode=local"])
-    trainer, weights = driver.train_seeds(cfg, seeds)
+    trainer, weights = trainers.train_seeds(cfg, seeds)
     rewards = make_evaluator(cfg, trainer.network, per_node=True)(weights)
     return [{"aggregator": "local-only", "f_assumed": 0, "f": 0, "attack": "none", "strength": 0.0, "seed": s,
              "reward": float(r), "skipped_rounds": 0.0} for s, r in enumerate(np.asarray(rewards))]

@@ -31,7 +31,7 @@ def federated_worker(devices: int, rounds: int, repeats: int) -> dict:
     its first 8 regions so that 1, 2, 4 and 8 devices all divide the node axis."""
     import jax
 
-    from aro_jax.algorithms.ppo import Hyperparams
+    from aro_jax.training import trainers
     from aro_jax.config import load_config
     from aro_jax.envs.scenarios import cluster_params
     from aro_jax.federated import fedppo
@@ -40,8 +40,8 @@ def federated_worker(devices: int, rounds: int, repeats: int) -> dict:
     cfg.cluster.nodes = cfg.cluster.nodes[:8]
     cfg.federated.devices = devices
     cfg.federated.num_byzantine = 2  # multi-Krum needs n >= 2f + 3
-    init, chunk, _ = fedppo.make_federated_train(cfg, cluster_params(cfg, "train"))
-    hp = Hyperparams.from_config(cfg)
+    init, chunk, _ = trainers.make_federated(cfg, cluster_params(cfg, "train"))
+    hp = trainers.hyperparams(cfg)
     state = jax.jit(init)(jax.random.PRNGKey(0), hp)
     fn = jax.jit(chunk, static_argnums=2)
     t0 = time.perf_counter()

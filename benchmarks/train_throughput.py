@@ -60,7 +60,7 @@ def worker(clusters: int, updates: int, repeats: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from aro_jax.algorithms.ppo import Hyperparams, make_train
+    from aro_jax.training import trainers
     from aro_jax.envs.scenarios import default_node_params, stack_params
     from aro_jax.envs.serving import ServingNodeEnv
 
@@ -68,7 +68,7 @@ def worker(clusters: int, updates: int, repeats: int) -> dict:
     from env_throughput import init_states, make_rollout, time_interleaved
 
     cfg = make_cfg(clusters, updates)
-    hp = Hyperparams.from_config(cfg)
+    hp = trainers.hyperparams(cfg)
     cartpole, cartpole_params = gymnax.make("CartPole-v1")
     envs = {
         "node": (ServingNodeEnv(cfg.env.action_set), stack_params([default_node_params()])),

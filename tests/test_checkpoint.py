@@ -8,8 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-from aro_jax.algorithms import checkpointing, driver, ppo
-from aro_jax.algorithms.checkpointing import CheckpointError
+from aro_jax.algorithms import ppo
+from aro_jax.training import checkpointing, driver, trainers
+from aro_jax.training.checkpointing import CheckpointError
 from aro_jax.config import load_config
 from aro_jax.envs.scenarios import cluster_params
 
@@ -40,8 +41,8 @@ def finished_run(tmp_path_factory):
 
 
 def abstract_trees(cfg):
-    learner = ppo.make_train(cfg, cluster_params(cfg, "train"))
-    hp = ppo.Hyperparams.from_config(cfg)
+    learner = trainers.make_learner(cfg, cluster_params(cfg, "train"))
+    hp = trainers.hyperparams(cfg)
     return jax.eval_shape(learner.init, jax.random.PRNGKey(0), hp), jax.eval_shape(lambda: hp)
 
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import aro_jax.envs  # noqa: F401  (registers ServingNode-v0)
-from aro_jax.envs import scenarios, serving
+from aro_jax.envs import fluid, scenarios, serving
 from aro_jax.envs.serving import (
     DEC_CPU,
     DEC_GPU,
@@ -23,9 +23,9 @@ from aro_jax.envs.serving import (
     PULL_BACK,
     REBALANCE,
     RESTORE,
-    EnvParams,
     ServingNodeEnv,
 )
+from aro_jax.envs.params import EnvParams
 
 ALLOCATION_FIELDS = ("replicas_ready", "cpu_cores", "host_memory_gb", "forward_fraction", "small_model_fraction")
 
@@ -273,12 +273,12 @@ def test_metrics_are_in_range_every_tick(invariant_rollout):
 
 def _fluid_capacity_pair(params, arrivals, queue, replicas, small_fraction, forward_fraction):
     """fluid_tick at r and r + 1 replicas with CPU and host memory ample for r + 1."""
-    idle, busy = serving._cpu_cores_per_replica(params)
+    idle, busy = fluid.cpu_cores_per_replica(params)
     cores = (replicas + 1.0) * (idle + busy)
-    memory = (replicas + 1.0) * serving._host_memory_per_replica_gb(params) + params.weights_gb
+    memory = (replicas + 1.0) * fluid.host_memory_per_replica_gb(params) + params.weights_gb
 
     def tick(r):
-        metrics, _ = serving.fluid_tick(params, arrivals, queue, r, cores, memory, r, forward_fraction, small_fraction)
+        metrics, _ = fluid.fluid_tick(params, arrivals, queue, r, cores, memory, r, forward_fraction, small_fraction)
         return metrics
 
     return tick(replicas), tick(replicas + 1.0)

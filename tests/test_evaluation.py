@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from aro_jax.algorithms.evaluation import hyperscore
+from aro_jax.training.evaluation import hyperscore
 
 
 def test_hyperscore_by_hand():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from _deploy_fixture import trained
-from aro_jax.algorithms.checkpointing import load_trained_policy
+from aro_jax.training.checkpointing import load_trained_policy
 from aro_jax.deploy.export import SPEC_FILE, ExportError, load_policy
 from aro_jax.envs import serving as sv
 from aro_jax.envs.scenarios import cluster_params
@@ -115,7 +115,7 @@ def test_truncated_and_corrupt_params(export_copy):
 
 
 def test_export_refuses_existing_and_bad_run(tmp_path):
-    from aro_jax.algorithms.checkpointing import CheckpointError
+    from aro_jax.training.checkpointing import CheckpointError
     from aro_jax.deploy.export import export_policy
 
     run_dir, export_dir = trained()

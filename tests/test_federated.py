@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from aro_jax.algorithms.ppo import Hyperparams
+from aro_jax.training import trainers
 from aro_jax.config import load_config
 from aro_jax.envs.scenarios import cluster_params
 from aro_jax.federated import fedppo
@@ -57,10 +57,10 @@ def test_one_device_equals_four_devices_and_two_processes(tmp_path):
 
 def _train(overrides):
     cfg = load_config(CLUSTER, overrides)
-    init, chunk, _ = fedppo.make_federated_train(cfg, cluster_params(cfg, "train"))
-    hp = Hyperparams.from_config(cfg)
+    init, chunk, _ = trainers.make_federated(cfg, cluster_params(cfg, "train"))
+    hp = trainers.hyperparams(cfg)
     state0 = jax.jit(init)(jax.random.PRNGKey(0), hp)
-    state, metrics = jax.jit(chunk, static_argnums=2)(state0, hp, fedppo.num_rounds(cfg))
+    state, metrics = jax.jit(chunk, static_argnums=2)(state0, hp, trainers.num_rounds(cfg))
     return state0, state, metrics
 
 
@@ -95,12 +95,12 @@ def test_threat_picked_at_run_time_equals_the_configured_program():
 
     cfg = load_config(CLUSTER, ["federated.aggregator=mean"])
     attack_names, defences = ["none", "nan", "sign_flip"], [("mean", 0), ("median", 1), ("trimmed_mean", 1)]
-    init, chunk, _ = fedppo.make_federated_train(cfg, cluster_params(cfg, "train"), attack_names, defences)
-    hp = Hyperparams.from_config(cfg)
+    init, chunk, _ = trainers.make_federated(cfg, cluster_params(cfg, "train"), attack_names, defences)
+    hp = trainers.hyperparams(cfg)
     state = jax.jit(init)(jax.random.PRNGKey(0), hp)
     threat = fedppo.Threat(attack=jnp.int32(2), strength=jnp.float32(3.0),
                            byzantine=jnp.arange(4) == 1, defence=jnp.int32(1))
-    state, _ = jax.jit(chunk, static_argnums=2)(state.replace(threat=threat), hp, fedppo.num_rounds(cfg))
+    state, _ = jax.jit(chunk, static_argnums=2)(state.replace(threat=threat), hp, trainers.num_rounds(cfg))
     got = jax.flatten_util.ravel_pytree(state.global_params)[0]
     want = jax.flatten_util.ravel_pytree(expected.global_params)[0]
     np.testing.assert_allclose(got, want, atol=1e-6)
@@ -109,4 +109,4 @@ def test_threat_picked_at_run_time_equals_the_configured_program():
 def test_unsatisfiable_defence_option_is_refused():
     cfg = load_config(CLUSTER, [])
     with pytest.raises(ValueError, match="krum"):
-        fedppo.make_federated_train(cfg, cluster_params(cfg, "train"), None, [("median", 1), ("krum", 1)])
+        trainers.make_federated(cfg, cluster_params(cfg, "train"), None, [("median", 1), ("krum", 1)])

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from aro_jax.envs import forecast, traffic
-from aro_jax.envs.serving import EnvParams
+from aro_jax.envs.params import EnvParams
 from aro_jax.envs.traffic import SECONDS_PER_DAY, TrafficParams
 
 TICK_S = 30.0

@@ -7,8 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from aro_jax.algorithms import driver, evaluation, learned_policy
-from aro_jax.algorithms.checkpointing import load_trained_policy
+from aro_jax.training import driver, evaluation, learned_policy, trainers
+from aro_jax.training.checkpointing import load_trained_policy
 from aro_jax.config import load_config
 from aro_jax.envs.heuristics import reactive_policy
 from aro_jax.envs.scenarios import cluster_params
@@ -39,8 +39,8 @@ def test_ppo_beats_reactive_on_one_node(tmp_path: Path):
     params = cluster_params(cfg, "diurnal")
     reactive = _mean_reward(env, reactive_policy(cfg.env.tick_s), params)
 
-    trainer = driver.make_trainer(cfg)
-    untrained = trainer.weights(jax.jit(trainer.init)(jax.random.PRNGKey(0), driver.ppo.Hyperparams.from_config(cfg)))
+    trainer = trainers.make_trainer(cfg)
+    untrained = trainer.weights(jax.jit(trainer.init)(jax.random.PRNGKey(0), trainers.hyperparams(cfg)))
     greedy = learned_policy.greedy_policy(trainer.network)
     untrained_reward = _mean_reward(env, greedy, params, untrained)
 

@@ -9,6 +9,7 @@ from flax import struct
 from gymnax.environments import environment, spaces
 
 from aro_jax.algorithms import ppo
+from aro_jax.training import trainers
 from aro_jax.config import load_config
 from aro_jax.envs.scenarios import cluster_params
 
@@ -157,26 +158,21 @@ VALUE_SCALE = 1.0 - PROBE_GAMMA
 TRUNCATION_STEPS = 5
 
 
-def probe_config():
-    rollout_steps, clusters = 16, 8
-    return load_config(None, [
-        ONE_NODE, "federated.mode=centralized", f"env.num_clusters={clusters}", f"ppo.rollout_steps={rollout_steps}",
-        "ppo.num_minibatches=2", "ppo.update_epochs=4", "ppo.hidden_sizes=[16,16]", "ppo.lr=3e-3",
-        "ppo.anneal_lr=false", "ppo.normalize_obs=false", f"ppo.gamma={PROBE_GAMMA}",
-        f"train.total_env_steps={rollout_steps * clusters * PROBE_UPDATES}", "train.num_chunks=1",
-    ])
+PROBE_CONFIG = ppo.PPOConfig(
+    num_envs=8, rollout_steps=16, num_minibatches=2, update_epochs=4, total_updates=PROBE_UPDATES,
+    hidden_sizes=(16, 16), anneal_lr=False, normalize_obs=False,
+)
+PROBE_HP = ppo.Hyperparams(lr=3e-3, gamma=PROBE_GAMMA)
 
 
 def train_probe(env, params=None, seed=0):
     """(value / VALUE_SCALE, action probabilities) at the probe's start observation
-    after training, and (network, state)."""
-    cfg = probe_config()
+    after training, and (network, state): the generic learner, no serving code."""
     params = env.default_params if params is None else params
-    node_params = jax.tree.map(lambda x: jnp.asarray(x)[None], params)  # one node
     assert not hasattr(env, "action_mask_from_obs")  # masking stays off
-    learner = ppo.make_train(cfg, node_params, env=env)
+    learner = ppo.make_train(env, params, PROBE_CONFIG)
     network = learner.network
-    state, metrics = jax.jit(learner.train)(jax.random.PRNGKey(seed), ppo.Hyperparams.from_config(cfg))
+    state, metrics = jax.jit(learner.train)(jax.random.PRNGKey(seed), PROBE_HP)
     assert int(state.update_step) == PROBE_UPDATES
     assert np.isfinite(np.asarray(metrics["value_loss"])).all()
     obs, _ = env.reset(jax.random.PRNGKey(0), params)
@@ -230,7 +226,7 @@ def serving_learner():
         "ppo.num_minibatches=2", "ppo.update_epochs=1", "ppo.hidden_sizes=[32,32]",
         "train.total_env_steps=32", "train.num_chunks=1",
     ])
-    train = ppo.make_train(cfg, cluster_params(cfg, "train")).train
+    train = trainers.make_learner(cfg, cluster_params(cfg, "train")).train
     traces = {"single": 0}
 
     def counted_train(key, hp):
@@ -238,7 +234,7 @@ def serving_learner():
         return train(key, hp)
 
     # Strong float32 leaves: a Python float would be weakly typed and retrace.
-    hp = jax.tree.map(jnp.float32, ppo.Hyperparams.from_config(cfg))
+    hp = jax.tree.map(jnp.float32, trainers.hyperparams(cfg))
     return train, jax.jit(counted_train), hp, traces
 
 

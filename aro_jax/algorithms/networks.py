@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from aro_jax import contract
+
 
 class ActorCritic(nn.Module):
     """Separate tanh MLPs for the actor (logits = the paper's action scores; the policy is
@@ -66,4 +68,4 @@ class RunningStats:
         return RunningStats(mean=mean, var=m2 / total, count=total)
 
     def normalize(self, obs: jax.Array) -> jax.Array:
-        return jnp.clip((obs - self.mean) / jnp.sqrt(self.var + 1e-8), -10.0, 10.0)
+        return contract.normalize(obs, self.mean, self.var, xp=jnp)

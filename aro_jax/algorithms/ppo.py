@@ -1,17 +1,24 @@
-"""PPO in one compiled program (PureJaxRL layout, gymnax 1.x semantics).
+"""PPO on any gymnax environment, in one compiled program (PureJaxRL layout, gymnax 1.x).
 
-`make_train(config, node_params)` returns a Learner of pure functions: `init(key, hp)` builds the
-training state, `train_chunk(state, hp, n)` runs n PPO updates as one `lax.scan`, and
-`train(key, hp)` does everything under one jit. Sweepable hyperparameters (`Hyperparams`)
-are pytree leaves, so `vmap` over seeds and over hyperparameters gives one program.
+`make_train(env, env_params, config)` returns a Learner of pure functions: `init(key, hp)`
+builds the training state, `update(state, hp)` runs one PPO update (a rollout, GAE,
+epochs of minibatch updates), `train_chunk(state, hp, n)` runs n of them as one
+`lax.scan`, and `train(key, hp)` does everything. `Hyperparams` are pytree leaves and
+`PPOConfig` holds what is static (shapes and counts), so `vmap` over seeds and over
+hyperparameters gives one program.
 
-A learner sees every node in `node_params` (a stack along a leading node axis) with
-`num_clusters` simulated clusters each: with the whole cluster this is the paper's
-"Centralized RL" baseline; the federated trainer gives each node its own learner.
+The envs form a (param sets, envs) grid: with `stacked=True` the env params carry a
+leading axis (one param set per node of a cluster, say) and every set runs
+`config.num_envs` envs. Two hooks keep this module free of any particular env:
+`env_params_fn(env_params, hp.env)` applies env-specific hyperparameters (reward weights,
+for example) and `metrics_fn(info)` turns a step's info into scalars averaged into the
+update's metrics. Action masking applies when the env has `action_mask_from_obs(obs, params)`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -20,35 +27,36 @@ import optax
 from flax import struct
 
 from aro_jax.algorithms.networks import ActorCritic, RunningStats, masked_logits
-from aro_jax.config import ExperimentConfig, num_updates
-from aro_jax.envs import serving as sv
 
 
 @struct.dataclass
 class Hyperparams:
-    """Values a sweep may vmap over (all float leaves)."""
+    """Values a sweep may vmap over (float leaves). `env` is an optional pytree of
+    env-specific values handed to `make_train`'s `env_params_fn`."""
 
     lr: float = 3e-4
     clip_eps: float = 0.2
     ent_coef: float = 0.01
     vf_coef: float = 0.5
-    gamma: float = 0.99
+    gamma: float = 0.99  # discount
     gae_lambda: float = 0.95
     max_grad_norm: float = 0.5
-    alpha: float = 1.0  # reward weights, applied to every node's EnvParams
-    beta: float = 0.5
-    cost_weight: float = 1.0  # the paper's gamma (named apart from the discount)
-    slo_penalty: float = 3.0
-    quality_penalty: float = 2.0
+    env: Any = None
 
-    @classmethod
-    def from_config(cls, cfg: ExperimentConfig) -> "Hyperparams":
-        p, r = cfg.ppo, cfg.env.reward
-        return cls(
-            lr=p.lr, clip_eps=p.clip_eps, ent_coef=p.ent_coef, vf_coef=p.vf_coef, gamma=p.gamma,
-            gae_lambda=p.gae_lambda, max_grad_norm=p.max_grad_norm,
-            alpha=r.alpha, beta=r.beta, cost_weight=r.gamma, slo_penalty=r.slo_penalty, quality_penalty=r.quality_penalty,
-        )
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig:
+    """Static settings: shapes, counts and switches (not vmappable)."""
+
+    num_envs: int = 16  # envs per param set, stepped in parallel
+    rollout_steps: int = 64  # env steps per env per update
+    num_minibatches: int = 4
+    update_epochs: int = 4
+    total_updates: int = 100  # the run's length, for the learning-rate schedule
+    hidden_sizes: tuple[int, ...] = (64, 64)
+    anneal_lr: bool = True
+    normalize_obs: bool = True
+    action_masking: bool = True
 
 
 @struct.dataclass
@@ -56,13 +64,10 @@ class TrainState:
     params: Any  # network parameters
     opt_state: Any
     obs_stats: RunningStats
-    env_state: Any  # (nodes, clusters) env states
-    obs: jax.Array  # (nodes, clusters, obs_dim) raw observations
+    env_state: Any  # (param sets, envs) env states
+    obs: jax.Array  # (param sets, envs, obs_dim) observations
     key: jax.Array
     update_step: jax.Array  # PPO updates done
-
-
-KPI_KEYS = ("e2e_mean_s", "slo_attainment", "cost_usd", "dropped", "arrivals")
 
 
 class Transition(NamedTuple):
@@ -106,48 +111,53 @@ def optimizer(hp: Hyperparams, total_updates: int, steps_per_update: int, anneal
     return optax.chain(optax.clip_by_global_norm(hp.max_grad_norm), optax.adam(lr_schedule, eps=1e-5))
 
 
-def with_reward_weights(node_params: sv.EnvParams, hp: Hyperparams) -> sv.EnvParams:
-    if not hasattr(node_params, "alpha"):
-        return node_params  # another gymnax env (e.g. a probe): no reward weights to set
-    shape = jnp.shape(node_params.alpha)
-    full = lambda v: jnp.broadcast_to(jnp.asarray(v, jnp.float32), shape)  # noqa: E731
-    return node_params.replace(
-        alpha=full(hp.alpha), beta=full(hp.beta), gamma=full(hp.cost_weight),
-        slo_penalty=full(hp.slo_penalty), quality_penalty=full(hp.quality_penalty),
-    )
-
-
 class Learner(NamedTuple):
-    """What make_train builds. `init` and `update` also take node params explicitly, so
-    the federated trainer can map them over a node axis."""
+    """What make_train builds. `init` and `update` also take env params explicitly (in the
+    form make_train got them), so a federated trainer can map them over a node axis."""
 
-    init: Any  # (key, hp[, node_params]) -> TrainState
-    update: Any  # (state, hp[, node_params]) -> (state, metrics, observation stats of the rollout)
-    train_chunk: Any  # (state, hp, num_updates: static) -> (state, metrics stacked per update)
-    train: Any  # (key, hp) -> (state, metrics): the whole run under one jit
-    network: Any
+    init: Callable  # (key, hp[, env_params]) -> TrainState
+    update: Callable  # (state, hp[, env_params]) -> (state, metrics, observation stats of the rollout)
+    train_chunk: Callable  # (state, hp, num_updates: static) -> (state, metrics stacked per update)
+    train: Callable  # (key, hp) -> (state, metrics): the whole run
+    network: ActorCritic
 
 
-def make_train(cfg: ExperimentConfig, node_params, env=None) -> Learner:
-    """Build a learner over a stack of node params (leading node axis).
+def make_train(
+    env,
+    env_params,
+    config: PPOConfig = PPOConfig(),
+    *,
+    stacked: bool = False,
+    env_params_fn: Callable[[Any, Any], Any] | None = None,
+    metrics_fn: Callable[[dict], dict[str, jax.Array]] | None = None,
+) -> Learner:
+    """Build a PPO learner for a gymnax `env`.
 
-    `env` is any gymnax environment (default: the serving node with cfg's action set);
-    action masking applies when it has `action_mask_from_obs(obs, params)`.
+    env_params: the env's params, or (`stacked=True`) a stack of them along a leading axis.
+    env_params_fn: (env_params, hp.env) -> env_params, applied before every rollout.
+    metrics_fn: info dict of one step -> named arrays; their means over the rollout join
+        the update's metrics (next to reward and the losses).
     """
-    env = env or sv.ServingNodeEnv(cfg.env.action_set)
-    network = ActorCritic(env.num_actions, tuple(cfg.ppo.hidden_sizes))
-    num_nodes = jax.tree.leaves(node_params)[0].shape[0]
-    clusters = cfg.env.num_clusters
-    steps = cfg.ppo.rollout_steps
-    batch = steps * num_nodes * clusters
-    minibatches, epochs = cfg.ppo.num_minibatches, cfg.ppo.update_epochs
-    total_updates = max(num_updates(cfg), 1)
-    obs_dim = env.observation_space(jax.tree.map(lambda x: x[0], node_params)).shape[0]
-    use_mask = cfg.ppo.action_masking and hasattr(env, "action_mask_from_obs")
+    network = ActorCritic(env.num_actions, tuple(config.hidden_sizes))
+    grid = lambda p: p if stacked else jax.tree.map(lambda x: jnp.asarray(x)[None], p)  # noqa: E731
+    num_sets = jax.tree.leaves(grid(env_params))[0].shape[0]
+    num_envs, steps = config.num_envs, config.rollout_steps
+    batch = steps * num_sets * num_envs
+    minibatches, epochs = config.num_minibatches, config.update_epochs
+    if batch % minibatches:
+        raise ValueError(f"num_minibatches={minibatches} does not divide the batch of {batch} transitions "
+                         f"(rollout_steps {steps} x param sets {num_sets} x num_envs {num_envs})")
+    total_updates = max(config.total_updates, 1)
+    obs_dim = env.observation_space(jax.tree.map(lambda x: x[0], grid(env_params))).shape[0]
+    use_mask = config.action_masking and hasattr(env, "action_mask_from_obs")
 
-    # Envs form a (nodes, clusters) grid: vmap over node params, then cluster keys.
+    # vmap over param sets, then over envs.
     reset_all = jax.vmap(jax.vmap(env.reset, in_axes=(0, None)), in_axes=(0, 0))
     step_all = jax.vmap(jax.vmap(env.step, in_axes=(0, 0, 0, None)), in_axes=(0, 0, 0, 0))
+
+    def effective(params, hp):
+        params = grid(params)
+        return env_params_fn(params, hp.env) if env_params_fn is not None else params
 
     def mask_of(obs, params):
         if not use_mask:
@@ -155,40 +165,41 @@ def make_train(cfg: ExperimentConfig, node_params, env=None) -> Learner:
         return jax.vmap(env.action_mask_from_obs)(obs, params)
 
     def env_keys(key):
-        return jax.random.split(key, num_nodes * clusters).reshape(num_nodes, clusters, -1)
+        return jax.random.split(key, num_sets * num_envs).reshape(num_sets, num_envs, -1)
 
-    def init(key: jax.Array, hp: Hyperparams, node_params=node_params) -> TrainState:
+    def tx_of(hp):
+        return optimizer(hp, total_updates, minibatches * epochs, config.anneal_lr)
+
+    def init(key: jax.Array, hp: Hyperparams, env_params=env_params) -> TrainState:
         k_net, k_env, key = jax.random.split(key, 3)
         params = network.init(k_net, jnp.zeros((obs_dim,)))
-        tx = optimizer(hp, total_updates, minibatches * epochs, cfg.ppo.anneal_lr)
-        obs, env_state = reset_all(env_keys(k_env), with_reward_weights(node_params, hp))
-        return TrainState(params, tx.init(params), RunningStats.create(obs_dim), env_state, obs, key, jnp.zeros((), jnp.int32))
+        obs, env_state = reset_all(env_keys(k_env), effective(env_params, hp))
+        return TrainState(params, tx_of(hp).init(params), RunningStats.create(obs_dim), env_state, obs, key, jnp.zeros((), jnp.int32))
 
-    def update(state: TrainState, hp: Hyperparams, node_params=node_params):
-        """One PPO update: a rollout on every (node, cluster) env, GAE, epochs of minibatches."""
-        nparams = with_reward_weights(node_params, hp)
-        tx = optimizer(hp, total_updates, minibatches * epochs, cfg.ppo.anneal_lr)
+    def update(state: TrainState, hp: Hyperparams, env_params=env_params):
+        """One PPO update: a rollout on every env, GAE, epochs of minibatches."""
+        nparams = effective(env_params, hp)
+        tx = tx_of(hp)
         stats = state.obs_stats
+        norm = (lambda o: stats.normalize(o)) if config.normalize_obs else (lambda o: o)  # noqa: E731
 
         def env_step(carry, _):
             env_state, obs, key = carry
             key, k_act, k_env = jax.random.split(key, 3)
             mask = mask_of(obs, nparams)
-            nobs = stats.normalize(obs) if cfg.ppo.normalize_obs else obs
+            nobs = norm(obs)
             logits, value = network.apply(state.params, nobs)
             logits = masked_logits(logits, mask)
             action = jax.random.categorical(k_act, logits)
             log_prob = jnp.take_along_axis(jax.nn.log_softmax(logits), action[..., None], -1)[..., 0]
             next_obs, env_state, reward, terminated, truncated, info = step_all(env_keys(k_env), env_state, action, nparams)
-            final = info["final_observation"]
-            nfinal = stats.normalize(final) if cfg.ppo.normalize_obs else final
-            _, next_value = network.apply(state.params, nfinal)
+            _, next_value = network.apply(state.params, norm(info["final_observation"]))
             done = jnp.logical_or(terminated, truncated)
             tr = Transition(nobs, mask, action, log_prob, value, next_value, reward, terminated.astype(jnp.float32), done.astype(jnp.float32))
-            kpi = {k: info["metrics"][k].mean() for k in KPI_KEYS if k in info.get("metrics", {})}
-            return (env_state, next_obs, key), (tr, obs, kpi)
+            step_metrics = metrics_fn(info) if metrics_fn is not None else {}
+            return (env_state, next_obs, key), (tr, obs, step_metrics)
 
-        (env_state, obs, key), (traj, env_obs, kpi) = jax.lax.scan(env_step, (state.env_state, state.obs, state.key), None, steps)
+        (env_state, obs, key), (traj, env_obs, step_metrics) = jax.lax.scan(env_step, (state.env_state, state.obs, state.key), None, steps)
         # Values are learned on rewards scaled by (1 - gamma), i.e. in units of mean reward
         # per tick, so they stay O(1) whatever the horizon (and value clipping stays sane).
         scaled_reward = traj.reward * (1.0 - hp.gamma)
@@ -226,15 +237,8 @@ def make_train(cfg: ExperimentConfig, node_params, env=None) -> Learner:
             return (params, opt_state, key), info
 
         (params, opt_state, key), losses = jax.lax.scan(epoch, (state.params, state.opt_state, key), None, epochs)
-        new_stats = stats.update(env_obs) if cfg.ppo.normalize_obs else stats
-        metrics = {"reward": traj.reward.mean(), **jax.tree.map(jnp.mean, losses)}
-        if kpi:
-            metrics.update(
-                e2e_mean_s=kpi["e2e_mean_s"].mean(),
-                slo_attainment=kpi["slo_attainment"].mean(),
-                cost_usd_per_h=kpi["cost_usd"].mean() * 3600.0 / cfg.env.tick_s,
-                dropped_pct=100.0 * kpi["dropped"].sum() / jnp.maximum(kpi["arrivals"].sum(), 1e-9),
-            )
+        new_stats = stats.update(env_obs) if config.normalize_obs else stats
+        metrics = {"reward": traj.reward.mean(), **jax.tree.map(jnp.mean, losses), **jax.tree.map(jnp.mean, step_metrics)}
         new_state = TrainState(params, opt_state, new_stats, env_state, obs, key, state.update_step + 1)
         return new_state, metrics, RunningStats.from_batch(env_obs)
 

@@ -31,6 +31,8 @@ from typing import Sequence
 
 import numpy as np
 
+from aro_jax import contract
+from aro_jax.contract import ENV_VERSION, FALLBACK_ACTION, MASK_LIMITS, NORMALIZE_CLIP, NORMALIZE_EPS, OBS_FIELDS
 from aro_jax.deploy.controls import node_controls
 
 FORMAT_VERSION = "1.0"
@@ -39,19 +41,6 @@ SPEC_CHECKSUM_FILE = "policy.json.sha256"  # policy.json cannot hold its own dig
 PARAMS_DIR = "params"
 CONFIG_FILE = "training_config.yaml"
 KIND = "aro-exported-policy"
-FALLBACK_ACTION = "MaintainCurrent"
-# EnvParams fields the feasibility mask reads (see `feasible_actions` below).
-MASK_LIMITS = (
-    "max_cpu_cores", "max_replicas", "max_host_memory_gb", "max_forward_fraction",
-    "cpu_step_cores", "min_replicas", "memory_step_gb", "max_small_model_fraction",
-)
-# The eleven extended actions the mask is defined over, in order (env version aro-serving-v1).
-MASK_ACTIONS = (
-    "IncreaseCPU", "IncreaseGPU", "IncreaseMemory", "RebalanceWorkload", "MaintainCurrent", "DecreaseCPU",
-    "DecreaseGPU", "DecreaseMemory", "PullBackWorkload", "DegradeQuality", "RestoreQuality",
-)
-NORMALIZE_EPS = 1e-8
-NORMALIZE_CLIP = 10.0
 
 
 class ExportError(RuntimeError):
@@ -69,9 +58,9 @@ def export_policy(run_dir: str | Path, out_dir: str | Path, overwrite: bool = Fa
     one parameter set per node."""
     import jax
 
-    from aro_jax.algorithms.checkpointing import load_trained_policy
     from aro_jax.envs import serving as sv
     from aro_jax.envs.scenarios import cluster_params
+    from aro_jax.training.checkpointing import load_trained_policy
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
@@ -79,9 +68,7 @@ def export_policy(run_dir: str | Path, out_dir: str | Path, overwrite: bool = Fa
     cfg, _, weights, per_node = load_trained_policy(run_dir)
     node_names = [n.name for n in cfg.cluster.nodes]
     params = cluster_params(cfg, "train")
-    action_names = list(sv.ACTION_SETS[cfg.env.action_set])
-    if tuple(sv.EXTENDED_ACTIONS) != MASK_ACTIONS:
-        raise ExportError(f"environment {sv.ENV_VERSION} does not match this exporter's feasibility rules (MASK_ACTIONS)")
+    action_names = list(contract.ACTION_SETS[cfg.env.action_set])
 
     weights = jax.tree.map(np.asarray, weights)
     actor = {k: v for k, v in weights.params["params"].items() if k.startswith("actor")}
@@ -113,19 +100,19 @@ def export_policy(run_dir: str | Path, out_dir: str | Path, overwrite: bool = Fa
     spec = {
         "kind": KIND,
         "format_version": FORMAT_VERSION,
-        "env_version": sv.ENV_VERSION,
+        "env_version": ENV_VERSION,
         "network": {
             "type": "mlp",
             "activation": "tanh",
             "hidden_sizes": hidden,
             "num_actions": len(action_names),
-            "input_dim": len(sv.OBS_FIELDS),
+            "input_dim": len(OBS_FIELDS),
             "layers": [f"actor_{i}" for i in range(len(hidden))] + ["actor_out"],
             "layer_formula": "x = tanh(x @ kernel + bias) for hidden layers; logits = x @ kernel + bias",
             "dtype": "float32",
         },
         "observation": {
-            "fields": list(sv.OBS_FIELDS),
+            "fields": list(OBS_FIELDS),
             "preprocess": "obs = raw / observation_scale[node]; if normalize: obs = clip((obs - obs_mean) / sqrt(obs_var + eps), -clip, clip)",
             "normalize": bool(cfg.ppo.normalize_obs),
             "eps": NORMALIZE_EPS,
@@ -136,7 +123,7 @@ def export_policy(run_dir: str | Path, out_dir: str | Path, overwrite: bool = Fa
             "names": action_names,
             "fallback": FALLBACK_ACTION,
             "masking": bool(cfg.ppo.action_masking),
-            "mask_rules": f"feasible_actions of {sv.ENV_VERSION}: limits per node",
+            "mask_rules": f"contract.feasible_actions of {ENV_VERSION}: limits per node",
             "selection": "argmax of (masked) logits",
         },
         "per_node": bool(per_node),
@@ -280,24 +267,8 @@ class ExportedPolicy:
         return x @ k_out + b_out
 
     def feasible(self, raw: np.ndarray, node: str) -> np.ndarray:
-        """Which of the 11 extended actions can change anything (env aro-serving-v1 rules)."""
-        f = lambda name: raw[..., self._idx[name]]  # noqa: E731
-        lim = self._limits[node]
-        total = f("replicas_ready") + f("replicas_pending")
-        true = np.ones_like(total, dtype=bool)
-        return np.stack([
-            f("cpu_cores") < lim["max_cpu_cores"],
-            total < lim["max_replicas"],
-            f("host_memory_gb") < lim["max_host_memory_gb"],
-            f("forward_fraction") < lim["max_forward_fraction"],
-            true,
-            f("cpu_cores") > lim["cpu_step_cores"],
-            f("replicas_ready") > lim["min_replicas"],
-            f("host_memory_gb") > lim["memory_step_gb"],
-            f("forward_fraction") > 0,
-            f("small_model_fraction") < lim["max_small_model_fraction"],
-            f("small_model_fraction") > 0,
-        ], axis=-1)
+        """Which of the 11 extended actions can change anything (`aro_jax.contract`)."""
+        return contract.feasible_actions(raw, self._limits[node], xp=np)
 
 
 def load_policy(path: str | Path) -> ExportedPolicy:
@@ -384,6 +355,8 @@ def _to_numpy(tree):
 
 def _check_shapes(policy: ExportedPolicy, spec: dict) -> None:
     net = spec["network"]
+    if policy.masking and policy.fields != OBS_FIELDS:
+        raise ExportError(f"{policy.path}: observation fields differ from {ENV_VERSION}'s, so its feasibility mask does not apply; re-export the run")
     dims = [len(policy.fields), *net["hidden_sizes"], net["num_actions"]]
     if net["num_actions"] != len(policy.action_names):
         raise ExportError(f"{policy.path}: spec has {net['num_actions']} network outputs but {len(policy.action_names)} action names")

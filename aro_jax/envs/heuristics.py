@@ -11,10 +11,12 @@ from typing import Any, Callable, NamedTuple
 
 import jax.numpy as jnp
 
-from aro_jax.envs import serving as sv
+from aro_jax import contract as ct
+from aro_jax.envs import sizing
+from aro_jax.envs.params import EnvParams, e2e_budget
 from aro_jax.envs.traffic import peak_rate_rps
 
-_F = {name: i for i, name in enumerate(sv.OBS_FIELDS)}
+_F = ct.FIELD_INDEX
 # Kubernetes HPA defaults: 10% tolerance, scale up at once, scale down on the highest
 # recommendation of the stabilisation window (BLIS autoscaler config: 240 s).
 HPA_TOLERANCE = 0.1
@@ -26,8 +28,8 @@ PREDICTIVE_HEADROOM = 1.0 / HPA_TARGET_LOAD - 1.0  # plan for the same target lo
 class Policy(NamedTuple):
     """A pure policy. `init(params)` gives its state; `act(state, raw_obs, params)`."""
 
-    init: Callable[[sv.EnvParams], Any]
-    act: Callable[[Any, Any, sv.EnvParams], tuple[Any, Any]]
+    init: Callable[[EnvParams], Any]
+    act: Callable[[Any, Any, EnvParams], tuple[Any, Any]]
 
 
 def _allocation_actions(obs, params, target_replicas, target_cores, target_memory_gb):
@@ -44,18 +46,18 @@ def _allocation_actions(obs, params, target_replicas, target_cores, target_memor
             mem < target_memory_gb,
             mem - params.memory_step_gb >= target_memory_gb,
         ],
-        [sv.INC_GPU, sv.DEC_GPU, sv.INC_CPU, sv.DEC_CPU, sv.INC_MEM, sv.DEC_MEM],
-        sv.MAINTAIN,
+        [ct.INC_GPU, ct.DEC_GPU, ct.INC_CPU, ct.DEC_CPU, ct.INC_MEM, ct.DEC_MEM],
+        ct.MAINTAIN,
     )
 
 
-def static_policy(sizing: str) -> Policy:
+def static_policy(sized_for: str) -> Policy:
     """A fixed allocation sized for the mean or the peak rate at the target utilisation."""
 
     def act(pstate, obs, params):
-        rate = params.traffic.mean_rate_rps if sizing == "mean" else peak_rate_rps(params.traffic)
-        replicas = sv.replicas_for_rate(params, rate)
-        action = _allocation_actions(obs, params, replicas, sv.cores_for(params, replicas), sv.memory_for(params, replicas))
+        rate = params.traffic.mean_rate_rps if sized_for == "mean" else peak_rate_rps(params.traffic)
+        replicas = sizing.replicas_for_rate(params, rate)
+        action = _allocation_actions(obs, params, replicas, sizing.cores_for(params, replicas), sizing.memory_for(params, replicas))
         return action, pstate
 
     return Policy(init=lambda params: jnp.zeros(()), act=act)
@@ -65,8 +67,8 @@ def _overflow_actions(obs, params, load, action):
     """At the replica limit and overloaded: forward to the peer; pull back once calm."""
     at_limit = obs[_F["replicas_ready"]] + obs[_F["replicas_pending"]] >= params.max_replicas
     fwd = obs[_F["forward_fraction"]]
-    action = jnp.where((action == sv.MAINTAIN) & at_limit & (load > 1.0), sv.REBALANCE, action)
-    return jnp.where((action == sv.MAINTAIN) & (fwd > 0) & (load < HPA_TARGET_LOAD), sv.PULL_BACK, action)
+    action = jnp.where((action == ct.MAINTAIN) & at_limit & (load > 1.0), ct.REBALANCE, action)
+    return jnp.where((action == ct.MAINTAIN) & (fwd > 0) & (load < HPA_TARGET_LOAD), ct.PULL_BACK, action)
 
 
 def reactive_policy(tick_s: float = 30.0) -> Policy:
@@ -86,10 +88,9 @@ def reactive_policy(tick_s: float = 30.0) -> Policy:
         load = obs[_F["request_rate_rps"]] / capacity
         ratio = load / HPA_TARGET_LOAD
         desired = jnp.where(jnp.abs(ratio - 1.0) <= HPA_TOLERANCE, ready, jnp.ceil(ready * ratio))
-        e2e_budget = params.slo_ttft_s + sv.token_stats(params.traffic)["output_mean"] * params.slo_tpot_s
         # Latency counts as a breach only when load-induced (busy GPUs), else adding
         # replicas cannot fix it and HPA would scale to the limit for nothing.
-        slow = (obs[_F["latency_e2e_mean_s"]] > e2e_budget) & (obs[_F["gpu_util"]] > HPA_TARGET_LOAD)
+        slow = (obs[_F["latency_e2e_mean_s"]] > e2e_budget(params)) & (obs[_F["gpu_util"]] > HPA_TARGET_LOAD)
         breach = slow | (obs[_F["drop_fraction"]] > 0.01)
         desired = jnp.where(breach, jnp.maximum(desired, ready + 1), desired)
         desired = jnp.clip(desired, params.min_replicas, params.max_replicas)
@@ -99,8 +100,8 @@ def reactive_policy(tick_s: float = 30.0) -> Policy:
         action = jnp.select(
             # A CPU-bound node shows high load too: relieve the CPU before adding GPUs.
             [cpu_util > 0.8, desired > total, scale_down_to < ready, mem_util > 0.9, cpu_util < 0.4, mem_util < 0.4],
-            [sv.INC_CPU, sv.INC_GPU, sv.DEC_GPU, sv.INC_MEM, sv.DEC_CPU, sv.DEC_MEM],
-            sv.MAINTAIN,
+            [ct.INC_CPU, ct.INC_GPU, ct.DEC_GPU, ct.INC_MEM, ct.DEC_CPU, ct.DEC_MEM],
+            ct.MAINTAIN,
         )
         return _overflow_actions(obs, params, load, action), recent_desired
 
@@ -118,10 +119,10 @@ def predictive_policy(tick_s: float = 30.0) -> Policy:
 
     def act(recent_targets, obs, params):
         rate = obs[_F["forecast_rate_rps"]]
-        target = sv.replicas_for_rate(params, rate * (1.0 + PREDICTIVE_HEADROOM), 1.0)
+        target = sizing.replicas_for_rate(params, rate * (1.0 + PREDICTIVE_HEADROOM), 1.0)
         recent_targets = jnp.concatenate([recent_targets[1:], target[None]])
         replicas = jnp.max(recent_targets)
-        action = _allocation_actions(obs, params, replicas, sv.cores_for(params, replicas), sv.memory_for(params, replicas, True))
+        action = _allocation_actions(obs, params, replicas, sizing.cores_for(params, replicas), sizing.memory_for(params, replicas, True))
         load = obs[_F["request_rate_rps"]] / jnp.maximum(obs[_F["capacity_rps"]], 1e-6)
         return _overflow_actions(obs, params, load, action), recent_targets
 

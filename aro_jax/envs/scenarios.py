@@ -1,6 +1,6 @@
 """Named scenarios: node descriptions -> EnvParams, and the held-out variations.
 
-Scenario generators are kept apart from the dynamics (serving.py): a scenario only
+Scenario generators are kept apart from the dynamics (serving.py, fluid.py): a scenario only
 chooses EnvParams. `TRAINING_SCENARIOS` may be used to train and tune;
 `HELD_OUT_SCENARIOS` are for evaluation only (config validation refuses them in training).
 """
@@ -13,9 +13,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from aro_jax.envs import hardware
-from aro_jax.envs import serving as sv
-from aro_jax.envs.serving import EnvParams, ServiceCurve
+from aro_jax.envs import hardware, sizing
+from aro_jax.envs.fluid import CPU_USD_PER_CORE_H, MEMORY_USD_PER_GB_H
+from aro_jax.envs.params import EnvParams, RewardWeights, ServiceCurve
 from aro_jax.envs.traffic import TrafficParams, peak_rate_rps
 
 # Traffic mixes measured on the Azure 2023 traces (shared data README) and the published
@@ -83,17 +83,17 @@ def node_params(spec: NodeSpec, episode_ticks: int = 2880, tick_s: float = 30.0)
 
 def _with_static_sizing(params: EnvParams) -> EnvParams:
     """Initial allocation sized for the mean; cost reference = allocation for the peak."""
-    mean_replicas = sv.replicas_for_rate(params, params.traffic.mean_rate_rps)
-    peak_replicas = sv.replicas_for_rate(params, peak_rate_rps(params.traffic))
+    mean_replicas = sizing.replicas_for_rate(params, params.traffic.mean_rate_rps)
+    peak_replicas = sizing.replicas_for_rate(params, peak_rate_rps(params.traffic))
     peak_cost = (
         peak_replicas * params.replica_price_usd_per_h
-        + sv.cores_for(params, peak_replicas) * sv.CPU_USD_PER_CORE_H
-        + sv.memory_for(params, peak_replicas) * sv.MEMORY_USD_PER_GB_H
+        + sizing.cores_for(params, peak_replicas) * CPU_USD_PER_CORE_H
+        + sizing.memory_for(params, peak_replicas) * MEMORY_USD_PER_GB_H
     )
     return params.replace(
         initial_replicas=float(mean_replicas),
-        initial_cpu_cores=float(sv.cores_for(params, mean_replicas)),
-        initial_host_memory_gb=float(sv.memory_for(params, mean_replicas)),
+        initial_cpu_cores=float(sizing.cores_for(params, mean_replicas)),
+        initial_host_memory_gb=float(sizing.memory_for(params, mean_replicas)),
         cost_ref_usd_per_h=float(peak_cost),
     )
 
@@ -113,8 +113,7 @@ def cluster_params(cfg, scenario: str = "train") -> EnvParams:
     nodes = []
     for n in cfg.cluster.nodes:
         p = node_params(NodeSpec(**dataclasses.asdict(n)), cfg.env.episode_ticks, cfg.env.tick_s)
-        r = cfg.env.reward
-        p = p.replace(alpha=r.alpha, beta=r.beta, gamma=r.gamma, slo_penalty=r.slo_penalty, quality_penalty=r.quality_penalty)
+        p = p.replace(reward=RewardWeights(**dataclasses.asdict(cfg.env.reward)))
         nodes.append(p if scenario == "train" else apply_scenario(p, scenario, cfg.env.data_dir))
     return stack_params(nodes)
 

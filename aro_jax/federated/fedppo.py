@@ -20,6 +20,7 @@ one-option program, and a robustness study can pass every attack and defence to
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
@@ -33,10 +34,33 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from aro_jax.algorithms import ppo
 from aro_jax.algorithms.networks import RunningStats
-from aro_jax.config import ExperimentConfig, num_updates
 from aro_jax.federated import aggregators, attacks, privacy
 
 NODE_AXIS = "node"
+
+
+@dataclasses.dataclass
+class FederatedConfig:
+    """How the nodes learn together. "centralized": one learner on every node's pooled
+    data (no federated round); "federated": one learner per node, deltas robustly
+    aggregated each round; "local": one learner per node, no aggregation (the Local-only
+    baseline). The `federated:` section of an experiment config."""
+
+    mode: str = "centralized"
+    aggregator: str = "krum"  # a name in aro_jax.federated.aggregators.AGGREGATORS
+    pre_aggregators: list[str] = dataclasses.field(default_factory=list)  # e.g. [nnm] or [bucketing]
+    num_byzantine: int = 0  # f the aggregator tolerates
+    local_updates: int = 4  # K local PPO updates per node per round
+    server_lr: float = 1.0
+    server_momentum: float = 0.0
+    attack: str = "none"  # a name in aro_jax.federated.attacks.ATTACKS
+    attack_strength: float = 1.0
+    byzantine_nodes: list[int] = dataclasses.field(default_factory=list)  # indices of misbehaving nodes
+    attack_start_round: int = 0
+    dp_clip_norm: float = 0.0  # per-node update clip (L2); 0 disables DP
+    dp_noise_multiplier: float = 0.0  # noise std / clip norm, added to each node's update
+    dp_delta: float = 1e-5
+    devices: int = 1  # devices the node axis is sharded over (must divide the node count)
 
 
 @struct.dataclass
@@ -75,21 +99,21 @@ def node_map(fn, devices: int):
 
 
 def make_federated_train(
-    cfg: ExperimentConfig,
+    learner: ppo.Learner,
     node_params,
+    fed: FederatedConfig,
     attack_options: Sequence[str] | None = None,
     defence_options: Sequence[tuple[str, int]] | None = None,
 ):
     """Build (init, train_chunk, learner) for federated or local-only PPO over the stacked
-    `node_params` (one learner per node, each with cfg.env.num_clusters clusters).
+    `node_params` (one learner per node). `learner` is a PPO learner built on one node's
+    params (a stack of one), whose init/update the round maps over the node axis.
 
     `attack_options` (attack names) and `defence_options` ((aggregator, f) pairs) are the
     choices `FedState.threat` indexes; both default to the config's single choice, which
     `init` selects. Every defence's (n, f) requirement is checked here."""
-    fed = cfg.federated
     n_nodes = jax.tree.leaves(node_params)[0].shape[0]
     one_node = jax.tree.map(lambda x: x[:1], node_params)
-    learner = ppo.make_train(cfg, one_node)
     per_node_params = jax.tree.map(lambda x: x[:, None], node_params)  # (nodes, 1, ...)
     k_local = fed.local_updates
     attack_options = tuple(attack_options or (fed.attack,))
@@ -198,8 +222,3 @@ def make_federated_train(
 
     return init, train_chunk, learner
 
-
-def num_rounds(cfg: ExperimentConfig) -> int:
-    """Federated rounds of a run, in whole chunks."""
-    per_chunk = num_updates(cfg) // cfg.federated.local_updates // cfg.train.num_chunks
-    return per_chunk * cfg.train.num_chunks

@@ -21,17 +21,17 @@ if dist:
 
     initialize_distributed(f"localhost:{sys.argv[5]}", int(sys.argv[4]), int(sys.argv[3]))
 
-from aro_jax.algorithms.ppo import Hyperparams  # noqa: E402
+from aro_jax.training import trainers  # noqa: E402
 from aro_jax.config import load_config  # noqa: E402
 from aro_jax.envs.scenarios import cluster_params  # noqa: E402
 from aro_jax.federated import fedppo  # noqa: E402
 
 CLUSTER = os.path.join(os.path.dirname(__file__), "cluster4.yaml")
 cfg = load_config(CLUSTER, [f"federated.devices={jax.device_count()}", *overrides])
-init, chunk, _ = fedppo.make_federated_train(cfg, cluster_params(cfg, "train"))
-hp = Hyperparams.from_config(cfg)
+init, chunk, _ = trainers.make_federated(cfg, cluster_params(cfg, "train"))
+hp = trainers.hyperparams(cfg)
 state = jax.jit(init)(jax.random.PRNGKey(0), hp)
-state, metrics = jax.jit(chunk, static_argnums=2)(state, hp, fedppo.num_rounds(cfg))
+state, metrics = jax.jit(chunk, static_argnums=2)(state, hp, trainers.num_rounds(cfg))
 flat = jax.flatten_util.ravel_pytree(state.global_params)[0]
 if jax.process_index() == 0:
     np.save(out, np.asarray(flat))

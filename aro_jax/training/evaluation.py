@@ -19,6 +19,8 @@ import numpy as np
 
 from aro_jax.envs import serving as sv
 from aro_jax.envs.heuristics import Policy
+from aro_jax.envs.scenarios import cluster_params
+from aro_jax.envs.serving import ServingNodeEnv
 
 # KPI name -> (unit, description); the order is the table's column order.
 KPIS = {
@@ -130,11 +132,11 @@ def format_table(rows: dict[str, dict[str, float]], title: str = "") -> str:
     sep = "|---" * (len(KPIS) + 1) + "|"
     lines = [f"**{title}**", "", head, sep] if title else [head, sep]
     for name, r in rows.items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(r[k]) for k in KPIS) + " |")
+        lines.append(f"| {name} | " + " | ".join(format_value(r[k]) for k in KPIS) + " |")
     return "\n".join(lines)
 
 
-def _fmt(x: float) -> str:
+def format_value(x: float) -> str:
     return f"{x:.3g}" if abs(x) < 100 else f"{x:,.0f}"
 
 
@@ -177,3 +179,22 @@ def plot_timeline(traces: dict[str, dict], tick_s: float, node_name: str, path: 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def evaluate_policies(cfg, policies: dict, scenario: str, out_dir: Path, seed: int = 0) -> dict:
+    """Run every policy (name -> (Policy, policy_state or None, per_node)) on every node of the
+    cluster on one scenario; write the KPI table
+    (markdown/CSV/JSON) and the one-day timeline of the first node; return the rows."""
+    env = ServingNodeEnv(cfg.env.action_set)
+    params = cluster_params(cfg, scenario)
+    rows, traces = {}, {}
+    for name, (policy, policy_state, per_node) in policies.items():
+        metrics = run_episodes(env, policy, params, jax.random.PRNGKey(seed), cfg.eval.num_seeds, cfg.env.episode_ticks, policy_state, per_node)
+        rows[name] = cluster_kpis(metrics, cfg.env.tick_s)
+        traces[name] = {k: np.asarray(v[0, 0]) for k, v in metrics.items()}
+    save_table(rows, out_dir, f"kpis_{scenario}")
+    plot_timeline(traces, cfg.env.tick_s, cfg.cluster.nodes[0].name, out_dir / f"timeline_{scenario}.png")
+    title = f"{cfg.cluster.name}, scenario {scenario}, {cfg.eval.num_seeds} seeds x {len(cfg.cluster.nodes)} nodes x 1 day"
+    print(format_table(rows, title))
+    print(f"\nwrote {out_dir}/kpis_{scenario}.{{md,csv,json}} and timeline_{scenario}.png")
+    return rows

@@ -14,6 +14,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from aro_jax import config as config_lib
+from aro_jax.training import learned_policy, trainers
 
 EVAL_METRIC = "eval_reward"
 
@@ -83,11 +84,9 @@ def restore(run_dir: Path, abstract_state, abstract_hp, step: int | None = None)
 def load_trained_policy(run_dir: Path, step: int | None = None):
     """(cfg, Policy, weights, per_node) for a run's latest (or given) checkpoint; with
     per_node the weights have a leading node axis (Local-only runs)."""
-    from aro_jax.algorithms import driver, learned_policy, ppo
-
     cfg = load_run_config(run_dir)
-    trainer = driver.make_trainer(cfg)
-    hp0 = ppo.Hyperparams.from_config(cfg)
+    trainer = trainers.make_trainer(cfg)
+    hp0 = trainers.hyperparams(cfg)
     abstract = jax.eval_shape(trainer.init, jax.random.PRNGKey(0), hp0)
     state, _, step = restore(run_dir, abstract, jax.eval_shape(lambda: hp0), step)
     policy = learned_policy.greedy_policy(trainer.network, cfg.ppo.normalize_obs, cfg.ppo.action_masking)

@@ -6,16 +6,16 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
 
 import jax
 import numpy as np
 from tqdm import tqdm
 
 from aro_jax import config as config_lib
-from aro_jax.algorithms import checkpointing, evaluation, learned_policy, ppo
 from aro_jax.envs.scenarios import cluster_params
 from aro_jax.envs.serving import ServingNodeEnv
+from aro_jax.training import checkpointing, evaluation, learned_policy
+from aro_jax.training.trainers import hyperparams, make_trainer
 
 EVAL_SEEDS = 2
 EVAL_TICKS = 720  # six simulated hours per node: a cheap, fixed-seed score for "best"
@@ -27,58 +27,6 @@ def _tensorboard(run_dir: Path):
     except ImportError:
         return None
     return SummaryWriter(str(run_dir / "tb"))
-
-
-class Trainer(NamedTuple):
-    """A compiled learner seen by the driver: centralized PPO (unit = one PPO update) or
-    federated/local PPO (unit = one round of K local updates per node)."""
-
-    init: Callable  # (key, hp) -> state
-    chunk: Callable  # (state, hp, units: static) -> (state, metrics per unit)
-    units_total: int
-    env_steps_per_unit: int
-    units_done: Callable  # state -> int
-    weights: Callable  # state -> PolicyWeights (leading node axis when per_node)
-    per_node: bool  # one policy per node (local-only) instead of one shared policy
-    network: Any
-
-
-def make_trainer(cfg: config_lib.ExperimentConfig) -> Trainer:
-    node_params = cluster_params(cfg, "train")
-    nodes = len(cfg.cluster.nodes)
-    steps_per_update = cfg.ppo.rollout_steps * cfg.env.num_clusters * nodes
-    if cfg.federated.mode == "centralized":
-        learner = ppo.make_train(cfg, node_params)
-        return Trainer(
-            init=learner.init, chunk=learner.train_chunk, units_total=config_lib.num_updates(cfg),
-            env_steps_per_unit=steps_per_update, units_done=lambda s: int(s.update_step),
-            weights=lambda s: learned_policy.PolicyWeights(s.params, s.obs_stats), per_node=False, network=learner.network,
-        )
-    from aro_jax.federated import fedppo
-
-    init, chunk, learner = fedppo.make_federated_train(cfg, node_params)
-    local = cfg.federated.mode == "local"
-    return Trainer(
-        init=init, chunk=chunk, units_total=fedppo.num_rounds(cfg),
-        env_steps_per_unit=steps_per_update * cfg.federated.local_updates, units_done=lambda s: int(s.round),
-        weights=(lambda s: learned_policy.PolicyWeights(s.nodes.params, s.nodes.obs_stats)) if local
-        else (lambda s: learned_policy.PolicyWeights(s.global_params, s.global_stats)),
-        per_node=local, network=learner.network,
-    )
-
-
-def train_seeds(cfg: config_lib.ExperimentConfig, seeds: int):
-    """Train seeds 0..seeds-1 of `cfg` in one vmapped program, with no logging; returns
-    (trainer, final policy weights stacked over seeds). For benchmarks and studies."""
-    trainer = make_trainer(cfg)
-    hp = ppo.Hyperparams.from_config(cfg)
-
-    def one(key):
-        state, _ = trainer.chunk(trainer.init(key, hp), hp, trainer.units_total)
-        return trainer.weights(state)
-
-    keys = jax.numpy.stack([jax.random.PRNGKey(s) for s in range(seeds)])
-    return trainer, jax.jit(jax.vmap(one))(keys)
 
 
 def train(cfg: config_lib.ExperimentConfig | None, run_dir: Path, resume: bool = False, quiet: bool = False):
@@ -98,7 +46,7 @@ def train(cfg: config_lib.ExperimentConfig | None, run_dir: Path, resume: bool =
             (run_dir / "config.yaml").write_text(config_lib.to_yaml(cfg))
 
     trainer = make_trainer(cfg)
-    hp = ppo.Hyperparams.from_config(cfg)
+    hp = hyperparams(cfg)
     per_chunk = trainer.units_total // cfg.train.num_chunks
     mngr = checkpointing.manager(run_dir, cfg.train.keep_checkpoints)
     if resume:

@@ -1,0 +1,99 @@
+"""The contract between the simulator and the deployment side, importable without JAX.
+
+What a serving node's policy sees and does: the observation fields (in order, natural
+units), the action names and sets, the feasibility mask, and the observation
+normaliser's format. The simulator (`aro_jax.envs`) computes these with `jax.numpy`, the
+numpy-only export loader (`aro_jax.deploy.export`) with numpy: both call the functions
+here with their own array module `xp`, so the two sides cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+ENV_VERSION = "aro-serving-v1"
+
+PAPER_ACTIONS = ("IncreaseCPU", "IncreaseGPU", "IncreaseMemory", "RebalanceWorkload", "MaintainCurrent")
+EXTENDED_ACTIONS = PAPER_ACTIONS + (
+    "DecreaseCPU",
+    "DecreaseGPU",
+    "DecreaseMemory",
+    "PullBackWorkload",
+    "DegradeQuality",  # route a larger share of requests to the small model
+    "RestoreQuality",
+)
+ACTION_SETS = {"paper": PAPER_ACTIONS, "extended": EXTENDED_ACTIONS}
+(INC_CPU, INC_GPU, INC_MEM, REBALANCE, MAINTAIN, DEC_CPU, DEC_GPU, DEC_MEM, PULL_BACK, DEGRADE, RESTORE) = range(11)
+FALLBACK_ACTION = "MaintainCurrent"  # what a deployed policy does when it cannot decide
+
+# Raw observation fields, in order and natural units; a node's observation scale divides
+# them into O(1) values before the policy's normaliser.
+OBS_FIELDS = (
+    "request_rate_rps",
+    "latency_e2e_mean_s",
+    "cpu_util",
+    "gpu_util",
+    "memory_util",
+    "queue_requests",
+    "replicas_ready",
+    "replicas_pending",
+    "cpu_cores",
+    "host_memory_gb",
+    "forward_fraction",
+    "small_model_fraction",
+    "capacity_rps",
+    "time_of_day_sin",
+    "time_of_day_cos",
+    "day_of_week_sin",
+    "day_of_week_cos",
+    "forecast_rate_rps",
+    "drop_fraction",
+    "slo_attainment",
+)
+FIELD_INDEX = {name: i for i, name in enumerate(OBS_FIELDS)}
+
+# The node limits the feasibility mask reads (EnvParams fields of the same names).
+MASK_LIMITS = (
+    "max_cpu_cores", "max_replicas", "max_host_memory_gb", "max_forward_fraction",
+    "cpu_step_cores", "min_replicas", "memory_step_gb", "max_small_model_fraction",
+)
+
+# Observation normaliser: obs = clip((scaled - mean) / sqrt(var + eps), -clip, clip).
+NORMALIZE_EPS = 1e-8
+NORMALIZE_CLIP = 10.0
+
+
+def _limit(limits: Mapping[str, Any] | Any, name: str):
+    return limits[name] if isinstance(limits, Mapping) else getattr(limits, name)
+
+
+def feasible_actions(raw_obs, limits, xp=np):
+    """Which of the 11 extended actions can change anything, from a raw observation
+    (shape (..., len(OBS_FIELDS))) and a node's limits (a mapping or an object with the
+    MASK_LIMITS attributes, e.g. EnvParams). Returns bool (..., 11); MaintainCurrent is
+    always feasible. `xp` is numpy or jax.numpy."""
+    f = lambda name: raw_obs[..., FIELD_INDEX[name]]  # noqa: E731
+    lim = lambda name: _limit(limits, name)  # noqa: E731
+    total = f("replicas_ready") + f("replicas_pending")
+    true = xp.ones_like(total, dtype=bool)
+    return xp.stack([
+        f("cpu_cores") < lim("max_cpu_cores"),
+        total < lim("max_replicas"),
+        f("host_memory_gb") < lim("max_host_memory_gb"),
+        f("forward_fraction") < lim("max_forward_fraction"),
+        true,
+        f("cpu_cores") > lim("cpu_step_cores"),
+        f("replicas_ready") > lim("min_replicas"),
+        f("host_memory_gb") > lim("memory_step_gb"),
+        f("forward_fraction") > 0,
+        f("small_model_fraction") < lim("max_small_model_fraction"),
+        f("small_model_fraction") > 0,
+    ], axis=-1)
+
+
+def normalize(obs, mean, var, xp=np):
+    """The learner's observation normaliser, in the exported format."""
+    return xp.clip((obs - mean) / xp.sqrt(var + NORMALIZE_EPS), -NORMALIZE_CLIP, NORMALIZE_CLIP)

@@ -1,0 +1,119 @@
+"""EnvParams: everything a serving scenario varies, as one vmappable pytree (with the
+service-time curves of its models and its reward weights)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+from flax import struct
+from gymnax.environments import environment
+
+from aro_jax.envs.hardware import ServiceProfile
+from aro_jax.envs.traffic import TrafficParams, token_stats
+
+
+@struct.dataclass
+class ServiceCurve:
+    """Service-time model of one serving instance, in seconds (from a ServiceProfile)."""
+
+    prefill_base_s: float
+    prefill_s_per_token: float
+    prefill_s_per_token_sq: float
+    decode_base_s: float
+    decode_s_per_context_token: float
+    decode_s_per_seq: float
+    kv_capacity_tokens: float
+    max_batch_seqs: float
+    instances_per_replica: float  # parallel copies one replica's GPUs hold (small model)
+    quality: float
+
+    @classmethod
+    def from_profile(cls, profile: ServiceProfile, replica_gpus: int | None = None) -> "ServiceCurve":
+        gpus = replica_gpus or profile.tensor_parallel
+        return cls(
+            prefill_base_s=profile.prefill_base_ms / 1e3,
+            prefill_s_per_token=profile.prefill_ms_per_token / 1e3,
+            prefill_s_per_token_sq=profile.prefill_ms_per_token_sq / 1e3,
+            decode_base_s=profile.decode_base_ms / 1e3,
+            decode_s_per_context_token=profile.decode_ms_per_context_token / 1e3,
+            decode_s_per_seq=profile.decode_ms_per_seq / 1e3,
+            kv_capacity_tokens=float(profile.kv_capacity_tokens),
+            max_batch_seqs=float(profile.max_batch_seqs),
+            instances_per_replica=float(max(gpus // profile.tensor_parallel, 1)),
+            quality=float(profile.quality),
+        )
+
+    def prefill_s(self, tokens):
+        return self.prefill_base_s + self.prefill_s_per_token * tokens + self.prefill_s_per_token_sq * tokens**2
+
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class RewardWeights:
+    """The reward's weights (the paper's alpha, beta, gamma, plus two penalties): the one
+    home of these values. A config's `env.reward` section, EnvParams.reward and the
+    env part of a sweep's hyperparameters are all a RewardWeights (a pytree; a plain
+    dataclass so that configs can override its fields)."""
+
+    alpha: float = 1.0  # weight of the served share of demand
+    beta: float = 0.5  # weight of (1 - normalised latency)
+    cost_weight: float = 1.0  # the paper's gamma: weight of normalised cost
+    slo_penalty: float = 3.0  # weight of the share of requests missing the SLO
+    # Weight of quality lost by serving on the small model (without it, the small model
+    # would be a free lunch).
+    quality_penalty: float = 2.0
+
+
+@struct.dataclass
+class EnvParams(environment.EnvParams):
+    """One node's scenario. Every field is a pytree leaf, so stacks of params vmap."""
+
+    max_steps_in_episode: int = 2880  # one day of 30 s ticks
+    tick_s: float = 30.0  # BLIS autoscaler decision interval
+    traffic: TrafficParams = struct.field(default_factory=TrafficParams)
+    model: ServiceCurve = None  # filled by scenarios.node_params
+    small_model: ServiceCurve = None
+    replica_price_usd_per_h: float = 0.0
+    weights_gb: float = 0.0
+    tensor_parallel: float = 1.0
+    min_replicas: float = 1.0
+    max_replicas: float = 16.0
+    initial_replicas: float = 2.0
+    cpu_step_cores: float = 8.0
+    max_cpu_cores: float = 256.0
+    initial_cpu_cores: float = 32.0
+    memory_step_gb: float = 64.0
+    max_host_memory_gb: float = 2048.0
+    initial_host_memory_gb: float = 256.0
+    # Cold start from remote storage, BLIS autoscaler config: N(240 s, 30 s).
+    cold_start_mean_s: float = 240.0
+    cold_start_sd_s: float = 30.0
+    queue_timeout_s: float = 60.0
+    max_queue_requests: float = 1e5
+    peer_rtt_s: float = 0.05
+    peer_spare_rps: float = 2.0
+    max_forward_fraction: float = 0.5
+    forward_step: float = 0.1
+    quality_step: float = 0.1
+    max_small_model_fraction: float = 0.8
+    # DistServe (OSDI'24) chatbot SLOs, per model size (set per node by scenarios.node_params).
+    slo_ttft_s: float = 2.5
+    slo_tpot_s: float = 0.15
+    reward: RewardWeights = dataclasses.field(default_factory=RewardWeights)
+    cost_ref_usd_per_h: float = 1.0  # normalises cost: static allocation for peak load
+    rate_ref_rps: float = 1.0  # normalises rates: the node's mean load
+    outage_start_s: float = -1.0
+    outage_duration_s: float = 0.0
+    outage_capacity_loss: float = 0.0  # fraction of ready replicas lost during the outage
+    start_time_s: float = 0.0
+    random_start: float = 1.0  # 1: each episode starts at a random time of the week
+    forecast_horizon_s: float = 300.0  # covers the cold start plus one tick
+
+
+
+def e2e_budget(params: EnvParams):
+    """End-to-end latency budget (s) the SLOs imply for a mean-length request: it
+    normalises latency in the reward, the observation and the Reactive rule."""
+    return params.slo_ttft_s + token_stats(params.traffic)["output_mean"] * params.slo_tpot_s

@@ -1,0 +1,136 @@
+"""The serving-specific wiring of the generic learners: an ExperimentConfig becomes a PPO
+learner on the serving env (centralized), or one learner per node composed by the
+federated round (federated, local-only), seen by the driver as one `Trainer`."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from aro_jax import config as config_lib
+from aro_jax.algorithms import ppo
+from aro_jax.envs.params import EnvParams, RewardWeights
+from aro_jax.envs.scenarios import cluster_params
+from aro_jax.envs.serving import ServingNodeEnv
+from aro_jax.federated import fedppo
+from aro_jax.training import learned_policy
+
+
+def hyperparams(cfg: config_lib.ExperimentConfig) -> ppo.Hyperparams:
+    """The run's vmappable values: PPO's, with the reward weights as the env part."""
+    p = cfg.ppo
+    return ppo.Hyperparams(
+        lr=p.lr, clip_eps=p.clip_eps, ent_coef=p.ent_coef, vf_coef=p.vf_coef, gamma=p.gamma,
+        gae_lambda=p.gae_lambda, max_grad_norm=p.max_grad_norm, env=dataclasses.replace(cfg.env.reward),
+    )
+
+
+def ppo_config(cfg: config_lib.ExperimentConfig) -> ppo.PPOConfig:
+    p = cfg.ppo
+    return ppo.PPOConfig(
+        num_envs=cfg.env.num_clusters, rollout_steps=p.rollout_steps, num_minibatches=p.num_minibatches,
+        update_epochs=p.update_epochs, total_updates=max(config_lib.num_updates(cfg), 1), hidden_sizes=tuple(p.hidden_sizes),
+        anneal_lr=p.anneal_lr, normalize_obs=p.normalize_obs, action_masking=p.action_masking,
+    )
+
+
+def with_reward_weights(node_params: EnvParams, weights: RewardWeights | None) -> EnvParams:
+    """Every node's reward weights set to `weights` (scalars, or traced in a sweep)."""
+    if weights is None:
+        return node_params
+    shape = jnp.shape(node_params.reward.alpha)
+    return node_params.replace(reward=jax.tree.map(lambda w: jnp.broadcast_to(jnp.asarray(w, jnp.float32), shape), weights))
+
+
+def serving_metrics(tick_s: float) -> Callable[[dict], dict]:
+    """The training log's KPIs from one step's info (means over the step's envs)."""
+
+    def metrics(info):
+        m = info["metrics"]
+        return {
+            "e2e_mean_s": m["e2e_mean_s"].mean(),
+            "slo_attainment": m["slo_attainment"].mean(),
+            "cost_usd_per_h": m["cost_usd"].mean() * 3600.0 / tick_s,
+            "dropped_pct": 100.0 * m["dropped"].sum() / jnp.maximum(m["arrivals"].sum(), 1e-9),
+        }
+
+    return metrics
+
+
+def make_learner(cfg: config_lib.ExperimentConfig, node_params: EnvParams) -> ppo.Learner:
+    """PPO on the serving env over a stack of node params, cfg.env.num_clusters each."""
+    return ppo.make_train(
+        ServingNodeEnv(cfg.env.action_set), node_params, ppo_config(cfg), stacked=True,
+        env_params_fn=with_reward_weights, metrics_fn=serving_metrics(cfg.env.tick_s),
+    )
+
+
+def make_federated(
+    cfg: config_lib.ExperimentConfig,
+    node_params: EnvParams,
+    attack_options: Sequence[str] | None = None,
+    defence_options: Sequence[tuple[str, int]] | None = None,
+):
+    """(init, train_chunk, learner) of federated or local-only PPO: one learner per node."""
+    learner = make_learner(cfg, jax.tree.map(lambda x: x[:1], node_params))
+    return fedppo.make_federated_train(learner, node_params, cfg.federated, attack_options, defence_options)
+
+
+def num_rounds(cfg: config_lib.ExperimentConfig) -> int:
+    """Federated rounds of a run, in whole chunks."""
+    per_chunk = config_lib.num_updates(cfg) // cfg.federated.local_updates // cfg.train.num_chunks
+    return per_chunk * cfg.train.num_chunks
+
+
+class Trainer(NamedTuple):
+    """A compiled learner seen by the driver: centralized PPO (unit = one PPO update) or
+    federated/local PPO (unit = one round of K local updates per node)."""
+
+    init: Callable  # (key, hp) -> state
+    chunk: Callable  # (state, hp, units: static) -> (state, metrics per unit)
+    units_total: int
+    env_steps_per_unit: int
+    units_done: Callable  # state -> int
+    weights: Callable  # state -> PolicyWeights (leading node axis when per_node)
+    per_node: bool  # one policy per node (local-only) instead of one shared policy
+    network: Any
+
+
+def make_trainer(cfg: config_lib.ExperimentConfig) -> Trainer:
+    node_params = cluster_params(cfg, "train")
+    nodes = len(cfg.cluster.nodes)
+    steps_per_update = cfg.ppo.rollout_steps * cfg.env.num_clusters * nodes
+    if cfg.federated.mode == "centralized":
+        learner = make_learner(cfg, node_params)
+        return Trainer(
+            init=learner.init, chunk=learner.train_chunk, units_total=config_lib.num_updates(cfg),
+            env_steps_per_unit=steps_per_update, units_done=lambda s: int(s.update_step),
+            weights=lambda s: learned_policy.PolicyWeights(s.params, s.obs_stats), per_node=False, network=learner.network,
+        )
+    init, chunk, learner = make_federated(cfg, node_params)
+    local = cfg.federated.mode == "local"
+    return Trainer(
+        init=init, chunk=chunk, units_total=num_rounds(cfg),
+        env_steps_per_unit=steps_per_update * cfg.federated.local_updates, units_done=lambda s: int(s.round),
+        weights=(lambda s: learned_policy.PolicyWeights(s.nodes.params, s.nodes.obs_stats)) if local
+        else (lambda s: learned_policy.PolicyWeights(s.global_params, s.global_stats)),
+        per_node=local, network=learner.network,
+    )
+
+
+def train_seeds(cfg: config_lib.ExperimentConfig, seeds: int):
+    """Train seeds 0..seeds-1 of `cfg` in one vmapped program, with no logging; returns
+    (trainer, final policy weights stacked over seeds). For benchmarks and studies."""
+    trainer = make_trainer(cfg)
+    hp = hyperparams(cfg)
+
+    def one(key):
+        state, _ = trainer.chunk(trainer.init(key, hp), hp, trainer.units_total)
+        return trainer.weights(state)
+
+    keys = jnp.stack([jax.random.PRNGKey(s) for s in range(seeds)])
+    return trainer, jax.jit(jax.vmap(one))(keys)
