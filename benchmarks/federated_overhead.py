@@ -20,7 +20,7 @@ import jax  # noqa: E402
 from aro_jax.training import trainers  # noqa: E402
 from aro_jax.config import load_config  # noqa: E402
 from aro_jax.envs.scenarios import cluster_params  # noqa: E402
-from aro_jax.federated import aggregators, fedppo  # noqa: E402
+from aro_jax.federated import aggregators  # noqa: E402
 
 
 def compiled_chunk(overrides, rounds):

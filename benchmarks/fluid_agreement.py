@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a plain script from a checkout
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from aro_jax.envs import fluid, serving  # noqa: E402
+from aro_jax.envs import fluid  # noqa: E402
 from aro_jax.envs.scenarios import NodeSpec, node_params  # noqa: E402
 from reference_sim import EngineSpec, sample_requests, simulate, summarise  # noqa: E402
 

@@ -34,7 +34,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from aro_jax.training import driver, evaluation, learned_policy, trainers  # noqa: E402
+from aro_jax.training import evaluation, learned_policy, trainers  # noqa: E402
 from aro_jax.config import load_config  # noqa: E402
 from aro_jax.envs.heuristics import HEURISTICS  # noqa: E402
 from aro_jax.envs.scenarios import SCENARIOS, cluster_params  # noqa: E402
@@ -75,8 +75,9 @@ EVAL_TICKS = 2880
 
 
 def study_overrides(steps: int) -> list[str]:
-    # The robustness study's size (benchmarks/robustness.py): 4 clusters per region, which
-    # reaches the main job's plateau in 2.5M env steps.
+    # The robustness study's size (benchmarks/robustness.py): 4 clusters per region, a
+    # fraction of the main job's budget (its rows are not converged; the main-job-budget
+    # row shows the difference).
     return ["env.num_clusters=4", f"train.total_env_steps={steps}", "train.num_chunks=1"]
 
 

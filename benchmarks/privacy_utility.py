@@ -23,13 +23,12 @@ os.environ.setdefault("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_sched
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from aro_jax.training import driver, evaluation, learned_policy, trainers  # noqa: E402
-from aro_jax.training import trainers  # noqa: E402
+from aro_jax.training import evaluation, learned_policy, trainers  # noqa: E402
 from aro_jax.config import load_config  # noqa: E402
 from aro_jax.envs.heuristics import reactive_policy  # noqa: E402
 from aro_jax.envs.scenarios import cluster_params  # noqa: E402
 from aro_jax.envs.serving import ServingNodeEnv  # noqa: E402
-from aro_jax.federated import fedppo, privacy  # noqa: E402
+from aro_jax.federated import privacy  # noqa: E402
 
 EVAL_SEEDS, EVAL_TICKS = 4, 2880
 

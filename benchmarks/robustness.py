@@ -9,9 +9,10 @@ robustness_runs/ (one JSON per batch; a batch already there is not re-run) and r
 to robustness.md. `--part k/P` runs every P-th batch, so P processes share the grid.
 
 Study config: the default ten-region cluster with 4 simulated clusters per region (not
-16) and 2.5M env steps (240 rounds of 4 local updates). At that size the no-attack run
-reaches the plateau the 30M-step main job reaches (eval reward ~0.4 by 2.5M steps) at a
-sixth of the cost, which is what makes the grid affordable on a CPU.
+16) and 2.5M env steps by default (the round count follows from the config and is
+printed in robustness.md). This is a fraction of the main job's budget and the
+no-attack runs have not converged at it; robustness.md reports the no-attack return
+next to the attacked ones, so the comparison is at equal budget, not at a plateau.
 
 usage: python benchmarks/robustness.py [--f 1 2 3] [--seeds 3] [--steps 2500000]
            [--aggregators ...] [--attacks ...] [--local]
@@ -32,8 +33,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from aro_jax.training import driver, evaluation, learned_policy, trainers  # noqa: E402
-from aro_jax.training import trainers  # noqa: E402
+from aro_jax.training import evaluation, learned_policy, trainers  # noqa: E402
 from aro_jax.config import load_config  # noqa: E402
 from aro_jax.envs.scenarios import cluster_params  # noqa: E402
 from aro_jax.envs.serving import ServingNodeEnv  # noqa: E402
@@ -244,8 +244,8 @@ def render(records: list[dict], args) -> None:
         f"{' --local' if args.local else ''}` (results accumulate in robustness_runs/; `--part k/P` splits the grid over P processes; `--render-only` redraws this file); "
         f"machine: {os.cpu_count()}-core {platform.machine()} CPU, jax {jax.__version__}.",
         "",
-        f"Setup: the ten-region cluster, 4 simulated clusters per region, {args.steps:,} env steps (240 rounds of 4 local "
-        "PPO updates per region). Regions 0..f-1 (us-east, us-west, eu-west) are Byzantine from round 0; each robust "
+        f"Setup: the ten-region cluster, 4 simulated clusters per region, {args.steps:,} env steps "
+        f"({trainers.num_rounds(study_config(args.steps, ['federated.mode=federated']))} rounds of 4 local PPO updates per region). Regions 0..f-1 (us-east, us-west, eu-west) are Byzantine from round 0; each robust "
         "aggregator assumes the true f (geometric median and centered clipping do not use f; FedAvg assumes f = 0). "
         f"Return: mean reward per tick of the final global policy, greedy, on the diurnal training scenario, "
         f"{EVAL_SEEDS} evaluation seeds x 10 regions x 1 day, common seeds for every run; {seeds} training seeds per cell.",

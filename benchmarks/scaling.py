@@ -34,7 +34,6 @@ def federated_worker(devices: int, rounds: int, repeats: int) -> dict:
     from aro_jax.training import trainers
     from aro_jax.config import load_config
     from aro_jax.envs.scenarios import cluster_params
-    from aro_jax.federated import fedppo
 
     cfg = load_config(None)
     cfg.cluster.nodes = cfg.cluster.nodes[:8]

@@ -60,9 +60,10 @@ def worker(clusters: int, updates: int, repeats: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from aro_jax.training import trainers
+    from aro_jax.algorithms import ppo
     from aro_jax.envs.scenarios import default_node_params, stack_params
     from aro_jax.envs.serving import ServingNodeEnv
+    from aro_jax.training import trainers
 
     sys.path.insert(0, str(Path(__file__).parent))
     from env_throughput import init_states, make_rollout, time_interleaved
@@ -76,8 +77,10 @@ def worker(clusters: int, updates: int, repeats: int) -> dict:
     }
     calls, env_calls = {}, {}
     for name, (env, params) in envs.items():
-        learner = make_train(cfg, params, env=env)
-        init, train_chunk = (learner.init, learner.train_chunk) if hasattr(learner, "train_chunk") else (learner[0], learner[1])
+        # The same generic PPO and settings for both; the node adds the serving hooks.
+        learner = (trainers.make_learner(cfg, params) if name == "node"
+                   else ppo.make_train(env, params, trainers.ppo_config(cfg), stacked=True))
+        init, train_chunk = learner.init, learner.train_chunk
         state = jax.block_until_ready(jax.jit(init)(jax.random.PRNGKey(0), hp))
         calls[name] = (jax.jit(train_chunk, static_argnums=2), (state, hp, updates))
         one = jax.tree.map(lambda x: x[0], params)
@@ -159,7 +162,7 @@ def render(data: dict) -> str:
              f"optax {md.version('optax')}, Python {data['python']}); other jobs may share the cores, so absolute "
              "rates are noisy and the ratios (same process, calls interleaved) are the figures to compare.")
     L.append(f"- XLA_FLAGS: `{flags}` (one XLA CPU device)")
-    L.append(f"- Trainer: `aro_jax.algorithms.ppo.make_train` on one node (`default_node_params()` stacked to a node axis "
+    L.append(f"- Trainer: `aro_jax.algorithms.ppo.make_train` (through `training.trainers.make_learner`) on one node (`default_node_params()` stacked to a node axis "
              f"of 1; CartPole: `gymnax.make('CartPole-v1')` params stacked the same way, `env=CartPoleEnv`, no action "
              f"mask), rollout_steps {ROLLOUT_STEPS}, 4 minibatches, 4 epochs, hidden [64, 64], obs normalisation on "
              f"(config default); node env with action masking (config default). Timed: `jit(train_chunk)` of "

@@ -22,7 +22,7 @@ PAIR = SOLO + "\n    - {name: tokyo, profile: llama2-7b-h100-tp1, traffic_mix: c
 @functools.cache
 def trained(mode: str = "centralized", two_nodes: bool = False) -> tuple[Path, Path]:
     """(run_dir, export_dir) of a tiny run trained for a few PPO updates."""
-    from aro_jax.training import driver, trainers
+    from aro_jax.training import driver
     from aro_jax.config import load_config
     from aro_jax.deploy.export import export_policy
 

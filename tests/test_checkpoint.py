@@ -8,7 +8,6 @@ import jax
 import numpy as np
 import pytest
 
-from aro_jax.algorithms import ppo
 from aro_jax.training import checkpointing, driver, trainers
 from aro_jax.training.checkpointing import CheckpointError
 from aro_jax.config import load_config

@@ -14,7 +14,7 @@ from flax import struct
 from gymnax.environments import environment, spaces
 
 from aro_jax import contract
-from aro_jax.contract import (  # noqa: F401  (re-exported: the env's action and observation contract)
+from aro_jax.contract import (  # noqa: F401  (the env's contract, also importable from here)
     ACTION_SETS, DEC_CPU, DEC_GPU, DEC_MEM, DEGRADE, ENV_VERSION, EXTENDED_ACTIONS, INC_CPU, INC_GPU, INC_MEM,
     MAINTAIN, OBS_FIELDS, PAPER_ACTIONS, PULL_BACK, REBALANCE, RESTORE,
 )

@@ -24,7 +24,6 @@ if dist:
 from aro_jax.training import trainers  # noqa: E402
 from aro_jax.config import load_config  # noqa: E402
 from aro_jax.envs.scenarios import cluster_params  # noqa: E402
-from aro_jax.federated import fedppo  # noqa: E402
 
 CLUSTER = os.path.join(os.path.dirname(__file__), "cluster4.yaml")
 cfg = load_config(CLUSTER, [f"federated.devices={jax.device_count()}", *overrides])
