@@ -138,21 +138,11 @@ def cmd_export(args) -> int:
 
 
 def cmd_agent(args) -> int:
-    """Serve decisions from an exported policy: JSON lines on stdin/stdout, or HTTP."""
-    from aro_jax.deploy.agent import Agent
-    from aro_jax.deploy.export import ExportError, load_policy
-    from aro_jax.deploy import service
+    """Serve decisions from an exported policy: JSON lines, HTTP, or a control loop over
+    vLLM metrics (--vllm / --prometheus) that publishes the desired state."""
+    from aro_jax.deploy.runner import run_agent
 
-    try:
-        agent = Agent(load_policy(Path(args.policy)), args.node)
-    except (ExportError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.http is not None:
-        service.serve_http(agent, args.host, args.http)
-    else:
-        service.serve_jsonl(agent)
-    return 0
+    return run_agent(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -209,11 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="replace out_dir if it exists")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("agent", help="deployment agent: metrics in (JSON lines on stdin, or HTTP), decisions out")
-    p.add_argument("--policy", required=True, help="an export directory written by `aro export`")
-    p.add_argument("--node", help="the node this agent serves (default: given per request, or the only node)")
-    p.add_argument("--http", type=int, metavar="PORT", help="serve HTTP on PORT (POST /act, GET /healthz, GET /metrics) instead of stdin/stdout")
-    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1)")
+    p = sub.add_parser("agent", help="deployment agent: a control loop over vLLM metrics (--vllm/--prometheus), or decisions over JSON lines/HTTP")
+    from aro_jax.deploy.runner import add_agent_arguments
+
+    add_agent_arguments(p)
     p.set_defaults(func=cmd_agent)
 
     # Overrides may come after options too (`aro train CFG --run-dir D ppo.lr=1e-4`).

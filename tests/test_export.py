@@ -9,7 +9,7 @@ import pytest
 
 from _deploy_fixture import trained
 from aro_jax.training.checkpointing import load_trained_policy
-from aro_jax.deploy.export import SPEC_FILE, ExportError, load_policy
+from aro_jax.deploy.export import SPEC_CHECKSUM_FILE, SPEC_FILE, ExportError, load_policy
 from aro_jax.envs import serving as sv
 from aro_jax.envs.scenarios import cluster_params
 
@@ -84,10 +84,18 @@ def test_wrong_directory(tmp_path):
         load_policy(tmp_path)
 
 
+def write_signed_spec(export_dir, text: str) -> None:
+    """Write policy.json and a matching checksum (what a deliberate edit would do)."""
+    import hashlib
+
+    (export_dir / SPEC_FILE).write_text(text)
+    (export_dir / SPEC_CHECKSUM_FILE).write_text(hashlib.sha256(text.encode()).hexdigest() + "\n")
+
+
 def test_format_version_mismatch(export_copy):
     spec = json.loads((export_copy / SPEC_FILE).read_text())
     spec["format_version"] = "2.0"
-    (export_copy / SPEC_FILE).write_text(json.dumps(spec))
+    write_signed_spec(export_copy, json.dumps(spec))
     with pytest.raises(ExportError, match="format_version 2.0 is incompatible"):
         load_policy(export_copy)
 
@@ -95,7 +103,43 @@ def test_format_version_mismatch(export_copy):
 def test_truncated_spec(export_copy):
     text = (export_copy / SPEC_FILE).read_text()
     (export_copy / SPEC_FILE).write_text(text[: len(text) // 2])
+    with pytest.raises(ExportError, match="do not match the checksum"):
+        load_policy(export_copy)
+    write_signed_spec(export_copy, text[: len(text) // 2])
     with pytest.raises(ExportError, match="truncated or corrupt spec"):
+        load_policy(export_copy)
+
+
+@pytest.mark.parametrize("edit", ["observation_scale", "limits", "fallback", "field_order"])
+def test_edited_spec_is_refused(export_copy, edit):
+    """policy.json is covered by its checksum: edits that would change decisions silently."""
+    spec = json.loads((export_copy / SPEC_FILE).read_text())
+    node = spec["nodes"]["solo"]
+    if edit == "observation_scale":
+        node["observation_scale"][0] *= 2
+    elif edit == "limits":
+        node["limits"]["max_replicas"] = 100.0
+    elif edit == "fallback":
+        spec["actions"]["fallback"] = "IncreaseGPU"
+    else:
+        f = spec["observation"]["fields"]
+        f[0], f[1] = f[1], f[0]
+    (export_copy / SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n")
+    with pytest.raises(ExportError, match="do not match the checksum in policy.json.sha256"):
+        load_policy(export_copy)
+
+
+def test_missing_spec_checksum(export_copy):
+    (export_copy / SPEC_CHECKSUM_FILE).unlink()
+    with pytest.raises(ExportError, match="cannot be verified"):
+        load_policy(export_copy)
+
+
+def test_missing_hidden_sizes_is_an_export_error(export_copy):
+    spec = json.loads((export_copy / SPEC_FILE).read_text())
+    del spec["network"]["hidden_sizes"]
+    write_signed_spec(export_copy, json.dumps(spec))
+    with pytest.raises(ExportError, match="network lacks network.hidden_sizes"):
         load_policy(export_copy)
 
 
