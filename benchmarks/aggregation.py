@@ -7,8 +7,9 @@ f = (n - 3) // 4, the largest f every aggregator (Bulyan: n >= 4f + 3) accepts, 
 aggregators run at the same (n, f). A combination is skipped when the same aggregator at
 the previous d, scaled linearly in d, predicts more than --limit seconds per call.
 
-    /work/venv/bin/python benchmarks/aggregation.py               # writes benchmarks/aggregation.md
-    /work/venv/bin/python benchmarks/aggregation.py --nodes 10 --dims 10000 --out /tmp/x.md
+    python benchmarks/aggregation.py               # writes benchmarks/aggregation.{json,md}
+    python benchmarks/aggregation.py --nodes 10 --dims 10000 --out /tmp/x.json
+    python benchmarks/aggregation.py --render-only  # the markdown again from the JSON
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_common import write_report  # noqa: E402
 
 XLA_FLAGS = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 AGGREGATOR_NAMES = (
@@ -110,13 +114,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="minimum steady-state calls")
     parser.add_argument("--target", type=float, default=3.0, help="keep repeating until this many seconds (max 50 calls)")
     parser.add_argument("--limit", type=float, default=20.0, help="skip when the predicted call exceeds this (s)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".md"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".json"), help="results JSON; the markdown goes next to it")
+    parser.add_argument("--render-only", action="store_true", help="re-render the markdown from --out")
     parser.add_argument("--worker", nargs=3, metavar=("NAME", "N", "D"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:
         name, n, d = args.worker
         print(json.dumps(worker(name, int(n), int(d), args.repeats, args.target)))
+        return
+    if args.render_only:
+        write_report(args.out, None, render)
         return
 
     results, skipped = {}, []
@@ -134,12 +142,19 @@ def main() -> None:
                 print(f"{name:18s} n={n:4d} f={result['f']:3d} d={d:8d}  {format_seconds(result['median_s']):>10s}  "
                       f"first {format_seconds(result['first_s']):>9s}  rss {result['peak_rss_mb']:.0f} MB", flush=True)
 
-    write_report(args, results, skipped)
+    data = {
+        "command": ("python benchmarks/aggregation.py " + " ".join(sys.argv[1:])).strip(), "xla_flags": XLA_FLAGS,
+        "machine": machine_description(), "nodes": args.nodes, "dims": sorted(args.dims), "aggregators": args.aggregators,
+        "repeats": args.repeats, "target_s": args.target, "skipped": skipped,
+        "results": [{"aggregator": name, "n": n, "d": d, **r} for (name, n, d), r in results.items()],
+    }
+    write_report(args.out, data, render)
+    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
 
 
-def write_report(args, results: dict, skipped: list[str]) -> None:
-    dims = sorted(args.dims)
-    command = "/work/venv/bin/python benchmarks/aggregation.py " + " ".join(sys.argv[1:])
+def render(data: dict) -> str:
+    dims = data["dims"]
+    results = {(r["aggregator"], r["n"], r["d"]): r for r in data["results"]}
     lines = [
         "# Aggregation time per call",
         "",
@@ -148,17 +163,17 @@ def write_report(args, results: dict, skipped: list[str]) -> None:
         "the same (n, f)). Each cell is its own process; default options (geometric median: 8",
         "Weiszfeld iterations; centered clipping: 3 iterations from the coordinate-wise median).",
         "",
-        f"- command: `{command.strip()}` (XLA_FLAGS={XLA_FLAGS})",
-        f"- machine: {machine_description()}",
-        f"- repeats: at least {args.repeats} steady-state calls, more until {args.target:g} s (max 50); "
+        f"- command: `{data['command']}` (XLA_FLAGS={data['xla_flags']}); figures from aggregation.json",
+        f"- machine: {data['machine']}",
+        f"- repeats: at least {data['repeats']} steady-state calls, more until {data['target_s']:g} s (max 50); "
         "timings are medians",
         "",
     ]
-    for n in args.nodes:
+    for n in data["nodes"]:
         lines += [f"## n = {n} nodes, f = {num_byzantine(n)}", ""]
         lines += ["| aggregator | " + " | ".join(f"d = {d:.0e}" for d in dims) + " | peak RSS at largest d | first call (compile + run) at largest d |"]
         lines += ["|---" * (len(dims) + 3) + "|"]
-        for name in args.aggregators:
+        for name in data["aggregators"]:
             cells, last = [], None
             for d in dims:
                 r = results.get((name, n, d))
@@ -168,7 +183,7 @@ def write_report(args, results: dict, skipped: list[str]) -> None:
             lines.append(f"| {name} | " + " | ".join(cells) + " | " + " | ".join(tail) + " |")
         lines.append("")
     lines += ["## Skipped", ""]
-    lines += [f"- {s}" for s in skipped] or ["- none"]
+    lines += [f"- {s}" for s in data["skipped"]] or ["- none"]
     lines += [
         "",
         "No combination violated an aggregator's requirement at f = (n - 3) // 4.",
@@ -180,8 +195,7 @@ def write_report(args, results: dict, skipped: list[str]) -> None:
         "by direct differences: O(n^2 d).",
         "",
     ]
-    args.out.write_text("\n".join(lines))
-    print(f"wrote {args.out}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,16 @@
-"""Helpers shared by the benchmark scripts: fresh-process workers and rate formatting."""
+"""Helpers shared by the benchmark scripts: fresh-process workers, the JSON -> markdown
+report pattern, and rate formatting."""
 
 from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
+from pathlib import Path
+from typing import Callable
 
 
 def run_worker(script: str, worker_args: list[str], label: str, xla_flags: str, timeout: float) -> dict:
@@ -30,3 +34,21 @@ def fmt_rate(x: float) -> str:
     if x >= 1e3:
         return f"{x / 1e3:.1f}k"
     return f"{x:.0f}"
+
+
+def machine() -> str:
+    """This machine, for a benchmark's header."""
+    import jax
+
+    return f"{os.cpu_count()}-core {platform.machine()} CPU, jax {jax.__version__}, Python {platform.python_version()}"
+
+
+def write_report(json_path: Path, data: dict | None, render: Callable[[dict], str]) -> dict:
+    """Write a run's results to `json_path` (unless `data` is None: re-render the JSON
+    already there) and its markdown, rendered from that JSON alone, next to it."""
+    json_path = Path(json_path)
+    if data is not None:
+        json_path.write_text(json.dumps(data, indent=2) + "\n")
+    data = json.loads(json_path.read_text())
+    json_path.with_suffix(".md").write_text(render(data))
+    return data

@@ -6,6 +6,8 @@ Privacy unit: one node's update per round (node-level DP); noise is added to eac
 clipped delta before the robust aggregator, so the guarantee holds whatever the
 aggregator does (post-processing); every node takes part in every round (sampling 1).
 
+Writes privacy_utility.json and the markdown rendered from it (`--render-only` redraws it).
+
 usage: python benchmarks/privacy_utility.py [--steps 10000000] [--clip 0.1] [--noise 0 0.3 1 3]
 """
 
@@ -14,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
+import sys
 import time
 from pathlib import Path
 
@@ -22,6 +24,9 @@ os.environ.setdefault("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_sched
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_common import machine, write_report  # noqa: E402
 
 from aro_jax.training import evaluation, learned_policy, trainers  # noqa: E402
 from aro_jax.config import load_config  # noqa: E402
@@ -60,7 +65,13 @@ def main():
     ap.add_argument("--clip", type=float, default=0.1)
     ap.add_argument("--noise", type=float, nargs="+", default=[0.0, 0.3, 1.0, 3.0])
     ap.add_argument("--delta", type=float, default=1e-5)
+    ap.add_argument("--render-only", action="store_true", help="re-render the markdown from privacy_utility.json")
     args = ap.parse_args()
+    out = Path(__file__).with_name("privacy_utility.json")
+    if args.render_only:
+        write_report(out, None, render)
+        print(out.with_suffix(".md").read_text())
+        return
 
     rows = []
     for noise in args.noise:
@@ -74,16 +85,26 @@ def main():
     m = evaluation.run_episodes(env, reactive_policy(cfg.env.tick_s), cluster_params(cfg, "diurnal"), jax.random.PRNGKey(123), EVAL_SEEDS, EVAL_TICKS)
     reactive = evaluation.cluster_kpis(m, cfg.env.tick_s)
 
+    data = {
+        "command": f"python benchmarks/privacy_utility.py --steps {args.steps} --clip {args.clip} --noise {' '.join(map(str, args.noise))}",
+        "machine": machine(), "eval_seeds": EVAL_SEEDS, "rows": rows, "reactive": reactive,
+        "network_params": int(sum(x.size for x in jax.tree.leaves(trainers.make_trainer(cfg).network.init(jax.random.PRNGKey(0), jax.numpy.zeros(20))))),
+    }
+    write_report(out, data, render)
+    print(out.with_suffix(".md").read_text())
+
+
+def render(data: dict) -> str:
+    rows, reactive = data["rows"], data["reactive"]
     lines = [
         "# Privacy / utility of robust federated PPO",
         "",
-        f"Command: `python benchmarks/privacy_utility.py --steps {args.steps} --clip {args.clip} --noise {' '.join(map(str, args.noise))}`; "
-        f"machine: {os.cpu_count()}-core {platform.machine()} CPU, jax {jax.__version__}.",
+        f"Command: `{data['command']}`; machine: {data['machine']}; figures from privacy_utility.json.",
         "",
         "Default config (ten regions, multi-Krum f = 3) trained for the given env steps; privacy unit: one node's update "
         "per round, every node in every round (sampling 1), noise std = noise multiplier x clip norm added to each node's "
         "clipped delta before the aggregator; epsilon from dp-accounting's RDP accountant at the given delta. Evaluation: "
-        f"greedy policy, diurnal scenario, {EVAL_SEEDS} seeds x 10 regions x 1 day (Reactive on the same seeds for reference).",
+        f"greedy policy, diurnal scenario, {data['eval_seeds']} seeds x 10 regions x 1 day (Reactive on the same seeds for reference).",
         "",
         "| noise multiplier | clip norm | rounds | epsilon (delta) | reward | mean e2e (ms) | SLO (%) | $ / 1M tok | quality |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -96,10 +117,8 @@ def main():
     lines.append(f"| Reactive (reference) | | | | {reactive['reward']:.3f} | {reactive['e2e_mean_ms']:,.0f} | "
                  f"{reactive['slo_attainment_pct']:.1f} | {reactive['cost_usd_per_mtok']:.3f} | {reactive['quality']:.3f} |")
     lines += ["", f"Mean L2 norm of a node's round delta without DP: {rows[0]['mean_delta_norm']:.3g} "
-              f"({sum(x.size for x in jax.tree.leaves(trainers.make_trainer(cfg).network.init(jax.random.PRNGKey(0), jax.numpy.zeros(20))))} parameters)."]
-    out = Path(__file__).with_name("privacy_utility.md")
-    out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+              f"({data['network_params']} parameters)."]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -1,0 +1,66 @@
+"""The main job's results: run `aro run` on the embedded default config (or collect a run
+already made) into benchmarks/main_job/: the KPI table (json/md/csv), the learning curve,
+the one-day timeline and summary.json (wall time, training rate, the final training
+record). The README's main-job figures are rendered from these files
+(benchmarks/render_readme.py).
+
+usage: python benchmarks/main_job.py [--from RUN_DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+OUT = Path(__file__).parent / "main_job"
+
+
+def collect(run_dir: Path, wall_s: float | None, command: str) -> dict:
+    import jax
+
+    OUT.mkdir(exist_ok=True)
+    for name in ("kpis_diurnal.json", "kpis_diurnal.md", "kpis_diurnal.csv", "timeline_diurnal.png"):
+        shutil.copy(run_dir / "eval" / name, OUT / name)
+    shutil.copy(run_dir / "learning_curve.png", OUT / "learning_curve.png")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    train = [r for r in records if r.get("event") == "train"]
+    steps_per_chunk = train[0]["env_steps"]
+    train_s = sum(steps_per_chunk / r["steps_per_s"] for r in train)
+    summary = {
+        "command": command,
+        "machine": f"{os.cpu_count()}-core {platform.machine()} CPU, jax {jax.__version__}, Python {platform.python_version()}",
+        "wall_s": wall_s,
+        "train_s": train_s,
+        "env_steps": train[-1]["env_steps"],
+        "env_steps_per_s": train[-1]["env_steps"] / train_s,
+        "final": train[-1],
+        "eval_rewards": [r["eval_reward"] for r in train],
+    }
+    (OUT / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--from", dest="run_dir", type=Path, help="collect this finished `aro run` directory instead of running")
+    args = ap.parse_args()
+    if args.run_dir:
+        summary = collect(args.run_dir, None, "aro run")
+    else:
+        run_dir = Path(tempfile.mkdtemp(prefix="aro-main-job-")) / "run"
+        t0 = time.perf_counter()
+        subprocess.run(["aro", "run", f"train.run_dir={run_dir}"], check=True)
+        summary = collect(run_dir, time.perf_counter() - t0, "pip install -e . && aro run")
+    print(json.dumps({k: v for k, v in summary.items() if k != "final"}, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

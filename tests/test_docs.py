@@ -1,0 +1,16 @@
+"""Docs stay true: the README's results section is what benchmarks/render_readme.py renders
+from the committed benchmark JSON (no figure typed by hand, none stale)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_results_rendered_from_benchmark_json():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "render_readme.py"), "--check"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, (
+        "README.md's results section differs from a fresh render of benchmarks/**/*.json; "
+        f"run `python benchmarks/render_readme.py`\n{out.stderr[-2000:]}")
