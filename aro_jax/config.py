@@ -9,6 +9,9 @@ say what differs.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,6 +90,18 @@ class TrainConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    """What training optimises. "paper": the ARO reward (env.reward's weights). "slo": the
+    operator's objective, cost (and quality loss) minimised subject to per-request SLO
+    attainment >= slo_target and a dropped share <= max_drop (constrained PPO; both are
+    hyperparameter leaves, so a sweep over targets is one program)."""
+
+    kind: str = "paper"
+    slo_target: float = 0.9  # share of requests within their TTFT and TPOT SLOs (drops count as misses)
+    max_drop: float = 0.01  # share of requests dropped
+
+
+@dataclass
 class EvalConfig:
     num_seeds: int = 8  # evaluation episodes per node
     scenario: str = "diurnal"
@@ -100,30 +115,105 @@ class ExperimentConfig:
     env: EnvConfig = field(default_factory=EnvConfig)
     ppo: PPOSection = field(default_factory=PPOSection)
     federated: FederatedConfig = field(default_factory=FederatedConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _yaml_problem(e: Exception) -> str:
+    """`line L column C: problem` of a YAML parse error, on one line."""
+    mark = getattr(e, "problem_mark", None)
+    if isinstance(e, UnicodeDecodeError):
+        problem = f"not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})"
+    else:
+        problem = getattr(e, "problem", None) or str(e) or type(e).__name__
+    where = f"line {mark.line + 1} column {mark.column + 1}: " if mark is not None else ""
+    return _one_line(where + problem)
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> Any:
     """Read a YAML file, merging its `include:` files (relative paths) first."""
     path = path.resolve()
+    included_from = f" (included from {seen[-1]})" if seen else ""
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"config file not found: {path}{included_from}")
     if path in seen:
         raise ConfigError(f"{path}: include cycle through {[str(p) for p in seen]}")
     try:
         cfg = OmegaConf.load(path)
-    except Exception as e:  # yaml.YAMLError and friends
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    except Exception as e:  # yaml.YAMLError, UnicodeDecodeError and friends
+        raise ConfigError(f"{path}{included_from}: not valid YAML: {_yaml_problem(e)}") from e
     if not isinstance(cfg, DictConfig):
-        raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+        raise ConfigError(f"{path}{included_from}: expected a mapping of config keys at the top level")
     includes = cfg.pop("include", [])
     if isinstance(includes, str):
         includes = [includes]
     merged = OmegaConf.create()
     for inc in includes:
+        if not isinstance(inc, str):
+            raise ConfigError(f"{path}: include entries must be file paths, got {inc!r}")
         merged = OmegaConf.merge(merged, _read_yaml(path.parent / inc, seen + (path,)))
     return OmegaConf.merge(merged, cfg)
+
+
+# Numbers as YAML 1.1 leaves them: `5e6` (no dot, no exponent sign) is a string, and a
+# float in a file (`5.0e6`) is not an int. Numeric fields take both, by the schema's type.
+_INT_TEXT = re.compile(r"[-+]?\d[\d_]*")
+_FLOAT_TEXT = re.compile(r"[-+]?(\d[\d_]*\.?[\d_]*|\.\d[\d_]*)([eE][-+]?\d+)?")
+
+
+def _as_number(value, kind: type):
+    if isinstance(value, bool) or kind not in (int, float):
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        if _INT_TEXT.fullmatch(text):
+            value = int(text.replace("_", ""))
+        elif _FLOAT_TEXT.fullmatch(text):
+            value = float(text.replace("_", ""))
+        else:
+            return value
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if kind is float and isinstance(value, int):
+        return float(value)
+    return value
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+
+
+def _coerce_numbers(node, kind):
+    """`node` (plain YAML data) with numeric strings and integral floats converted where
+    the schema type `kind` asks for an int or a float."""
+    if dataclasses.is_dataclass(kind) and isinstance(node, dict):
+        types = _field_types(kind)
+        return {k: _coerce_numbers(v, types[k]) if k in types else v for k, v in node.items()}
+    if typing.get_origin(kind) is list and isinstance(node, list):
+        (item,) = typing.get_args(kind) or (Any,)
+        return [_coerce_numbers(v, item) for v in node]
+    return _as_number(node, kind)
+
+
+def _key_type(key: str):
+    """The schema type of a dotted key (`cluster.nodes.0.mean_rate_rps`), or None."""
+    kind: Any = ExperimentConfig
+    for part in key.split("."):
+        if dataclasses.is_dataclass(kind):
+            kind = _field_types(kind).get(part)
+        elif typing.get_origin(kind) is list and part.lstrip("-").isdigit():
+            kind = (typing.get_args(kind) or (None,))[0]
+        else:
+            return None
+        if kind is None:
+            return None
+    return kind
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), extra_files: list[str | Path] = ()) -> ExperimentConfig:
@@ -136,19 +226,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), extra
     schema = OmegaConf.structured(ExperimentConfig)
     try:
         layers = [schema]
-        layers.append(_read_yaml(Path(path) if path else DEFAULT_CONFIG))
-        layers.extend(_read_yaml(Path(f)) for f in extra_files)
+        files = [Path(path) if path else DEFAULT_CONFIG, *(Path(f) for f in extra_files)]
+        for f in files:
+            layer = OmegaConf.to_container(_read_yaml(f), resolve=False)
+            layers.append(OmegaConf.create(_coerce_numbers(layer, ExperimentConfig)))
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"override {bad[0]!r} is not of the form key=value (e.g. ppo.lr=1e-4)")
         cfg = OmegaConf.merge(*layers)
         for override in overrides:
             key, value = override.split("=", 1)
-            OmegaConf.update(cfg, key.strip(), yaml.safe_load(value), merge=True)
+            try:
+                parsed = yaml.safe_load(value)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"config key '{key.strip()}': value {value!r} is not valid YAML: {_yaml_problem(e)}") from e
+            kind = _key_type(key.strip())
+            parsed = _coerce_numbers(parsed, kind) if kind is not None else parsed
+            OmegaConf.update(cfg, key.strip(), parsed, merge=True)
         obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"
-        raise ConfigError(f"config key '{key}': {str(e).splitlines()[0]}") from e
+        raise ConfigError(f"config key '{key}': {_one_line(str(e).splitlines()[0] if str(e) else type(e).__name__)}") from e
     validate(obj)
     return obj
 
@@ -170,6 +268,8 @@ def validate(cfg: ExperimentConfig) -> None:
         if not ok:
             raise ConfigError(f"config key '{key}': {msg}")
 
+    for key, value in _floats(cfg):  # inf and nan pass `> 0` checks or poison training
+        require(math.isfinite(value), key, f"must be a finite number, got {value}")
     require(len(cfg.cluster.nodes) > 0, "cluster.nodes", "at least one node is needed")
     names = [n.name for n in cfg.cluster.nodes]
     require(len(set(names)) == len(names), "cluster.nodes", f"node names must be unique, got {names}")
@@ -198,8 +298,14 @@ def validate(cfg: ExperimentConfig) -> None:
     require(p.update_epochs >= 1, "ppo.update_epochs", f"must be >= 1, got {p.update_epochs}")
     require(p.num_minibatches >= 1, "ppo.num_minibatches", f"must be >= 1, got {p.num_minibatches}")
     batch = p.rollout_steps * e.num_clusters * len(cfg.cluster.nodes)
-    require(batch % p.num_minibatches == 0, "ppo.num_minibatches",
-            f"{p.num_minibatches} does not divide the batch of {batch} transitions (rollout_steps x num_clusters x nodes)")
+    if cfg.federated.mode in ("federated", "local"):  # one learner per node, on its own clusters
+        node_batch = p.rollout_steps * e.num_clusters
+        require(node_batch % p.num_minibatches == 0, "ppo.num_minibatches",
+                f"{p.num_minibatches} does not divide the per-node batch of {node_batch} transitions "
+                f"(rollout_steps {p.rollout_steps} x num_clusters {e.num_clusters}: in {cfg.federated.mode} mode each node's learner updates on its own clusters)")
+    else:
+        require(batch % p.num_minibatches == 0, "ppo.num_minibatches",
+                f"{p.num_minibatches} does not divide the batch of {batch} transitions (rollout_steps x num_clusters x nodes)")
     require(0 < p.gamma <= 1, "ppo.gamma", f"must be in (0, 1], got {p.gamma}")
     require(0 <= p.gae_lambda <= 1, "ppo.gae_lambda", f"must be in [0, 1], got {p.gae_lambda}")
     require(p.clip_eps > 0, "ppo.clip_eps", f"must be > 0, got {p.clip_eps}")
@@ -208,6 +314,11 @@ def validate(cfg: ExperimentConfig) -> None:
     require(len(p.hidden_sizes) >= 1 and all(h >= 1 for h in p.hidden_sizes), "ppo.hidden_sizes", f"need positive layer sizes, got {p.hidden_sizes}")
 
     _validate_federated(cfg, require)
+
+    o = cfg.objective
+    require(o.kind in ("paper", "slo"), "objective.kind", f"must be paper or slo, got {o.kind!r}")
+    require(0 < o.slo_target < 1, "objective.slo_target", f"must be a share in (0, 1), got {o.slo_target}")
+    require(0 <= o.max_drop < 1, "objective.max_drop", f"must be a share in [0, 1), got {o.max_drop}")
 
     t = cfg.train
     require(t.num_chunks >= 1, "train.num_chunks", f"must be >= 1, got {t.num_chunks}")
@@ -222,6 +333,42 @@ def validate(cfg: ExperimentConfig) -> None:
     require(cfg.eval.scenario in scenarios.SCENARIOS, "eval.scenario", f"must be one of {list(scenarios.SCENARIOS)}")
     for b in cfg.eval.baselines:
         require(b in HEURISTICS, "eval.baselines", f"unknown baseline {b!r}; choose from {sorted(HEURISTICS)}")
+
+
+def _floats(obj, key: str = ""):
+    """(dotted key, value) of every float in a config object, lists included."""
+    join = lambda part: f"{key}.{part}" if key else str(part)  # noqa: E731
+    if dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            yield from _floats(getattr(obj, f.name), join(f.name))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _floats(v, join(i))
+    elif isinstance(obj, float):
+        yield key, obj
+
+
+def check_data(cfg: ExperimentConfig, keys: tuple[str, ...] = ("env.scenario", "eval.scenario")) -> None:
+    """Read and check the data files of the scenarios a command will run (the scenario
+    config `keys` it uses), before anything compiles: a trace-replay scenario needs
+    env.data_dir to hold its trace, a well-formed CSV. Raises ConfigError naming the key
+    and the file (full path, line)."""
+    from aro_jax.envs import scenarios
+    from aro_jax.envs.trace import TraceFormatError, load_trace_csv
+
+    for key in keys:
+        section, name = key.split(".")
+        scenario = getattr(getattr(cfg, section), name)
+        if not scenario.startswith("trace-"):
+            continue
+        data_dir = Path(cfg.env.data_dir).absolute()
+        path = scenarios.trace_path(data_dir, scenario)
+        if not data_dir.is_dir():
+            raise ConfigError(f"config key 'env.data_dir': {data_dir} is not a directory; {key} {scenario} replays traces/{path.name} from it")
+        try:
+            load_trace_csv(path)
+        except (TraceFormatError, OSError) as e:
+            raise ConfigError(f"config key '{key}' = {scenario}: {_one_line(str(e), 500)}") from e
 
 
 def _validate_federated(cfg: ExperimentConfig, require) -> None:

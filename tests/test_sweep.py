@@ -185,3 +185,20 @@ def test_optimize_resumes_after_the_process_is_killed(tmp_path):
     summary = json.loads((run_dir / "best.json").read_text())
     assert summary["finished"] == trials and (run_dir / "best.yaml").exists()
     load_config(run_dir / "best.yaml")
+
+
+@pytest.mark.timeout(600)
+def test_slo_target_sweep_is_one_program_with_per_point_limits(tmp_path):
+    path = write_sweep(tmp_path, {"overrides": [*TINY, "objective.kind=slo"], "grid": {"slo_target": [0.8, 0.9, 0.99]}})
+    spec = sweep.load_sweep(path)
+    trainer = sweep.SweepTrainer(spec.config())
+    hp = trainer.hyperparams(spec.points, seeds=1)
+    np.testing.assert_allclose(np.asarray(hp.cost_limits)[:, 0], [0.2, 0.1, 0.01], rtol=1e-5)
+    states, _ = trainer.train(spec.points, seeds=1)
+    assert trainer.traces == 1
+    assert states.constraint.multipliers.shape == (3, 2)
+
+
+def test_slo_target_needs_the_slo_objective(tmp_path):
+    with pytest.raises(ConfigError, match="objective.kind=slo"):
+        sweep.load_sweep(write_sweep(tmp_path, {"grid": {"slo_target": [0.8, 0.9]}}))

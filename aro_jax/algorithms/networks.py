@@ -15,21 +15,26 @@ from aro_jax import contract
 
 class ActorCritic(nn.Module):
     """Separate tanh MLPs for the actor (logits = the paper's action scores; the policy is
-    their softmax) and the critic (state value)."""
+    their softmax) and the critic (state value). With `num_costs` > 0 a third MLP
+    estimates each constraint's cost value (constrained PPO); `__call__` then returns
+    (logits, value, cost_values (..., num_costs))."""
 
     num_actions: int
     hidden_sizes: Sequence[int] = (64, 64)
+    num_costs: int = 0
 
     @nn.compact
-    def __call__(self, obs: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, obs: jax.Array):
         def mlp(x, out, out_scale, name):
             for i, h in enumerate(self.hidden_sizes):
                 x = nn.tanh(nn.Dense(h, kernel_init=nn.initializers.orthogonal(np.sqrt(2)), name=f"{name}_{i}")(x))
             return nn.Dense(out, kernel_init=nn.initializers.orthogonal(out_scale), name=f"{name}_out")(x)
 
         logits = mlp(obs, self.num_actions, 0.01, "actor")
-        value = mlp(obs, 1, 1.0, "critic")
-        return logits, jnp.squeeze(value, -1)
+        value = jnp.squeeze(mlp(obs, 1, 1.0, "critic"), -1)
+        if self.num_costs == 0:
+            return logits, value
+        return logits, value, mlp(obs, self.num_costs, 1.0, "cost_critic")
 
 
 def masked_logits(logits: jax.Array, mask: jax.Array | None) -> jax.Array:

@@ -13,6 +13,14 @@ leading axis (one param set per node of a cluster, say) and every set runs
 `env_params_fn(env_params, hp.env)` applies env-specific hyperparameters (reward weights,
 for example) and `metrics_fn(info)` turns a step's info into scalars averaged into the
 update's metrics. Action masking applies when the env has `action_mask_from_obs(obs, params)`.
+
+Constrained PPO (PPO-Lagrangian with PID multipliers, Stooke, Achiam & Abbeel, ICML 2020):
+with `config.num_costs` = C > 0 and `cost_fn(info)` giving C per-step costs, the learner
+maximises return subject to each constraint's mean cost per step <= `hp.cost_limits[i]`.
+Each constraint has its own cost critic and GAE; the policy's advantage is
+(A_r - sum_i lambda_i A_ci) / (1 + sum_i lambda_i), and the multipliers lambda are updated
+inside the compiled loop after every update from the rollout's mean costs (a PID rule on
+the violation), so they are part of the training state: logged, checkpointed, resumed.
 """
 
 from __future__ import annotations
@@ -42,6 +50,12 @@ class Hyperparams:
     gae_lambda: float = 0.95
     max_grad_norm: float = 0.5
     env: Any = None
+    # Constrained PPO only: (C,) limits on the mean cost per step, and the PID gains of
+    # the multiplier update (integral gain = the multiplier's learning rate).
+    cost_limits: Any = None
+    lagrange_ki: float = 0.05
+    lagrange_kp: float = 0.5
+    lagrange_kd: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +71,29 @@ class PPOConfig:
     anneal_lr: bool = True
     normalize_obs: bool = True
     action_masking: bool = True
+    num_costs: int = 0  # constraints (constrained PPO when > 0; needs make_train's cost_fn)
+
+
+@struct.dataclass
+class ConstraintState:
+    """PID-Lagrangian multipliers of constrained PPO, one per constraint."""
+
+    multipliers: jax.Array  # (C,) lambda >= 0
+    integral: jax.Array  # (C,) integral term (clipped at 0)
+    previous_cost: jax.Array  # (C,) last rollout's mean cost (derivative term)
+
+    @classmethod
+    def create(cls, num_costs: int) -> "ConstraintState":
+        zeros = jnp.zeros((num_costs,), jnp.float32)
+        return cls(zeros, zeros, zeros)
+
+    def update(self, mean_cost: jax.Array, hp: "Hyperparams") -> "ConstraintState":
+        """One PID step on the violation (mean cost - limit); multipliers stay >= 0."""
+        error = mean_cost - hp.cost_limits
+        integral = jnp.maximum(self.integral + hp.lagrange_ki * error, 0.0)
+        derivative = jnp.maximum(mean_cost - self.previous_cost, 0.0)
+        multipliers = jnp.maximum(hp.lagrange_kp * error + integral + hp.lagrange_kd * derivative, 0.0)
+        return ConstraintState(multipliers, integral, mean_cost)
 
 
 @struct.dataclass
@@ -68,6 +105,7 @@ class TrainState:
     obs: jax.Array  # (param sets, envs, obs_dim) observations
     key: jax.Array
     update_step: jax.Array  # PPO updates done
+    constraint: ConstraintState | None = None  # constrained PPO only
 
 
 class Transition(NamedTuple):
@@ -80,6 +118,9 @@ class Transition(NamedTuple):
     reward: jax.Array
     terminated: jax.Array
     done: jax.Array
+    cost: jax.Array | None = None  # (..., C) constrained PPO only
+    cost_value: jax.Array | None = None
+    next_cost_value: jax.Array | None = None
 
 
 def gae(rewards, values, next_values, terminated, dones, gamma, lam):
@@ -130,6 +171,7 @@ def make_train(
     stacked: bool = False,
     env_params_fn: Callable[[Any, Any], Any] | None = None,
     metrics_fn: Callable[[dict], dict[str, jax.Array]] | None = None,
+    cost_fn: Callable[[dict, Any], jax.Array] | None = None,
 ) -> Learner:
     """Build a PPO learner for a gymnax `env`.
 
@@ -137,8 +179,13 @@ def make_train(
     env_params_fn: (env_params, hp.env) -> env_params, applied before every rollout.
     metrics_fn: info dict of one step -> named arrays; their means over the rollout join
         the update's metrics (next to reward and the losses).
+    cost_fn: (info dict of one step, env params of the (param sets,) grid) -> (param sets,
+        envs, config.num_costs) costs of the step (constrained PPO).
     """
-    network = ActorCritic(env.num_actions, tuple(config.hidden_sizes))
+    num_costs = config.num_costs
+    if (cost_fn is None) != (num_costs == 0):
+        raise ValueError(f"constrained PPO needs both config.num_costs > 0 and a cost_fn (got num_costs={num_costs}, cost_fn={cost_fn})")
+    network = ActorCritic(env.num_actions, tuple(config.hidden_sizes), num_costs)
     grid = lambda p: p if stacked else jax.tree.map(lambda x: jnp.asarray(x)[None], p)  # noqa: E731
     num_sets = jax.tree.leaves(grid(env_params))[0].shape[0]
     num_envs, steps = config.num_envs, config.rollout_steps
@@ -174,7 +221,8 @@ def make_train(
         k_net, k_env, key = jax.random.split(key, 3)
         params = network.init(k_net, jnp.zeros((obs_dim,)))
         obs, env_state = reset_all(env_keys(k_env), effective(env_params, hp))
-        return TrainState(params, tx_of(hp).init(params), RunningStats.create(obs_dim), env_state, obs, key, jnp.zeros((), jnp.int32))
+        constraint = ConstraintState.create(num_costs) if num_costs else None
+        return TrainState(params, tx_of(hp).init(params), RunningStats.create(obs_dim), env_state, obs, key, jnp.zeros((), jnp.int32), constraint)
 
     def update(state: TrainState, hp: Hyperparams, env_params=env_params):
         """One PPO update: a rollout on every env, GAE, epochs of minibatches."""
@@ -188,14 +236,15 @@ def make_train(
             key, k_act, k_env = jax.random.split(key, 3)
             mask = mask_of(obs, nparams)
             nobs = norm(obs)
-            logits, value = network.apply(state.params, nobs)
+            logits, value, *cost_value = network.apply(state.params, nobs)
             logits = masked_logits(logits, mask)
             action = jax.random.categorical(k_act, logits)
             log_prob = jnp.take_along_axis(jax.nn.log_softmax(logits), action[..., None], -1)[..., 0]
             next_obs, env_state, reward, terminated, truncated, info = step_all(env_keys(k_env), env_state, action, nparams)
-            _, next_value = network.apply(state.params, norm(info["final_observation"]))
+            _, next_value, *next_cost_value = network.apply(state.params, norm(info["final_observation"]))
             done = jnp.logical_or(terminated, truncated)
-            tr = Transition(nobs, mask, action, log_prob, value, next_value, reward, terminated.astype(jnp.float32), done.astype(jnp.float32))
+            costs = (cost_fn(info, nparams), cost_value[0], next_cost_value[0]) if num_costs else (None, None, None)
+            tr = Transition(nobs, mask, action, log_prob, value, next_value, reward, terminated.astype(jnp.float32), done.astype(jnp.float32), *costs)
             step_metrics = metrics_fn(info) if metrics_fn is not None else {}
             return (env_state, next_obs, key), (tr, obs, step_metrics)
 
@@ -204,9 +253,20 @@ def make_train(
         # per tick, so they stay O(1) whatever the horizon (and value clipping stays sane).
         scaled_reward = traj.reward * (1.0 - hp.gamma)
         adv, targets = gae(scaled_reward, traj.value, traj.next_value, traj.terminated, traj.done, hp.gamma, hp.gae_lambda)
+        constraint = state.constraint
+        if num_costs:
+            # One GAE per constraint (the cost axis last, mapped), in the same units.
+            cost_gae = jax.vmap(gae, in_axes=(-1, -1, -1, None, None, None, None), out_axes=-1)
+            cost_adv, cost_targets = cost_gae(traj.cost * (1.0 - hp.gamma), traj.cost_value, traj.next_cost_value,
+                                              traj.terminated, traj.done, hp.gamma, hp.gae_lambda)
+            lam = constraint.multipliers
+            adv = (adv - (cost_adv * lam).sum(-1)) / (1.0 + lam.sum())
+            targets = (targets, cost_targets)
 
         def loss_fn(params, mb, mb_adv, mb_targets):
-            logits, value = network.apply(params, mb.obs)
+            logits, value, *cost_value = network.apply(params, mb.obs)
+            if num_costs:
+                mb_targets, cost_targets = mb_targets
             logp_all = jax.nn.log_softmax(masked_logits(logits, mb.mask))
             log_prob = jnp.take_along_axis(logp_all, mb.action[..., None], -1)[..., 0]
             ratio = jnp.exp(log_prob - mb.log_prob)
@@ -214,6 +274,9 @@ def make_train(
             pg = -jnp.minimum(ratio * mb_adv, jnp.clip(ratio, 1 - hp.clip_eps, 1 + hp.clip_eps) * mb_adv).mean()
             v_clipped = mb.value + jnp.clip(value - mb.value, -hp.clip_eps, hp.clip_eps)
             v_loss = 0.5 * jnp.maximum((value - mb_targets) ** 2, (v_clipped - mb_targets) ** 2).mean()
+            if num_costs:  # the cost critics, clipped the same way, share the value coefficient
+                c_clipped = mb.cost_value + jnp.clip(cost_value[0] - mb.cost_value, -hp.clip_eps, hp.clip_eps)
+                v_loss = v_loss + 0.5 * jnp.maximum((cost_value[0] - cost_targets) ** 2, (c_clipped - cost_targets) ** 2).mean(0).sum()
             probs = jnp.exp(logp_all)
             entropy = -(probs * jnp.where(probs > 0, logp_all, 0.0)).sum(-1).mean()
             total = pg + hp.vf_coef * v_loss - hp.ent_coef * entropy
@@ -239,7 +302,13 @@ def make_train(
         (params, opt_state, key), losses = jax.lax.scan(epoch, (state.params, state.opt_state, key), None, epochs)
         new_stats = stats.update(env_obs) if config.normalize_obs else stats
         metrics = {"reward": traj.reward.mean(), **jax.tree.map(jnp.mean, losses), **jax.tree.map(jnp.mean, step_metrics)}
-        new_state = TrainState(params, opt_state, new_stats, env_state, obs, key, state.update_step + 1)
+        if num_costs:
+            mean_cost = traj.cost.reshape(-1, num_costs).mean(0)
+            constraint = constraint.update(mean_cost, hp)
+            for i in range(num_costs):
+                metrics[f"cost_{i}"] = mean_cost[i]
+                metrics[f"multiplier_{i}"] = constraint.multipliers[i]
+        new_state = TrainState(params, opt_state, new_stats, env_state, obs, key, state.update_step + 1, constraint)
         return new_state, metrics, RunningStats.from_batch(env_obs)
 
     def train_chunk(state: TrainState, hp: Hyperparams, num: int):

@@ -42,9 +42,13 @@ class SweepTrainer:
         base = trainers.hyperparams(self.cfg)
         rows = [p for p in points for _ in range(seeds)]
         stack = lambda obj, name: jnp.asarray([r.get(name, getattr(obj, name)) for r in rows], jnp.float32)  # noqa: E731
-        ppo_values = {f.name: stack(base, f.name) for f in dataclasses.fields(base) if f.name != "env"}
+        ppo_values = {f.name: stack(base, f.name) for f in dataclasses.fields(base) if f.name not in ("env", "cost_limits")}
         weights = RewardWeights(**{f.name: stack(base.env, f.name) for f in dataclasses.fields(RewardWeights)})
-        return base.replace(**ppo_values, env=weights)
+        limits = None
+        if base.cost_limits is not None:  # the "slo" objective: targets per row -> (runs, constraints)
+            o = self.cfg.objective
+            limits = jax.vmap(trainers.cost_limits)(stack(o, "slo_target"), stack(o, "max_drop"))
+        return base.replace(**ppo_values, env=weights, cost_limits=limits)
 
     def train(self, points: list[dict[str, float]], seeds: int, seed: int = 0):
         """Train every point with seeds `seed..`: the same S keys for every point (common

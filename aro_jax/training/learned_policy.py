@@ -26,7 +26,7 @@ def greedy_policy(network: ActorCritic, normalize_obs: bool = True, action_maski
         obs = raw_obs / sv.observation_scale(params)
         if normalize_obs:
             obs = weights.obs_stats.normalize(obs)
-        logits, _ = network.apply(weights.params, obs)
+        logits = network.apply(weights.params, obs)[0]
         if action_masking:
             logits = masked_logits(logits, sv.feasible_actions(raw_obs, params)[: network.num_actions])
         return jnp.argmax(logits, -1), weights

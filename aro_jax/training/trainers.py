@@ -20,12 +20,32 @@ from aro_jax.federated import fedppo
 from aro_jax.training import learned_policy
 
 
+# Constrained objective ("slo"): the constraints, in cost_limits order.
+CONSTRAINTS = ("slo_miss_share", "drop_share")
+
+
+def reward_weights(cfg: config_lib.ExperimentConfig) -> RewardWeights:
+    """The paper's reward as configured; under the "slo" objective only cost and quality
+    loss remain in the reward (throughput, latency and SLO misses become constraints)."""
+    w = cfg.env.reward
+    if cfg.objective.kind == "slo":
+        return RewardWeights(alpha=0.0, beta=0.0, cost_weight=w.cost_weight, slo_penalty=0.0, quality_penalty=w.quality_penalty)
+    return dataclasses.replace(w)
+
+
+def cost_limits(slo_target, max_drop) -> jax.Array:
+    """Limits of CONSTRAINTS: missed share <= 1 - target, dropped share <= max_drop."""
+    return jnp.stack([1.0 - jnp.asarray(slo_target, jnp.float32), jnp.asarray(max_drop, jnp.float32)])
+
+
 def hyperparams(cfg: config_lib.ExperimentConfig) -> ppo.Hyperparams:
-    """The run's vmappable values: PPO's, with the reward weights as the env part."""
-    p = cfg.ppo
+    """The run's vmappable values: PPO's, the reward weights as the env part, and under
+    the "slo" objective the constraints' limits."""
+    p, o = cfg.ppo, cfg.objective
     return ppo.Hyperparams(
         lr=p.lr, clip_eps=p.clip_eps, ent_coef=p.ent_coef, vf_coef=p.vf_coef, gamma=p.gamma,
-        gae_lambda=p.gae_lambda, max_grad_norm=p.max_grad_norm, env=dataclasses.replace(cfg.env.reward),
+        gae_lambda=p.gae_lambda, max_grad_norm=p.max_grad_norm, env=reward_weights(cfg),
+        cost_limits=cost_limits(o.slo_target, o.max_drop) if o.kind == "slo" else None,
     )
 
 
@@ -35,6 +55,7 @@ def ppo_config(cfg: config_lib.ExperimentConfig) -> ppo.PPOConfig:
         num_envs=cfg.env.num_clusters, rollout_steps=p.rollout_steps, num_minibatches=p.num_minibatches,
         update_epochs=p.update_epochs, total_updates=max(config_lib.num_updates(cfg), 1), hidden_sizes=tuple(p.hidden_sizes),
         anneal_lr=p.anneal_lr, normalize_obs=p.normalize_obs, action_masking=p.action_masking,
+        num_costs=len(CONSTRAINTS) if cfg.objective.kind == "slo" else 0,
     )
 
 
@@ -61,11 +82,24 @@ def serving_metrics(tick_s: float) -> Callable[[dict], dict]:
     return metrics
 
 
+def serving_costs(info, node_params: EnvParams) -> jax.Array:
+    """CONSTRAINTS' per-step costs, (nodes, clusters, 2): requests missing their SLO and
+    requests dropped, each per mean tick of the node's demand (rate_ref x tick), so a
+    rollout's mean is the request-weighted share and a busy tick weighs what it serves."""
+    m = info["metrics"]
+    attempted = m["served"] + m["forwarded"] + m["dropped"]
+    demand_ref = (node_params.rate_ref_rps * node_params.tick_s)[:, None]
+    missed = (1.0 - m["slo_attainment"]) * attempted
+    return jnp.stack([missed / demand_ref, m["dropped"] / demand_ref], axis=-1)
+
+
 def make_learner(cfg: config_lib.ExperimentConfig, node_params: EnvParams) -> ppo.Learner:
-    """PPO on the serving env over a stack of node params, cfg.env.num_clusters each."""
+    """PPO on the serving env over a stack of node params, cfg.env.num_clusters each
+    (constrained PPO under the "slo" objective)."""
     return ppo.make_train(
         ServingNodeEnv(cfg.env.action_set), node_params, ppo_config(cfg), stacked=True,
         env_params_fn=with_reward_weights, metrics_fn=serving_metrics(cfg.env.tick_s),
+        cost_fn=serving_costs if cfg.objective.kind == "slo" else None,
     )
 
 
