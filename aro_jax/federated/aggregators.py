@@ -13,7 +13,20 @@ every neighbour and selection count of the plain algorithm with n and f (e.g. Kr
 (n - k) - (f - k) - 2 = n - f - 2), which is why those counts are static. If k > f the
 round is skipped: the aggregate is zeros and `info["skipped"]` is True. The round is
 also skipped when the aggregate itself is not finite (finite rows whose values overflow
-float32), so a non-finite update never reaches the global parameters.
+float32), or when a selection rule has no candidate with a finite score, so a non-finite
+update never reaches the global parameters.
+
+Huge finite rows. A finite row can be so large that its squared distance to the others
+exceeds float32's range (about |x| sqrt(d) > 1.8e19). Distances are sums of non-negative
+terms, so they overflow only when the true value is past float32's largest: such an entry
+saturates at +inf, every finite entry is exact to rounding, and +inf is ordered after
+every finite distance, which is the ordering Krum needs. (Scaling all rows by the largest
+norm would avoid the +inf, but then the honest rows' distances, ~1e-60 of the scale,
+underflow to 0 and Krum could no longer tell honest rows apart.) The selection rules
+(Krum, multi-Krum, Bulyan) choose only among rows with a finite score, break ties without
+adding +inf terms (first the number of saturated distances, then the sum of the finite
+ones), and reject the round when no row has a finite score. Norms (geometric median,
+centered clipping) are computed with a per-row scale and stay finite for any finite row.
 
 Requirements on n and f (`check_requirements`), each from its source paper:
 
@@ -45,7 +58,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from aro_jax.federated.privacy import clip_updates
+from aro_jax.federated.privacy import clip_updates, update_norms
 
 Array = jax.Array
 Info = dict[str, Array]
@@ -246,29 +259,44 @@ def _masked_median(updates: Array, valid: Array) -> Array:
     return _sorted_weighted_sum(keys, lambda p: 0.5 * ((p == lo).astype(updates.dtype) + (p == hi)))
 
 
-def _krum_scores(dist: Array, members: Array, num_neighbours: Array | int) -> tuple[Array, Array]:
+def _krum_scores(dist: Array, members: Array, num_neighbours: Array | int) -> tuple[Array, Array, Array]:
     """Krum score of each member: sum of squared distances to its num_neighbours nearest
-    other members. Non-members score +inf and are never anyone's neighbour.
+    other members. Non-members score +inf and are never anyone's neighbour; a member whose
+    neighbours include a saturated (+inf) distance scores +inf as well.
 
-    Also returns the tie-breaker: the sum of squared distances to all other members.
-    Distinct rows tie on the score structurally, not by chance - with one neighbour, two
-    mutual nearest neighbours always do - and breaking those ties by index would make the
-    choice depend on the nodes' order; the total distance is order-free and generically
-    distinct (rows that tie on both are duplicates, and either gives the same vector).
+    Also returns the tie-breakers: the number of saturated distances to the other members,
+    and the sum of the finite ones. Distinct rows tie on the score structurally, not by
+    chance - with one neighbour, two mutual nearest neighbours always do - and breaking
+    those ties by index would make the choice depend on the nodes' order; the total
+    distance is order-free and generically distinct (rows that tie on every key are
+    duplicates, and either gives the same vector). Counting the saturated distances first
+    keeps the total finite: a plain sum would be +inf for every row as soon as one row is
+    huge, and every row would tie.
     """
     n = dist.shape[0]
     pair = members[:, None] & members[None, :] & ~jnp.eye(n, dtype=bool)
     nearest_first = jnp.sort(jnp.where(pair, dist, jnp.inf), axis=1)
     counted = jnp.arange(n) < num_neighbours
     scores = jnp.sum(jnp.where(counted[None, :], nearest_first, 0.0), axis=1)
-    totals = jnp.sum(jnp.where(pair, dist, 0.0), axis=1)
-    return jnp.where(members, scores, jnp.inf), jnp.where(members, totals, jnp.inf)
+    finite = pair & jnp.isfinite(dist)
+    saturated = jnp.sum(pair & ~finite, axis=1).astype(dist.dtype)
+    totals = jnp.sum(jnp.where(finite, dist, 0.0), axis=1)
+    inf = jnp.asarray(jnp.inf, dist.dtype)
+    return jnp.where(members, scores, inf), jnp.where(members, saturated, inf), jnp.where(members, totals, inf)
 
 
-def _krum_winner(scores: Array, totals: Array) -> Array:
-    """Index of the lowest score, ties broken by the lowest total distance, then index."""
-    tied = scores == jnp.min(scores)
-    return jnp.argmin(jnp.where(tied, totals, jnp.inf))
+def _krum_ranking(scores: Array, saturated: Array, totals: Array) -> Array:
+    """Row indices from best to worst: lowest score, then fewest saturated distances, then
+    lowest finite total distance, then lowest index."""
+    n = scores.shape[0]
+    return lax.sort((scores, saturated, totals, jnp.arange(n)), num_keys=4)[3]
+
+
+def _krum_winner(scores: Array, saturated: Array, totals: Array) -> tuple[Array, Array]:
+    """(index of the best row, whether its score is finite). A row with an infinite score
+    is never a valid choice: the caller rejects the round instead."""
+    winner = _krum_ranking(scores, saturated, totals)[0]
+    return winner, jnp.isfinite(scores[winner])
 
 
 # --- aggregators -----------------------------------------------------------------------
@@ -305,27 +333,31 @@ def _trimmed_mean(updates: Array, valid: Array, f: int) -> tuple[Array, Info]:
 def _krum(updates: Array, valid: Array, f: int) -> tuple[Array, Info]:
     """Krum (Blanchard et al. 2017): the row whose n - f - 2 nearest other rows (the
     paper's neighbour count) are closest in summed squared distance. Equal scores go to the
-    row with the lower total distance to all rows (order-free), then the lower index.
-    Invalid rows score +inf and are nobody's neighbour."""
+    row with fewer saturated distances, then the lower finite total distance to all rows
+    (order-free), then the lower index. Invalid rows score +inf and are nobody's
+    neighbour; only a row with a finite score can be selected (none: the round is
+    rejected)."""
     n = updates.shape[0]
-    scores, totals = _krum_scores(_masked_distances(updates, valid), valid, n - f - 2)
-    selected = _krum_winner(scores, totals)
-    return updates[selected], {"selected": selected, "scores": scores}
+    scores, saturated, totals = _krum_scores(_masked_distances(updates, valid), valid, n - f - 2)
+    selected, found = _krum_winner(scores, saturated, totals)
+    return jnp.where(found, updates[selected], 0.0), {"selected": selected, "scores": scores, "rejected": ~found}
 
 
 def _multi_krum(updates: Array, valid: Array, f: int, m: int | None = None) -> tuple[Array, Info]:
     """Multi-Krum (Blanchard et al. 2017): the mean of the m rows with the lowest Krum
     scores (n - f - 2 neighbours; ties ordered as in Krum), default m = n - f. m = 1 is
-    Krum."""
+    Krum. Rows with an infinite score are never averaged: with fewer than m finite scores
+    the mean is over those (none: the round is rejected)."""
     n = updates.shape[0]
     m = n - f if m is None else int(m)
     if not 1 <= m <= n - f:
         raise ValueError(f"multi_krum requires 1 <= m <= n - f = {n - f}; got m = {m}")
-    scores, totals = _krum_scores(_masked_distances(updates, valid), valid, n - f - 2)
-    _, _, ranked = lax.sort((scores, totals, jnp.arange(n)), num_keys=2)
-    selected = ranked[:m]
-    weights = jnp.zeros((n,), updates.dtype).at[selected].set(1.0 / m)
-    return _row_weighted_sum(weights, updates), {"selected": selected, "scores": scores}
+    scores, saturated, totals = _krum_scores(_masked_distances(updates, valid), valid, n - f - 2)
+    selected = _krum_ranking(scores, saturated, totals)[:m]
+    usable = jnp.isfinite(scores[selected])
+    count = jnp.sum(usable)
+    weights = jnp.zeros((n,), updates.dtype).at[selected].set(jnp.where(usable, 1.0, 0.0) / jnp.maximum(count, 1))
+    return _row_weighted_sum(weights, updates), {"selected": selected, "scores": scores, "rejected": count == 0}
 
 
 def _geometric_median(
@@ -333,21 +365,28 @@ def _geometric_median(
 ) -> tuple[Array, Info]:
     """Geometric median by smoothed Weiszfeld iterations (Pillutla et al. 2022, RFA).
 
-    z <- sum_i w_i x_i / sum_i w_i with w_i = 1 / max(nu, ||z - x_i||), starting from the
-    mean of the valid rows, for a fixed number of iterations (RFA uses a handful; 8 here).
-    nu (same units as the updates) smooths the objective where z meets a row.
+    z <- sum_i w_i x_i / sum_i w_i with w_i = 1 / max(nu, ||z - x_i||), for a fixed number
+    of iterations (RFA uses a handful; 8 here). nu (same units as the updates) smooths the
+    objective where z meets a row.
+
+    The start is the coordinate-wise median of the valid rows, not their mean: Weiszfeld
+    moves a far start toward the honest cluster only geometrically (by about f / (n - f)
+    per iteration for f coinciding outliers), so from the mean a 1e30 row would still
+    dominate after 8 iterations, while the median starts inside the honest range. Distances
+    use a per-row scale, so a huge finite row gets a tiny finite weight instead of
+    overflowing.
     """
     rows_valid = valid.astype(updates.dtype)
 
     def weights_at(z: Array) -> Array:
-        dist = jnp.sqrt(jnp.sum(jnp.square(updates - z), axis=1))
+        dist = update_norms(updates - z)
         return rows_valid / jnp.maximum(nu, dist)
 
     def weiszfeld_step(_, z: Array) -> Array:
         w = weights_at(z)
         return jnp.dot(w, updates, precision=lax.Precision.HIGHEST) / jnp.sum(w)
 
-    z = lax.fori_loop(0, iterations, weiszfeld_step, _masked_mean(updates, valid))
+    z = lax.fori_loop(0, iterations, weiszfeld_step, _masked_median(updates, valid))
     w = weights_at(z)
     return z, {"weights": w / jnp.sum(w)}
 
@@ -370,13 +409,13 @@ def _centered_clipping(
     """
     v0 = _masked_median(updates, valid) if center is None else jnp.asarray(center, updates.dtype)
     if tau is None:
-        dist0 = jnp.sqrt(jnp.sum(jnp.square(updates - v0), axis=1))
-        tau = _masked_median(dist0[:, None], valid)[0]
+        dist0 = update_norms(updates - v0)
+        tau = _masked_median(jnp.where(valid, dist0, 0.0)[:, None], valid)[0]
     tau = jnp.asarray(tau, updates.dtype)
     count = jnp.maximum(jnp.sum(valid), 1).astype(updates.dtype)
 
     def clip_step(_, v: Array) -> Array:
-        norm = jnp.sqrt(jnp.sum(jnp.square(updates - v), axis=1))
+        norm = update_norms(updates - v)
         scale = jnp.where(valid, jnp.minimum(1.0, tau / jnp.maximum(norm, jnp.finfo(updates.dtype).tiny)), 0.0)
         # sum_i scale_i (x_i - v) = scale @ x - sum(scale) v: the cancellation is relative to
         # |v|, the scale at which v itself is rounded.
@@ -390,7 +429,8 @@ def _bulyan(updates: Array, valid: Array, f: int) -> tuple[Array, Info]:
 
     1. Select theta = n - 2f rows by iterated Krum: repeatedly take the Krum winner among
        the r rows not yet selected, scored with r - f - 2 neighbours (floored at one; the
-       last of r = 1 rows is taken as is), and remove it.
+       last of r = 1 rows is taken as is), and remove it. Only a row with a finite score is
+       taken; a step with none rejects the round.
     2. Per coordinate, average the beta = theta - 2f selected values closest to the
        selected values' median (the paper's rule, not the plain trimmed mean of the middle
        beta). Equal distances on both sides of the median go to the lower value, so the
@@ -407,17 +447,17 @@ def _bulyan(updates: Array, valid: Array, f: int) -> tuple[Array, Info]:
     beta = theta - 2 * f_left
     dist = _masked_distances(updates, valid)
 
-    def select(remaining: Array, step: Array) -> tuple[Array, Array]:
+    def select(remaining: Array, step: Array) -> tuple[Array, tuple[Array, Array]]:
         left = num_valid - step
         neighbours = jnp.where(left <= 1, 0, jnp.clip(left - f_left - 2, 1, left - 1))
-        winner = _krum_winner(*_krum_scores(dist, remaining, neighbours))
+        winner, found = _krum_winner(*_krum_scores(dist, remaining, neighbours))
         active = step < theta
         remaining = remaining.at[winner].set(remaining[winner] & ~active)
-        return remaining, jnp.where(active, winner, n)
+        return remaining, (jnp.where(active, winner, n), active & ~found)
 
     # theta <= n - f whenever the round is not skipped, so n - f steps cover every case.
     max_selected = n - f
-    _, chosen = lax.scan(select, valid, jnp.arange(max_selected))
+    _, (chosen, missed) = lax.scan(select, valid, jnp.arange(max_selected))
     chosen = jnp.sort(chosen)  # unused steps hold n: they sort last, after the theta chosen
     in_set = jnp.arange(max_selected) < theta
     rows = updates[jnp.minimum(chosen, n - 1)]
@@ -426,7 +466,7 @@ def _bulyan(updates: Array, valid: Array, f: int) -> tuple[Array, Info]:
     beta_f = beta.astype(updates.dtype)
     aggregate = _sorted_weighted_sum(closeness, lambda p: (p < beta) / beta_f, values=rows)
     selected = jnp.zeros((n,), bool).at[chosen].set(True, mode="drop")
-    return aggregate, {"selected": selected}
+    return aggregate, {"selected": selected, "rejected": jnp.any(missed)}
 
 
 _CORES: dict[str, Callable[..., tuple[Array, Info]]] = {
@@ -536,7 +576,7 @@ def aggregate(
     Returns:
       (aggregate (n_params,), info) with info["num_invalid"] (rows with NaN/inf),
       info["skipped"] (True when the aggregate was replaced by zeros: more invalid rows
-      than f, or a non-finite result) and the aggregator's own diagnostics.
+      than f, no selectable row with a finite score, or a non-finite result) and the aggregator's own diagnostics.
 
     Raises:
       ValueError: unknown name, or (n, f) violating the aggregator's requirement.
@@ -563,9 +603,46 @@ def aggregate(
             raise ValueError(f"{err} (after pre-aggregation to {rows.shape[0]} rows)") from None
 
     result, info = _CORES[name](rows, valid, f, **options)
-    skipped = (num_invalid > f) | ~jnp.all(jnp.isfinite(result))
+    rejected = info.pop("rejected", jnp.zeros((), bool))
+    skipped = (num_invalid > f) | rejected | ~jnp.all(jnp.isfinite(result))
     result = jnp.where(skipped, jnp.zeros_like(result), result)
     return result, {**info, "num_invalid": num_invalid, "skipped": skipped}
+
+
+def aggregate_statistics(
+    means: Array, variances: Array, name: str, num_byzantine: int
+) -> tuple[Array, Array, Info]:
+    """Robustly pool the nodes' observation statistics (the shared normaliser's input).
+
+    means, variances: (n_nodes, dim), each node's mean and variance of its observations,
+    every node weighing the same. Under aggregator `name` = "mean" (FedAvg) this is the
+    plain pooled estimate: mean m = avg_i mean_i, variance avg_i var_i + avg_i (mean_i - m)^2.
+    Under every robust aggregator both averages become coordinate-wise trimmed means with
+    f = num_byzantine (Yin et al. 2018), whatever the parameter aggregator is: statistics
+    are per-coordinate quantities on their own scales, where a row-selection rule such as
+    Krum would let one coordinate's scale decide. With at most f lying nodes and n - 2f >= 1
+    (which every robust aggregator's requirement implies), per coordinate:
+
+      min_h mean_h <= m <= max_h mean_h
+      min_h var_h  <= var - between <= max_h var_h,   0 <= between <= max_h (mean_h - m)^2
+
+    over the honest nodes h, whatever the liars send. Reported variances below 0 are
+    impossible and raised to 0. Rows with NaN/inf count against f as in `aggregate`.
+
+    Returns (mean, variance, info) with info["skipped"] (the statistics are not usable:
+    more invalid rows than f) and info["num_invalid"].
+    """
+    rule = "mean" if name == "mean" else "trimmed_mean"
+    means, variances = jnp.asarray(means), jnp.asarray(variances)
+    dim = means.shape[1]
+    rows = jnp.concatenate([means, jnp.maximum(variances, 0.0)], axis=1)
+    valid = finite_rows(rows)
+    pooled, info = aggregate(rows, rule, num_byzantine)
+    mean, within = pooled[:dim], pooled[dim:]
+    spread = jnp.where(valid[:, None], jnp.square(means - mean), jnp.nan)
+    between, spread_info = aggregate(spread, rule, num_byzantine)
+    skipped = info["skipped"] | spread_info["skipped"]
+    return mean, within + between, {"skipped": skipped, "num_invalid": info["num_invalid"]}
 
 
 def make_aggregator(
@@ -601,6 +678,7 @@ __all__ = [
     "PRE_AGGREGATORS",
     "ROBUST_AGGREGATORS",
     "aggregate",
+    "aggregate_statistics",
     "check_requirements",
     "finite_rows",
     "make_aggregator",

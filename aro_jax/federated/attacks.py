@@ -16,10 +16,25 @@ model. All functions are pure and jit-able with `name` static.
   mimic      a copy of one honest node's update, the same for all Byzantine nodes, chosen
              at random with `key` (Karimireddy et al. 2022)
   stale      the node's own update from the previous round (`previous_updates`)
-  nan, inf   a failed node: every coordinate NaN, or +inf
+  nan, inf   a failed node: every coordinate NaN, or +inf (its statistics too)
+  huge       a huge finite update: every coordinate strength * 1e30 against the sign of
+             the honest mean (finite in float32 up to strength ~3e8); at 1e30 the squared
+             distance to any other row overflows float32, which once made Krum's tie-break
+             return row 0
+  normaliser_poisoning
+             the update is honest; the node lies about its observation statistics
+             instead: it reports the honest pooled mean shifted by strength pooled
+             standard deviations, and the pooled variance times strength^2
+             (`apply_statistics_attack`). Under a plain merge of the nodes' statistics one
+             such node rescales every node's observations.
 
 mean_h and std_h are the per-coordinate mean and (population) standard deviation of the
 honest rows.
+
+Each node also sends the mean and variance of the observations it saw in the round (the
+shared normaliser's input). `apply_statistics_attack` replaces the Byzantine nodes' with
+what the attack sends: a lie for normaliser_poisoning, NaN or inf for nan and inf, the
+honest statistics for every other attack.
 """
 
 from __future__ import annotations
@@ -80,6 +95,15 @@ def _stale(updates, byzantine_mask, key, strength, previous_updates):
     return jnp.asarray(previous_updates, updates.dtype)
 
 
+HUGE = 1e30
+
+
+def _huge(updates, byzantine_mask, key, strength, previous_updates):
+    mean, _ = _honest_moments(updates, byzantine_mask)
+    direction = jnp.where(mean > 0, -1.0, 1.0).astype(updates.dtype)
+    return jnp.broadcast_to(direction * (strength * HUGE), updates.shape)
+
+
 def _nan(updates, byzantine_mask, key, strength, previous_updates):
     return jnp.full_like(updates, jnp.nan)
 
@@ -99,6 +123,8 @@ ATTACKS: dict[str, Callable[..., Array]] = {
     "stale": _stale,
     "nan": _nan,
     "inf": _inf,
+    "huge": _huge,
+    "normaliser_poisoning": _none,
 }
 
 
@@ -118,7 +144,7 @@ def apply_attack(
       byzantine_mask: (n_nodes,) bool, True for the nodes that attack.
       key: PRNG key (gaussian, mimic).
       strength: the attack's scale (see the module docstring); ignored by none, mimic,
-        stale, nan, inf.
+        stale, nan, inf and (for the update) normaliser_poisoning.
       previous_updates: (n_nodes, n_params) updates of the previous round, for "stale".
 
     Returns the updates the server receives, (n_nodes, n_params); honest rows unchanged.
@@ -134,6 +160,38 @@ def apply_attack(
     return jnp.where(byzantine_mask[:, None], attacked, updates)
 
 
+def apply_statistics_attack(
+    name: str, means: Array, variances: Array, byzantine_mask: Array, strength: float | Array = 1.0
+) -> tuple[Array, Array]:
+    """Replace the Byzantine nodes' observation statistics by what attack `name` sends.
+
+    means, variances: (n_nodes, obs_dim), each node's statistics of its round's
+    observations. Returns (means, variances) as the server receives them; honest rows
+    unchanged. normaliser_poisoning reports m_h + strength * s_h and strength^2 * s_h^2,
+    where m_h and s_h^2 are the pooled mean and variance of the honest nodes (equal
+    counts: the mean of their means, and the mean of their variances plus the variance of
+    their means); nan and inf send non-finite statistics; every other attack leaves the
+    statistics honest.
+    """
+    if name not in ATTACKS:
+        raise ValueError(f"unknown attack {name!r}; valid names: {sorted(ATTACKS)}")
+    means, variances = jnp.asarray(means), jnp.asarray(variances)
+    mask = jnp.asarray(byzantine_mask, bool)
+    if name == "normaliser_poisoning":
+        strength = jnp.asarray(strength, means.dtype)
+        pooled_mean, spread = _honest_moments(means, mask)
+        within, _ = _honest_moments(variances, mask)
+        pooled_var = within + jnp.square(spread)
+        lie_mean = jnp.broadcast_to(pooled_mean + strength * jnp.sqrt(pooled_var), means.shape)
+        lie_var = jnp.broadcast_to(jnp.square(strength) * pooled_var, variances.shape)
+    elif name in ("nan", "inf"):
+        bad = jnp.nan if name == "nan" else jnp.inf
+        lie_mean, lie_var = jnp.full_like(means, bad), jnp.full_like(variances, bad)
+    else:
+        return means, variances
+    return jnp.where(mask[:, None], lie_mean, means), jnp.where(mask[:, None], lie_var, variances)
+
+
 def alie_z_max(n: int, f: int) -> float:
     """The ALIE paper's z: the largest shift (in honest stds) that still lets the attackers
     win a majority, z = Phi^-1((n - s) / n) with s = floor(n / 2 + 1) - f supporters."""
@@ -141,4 +199,4 @@ def alie_z_max(n: int, f: int) -> float:
     return float(norm.ppf((n - supporters) / n))
 
 
-__all__ = ["ATTACKS", "alie_z_max", "apply_attack"]
+__all__ = ["ATTACKS", "HUGE", "alie_z_max", "apply_attack", "apply_statistics_attack"]
