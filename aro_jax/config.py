@@ -57,6 +57,10 @@ class EnvConfig:
     num_clusters: int = 16  # simulated clusters per node, stepped in parallel
     scenario: str = "diurnal"
     data_dir: str = "../shared/data"  # holds traces/ for trace-replay scenarios
+    # "gpu-cloud" (GPU-only prices, CPU/memory as components) or "hyperscaler" (AWS
+    # on-demand instance prices, which cover CPU/memory): aro_jax.envs.hardware.PRICE_SETS
+    prices: str = "gpu-cloud"
+    quality_tier: bool = True  # false: no small-model tier for any policy (DegradeQuality is masked)
     reward: RewardWeights = field(default_factory=RewardWeights)
 
 
@@ -284,6 +288,7 @@ def validate(cfg: ExperimentConfig) -> None:
 
     e = cfg.env
     require(e.action_set in ACTION_SETS, "env.action_set", f"must be one of {sorted(ACTION_SETS)}, got {e.action_set!r}")
+    require(e.prices in hardware.PRICE_SETS, "env.prices", f"must be one of {list(hardware.PRICE_SETS)}, got {e.prices!r}")
     require(e.tick_s > 0, "env.tick_s", f"must be > 0, got {e.tick_s}")
     require(e.episode_ticks >= 1, "env.episode_ticks", f"must be >= 1, got {e.episode_ticks}")
     require(e.num_clusters >= 1, "env.num_clusters", f"must be >= 1, got {e.num_clusters}")

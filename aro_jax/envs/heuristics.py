@@ -51,29 +51,29 @@ def _allocation_actions(obs, params, target_replicas, target_cores, target_memor
     )
 
 
-def static_policy(sized_for: str) -> Policy:
-    """A fixed allocation sized for the mean or the peak rate at the target utilisation."""
+def static_policy(sized_for: str, utilisation: float = sizing.TARGET_UTILISATION) -> Policy:
+    """A fixed allocation sized for the mean or the peak rate at `utilisation` of capacity."""
 
     def act(pstate, obs, params):
         rate = params.traffic.mean_rate_rps if sized_for == "mean" else peak_rate_rps(params.traffic)
-        replicas = sizing.replicas_for_rate(params, rate)
+        replicas = sizing.replicas_for_rate(params, rate, utilisation)
         action = _allocation_actions(obs, params, replicas, sizing.cores_for(params, replicas), sizing.memory_for(params, replicas))
         return action, pstate
 
     return Policy(init=lambda params: jnp.zeros(()), act=act)
 
 
-def _overflow_actions(obs, params, load, action):
+def _overflow_actions(obs, params, load, action, calm_load=HPA_TARGET_LOAD):
     """At the replica limit and overloaded: forward to the peer; pull back once calm."""
     at_limit = obs[_F["replicas_ready"]] + obs[_F["replicas_pending"]] >= params.max_replicas
     fwd = obs[_F["forward_fraction"]]
     action = jnp.where((action == ct.MAINTAIN) & at_limit & (load > 1.0), ct.REBALANCE, action)
-    return jnp.where((action == ct.MAINTAIN) & (fwd > 0) & (load < HPA_TARGET_LOAD), ct.PULL_BACK, action)
+    return jnp.where((action == ct.MAINTAIN) & (fwd > 0) & (load < calm_load), ct.PULL_BACK, action)
 
 
-def reactive_policy(tick_s: float = 30.0) -> Policy:
+def reactive_policy(tick_s: float = 30.0, target_load: float = HPA_TARGET_LOAD) -> Policy:
     """Kubernetes HPA on load = request rate / capacity: desired = ceil(current * load /
-    target), no change within the tolerance, scale-down on the window's highest
+    target_load), no change within the tolerance, scale-down on the window's highest
     recommendation; plus thresholds on latency (SLO) and dropped requests that force a
     scale-up, and CPU/memory scaled on their utilisation."""
     window = max(int(round(HPA_SCALE_DOWN_WINDOW_S / tick_s)), 1)
@@ -86,11 +86,11 @@ def reactive_policy(tick_s: float = 30.0) -> Policy:
         total = ready + obs[_F["replicas_pending"]]
         capacity = jnp.maximum(obs[_F["capacity_rps"]], 1e-6)
         load = obs[_F["request_rate_rps"]] / capacity
-        ratio = load / HPA_TARGET_LOAD
+        ratio = load / target_load
         desired = jnp.where(jnp.abs(ratio - 1.0) <= HPA_TOLERANCE, ready, jnp.ceil(ready * ratio))
         # Latency counts as a breach only when load-induced (busy GPUs), else adding
         # replicas cannot fix it and HPA would scale to the limit for nothing.
-        slow = (obs[_F["latency_e2e_mean_s"]] > e2e_budget(params)) & (obs[_F["gpu_util"]] > HPA_TARGET_LOAD)
+        slow = (obs[_F["latency_e2e_mean_s"]] > e2e_budget(params)) & (obs[_F["gpu_util"]] > target_load)
         breach = slow | (obs[_F["drop_fraction"]] > 0.01)
         desired = jnp.where(breach, jnp.maximum(desired, ready + 1), desired)
         desired = jnp.clip(desired, params.min_replicas, params.max_replicas)
@@ -103,12 +103,12 @@ def reactive_policy(tick_s: float = 30.0) -> Policy:
             [ct.INC_CPU, ct.INC_GPU, ct.DEC_GPU, ct.INC_MEM, ct.DEC_CPU, ct.DEC_MEM],
             ct.MAINTAIN,
         )
-        return _overflow_actions(obs, params, load, action), recent_desired
+        return _overflow_actions(obs, params, load, action, target_load), recent_desired
 
     return Policy(init=init, act=act)
 
 
-def predictive_policy(tick_s: float = 30.0) -> Policy:
+def predictive_policy(tick_s: float = 30.0, headroom: float = PREDICTIVE_HEADROOM) -> Policy:
     """Capacity planning on the forecast at the cold-start horizon plus headroom, with CPU
     and memory planned for that many replicas and the weights cached in host memory so
     scale-ups start fast; scale-down waits out the same stabilisation window as the HPA."""
@@ -119,7 +119,7 @@ def predictive_policy(tick_s: float = 30.0) -> Policy:
 
     def act(recent_targets, obs, params):
         rate = obs[_F["forecast_rate_rps"]]
-        target = sizing.replicas_for_rate(params, rate * (1.0 + PREDICTIVE_HEADROOM), 1.0)
+        target = sizing.replicas_for_rate(params, rate * (1.0 + headroom), 1.0)
         recent_targets = jnp.concatenate([recent_targets[1:], target[None]])
         replicas = jnp.max(recent_targets)
         action = _allocation_actions(obs, params, replicas, sizing.cores_for(params, replicas), sizing.memory_for(params, replicas, True))

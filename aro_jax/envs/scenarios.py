@@ -21,19 +21,40 @@ from aro_jax.envs.traffic import TrafficParams, peak_rate_rps
 # Traffic mixes measured on the Azure 2023 traces (shared data README) and the published
 # Azure 2024 week-long shape: code is bursty with a 10x daily swing and quiet weekends;
 # conversation is smooth with a 2x swing.
+# Bursts: log-AR(1) modulation fitted to the traces' 30 s counts (CV exact; lag-1
+# autocorrelation as close as keeps the 5 min CV within 15 %): benchmarks/fidelity.py
+# publishes the fit (aro_jax.envs.bursts.fit_log_ar1_joint); tests/test_traffic.py refits.
 TRAFFIC_MIXES = {
     "conversation": dict(
         input_log_mean=6.63, input_log_sd=0.99, output_log_mean=5.02, output_log_sd=0.86,
-        diurnal_peak_to_trough=2.0, weekend_factor=0.8, burst_cv=0.2,
+        diurnal_peak_to_trough=2.0, weekend_factor=0.8, burst_cv=0.2174, burst_ac1=0.896,
     ),
     "code": dict(
         input_log_mean=7.00, input_log_sd=1.36, output_log_mean=2.79, output_log_sd=0.85,
-        diurnal_peak_to_trough=10.0, weekend_factor=0.2, burst_cv=0.6,
+        diurnal_peak_to_trough=10.0, weekend_factor=0.2, burst_cv=1.274, burst_ac1=0.282,
     ),
 }
-# DistServe (OSDI'24) chatbot SLOs by model size: OPT-13B 0.25 s / 0.1 s, OPT-66B 2.5 s /
-# 0.15 s; we use the nearest size for Llama-2-7B and Llama-2-70B.
-SLO_BY_MODEL = {"llama2-7b": (0.25, 0.10), "llama2-70b": (2.5, 0.15)}
+# SLOs per workload class, DistServe (Zhong et al., OSDI'24), Table 1 (TTFT s, TPOT s):
+# chatbot (ShareGPT) OPT-13B 0.25 / 0.1, OPT-66B 2.5 / 0.15; code completion (HumanEval)
+# OPT-66B 0.125 / 0.2; summarization (LongBench) OPT-66B 15 / 0.15. Llama-2-7B takes the
+# 13B row and Llama-2-70B the 66B row; code and summarization have only the 66B row,
+# used for both sizes. A prompt whose idle prefill exceeds half the TTFT SLO gets a
+# budget of twice that prefill instead (fluid.ttft_budget_s; EnvParams.ttft_prefill_slack).
+SLO_TABLE = {
+    ("chatbot", "llama2-7b"): (0.25, 0.1),
+    ("chatbot", "llama2-70b"): (2.5, 0.15),
+    ("code", "llama2-7b"): (0.125, 0.2),
+    ("code", "llama2-70b"): (0.125, 0.2),
+    ("summarization", "llama2-7b"): (15.0, 0.15),
+    ("summarization", "llama2-70b"): (15.0, 0.15),
+}
+WORKLOAD_OF_MIX = {"conversation": "chatbot", "code": "code"}
+
+
+def slo_for(mix: str, model: str) -> tuple[float, float]:
+    """(TTFT SLO s, TPOT SLO s) of a traffic mix's workload class on a model."""
+    return SLO_TABLE[(WORKLOAD_OF_MIX[mix], model)]
+
 
 TRAINING_SCENARIOS = ("diurnal",)
 HELD_OUT_SCENARIOS = ("flash-crowd", "outage", "token-shift", "trace-conv", "trace-code")
@@ -54,28 +75,43 @@ class NodeSpec:
     peer_spare_rps: float = 2.0
 
 
-def node_params(spec: NodeSpec, episode_ticks: int = 2880, tick_s: float = 30.0) -> EnvParams:
-    """EnvParams for one node: hardware, traffic, sizes, SLOs and cost/rate references."""
+def node_params(
+    spec: NodeSpec, episode_ticks: int = 2880, tick_s: float = 30.0, prices: str = hardware.DEFAULT_PRICE_SET,
+) -> EnvParams:
+    """EnvParams for one node: hardware, traffic, sizes, SLOs and cost/rate references.
+    `prices`: one of hardware.PRICE_SETS."""
     profile = hardware.get_profile(spec.profile)
+    gpu_price = hardware.gpu_price_usd_per_h(profile.gpu, prices)  # validates `prices`
+    instance = hardware.INSTANCES[profile.gpu]
+    covered = prices == "hyperscaler"  # the instance price covers the pod's CPU and memory
     small = hardware.get_profile(hardware.QUALITY_TIER[spec.profile])
     if spec.traffic_mix not in TRAFFIC_MIXES:
         raise ValueError(f"traffic_mix must be one of {sorted(TRAFFIC_MIXES)}, got {spec.traffic_mix!r}")
     traffic = TrafficParams(mean_rate_rps=spec.mean_rate_rps, tz_offset_h=spec.tz_offset_h, **TRAFFIC_MIXES[spec.traffic_mix])
-    slo_ttft_s, slo_tpot_s = SLO_BY_MODEL[profile.model]
+    slo_ttft_s, slo_tpot_s = slo_for(spec.traffic_mix, profile.model)
+    small_slo_ttft_s, small_slo_tpot_s = slo_for(spec.traffic_mix, small.model)
     params = EnvParams(
         max_steps_in_episode=episode_ticks,
         tick_s=tick_s,
         traffic=traffic,
         model=ServiceCurve.from_profile(profile),
         small_model=ServiceCurve.from_profile(small, replica_gpus=profile.tensor_parallel),
-        replica_price_usd_per_h=profile.price_usd_per_h,
+        replica_price_usd_per_h=gpu_price * profile.tensor_parallel,
         weights_gb=profile.weights_gb,
         tensor_parallel=float(profile.tensor_parallel),
         max_replicas=float(spec.max_replicas),
+        vcpus_per_gpu=instance.vcpus_per_gpu,
+        host_memory_gb_per_gpu=instance.memory_gb_per_gpu,
+        max_cpu_cores=float(spec.max_replicas * profile.tensor_parallel * instance.vcpus_per_gpu),
+        max_host_memory_gb=float(spec.max_replicas * profile.tensor_parallel * instance.memory_gb_per_gpu),
+        cpu_usd_per_core_h=0.0 if covered else CPU_USD_PER_CORE_H,
+        memory_usd_per_gb_h=0.0 if covered else MEMORY_USD_PER_GB_H,
         peer_rtt_s=spec.peer_rtt_ms / 1e3,
         peer_spare_rps=spec.peer_spare_rps,
         slo_ttft_s=slo_ttft_s,
         slo_tpot_s=slo_tpot_s,
+        small_slo_ttft_s=small_slo_ttft_s,
+        small_slo_tpot_s=small_slo_tpot_s,
         rate_ref_rps=spec.mean_rate_rps,
     )
     return _with_static_sizing(params)
@@ -87,8 +123,8 @@ def _with_static_sizing(params: EnvParams) -> EnvParams:
     peak_replicas = sizing.replicas_for_rate(params, peak_rate_rps(params.traffic))
     peak_cost = (
         peak_replicas * params.replica_price_usd_per_h
-        + sizing.cores_for(params, peak_replicas) * CPU_USD_PER_CORE_H
-        + sizing.memory_for(params, peak_replicas) * MEMORY_USD_PER_GB_H
+        + sizing.cores_for(params, peak_replicas) * params.cpu_usd_per_core_h
+        + sizing.memory_for(params, peak_replicas) * params.memory_usd_per_gb_h
     )
     return params.replace(
         initial_replicas=float(mean_replicas),
@@ -112,8 +148,11 @@ def cluster_params(cfg, scenario: str = "train") -> EnvParams:
     reward weights; `scenario="train"` is the training distribution (random start times)."""
     nodes = []
     for n in cfg.cluster.nodes:
-        p = node_params(NodeSpec(**dataclasses.asdict(n)), cfg.env.episode_ticks, cfg.env.tick_s)
+        prices = getattr(cfg.env, "prices", hardware.DEFAULT_PRICE_SET)
+        p = node_params(NodeSpec(**dataclasses.asdict(n)), cfg.env.episode_ticks, cfg.env.tick_s, prices)
         p = p.replace(reward=RewardWeights(**dataclasses.asdict(cfg.env.reward)))
+        if not cfg.env.quality_tier:  # the tier off for every policy: nothing may degrade quality
+            p = p.replace(max_small_model_fraction=0.0)
         nodes.append(p if scenario == "train" else apply_scenario(p, scenario, cfg.env.data_dir))
     return stack_params(nodes)
 
@@ -141,13 +180,17 @@ def apply_scenario(params: EnvParams, scenario: str, data_dir: str | Path | None
     return params.replace(traffic=t)
 
 
+def trace_path(data_dir: str | Path, scenario: str) -> Path:
+    """The request trace a trace-replay scenario (`trace-conv`, `trace-code`) replays."""
+    return Path(data_dir) / "traces" / f"AzureLLMInferenceTrace_{scenario.removeprefix('trace-')}.csv"
+
+
 def _trace_traffic(t: TrafficParams, kind: str, tick_s: float, data_dir) -> TrafficParams:
     from aro_jax.envs.trace import fit_lognormal, load_trace_csv, resample_rates
 
     if data_dir is None:
         raise ValueError("trace scenarios need the data directory: pass --data-dir (holding traces/AzureLLMInferenceTrace_*.csv)")
-    path = Path(data_dir) / "traces" / f"AzureLLMInferenceTrace_{kind}.csv"
-    trace = load_trace_csv(path)
+    trace = load_trace_csv(trace_path(data_dir, f"trace-{kind}"))
     multiplier = resample_rates(trace, tick_s, target_mean_rps=1.0)
     in_mu, in_sd = fit_lognormal(trace.input_tokens)
     out_mu, out_sd = fit_lognormal(trace.output_tokens)
