@@ -5,8 +5,23 @@ A round: every node starts from the global parameters, runs K local PPO updates 
 own clusters and node profile, and sends its delta. Byzantine nodes (config) replace
 theirs by an attack; deltas are optionally clipped and noised (DP); the robust
 aggregator combines them once; the server applies the aggregate (server learning rate,
-optional momentum) and broadcasts. Observation statistics of every node's rollouts are
-merged into one normaliser. "local" mode skips the aggregation (Local-only baseline).
+optional momentum) and broadcasts. "local" mode skips the aggregation (Local-only
+baseline): every node keeps its own parameters and its own normaliser.
+
+The shared observation normaliser is defended like the parameters. Every node sends the
+mean and variance of the observations of its round with its delta; Byzantine nodes may
+lie (attacks.apply_statistics_attack), DP privatises them with the update's noise
+multiplier (privacy.privatise_statistics), and the defence aggregates them robustly
+(aggregators.aggregate_statistics: a coordinate-wise trimmed mean with the defence's f,
+the plain mean only under FedAvg); the counts the nodes report are not used (each node
+weighs the same). A round the server rejects (skipped) leaves the normaliser unchanged.
+We chose this over per-node normalisers fixed from each node's own data because one
+global normaliser is what a shared policy is trained and exported with (it also serves a
+region the federation has not seen, which has no statistics of its own yet), and because
+the trimmed mean gives a per-coordinate guarantee independent of the liars' values: the
+round's mean lies inside the honest nodes' means, its variance below the honest nodes'
+largest variance plus the square of the spread of their means, as long as at most f
+nodes lie.
 
 The local phase is mapped over the node axis by `node_map`: `vmap` on one device, or
 `shard_map` over a mesh axis of N devices (and across processes under jax.distributed),
@@ -60,6 +75,9 @@ class FederatedConfig:
     dp_clip_norm: float = 0.0  # per-node update clip (L2); 0 disables DP
     dp_noise_multiplier: float = 0.0  # noise std / clip norm, added to each node's update
     dp_delta: float = 1e-5
+    # L2 clip of each node's observation-statistics message [mean, std] (observations are
+    # O(1) after the node's observation scale); the noise is dp_noise_multiplier x this.
+    dp_stats_clip_norm: float = 10.0
     devices: int = 1  # devices the node axis is sharded over (must divide the node count)
 
 
@@ -124,11 +142,17 @@ def make_federated_train(
     if fed.mode == "federated":
         for name, f in defence_options:
             aggregators.check_requirements(name, n_nodes, f)
-    attack_branches = [partial(attacks.apply_attack, name) for name in attack_options]
+    def attack_with(name, deltas, stats, active, key, strength, previous):
+        sent = attacks.apply_attack(name, deltas, active, key, strength, previous)
+        means, variances = attacks.apply_statistics_attack(name, stats.mean, stats.var, active, strength)
+        return sent, means, variances
 
-    def defend(name, f, sent, key):
+    attack_branches = [partial(attack_with, name) for name in attack_options]
+
+    def defend(name, f, sent, means, variances, key):
         aggregate, info = aggregators.aggregate(sent, name, f, pre=tuple(fed.pre_aggregators), key=key)
-        return aggregate, info["num_invalid"], info["skipped"]
+        mean, var, stats_info = aggregators.aggregate_statistics(means, variances, name, f)
+        return aggregate, info["num_invalid"], info["skipped"], mean, var, stats_info["skipped"]
 
     defence_branches = [partial(defend, name, f) for name, f in defence_options]
 
@@ -181,27 +205,37 @@ def make_federated_train(
         flat_nodes = jax.vmap(lambda p: ravel_pytree(p)[0])(nodes.params)
         deltas = flat_nodes - flat_global
 
-        # Merge every node's rollout statistics into the shared normaliser.
-        new_stats = state.global_stats
-        for i in range(n_nodes):
-            new_stats = new_stats.merge(jax.tree.map(lambda x: x[i], rollout_stats))
-
         metrics = {k: v.mean() for k, v in metrics.items()}
         threat = state.threat
-        if fed.mode == "local":
-            new_global, velocity = state.global_params, state.server_velocity
+        if fed.mode == "local":  # nothing is shared: the global state stays as it is
+            new_global, velocity, new_stats = state.global_params, state.server_velocity, state.global_stats
         else:
             active = threat.byzantine & (state.round >= fed.attack_start_round)
-            sent = jax.lax.switch(threat.attack, attack_branches, deltas, active, k_attack, threat.strength, state.previous_deltas)
+            sent, means, variances = jax.lax.switch(
+                threat.attack, attack_branches, deltas, rollout_stats, active, k_attack, threat.strength, state.previous_deltas
+            )
             if fed.dp_clip_norm > 0:
+                k_stats_noise = jax.random.fold_in(k_noise, 1)
                 sent = privacy.clip_updates(sent, fed.dp_clip_norm)
                 if fed.dp_noise_multiplier > 0:
                     sent = privacy.add_noise(sent, k_noise, fed.dp_noise_multiplier, fed.dp_clip_norm)
-            aggregate, num_invalid, skipped = jax.lax.switch(threat.defence, defence_branches, sent, k_agg)
+                means, variances = privacy.privatise_statistics(
+                    means, variances, k_stats_noise, fed.dp_noise_multiplier, fed.dp_stats_clip_norm
+                )
+            aggregate, num_invalid, skipped, stats_mean, stats_var, stats_skipped = jax.lax.switch(
+                threat.defence, defence_branches, sent, means, variances, k_agg
+            )
             metrics["num_invalid"] = num_invalid.astype(jnp.float32)
             metrics["skipped"] = skipped.astype(jnp.float32)
+            metrics["stats_skipped"] = stats_skipped.astype(jnp.float32)
             velocity = fed.server_momentum * state.server_velocity + aggregate
             new_global = unravel(flat_global + fed.server_lr * velocity)
+            # Every node reports the same count (K rollouts of a static size); the server
+            # does not trust the numbers: the round counts n_nodes x the median report.
+            round_count = n_nodes * jnp.median(rollout_stats.count)
+            merged = state.global_stats.merge(RunningStats(stats_mean, stats_var, round_count))
+            keep = skipped | stats_skipped
+            new_stats = jax.tree.map(lambda old, new: jnp.where(keep, old, new), state.global_stats, merged)
             nodes = nodes.replace(obs_stats=broadcast(new_stats))
 
         new_state = FedState(
@@ -221,4 +255,15 @@ def make_federated_train(
         return jax.lax.scan(lambda s, _: round_step(s, hp), state, None, num_rounds)
 
     return init, train_chunk, learner
+
+
+def privacy_spent(fed: FederatedConfig, rounds: int, sampling_rate: float = 1.0, accountant: str = "rdp") -> float:
+    """Node-level epsilon (at fed.dp_delta) after `rounds` rounds of `fed`'s round: each
+    round releases the node's update and its observation statistics, both with noise
+    multiplier fed.dp_noise_multiplier (privacy.combined_noise_multiplier). inf without
+    noise; 0 after no rounds."""
+    if fed.dp_noise_multiplier <= 0 or fed.dp_clip_norm <= 0:
+        return 0.0 if rounds == 0 else float("inf")
+    sigma = privacy.combined_noise_multiplier(fed.dp_noise_multiplier, fed.dp_noise_multiplier)
+    return privacy.epsilon(sigma, sampling_rate, rounds, fed.dp_delta, accountant=accountant)
 

@@ -28,6 +28,16 @@ Two ways to add the noise:
   the clipping range, and summed over coordinates can be of order C, not C / n. Noise
   calibrated to C / n would give no guarantee for them.
 
+The observation statistics a node sends each round (the mean and variance of what it
+observed, the shared normaliser's input) are a second release of its data. With DP on
+they get the same mechanism (`privatise_statistics`): the message [mean, std] is clipped
+to L2 norm `stats_clip_norm` and N(0, (sigma * stats_clip_norm)^2) is added per
+coordinate, with the same sigma as the update. The two releases of a round together are
+one Gaussian mechanism on the concatenation [update / C, stats / C_s], of L2 sensitivity
+sqrt(2) and noise multiplier sigma, i.e. multiplier sigma / sqrt(2) at sensitivity 1:
+account a round with `combined_noise_multiplier(sigma, sigma)` (both releases share the
+round's sampling, so it is one sampled mechanism, not two).
+
 Accounting (`epsilon`): `rounds` compositions of the Gaussian mechanism with noise
 multiplier sigma, each amplified by Poisson sampling when a node takes part in a round
 with probability `sampling_rate` < 1 - which holds only if whether a node took part stays
@@ -83,6 +93,36 @@ def central_noise_for_mean(
     return aggregate + std * jax.random.normal(key, aggregate.shape, aggregate.dtype)
 
 
+def privatise_statistics(
+    means: Array, variances: Array, key: Array, noise_multiplier: float | Array, clip_norm: float | Array
+) -> tuple[Array, Array]:
+    """Node-level Gaussian mechanism on every node's observation statistics.
+
+    means, variances: (n_nodes, obs_dim). Each node's message [mean, sqrt(var)] is clipped
+    to L2 norm `clip_norm` (zero-out adjacency: sensitivity clip_norm) and gets
+    N(0, (noise_multiplier * clip_norm)^2) per coordinate. Returns the privatised
+    (means, variances); the variance is the square of the noisy std (post-processing, so
+    it stays >= 0). Non-finite rows stay non-finite (the aggregation masks them).
+    """
+    dim = means.shape[1]
+    message = jnp.concatenate([means, jnp.sqrt(jnp.maximum(variances, 0.0))], axis=1)
+    clipped = clip_updates(message, clip_norm)
+    std = jnp.asarray(noise_multiplier * clip_norm, message.dtype)
+    noisy = clipped + std * jax.random.normal(key, message.shape, message.dtype)
+    return noisy[:, :dim], jnp.square(noisy[:, dim:])
+
+
+def combined_noise_multiplier(*noise_multipliers: float) -> float:
+    """The noise multiplier of one Gaussian mechanism equivalent to releasing, together,
+    several Gaussian mechanisms of the same data, each at sensitivity 1 with its own
+    multiplier: (sum_k sigma_k^-2)^-1/2 (their concatenation, rescaled per block)."""
+    if any(s < 0 for s in noise_multipliers):
+        raise ValueError(f"noise multipliers must be >= 0, got {noise_multipliers}")
+    if not noise_multipliers or any(s == 0 for s in noise_multipliers):
+        return 0.0
+    return float(sum(s**-2 for s in noise_multipliers) ** -0.5)
+
+
 def dp_event(noise_multiplier: float, sampling_rate: float, rounds: int):
     """The dp-accounting event for `rounds` rounds of the per-node Gaussian mechanism, each
     Poisson-sampled with `sampling_rate` (1.0 is the unsampled mechanism)."""
@@ -132,4 +172,13 @@ def epsilon(
     return float(tracker.get_epsilon(delta))
 
 
-__all__ = ["add_noise", "central_noise_for_mean", "clip_updates", "dp_event", "epsilon", "update_norms"]
+__all__ = [
+    "add_noise",
+    "central_noise_for_mean",
+    "clip_updates",
+    "combined_noise_multiplier",
+    "dp_event",
+    "epsilon",
+    "privatise_statistics",
+    "update_norms",
+]
