@@ -32,10 +32,13 @@ from reference_sim import EngineSpec, sample_requests, simulate, summarise  # no
 CASES = (("llama2-70b-a100-tp4", "conversation"), ("llama2-7b-h100-tp1", "code"))
 LOADS = (0.3, 0.7, 0.9, 1.2, 2.0)
 METRICS = (
-    "throughput_rps", "ttft_mean_s", "e2e_mean_s", "e2e_p95_s", "drop_fraction", "unserved_fraction",
-    "queue_requests", "queue_to_serve_requests",
+    "throughput_rps", "ttft_mean_s", "tpot_mean_s", "e2e_mean_s", "e2e_p95_s", "slo_attainment_fraction",
+    "drop_fraction", "unserved_fraction", "queue_requests", "queue_to_serve_requests",
 )
-HEADERS = ("throughput req/s", "TTFT mean s", "e2e mean s", "e2e p95 s", "dropped", "unserved", "queue", "queue to serve")
+HEADERS = (
+    "throughput req/s", "TTFT mean s", "TPOT mean s", "e2e mean s", "e2e p95 s", "SLO attainment", "dropped",
+    "unserved", "queue", "queue to serve",
+)
 # Requests keep arriving this long after the window, so the window's last arrivals are
 # served under the same load.
 TAIL_S = 300.0
@@ -55,11 +58,13 @@ def run_reference(
 ) -> dict:
     """Seed-averaged reference metrics over [warmup_s, warmup_s + window_s)."""
     spec = EngineSpec.from_curve(params.model)
+    slo = (spec, float(params.slo_ttft_s), float(params.slo_tpot_s), float(params.ttft_prefill_slack))
     runs = []
     for seed in seeds:
         req = sample_requests(np.random.default_rng(seed), rate_rps, warmup_s + window_s + TAIL_S, params.traffic)
         simulate(spec, replicas, req, float(params.queue_timeout_s), dispatch, seed)
-        m = summarise(req, warmup_s, warmup_s + window_s)
+        m = summarise(req, warmup_s, warmup_s + window_s, slo)
+        m["slo_attainment_fraction"] = m.pop("slo_attainment")
         arrived = np.count_nonzero((req.arrival_s >= warmup_s) & (req.arrival_s < warmup_s + window_s))
         m["unserved_fraction"] = 1.0 - m["throughput_rps"] * window_s / max(arrived, 1)
         runs.append(m)
@@ -86,8 +91,10 @@ def run_fluid(params, replicas: int, rate_rps: float, warmup_s: float, window_s:
     return {
         "throughput_rps": float(m["throughput_rps"].mean()),
         "ttft_mean_s": weighted(m["ttft_mean_s"]),
+        "tpot_mean_s": weighted(m["tpot_s"]),
         "e2e_mean_s": weighted(m["e2e_mean_s"]),
         "e2e_p95_s": weighted(m["e2e_p95_s"]),
+        "slo_attainment_fraction": float(np.sum(m["slo_attainment"] * m["arrivals"]) / np.sum(m["arrivals"])),
         "drop_fraction": float(m["dropped"].sum() / m["arrivals"].sum()),
         "unserved_fraction": float(1.0 - served.sum() / m["arrivals"].sum()),
         "queue_requests": float(m["queue_requests"][-1]),
@@ -147,9 +154,9 @@ def dispatch_table(replicas: int, seeds, warmup_s: float, window_s: float, load:
         lines.append(f"| {profile} | fluid (arrival CV^2 1/{replicas}) | {m['ttft_mean_s']:.3g} | {m['e2e_mean_s']:.3g} |")
         # The per-instance formulas with Poisson arrivals, as random dispatch gives.
         tokens = fluid.token_moments(params.traffic)
-        lat = fluid._latency_at_utilisation(params.model, load, tokens, 1.0)
-        ttft = float(lat[0] + lat[5])
-        e2e = ttft + (float(tokens["output_mean"]) - 1.0) * float(lat[2])
+        lat = fluid._latency_at_utilisation(params.model, load, tokens, params.traffic, 1.0)
+        ttft = float(lat["ttft_mean_s"])
+        e2e = ttft + (float(tokens["output_mean"]) - 1.0) * float(lat["tpot_s"])
         lines.append(f"| {profile} | fluid formulas, Poisson arrivals | {ttft:.3g} | {e2e:.3g} |")
     return "\n".join(lines)
 

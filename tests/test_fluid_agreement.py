@@ -1,6 +1,7 @@
 """The fluid serving model against the request-level reference simulator (a short version
 of benchmarks/fluid_agreement.py), and unit checks of the reference itself."""
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -15,11 +16,11 @@ from reference_sim import EngineSpec, Requests, simulate, summarise  # noqa: E40
 REPLICAS = 2
 SEEDS = (0, 1)
 WARMUP_S, WINDOW_S = 300.0, 900.0
-# Aims of the agreement (issue): throughput within 5% and mean end-to-end latency within
-# 20% below saturation; above it, the share of arrivals not served in the window (drops
-# plus queue growth) within 0.1 absolute. The 7B code node at 2x sits near that bound
-# (~0.09): its KV-bound engines shed long prompts (benchmarks/fluid_agreement.md).
-THROUGHPUT_RTOL, E2E_RTOL, UNSERVED_ATOL = 0.05, 0.20, 0.10
+# Aims of the agreement (issue): throughput within 5%, mean end-to-end latency within
+# 20% and per-request SLO attainment within 5 points at 0.3-0.9 load; above capacity, the
+# share of arrivals not served in the window (drops plus queue growth) within 0.1 absolute
+# (the KV-bound engines shed long prompts: benchmarks/fluid_agreement.md).
+THROUGHPUT_RTOL, E2E_RTOL, UNSERVED_ATOL, ATTAINMENT_ATOL = 0.05, 0.20, 0.10, 0.05
 
 
 def _compare(profile, mix, load):
@@ -30,13 +31,26 @@ def _compare(profile, mix, load):
     return ref, fluid
 
 
-@pytest.mark.parametrize("load", [0.3, 0.7])
+@pytest.mark.parametrize("load", [0.3, 0.5, 0.7, 0.9])
 @pytest.mark.parametrize("profile,mix", CASES)
-def test_below_capacity_throughput_and_latency_agree(profile, mix, load):
+def test_below_capacity_throughput_latency_and_attainment_agree(profile, mix, load):
     ref, fluid = _compare(profile, mix, load)
     assert fluid["throughput_rps"] == pytest.approx(ref["throughput_rps"], rel=THROUGHPUT_RTOL)
     assert fluid["e2e_mean_s"] == pytest.approx(ref["e2e_mean_s"], rel=E2E_RTOL)
+    assert fluid["slo_attainment_fraction"] == pytest.approx(ref["slo_attainment_fraction"], abs=ATTAINMENT_ATOL)
     assert ref["drop_fraction"] == 0.0 and fluid["drop_fraction"] == 0.0
+
+
+@pytest.mark.parametrize("profile,mix", CASES)
+def test_tpot_rises_smoothly_with_load_in_both_models(profile, mix):
+    """Prefill chunks share iterations with decodes: TPOT grows with every step of load
+    (no jump), in the reference and in the fluid model."""
+    loads = (0.2, 0.4, 0.6, 0.8)
+    ref = [_compare(profile, mix, x) for x in loads]
+    for model in (0, 1):
+        tpot = np.array([r[model]["tpot_mean_s"] for r in ref])
+        assert np.all(np.diff(tpot) > 0)
+        assert np.all(tpot[1:] / tpot[:-1] < 2.5)
 
 
 @pytest.mark.parametrize("load", [1.2, 2.0])
@@ -72,12 +86,46 @@ def test_single_request_timeline():
     assert req.finish_s[0] == pytest.approx(1.0 + prefill + decode)
 
 
-def test_arrivals_during_an_iteration_are_prefilled_together_at_its_end():
+def test_arrivals_during_an_iteration_share_the_next_one_with_the_decodes():
     req = simulate(SPEC, 1, _requests([0.0, 0.025, 0.026], [100, 100, 100], [3, 2, 2]), queue_timeout_s=60.0)
     prefill = 0.01 + 100 * 1e-4
     first_decode_end = prefill + 0.02 + 1e-5 * 101 + 1e-3
     assert req.admit_s[1:].tolist() == pytest.approx([first_decode_end] * 2)
-    assert req.first_token_s[1:].tolist() == pytest.approx([first_decode_end + 2 * prefill] * 2)
+    # One iteration: request 0's second decode token plus both prompts (the decode base
+    # exceeds the prefill base, so no extra base).
+    mixed = 0.02 + 1e-5 * 102 + 1e-3 + 2 * 100 * 1e-4
+    assert req.first_token_s[1:].tolist() == pytest.approx([first_decode_end + mixed] * 2)
+    assert req.finish_s[0] == pytest.approx(first_decode_end + mixed)
+
+
+def test_a_long_prompt_is_prefilled_in_budget_chunks_beside_the_decodes():
+    spec = dataclasses.replace(SPEC, token_budget=64)
+    # Request 0 (10 tokens, 20 out) is decoding when request 1 (150 tokens) arrives.
+    req = simulate(spec, 1, _requests([0.0, 0.021], [10, 150], [20, 2]), queue_timeout_s=60.0)
+    # Alone, request 0's decode iterations would take 0.02 + 1e-5 * ctx + 1e-3 each; with
+    # request 1 the budget leaves 63 prompt tokens per iteration: chunks 63, 63, 24.
+    chunks = [63, 63, 24]
+    t0 = 0.01 + 10 * 1e-4  # request 0's prefill
+    t1 = t0 + 0.02 + 1e-5 * 11 + 1e-3  # its first decode; request 1 waits for its end
+    t = t1
+    for i, c in enumerate(chunks):
+        t += 0.02 + 1e-5 * (12 + i) + 1e-3 + c * 1e-4
+    assert req.admit_s[1] == pytest.approx(t1)
+    assert req.first_token_s[1] == pytest.approx(t)
+    # The isolated prefill of 150 tokens would be ceil(150 / 64) = 3 iterations.
+    assert spec.isolated_prefill_s(150) == pytest.approx(3 * 0.01 + 150 * 1e-4)
+
+
+def test_per_request_attainment_counts_both_slos_and_drops():
+    req = simulate(SPEC, 1, _requests([0.0, 0.001], [100, 100], [50, 50]), queue_timeout_s=60.0)
+    ttft = req.first_token_s - req.arrival_s
+    tpot = (req.finish_s - req.first_token_s) / 49
+    # A TTFT SLO between the two requests' TTFTs and a TPOT SLO both meet: half attain.
+    slo = (SPEC, float(ttft.mean()), float(tpot.max()) * 1.01, 0.0)
+    m = summarise(req, 0.0, 1.0, slo)
+    assert m["slo_attainment"] == pytest.approx(0.5)
+    slo = (SPEC, 10.0, float(tpot.min()) * 0.99, 0.0)
+    assert summarise(req, 0.0, 1.0, slo)["slo_attainment"] == 0.0
 
 
 def test_kv_admission_is_fcfs_without_skipping():

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from aro_jax.envs.params import EnvParams, ServiceCurve
 from aro_jax.envs.traffic import TrafficParams, token_stats
 
-# Cost of the CPU side, GCP N2 predefined on-demand list price (us-central1, 2024).
+# Cost of the CPU side under the gpu-cloud price set (GPUs priced alone, CPU and memory as
+# components): GCP N2 predefined on-demand list price (us-central1, 2024).
 CPU_USD_PER_CORE_H = 0.031611
 MEMORY_USD_PER_GB_H = 0.004237
 # Inter-region egress within a continent, GCP/AWS list price ($/GB, 2024).
@@ -39,34 +41,80 @@ def token_moments(traffic: TrafficParams) -> dict[str, jax.Array]:
     return stats
 
 
+# Gauss-Hermite nodes for expectations over a log-normal length: E[f(X)] = sum_i w_i f(X_i).
+_GH_X, _GH_W = np.polynomial.hermite.hermgauss(8)
+_GH_Z = jnp.asarray(np.sqrt(2.0) * _GH_X, jnp.float32)
+_GH_P = jnp.asarray(_GH_W / np.sqrt(np.pi), jnp.float32)
+
+
+def _length_nodes(log_mean, log_sd, cap):
+    """Quadrature nodes (lengths, rounded as the reference rounds, clipped to [1, cap]) and weights."""
+    x = jnp.clip(jnp.exp(log_mean + log_sd * _GH_Z), 1.0, cap)
+    return x, _GH_P
+
+
+def decode_step_s(curve: ServiceCurve, batch, context_per_seq):
+    """Decode step of `batch` sequences of mean context `context_per_seq`: the fit up to
+    the calibrated batch, roofline increments beyond (hardware.ServiceProfile.decode_step_ms)."""
+    base, p1, p2 = _decode_branches(curve, context_per_seq)
+    bc = curve.decode_calibrated_seqs
+    return base + p1 * jnp.minimum(batch, bc) + p2 * jnp.maximum(batch - bc, 0.0)
+
+
+def _decode_branches(curve: ServiceCurve, ctx):
+    p1 = curve.decode_s_per_seq + curve.decode_s_per_context_token * ctx
+    p2 = jnp.minimum(p1, jnp.maximum(curve.roof_s_per_seq, curve.roof_s_per_context_token * ctx))
+    return curve.decode_base_s, p1, p2
+
+
+def isolated_prefill_s(curve: ServiceCurve, tokens):
+    """A prompt alone on an idle instance: ceil(L / token budget) iterations."""
+    iters = jnp.ceil(tokens / curve.token_budget)
+    return iters * curve.prefill_base_s + curve.prefill_s_per_token * tokens + curve.prefill_s_per_token_sq * tokens**2
+
+
+def ttft_budget_s(curve: ServiceCurve, tokens, slo_ttft_s, slack):
+    """TTFT budget of a prompt of `tokens`: the workload's SLO, or `slack` times the
+    prompt's own prefill on an idle instance where that is larger. A fixed SLO below the
+    idle prefill time cannot be met by any allocation; the slack lets such a request
+    wait as long again as its own prefill (slack 2)."""
+    return jnp.maximum(slo_ttft_s, slack * isolated_prefill_s(curve, tokens))
+
+
 def _instance_model(curve: ServiceCurve, tokens):
-    """Per-instance mean prefill time, decode iterations per request, per-seq decode
-    cost, KV-capped batch and max rate, for lengths L (input) and n (output)."""
+    """Per-instance quantities of chunked-prefill continuous batching at the token mix:
+    prefill work per request (s, without the iteration base), decode iterations per
+    request, mean context per decoding sequence, the batch bound and the max rate."""
     t_in, t_out = tokens["input_mean"], tokens["output_mean"]
-    # Mean of the quadratic prefill time over the prompt distribution, E[c L^2] > c E[L]^2
-    # (the reference sim prefills each prompt at its own length).
-    prefill_s = (
-        curve.prefill_base_s + curve.prefill_s_per_token * t_in + curve.prefill_s_per_token_sq * tokens["input_m2"]
-    )
+    # Mean prefill work over the prompt distribution, E[b L + c L^2] (the reference
+    # prefills each prompt at its own length, chunk by chunk); iterations carrying a
+    # prefill pay the prefill base where it exceeds the decode base.
+    extra_base = jnp.maximum(curve.prefill_base_s - curve.decode_base_s, 0.0)
+    work_s = curve.prefill_s_per_token * t_in + curve.prefill_s_per_token_sq * tokens["input_m2"] + extra_base
     # The prefill emits the first token, so a request takes n - 1 decode iterations.
     decode_iters = jnp.maximum(t_out - 1.0, 1e-3)
     # At its j-th decode iteration a sequence attends over L + j tokens: summed over its
     # iterations that is (n-1) L + n(n-1)/2, so the mean context per iteration is:
     out_pairs = 0.5 * (tokens["output_m2"] - t_out)  # E[n(n-1)/2]
     context = t_in + out_pairs / decode_iters
-    per_seq_s = curve.decode_s_per_seq + curve.decode_s_per_context_token * context
     # Admission reserves prompt + output KV for the whole decode; sequences are in the
     # batch for n - 1 iterations, so the batch's mean footprint per sequence is
     # E[(n-1)(L+n)] / E[n-1] = E[L] + E[n(n-1)] / E[n-1].
     footprint = t_in + 2.0 * out_pairs / decode_iters
-    batch_max = jnp.maximum(jnp.minimum(curve.max_batch_seqs, curve.kv_capacity_tokens / footprint), 1.0)
-    # At full batch each second holds: rate * prefill + (rate * (n-1) / batch) iterations.
-    max_rate = batch_max / (batch_max * prefill_s + decode_iters * (curve.decode_base_s + per_seq_s * batch_max))
-    return prefill_s, decode_iters, per_seq_s, batch_max, max_rate
+    batch_kv = jnp.maximum(jnp.minimum(curve.max_batch_seqs, curve.kv_capacity_tokens / footprint), 1.0)
+    # Token budget: an iteration holds B decode tokens plus rate * T * E[L] prefill
+    # tokens, and B = rate * (n-1) * T, so B <= budget * (n-1) / (n-1 + E[L]).
+    batch_budget = curve.token_budget * decode_iters / (decode_iters + t_in)
+    batch_max = jnp.maximum(jnp.minimum(batch_kv, batch_budget), 1.0)
+    # At full batch B each iteration lasts T = step(B) / (1 - rate * work) and B = rate * (n-1) * T.
+    step_full = decode_step_s(curve, batch_max, context)
+    max_rate = batch_max / (decode_iters * step_full + batch_max * work_s)
+    return work_s, decode_iters, context, batch_max, max_rate
 
 
 def replica_capacity_rps(params: EnvParams, small_fraction=0.0, tokens=None):
-    """Max requests/s one replica sustains at the node's mean token mix."""
+    """Max requests/s one replica sustains at the node's mean token mix, with
+    `small_fraction` of requests on small-model GPUs sized to the same load."""
     tokens = tokens or token_moments(params.traffic)
     big = _instance_model(params.model, tokens)[-1]
     small = _instance_model(params.small_model, tokens)[-1]
@@ -75,69 +123,132 @@ def replica_capacity_rps(params: EnvParams, small_fraction=0.0, tokens=None):
     return 1.0 / ((1.0 - small_fraction) / big + small_fraction / small)
 
 
-def _latency_at_utilisation(curve: ServiceCurve, util, tokens, arrival_scv=1.0):
-    """Per instance at `util`: mean and p95 prefill time, time per output token (as users
-    measure it, (e2e - TTFT) / (n - 1)), prefill share, KV-capped batch, and the mean TTFT
-    wait beyond the own prefill (s). `arrival_scv`: squared CV of the instance's
-    inter-arrival times (1: Poisson).
-
-    Mechanics of the reference (benchmarks/reference_sim.py): at each iteration boundary
-    all waiting requests are admitted and prefilled in one iteration, before any decode.
-    Terms that count arrivals just after the request's own arrival (its batch-mates, the
-    prefills before its first decode, the others in its batch) are scaled by
-    `arrival_scv`: a Poisson stream brings rate * t in a short t, a deterministic one none.
-    """
-    prefill_s, decode_iters, per_seq_s, batch_max, max_rate = _instance_model(curve, tokens)
-    rate = util * max_rate
-    prefill_share = jnp.minimum(rate * prefill_s, 0.95)
-    decode_tokens_rps = rate * decode_iters
-
-    # Little's law on the decode batch B (time average): B = rate * (n-1) * tpot, where a
-    # sequence decodes in a batch of B others plus itself (size-biased: + ca^2, 1 for
-    # Poisson-like batch sizes), stretched by the prefills that interrupt it: 1 / (1 - rho_p).
-    def batch_for(extra_wait_s):
-        # `extra_wait_s`: time per request in the batch besides its decode iterations.
-        denom = 1.0 - prefill_share - decode_tokens_rps * per_seq_s
-        numer = decode_tokens_rps * (curve.decode_base_s + per_seq_s * arrival_scv) + rate * extra_wait_s * (1.0 - prefill_share)
-        return jnp.where(denom > 0, jnp.minimum(numer / jnp.maximum(denom, 1e-6), batch_max), batch_max)
-
-    # TTFT: prefill work is a non-preemptive priority M/G/1 with decode iterations as the
-    # low class, so the work ahead of an arrival is W = (rate E[P^2] + f_d D) / (2 (1 -
-    # rho_p)), f_d the time share of decode iterations of length D (below 1 - rho_p when
-    # the engine idles). W is the residual R of the iteration in progress plus the
-    # prefills that arrived in its elapsed part (rho_p R); the request's own prefill
-    # iteration also takes those arriving in the residual (rho_p R more).
-    # Smoother than Poisson arrivals (a dispatcher spreading them over replicas) scale the
-    # arrival part of E[P^2] as Kingman's G/G/1 does: (ca^2 + cs^2) for (1 + cs^2).
-    a, b, c = curve.prefill_base_s, curve.prefill_s_per_token, curve.prefill_s_per_token_sq
-    m1, m2, m3, m4 = tokens["input_mean"], tokens["input_m2"], tokens["input_m3"], tokens["input_m4"]
-    prefill_sq_s2 = a * a + 2 * a * b * m1 + (b * b + 2 * a * c) * m2 + 2 * b * c * m3 + c * c * m4  # E[P^2]
-    prefill_sq_s2 = prefill_sq_s2 - (1.0 - arrival_scv) * prefill_s**2
-    busy_batch = jnp.maximum(batch_for(0.0), 1.0)
-    step_s = curve.decode_base_s + per_seq_s * busy_batch
-    decode_share = jnp.minimum(1.0 - prefill_share, decode_tokens_rps * step_s / busy_batch)
-    work_ahead_s = (rate * prefill_sq_s2 + decode_share * step_s) / (2.0 * (1.0 - prefill_share))
-    residual_s = work_ahead_s / (1.0 + prefill_share)
-    wait_s = work_ahead_s + arrival_scv * prefill_share * residual_s
-    # Before its first decode a request also waits for the chain of prefills of requests
-    # that arrived during its own prefill iteration I: I rho_p / (1 - rho_p). It holds its
-    # batch slot meanwhile (counts in B) and users see it in the time per output token.
-    own_iteration_s = prefill_s + (1.0 + arrival_scv) * prefill_share * residual_s
-    chain_s = arrival_scv * own_iteration_s * prefill_share / (1.0 - prefill_share)
-    batch = batch_for(chain_s)
-    tpot_s = (curve.decode_base_s + per_seq_s * jnp.minimum(batch + arrival_scv, batch_max)) / (1.0 - prefill_share)
-    tpot_s = tpot_s + chain_s / decode_iters
-    return prefill_s, curve.prefill_s(tokens["input_p95"]), tpot_s, prefill_share, batch_max, wait_s
+TPOT_SPREAD = 2.3
 
 
-def _lognormal_cdf_from_mean_p95(x, mean, p95):
-    """P(X <= x) for a log-normal matched to a mean and a 95th percentile."""
-    ratio = jnp.log(jnp.maximum(p95, mean * 1.0001) / mean)
-    disc = jnp.maximum(1.645**2 - 2.0 * ratio, 0.0)
-    sd = jnp.maximum(1.645 - jnp.sqrt(disc), 1e-3)
-    mu = jnp.log(mean) - 0.5 * sd**2
-    z = (jnp.log(jnp.maximum(x, 1e-9)) - mu) / sd
+# Squared CV of a busy instance's TTFT wait (the reference's is 1.4-2.0 at 0.3-0.9 load).
+WAIT_CV2 = 1.8
+_H2_P1 = 0.5 * (1.0 + np.sqrt((WAIT_CV2 - 1.0) / (WAIT_CV2 + 1.0)))
+
+
+def _wait_cdf(x, mean):
+    """Balanced two-phase hyperexponential with `mean` and CV^2 = WAIT_CV2."""
+    x = jnp.maximum(x, 0.0)
+    mean = jnp.maximum(mean, 1e-9)
+    p1, p2 = _H2_P1, 1.0 - _H2_P1
+    return 1.0 - p1 * jnp.exp(-x * 2.0 * p1 / mean) - p2 * jnp.exp(-x * 2.0 * p2 / mean)
+
+
+def _lognormal_cdf(x, mean, cv2):
+    sd2 = jnp.log1p(cv2)
+    mu = jnp.log(jnp.maximum(mean, 1e-12)) - 0.5 * sd2
+    z = (jnp.log(jnp.maximum(x, 1e-12)) - mu) / jnp.sqrt(jnp.maximum(sd2, 1e-12))
     return 0.5 * (1.0 + jax.scipy.special.erf(z / jnp.sqrt(2.0)))
+
+
+def _latency_at_utilisation(curve: ServiceCurve, util, tokens, traffic: TrafficParams, arrival_scv=1.0):
+    """Per instance at `util` of its max rate (chunked prefill): TTFT and TPOT means, the
+    pieces of the per-request distributions, and the batch bound. `arrival_scv`: squared
+    CV of the instance's inter-arrival times (1: Poisson).
+
+    Mechanics of the reference (benchmarks/reference_sim.py): every iteration carries the
+    decode token of each running sequence and up to the remaining token budget of
+    prefill chunks, FCFS. An iteration with B decoding sequences lasts step(B) plus the
+    prefill work it carries; prefill work arrives at rate * E[work] per second, so the mean
+    iteration a sequence sees is T = step(B + ca^2) / (1 - rho_p) with B = rate (n-1) T by
+    Little's law (the sequence itself plus the size-biased others). A new prompt waits for
+    the iteration in progress (residual E[T^2] / 2E[T]) and is prefilled in the next one(s)
+    with the prompts that arrived meanwhile.
+    """
+    work_s, decode_iters, context, batch_max, max_rate = _instance_model(curve, tokens)
+    footprint = tokens["input_mean"] + (tokens["output_m2"] - tokens["output_mean"]) / decode_iters
+    rate = util * max_rate
+    rho_p = jnp.minimum(rate * work_s, 0.95)
+    scv = arrival_scv
+    base, p1, p2 = _decode_branches(curve, context)
+    bc = curve.decode_calibrated_seqs
+
+    def tpot_branch(b0, slope):
+        denom = 1.0 - rho_p - rate * decode_iters * slope
+        return jnp.where(denom > 1e-6, (b0 + slope * scv) / jnp.maximum(denom, 1e-6), jnp.inf)
+
+    t1 = tpot_branch(base, p1)
+    t2 = tpot_branch(base + (p1 - p2) * bc, p2)
+    tpot_s = jnp.where(rate * decode_iters * t1 + scv > bc, t2, t1)
+    t_cap = decode_step_s(curve, batch_max, context) / (1.0 - rho_p)
+    tpot_s = jnp.minimum(tpot_s, t_cap)
+    b, c = curve.prefill_s_per_token, curve.prefill_s_per_token_sq
+    m1, m2, m3, m4 = tokens["input_mean"], tokens["input_m2"], tokens["input_m3"], tokens["input_m4"]
+    work_sq = b * b * m2 + 2 * b * c * m3 + c * c * m4  # E[W^2], W = b L + c L^2
+    # The prefill share a sequence meets over its life varies (Poisson prefill work, variance
+    # rate E[W^2] / life); TPOT is convex in it, 1 / (1 - rho_p - rho_d), so the mean TPOT
+    # of the tokens rises by a factor that grows with x = Var / (1 - rho_p - rho_d)^2: the
+    # form 1 + 0.4 x^2 / (1 + x^2) is fitted to the reference (benchmarks/fluid_agreement.md).
+    life_s = decode_iters * tpot_s
+    slack = jnp.maximum(1.0 - rho_p - rate * decode_iters * jnp.where(rate * decode_iters * t1 + scv > bc, p2, p1), 1e-3)
+    x = rate * work_sq / jnp.maximum(life_s, 1e-9) / slack**2
+    drift = 1.0 + 0.4 * x**2 / (1.0 + x**2)
+    tpot_s = jnp.minimum(tpot_s * drift, t_cap)
+    batch = rate * decode_iters * tpot_s  # time-average decoding sequences
+    step_s = decode_step_s(curve, batch, context)
+
+    free_tokens = jnp.maximum(curve.token_budget - batch, 1.0)
+    # Prompts queue FCFS for the budget left after the decode tokens: a prefill server
+    # (M/G/1, Kingman-scaled for smoother arrivals) whose service of a prompt of L tokens
+    # is its own work plus its share of the iterations it spans, S = (step / free + b) L + c L^2.
+    alpha = step_s / free_tokens + b
+    extra_base = jnp.maximum(curve.prefill_base_s - curve.decode_base_s, 0.0)
+    s1 = alpha * m1 + c * m2 + extra_base
+    s2 = alpha * alpha * m2 + 2 * alpha * c * m3 + c * c * m4
+    rho_s = jnp.minimum(rate * s1, 0.98)
+    queue_wait_s = rate * jnp.maximum(s2 - (1.0 - scv) * s1**2, 0.0) / (2.0 * (1.0 - rho_s))
+    residual_s = 0.5 * tpot_s  # the iteration in progress
+    # Probability that an arrival finds the instance busy: some sequence decoding
+    # (Poisson count with mean B) or a prefill running.
+    busy = 1.0 - jnp.exp(-batch) * (1.0 - jnp.minimum(rate * (curve.prefill_base_s + work_s), 1.0))
+    busy = jnp.clip(busy, 0.0, 1.0)
+
+    def ttft_parts(L):
+        """(idle TTFT, fixed part when busy, mean random wait when busy) for prompts of L."""
+        own = jnp.maximum(L / free_tokens, 1.0) * step_s + b * L + c * L**2
+        wait = (residual_s + queue_wait_s) * drift  # the same drift lengthens the queue
+        return isolated_prefill_s(curve, L), own, wait
+
+    idle_m, fixed_m, wait_m = ttft_parts(m1)
+    L_nodes, L_w = _length_nodes(traffic.input_log_mean, traffic.input_log_sd, traffic.max_context_tokens)
+    idle_n, fixed_n, wait_n = ttft_parts(L_nodes)
+    ttft_mean_s = jnp.sum(L_w * ((1.0 - busy) * idle_n + busy * (fixed_n + wait_n)))
+    # Per-request TPOT: the mean of its n - 1 iterations, whose lengths vary with the
+    # prefill work they carry (variance / (n - 1)), around a batch that drifts slowly.
+    # The prefill work done during a request's life is a Poisson sum, variance rate * (n-1)
+    # T E[W^2]; consecutive iterations share the chunks of one prompt and the load drifts,
+    # which TPOT_SPREAD (fitted to the reference, benchmarks/fluid_agreement.md) covers.
+    cv2_iter = TPOT_SPREAD * rate * work_sq / jnp.maximum(tpot_s, 1e-9)
+    cv2_slow = jnp.zeros(())
+    return {
+        "tpot_s": tpot_s, "ttft_mean_s": ttft_mean_s, "batch_max": batch_max, "busy": busy, "batch": batch,
+        "batch_kv": jnp.maximum(jnp.minimum(curve.max_batch_seqs, curve.kv_capacity_tokens / footprint), 1.0),
+        "L_nodes": L_nodes, "L_w": L_w, "ttft_idle_nodes": idle_n, "ttft_fixed_nodes": fixed_n, "ttft_wait_nodes": wait_n,
+        "ttft_p95_fixed_s": fixed_m, "ttft_p95_wait_s": wait_m,
+        "cv2_iter": cv2_iter, "cv2_slow": cv2_slow, "prefill_share": rho_p,
+    }
+
+
+def _attainment(curve: ServiceCurve, lat, traffic: TrafficParams, slo_ttft_s, slo_tpot_s, slack, extra_wait_s):
+    """Share of an instance's requests meeting both SLOs, from per-request distributions:
+    TTFT of each prompt length against its budget (idle: the own prefill; busy: a fixed
+    part plus a hyperexponential wait, plus `extra_wait_s` of queueing), and each request's TPOT
+    (log-normal around the mean, CV^2 = cv2_iter / (n - 1) + cv2_slow) against the TPOT SLO."""
+    budget = ttft_budget_s(curve, lat["L_nodes"], slo_ttft_s, slack)
+    idle_ok = (lat["ttft_idle_nodes"] + extra_wait_s <= budget).astype(jnp.float32)
+    busy_ok = _wait_cdf(budget - lat["ttft_fixed_nodes"] - extra_wait_s, lat["ttft_wait_nodes"])
+    ttft_ok = jnp.sum(lat["L_w"] * ((1.0 - lat["busy"]) * idle_ok + lat["busy"] * busy_ok))
+    n_nodes, n_w = _length_nodes(traffic.output_log_mean, traffic.output_log_sd, traffic.max_context_tokens)
+    iters = jnp.maximum(jnp.round(n_nodes) - 1.0, 1.0)
+    cv2 = lat["cv2_iter"] / iters + lat["cv2_slow"]
+    tpot_ok = jnp.where(jnp.round(n_nodes) <= 1.0, 1.0, _lognormal_cdf(slo_tpot_s, lat["tpot_s"], cv2))
+    tpot_ok = jnp.sum(n_w * tpot_ok)
+    return ttft_ok * tpot_ok, ttft_ok, tpot_ok
 
 
 def fluid_tick(
@@ -150,8 +261,12 @@ def fluid_tick(
     replicas_billed: jax.Array,
     forward_fraction: jax.Array,
     small_fraction: jax.Array,
+    gpus_offline_fraction: jax.Array = 0.0,
 ) -> tuple[dict[str, jax.Array], jax.Array]:
     """Serve one tick: returns (metrics, queue at the end of the tick).
+
+    `small_fraction`: share of requests served by the small model, on dedicated GPUs sized
+    to it; `gpus_offline_fraction`: share of the GPUs restarting to change that split.
 
     Requests are conserved: arrivals = served + dropped + forwarded + (queue' - queue).
     """
@@ -166,7 +281,7 @@ def fluid_tick(
     per_replica_rps = replica_capacity_rps(params, small_fraction, tokens)
     host_mem_per_replica = host_memory_per_replica_gb(params)
     mem_factor = jnp.minimum(host_memory_gb / jnp.maximum(replicas_billed * host_mem_per_replica, 1e-6), 1.0)
-    gpu_capacity_rps = replicas_serving * per_replica_rps * mem_factor
+    gpu_capacity_rps = replicas_serving * per_replica_rps * mem_factor * (1.0 - gpus_offline_fraction)
     idle_cores, busy_cores = cpu_cores_per_replica(params)
     cpu_capacity_rps = jnp.maximum(cpu_cores - idle_cores * replicas_serving, 0.0) / busy_cores * per_replica_rps
     capacity_rps = jnp.minimum(gpu_capacity_rps, cpu_capacity_rps)
@@ -184,43 +299,56 @@ def fluid_tick(
     util = jnp.where(capacity_rps > 0, served / jnp.maximum(capacity_rps * tick, 1e-9), 0.0)
     util = jnp.clip(util, 0.0, 1.0)
 
-    # Latency of the requests served this tick.
+    # Latency of the requests served this tick, per model (each pool at the same load).
     # Dispatch spreads arrivals over the instances, so each sees a smoother stream than
     # Poisson: squared CV 1/N for round-robin over N (Erlang-N gaps); least-outstanding
     # dispatch is at least as smooth (benchmarks/fluid_agreement.md).
     arrival_scv = lambda curve: 1.0 / jnp.maximum(replicas_serving * curve.instances_per_replica, 1.0)  # noqa: E731
-    big = _latency_at_utilisation(params.model, util, tokens, arrival_scv(params.model))
-    small = _latency_at_utilisation(params.small_model, util, tokens, arrival_scv(params.small_model))
-    q = small_fraction
-    mix = lambda b, s: (1.0 - q) * b + q * s  # noqa: E731
-    prefill_s, prefill_p95_s, tpot_s = mix(big[0], small[0]), mix(big[1], small[1]), mix(big[2], small[2])
-    wait_iteration_s = mix(big[5], small[5])
-    # Admission wait for a batch slot: Allen-Cunneen / Sakasegawa M/G/c with c = KV-capped slots.
-    slots = jnp.maximum(replicas_serving * mix(big[4], small[4]), 1.0)
     rho = jnp.minimum(util, 0.99)
-    service_s = prefill_s + (t_out - 1.0) * tpot_s
-    wait_slot_s = rho ** (jnp.sqrt(2.0 * (slots + 1.0)) - 1.0) / (slots * (1.0 - rho)) * service_s
     wait_backlog_s = 0.5 * (queue_requests + queue_after) / jnp.maximum(capacity_rps, 1e-6)
     wait_backlog_s = jnp.minimum(wait_backlog_s, params.queue_timeout_s)
-    random_wait_s = wait_iteration_s + wait_slot_s
-    # A standing backlog is served FCFS: its wait replaces the stationary queueing wait
-    # (the reference sim's requests wait ~the backlog, not the backlog plus an M/G/c wait).
-    ttft_mean_s = jnp.maximum(wait_backlog_s, random_wait_s) + prefill_s
-    ttft_p95_s = jnp.maximum(wait_backlog_s, 3.0 * random_wait_s) + prefill_p95_s  # Exp p95 = ln 20 * mean
+
+    def model_latency(curve, slo_ttft_s, slo_tpot_s):
+        lat = _latency_at_utilisation(curve, util, tokens, params.traffic, arrival_scv(curve))
+        # Admission wait for a batch slot: Allen-Cunneen / Sakasegawa M/G/c with c = the
+        # pool's slots; a standing backlog is served FCFS and replaces it.
+        # Slots are KV/max_num_seqs-bound; their occupancy is the decode batch over its bound.
+        slots = jnp.maximum(replicas_serving * curve.instances_per_replica * lat["batch_kv"], 1.0)
+        occupancy = jnp.minimum(lat["batch"] / lat["batch_kv"], 0.99)
+        service_s = lat["ttft_mean_s"] + (t_out - 1.0) * lat["tpot_s"]
+        wait_slot_s = occupancy ** (jnp.sqrt(2.0 * (slots + 1.0)) - 1.0) / (slots * (1.0 - occupancy)) * service_s
+        queue_wait_s = jnp.maximum(wait_backlog_s, wait_slot_s)
+        # A standing backlog delays every request alike; the slot wait is random.
+        lat = {**lat, "ttft_wait_nodes": lat["ttft_wait_nodes"] + jnp.where(wait_backlog_s >= wait_slot_s, 0.0, wait_slot_s)}
+        ok, _, _ = _attainment(
+            curve, lat, params.traffic, slo_ttft_s, slo_tpot_s, params.ttft_prefill_slack, jnp.where(wait_backlog_s >= wait_slot_s, wait_backlog_s, 0.0),
+        )
+        ttft_mean = lat["ttft_mean_s"] + queue_wait_s
+        ttft_p95 = lat["ttft_p95_fixed_s"] + 3.0 * lat["ttft_p95_wait_s"] + jnp.maximum(wait_backlog_s, 3.0 * wait_slot_s)
+        cv2 = lat["cv2_iter"] / jnp.maximum(t_out - 1.0, 1.0) + lat["cv2_slow"]
+        sd = jnp.sqrt(jnp.log1p(cv2))
+        tpot_p95 = lat["tpot_s"] * jnp.exp(1.645 * sd - 0.5 * sd**2)
+        return dict(ttft=ttft_mean, ttft_p95=ttft_p95, tpot=lat["tpot_s"], tpot_p95=tpot_p95, ok=ok, prefill=lat["ttft_p95_fixed_s"])
+
+    big = model_latency(params.model, params.slo_ttft_s, params.slo_tpot_s)
+    small = model_latency(params.small_model, params.small_slo_ttft_s, params.small_slo_tpot_s)
+    q = small_fraction
+    mix = lambda k: (1.0 - q) * big[k] + q * small[k]  # noqa: E731
+    ttft_mean_s, ttft_p95_s, tpot_s, tpot_p95_s = mix("ttft"), mix("ttft_p95"), mix("tpot"), mix("tpot_p95")
     e2e_mean_s = ttft_mean_s + (t_out - 1.0) * tpot_s  # the prefill emitted the first token
     e2e_p95_s = ttft_p95_s + (tokens["output_p95"] - 1.0) * tpot_s
 
     # Forwarded requests: two RTTs plus the peer's unloaded service.
-    fwd_ttft_s = 2.0 * params.peer_rtt_s + big[0] + 0.5 * params.model.decode_base_s
+    fwd_ttft_s = 2.0 * params.peer_rtt_s + big["prefill"]
     fwd_e2e_s = fwd_ttft_s + t_out * (params.model.decode_base_s + 1e-9)
     done = served + forwarded
     w_local = served / jnp.maximum(done, 1e-9)
     lat_mean_s = w_local * e2e_mean_s + (1.0 - w_local) * fwd_e2e_s
     ttft_all_s = w_local * ttft_mean_s + (1.0 - w_local) * fwd_ttft_s
 
-    meets_tpot = (tpot_s <= params.slo_tpot_s).astype(jnp.float32)
-    local_ok = _lognormal_cdf_from_mean_p95(params.slo_ttft_s, ttft_mean_s, ttft_p95_s) * meets_tpot
-    fwd_ok = (fwd_ttft_s <= params.slo_ttft_s).astype(jnp.float32)
+    # Each model's requests are judged by that model's SLOs.
+    local_ok = mix("ok")
+    fwd_ok = (fwd_ttft_s <= jnp.maximum(params.slo_ttft_s, params.ttft_prefill_slack * big["prefill"])).astype(jnp.float32)
     attempted = done + dropped
     slo_attainment = jnp.where(attempted > 0, (served * local_ok + forwarded * fwd_ok) / jnp.maximum(attempted, 1e-9), 1.0)
 
@@ -233,13 +361,13 @@ def fluid_tick(
     peer_usd_per_request = params.replica_price_usd_per_h / 3600.0 / jnp.maximum(per_replica_rps, 1e-9)
     cost_usd = (
         replicas_billed * params.replica_price_usd_per_h * hours
-        + cpu_cores * CPU_USD_PER_CORE_H * hours
-        + host_memory_gb * MEMORY_USD_PER_GB_H * hours
+        + cpu_cores * params.cpu_usd_per_core_h * hours
+        + host_memory_gb * params.memory_usd_per_gb_h * hours
         + forwarded * ((t_in + t_out) * BYTES_PER_TOKEN / 1e9 * EGRESS_USD_PER_GB + peer_usd_per_request)
     )
     # Quality relative to the node's own model (1.0); the peer serves the same model.
     small_quality = params.small_model.quality / params.model.quality
-    quality = (served * mix(1.0, small_quality) + forwarded) / jnp.maximum(done, 1e-9)
+    quality = (served * ((1.0 - q) + q * small_quality) + forwarded) / jnp.maximum(done, 1e-9)
 
     metrics = {
         "arrivals": arrivals,
@@ -254,6 +382,7 @@ def fluid_tick(
         "e2e_mean_s": lat_mean_s,
         "e2e_p95_s": e2e_p95_s,
         "tpot_s": tpot_s,
+        "tpot_p95_s": tpot_p95_s,
         "slo_attainment": slo_attainment,
         "gpu_util": util,
         "cpu_util": jnp.clip(cpu_needed / jnp.maximum(cpu_cores, 1e-6), 0.0, 1.0),

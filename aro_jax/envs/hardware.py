@@ -9,7 +9,8 @@ The coefficients are fitted by `fit_profiles` from the calibration data in
 benchmarks/hardware_fit.md) and hard-coded here, rounded to 4 significant figures, so
 the package runs without the data. The fits cover prompts up to 8192 tokens (the largest
 measured; Llama 2's context window is 4096, Touvron et al. 2023) and batches up to 64
-(70B) or 256 (7B); beyond that they extrapolate.
+(70B) or 256 (7B); beyond that a decode step grows by the roofline increment of each
+further sequence (`ServiceProfile.decode_step_ms`), never by more than the fit's.
 """
 
 from __future__ import annotations
@@ -37,8 +38,35 @@ class ServiceProfile:
     gpu_memory_gb: float  # per GPU
     weights_gb: float  # fp16 weights, whole model
     gpu_price_usd_per_h: float  # per GPU
-    max_batch_seqs: int
+    max_batch_seqs: int  # the engine's max_num_seqs
     quality: float  # relative answer quality, 1.0 = Llama-2-70B
+    # Chunked prefill: tokens per engine iteration (vLLM's max_num_batched_tokens).
+    token_budget: int = 2048
+    # Largest decode batch the calibration rows measured; beyond it the roofline rules.
+    decode_calibrated_seqs: int = 64
+    params_b: float = 0.0  # parameters, billions (FLOPs per token = 2 * params)
+    hbm_gbps: float = 0.0  # per GPU
+    peak_tflops: float = 0.0  # dense fp16/bf16 tensor-core peak per GPU
+
+    @property
+    def roof_ms_per_seq(self) -> float:
+        """Compute floor of one more decode token: 2 * params FLOPs over the replica's peak."""
+        return 2.0 * self.params_b * 1e9 / (self.peak_tflops * 1e12 * self.tensor_parallel) * 1e3
+
+    @property
+    def roof_ms_per_context_token(self) -> float:
+        """Bandwidth floor of attending one more cached token: its KV bytes over HBM bandwidth."""
+        return self.kv_bytes_per_token / (self.hbm_gbps * 1e9 * self.tensor_parallel) * 1e3
+
+    @property
+    def roof_base_ms(self) -> float:
+        """Bandwidth floor of any decode step: reading the weights once."""
+        return self.weights_gb / (self.hbm_gbps * self.tensor_parallel) * 1e3
+
+    def roofline_step_ms(self, batch, context_tokens):
+        """Hardware floor of a decode step: max(bytes / HBM bandwidth, FLOPs / peak)."""
+        mem = self.roof_base_ms + self.roof_ms_per_context_token * np.asarray(context_tokens, float)
+        return np.maximum(mem, self.roof_ms_per_seq * np.asarray(batch, float))
 
     @property
     def kv_capacity_tokens(self) -> float:
@@ -54,12 +82,26 @@ class ServiceProfile:
         L = prompt_tokens
         return self.prefill_base_ms + L * (self.prefill_ms_per_token + L * self.prefill_ms_per_token_sq)
 
-    def decode_step_ms(self, batch, context_tokens):
+    def decode_fit_ms(self, batch, context_tokens):
+        """The calibrated fit, extrapolated as is."""
         return (
             self.decode_base_ms
             + self.decode_ms_per_context_token * context_tokens
             + self.decode_ms_per_seq * batch
         )
+
+    def decode_step_ms(self, batch, context_tokens):
+        """Decode step: the fit up to `decode_calibrated_seqs`; beyond, each further
+        sequence costs its roofline increment (the larger of its KV read and its FLOPs),
+        never more than the fit's own increment. `decode_step_s` (fluid.py) is the same
+        rule on a ServiceCurve."""
+        b = np.asarray(batch, float)
+        c = np.asarray(context_tokens, float)
+        ctx = c / np.maximum(b, 1.0)
+        bc = np.minimum(b, self.decode_calibrated_seqs)
+        fit_per_seq = self.decode_ms_per_seq + self.decode_ms_per_context_token * ctx
+        roof_per_seq = np.maximum(self.roof_ms_per_seq, self.roof_ms_per_context_token * ctx)
+        return self.decode_base_ms + fit_per_seq * bc + np.minimum(fit_per_seq, roof_per_seq) * (b - bc)
 
 
 # --- Constants (README of ../shared/data unless noted) -------------------------------
@@ -72,7 +114,20 @@ _KV_BYTES = {"llama2-7b": 524_288.0, "llama2-70b": 327_680.0}
 _WEIGHTS_GB = {"llama2-7b": 13.5, "llama2-70b": 138.0}
 # MMLU 5-shot relative to 70B (Touvron et al. 2023, Table 3: 7B 45.3, 70B 68.9).
 _QUALITY = {"llama2-7b": 45.3 / 68.9, "llama2-70b": 1.0}
-_MAX_BATCH_SEQS = 256  # vLLM default max_num_seqs
+# vLLM V1 engine defaults for the OpenAI API server (vllm/engine/arg_utils.py,
+# EngineArgs batch defaults, vLLM 0.9-0.11): GPUs with >= 70 GiB that are not A100 get
+# max_num_batched_tokens 8192 and max_num_seqs 1024; others (A100 included, PR #17885)
+# 2048 and 256. Chunked prefill is always on in V1.
+_TOKEN_BUDGET = {"a100-80gb": 2048, "h100-80gb": 8192}
+_MAX_NUM_SEQS = {"a100-80gb": 256, "h100-80gb": 1024}
+_DECODE_FIT_MAX_TOKENS = 256  # 7B decode fit: vidur points with num_tokens <= 256
+# Largest measured decode batch: splitwise rows batch_size 1..64 (70B); the 7B fit's range.
+_CALIBRATED_SEQS = {"llama2-7b": 256, "llama2-70b": 64}
+# Parameter counts (Touvron et al. 2023, Llama 2): 6.74e9 and 68.98e9.
+_PARAMS_B = {"llama2-7b": 6.74, "llama2-70b": 68.98}
+# Dense fp16/bf16 tensor-core peak, TFLOPS: A100 SXM 312 (NVIDIA A100 datasheet), H100
+# SXM 989 (NVIDIA H100 datasheet; 1979 is with sparsity).
+_PEAK_TFLOPS = {"a100-80gb": 312.0, "h100-80gb": 989.0}
 
 # 7B has no splitwise rows; it borrows two terms from DistServe's OPT-13B A100 fit (README).
 _OPT13B_PREFILL_SQ = 7.12e-6  # ms/token^2, prefill attention
@@ -118,12 +173,65 @@ def _make(name: str) -> ServiceProfile:
         gpu_memory_gb=_GPU_MEMORY_GB,
         weights_gb=_WEIGHTS_GB[model],
         gpu_price_usd_per_h=_GPU_PRICE[gpu],
-        max_batch_seqs=_MAX_BATCH_SEQS,
+        max_batch_seqs=_MAX_NUM_SEQS[gpu],
         quality=_QUALITY[model],
+        token_budget=_TOKEN_BUDGET[gpu],
+        decode_calibrated_seqs=_CALIBRATED_SEQS[model],
+        params_b=_PARAMS_B[model],
+        hbm_gbps=_HBM_GBPS[gpu],
+        peak_tflops=_PEAK_TFLOPS[gpu],
     )
 
 
 PROFILES: dict[str, ServiceProfile] = {name: _make(name) for name in _FITTED}
+
+# --- GPU instances and price sets ---------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class InstanceType:
+    name: str
+    gpus: int
+    vcpus: int
+    memory_gb: float  # GiB as the vendor lists it
+    usd_per_h: float  # on-demand list price of the whole instance
+
+    @property
+    def vcpus_per_gpu(self) -> float:
+        return self.vcpus / self.gpus
+
+    @property
+    def memory_gb_per_gpu(self) -> float:
+        return self.memory_gb / self.gpus
+
+
+# A replica's pod runs on one of these; its CPU and memory requests are bounded by the
+# instance's share per GPU. AWS EC2 instance types page and on-demand pricing, us-east-1,
+# Linux (2024): p4de.24xlarge 8x A100-80GB, 96 vCPUs, 1152 GiB, $40.96/h; p5.48xlarge
+# 8x H100-80GB, 192 vCPUs, 2048 GiB, $98.32/h (also The Next Platform, 2023-07-27).
+INSTANCES = {
+    "a100-80gb": InstanceType("p4de.24xlarge", 8, 96, 1152.0, 40.96),
+    "h100-80gb": InstanceType("p5.48xlarge", 8, 192, 2048.0, 98.32),
+}
+# Other hyperscalers' 8x H100 on-demand list prices for comparison (2024 list pages):
+# Azure ND96isr H100 v5 (96 vCPUs, 1900 GiB) $98.32/h, East US; GCP a3-highgpu-8g
+# (208 vCPUs, 1872 GB) $88.25/h, us-central1.
+HYPERSCALER_H100_USD_PER_H = {"aws p5.48xlarge": 98.32, "azure ND96isr_H100_v5": 98.32, "gcp a3-highgpu-8g": 88.25}
+
+# Price sets: "gpu-cloud" prices GPUs alone (Vidur's CoreWeave Feb 2024 figures, above)
+# and CPU/memory as components; "hyperscaler" prices the instance share per GPU, which
+# covers the pod's CPU and memory. Default: gpu-cloud.
+PRICE_SETS = ("gpu-cloud", "hyperscaler")
+DEFAULT_PRICE_SET = "gpu-cloud"
+
+
+def gpu_price_usd_per_h(gpu: str, price_set: str = DEFAULT_PRICE_SET) -> float:
+    """Price of one GPU-hour of `gpu` (splitwise name) under a price set."""
+    if price_set not in PRICE_SETS:
+        raise ValueError(f"prices must be one of {list(PRICE_SETS)}, got {price_set!r}")
+    if price_set == "gpu-cloud":
+        return _GPU_PRICE[gpu]
+    inst = INSTANCES[gpu]
+    return inst.usd_per_h / inst.gpus
+
 
 # The cheaper quality tier of a node is Llama-2-7B on the node's GPU type (7B nodes map
 # to themselves: the data has nothing smaller than 7B).
@@ -212,10 +320,10 @@ def _fit_vidur_7b(vidur: dict, gpu: str) -> dict:
     prefill = _rel_lstsq(np.stack([n**0, n, n**2], 1), ms)
     speedup = ms[-1] / vidur[("a100", "Llama-2-7b-hf", 1)][1][-1]
     attn_sq = _OPT13B_PREFILL_SQ * _ATTN_FLOP_RATIO_7B * speedup
-    # Decode: one iteration with num_tokens=B; fit base + per_seq*B up to max_batch_seqs.
+    # Decode: one iteration with num_tokens=B; fit base + per_seq*B up to 256 sequences.
     # Per-context-token cost is KV streaming (memory-bound): DistServe's term scaled by
     # KV bytes/token and by HBM bandwidth relative to A100 (DistServe's GPU).
-    dec = n <= _MAX_BATCH_SEQS
+    dec = n <= _DECODE_FIT_MAX_TOKENS
     base, per_seq = _rel_lstsq(np.stack([n[dec] ** 0, n[dec]], 1), ms[dec])
     per_ctx = _OPT13B_DECODE_CTX * _KV_RATIO_7B * _HBM_GBPS["a100-80gb"] / _HBM_GBPS[hw]
     return dict(

@@ -24,9 +24,13 @@ class ServiceCurve:
     decode_s_per_context_token: float
     decode_s_per_seq: float
     kv_capacity_tokens: float
-    max_batch_seqs: float
+    max_batch_seqs: float  # the engine's max_num_seqs (the KV cap is applied per mix)
     instances_per_replica: float  # parallel copies one replica's GPUs hold (small model)
     quality: float
+    token_budget: float  # chunked prefill: tokens per iteration (max_num_batched_tokens)
+    decode_calibrated_seqs: float  # beyond this batch, roofline increments (hardware.py)
+    roof_s_per_seq: float  # FLOPs floor of one decode token
+    roof_s_per_context_token: float  # KV-read floor of one cached token
 
     @classmethod
     def from_profile(cls, profile: ServiceProfile, replica_gpus: int | None = None) -> "ServiceCurve":
@@ -42,6 +46,10 @@ class ServiceCurve:
             max_batch_seqs=float(profile.max_batch_seqs),
             instances_per_replica=float(max(gpus // profile.tensor_parallel, 1)),
             quality=float(profile.quality),
+            token_budget=float(profile.token_budget),
+            decode_calibrated_seqs=float(profile.decode_calibrated_seqs),
+            roof_s_per_seq=profile.roof_ms_per_seq / 1e3,
+            roof_s_per_context_token=profile.roof_ms_per_context_token / 1e3,
         )
 
     def prefill_s(self, tokens):
@@ -98,9 +106,23 @@ class EnvParams(environment.EnvParams):
     forward_step: float = 0.1
     quality_step: float = 0.1
     max_small_model_fraction: float = 0.8
-    # DistServe (OSDI'24) chatbot SLOs, per model size (set per node by scenarios.node_params).
+    # SLOs of the node's workload class for each model (DistServe, OSDI'24, Table 1; set
+    # per node by scenarios.node_params). A prompt's TTFT budget is the larger of the SLO
+    # and ttft_prefill_slack x its prefill time on an idle instance (fluid.ttft_budget_s).
     slo_ttft_s: float = 2.5
     slo_tpot_s: float = 0.15
+    small_slo_ttft_s: float = 0.25
+    small_slo_tpot_s: float = 0.1
+    ttft_prefill_slack: float = 2.0
+    # Quality tier on dedicated small-model GPUs: a change of the share restarts the GPUs
+    # it moves (one cold start) and they serve nothing meanwhile.
+    tier_switch_s: float = 240.0
+    # Pod bounds per GPU from the replica's instance type, and the CPU/memory prices
+    # (0 when the instance price covers them).
+    vcpus_per_gpu: float = 12.0
+    host_memory_gb_per_gpu: float = 144.0
+    cpu_usd_per_core_h: float = 0.031611
+    memory_usd_per_gb_h: float = 0.004237
     reward: RewardWeights = dataclasses.field(default_factory=RewardWeights)
     cost_ref_usd_per_h: float = 1.0  # normalises cost: static allocation for peak load
     rate_ref_rps: float = 1.0  # normalises rates: the node's mean load

@@ -21,7 +21,7 @@ from aro_jax.contract import (  # noqa: F401  (the env's contract, also importab
 from aro_jax.envs import fluid, scenarios
 from aro_jax.envs import forecast as fc
 from aro_jax.envs.params import EnvParams, e2e_budget
-from aro_jax.envs.traffic import expected_rate_rps, sample_arrivals
+from aro_jax.envs.traffic import expected_rate_rps, sample_arrivals_ar
 
 PENDING_SLOTS = 16  # cold-start pipeline length in ticks: 16 x 30 s covers N(240 s, 30 s) + 3 sd
 
@@ -36,7 +36,10 @@ class EnvState(environment.EnvState):
     cpu_cores: jax.Array
     host_memory_gb: jax.Array
     forward_fraction: jax.Array
-    small_model_fraction: jax.Array
+    small_model_fraction: jax.Array  # the tier's target share of requests
+    small_active_fraction: jax.Array  # the share the GPUs are split for now
+    tier_switch_left_s: jax.Array  # time until the GPUs moving to the target share serve
+    burst_z: jax.Array  # log-AR(1) burst state of the arrivals
     queue_requests: jax.Array
     forecast: fc.ForecastState
     last: dict[str, jax.Array]  # the previous tick's metrics (what an operator observes)
@@ -107,6 +110,9 @@ class ServingNodeEnv(environment.Environment[EnvState, EnvParams]):
             host_memory_gb=host_memory_gb,
             forward_fraction=zeros,
             small_model_fraction=zeros,
+            small_active_fraction=zeros,
+            tier_switch_left_s=zeros,
+            burst_z=jax.random.normal(jax.random.fold_in(key, 1)),
             queue_requests=zeros,
             forecast=fc.init(params.traffic.mean_rate_rps),
             last=last,
@@ -147,12 +153,29 @@ class ServingNodeEnv(environment.Environment[EnvState, EnvParams]):
         fwd = step(state.forward_fraction, REBALANCE, PULL_BACK, params.forward_step, 0.0, params.max_forward_fraction)
         small = step(state.small_model_fraction, DEGRADE, RESTORE, params.quality_step, 0.0, params.max_small_model_fraction)
 
+        # Pods: a replica's CPU and memory requests stay within its instance's share
+        # (vertical scaling inside the GPU instance; the pods of removed replicas go).
+        pod_gpus = (ready + pending.sum()) * params.tensor_parallel
+        cpu = jnp.clip(cpu, params.cpu_step_cores, jnp.maximum(pod_gpus * params.vcpus_per_gpu, params.cpu_step_cores))
+        mem = jnp.clip(mem, params.memory_step_gb, jnp.maximum(pod_gpus * params.host_memory_gb_per_gpu, params.memory_step_gb))
+
+        # Quality tier on dedicated small-model GPUs: a new target share restarts the GPUs
+        # that change model; until they serve, the old split holds and they serve nothing.
+        retarget = small != state.small_model_fraction
+        left = jnp.where(retarget, params.tier_switch_s, state.tier_switch_left_s)
+        switching = left > 0
+        offline = jnp.where(switching, jnp.abs(small_gpu_share(params, small) - small_gpu_share(params, state.small_active_fraction)), 0.0)
+
         # 2. Serve this tick's traffic.
-        arrivals = sample_arrivals(k_arrivals, state.clock_s, tick, params.traffic)
+        arrivals, burst_z = sample_arrivals_ar(k_arrivals, state.clock_s, tick, params.traffic, state.burst_z)
         in_outage = (state.clock_s >= params.outage_start_s) & (state.clock_s < params.outage_start_s + params.outage_duration_s)
         serving = ready * jnp.where(in_outage & (params.outage_start_s >= 0), 1.0 - params.outage_capacity_loss, 1.0)
         billed = ready + pending.sum() + draining
-        metrics, queue = fluid.fluid_tick(params, arrivals, state.queue_requests, serving, cpu, mem, billed, fwd, small)
+        metrics, queue = fluid.fluid_tick(
+            params, arrivals, state.queue_requests, serving, cpu, mem, billed, fwd, state.small_active_fraction, offline,
+        )
+        left = jnp.maximum(left - tick, 0.0)
+        small_active = jnp.where(left <= 0, small, state.small_active_fraction)
 
         # 3. Replicas finishing their cold start serve from the next tick.
         ready = ready + pending[0]
@@ -172,6 +195,9 @@ class ServingNodeEnv(environment.Environment[EnvState, EnvParams]):
             host_memory_gb=mem,
             forward_fraction=fwd,
             small_model_fraction=small,
+            small_active_fraction=small_active,
+            tier_switch_left_s=left,
+            burst_z=burst_z,
             queue_requests=queue,
             forecast=forecast,
             last=_observed(metrics),
@@ -192,6 +218,16 @@ class ServingNodeEnv(environment.Environment[EnvState, EnvParams]):
         """Feasible actions from (a batch of) this env's observations."""
         return feasible_actions(obs * observation_scale(params), params)[..., : self.num_actions]
 
+
+
+def small_gpu_share(params: EnvParams, small_fraction):
+    """Share of a node's GPUs that run the small model when `small_fraction` of the
+    requests go to it and both pools run at the same load."""
+    tokens = fluid.token_moments(params.traffic)
+    big = fluid._instance_model(params.model, tokens)[-1] * params.model.instances_per_replica
+    small = fluid._instance_model(params.small_model, tokens)[-1] * params.small_model.instances_per_replica
+    need_small = small_fraction / small
+    return need_small / jnp.maximum((1.0 - small_fraction) / big + need_small, 1e-12)
 
 
 def feasible_actions(raw_obs: jax.Array, params: EnvParams) -> jax.Array:

@@ -29,6 +29,9 @@ class TrafficParams:
     # CV of the per-tick Gamma rate modulation (ServeGen: per-client CV median 1.2-1.3 at
     # request level; a 30 s tick averages much of that away, so the default is smaller).
     burst_cv: float = 0.3
+    # Lag-1 autocorrelation of the log modulation between ticks (log-AR(1); 0: independent
+    # draws each tick). The mixes carry values fitted to the Azure traces (envs/bursts.py).
+    burst_ac1: float = 0.0
     # Log-normal token lengths fitted to the Azure 2023 conversation trace (shared data README).
     input_log_mean: float = 6.63
     input_log_sd: float = 0.99
@@ -90,6 +93,20 @@ def sample_arrivals(key: jax.Array, t_s: jax.Array, tick_s: float, p: TrafficPar
     modulation = jnp.exp(jnp.sqrt(sigma2) * z_mod - 0.5 * sigma2)
     lam = expected_rate_rps(t_s, p) * tick_s * modulation
     return jnp.maximum(lam + jnp.sqrt(lam) * z_cnt, 0.0)
+
+
+def sample_arrivals_ar(key: jax.Array, t_s: jax.Array, tick_s: float, p: TrafficParams, burst_z: jax.Array):
+    """Like `sample_arrivals` with a log-AR(1) modulation: `burst_z` is the previous tick's
+    standard-normal burst state; returns (arrivals, new state). z' = phi z + sqrt(1 - phi^2) e
+    is stationary N(0, 1), so each tick's modulation has the Gamma's mean 1 and CV."""
+    k_mod, k_cnt = jax.random.split(key)
+    sigma2 = jnp.log1p(p.burst_cv**2)
+    e_mod, z_cnt = jax.random.normal(k_mod, (2,))
+    phi = p.burst_ac1
+    z = phi * burst_z + jnp.sqrt(1.0 - phi**2) * e_mod
+    modulation = jnp.exp(jnp.sqrt(sigma2) * z - 0.5 * sigma2)
+    lam = expected_rate_rps(t_s, p) * tick_s * modulation
+    return jnp.maximum(lam + jnp.sqrt(lam) * z_cnt, 0.0), z
 
 
 def sample_arrivals_exact(key: jax.Array, t_s: jax.Array, tick_s: float, p: TrafficParams) -> jax.Array:
