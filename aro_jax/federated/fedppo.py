@@ -76,7 +76,9 @@ class FederatedConfig:
     dp_noise_multiplier: float = 0.0  # noise std / clip norm, added to each node's update
     dp_delta: float = 1e-5
     # L2 clip of each node's observation-statistics message [mean, std] (observations are
-    # O(1) after the node's observation scale); the noise is dp_noise_multiplier x this.
+    # O(1) after the node's observation scale: on the ten-region cluster under an untrained
+    # policy the honest messages measured 3.2-11.2, median 3.9); the noise is
+    # dp_noise_multiplier x this.
     dp_stats_clip_norm: float = 10.0
     devices: int = 1  # devices the node axis is sharded over (must divide the node count)
 
