@@ -18,7 +18,7 @@ import pytest
 from aro_jax.training import trainers
 from aro_jax.config import load_config
 from aro_jax.envs.scenarios import cluster_params
-from aro_jax.federated import aggregators, attacks, fedppo, privacy
+from aro_jax.federated import aggregators, fedppo
 
 WORKERS = Path(__file__).parent / "workers"
 CLUSTER = WORKERS / "cluster4.yaml"

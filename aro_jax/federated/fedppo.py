@@ -144,6 +144,9 @@ def make_federated_train(
     if fed.mode == "federated":
         for name, f in defence_options:
             aggregators.check_requirements(name, n_nodes, f)
+        if fed.dp_clip_norm > 0 and not fed.dp_stats_clip_norm > 0:
+            raise ValueError(f"dp_stats_clip_norm must be > 0 when DP is on (dp_clip_norm = {fed.dp_clip_norm}); got {fed.dp_stats_clip_norm}")
+
     def attack_with(name, deltas, stats, active, key, strength, previous):
         sent = attacks.apply_attack(name, deltas, active, key, strength, previous)
         means, variances = attacks.apply_statistics_attack(name, stats.mean, stats.var, active, strength)
