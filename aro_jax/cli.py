@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from pathlib import Path
 
 # XLA's concurrency-optimised CPU scheduler can hang large vmapped programs (DESIGN "Speed").
@@ -18,12 +19,15 @@ def _heuristic_policies(cfg, names):
 
 
 def cmd_evaluate(args) -> int:
-    from aro_jax.config import load_config
+    from aro_jax.config import check_data, load_config
     from aro_jax.envs.heuristics import HEURISTICS
 
     unknown = [n for n in args.policy or [] if n not in HEURISTICS]
     if unknown:  # before loading or compiling anything
         print(f"error: unknown --policy {unknown[0]!r}; choose from {sorted(HEURISTICS)}", file=sys.stderr)
+        return 2
+    if args.step is not None and not args.checkpoint:
+        print("error: --step picks a checkpoint of --checkpoint RUN_DIR; pass both", file=sys.stderr)
         return 2
     overrides = list(args.overrides)
     if args.scenario:
@@ -32,11 +36,12 @@ def cmd_evaluate(args) -> int:
     if args.checkpoint:  # first: a bad run directory is named precisely
         from aro_jax.training.checkpointing import load_trained_policy
 
-        _, policy, weights, per_node = load_trained_policy(Path(args.checkpoint))
+        _, policy, weights, per_node = load_trained_policy(Path(args.checkpoint), args.step)
         policies["learned"] = (policy, weights, per_node)
     # A checkpoint is evaluated on its run's own cluster unless a config or cluster is given.
     config = Path(args.checkpoint) / "config.yaml" if args.checkpoint and not (args.config or args.cluster) else args.config
     cfg = load_config(config, overrides, [args.cluster] if args.cluster else [])
+    check_data(cfg, ("eval.scenario",))
     names = args.policy or ([] if args.checkpoint else cfg.eval.baselines)
     policies.update(_heuristic_policies(cfg, names))
     out = Path(args.out or (Path(args.checkpoint) / "eval" if args.checkpoint else "runs/eval"))
@@ -59,12 +64,16 @@ def cmd_train(args) -> int:
 
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     from aro_jax.training import driver
-    from aro_jax.config import load_config
+    from aro_jax.config import check_data, load_config
 
+    if args.step is not None and not args.resume:
+        print("error: --step picks the checkpoint to continue from; use it with --resume RUN_DIR", file=sys.stderr)
+        return 2
     if args.resume:
-        driver.train(None, Path(args.resume), resume=True)
+        driver.train(None, Path(args.resume), resume=True, step=args.step)
         return 0
     cfg = load_config(*_config_args(args))
+    check_data(cfg, ("env.scenario",))
     driver.train(cfg, Path(args.run_dir or cfg.train.run_dir))
     return 0
 
@@ -78,7 +87,10 @@ def cmd_run(args) -> int:
     from aro_jax.deploy.export import export_policy
     from aro_jax.training.evaluation import evaluate_policies
 
+    from aro_jax.config import check_data
+
     cfg = load_config(*_config_args(args))
+    check_data(cfg)  # the training scenario and eval.scenario, before training
     run_dir = Path(args.run_dir or cfg.train.run_dir)
     driver.train(cfg, run_dir)
     _, policy, weights, per_node = load_trained_policy(run_dir)
@@ -127,7 +139,7 @@ def cmd_export(args) -> int:
     from aro_jax.deploy.export import ExportError, export_policy, load_policy
 
     try:
-        out = export_policy(Path(args.run_dir), Path(args.out_dir), overwrite=args.force)
+        out = export_policy(Path(args.run_dir), Path(args.out_dir), overwrite=args.force, step=args.step)
         policy = load_policy(out)  # check it loads before saying so
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -159,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", nargs="?", help="experiment YAML (default: embedded default.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. ppo.lr=1e-4 env.num_clusters=2048")
     p.add_argument("--run-dir", help="run directory (default: train.run_dir)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint that verifies")
+    p.add_argument("--step", type=int, help="with --resume: continue from this checkpoint step; later checkpoints are removed (default: the newest that verifies)")
     p.add_argument("--coordinator", metavar="HOST:PORT", help="multi-process run: address of process 0 (jax.distributed)")
     p.add_argument("--num-processes", type=int, default=1, help="multi-process run: number of processes")
     p.add_argument("--process-id", type=int, default=0, help="multi-process run: this process's index")
@@ -211,15 +224,70 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = [*getattr(args, "overrides", []), *extra]
-    from aro_jax.training.checkpointing import CheckpointError
+    if not debug:
+        _quiet_failed_restore_echoes()
+    return _run(args.func, args, debug)
+
+
+def _quiet_failed_restore_echoes() -> None:
+    """When an Orbax restore fails on a corrupt file, TensorStore reads still in flight
+    finish after Orbax closed its event loop, and each reports `Event loop is closed` (or
+    an unretrieved task exception) on stderr: echoes of a failure the restore already
+    reported in one line. Drop those; anything else reaches the default hooks."""
+    import logging
+
+    default = sys.unraisablehook
+
+    def hook(unraisable):
+        closed_loop = isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
+        code = getattr(unraisable.object, "cr_code", None)  # an Orbax read coroutine never finished
+        if not (closed_loop or (code is not None and "orbax" in code.co_filename)):
+            default(unraisable)
+
+    def tensorstore_echo(record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (record.getMessage().startswith("Task exception was never retrieved") and "tensorstore" in repr(exc))
+
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(tensorstore_echo)
+
+
+def _run(func, args, debug: bool) -> int:
+    """Run a command; every failure ends in one `error:` line on stderr (rc 2 for bad
+    input, 1 for an unexpected failure, 130 when interrupted), with the traceback only
+    under --debug."""
+    p.add_argument("--step", type=int, help="with --checkpoint: evaluate this checkpoint step (default: the newest that verifies)")
     from aro_jax.config import ConfigError
 
     try:
-        return args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return func(args)
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the CLI's last word on any failure
+        if debug:
+            traceback.print_exc()
+        text = " ".join(str(e).split())
+        if isinstance(e, expected):
+            print(f"error: {text or type(e).__name__}", file=sys.stderr)
+            return 2
+        text = text if len(text) <= 300 else text[:297] + "..."
+        hint = "" if debug else " (run again with --debug for the full traceback)"
+        print(f"error: {type(e).__name__}: {text}{hint}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
     sys.exit(main())
+    p.add_argument("--step", type=int, help="export this checkpoint step (default: the newest that verifies)")
+    parser.add_argument("--debug", action="store_true", help="on an error, print the full traceback too (accepted anywhere on the line)")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    from aro_jax.deploy.export import ExportError
+    from aro_jax.envs.trace import TraceFormatError
+    from aro_jax.training.checkpointing import CheckpointError
+    from aro_jax.training.driver import TrainingError
+    expected = (ConfigError, CheckpointError, TrainingError, TraceFormatError, ExportError, FileNotFoundError)

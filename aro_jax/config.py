@@ -306,7 +306,7 @@ def validate(cfg: ExperimentConfig) -> None:
     if cfg.federated.mode in ("federated", "local"):  # one learner per node, on its own clusters
         node_batch = p.rollout_steps * e.num_clusters
         require(node_batch % p.num_minibatches == 0, "ppo.num_minibatches",
-                f"{p.num_minibatches} does not divide the per-node batch of {node_batch} transitions "
+                f"{p.num_minibatches} does not divide the batch of {node_batch} transitions per node "
                 f"(rollout_steps {p.rollout_steps} x num_clusters {e.num_clusters}: in {cfg.federated.mode} mode each node's learner updates on its own clusters)")
     else:
         require(batch % p.num_minibatches == 0, "ppo.num_minibatches",

@@ -129,13 +129,30 @@ def test_resume_directory_without_config(tmp_path):
     assert str(tmp_path) in str(err.value)
 
 
-def test_resume_directory_without_checkpoints(finished_run, tmp_path):
-    run_dir = tmp_path / "fresh"
-    run_dir.mkdir()
-    shutil.copy(finished_run[0] / "config.yaml", run_dir / "config.yaml")
-    with pytest.raises(CheckpointError, match="no complete checkpoint") as err:
-        driver.train(None, run_dir, resume=True, quiet=True)
-    assert str(run_dir) in str(err.value)
+@pytest.mark.timeout(300)
+def test_resume_after_a_kill_during_the_first_save_starts_over(finished_run, tmp_path, capsys):
+    """What a process killed while writing its first checkpoint leaves: config.yaml, the
+    first metrics line (logged just before the save) and Orbax's unfinished temporary
+    step directory. --resume has nothing to restore, so it repairs the directory and
+    starts the run from the beginning: it ends bitwise where the uninterrupted run A did."""
+    run_a, _, state_a, _ = finished_run
+    run = tmp_path / "killed-in-first-save"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(run_a / "config.yaml", run / "config.yaml")
+    (run / "metrics.jsonl").write_text((run_a / "metrics.jsonl").read_text().splitlines(keepends=True)[0])
+    leftover = run / "checkpoints" / "1.orbax-checkpoint-tmp-1765000000"
+    shutil.copytree(run_a / "checkpoints" / "1", leftover)
+    shutil.rmtree(leftover / "state")  # killed before the state item was written
+    (leftover / "_CHECKPOINT_METADATA").unlink()
+
+    state, _ = driver.train(None, run, resume=True, quiet=True)
+
+    err = capsys.readouterr().err
+    assert f"removed {leftover}" in err and "no complete checkpoint" in err
+    assert_trees_equal(state, state_a)
+    assert not leftover.exists()
+    strip = lambda r: {k: v for k, v in r.items() if k not in TIMING_FIELDS}  # noqa: E731
+    assert [strip(r) for r in driver.read_metrics(run / "metrics.jsonl")] == [strip(r) for r in driver.read_metrics(run_a / "metrics.jsonl")]
 
 
 def test_corrupted_checkpoint_names_the_step(finished_run, tmp_path):
@@ -146,8 +163,14 @@ def test_corrupted_checkpoint_names_the_step(finished_run, tmp_path):
     size = largest.stat().st_size
     largest.write_bytes(np.random.default_rng(0).bytes(size))
     with pytest.raises(CheckpointError, match="corrupt") as err:
-        checkpointing.restore(broken, *abstract_trees(cfg))
+        checkpointing.restore(broken, *abstract_trees(cfg), step=CHUNKS)
     assert f"checkpoints/{CHUNKS}" in str(err.value)
+    assert "\n" not in str(err.value) and "tensorstore" not in str(err.value).lower()  # one clean line
+    # Asked for no particular step, restore falls back to the newest one that verifies.
+    said = []
+    _, _, step = checkpointing.restore(broken, *abstract_trees(cfg), say=said.append)
+    assert step == CHUNKS - 1
+    assert f"checkpoints/{CHUNKS}" in said[0] and f"checkpoints/{CHUNKS - 1}, the newest checkpoint that verifies" in said[-1]
 
 
 def test_unfinished_orbax_save_is_ignored(finished_run, tmp_path):

@@ -52,8 +52,9 @@ class ExportError(RuntimeError):
 # --------------------------------------------------------------------------------------
 
 
-def export_policy(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Export the latest checkpoint of a training run to `out_dir`; returns `out_dir`.
+def export_policy(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False, step: int | None = None) -> Path:
+    """Export the newest valid checkpoint (or checkpoint `step`) of a training run to
+    `out_dir`; returns `out_dir`.
     Federated and centralized runs export the one global policy; Local-only runs export
     one parameter set per node."""
     import jax
@@ -65,7 +66,7 @@ def export_policy(run_dir: str | Path, out_dir: str | Path, overwrite: bool = Fa
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise ExportError(f"{out_dir}: exists and is not empty; choose a new directory (or pass --force to replace it)")
-    cfg, _, weights, per_node = load_trained_policy(run_dir)
+    cfg, _, weights, per_node = load_trained_policy(run_dir, step)
     node_names = [n.name for n in cfg.cluster.nodes]
     params = cluster_params(cfg, "train")
     action_names = list(contract.ACTION_SETS[cfg.env.action_set])

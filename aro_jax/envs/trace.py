@@ -7,6 +7,7 @@ The expected CSV layout is the Azure LLM inference trace
 from __future__ import annotations
 
 import csv
+import io
 import math
 import re
 from dataclasses import dataclass
@@ -93,60 +94,86 @@ def _parse_tokens(text: str, where: str, column: str) -> int:
     return value
 
 
+def _read_text(path: Path) -> str:
+    """The file as text, or a TraceFormatError naming the line of the first byte that is
+    not UTF-8 (binary files, latin-1 exports)."""
+    data = path.read_bytes()
+    try:
+        # utf-8-sig: a BOM would otherwise become part of the first column name.
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise TraceFormatError(
+            f"{path} line {line}: byte 0x{data[e.start]:02x} is not UTF-8 text "
+            f"(a binary file, or another encoding such as latin-1); expected a UTF-8 "
+            f"CSV file with columns {','.join(REQUIRED_COLUMNS)}"
+        ) from None
+
+
 def load_trace_csv(path) -> RequestTrace:
-    """Read a trace CSV, validating every row; raise TraceFormatError on bad content."""
-    path = Path(path)
-    name = path.name
+    """Read a trace CSV, validating every row; raise TraceFormatError on bad content.
+    Messages name the file (full path), the line and what was expected."""
+    path = Path(path).absolute()
+    name = str(path)
     if not path.is_file():
         raise FileNotFoundError(
             f"{path}: trace file not found; expected a CSV file with columns "
             f"{','.join(REQUIRED_COLUMNS)}"
         )
+    text = _read_text(path)
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        return _parse(reader, name, path)
+    except csv.Error as e:  # NUL bytes, fields over the size limit, ...
+        raise TraceFormatError(
+            f"{name} line {reader.line_num}: not a CSV row ({e}); expected a CSV file "
+            f"with columns {','.join(REQUIRED_COLUMNS)}"
+        ) from None
+
+
+def _parse(reader, name: str, path: Path) -> RequestTrace:
     times, inputs, outputs = [], [], []
-    # utf-8-sig: a BOM would otherwise become part of the first column name.
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
+    header = next(reader, None)
+    if header is None:
+        raise TraceFormatError(
+            f"{name}: file is empty; expected a header line {','.join(REQUIRED_COLUMNS)}"
+        )
+    header = [h.strip() for h in header]
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+        raise TraceFormatError(
+            f"{name} line {reader.line_num}: missing required column(s) "
+            f"{', '.join(missing)} (found columns: {', '.join(header)}); "
+            f"expected {', '.join(REQUIRED_COLUMNS)}"
+        )
+    idx = {c: header.index(c) for c in REQUIRED_COLUMNS}
+    prev_raw = None
+    for row in reader:
+        if not row:  # csv yields [] for blank lines
+            continue
+        where = f"{name} line {reader.line_num}"
+        if len(row) < len(header):
             raise TraceFormatError(
-                f"{name}: file is empty; expected a header line {','.join(REQUIRED_COLUMNS)}"
+                f"{where}: row has {len(row)} fields; expected {len(header)} "
+                f"({', '.join(header)})"
             )
-        header = [h.strip() for h in header]
-        missing = [c for c in REQUIRED_COLUMNS if c not in header]
-        if missing:
+        raw_t = row[idx[TIME_COL]]
+        try:
+            t = _parse_timestamp(raw_t)
+        except ValueError:
             raise TraceFormatError(
-                f"{name} line {reader.line_num}: missing required column(s) "
-                f"{', '.join(missing)} (found columns: {', '.join(header)}); "
-                f"expected {', '.join(REQUIRED_COLUMNS)}"
+                f"{where}: {TIME_COL} {raw_t!r} is not a valid timestamp; expected "
+                f"'YYYY-MM-DD HH:MM:SS[.fraction]' or seconds as a number"
+            ) from None
+        if times and t < times[-1]:
+            raise TraceFormatError(
+                f"{where}: {TIME_COL} {raw_t!r} is earlier than the previous row's "
+                f"{prev_raw!r}; expected timestamps sorted non-decreasingly"
             )
-        idx = {c: header.index(c) for c in REQUIRED_COLUMNS}
-        prev_raw = None
-        for row in reader:
-            if not row:  # csv yields [] for blank lines
-                continue
-            where = f"{name} line {reader.line_num}"
-            if len(row) < len(header):
-                raise TraceFormatError(
-                    f"{where}: row has {len(row)} fields; expected {len(header)} "
-                    f"({', '.join(header)})"
-                )
-            raw_t = row[idx[TIME_COL]]
-            try:
-                t = _parse_timestamp(raw_t)
-            except ValueError:
-                raise TraceFormatError(
-                    f"{where}: {TIME_COL} {raw_t!r} is not a valid timestamp; expected "
-                    f"'YYYY-MM-DD HH:MM:SS[.fraction]' or seconds as a number"
-                ) from None
-            if times and t < times[-1]:
-                raise TraceFormatError(
-                    f"{where}: {TIME_COL} {raw_t!r} is earlier than the previous row's "
-                    f"{prev_raw!r}; expected timestamps sorted non-decreasingly"
-                )
-            prev_raw = raw_t
-            times.append(t)
-            inputs.append(_parse_tokens(row[idx[INPUT_COL]], where, INPUT_COL))
-            outputs.append(_parse_tokens(row[idx[OUTPUT_COL]], where, OUTPUT_COL))
+        prev_raw = raw_t
+        times.append(t)
+        inputs.append(_parse_tokens(row[idx[INPUT_COL]], where, INPUT_COL))
+        outputs.append(_parse_tokens(row[idx[OUTPUT_COL]], where, OUTPUT_COL))
     if not times:
         raise TraceFormatError(
             f"{name} line 1: header found but no data rows; expected at least one request"

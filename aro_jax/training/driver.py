@@ -4,10 +4,13 @@ plain Python loop around the compiled learner). Side effects live here, not in p
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
@@ -29,75 +32,161 @@ def _tensorboard(run_dir: Path):
     return SummaryWriter(str(run_dir / "tb"))
 
 
-def train(cfg: config_lib.ExperimentConfig | None, run_dir: Path, resume: bool = False, quiet: bool = False):
+class TrainingError(RuntimeError):
+    """Training that cannot go on (non-finite values); says what was kept and what to do."""
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Replace `path` by `text` whole: a process killed meanwhile leaves the old file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _finite_flags(state, metrics) -> dict:
+    """Whether each part of the learning state (parameters, optimiser state, normaliser,
+    server state; not the envs) and each metric is finite, as booleans to check on host."""
+    flags = {}
+    for path, x in jax.tree_util.tree_flatten_with_path(state)[0]:
+        names = []
+        for k in path:
+            if not isinstance(k, jax.tree_util.GetAttrKey):
+                break
+            names.append(k.name)
+        if "env_state" in names or names[-1:] == ["obs"] or not jnp.issubdtype(x.dtype, jnp.floating):
+            continue
+        part = ".".join(names) or "state"
+        flags[part] = jnp.logical_and(flags.get(part, True), jnp.isfinite(x).all())
+    for k, v in metrics.items():
+        if jnp.issubdtype(v.dtype, jnp.floating):
+            flags[f"metric {k}"] = jnp.isfinite(v).all()
+    return flags
+
+
+def train(cfg: config_lib.ExperimentConfig | None, run_dir: Path, resume: bool = False, quiet: bool = False, step: int | None = None):
     """Train per `cfg` into `run_dir`, or continue the run there (`resume`, cfg from the
-    run); returns (final state, Hyperparams). Where a run was resumed does not change its
-    result: the state is restored exactly and each chunk is the same compiled program."""
+    run, from its newest valid checkpoint or from `step`); returns (final state,
+    Hyperparams). Where a run was resumed does not change its result: the state is
+    restored exactly and each chunk is the same compiled program.
+
+    A chunk that produces non-finite learning state or losses raises TrainingError before
+    anything of it is logged or saved. What interrupted runs leave (unfinished saves, a
+    corrupt step, a torn metrics line) is repaired with a warning on stderr."""
     run_dir = Path(run_dir)
     lead = jax.process_index() == 0  # in multi-process runs only process 0 logs and prints
     quiet = quiet or not lead
+    say = checkpointing.warn if lead else (lambda message: None)
+    if step is not None and not resume:
+        raise checkpointing.CheckpointError(f"{run_dir}: a checkpoint step is chosen to resume from; use it with --resume")
     if resume:
         cfg = checkpointing.load_run_config(run_dir)
-    else:
-        if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
-            raise checkpointing.CheckpointError(f"{run_dir}: already holds checkpoints; use --resume {run_dir} to continue it or choose another run directory")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if lead:
-            (run_dir / "config.yaml").write_text(config_lib.to_yaml(cfg))
-
+    # Built before the run directory is touched: a config it cannot build leaves nothing.
     trainer = make_trainer(cfg)
     hp = hyperparams(cfg)
     per_chunk = trainer.units_total // cfg.train.num_chunks
-    mngr = checkpointing.manager(run_dir, cfg.train.keep_checkpoints)
-    if resume:
-        abstract = jax.eval_shape(trainer.init, jax.random.PRNGKey(0), hp)
-        state, hp, _ = checkpointing.restore(run_dir, abstract, jax.eval_shape(lambda: hp))
-    else:
-        state = jax.jit(trainer.init)(jax.random.PRNGKey(cfg.train.seed), hp)
-    done = trainer.units_done(state)
+    unit = "PPO updates" if cfg.federated.mode == "centralized" else "rounds"
     log_path = run_dir / "metrics.jsonl"
-    if resume and lead and log_path.exists():  # drop lines logged after the restored checkpoint
-        kept = [r for r in read_metrics(log_path) if r["unit"] <= done]
-        log_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    created = not run_dir.exists()
+    if not resume:
+        if checkpointing.steps(run_dir):
+            raise checkpointing.CheckpointError(f"{run_dir}: already holds checkpoints; use --resume {run_dir} to continue it or choose another run directory")
+        if lead:
+            checkpointing.repair(run_dir, say=say)  # what an interrupted first save left
+            run_dir.mkdir(parents=True, exist_ok=True)
+            _write_atomic(run_dir / "config.yaml", config_lib.to_yaml(cfg))
+            if log_path.exists():
+                log_path.unlink()
+                say(f"{log_path}: removed the log of an earlier attempt that saved no checkpoint")
+        state = jax.jit(trainer.init)(jax.random.PRNGKey(cfg.train.seed), hp)
+    else:
+        logged = read_metrics(log_path, say) if log_path.exists() else []
+        if lead:
+            checkpointing.repair(run_dir, {r["unit"]: r.get("eval_reward") for r in logged if isinstance(r.get("unit"), int)}, say)
+        if not checkpointing.steps(run_dir):
+            say(f"{run_dir}: no complete checkpoint (the run was stopped before or during its first save); starting it from the beginning with its config.yaml")
+            state = jax.jit(trainer.init)(jax.random.PRNGKey(cfg.train.seed), hp)
+        else:
+            abstract = jax.eval_shape(trainer.init, jax.random.PRNGKey(0), hp)
+            skipped: list[int] = []
+            state, hp, restored = checkpointing.restore(run_dir, abstract, jax.eval_shape(lambda: hp), step, say, skipped)
+            if lead:
+                for s in skipped:
+                    checkpointing.discard(run_dir, s, "corrupt", say)
+                for s in checkpointing.steps(run_dir):
+                    if s > restored:
+                        checkpointing.discard(run_dir, s, f"after step {restored}, which the run continues from; training writes it again", say)
+        done = trainer.units_done(state)
+        if lead and log_path.exists():  # drop lines logged after the restored checkpoint
+            kept = [r for r in logged if r.get("unit", 0) <= done]
+            _write_atomic(log_path, "".join(json.dumps(r) + "\n" for r in kept))
+        if done >= trainer.units_total:
+            if lead:
+                print(f"{run_dir}: the run is finished ({done} of {trainer.units_total} {unit}); nothing to resume", flush=True)
+            return state, hp
+    done = trainer.units_done(state)
 
     chunk_fn = jax.jit(trainer.chunk, static_argnums=2)
+    finite_flags = jax.jit(_finite_flags)
     env = ServingNodeEnv(cfg.env.action_set)
     policy = learned_policy.greedy_policy(trainer.network, cfg.ppo.normalize_obs, cfg.ppo.action_masking)
     eval_params = cluster_params(cfg, "diurnal")
-    writer = _tensorboard(run_dir)
+    mngr = checkpointing.manager(run_dir, cfg.train.keep_checkpoints)
+    writer = _tensorboard(run_dir) if lead else None
 
     steps = trainer.env_steps_per_unit
     bar = tqdm(total=trainer.units_total * steps, initial=done * steps, unit="step", unit_scale=True, disable=quiet, desc="train")
-    while done < trainer.units_total:
-        t0 = time.perf_counter()
-        state, metrics = chunk_fn(state, hp, per_chunk)
-        jax.block_until_ready(metrics)
-        dt = time.perf_counter() - t0
-        done = trainer.units_done(state)
-        eval_metrics = evaluation.run_episodes(
-            env, policy, eval_params, jax.random.PRNGKey(10_000), EVAL_SEEDS, EVAL_TICKS, trainer.weights(state), trainer.per_node
-        )
-        eval_reward = float(np.mean(eval_metrics["reward"]))
-        record = {
-            "event": "train",
-            "unit": done,
-            "env_steps": done * steps,
-            "steps_per_s": per_chunk * steps / dt,
-            **{k: float(np.mean(v[-max(1, per_chunk // 4):])) for k, v in metrics.items()},
-            "eval_reward": eval_reward,
-        }
-        if lead:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        if writer is not None and lead:
-            for k, v in record.items():
-                if isinstance(v, float):
-                    writer.add_scalar(k, v, record["env_steps"])
-        checkpointing.save(mngr, done, state, hp, config_lib.to_dict(cfg), eval_reward)
-        bar.update(per_chunk * steps)
-        bar.set_postfix(sps=f"{record['steps_per_s']:.3g}", reward=f"{record['reward']:.3f}", eval=f"{eval_reward:.3f}",
-                        e2e_s=f"{record['e2e_mean_s']:.2f}", slo=f"{record['slo_attainment']:.3f}", cost_h=f"{record['cost_usd_per_h']:.1f}")
-    bar.close()
+    try:
+        while done < trainer.units_total:
+            t0 = time.perf_counter()
+            new_state, metrics = chunk_fn(state, hp, per_chunk)
+            jax.block_until_ready(metrics)
+            dt = time.perf_counter() - t0
+            bad = sorted((k for k, ok in jax.device_get(finite_flags(new_state, metrics)).items() if not ok), key=lambda k: (k.startswith("metric"), k))
+            if bad:
+                mngr.wait_until_finished()
+                latest = mngr.latest_step()
+                if latest is not None:
+                    kept = f"the latest checkpoint is still step {latest} ({run_dir / 'checkpoints' / str(latest)})"
+                else:
+                    kept = "no checkpoint had been saved" + (", so the new run directory is removed" if created else "")
+                raise TrainingError(
+                    f"{run_dir}: training stopped: the chunk of {unit} {done + 1}-{done + per_chunk} (of {trainer.units_total}) produced "
+                    f"non-finite values in {', '.join(bad[:4])}{' and more' if len(bad) > 4 else ''}; nothing of it was logged or saved, and {kept}. "
+                    "Resuming would repeat it: start a new run with a changed config (a lower ppo.lr, say)"
+                )
+            state = new_state
+            done = trainer.units_done(state)
+            eval_metrics = evaluation.run_episodes(
+                env, policy, eval_params, jax.random.PRNGKey(10_000), EVAL_SEEDS, EVAL_TICKS, trainer.weights(state), trainer.per_node
+            )
+            eval_reward = float(np.mean(eval_metrics["reward"]))
+            record = {
+                "event": "train",
+                "unit": done,
+                "env_steps": done * steps,
+                "steps_per_s": per_chunk * steps / dt,
+                **{k: float(np.mean(v[-max(1, per_chunk // 4):])) for k, v in metrics.items()},
+                "eval_reward": eval_reward,
+            }
+            if lead:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            if writer is not None:
+                for k, v in record.items():
+                    if isinstance(v, float):
+                        writer.add_scalar(k, v, record["env_steps"])
+            checkpointing.save(mngr, done, state, hp, config_lib.to_dict(cfg), eval_reward)
+            bar.update(per_chunk * steps)
+            bar.set_postfix(sps=f"{record['steps_per_s']:.3g}", reward=f"{record['reward']:.3f}", eval=f"{eval_reward:.3f}",
+                            e2e_s=f"{record['e2e_mean_s']:.2f}", slo=f"{record['slo_attainment']:.3f}", cost_h=f"{record['cost_usd_per_h']:.1f}")
+    except BaseException:
+        mngr.wait_until_finished()
+        mngr.close()
+        if created and lead and not checkpointing.steps(run_dir):  # a failed fresh run leaves no directory
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    finally:
+        bar.close()
     mngr.wait_until_finished()
     mngr.close()
     if lead:
@@ -105,9 +194,25 @@ def train(cfg: config_lib.ExperimentConfig | None, run_dir: Path, resume: bool =
     return state, hp
 
 
-def read_metrics(log_path: Path) -> list[dict]:
-    with open(log_path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def read_metrics(log_path: Path, say=checkpointing.warn) -> list[dict]:
+    """The records of a metrics.jsonl; a line that is not a JSON record (the torn last line
+    of a killed run, say) is reported through `say`, with file and line, and left out."""
+    lines = Path(log_path).read_bytes().split(b"\n")
+    rows = []
+    for i, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+            if not isinstance(record, dict):
+                raise ValueError
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError included
+            last = not any(line.strip() for line in lines[i:])
+            what = "an incomplete last record (the run was stopped while writing it)" if last else "not a JSON record"
+            say(f"{log_path} line {i}: {what}; dropped")
+            continue
+        rows.append(record)
+    return rows
 
 
 def plot_learning_curve(log_path: Path, out: Path) -> None:
