@@ -157,6 +157,50 @@ def cmd_agent(args) -> int:
     return run_agent(args)
 
 
+def cmd_capacity(args) -> int:
+    """Capacity planning for one profile and token mix from the serving model."""
+    from aro_jax import capacity
+
+    try:
+        given = [x for x in (args.input_tokens is not None or args.output_tokens is not None, args.mix, args.trace) if x]
+        if len(given) != 1:
+            raise capacity.CapacityError("give one token mix: --input-tokens N --output-tokens M, --mix NAME or --trace FILE")
+        if args.mix:
+            mix = capacity.named_mix(args.mix)
+        elif args.trace:
+            mix = capacity.trace_mix(args.trace)
+        else:
+            if args.input_tokens is None or args.output_tokens is None:
+                raise capacity.CapacityError("fixed lengths need both --input-tokens and --output-tokens")
+            mix = capacity.fixed_mix(args.input_tokens, args.output_tokens)
+        loads = tuple(float(x) for x in args.loads.split(",")) if args.loads else capacity.LOADS
+        workload = args.workload or ("code" if args.mix == "code" else "chatbot")
+        rep = capacity.report(args.profile, mix, loads, args.target_rps, args.target_attainment, workload, args.prices)
+    except (capacity.CapacityError, ValueError) as e:
+        if isinstance(e, capacity.CapacityError) or "profile" in str(e) or "prices" in str(e):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+    print(capacity.to_json(rep) if args.json else capacity.render(rep))
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    """Fit a hardware profile YAML from measurements (splitwise CSV or vLLM benchmark JSON)."""
+    from aro_jax import calibrate
+
+    try:
+        result = calibrate.calibrate(args.files, like=args.like, name=args.name)
+    except calibrate.CalibrationError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(calibrate.render(result))
+    if args.out:
+        Path(args.out).write_text(calibrate.profile_yaml(result["profile"]))
+        print(f"wrote {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="aro", description="Federated RL orchestration of LLM inference serving.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -218,7 +262,32 @@ def main(argv: list[str] | None = None) -> int:
     add_agent_arguments(p)
     p.set_defaults(func=cmd_agent)
 
+    p = sub.add_parser("capacity", help="capacity planning: per-replica max rate, latencies and SLO attainment by load, replicas for a target")
+    p.add_argument("profile", help="a hardware profile name (e.g. llama2-7b-a100-tp1) or a profile YAML from `aro calibrate`")
+    p.add_argument("--input-tokens", type=int, help="fixed prompt length (with --output-tokens)")
+    p.add_argument("--output-tokens", type=int, help="fixed output length (with --input-tokens)")
+    p.add_argument("--mix", help="a named traffic mix (conversation, code)")
+    p.add_argument("--trace", help="a trace CSV (Azure format): its lengths, fitted log-normally")
+    p.add_argument("--workload", help="SLO class: chatbot, code, summarization (default: chatbot; code for --mix code)")
+    p.add_argument("--loads", help="comma-separated loads as fractions of the max rate (default 0.3,0.5,0.8,0.95)")
+    p.add_argument("--target-rps", type=float, help="also report the replicas needed for this request rate")
+    p.add_argument("--target-attainment", type=float, default=0.95, help="SLO attainment to plan for (default 0.95)")
+    p.add_argument("--prices", default="gpu-cloud", help="price set: gpu-cloud or hyperscaler")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_capacity, overrides=[])
+
+    p = sub.add_parser("calibrate", help="fit a hardware profile YAML from measurements (splitwise perf-model CSV, vLLM benchmark_serving JSON)")
+    p.add_argument("files", nargs="+", help="measurement files: .csv (splitwise format) or .json (vLLM benchmark_serving results)")
+    p.add_argument("--like", default="llama2-7b-a100-tp1", help="profile whose model, GPU and memory facts the fit keeps (default llama2-7b-a100-tp1)")
+    p.add_argument("--name", help="name of the new profile (default: calibrated-<like>)")
+    p.add_argument("--out", help="write the profile YAML here (a cluster file can name it as its profile)")
+    p.set_defaults(func=cmd_calibrate, overrides=[])
+
     # Overrides may come after options too (`aro train CFG --run-dir D ppo.lr=1e-4`).
+    parser.add_argument("--debug", action="store_true", help="on an error, print the full traceback too (accepted anywhere on the line)")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     args, extra = parser.parse_known_args(argv)
     unknown = [x for x in extra if x.startswith("-") or "=" not in x]
     if unknown:

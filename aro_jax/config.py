@@ -279,7 +279,8 @@ def validate(cfg: ExperimentConfig) -> None:
     require(len(set(names)) == len(names), "cluster.nodes", f"node names must be unique, got {names}")
     for i, n in enumerate(cfg.cluster.nodes):
         k = f"cluster.nodes.{i}"
-        require(n.profile in hardware.PROFILES, f"{k}.profile", f"unknown profile {n.profile!r}; choose one of {sorted(hardware.PROFILES)}")
+        require(n.profile in hardware.PROFILES or hardware.is_profile_file(n.profile), f"{k}.profile",
+                f"unknown profile {n.profile!r}; choose one of {sorted(hardware.PROFILES)} or a profile .yaml file (aro calibrate --out)")
         require(n.traffic_mix in scenarios.TRAFFIC_MIXES, f"{k}.traffic_mix", f"must be one of {sorted(scenarios.TRAFFIC_MIXES)}, got {n.traffic_mix!r}")
         require(n.mean_rate_rps > 0, f"{k}.mean_rate_rps", f"must be > 0, got {n.mean_rate_rps}")
         require(n.max_replicas >= 1, f"{k}.max_replicas", f"must be >= 1, got {n.max_replicas}")

@@ -227,6 +227,8 @@ def gpu_price_usd_per_h(gpu: str, price_set: str = DEFAULT_PRICE_SET) -> float:
     """Price of one GPU-hour of `gpu` (splitwise name) under a price set."""
     if price_set not in PRICE_SETS:
         raise ValueError(f"prices must be one of {list(PRICE_SETS)}, got {price_set!r}")
+    if gpu not in INSTANCES:
+        raise ValueError(f"no price or instance shape for GPU {gpu!r}; known: {sorted(INSTANCES)}")
     if price_set == "gpu-cloud":
         return _GPU_PRICE[gpu]
     inst = INSTANCES[gpu]
@@ -240,11 +242,63 @@ QUALITY_TIER: dict[str, str] = {
 }
 
 
+def is_profile_file(name: str) -> bool:
+    return str(name).endswith((".yaml", ".yml"))
+
+
 def get_profile(name: str) -> ServiceProfile:
+    """A named profile, or a profile YAML file (as `aro calibrate` writes)."""
+    if is_profile_file(name):
+        return load_profile(name)
     try:
         return PROFILES[name]
     except KeyError:
-        raise ValueError(f"unknown profile {name!r}; valid: {sorted(PROFILES)}") from None
+        raise ValueError(f"unknown profile {name!r}; valid: {sorted(PROFILES)} or a profile .yaml file") from None
+
+
+def quality_tier_of(profile: ServiceProfile) -> str:
+    """The small model of a profile's quality tier: Llama-2-7B on the same GPU type."""
+    short = {v: k for k, v in _HARDWARE.items()}.get(profile.gpu)
+    return QUALITY_TIER.get(profile.name) or (f"llama2-7b-{short}-tp1" if short else "llama2-7b-a100-tp1")
+
+
+_PROFILE_KEYS = {f.name for f in dataclasses.fields(ServiceProfile)}
+
+
+def profile_to_dict(p: ServiceProfile) -> dict:
+    return {f: getattr(p, f) for f in (x.name for x in dataclasses.fields(ServiceProfile))}
+
+
+def load_profile(path) -> ServiceProfile:
+    """Read a profile YAML file: every ServiceProfile field, by name; errors name the file."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: profile file not found") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of profile fields, got {type(data).__name__}")
+    missing = sorted(_PROFILE_KEYS - set(data) - {"token_budget", "decode_calibrated_seqs"})
+    unknown = sorted(set(data) - _PROFILE_KEYS)
+    if missing or unknown:
+        raise ValueError(f"{path}: " + "; ".join(
+            x for x in (f"missing fields {missing}" if missing else "", f"unknown fields {unknown}" if unknown else "") if x
+        ))
+    types = {f.name: f.type for f in dataclasses.fields(ServiceProfile)}
+    out = {}
+    for k, v in data.items():
+        want = types[k]
+        try:
+            out[k] = str(v) if want == "str" else (int(v) if want == "int" else float(v))
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}: field {k!r} must be a {want}, got {v!r}") from None
+        if want != "str" and k != "quality" and not out[k] > 0 and k not in ("prefill_ms_per_token_sq", "decode_ms_per_context_token"):
+            raise ValueError(f"{path}: field {k!r} must be > 0, got {v!r}")
+    return ServiceProfile(**out)
 
 
 # --- Fitting -------------------------------------------------------------------------

@@ -82,9 +82,11 @@ def node_params(
     `prices`: one of hardware.PRICE_SETS."""
     profile = hardware.get_profile(spec.profile)
     gpu_price = hardware.gpu_price_usd_per_h(profile.gpu, prices)  # validates `prices`
+    if prices == "gpu-cloud":
+        gpu_price = profile.gpu_price_usd_per_h  # a calibrated profile file may set its own
     instance = hardware.INSTANCES[profile.gpu]
     covered = prices == "hyperscaler"  # the instance price covers the pod's CPU and memory
-    small = hardware.get_profile(hardware.QUALITY_TIER[spec.profile])
+    small = hardware.get_profile(hardware.quality_tier_of(profile))
     if spec.traffic_mix not in TRAFFIC_MIXES:
         raise ValueError(f"traffic_mix must be one of {sorted(TRAFFIC_MIXES)}, got {spec.traffic_mix!r}")
     traffic = TrafficParams(mean_rate_rps=spec.mean_rate_rps, tz_offset_h=spec.tz_offset_h, **TRAFFIC_MIXES[spec.traffic_mix])
