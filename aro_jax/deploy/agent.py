@@ -63,6 +63,9 @@ class Telemetry:
 
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
+        # Held while the loop publishes a tick's gauges and while they are exposed, so a
+        # scrape never sees half a tick (a new clock beside an old desired state).
+        self.lock = threading.RLock()
         r = self.registry
         self.decisions = Counter("aro_agent_decisions", "Decisions made, by action (fallbacks included).", ["action"], registry=r)
         self.invalid = Counter("aro_agent_invalid_input", "Inputs refused (fallback decision), by field or error.", ["field"], registry=r)
@@ -79,7 +82,8 @@ class Telemetry:
         self.policy_info.labels(str(spec["format_version"]), str(spec["env_version"]), str(spec.get("training", {}).get("config_sha256", ""))).set(1)
 
     def text(self) -> str:
-        return prometheus_client.generate_latest(self.registry).decode()
+        with self.lock:
+            return prometheus_client.generate_latest(self.registry).decode()
 
 
 class InvalidInput(ValueError):

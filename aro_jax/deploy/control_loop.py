@@ -222,15 +222,24 @@ class ControlLoop:
             self.reload()
 
     # ---- one tick -----------------------------------------------------------------
-    def tick(self) -> dict:
-        """Read metrics, decide, publish (and actuate). Never raises on bad metrics."""
+    def tick(self, clock_s: float | None = None) -> dict:
+        """Read metrics, decide, publish (and actuate). Never raises on bad metrics or an
+        unreadable clock. `clock_s`: the clock already read by the caller."""
         t0 = time.perf_counter()
         self._maybe_reload()
-        clock_s = float(self.clock())
-        dt = self.interval_s if self._prev_clock is None else _clock_delta(self._prev_clock, clock_s, self.interval_s)
-        self._prev_clock = clock_s
         problem, tm = None, None
+        if clock_s is None:
+            try:
+                clock_s = float(self.clock())
+            except Exception as e:  # noqa: BLE001
+                problem = f"clock unreadable: {type(e).__name__}: {e}"
+                clock_s = (self._prev_clock or 0.0) + self.interval_s
+        dt = _clock_delta(self._prev_clock, clock_s, self.interval_s) if self._prev_clock is not None else 0.0
+        dt = dt if dt > 0 else self.interval_s  # first tick, or a clock that did not move
+        self._prev_clock = clock_s
         try:
+            if problem is not None:
+                raise SourceError(problem)
             scrape = self.source.fetch()
             for failed in scrape.targets_failed:
                 self.metrics.source_errors.labels("target").inc()
@@ -262,8 +271,9 @@ class ControlLoop:
             decision = self._decide_degraded(problem, tm)
         self._prev_waiting = tm.waiting if tm is not None and not tm.missing else self._prev_waiting
         decision["clock_s"] = clock_s
-        self.metrics.clock.set(clock_s)
-        self._publish()
+        with self.telemetry.lock:
+            self._publish()
+            self.metrics.clock.set(clock_s)
         self._actuate()
         self.metrics.tick_seconds.observe(time.perf_counter() - t0)
         self.last_decision = decision
@@ -458,6 +468,9 @@ class ControlLoop:
                     self._stop.wait(poll_s)
                     continue
                 last_clock = now
+                self.tick(now)
+                done += 1
+                continue
             else:
                 wait = next_t - time.monotonic()
                 if wait > 0:
@@ -475,9 +488,8 @@ class ControlLoop:
 
 
 def _clock_delta(prev: float, now: float, interval_s: float) -> float:
-    """now - prev on a clock that wraps every week."""
-    delta = (now - prev) % SECONDS_PER_WEEK
-    return delta if delta > 0 else interval_s
+    """now - prev on a clock that wraps every week (0 when it has not moved)."""
+    return (now - prev) % SECONDS_PER_WEEK
 
 
 _OBSERVATION_FIELDS = (

@@ -251,6 +251,13 @@ class ServingEmulator:
         registry.register(self)
         return generate_latest(registry)
 
+    def observation(self) -> dict:
+        """What the simulator's own policy would observe now (raw fields, natural units)."""
+        from aro_jax.contract import OBS_FIELDS
+
+        with self._lock:
+            return {f: float(v) for f, v in zip(OBS_FIELDS, np.asarray(self._obs(self.state)))}
+
     def clock_s(self) -> float:
         return float(self.state.clock_s) % (7 * 86_400.0)
 
@@ -273,7 +280,8 @@ def make_server(emulator: ServingEmulator, host: str = "127.0.0.1", port: int = 
             if self.path == "/metrics":
                 self._send(200, emulator.exposition(), "text/plain; version=0.0.4; charset=utf-8")
             elif self.path == "/state":
-                self._send(200, json.dumps({"tick": emulator.tick, "clock_s": emulator.clock_s(), "current": emulator._current(), "desired": emulator.desired}).encode())
+                self._send(200, json.dumps({"tick": emulator.tick, "clock_s": emulator.clock_s(), "current": emulator._current(), "desired": emulator.desired,
+                                            "observation": emulator.observation()}).encode())
             else:
                 self._send(404, b'{"error":"not_found"}')
 
