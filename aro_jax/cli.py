@@ -110,6 +110,9 @@ def _load_sweep(args, require: str):
         spec.overrides = [*spec.overrides, *args.overrides]
         for point in [{}, *spec.points]:
             spec.config(point)
+    from aro_jax.config import check_data
+
+    check_data(spec.config({}))  # the points are evaluated on its eval.scenario after training
     return spec, Path(args.run_dir or spec.run_dir or f"runs/sweeps/{spec.name}")
 
 
@@ -225,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("evaluate", help="KPI table of policies on a scenario")
     p.add_argument("--policy", action="append", help="heuristic baseline (repeatable): static-mean|static-peak|reactive|predictive")
     p.add_argument("--checkpoint", help="a training run directory: evaluate its latest policy")
+    p.add_argument("--step", type=int, help="with --checkpoint: evaluate this checkpoint step (default: the newest that verifies)")
     p.add_argument("--scenario", help="scenario name (diurnal, flash-crowd, outage, token-shift, trace-conv, trace-code)")
     p.add_argument("--cluster", help="YAML file with a top-level 'cluster:' key")
     p.add_argument("--config", help="experiment YAML (default: embedded default.yaml)")
@@ -254,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir", help="training run directory (holding config.yaml and checkpoints/)")
     p.add_argument("out_dir", help="directory to write (policy.json, params/, training_config.yaml)")
     p.add_argument("--force", action="store_true", help="replace out_dir if it exists")
+    p.add_argument("--step", type=int, help="export this checkpoint step (default: the newest that verifies)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("agent", help="deployment agent: a control loop over vLLM metrics (--vllm/--prometheus), or decisions over JSON lines/HTTP")
@@ -325,9 +330,13 @@ def _run(func, args, debug: bool) -> int:
     """Run a command; every failure ends in one `error:` line on stderr (rc 2 for bad
     input, 1 for an unexpected failure, 130 when interrupted), with the traceback only
     under --debug."""
-    p.add_argument("--step", type=int, help="with --checkpoint: evaluate this checkpoint step (default: the newest that verifies)")
     from aro_jax.config import ConfigError
+    from aro_jax.deploy.export import ExportError
+    from aro_jax.envs.trace import TraceFormatError
+    from aro_jax.training.checkpointing import CheckpointError
+    from aro_jax.training.driver import TrainingError
 
+    expected = (ConfigError, CheckpointError, TrainingError, TraceFormatError, ExportError, FileNotFoundError)
     try:
         return func(args)
     except KeyboardInterrupt:
@@ -350,13 +359,3 @@ def _run(func, args, debug: bool) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-    p.add_argument("--step", type=int, help="export this checkpoint step (default: the newest that verifies)")
-    parser.add_argument("--debug", action="store_true", help="on an error, print the full traceback too (accepted anywhere on the line)")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
-    argv = [a for a in argv if a != "--debug"]
-    from aro_jax.deploy.export import ExportError
-    from aro_jax.envs.trace import TraceFormatError
-    from aro_jax.training.checkpointing import CheckpointError
-    from aro_jax.training.driver import TrainingError
-    expected = (ConfigError, CheckpointError, TrainingError, TraceFormatError, ExportError, FileNotFoundError)

@@ -107,6 +107,26 @@ def test_bad_input_raises_clear_error(tmp_path, text, fragments):
         assert fragment in msg, (fragment, msg)
 
 
+@pytest.mark.parametrize(
+    "content, fragments",
+    [
+        ((HEADER + "1.0,5,1\n2.0,caf\u00e9,1\n").encode("latin-1"), ["line 3", "byte 0xe9 is not UTF-8"]),
+        (b"\x89PNG\r\n\x1a\n" + bytes(range(256)), ["line 1", "byte 0x89 is not UTF-8"]),
+        (HEADER.encode() + b"1.0,5\x00,1\n", ["line 2", "ContextTokens", "not an integer"]),
+    ],
+    ids=["latin-1", "binary", "nul-byte"],
+)
+def test_any_bytes_give_a_clear_error_with_the_full_path(tmp_path, content, fragments):
+    path = tmp_path / "bad_trace.csv"
+    path.write_bytes(content)
+    with pytest.raises(TraceFormatError) as info:
+        load_trace_csv(path)
+    msg = str(info.value)
+    assert msg.startswith(f"{path} line") and "\n" not in msg
+    for fragment in fragments:
+        assert fragment in msg, (fragment, msg)
+
+
 def test_missing_file_raises_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nope\.csv.*not found"):
         load_trace_csv(tmp_path / "nope.csv")
