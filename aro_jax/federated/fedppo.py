@@ -13,8 +13,10 @@ mean and variance of the observations of its round with its delta; Byzantine nod
 lie (attacks.apply_statistics_attack), DP privatises them with the update's noise
 multiplier (privacy.privatise_statistics), and the defence aggregates them robustly
 (aggregators.aggregate_statistics: a coordinate-wise trimmed mean with the defence's f,
-the plain mean only under FedAvg); the counts the nodes report are not used (each node
-weighs the same). A round the server rejects (skipped) leaves the normaliser unchanged.
+the plain mean only under FedAvg). The counts the nodes report are not trusted: each node
+weighs the same, and the round adds n_nodes x the median report to the normaliser's count
+(honest nodes all report K x their static rollout size). A round the server rejects
+(skipped) leaves the normaliser unchanged.
 We chose this over per-node normalisers fixed from each node's own data because one
 global normaliser is what a shared policy is trained and exported with (it also serves a
 region the federation has not seen, which has no statistics of its own yet), and because
