@@ -31,9 +31,10 @@ from _deploy_fixture import trained
 PROMETHEUS = shutil.which("prometheus")
 TICKS = int(os.environ.get("ARO_E2E_TICKS", "2880"))
 SCRAPE_INTERVAL = "50ms"
-# Relative agreement of each KPI (absolute for shares in [0, 1]); the loop sees what the
-# simulator's policy sees up to float32 rounding, so only near-tie decisions can differ.
-KPI_TOLERANCE = 0.02
+# Relative agreement of each KPI (absolute for values within [-1, 1]). The loop sees what the
+# simulator's policy sees up to float32 rounding, but its first tick has no deltas yet (it holds)
+# while the simulator's policy acts at once, so the two days start one decision apart.
+KPI_TOLERANCE = 0.05
 K8S = Path(__file__).resolve().parents[1] / "aro_jax" / "deploy" / "k8s"
 
 pytestmark = [
