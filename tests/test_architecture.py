@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "aro_jax"
 # The layer of each top-level part; an import may point to its own part or a lower layer.
 LAYERS = {
     "contract": 0, "envs": 1, "algorithms": 2, "federated": 3, "config": 4, "training": 5,
-    "deploy": 6, "sweep": 6, "cli": 7,
+    "deploy": 6, "sweep": 6, "capacity": 6, "calibrate": 6, "cli": 7,
 }
 
 CARTPOLE = r"""
