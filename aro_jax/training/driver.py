@@ -17,7 +17,7 @@ from tqdm import tqdm
 from aro_jax import config as config_lib
 from aro_jax.envs.scenarios import cluster_params
 from aro_jax.envs.serving import ServingNodeEnv
-from aro_jax.training import checkpointing, evaluation, learned_policy
+from aro_jax.training import checkpointing, evaluation, learned_policy, trainers
 from aro_jax.training.trainers import hyperparams, make_trainer
 
 EVAL_SEEDS = 2
@@ -130,6 +130,8 @@ def train(cfg: config_lib.ExperimentConfig | None, run_dir: Path, resume: bool =
     env = ServingNodeEnv(cfg.env.action_set)
     policy = learned_policy.greedy_policy(trainer.network, cfg.ppo.normalize_obs, cfg.ppo.action_masking)
     eval_params = cluster_params(cfg, "diurnal")
+    if cfg.objective.kind == "slo":  # score checkpoints by the reward they were trained on
+        eval_params = trainers.with_reward_weights(eval_params, trainers.reward_weights(cfg))
     mngr = checkpointing.manager(run_dir, cfg.train.keep_checkpoints)
     writer = _tensorboard(run_dir) if lead else None
 
@@ -159,7 +161,7 @@ def train(cfg: config_lib.ExperimentConfig | None, run_dir: Path, resume: bool =
             eval_metrics = evaluation.run_episodes(
                 env, policy, eval_params, jax.random.PRNGKey(10_000), EVAL_SEEDS, EVAL_TICKS, trainer.weights(state), trainer.per_node
             )
-            eval_reward = float(np.mean(eval_metrics["reward"]))
+            eval_reward = trainers.eval_score(cfg, eval_metrics)
             record = {
                 "event": "train",
                 "unit": done,
@@ -177,8 +179,10 @@ def train(cfg: config_lib.ExperimentConfig | None, run_dir: Path, resume: bool =
                         writer.add_scalar(k, v, record["env_steps"])
             checkpointing.save(mngr, done, state, hp, config_lib.to_dict(cfg), eval_reward)
             bar.update(per_chunk * steps)
+            multipliers = {f"lam{k[-1]}": f"{v:.2f}" for k, v in record.items() if k.startswith("multiplier_")}
             bar.set_postfix(sps=f"{record['steps_per_s']:.3g}", reward=f"{record['reward']:.3f}", eval=f"{eval_reward:.3f}",
-                            e2e_s=f"{record['e2e_mean_s']:.2f}", slo=f"{record['slo_attainment']:.3f}", cost_h=f"{record['cost_usd_per_h']:.1f}")
+                            e2e_s=f"{record['e2e_mean_s']:.2f}", slo=f"{record['slo_attainment']:.3f}", cost_h=f"{record['cost_usd_per_h']:.1f}",
+                            **multipliers)
     except BaseException:
         mngr.wait_until_finished()
         mngr.close()

@@ -10,6 +10,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from aro_jax import config as config_lib
 from aro_jax.algorithms import ppo
@@ -47,6 +48,26 @@ def hyperparams(cfg: config_lib.ExperimentConfig) -> ppo.Hyperparams:
         gae_lambda=p.gae_lambda, max_grad_norm=p.max_grad_norm, env=reward_weights(cfg),
         cost_limits=cost_limits(o.slo_target, o.max_drop) if o.kind == "slo" else None,
     )
+
+
+# Evaluation score of the "slo" objective: reward minus this much per unit of violated
+# share, so a checkpoint that breaks a constraint never ranks above one that keeps it at
+# a similar cost (rewards are O(1) per tick).
+CONSTRAINT_PENALTY = 10.0
+
+
+def eval_score(cfg: config_lib.ExperimentConfig, metrics: dict) -> float:
+    """The driver's score for "best checkpoint" from evaluation episodes (metrics of shape
+    (nodes, seeds, ticks), rewards under the run's objective): the mean reward, and under
+    the "slo" objective minus CONSTRAINT_PENALTY x each violated share."""
+    score = float(np.mean(metrics["reward"]))
+    if cfg.objective.kind == "slo":
+        arrivals = float(np.sum(metrics["arrivals"]))
+        attempted = np.asarray(metrics["served"]) + np.asarray(metrics["forwarded"]) + np.asarray(metrics["dropped"])
+        missed = float(np.sum((1.0 - np.asarray(metrics["slo_attainment"])) * attempted)) / max(arrivals, 1e-9)
+        dropped = float(np.sum(metrics["dropped"])) / max(arrivals, 1e-9)
+        score -= CONSTRAINT_PENALTY * (max(missed - (1.0 - cfg.objective.slo_target), 0.0) + max(dropped - cfg.objective.max_drop, 0.0))
+    return score
 
 
 def ppo_config(cfg: config_lib.ExperimentConfig) -> ppo.PPOConfig:
