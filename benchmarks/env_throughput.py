@@ -198,7 +198,7 @@ def worker_profile(batch: int, steps: int, repeats: int) -> dict:
     from aro_jax.envs import fluid
     from aro_jax.envs import serving as sv
     from aro_jax.envs.scenarios import default_node_params
-    from aro_jax.envs.traffic import expected_rate_rps, sample_arrivals
+    from aro_jax.envs.traffic import expected_rate_rps, sample_arrivals_ar
 
     env = sv.ServingNodeEnv()
     params = default_node_params()
@@ -233,7 +233,7 @@ def worker_profile(batch: int, steps: int, repeats: int) -> dict:
 
     def sampler_only(k, s, a, p):
         s = jiggle(k, s)
-        return s, sample_arrivals(k, s.clock_s, p.tick_s, p.traffic)
+        return s, sample_arrivals_ar(k, s.clock_s, p.tick_s, p.traffic, s.burst_z)[0]
 
     def forecast_only(k, s, a, p):
         s = jiggle(k, s)
@@ -243,7 +243,7 @@ def worker_profile(batch: int, steps: int, repeats: int) -> dict:
     def fluid_only(k, s, a, p):
         s = jiggle(k, s)
         m, q = fluid.fluid_tick(p, s.last["arrivals"], s.queue_requests, s.replicas_ready, s.cpu_cores, s.host_memory_gb,
-                             s.replicas_ready, s.forward_fraction, s.small_model_fraction)
+                             s.replicas_ready, s.forward_fraction, s.small_active_fraction)
         return s.replace(queue_requests=q), sum(v for v in m.values())
 
     def prng_only(k, s, a, p):  # the draws one env.step makes: 3 splits, 3 normals, 1 uniform
@@ -272,13 +272,13 @@ def worker_profile(batch: int, steps: int, repeats: int) -> dict:
     metric_keys = list(jax.eval_shape(
         lambda: fluid.fluid_tick(params, 1.0, 0.0, 1.0, 8.0, 64.0, 1.0, 0.0, 0.0))[0].keys())
 
-    def fluid_stub(p, arrivals, queue, serving, cpu, mem, billed, fwd, small):
+    def fluid_stub(p, arrivals, queue, serving, cpu, mem, billed, fwd, small, offline=0.0):
         served = jnp.minimum(arrivals + queue, serving * 100.0)
-        x = served * 1e-3 + cpu * 1e-4 + mem * 1e-5 + billed * 1e-2 + fwd + small
+        x = served * 1e-3 + cpu * 1e-4 + mem * 1e-5 + billed * 1e-2 + fwd + small + offline
         return {key: x for key in metric_keys} | {"arrivals": arrivals, "served": served}, arrivals + queue - served
 
-    def sampler_stub(key, t_s, tick_s, traffic):
-        return expected_rate_rps(t_s, traffic) * tick_s
+    def sampler_stub(key, t_s, tick_s, traffic, z):
+        return expected_rate_rps(t_s, traffic) * tick_s, z
 
     def raw_obs_stub(state, p, forecast_rps=None):
         x = state.clock_s * 1e-6 + state.queue_requests + state.replicas_ready + state.last["arrivals"]
@@ -299,8 +299,8 @@ def worker_profile(batch: int, steps: int, repeats: int) -> dict:
         "env.step (gymnax: step_env + reset_env + select)": (full_step, nothing),
         "step_env (no auto-reset)": (step_env_only, nothing),
         "step_env + select against a cached reset state (alternative auto-reset)": (step_cached_reset, nothing),
-        "env.step, fluid_tick stubbed (step and reset)": (full_step, lambda: patched(sv, "fluid_tick", fluid_stub)),
-        "env.step, sample_arrivals stubbed (expected rate)": (full_step, lambda: patched(sv, "sample_arrivals", sampler_stub)),
+        "env.step, fluid_tick stubbed (step and reset)": (full_step, lambda: patched(fluid, "fluid_tick", fluid_stub)),
+        "env.step, sample_arrivals stubbed (expected rate)": (full_step, lambda: patched(sv, "sample_arrivals_ar", sampler_stub)),
         "env.step, forecast.update stubbed (identity)": (full_step, lambda: patched(fc, "update", lambda f, t, r: f)),
         "env.step, raw_observation stubbed (step and reset)": (full_step, lambda: patched(sv, "raw_observation", raw_obs_stub)),
         "reset_env alone": (reset_only, nothing),

@@ -248,6 +248,7 @@ def _attainment(curve: ServiceCurve, lat, traffic: TrafficParams, slo_ttft_s, sl
     cv2 = lat["cv2_iter"] / iters + lat["cv2_slow"]
     tpot_ok = jnp.where(jnp.round(n_nodes) <= 1.0, 1.0, _lognormal_cdf(slo_tpot_s, lat["tpot_s"], cv2))
     tpot_ok = jnp.sum(n_w * tpot_ok)
+    ttft_ok, tpot_ok = jnp.clip(ttft_ok, 0.0, 1.0), jnp.clip(tpot_ok, 0.0, 1.0)
     return ttft_ok * tpot_ok, ttft_ok, tpot_ok
 
 
@@ -351,6 +352,7 @@ def fluid_tick(
     fwd_ok = (fwd_ttft_s <= jnp.maximum(params.slo_ttft_s, params.ttft_prefill_slack * big["prefill"])).astype(jnp.float32)
     attempted = done + dropped
     slo_attainment = jnp.where(attempted > 0, (served * local_ok + forwarded * fwd_ok) / jnp.maximum(attempted, 1e-9), 1.0)
+    slo_attainment = jnp.clip(slo_attainment, 0.0, 1.0)
 
     cpu_needed = idle_cores * replicas_serving + busy_cores * served / tick / jnp.maximum(per_replica_rps, 1e-9)
     mem_used = jnp.minimum(replicas_billed * host_mem_per_replica, host_memory_gb)
