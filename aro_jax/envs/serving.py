@@ -112,7 +112,7 @@ class ServingNodeEnv(environment.Environment[EnvState, EnvParams]):
             small_model_fraction=zeros,
             small_active_fraction=zeros,
             tier_switch_left_s=zeros,
-            burst_z=jax.random.normal(jax.random.fold_in(key, 1)),
+            burst_z=zeros,  # the burst process starts at its median level
             queue_requests=zeros,
             forecast=fc.init(params.traffic.mean_rate_rps),
             last=last,
