@@ -401,6 +401,8 @@ def _validate_federated(cfg: ExperimentConfig, require) -> None:
     require(fed.attack == "none" or fed.byzantine_nodes, "federated.byzantine_nodes", f"attack {fed.attack!r} needs at least one Byzantine node index")
     require(fed.dp_clip_norm >= 0 and fed.dp_noise_multiplier >= 0, "federated.dp_noise_multiplier", "dp_clip_norm and dp_noise_multiplier must be >= 0")
     require(fed.dp_noise_multiplier == 0 or fed.dp_clip_norm > 0, "federated.dp_clip_norm", "noise needs a clip norm > 0 (the noise std is noise_multiplier x clip_norm)")
+    require(fed.dp_noise_multiplier == 0 or fed.dp_stats_clip_norm > 0, "federated.dp_stats_clip_norm",
+            "DP noise on the observation statistics needs their clip norm > 0")
     require(0 < fed.dp_delta < 1, "federated.dp_delta", f"must be in (0, 1), got {fed.dp_delta}")
     require(fed.devices >= 1 and n % fed.devices == 0, "federated.devices", f"must divide the {n} nodes, got {fed.devices}")
     if fed.mode != "centralized":

@@ -33,7 +33,7 @@ from aro_jax.config import load_config  # noqa: E402
 from aro_jax.envs.heuristics import reactive_policy  # noqa: E402
 from aro_jax.envs.scenarios import cluster_params  # noqa: E402
 from aro_jax.envs.serving import ServingNodeEnv  # noqa: E402
-from aro_jax.federated import privacy  # noqa: E402
+from aro_jax.federated import fedppo  # noqa: E402
 
 EVAL_SEEDS, EVAL_TICKS = 4, 2880
 
@@ -55,7 +55,8 @@ def run(steps: int, clip: float, noise: float, delta: float):
     policy = learned_policy.greedy_policy(trainer.network)
     m = evaluation.run_episodes(env, policy, params, jax.random.PRNGKey(123), EVAL_SEEDS, EVAL_TICKS, trainer.weights(state))
     rounds = trainers.num_rounds(cfg)
-    eps = privacy.epsilon(noise, 1.0, rounds, delta) if noise > 0 else float("inf")
+    # Each round releases a node's update and its observation statistics (fedppo.privacy_spent).
+    eps = fedppo.privacy_spent(cfg.federated, rounds) if noise > 0 else float("inf")
     return cfg, rounds, eps, evaluation.cluster_kpis(m, cfg.env.tick_s), float(np.mean(metrics["delta_norm"])), wall
 
 
@@ -103,7 +104,8 @@ def render(data: dict) -> str:
         "",
         "Default config (ten regions, multi-Krum f = 3) trained for the given env steps; privacy unit: one node's update "
         "per round, every node in every round (sampling 1), noise std = noise multiplier x clip norm added to each node's "
-        "clipped delta before the aggregator; epsilon from dp-accounting's RDP accountant at the given delta. Evaluation: "
+        "clipped delta and to its clipped observation statistics before the robust aggregation; epsilon from "
+        "dp-accounting's RDP accountant over both releases of every round at the given delta. Evaluation: "
         f"greedy policy, diurnal scenario, {data['eval_seeds']} seeds x 10 regions x 1 day (Reactive on the same seeds for reference).",
         "",
         "| noise multiplier | clip norm | rounds | epsilon (delta) | reward | mean e2e (ms) | SLO (%) | $ / 1M tok | quality |",

@@ -49,6 +49,9 @@ EVAL_SEEDS, EVAL_TICKS = 2, 2880
 STRENGTHS = {
     "none": [0.0], "sign_flip": [4.0, 1.0], "alie": [None, 1.5], "ipm": [0.1, 10.0], "nan": [0.0],
     "gaussian": [1.0, 0.01], "scaled": [10.0], "mimic": [0.0], "stale": [0.0],
+    # huge: strength x 1e30 per coordinate (1e-12 gives 1e18); normaliser_poisoning: the
+    # lie about the observation statistics, in honest standard deviations.
+    "huge": [1.0, 1e-12], "normaliser_poisoning": [1e3, -1e3],
 }
 ATTACKS = list(STRENGTHS)
 # Aggregators whose output does not depend on f (only the invalid-row budget does): one
