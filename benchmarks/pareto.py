@@ -51,6 +51,14 @@ def study_config(args, extra=()):
                               f"train.total_env_steps={args.steps}", "train.num_chunks=1", f"eval.num_seeds={args.eval_seeds}", *extra])
 
 
+def scaling_kpis(m, params) -> dict:
+    """How a policy used its replicas: the mean ready replicas per region and the share of
+    region-ticks at the region's replica limit (what it does when it cannot scale out)."""
+    ready = np.asarray(m["replicas_ready"])  # (nodes, seeds, ticks)
+    limit = np.asarray(params.max_replicas)[:, None, None]
+    return {"replicas_mean": float(ready.mean()), "at_max_pct": float(100.0 * (ready >= limit).mean())}
+
+
 def goodput_per_usd(k: dict) -> float:
     """Requests completed within their SLO per dollar (goodput, DistServe's definition,
     over the cost rate)."""
@@ -104,13 +112,13 @@ def main() -> int:
             m = evaluation.run_episodes(env, policy, params, key, args.eval_seeds, cfg.env.episode_ticks, w, trainer.per_node)
             k = evaluation.cluster_kpis(m, cfg.env.tick_s)
             rows.append({"policy": "learned (slo)", "setting": target, "seed": i % args.seeds, "scenario": scen,
-                         **{x: k[x] for x in KPIS}, "goodput_per_usd": goodput_per_usd(k)})
+                         **{x: k[x] for x in KPIS}, "goodput_per_usd": goodput_per_usd(k), **scaling_kpis(m, params)})
         for name, (_, values, make) in SETTINGS.items():
             for v in values:
                 m = evaluation.run_episodes(env, make(cfg.env.tick_s, v), params, key, args.eval_seeds, cfg.env.episode_ticks)
                 k = evaluation.cluster_kpis(m, cfg.env.tick_s)
                 rows.append({"policy": name, "setting": v, "seed": 0, "scenario": scen, **{x: k[x] for x in KPIS},
-                             "goodput_per_usd": goodput_per_usd(k)})
+                             "goodput_per_usd": goodput_per_usd(k), **scaling_kpis(m, params)})
         print(f"{scen}: evaluated", flush=True)
     data = {
         "command": "python benchmarks/pareto.py " + " ".join(sys.argv[1:]), "machine": machine(),
@@ -189,6 +197,18 @@ def render(data: dict) -> str:
         lines.append(f"| {a['scenario']} | {below} | {main} | {cheap} | {saving} |")
     met = all(a["frontier_below"] for a in results) and all((a["saving_pct"] or -1e9) >= PAPER_COST_CLAIM_PCT for a in results)
     lines += ["", f"Aim: **{'met' if met else 'not met'}**.", ""]
+    overload = [r for r in data["rows"] if r["scenario"] == "flash-crowd"]
+    if overload:
+        pick = lambda pol, setting: [r for r in overload if r["policy"] == pol and abs(r["setting"] - setting) < 1e-9]  # noqa: E731
+        mean = lambda rs, k: float(np.mean([r[k] for r in rs]))  # noqa: E731
+        lrn, rea = pick("learned (slo)", MAIN_TARGET), pick("reactive", 0.7)
+        if lrn and rea:
+            lines += [f"Overload (flash crowd: 5x demand for 30 min, held out): the learned policy at target {MAIN_TARGET:g} drops "
+                      f"{mean(lrn, 'dropped_pct'):.2f} % of requests with {mean(lrn, 'replicas_mean'):.1f} replicas per region on "
+                      f"average and {mean(lrn, 'at_max_pct'):.1f} % of region-ticks at the replica limit; Reactive (target load 0.7) "
+                      f"drops {mean(rea, 'dropped_pct'):.2f} % with {mean(rea, 'replicas_mean'):.1f} replicas and "
+                      f"{mean(rea, 'at_max_pct'):.1f} % at the limit. At the limit, both forward to the peer region "
+                      "(RebalanceWorkload) or queue; with the quality tier off nothing else is left.", ""]
     for scen in dict.fromkeys(r["scenario"] for r in data["rows"]):
         lines += [f"## {scen}", "", "| policy | setting | SLO attainment (%) | $ / 1M tok | goodput per $ (req) | dropped (%) | mean e2e (ms) |", "|---|---|---|---|---|---|---|"]
         for t, att, cost, gp in learned_points(data["rows"], scen):
