@@ -207,8 +207,7 @@ def render(data: dict) -> str:
                       f"{mean(lrn, 'dropped_pct'):.2f} % of requests with {mean(lrn, 'replicas_mean'):.1f} replicas per region on "
                       f"average and {mean(lrn, 'at_max_pct'):.1f} % of region-ticks at the replica limit; Reactive (target load 0.7) "
                       f"drops {mean(rea, 'dropped_pct'):.2f} % with {mean(rea, 'replicas_mean'):.1f} replicas and "
-                      f"{mean(rea, 'at_max_pct'):.1f} % at the limit. At the limit, both forward to the peer region "
-                      "(RebalanceWorkload) or queue; with the quality tier off nothing else is left.", ""]
+                      f"{mean(rea, 'at_max_pct'):.1f} % at the limit.", ""]
     for scen in dict.fromkeys(r["scenario"] for r in data["rows"]):
         lines += [f"## {scen}", "", "| policy | setting | SLO attainment (%) | $ / 1M tok | goodput per $ (req) | dropped (%) | mean e2e (ms) |", "|---|---|---|---|---|---|---|"]
         for t, att, cost, gp in learned_points(data["rows"], scen):
