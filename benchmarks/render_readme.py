@@ -104,12 +104,28 @@ def speed() -> list[str]:
         f"{rate(fed[1]['steps_per_s'])} env steps/s on one device and {rate(fed[2]['steps_per_s'])} "
         f"({fed[2]['steps_per_s'] / fed[1]['steps_per_s']:.2f}x) with the node axis sharded over 2 devices. Absolute rates on this "
         "shared machine move by up to 2x between runs; ratios within one run are the stable figures.",
+        *agent_latency(),
         "- Model and system checks, each with its command and machine: "
         "[`fluid_agreement.md`](benchmarks/fluid_agreement.md) (fluid model against a request-level simulator), "
         "[`hardware_fit.md`](benchmarks/hardware_fit.md) (service-time fits), [`aggregation.md`](benchmarks/aggregation.md) "
         "and [`federated_overhead.md`](benchmarks/federated_overhead.md) (robust aggregation cost), "
-        "[`privacy_utility.md`](benchmarks/privacy_utility.md), [`agent_latency.md`](benchmarks/agent_latency.md).",
+        "[`privacy_utility.md`](benchmarks/privacy_utility.md).",
     ]
+
+
+def agent_latency() -> list[str]:
+    if not (B / "agent_latency.json").is_file():
+        return []
+    rows = load("agent_latency.json")["rows"]
+    one, http = rows["Python API, 1 observation"], rows["HTTP loopback, 1 observation"]
+    ka, nka = rows["HTTP, 20 clients, keep-alive"], rows["HTTP, 20 clients, new connection per request"]
+    e2e = load("agent_latency.json").get("e2e")
+    tail = (f"; from a Prometheus scrape to the published decision {e2e['p50_ms']:.0f} ms p50 / {e2e['p99_ms']:.0f} ms p99 "
+            f"({e2e['scrape_interval']} scrapes)") if e2e else ""
+    return [f"- [`benchmarks/agent_latency.md`](benchmarks/agent_latency.md): the deployment agent decides in {one['p50_ms']:.2f} ms "
+            f"p50 through the Python API and {http['p50_ms']:.2f} ms over HTTP; with 20 concurrent clients it serves "
+            f"{ka['throughput_rps']:,.0f} req/s with keep-alive (p99 {ka['p99_ms']:.1f} ms) and {nka['throughput_rps']:,.0f} req/s "
+            f"with a new connection per request (p99 {nka['p99_ms']:.1f} ms){tail}."]
 
 
 def paper() -> list[str]:
