@@ -42,7 +42,7 @@ def token_moments(traffic: TrafficParams) -> dict[str, jax.Array]:
 
 
 # Gauss-Hermite nodes for expectations over a log-normal length: E[f(X)] = sum_i w_i f(X_i).
-_GH_X, _GH_W = np.polynomial.hermite.hermgauss(6)
+_GH_X, _GH_W = np.polynomial.hermite.hermgauss(4)
 _GH_Z = jnp.asarray(np.sqrt(2.0) * _GH_X, jnp.float32)
 _GH_P = jnp.asarray(_GH_W / np.sqrt(np.pi), jnp.float32)
 

@@ -114,11 +114,16 @@ class EnvParams(environment.EnvParams):
     small_slo_ttft_s: float = 0.25
     small_slo_tpot_s: float = 0.1
     ttft_prefill_slack: float = 2.0
-    # Quality tier on dedicated small-model GPUs: a change of the share restarts the GPUs
-    # it moves (one cold start) and they serve nothing meanwhile.
+    # Quality tier on dedicated small-model GPUs (vLLM fixes an engine's KV memory at
+    # start, so two engines sharing a GPU would need a static split and a restart of both
+    # to change it; whole GPUs keep each engine's full memory): a change of the share
+    # restarts the GPUs it moves, one cold start (the mean of BLIS's N(240 s, 30 s)), and
+    # they serve nothing meanwhile.
     tier_switch_s: float = 240.0
-    # Pod bounds per GPU from the replica's instance type, and the CPU/memory prices
-    # (0 when the instance price covers them).
+    # Pod bounds per GPU from the replica's instance type (defaults: AWS p4de.24xlarge,
+    # 96 vCPUs and 1152 GiB over 8 GPUs; hardware.INSTANCES), and the CPU/memory prices
+    # (GCP N2 list prices under gpu-cloud, fluid.CPU_USD_PER_CORE_H; 0 under hyperscaler,
+    # where the instance price covers them).
     vcpus_per_gpu: float = 12.0
     host_memory_gb_per_gpu: float = 144.0
     cpu_usd_per_core_h: float = 0.031611
