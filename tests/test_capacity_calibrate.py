@@ -120,3 +120,21 @@ def test_calibrate_bad_files_name_file_line_and_problem(tmp_path, capsys, name, 
 def test_calibrate_missing_file(tmp_path, capsys):
     rc, _, err = _run(capsys, "calibrate", str(tmp_path / "none.csv"))
     assert rc == 2 and "file not found" in err
+
+
+def test_capacity_from_a_trace_file(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    rows = ["TIMESTAMP,ContextTokens,GeneratedTokens"] + [
+        f"2023-11-16 18:00:{i // 10:02d}.{i % 10}000000,{int(x)},{int(y)}"
+        for i, (x, y) in enumerate(zip(rng.lognormal(6.6, 0.9, 200), rng.lognormal(5.0, 0.8, 200)))
+    ]
+    path = tmp_path / "t.csv"
+    path.write_text("\n".join(rows) + "\n")
+    rc, out, _ = _run(capsys, "capacity", "llama2-7b-h100-tp1", "--trace", str(path), "--json")
+    assert rc == 0
+    rep = json.loads(out)
+    assert 400 < rep["input_tokens_mean"] < 2000 and rep["max_rate_rps_per_replica"] > 0
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b\n1,2\n")
+    rc, _, err = _run(capsys, "capacity", "llama2-7b-h100-tp1", "--trace", str(bad))
+    assert rc == 2 and str(bad) in err
