@@ -290,7 +290,7 @@ What the fluid model does to follow the reference's mechanics (aro_jax/envs/flui
   a prompt = its work + its share of the iterations it spans, Kingman-scaled for smoother arrivals),
   then its own chunks; an idle instance prefills at once.
 - Per-request attainment: TTFT per prompt length (Gauss-Hermite nodes over the log-normal) against its
-  budget, with a balanced hyperexponential wait (CV^2 1.8, as the reference's); each request's TPOT
+  budget, with a wait of CV^2 1.8 (as the reference's: an atom at zero plus an exponential); each request's TPOT
   log-normal around the mean with CV^2 = 2.3 rate E[W^2] / (T (n - 1)) (fitted), against the TPOT SLO.
 - A standing backlog replaces the stationary queueing wait instead of adding to it.
 
@@ -301,7 +301,7 @@ Where they still differ:
 - Queue length above capacity: the fluid model drops at once what cannot start within the timeout; the
   engines hold every request until its timeout passes. The requests that will be served agree.
 - Attainment on a 7B conversation node (not in the table) runs up to ~5 points above the reference's
-  at 0.9 load: the TTFT tail there is heavier than the hyperexponential.
+  at 0.9 load in some seeds: the TTFT tail there is heavier than the model's.
 """
 
 

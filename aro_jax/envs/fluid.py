@@ -128,15 +128,14 @@ TPOT_SPREAD = 2.3
 
 # Squared CV of a busy instance's TTFT wait (the reference's is 1.4-2.0 at 0.3-0.9 load).
 WAIT_CV2 = 1.8
-_H2_P1 = 0.5 * (1.0 + np.sqrt((WAIT_CV2 - 1.0) / (WAIT_CV2 + 1.0)))
 
 
 def _wait_cdf(x, mean):
-    """Balanced two-phase hyperexponential with `mean` and CV^2 = WAIT_CV2."""
+    """An atom at zero plus an exponential, with `mean` and CV^2 = WAIT_CV2 (one exp: the
+    cheapest law with a CV above 1)."""
     x = jnp.maximum(x, 0.0)
-    mean = jnp.maximum(mean, 1e-9)
-    p1, p2 = _H2_P1, 1.0 - _H2_P1
-    return 1.0 - p1 * jnp.exp(-x * 2.0 * p1 / mean) - p2 * jnp.exp(-x * 2.0 * p2 / mean)
+    pi = 2.0 / (1.0 + WAIT_CV2)
+    return 1.0 - pi * jnp.exp(-x * pi / jnp.maximum(mean, 1e-9))
 
 
 def _lognormal_cdf(x, mean, cv2):
@@ -237,7 +236,7 @@ def _latency_at_utilisation(curve: ServiceCurve, util, tokens, traffic: TrafficP
 def _attainment(curve: ServiceCurve, lat, traffic: TrafficParams, slo_ttft_s, slo_tpot_s, slack, extra_wait_s):
     """Share of an instance's requests meeting both SLOs, from per-request distributions:
     TTFT of each prompt length against its budget (idle: the own prefill; busy: a fixed
-    part plus a hyperexponential wait, plus `extra_wait_s` of queueing), and each request's TPOT
+    part plus a wait with CV^2 WAIT_CV2 (atom + exponential), plus `extra_wait_s` of queueing), and each request's TPOT
     (log-normal around the mean, CV^2 = cv2_iter / (n - 1) + cv2_slow) against the TPOT SLO."""
     budget = ttft_budget_s(curve, lat["L_nodes"], slo_ttft_s, slack)
     idle_ok = (lat["ttft_idle_nodes"] + extra_wait_s <= budget).astype(jnp.float32)

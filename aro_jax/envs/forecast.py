@@ -75,3 +75,17 @@ def predict_rate_rps(fs: ForecastState, t_local_s: jax.Array, horizon_s: jax.Arr
     log_rate = fs.coef @ time_features(t_local_s + horizon_s)
     log_rate = log_rate + fs.residual_log * _RESIDUAL_PERSISTENCE_PER_TICK**ticks_ahead
     return jnp.exp(log_rate + 0.5 * fs.residual_var)
+
+
+def predict_rate_rps_from_trig(fs: ForecastState, cos_d, sin_d, cos_w, sin_w, horizon_s, tick_s: float) -> jax.Array:
+    """`predict_rate_rps` from the daily and weekly cos/sin of the current local time (which
+    the observation computes anyway): the features at t + horizon by angle addition, no
+    further transcendental calls."""
+    a = 2.0 * jnp.pi * horizon_s / SECONDS_PER_DAY
+    b = 2.0 * jnp.pi * horizon_s / SECONDS_PER_WEEK
+    ca, sa, cb, sb = jnp.cos(a), jnp.sin(a), jnp.cos(b), jnp.sin(b)  # constants of the node
+    cd, sd = cos_d * ca - sin_d * sa, sin_d * ca + cos_d * sa
+    cw, sw = cos_w * cb - sin_w * sb, sin_w * cb + cos_w * sb
+    phi = jnp.stack([jnp.ones_like(cd), cd, sd, 2.0 * cd**2 - 1.0, 2.0 * sd * cd, cw, sw])
+    log_rate = fs.coef @ phi + fs.residual_log * _RESIDUAL_PERSISTENCE_PER_TICK ** (horizon_s / tick_s)
+    return jnp.exp(log_rate + 0.5 * fs.residual_var)

@@ -276,7 +276,10 @@ def raw_observation(state: EnvState, params: EnvParams, forecast_rps=None) -> ja
     local = state.clock_s + params.traffic.tz_offset_h * 3600.0
     day = 2 * jnp.pi * local / 86_400.0
     week = 2 * jnp.pi * local / (7 * 86_400.0)
-    fcast = fc.predict_rate_rps(state.forecast, local, params.forecast_horizon_s, params.tick_s) if forecast_rps is None else forecast_rps
+    cos_d, sin_d, cos_w, sin_w = jnp.cos(day), jnp.sin(day), jnp.cos(week), jnp.sin(week)
+    fcast = forecast_rps
+    if forecast_rps is None:
+        fcast = fc.predict_rate_rps_from_trig(state.forecast, cos_d, sin_d, cos_w, sin_w, params.forecast_horizon_s, params.tick_s)
     return jnp.stack([
         last["arrivals"] / params.tick_s,
         last["e2e_mean_s"],
@@ -291,10 +294,10 @@ def raw_observation(state: EnvState, params: EnvParams, forecast_rps=None) -> ja
         state.forward_fraction,
         state.small_model_fraction,
         last["capacity_rps"],
-        jnp.sin(day),
-        jnp.cos(day),
-        jnp.sin(week),
-        jnp.cos(week),
+        sin_d,
+        cos_d,
+        sin_w,
+        cos_w,
         fcast,
         last["drop_fraction"],
         last["slo_attainment"],
