@@ -42,15 +42,17 @@ def token_moments(traffic: TrafficParams) -> dict[str, jax.Array]:
 
 
 # Gauss-Hermite nodes for expectations over a log-normal length: E[f(X)] = sum_i w_i f(X_i).
-_GH_X, _GH_W = np.polynomial.hermite.hermgauss(4)
-_GH_Z = jnp.asarray(np.sqrt(2.0) * _GH_X, jnp.float32)
-_GH_P = jnp.asarray(_GH_W / np.sqrt(np.pi), jnp.float32)
+# Four nodes over prompt lengths (TTFT has a kink where the budget rule starts), three
+# over output lengths (TPOT attainment is smooth in n).
+_GH = {k: np.polynomial.hermite.hermgauss(k) for k in (3, 4)}
+_GH_Z = {k: jnp.asarray(np.sqrt(2.0) * x, jnp.float32) for k, (x, _) in _GH.items()}
+_GH_P = {k: jnp.asarray(w / np.sqrt(np.pi), jnp.float32) for k, (_, w) in _GH.items()}
 
 
-def _length_nodes(log_mean, log_sd, cap):
-    """Quadrature nodes (lengths, rounded as the reference rounds, clipped to [1, cap]) and weights."""
-    x = jnp.clip(jnp.exp(log_mean + log_sd * _GH_Z), 1.0, cap)
-    return x, _GH_P
+def _length_nodes(log_mean, log_sd, cap, k=4):
+    """Quadrature nodes (lengths clipped to [1, cap]) and weights."""
+    x = jnp.clip(jnp.exp(log_mean + log_sd * _GH_Z[k]), 1.0, cap)
+    return x, _GH_P[k]
 
 
 def decode_step_s(curve: ServiceCurve, batch, context_per_seq):
@@ -242,7 +244,7 @@ def _attainment(curve: ServiceCurve, lat, traffic: TrafficParams, slo_ttft_s, sl
     idle_ok = (lat["ttft_idle_nodes"] + extra_wait_s <= budget).astype(jnp.float32)
     busy_ok = _wait_cdf(budget - lat["ttft_fixed_nodes"] - extra_wait_s, lat["ttft_wait_nodes"])
     ttft_ok = jnp.sum(lat["L_w"] * ((1.0 - lat["busy"]) * idle_ok + lat["busy"] * busy_ok))
-    n_nodes, n_w = _length_nodes(traffic.output_log_mean, traffic.output_log_sd, traffic.max_context_tokens)
+    n_nodes, n_w = _length_nodes(traffic.output_log_mean, traffic.output_log_sd, traffic.max_context_tokens, k=3)
     iters = jnp.maximum(jnp.round(n_nodes) - 1.0, 1.0)
     cv2 = lat["cv2_iter"] / iters
     tpot_ok = jnp.where(jnp.round(n_nodes) <= 1.0, 1.0, _lognormal_cdf(slo_tpot_s, lat["tpot_s"], cv2))
