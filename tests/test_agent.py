@@ -180,8 +180,8 @@ def test_http_endpoints(agent):
 def test_closed_loop_matches_in_simulator_evaluation():
     """The env makes raw observations, the agent decides from a JSON dict of fields, the
     env applies the action: the same actions and KPIs as `evaluation.rollout`."""
-    from aro_jax.algorithms import evaluation as ev
-    from aro_jax.algorithms.checkpointing import load_trained_policy
+    from aro_jax.training import evaluation as ev
+    from aro_jax.training.checkpointing import load_trained_policy
     from aro_jax.envs.scenarios import cluster_params
 
     run_dir, export_dir = trained()
@@ -211,3 +211,116 @@ def test_closed_loop_matches_in_simulator_evaluation():
     kpi_ref, kpi_got = ev.kpis(ref, cfg.env.tick_s), ev.kpis(got, cfg.env.tick_s)
     for name in ev.KPIS:
         np.testing.assert_allclose(kpi_got[name], kpi_ref[name], rtol=1e-5, err_msg=name)
+
+
+# --------------------------------------------------------------------------------------
+# The control loop reads the allocation the cluster runs (kube-state-metrics, router)
+# --------------------------------------------------------------------------------------
+
+
+def _kube(namespace: str, pod: str, resource: str, unit: str, value: float, **extra) -> tuple:
+    from aro_jax.deploy.metrics_source import POD_REQUESTS
+
+    labels = {"namespace": namespace, "pod": pod, "container": "vllm", "resource": resource, "unit": unit, **extra}
+    return (POD_REQUESTS, tuple(sorted(labels.items()))), value
+
+
+def cluster_samples(replicas=3, cpu_per_pod=12.0, mem_per_pod_gb=80.0, forward=0.2, small=0.1, namespace="default") -> dict:
+    from aro_jax.deploy import metrics_source as ms
+
+    out = {(ms.DEPLOYMENT_REPLICAS, (("deployment", "vllm"), ("namespace", namespace))): float(replicas),
+           (ms.ROUTER_FORWARD_FRACTION, (("router", "a"),)): forward, (ms.ROUTER_SMALL_MODEL_FRACTION, (("router", "a"),)): small}
+    for i in range(replicas):
+        for resource, unit, v in (("cpu", "core", cpu_per_pod), ("memory", "byte", mem_per_pod_gb * 1e9)):
+            k, val = _kube(namespace, f"vllm-7d9f8b6c5-x{i}z", resource, unit, v)
+            out[k] = val
+    return out
+
+
+def test_allocation_from_kube_state_metrics_and_the_router():
+    from aro_jax.deploy import metrics_source as ms
+
+    samples = cluster_samples()
+    # Not this Deployment's: another Deployment whose name starts alike, another namespace.
+    for pod, ns in (("vllm-small-5c4b3a2d1-q1w2e", "default"), ("vllm-7d9f8b6c5-x0z", "other")):
+        k, v = _kube(ns, pod, "cpu", "core", 99.0)
+        samples[k] = v
+    samples[(ms.DEPLOYMENT_REPLICAS, (("deployment", "vllm-small"), ("namespace", "default")))] = 7.0
+    samples[(ms.ROUTER_FORWARD_FRACTION, (("router", "b"),))] = 0.4  # two router instances: their mean
+    got = ms.allocation_of(samples, "default", "vllm")
+    assert got == pytest.approx({"replicas": 3.0, "cpu_cores": 36.0, "host_memory_gb": 240.0, "forward_fraction": 0.3, "small_model_fraction": 0.1})
+    # Relabelled by a Prometheus job that sets its own namespace label: the original one counts.
+    k, v = _kube("monitoring", "vllm-7d9f8b6c5-x0z", "cpu", "core", 8.0, exported_namespace="default")
+    assert ms.allocation_of({k: v}, "default", "vllm") == {"cpu_cores": 8.0}
+    assert ms.allocation_of({}, "default", "vllm") == {}  # nothing known: every quantity absent
+    # The same series parsed from a kube-state-metrics exposition, and the PromQL that asks for them.
+    text = ('# TYPE kube_deployment_status_replicas gauge\nkube_deployment_status_replicas{namespace="default",deployment="vllm"} 2\n'
+            '# TYPE kube_pod_container_resource_requests gauge\n'
+            'kube_pod_container_resource_requests{namespace="default",pod="vllm-7d9f8b6c5-abcde",uid="u",container="vllm",node="n1",resource="cpu",unit="core"} 16\n'
+            'kube_pod_container_resource_requests{namespace="default",pod="vllm-7d9f8b6c5-abcde",uid="u",container="vllm",node="n1",resource="memory",unit="byte"} 1.28e+11\n')
+    assert ms.allocation_of(ms.parse_exposition(text), "default", "vllm") == {"replicas": 2.0, "cpu_cores": 16.0, "host_memory_gb": 128.0}
+    q = ms.PrometheusQuery("http://prom:9090", 'namespace="llm"', namespace="llm", deployment="vllm")
+    assert q.kube_query == ('kube_deployment_status_replicas{namespace="llm",deployment="vllm"} or '
+                            'kube_pod_container_resource_requests{namespace="llm",pod=~"vllm-[a-z0-9]+-[a-z0-9]+",resource=~"cpu|memory"}')
+
+
+class _ClusterSource:
+    """vLLM counters of `engines` engines, plus the cluster's allocation when `cluster` is set."""
+
+    def __init__(self, engines=2, cluster=None):
+        self.engines, self.cluster, self.total = engines, cluster, 0.0
+
+    def fetch(self):
+        from aro_jax.deploy import metrics_source as ms
+
+        self.total += 300.0
+        samples = {}
+        for e in range(self.engines):
+            lab, n = (("engine", str(e)),), self.total / self.engines
+            samples.update({(ms.RUNNING, lab): 1.0, (ms.WAITING, lab): 0.0, (ms.KV_USAGE, lab): 0.5,
+                            (ms.SUCCESS, (*lab, ("finished_reason", "stop"))): n, (f"{ms.E2E}_sum", lab): 2.0 * n, (f"{ms.E2E}_count", lab): n})
+        samples.update(self.cluster or {})
+        return ms.Scrape(samples, 0.0)
+
+
+def _loop(source, **opts):
+    from aro_jax.deploy.control_loop import ControlLoop, LoopOptions
+
+    _, export_dir = trained()
+    clock = iter(30.0 * np.arange(1, 10_000))
+    return ControlLoop(load_policy(export_dir), "solo", source, LoopOptions(**opts), clock=lambda: next(clock))
+
+
+def test_loop_observes_and_acts_on_what_the_cluster_runs():
+    """The observation's allocation and the base of each action are what kube-state-metrics
+    and the router report, not what the agent asked for: a change the cluster refused or
+    capped is seen at the next tick."""
+    src = _ClusterSource(engines=2, cluster=cluster_samples(replicas=3, cpu_per_pod=12.0, mem_per_pod_gb=80.0, forward=0.2, small=0.1))
+    loop = _loop(src)
+    first = loop.tick()
+    # A (re)started agent holds what runs, not the export's initial allocation.
+    assert first["decided_by"] == "hold"
+    assert (loop.desired.replicas, loop.desired.cpu_cores, loop.desired.host_memory_gb) == (3.0, 36.0, 240.0)
+    for _ in range(4):
+        d = loop.tick()
+        assert d["decided_by"] == "policy"
+        obs = loop.last_observation
+        assert (obs["cpu_cores"], obs["host_memory_gb"], obs["replicas_pending"]) == (36.0, 240.0, 1.0)
+        assert obs["forward_fraction"] == pytest.approx(0.2) and obs["small_model_fraction"] == pytest.approx(0.1)
+        # The cluster never applies anything: each decision is one step from what runs, never compounding.
+        assert abs(loop.desired.replicas - 3.0) <= 1 and abs(loop.desired.cpu_cores - 36.0) <= loop.agent.policy._limits["solo"]["cpu_step_cores"]
+    text = loop.telemetry.text()
+    assert 'aro_agent_actual_state_observed{deployment="vllm",namespace="default",quantity="cpu_cores"} 1.0' in text
+    assert loop.state()["actual"]["replicas"] == 3.0
+
+
+def test_loop_without_allocation_series_uses_its_desired_state_and_says_so():
+    loop = _loop(_ClusterSource(engines=2))
+    loop.tick()
+    loop.tick()
+    obs = loop.last_observation
+    c = loop.controls
+    assert obs["cpu_cores"] == np.float32(c.initial_cpu_cores) and obs["host_memory_gb"] == np.float32(c.initial_host_memory_gb)
+    text = loop.telemetry.text()
+    for q in ("replicas", "cpu_cores", "host_memory_gb", "forward_fraction", "small_model_fraction"):
+        assert f'aro_agent_actual_state_observed{{deployment="vllm",namespace="default",quantity="{q}"}} 0.0' in text

@@ -1,10 +1,11 @@
 """The deployment agent as a control loop: vLLM metrics in, desired state out.
 
 Each tick (the export's tick, 30 s by default) the loop reads the node's vLLM metrics
-(`metrics_source`), turns them into the policy's observation with the state it holds
-across ticks (its desired replicas and allocations, the forward and small-model shares,
-the simulator's forecaster, time features from the clock), asks the policy for an action,
-applies it to the desired state with the simulator's rules, bounds it by the operator's
+(`metrics_source`) and the allocation the cluster actually runs (kube-state-metrics'
+replicas and pod requests, the router's forward and small-model shares), turns them into
+the policy's observation with the state it keeps across ticks (the simulator's forecaster,
+the previous queue, time features from the clock), asks the policy for an action, applies
+it with the simulator's rules to the actual allocation, bounds it by the operator's
 limits, and publishes it as Prometheus gauges (`aro_desired_replicas{namespace,deployment}`
 and one gauge per other decision) for KEDA or an HPA to apply. It patches the Deployment
 itself only in the optional direct mode (`k8s_scaler.KubernetesScaler`).
@@ -29,7 +30,14 @@ How the observation is estimated from vLLM's metrics over one tick of length dt:
 - slo_attainment: share of first tokens within the TTFT SLO (histogram buckets) when the
   mean inter-token latency meets the TPOT SLO, over all attempted requests (forwarded
   requests counted as meeting it);
-- replicas_ready: engines reporting; replicas_pending: desired - ready.
+- replicas_ready: engines reporting; replicas_pending: the Deployment's replicas (ready
+  and starting) - ready;
+- cpu_cores, host_memory_gb, forward_fraction, small_model_fraction: what the cluster
+  runs. An action starts from these too, so a change the cluster refused or bounded (a
+  scale-down at the minimum, a CPU request capped by the pod's share) is seen, never
+  assumed. Where a quantity has no series the loop uses the desired state it holds
+  instead and says so (`aro_agent_actual_state_observed{quantity}` 0): then a refused
+  change goes unseen until the series return.
 """
 
 from __future__ import annotations
@@ -49,7 +57,7 @@ from aro_jax.deploy.agent import Agent, Telemetry
 from aro_jax.deploy.controls import NodeControls
 from aro_jax.deploy.export import SPEC_CHECKSUM_FILE, SPEC_FILE, ExportError, ExportedPolicy, load_policy
 from aro_jax.deploy.forecast import SECONDS_PER_DAY, SECONDS_PER_WEEK, Forecaster
-from aro_jax.deploy.metrics_source import MetricsWindow, SourceError, TickMetrics
+from aro_jax.deploy.metrics_source import ALLOCATION, MetricsWindow, SourceError, TickMetrics, allocation_of
 
 log = logging.getLogger("aro.agent")
 
@@ -119,6 +127,9 @@ class LoopMetrics:
         self.missing = Counter("aro_agent_metric_missing", "Ticks a vLLM series was absent, by series.", ["metric"], registry=r)
         self.reloads = Counter("aro_agent_reloads", "Policy reloads, by result.", ["result"], registry=r)
         self.actuation_errors = Counter("aro_agent_actuation_errors", "Failed attempts to apply the desired state.", registry=r)
+        actual = Gauge("aro_agent_actual_state_observed", "1 where the cluster's actual allocation was read this tick "
+                       "(kube-state-metrics, router), 0 where the agent used the desired state it holds.", [*lab, "quantity"], registry=r)
+        self.actual = {q: actual.labels(*self.labels, q) for q in ALLOCATION}
         self.tick_seconds = Histogram("aro_agent_tick_duration_seconds", "Wall time of one tick: read metrics, decide, publish.",
                                       buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0), registry=r)
 
@@ -155,6 +166,8 @@ class ControlLoop:
             np.clip(c.initial_replicas, self.min_replicas, self.max_replicas), c.initial_cpu_cores, c.initial_host_memory_gb, 0.0, 0.0)))
         self.forecaster = Forecaster(c.forecast_prior_rps)
         self.window = MetricsWindow()
+        self.actual: dict[str, float] = {}  # the allocation read this tick (float32 values)
+        self._decided = False  # whether the policy or the fallback has set the desired state
         self._prev_waiting: float | None = None
         self._prev_clock: float | None = None
         self.bad_ticks = 0
@@ -240,7 +253,9 @@ class ControlLoop:
         try:
             if problem is not None:
                 raise SourceError(problem)
+            self.actual = {}
             scrape = self.source.fetch()
+            self.actual = {k: float(np.float32(v)) for k, v in allocation_of(scrape.samples, self.options.namespace, self.options.deployment).items()}
             for failed in scrape.targets_failed:
                 self.metrics.source_errors.labels("target").inc()
                 log.warning("aro agent: metrics target failed: %s", failed)
@@ -260,6 +275,8 @@ class ControlLoop:
             self.metrics.source_errors.labels("internal").inc()
             problem = f"{type(e).__name__}: {e}"
 
+        for q, g in self.metrics.actual.items():
+            g.set(1 if q in self.actual else 0)
         if problem is None:
             try:
                 obs = self._observation(tm, clock_s)
@@ -279,8 +296,13 @@ class ControlLoop:
         self.last_decision = decision
         return decision
 
+    def base(self) -> DesiredState:
+        """What the node runs: the allocation read this tick, the held desired state for
+        any quantity without a series."""
+        return DesiredState(**{q: self.actual.get(q, getattr(self.desired, q)) for q in ALLOCATION})
+
     def _observation(self, tm: TickMetrics, clock_s: float) -> dict:
-        c, d = self.controls, self.desired
+        c, d = self.controls, self.base()
         dt = max(tm.interval_s, 1e-9)
         waiting_change = tm.waiting - self._prev_waiting if self._prev_waiting is not None else 0.0
         local = max(tm.finished_ok + tm.aborted + waiting_change, 0.0)
@@ -354,14 +376,19 @@ class ControlLoop:
         self._recent_fallback.clear()
         self.metrics.bad_ticks.set(0)
         self.metrics.fallback.set(0)
-        self.desired = self._bounded(self._apply_action(out["action"], obs["replicas_ready"]))
+        base = self.base()
+        self.desired = self._bounded(self._apply_action(out["action"], obs["replicas_ready"], base), base)
+        self._decided = True
         self.metrics.ticks.labels("policy").inc()
         return {"decided_by": "policy", "action": out["action"], "desired": asdict(self.desired)}
 
     def _decide_degraded(self, problem: str, tm: TickMetrics | None) -> dict:
         self.bad_ticks += 1
         self.metrics.bad_ticks.set(self.bad_ticks)
+        base = self.base()
         if self.bad_ticks < self.options.stale_ticks:
+            if not self._decided:  # nothing decided yet (a start): hold what runs, not the export's initial state
+                self.desired = self._bounded(base, base)
             log.warning("aro agent: holding the desired state (%d/%d bad ticks): %s", self.bad_ticks, self.options.stale_ticks, problem)
             self.metrics.ticks.labels("hold").inc()
             return {"decided_by": "hold", "action": "MaintainCurrent", "reason": problem, "desired": asdict(self.desired)}
@@ -369,7 +396,7 @@ class ControlLoop:
             log.error("aro agent: Reactive fallback ON after %d bad ticks: %s", self.bad_ticks, problem)
         self.fallback_active = True
         self.metrics.fallback.set(1)
-        target = self.desired.replicas
+        target = base.replicas
         if tm is not None and tm.kv_usage is not None and tm.engines > 0:
             ready = float(tm.engines)
             ratio = min(max(tm.kv_usage, 0.0), 1.0) / FALLBACK_TARGET_LOAD
@@ -378,15 +405,17 @@ class ControlLoop:
                 target = max(target, ready + 1)
         window = max(int(round(FALLBACK_SCALE_DOWN_WINDOW_S / self.interval_s)), 1)
         self._recent_fallback = (self._recent_fallback + [target])[-window:]
-        if target < self.desired.replicas:  # scale down only to the window's highest recommendation
+        if target < base.replicas:  # scale down only to the window's highest recommendation
             target = max(self._recent_fallback)
-        self.desired = self._bounded(replace(self.desired, replicas=float(target)))
+        self.desired = self._bounded(replace(base, replicas=float(target)), base)
+        self._decided = True
         self.metrics.ticks.labels("fallback").inc()
         return {"decided_by": "fallback", "action": "Reactive", "reason": problem, "desired": asdict(self.desired)}
 
-    def _apply_action(self, action: str, ready: float) -> DesiredState:
-        """The simulator's action semantics (aro_jax/envs transition, step 1), in float32."""
-        d, c, lim = self.desired, self.controls, self.agent.policy._limits[self.node]
+    def _apply_action(self, action: str, ready: float, d: DesiredState) -> DesiredState:
+        """The simulator's action semantics (aro_jax/envs transition, step 1) applied to the
+        allocation `d`, in float32."""
+        c, lim = self.controls, self.agent.policy._limits[self.node]
         f32 = np.float32
         replicas, cpu, mem = f32(d.replicas), f32(d.cpu_cores), f32(d.host_memory_gb)
         fwd, small = f32(d.forward_fraction), f32(d.small_model_fraction)
@@ -413,9 +442,10 @@ class ControlLoop:
             small = np.clip(small - f32(c.quality_step), f32(0), lim["max_small_model_fraction"])
         return DesiredState(*(float(f32(x)) for x in (replicas, cpu, mem, fwd, small)))
 
-    def _bounded(self, new: DesiredState) -> DesiredState:
+    def _bounded(self, new: DesiredState, base: DesiredState) -> DesiredState:
+        """`new` with replicas within `max_step` of what runs (`base`) and within [min, max]."""
         step = self.options.max_step
-        replicas = min(max(new.replicas, self.desired.replicas - step), self.desired.replicas + step)
+        replicas = min(max(new.replicas, base.replicas - step), base.replicas + step)
         replicas = min(max(replicas, self.min_replicas), self.max_replicas)
         return replace(new, replicas=float(replicas))
 
@@ -441,7 +471,7 @@ class ControlLoop:
         return {
             "node": self.node, "namespace": self.options.namespace, "deployment": self.options.deployment,
             "shadow": self.options.shadow, "fallback_active": self.fallback_active, "bad_ticks": self.bad_ticks,
-            "desired": asdict(self.desired), "last_decision": self.last_decision, "interval_s": self.interval_s,
+            "desired": asdict(self.desired), "actual": dict(self.actual), "last_decision": self.last_decision, "interval_s": self.interval_s,
         }
 
     # ---- running ------------------------------------------------------------------

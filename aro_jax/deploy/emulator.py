@@ -17,6 +17,13 @@ the tick's mean and p95, with the TTFT bucket at the SLO set to the share of req
 the simulator counts as meeting it; process CPU seconds and resident memory follow the
 CPU and memory utilisations. The router's forwarded requests have their own counter.
 
+It also serves what the rest of a cluster reports about the node (names and labels in
+`metrics_source`): kube-state-metrics' `kube_deployment_spec_replicas` (the replicas last
+asked for), `kube_deployment_status_replicas` (ready and starting),
+`kube_deployment_status_replicas_ready`, and `kube_pod_container_resource_requests` of
+one pod per ready or starting replica (the node's CPU cores and host memory split evenly),
+and the router's `aro_router_forward_fraction` and `aro_router_small_model_fraction`.
+
     python -m aro_jax.deploy.emulator --run-dir RUN --node solo --port 9400
 """
 
@@ -84,20 +91,26 @@ class Engine:
 class ServingEmulator:
     """The simulator behind vLLM metric names. `params`: one node's EnvParams."""
 
-    def __init__(self, params, action_set: str = "extended", seed: int = 0, num_ticks: int = 2880):
+    def __init__(self, params, action_set: str = "extended", seed: int = 0, num_ticks: int = 2880,
+                 namespace: str = "default", deployment: str = "vllm", warmup: bool = False):
         import jax
 
         from aro_jax.envs.serving import ServingNodeEnv, raw_observation
 
         self.params, self.env = params, ServingNodeEnv(action_set)
+        self.namespace, self.deployment = namespace, deployment
         self._lock = threading.Lock()
         k_reset, k_steps = jax.random.split(jax.random.PRNGKey(seed))
         _, self.state = self.env.reset_env(k_reset, params)
         # The same keys as the in-simulator evaluation (`evaluation.rollout` of num_ticks).
         self._tick_keys = jax.random.split(k_steps, num_ticks)
-        self._step = jax.jit(lambda k, s, a: self.env.transition(jax.random.split(k)[1], s, a, params)[:2])
+        self._step = jax.jit(self._scanned_step)
         self._obs = jax.jit(lambda s: raw_observation(s, params))
-        self.tick = 0
+        # With `warmup`, the day starts one tick later: first a tick before it (tick -1, its
+        # clock one tick earlier) whose counts are the simulator's reset observation, so a
+        # reader that needs two scrapes for rates sees at tick 0 what the simulator's
+        # policy sees at its first decision.
+        self.tick = -1 if warmup else 0
         self.engines: dict[int, Engine] = {}
         self._next_engine = 0
         self.forwarded_total = 0.0
@@ -107,6 +120,19 @@ class ServingEmulator:
         self._sync_engines()
         tokens = self._token_means()
         self._input_share = tokens[0] / max(tokens[0] + tokens[1], 1e-9)
+
+    def _scanned_step(self, key, state, action):
+        """One tick, compiled as the body of a scan as in `evaluation.rollout`: a transition
+        jitted on its own rounds differently in float32 (XLA fuses it differently) and
+        parts from the evaluation's trajectory within tens of ticks, and one decision
+        flipped by such a rounding difference changes the rest of the day."""
+        import jax
+
+        def body(s, k):
+            return self.env.transition(jax.random.split(k)[1], s, action, self.params)[:2]
+
+        state, m = jax.lax.scan(body, state, key[None])
+        return state, jax.tree.map(lambda x: x[0], m)
 
     def _token_means(self):
         from aro_jax.envs.traffic import token_stats
@@ -141,22 +167,28 @@ class ServingEmulator:
 
     def _action(self) -> int:
         """The one simulator action that moves the node toward the desired state."""
-        cur, want = self._current(), self.desired
-        eps = 1e-4
-        if want["replicas"] > cur["replicas"] + eps:
+        # Compared in float32, as the simulator holds them, and exactly: a share that float32
+        # steps left at 7e-9 instead of 0 is still moved when the agent asks for 0.
+        cur = {k: np.float32(v) for k, v in self._current().items()}
+        want = {k: np.float32(v) for k, v in self.desired.items()}
+        if want["replicas"] > cur["replicas"]:
             return 1  # IncreaseGPU
-        if want["replicas"] < cur["replicas"] - eps:
+        if want["replicas"] < cur["replicas"]:
             return 6  # DecreaseGPU
         for key, up, down in (("cpu_cores", 0, 5), ("host_memory_gb", 2, 7), ("forward_fraction", 3, 8), ("small_model_fraction", 9, 10)):
-            if want[key] > cur[key] + eps:
+            if want[key] > cur[key]:
                 return up
-            if want[key] < cur[key] - eps:
+            if want[key] < cur[key]:
                 return down
         return 4  # MaintainCurrent
 
-    def advance(self) -> dict:
-        """One simulated tick; returns its metrics (floats) and the action applied."""
+    def advance(self) -> dict | None:
+        """One simulated tick; returns its metrics (floats) and the action applied (None
+        for the warm-up tick, which steps nothing)."""
         with self._lock:
+            if self.tick < 0:
+                self._warm_up()
+                return None
             action = self._action()
             if self.tick >= len(self._tick_keys):
                 raise ValueError(f"the emulated episode has {len(self._tick_keys)} ticks; all served")
@@ -174,6 +206,17 @@ class ServingEmulator:
             self._sync_engines()
             self.history.append(m)
             return m
+
+    def _warm_up(self):
+        """The counts of the tick before the day, as the reset state reports it (`last`):
+        its arrivals all served, no latency, the utilisations it states."""
+        last = {k: float(v) for k, v in self.state.last.items()}
+        arrivals = last["arrivals"]
+        zero = dict.fromkeys(("ttft_mean_s", "ttft_p95_s", "e2e_mean_s", "e2e_p95_s", "tpot_s", "tokens_per_s"), 0.0)
+        self._account({**zero, "served": arrivals * (1 - last["drop_fraction"]), "dropped": arrivals * last["drop_fraction"], "forwarded": 0.0,
+                       "slo_attainment": last["slo_attainment"], "cpu_util": last["cpu_util"], "gpu_util": last["gpu_util"],
+                       "memory_util": last["memory_util"], "queue_requests": float(self.state.queue_requests)})
+        self.tick = 0
 
     def _account(self, m: dict):
         p, tick = self.params, float(self.params.tick_s)
@@ -240,11 +283,35 @@ class ServingEmulator:
             fwd = CounterMetricFamily(ms.FORWARDED.removesuffix("_total"), "Requests the router forwarded to peer regions.", labels=["router"])
             fwd.add_metric(["emulated"], self.forwarded_total)
             clock = GaugeMetricFamily("aro_emulator_clock_seconds", "Simulated clock: seconds since Monday 00:00 UTC.")
-            clock.add_metric([], float(self.state.clock_s) % (7 * 86_400.0))
+            clock.add_metric([], self._clock_s())
             tick = GaugeMetricFamily("aro_emulator_tick", "Simulated ticks served.")
             tick.add_metric([], float(self.tick))
-            out = [*fams.values(), *hists, fwd, clock, tick]
+            out = [*fams.values(), *hists, fwd, *self._cluster_families(), clock, tick]
         yield from out
+
+    def _cluster_families(self):
+        """kube-state-metrics' view of the Deployment and the router's shares (lock held)."""
+        s, ns, dep = self.state, self.namespace, self.deployment
+        ready = int(round(float(s.replicas_ready)))
+        starting = int(round(float(np.asarray(s.replicas_pending).sum())))
+        lab = ["namespace", "deployment"]
+        spec = GaugeMetricFamily("kube_deployment_spec_replicas", "Number of desired pods for a deployment.", labels=lab)
+        spec.add_metric([ns, dep], float(round(self.desired["replicas"])))
+        status = GaugeMetricFamily(ms.DEPLOYMENT_REPLICAS, "The number of replicas per deployment.", labels=lab)
+        status.add_metric([ns, dep], float(ready + starting))
+        status_ready = GaugeMetricFamily(f"{ms.DEPLOYMENT_REPLICAS}_ready", "The number of ready replicas per deployment.", labels=lab)
+        status_ready.add_metric([ns, dep], float(ready))
+        requests = GaugeMetricFamily(ms.POD_REQUESTS, "The number of requested request resource by a container.",
+                                     labels=["namespace", "pod", "uid", "container", "node", "resource", "unit"])
+        pods = [f"{dep}-6f8d9c7b5-e{eid}" for eid in sorted(self.engines)] + [f"{dep}-6f8d9c7b5-s{i}" for i in range(starting)]
+        for pod in pods:
+            for resource, unit, total in (("cpu", "core", float(s.cpu_cores)), ("memory", "byte", float(s.host_memory_gb) * GB)):
+                requests.add_metric([ns, pod, f"uid-{pod}", "vllm", "emulated-node", resource, unit], total / len(pods))
+        fwd = GaugeMetricFamily(ms.ROUTER_FORWARD_FRACTION, "Share of arrivals the router forwards to peer regions.", labels=["router"])
+        fwd.add_metric(["emulated"], float(s.forward_fraction))
+        small = GaugeMetricFamily(ms.ROUTER_SMALL_MODEL_FRACTION, "Share of requests the router sends to the small model.", labels=["router"])
+        small.add_metric(["emulated"], float(s.small_model_fraction))
+        return [spec, status, status_ready, requests, fwd, small]
 
     def exposition(self) -> bytes:
         registry = CollectorRegistry(auto_describe=False)
@@ -258,8 +325,13 @@ class ServingEmulator:
         with self._lock:
             return {f: float(v) for f, v in zip(OBS_FIELDS, np.asarray(self._obs(self.state)))}
 
+    def _clock_s(self) -> float:
+        before = float(self.params.tick_s) if self.tick < 0 else 0.0
+        return (float(self.state.clock_s) - before) % (7 * 86_400.0)
+
     def clock_s(self) -> float:
-        return float(self.state.clock_s) % (7 * 86_400.0)
+        with self._lock:
+            return self._clock_s()
 
 
 def make_server(emulator: ServingEmulator, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
@@ -294,7 +366,7 @@ def make_server(emulator: ServingEmulator, host: str = "127.0.0.1", port: int = 
                     self._send(200, json.dumps(emulator.set_desired(body)).encode())
                 elif self.path == "/advance":
                     ticks = int(body.get("ticks", 1))
-                    out = [emulator.advance() for _ in range(max(ticks, 0))]
+                    out = [m for m in (emulator.advance() for _ in range(max(ticks, 0))) if m is not None]
                     self._send(200, json.dumps({"tick": emulator.tick, "metrics": out}).encode())
                 else:
                     self._send(404, b'{"error":"not_found"}')
@@ -331,9 +403,12 @@ def main(argv=None) -> int:
     ap.add_argument("--ticks", type=int, default=2880, help="episode length in ticks (default one day of 30 s ticks)")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=9400)
+    ap.add_argument("--namespace", default="default", help="namespace label of the emulated Deployment's kube-state-metrics series")
+    ap.add_argument("--deployment", default="vllm", help="name of the emulated Deployment (its pods are named after it)")
+    ap.add_argument("--warmup", action="store_true", help="start with one tick before the day whose counts are the simulator's reset observation")
     args = ap.parse_args(argv)
     cfg, params = node_params_from_run(Path(args.run_dir), args.node, args.scenario)
-    emulator = ServingEmulator(params, cfg.env.action_set, args.seed, args.ticks)
+    emulator = ServingEmulator(params, cfg.env.action_set, args.seed, args.ticks, args.namespace, args.deployment, args.warmup)
     server = make_server(emulator, args.host, args.port)
     print(f"emulator: node {args.node} ({args.scenario}) on http://{args.host}:{server.server_port}/metrics", file=sys.stderr, flush=True)
     try:

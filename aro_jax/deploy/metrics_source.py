@@ -21,12 +21,30 @@ the deprecated `vllm:gpu_cache_usage_perc`); counters `vllm:request_success_tota
 `vllm:inter_token_latency_seconds`, `vllm:e2e_request_latency_seconds`. The API server's
 `prometheus_client` process collector adds `process_cpu_seconds_total` and
 `process_resident_memory_bytes` (prometheus_client docs, "Process Collector").
+
+The allocation the cluster actually runs (`allocation_of`), read rather than remembered,
+under the names a cluster has:
+- kube-state-metrics (docs/metrics/workload/deployment-metrics.md and pod-metrics.md of
+  github.com/kubernetes/kube-state-metrics, v2): `kube_deployment_status_replicas
+  {namespace,deployment}`, "the number of replicas per deployment" (the Deployment's
+  `status.replicas`: its non-terminated pods, ready or starting; `kube_deployment_spec_replicas`
+  is what was asked for, not what runs), and `kube_pod_container_resource_requests
+  {namespace,pod,container,node,resource,unit}` with `resource="cpu",unit="core"` and
+  `resource="memory",unit="byte"`, summed over the Deployment's pods: the pods whose name is
+  `<deployment>-<pod-template-hash>-<suffix>` (a Deployment's ReplicaSet is named
+  `<deployment>-<hash>` and its pods `<replicaset>-<suffix>`, Kubernetes docs "Deployments");
+- the serving router, which applies the agent's shares and reports the ones it applies:
+  `aro_router_forward_fraction` and `aro_router_small_model_fraction` (gauges in [0, 1],
+  averaged over router instances; same label selector as the engines).
+A series that Prometheus relabelled (`exported_namespace`, when kube-state-metrics is
+scraped without `honor_labels`) is matched on its original label.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import time
 import urllib.error
 import urllib.parse
@@ -50,11 +68,18 @@ PROCESS_RSS = "process_resident_memory_bytes"
 # Requests the router sent to peer regions (it applies aro_desired_forward_fraction); the
 # engines never see them. Optional: without it the agent estimates them from the fraction.
 FORWARDED = "aro_router_forwarded_requests_total"
+ROUTER_FORWARD_FRACTION = "aro_router_forward_fraction"
+ROUTER_SMALL_MODEL_FRACTION = "aro_router_small_model_fraction"
+DEPLOYMENT_REPLICAS = "kube_deployment_status_replicas"
+POD_REQUESTS = "kube_pod_container_resource_requests"
+ALLOCATION = ("replicas", "cpu_cores", "host_memory_gb", "forward_fraction", "small_model_fraction")
 HISTOGRAMS = (TTFT, ITL, E2E)
 ABORT_REASONS = {"abort", "error"}
 
-SCALAR_NAMES = (RUNNING, WAITING, KV_USAGE, KV_USAGE_DEPRECATED, SUCCESS, PROMPT_TOKENS, GENERATION_TOKENS, PROCESS_CPU, PROCESS_RSS, FORWARDED)
+SCALAR_NAMES = (RUNNING, WAITING, KV_USAGE, KV_USAGE_DEPRECATED, SUCCESS, PROMPT_TOKENS, GENERATION_TOKENS, PROCESS_CPU, PROCESS_RSS, FORWARDED,
+                ROUTER_FORWARD_FRACTION, ROUTER_SMALL_MODEL_FRACTION)
 SERIES_NAMES = SCALAR_NAMES + tuple(f"{h}{suffix}" for h in HISTOGRAMS for suffix in ("_bucket", "_sum", "_count"))
+KUBE_NAMES = (DEPLOYMENT_REPLICAS, POD_REQUESTS)
 # Without these the observation cannot be built (KV usage may come from either name).
 REQUIRED = (RUNNING, WAITING, SUCCESS, f"{E2E}_count", f"{E2E}_sum")
 MAX_BODY_BYTES = 16 * 1024 * 1024
@@ -79,10 +104,10 @@ def _key(name: str, labels: dict) -> tuple[str, tuple]:
 
 
 def parse_exposition(text: str, extra_labels: dict | None = None) -> dict[tuple[str, tuple], float]:
-    """The samples of SERIES_NAMES in a Prometheus text exposition (prometheus_client's
+    """The samples of SERIES_NAMES and KUBE_NAMES in a Prometheus text exposition (prometheus_client's
     parser); NaN values are dropped (a gauge with no data)."""
     out = {}
-    wanted = set(SERIES_NAMES)
+    wanted = set(SERIES_NAMES) | set(KUBE_NAMES)
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             if s.name in wanted and not math.isnan(float(s.value)):
@@ -129,9 +154,11 @@ class VllmScrape:
 
 class PrometheusQuery:
     """Read the same series through a Prometheus server: one instant query
-    `{__name__=~"<names>", <selector>}` per tick (Prometheus HTTP API, /api/v1/query)."""
+    `{__name__=~"<names>", <selector>}` per tick (Prometheus HTTP API, /api/v1/query), and,
+    given the Deployment (`namespace`, `deployment`), one for its kube-state-metrics series
+    (replicas, and the CPU and memory requests of its pods)."""
 
-    def __init__(self, url: str, selector: str = "", timeout_s: float = 5.0):
+    def __init__(self, url: str, selector: str = "", timeout_s: float = 5.0, namespace: str | None = None, deployment: str | None = None):
         if urllib.parse.urlparse(url).scheme not in ("http", "https"):
             raise ValueError(f"--prometheus URL {url!r} must start with http:// or https://")
         selector = selector.strip().strip("{}").strip()
@@ -140,6 +167,12 @@ class PrometheusQuery:
         self.url, self.selector, self.timeout_s = url.rstrip("/"), selector, timeout_s
         names = "|".join(SERIES_NAMES)
         self.query = "{" + f'__name__=~"{names}"' + (f",{selector}" if selector else "") + "}"
+        self.kube_query = None
+        if namespace is not None and deployment is not None:
+            ns, dep = _promql_string(namespace), _promql_string(deployment)
+            pods = _promql_string(_pod_name_regex(deployment))
+            self.kube_query = (f'{DEPLOYMENT_REPLICAS}{{namespace="{ns}",deployment="{dep}"}} or '
+                               f'{POD_REQUESTS}{{namespace="{ns}",pod=~"{pods}",resource=~"cpu|memory"}}')
 
     def describe(self) -> str:
         return f"Prometheus {self.url} ({self.selector or 'no selector'})"
@@ -159,7 +192,10 @@ class PrometheusQuery:
 
     def fetch(self) -> Scrape:
         samples = {}
-        for item in self.instant(self.query):
+        items = self.instant(self.query)
+        if self.kube_query is not None:
+            items = items + self.instant(self.kube_query)
+        for item in items:
             try:
                 v = float(item["value"][1])
             except (KeyError, IndexError, TypeError, ValueError):
@@ -167,6 +203,62 @@ class PrometheusQuery:
             if not math.isnan(v):
                 samples[_key(item["metric"].get("__name__", ""), item["metric"])] = v
         return Scrape(samples, time.time())
+
+
+def _promql_string(value: str) -> str:
+    """`value` inside a double-quoted PromQL string."""
+    return value.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def _pod_name_regex(deployment: str) -> str:
+    """The names of a Deployment's pods: <deployment>-<pod-template-hash>-<suffix>."""
+    return re.escape(deployment) + "-[a-z0-9]+-[a-z0-9]+"
+
+
+def _original(labels: dict, name: str) -> str | None:
+    return labels.get(f"exported_{name}", labels.get(name))
+
+
+def allocation_of(samples: dict[tuple[str, tuple], float], namespace: str, deployment: str) -> dict[str, float]:
+    """What the cluster runs for this Deployment, from one scrape: `replicas` (ready and
+    starting pods), `cpu_cores` and `host_memory_gb` (requests summed over its pods),
+    `forward_fraction` and `small_model_fraction` (the router's). A quantity without a
+    series is absent from the result."""
+    pod_name = re.compile(_pod_name_regex(deployment))
+    replicas, cpu, mem = [], 0.0, 0.0
+    seen_cpu = seen_mem = False
+    shares: dict[str, list[float]] = {}
+    for (name, labels), value in samples.items():
+        if not math.isfinite(value):
+            continue
+        if name in (ROUTER_FORWARD_FRACTION, ROUTER_SMALL_MODEL_FRACTION):
+            shares.setdefault(name, []).append(value)
+            continue
+        if name not in KUBE_NAMES:
+            continue
+        lab = dict(labels)
+        if _original(lab, "namespace") != namespace:
+            continue
+        if name == DEPLOYMENT_REPLICAS:
+            if _original(lab, "deployment") == deployment:
+                replicas.append(value)
+        elif pod_name.fullmatch(_original(lab, "pod") or ""):
+            resource, unit = lab.get("resource"), lab.get("unit")
+            if resource == "cpu" and unit in ("core", None):
+                cpu, seen_cpu = cpu + value, True
+            elif resource == "memory" and unit in ("byte", None):
+                mem, seen_mem = mem + value, True
+    out = {}
+    if replicas:
+        out["replicas"] = max(replicas)  # one series per kube-state-metrics instance
+    if seen_cpu:
+        out["cpu_cores"] = cpu
+    if seen_mem:
+        out["host_memory_gb"] = mem / 1e9
+    for key, name in (("forward_fraction", ROUTER_FORWARD_FRACTION), ("small_model_fraction", ROUTER_SMALL_MODEL_FRACTION)):
+        if shares.get(name):
+            out[key] = min(max(sum(shares[name]) / len(shares[name]), 0.0), 1.0)
+    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -217,6 +309,9 @@ class TickMetrics:
         return min(prev_count / self.ttft_count, 1.0)
 
 
+_NOT_ENGINE_SERIES = frozenset((ROUTER_FORWARD_FRACTION, ROUTER_SMALL_MODEL_FRACTION) + KUBE_NAMES)
+
+
 class MetricsWindow:
     """Consecutive scrapes -> TickMetrics. Keeps the last value of every counter series
     (also while it is absent, for `forget_ticks` ticks) so a series that returns after a
@@ -247,6 +342,8 @@ class MetricsWindow:
         success_ok = success_abort = 0.0
         engines = set()
         for (name, labels), value in scrape.samples.items():
+            if name in _NOT_ENGINE_SERIES:  # the allocation (allocation_of), not the engines' load
+                continue
             if name in (RUNNING, WAITING, KV_USAGE, KV_USAGE_DEPRECATED, PROCESS_RSS):
                 gauges.setdefault(name, []).append(value)
                 if name == RUNNING:

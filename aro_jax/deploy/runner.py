@@ -21,8 +21,8 @@ def add_agent_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--vllm", metavar="URL[,URL...]", help="scrape these vLLM engines' /metrics directly")
     src.add_argument("--prometheus", metavar="URL", help="read vLLM's metrics through this Prometheus server (HTTP API)")
     src.add_argument("--selector", default="", help="PromQL label matchers for the node's engines, e.g. 'namespace=\"llm\",deployment=\"vllm\"'")
-    src.add_argument("--namespace", default="default", help="namespace label of the published aro_desired_* gauges (default: default)")
-    src.add_argument("--deployment", default="vllm", help="deployment label of the published gauges, and the Deployment direct mode scales (default: vllm)")
+    src.add_argument("--namespace", default="default", help="namespace of the Deployment: label of the published aro_desired_* gauges, and of the kube-state-metrics series read for what it runs (default: default)")
+    src.add_argument("--deployment", default="vllm", help="the Deployment: label of the published gauges, whose replicas and pod requests (kube-state-metrics) are read, and which direct mode scales (default: vllm)")
     src.add_argument("--interval", type=float, metavar="S", help="seconds between ticks (default: the export's tick, 30 s)")
     src.add_argument("--shadow", action="store_true", help="decide and publish, never actuate (also hides nothing from /metrics)")
     src.add_argument("--min-replicas", type=float, help="lowest desired replica count (default: the export's limit)")
@@ -74,7 +74,7 @@ def _run_loop(args, policy, telemetry) -> int:
         if args.vllm:
             source = VllmScrape([u.strip() for u in args.vllm.split(",") if u.strip()])
         else:
-            source = PrometheusQuery(args.prometheus, args.selector)
+            source = PrometheusQuery(args.prometheus, args.selector, namespace=args.namespace, deployment=args.deployment)
         clock = week_clock_s
         if args.clock_query:
             def clock():
