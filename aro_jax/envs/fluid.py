@@ -44,7 +44,7 @@ def token_moments(traffic: TrafficParams) -> dict[str, jax.Array]:
 # Gauss-Hermite nodes for expectations over a log-normal length: E[f(X)] = sum_i w_i f(X_i).
 # Four nodes over prompt lengths (TTFT has a kink where the budget rule starts), three
 # over output lengths (TPOT attainment is smooth in n).
-_GH = {k: np.polynomial.hermite.hermgauss(k) for k in (3, 4)}
+_GH = {k: np.polynomial.hermite.hermgauss(k) for k in (2, 3, 4)}
 _GH_Z = {k: jnp.asarray(np.sqrt(2.0) * x, jnp.float32) for k, (x, _) in _GH.items()}
 _GH_P = {k: jnp.asarray(w / np.sqrt(np.pi), jnp.float32) for k, (_, w) in _GH.items()}
 
@@ -126,6 +126,7 @@ def replica_capacity_rps(params: EnvParams, small_fraction=0.0, tokens=None):
 
 
 TPOT_SPREAD = 2.3
+SMALL_TIER_NODES = (2, 2)  # quadrature nodes (prompt, output lengths) for the small tier
 
 
 # Squared CV of a busy instance's TTFT wait (the reference's is 1.4-2.0 at 0.3-0.9 load).
@@ -147,7 +148,7 @@ def _lognormal_cdf(x, mean, cv2):
     return 0.5 * (1.0 + jax.scipy.special.erf(z / jnp.sqrt(2.0)))
 
 
-def _latency_at_utilisation(curve: ServiceCurve, util, tokens, traffic: TrafficParams, arrival_scv=1.0):
+def _latency_at_utilisation(curve: ServiceCurve, util, tokens, traffic: TrafficParams, arrival_scv=1.0, nodes=(4, 3)):
     """Per instance at `util` of its max rate (chunked prefill): TTFT and TPOT means, the
     pieces of the per-request distributions, and the batch bound. `arrival_scv`: squared
     CV of the instance's inter-arrival times (1: Poisson).
@@ -216,7 +217,7 @@ def _latency_at_utilisation(curve: ServiceCurve, util, tokens, traffic: TrafficP
         return isolated_prefill_s(curve, L), own, wait
 
     idle_m, fixed_m, wait_m = ttft_parts(m1)
-    L_nodes, L_w = _length_nodes(traffic.input_log_mean, traffic.input_log_sd, traffic.max_context_tokens)
+    L_nodes, L_w = _length_nodes(traffic.input_log_mean, traffic.input_log_sd, traffic.max_context_tokens, k=nodes[0])
     idle_n, fixed_n, wait_n = ttft_parts(L_nodes)
     ttft_mean_s = jnp.sum(L_w * ((1.0 - busy) * idle_n + busy * (fixed_n + wait_n)))
     # Per-request TPOT: the mean of its n - 1 iterations, whose lengths vary with the
@@ -231,7 +232,7 @@ def _latency_at_utilisation(curve: ServiceCurve, util, tokens, traffic: TrafficP
         "batch_kv": jnp.maximum(jnp.minimum(curve.max_batch_seqs, curve.kv_capacity_tokens / footprint), 1.0),
         "L_nodes": L_nodes, "L_w": L_w, "ttft_idle_nodes": idle_n, "ttft_fixed_nodes": fixed_n, "ttft_wait_nodes": wait_n,
         "ttft_p95_fixed_s": fixed_m, "ttft_p95_wait_s": wait_m,
-        "cv2_iter": cv2_iter, "cv2_slow": cv2_slow, "prefill_share": rho_p,
+        "cv2_iter": cv2_iter, "cv2_slow": cv2_slow, "prefill_share": rho_p, "out_nodes": nodes[1],
     }
 
 
@@ -244,7 +245,7 @@ def _attainment(curve: ServiceCurve, lat, traffic: TrafficParams, slo_ttft_s, sl
     idle_ok = (lat["ttft_idle_nodes"] + extra_wait_s <= budget).astype(jnp.float32)
     busy_ok = _wait_cdf(budget - lat["ttft_fixed_nodes"] - extra_wait_s, lat["ttft_wait_nodes"])
     ttft_ok = jnp.sum(lat["L_w"] * ((1.0 - lat["busy"]) * idle_ok + lat["busy"] * busy_ok))
-    n_nodes, n_w = _length_nodes(traffic.output_log_mean, traffic.output_log_sd, traffic.max_context_tokens, k=3)
+    n_nodes, n_w = _length_nodes(traffic.output_log_mean, traffic.output_log_sd, traffic.max_context_tokens, k=lat["out_nodes"])
     iters = jnp.maximum(jnp.round(n_nodes) - 1.0, 1.0)
     cv2 = lat["cv2_iter"] / iters
     tpot_ok = jnp.where(jnp.round(n_nodes) <= 1.0, 1.0, _lognormal_cdf(slo_tpot_s, lat["tpot_s"], cv2))
@@ -310,8 +311,8 @@ def fluid_tick(
     wait_backlog_s = 0.5 * (queue_requests + queue_after) / jnp.maximum(capacity_rps, 1e-6)
     wait_backlog_s = jnp.minimum(wait_backlog_s, params.queue_timeout_s)
 
-    def model_latency(curve, slo_ttft_s, slo_tpot_s):
-        lat = _latency_at_utilisation(curve, util, tokens, params.traffic, arrival_scv(curve))
+    def model_latency(curve, slo_ttft_s, slo_tpot_s, nodes=(4, 3)):
+        lat = _latency_at_utilisation(curve, util, tokens, params.traffic, arrival_scv(curve), nodes)
         # Admission wait for a batch slot: Allen-Cunneen / Sakasegawa M/G/c with c = the
         # pool's slots; a standing backlog is served FCFS and replaces it.
         # Slots are KV/max_num_seqs-bound; their occupancy is the decode batch over its bound.
@@ -333,7 +334,8 @@ def fluid_tick(
         return dict(ttft=ttft_mean, ttft_p95=ttft_p95, tpot=lat["tpot_s"], tpot_p95=tpot_p95, ok=ok, prefill=lat["ttft_p95_fixed_s"])
 
     big = model_latency(params.model, params.slo_ttft_s, params.slo_tpot_s)
-    small = model_latency(params.small_model, params.small_slo_ttft_s, params.small_slo_tpot_s)
+    # The small tier serves a share of the requests: fewer quadrature nodes suffice there.
+    small = model_latency(params.small_model, params.small_slo_ttft_s, params.small_slo_tpot_s, SMALL_TIER_NODES)
     q = small_fraction
     mix = lambda k: (1.0 - q) * big[k] + q * small[k]  # noqa: E731
     ttft_mean_s, ttft_p95_s, tpot_s, tpot_p95_s = mix("ttft"), mix("ttft_p95"), mix("tpot"), mix("tpot_p95")
