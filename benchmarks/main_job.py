@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 OUT = Path(__file__).parent / "main_job"
 
 
@@ -43,6 +45,7 @@ def collect(run_dir: Path, wall_s: float | None, command: str) -> dict:
         "env_steps_per_s": train[-1]["env_steps"] / train_s,
         "final": train[-1],
         "eval_rewards": [r["eval_reward"] for r in train],
+        "objective": yaml.safe_load((run_dir / "config.yaml").read_text()).get("objective"),
     }
     (OUT / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
