@@ -4,9 +4,17 @@ through Prometheus (`aro agent --prometheus ... --selector ...`), and a loop pla
 that runs the ScaledObject's PromQL query for aro_desired_replicas and applies the result
 to the emulator, over an accelerated simulated day (ARO_E2E_TICKS ticks of 30 s, 240 by
 default, 2,880 for the whole day), lock-stepped on Prometheus scrapes. It asserts that the
-observation rebuilt from the metrics matches the simulator's own; the KPI comparison with
-the in-simulator evaluation of the same policy (within KPI_TOLERANCE) is asserted with
-ARO_E2E_STRICT=1 and is an expected failure otherwise (allocation drift, see the xfail).
+observation rebuilt from the metrics matches the simulator's own, that the agent decides
+what the in-simulator evaluation (`evaluation.rollout`) of the same policy decides on at
+least MIN_SAME_DECISIONS of the ticks, and that every KPI of the closed loop is within
+KPI_TOLERANCE of the evaluation's. ARO_E2E_REPORT=PATH writes the measured figures
+(benchmarks/agent_e2e.json).
+
+The agent reads the allocation the emulated cluster runs (kube-state-metrics' replicas and
+pod requests, the router's shares) rather than the one it asked for, so a change the
+simulator refused or capped is seen at the next tick. The emulator starts with one warm-up
+tick (`--warmup`: the simulator's reset observation as counts), so the agent's first
+decision, which needs two scrapes, falls on the evaluation's first tick.
 
 Needs the `prometheus` binary (Debian package `prometheus`; .ci/run installs it). The
 commands are the README's deployment walk-through."""
@@ -34,10 +42,15 @@ PROMETHEUS = shutil.which("prometheus")
 # 240 ticks (2 simulated hours) by default; ARO_E2E_TICKS=2880 runs the whole day.
 TICKS = int(os.environ.get("ARO_E2E_TICKS", "240"))
 SCRAPE_INTERVAL = "50ms"
-# Relative agreement of each KPI (absolute for values within [-1, 1]). The loop sees what the
-# simulator's policy sees up to float32 rounding, but its first tick has no deltas yet (it holds)
-# while the simulator's policy acts at once, so the two days start one decision apart.
-KPI_TOLERANCE = 0.05
+# The fixed loop decides as the evaluation does on every tick of the 240-tick default and of
+# the whole 2,880-tick day (benchmarks/agent_e2e.json), so its KPIs equal the evaluation's up
+# to float32 rounding (< 1e-6). The bounds leave room for a rare flip of a near-tie decision
+# (the observation differs from the simulator's by float32 rounding, and the forecast, after
+# the warm-up tick's extra update of the agent's forecaster, by 2 % at tick 1, under 0.5 % from
+# tick 10 and ~4e-5 later) yet fail the loop that held its own desired allocations: 38 % same
+# actions, mean TTFT +7 %, TTFT p95 +13 % and reward -0.11 (of 0.07) at 240 ticks.
+KPI_TOLERANCE = 0.01  # relative; absolute for KPIs within [-1, 1]
+MIN_SAME_DECISIONS = 0.99
 K8S = Path(__file__).resolve().parents[1] / "aro_jax" / "deploy" / "k8s"
 
 pytestmark = [
@@ -106,7 +119,8 @@ def test_closed_loop_through_prometheus(tmp_path):
     logs = {name: open(tmp_path / f"{name}.log", "w") for name in ("emulator", "prometheus", "agent")}
     env = {**os.environ, "XLA_FLAGS": "--xla_cpu_enable_concurrency_optimized_scheduler=false", "PYTHONUNBUFFERED": "1"}
     commands = {
-        "emulator": [sys.executable, "-m", "aro_jax.deploy.emulator", "--run-dir", str(run_dir), "--node", "solo", "--port", str(em_port), "--ticks", str(TICKS)],
+        "emulator": [sys.executable, "-m", "aro_jax.deploy.emulator", "--run-dir", str(run_dir), "--node", "solo", "--port", str(em_port), "--ticks", str(TICKS),
+                     "--namespace", "llm", "--deployment", "vllm", "--warmup"],
         "prometheus": [PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
                        f"--web.listen-address=127.0.0.1:{prom_port}"],
         "agent": [sys.executable, "-m", "aro_jax.cli", "agent", "--policy", str(export_dir), "--node", "solo",
@@ -129,9 +143,10 @@ def test_closed_loop_through_prometheus(tmp_path):
         lo, hi = so["spec"]["minReplicaCount"], so["spec"]["maxReplicaCount"]
         others = {k: f'max(aro_desired_{k}{{namespace="llm",deployment="vllm"}})' for k in ("cpu_cores", "host_memory_gb", "forward_fraction", "small_model_fraction")}
 
-        history, decision_lag_s, worst = [], [], {}
+        history, decisions, decision_lag_s, worst, mismatches, off_ticks = [], [], [], {}, [], {}
+        agent = f"http://127.0.0.1:{agent_port}"
         t0 = time.monotonic()
-        for k in range(TICKS):
+        for k in range(-1, TICKS):  # tick -1: the emulator's warm-up tick (the agent's first scrape)
             em_state = http_json(f"{em}/state")
             clock = em_state["clock_s"]
             wait_for(f"Prometheus to scrape tick {k}", lambda: scalar(prom, "aro_emulator_tick") == k, 30, procs.values())
@@ -139,10 +154,19 @@ def test_closed_loop_through_prometheus(tmp_path):
             wait_for(f"the agent's decision on tick {k}",
                      lambda: scalar(prom, 'aro_agent_observed_clock_seconds{namespace="llm",deployment="vllm"}') == clock, 30, procs.values())
             decision_lag_s.append(time.monotonic() - t_scraped)
+            agent_state = http_json(f"{agent}/state")
+            last = agent_state["last_decision"]
+            assert last["clock_s"] == clock, (last, clock)
+            if k >= 0:
+                decisions.append(last["action"] if last["decided_by"] == "policy" else f'({last["decided_by"]})')
             seen = {r["metric"]["field"]: float(r["value"][1]) for r in promql(prom, "aro_agent_observation")}
             if k > 0 and seen:
                 for f, v in em_state["observation"].items():
-                    worst[f] = max(worst.get(f, 0.0), abs(seen[f] - v) / max(abs(v), 1e-2))
+                    err = abs(seen[f] - v) / max(abs(v), 1e-2)
+                    worst[f] = max(worst.get(f, 0.0), err)
+                    off_ticks[f] = off_ticks.get(f, 0) + int(err > 1e-3)
+                    if err > 1e-3 and len(mismatches) < 10:
+                        mismatches.append({"tick": k, "field": f, "agent": seen[f], "simulator": v, "agent_actual": agent_state["actual"], "emulator": em_state["current"]})
             value = scalar(prom, keda_query)
             desired = {"replicas": float(min(max(math.ceil(value / threshold), lo), hi))}
             desired.update({k2: scalar(prom, q) for k2, q in others.items()})
@@ -168,11 +192,19 @@ def test_closed_loop_through_prometheus(tmp_path):
     ref = jax.jit(lambda key: ev.rollout(ServingNodeEnv(cfg.env.action_set), policy, params, key, TICKS, weights))(jax.random.PRNGKey(0))
     got = {k: np.array([h[k] for h in history]) for k in history[0]}
     kpi_ref, kpi_got = ev.kpis({k: np.asarray(v) for k, v in ref.items()}, cfg.env.tick_s), ev.kpis(got, cfg.env.tick_s)
-    same_actions = float(np.mean(np.asarray(ref["action"]) == got["action"]))
-    report = {"ticks": TICKS, "wall_s": wall_s, "same_actions": same_actions,
+    from aro_jax.deploy.control_loop import ACTIONS
+
+    ref_actions = np.asarray(ref["action"]).astype(int)
+    same_applied = float(np.mean(ref_actions == got["action"]))
+    same_decisions = float(np.mean([d == ACTIONS[a] for d, a in zip(decisions, ref_actions)]))
+    kpi_error = {k: abs(float(kpi_got[k]) - float(kpi_ref[k])) / (1.0 if abs(float(kpi_ref[k])) <= 1 else abs(float(kpi_ref[k]))) for k in ev.KPIS}
+    report = {"ticks": TICKS, "wall_s": wall_s, "same_decisions": same_decisions, "same_applied_actions": same_applied,
+              "kpi_tolerance": KPI_TOLERANCE, "min_same_decisions": MIN_SAME_DECISIONS, "kpi_error": kpi_error,
+              "worst_kpi_error": max(kpi_error.values()),
               "decision_after_scrape_p50_s": float(np.percentile(decision_lag_s, 50)), "decision_after_scrape_p99_s": float(np.percentile(decision_lag_s, 99)),
               "agent_ticks": {line.split('"')[1]: float(line.split()[-1]) for line in agent_metrics.splitlines() if line.startswith("aro_agent_ticks_total{")},
-              "worst_observation_error": {f: v for f, v in worst.items() if v > 1e-5},
+              "worst_observation_error": {f: v for f, v in worst.items() if v > 1e-5}, "observation_mismatches": mismatches,
+              "ticks_observation_off_by_1e-3": {f: n for f, n in off_ticks.items() if n},
               "first_actions_closed_loop": got["action"][:20].astype(int).tolist(), "first_actions_simulator": np.asarray(ref["action"])[:20].astype(int).tolist(),
               "kpis_closed_loop": {k: float(v) for k, v in kpi_got.items()}, "kpis_simulator": {k: float(v) for k, v in kpi_ref.items()}}
     (tmp_path / "report.json").write_text(json.dumps(report, indent=2))
@@ -187,12 +219,12 @@ def test_closed_loop_through_prometheus(tmp_path):
     from_metrics = ("request_rate_rps", "latency_e2e_mean_s", "gpu_util", "queue_requests", "replicas_ready", "replicas_pending",
                     "capacity_rps", "drop_fraction", "slo_attainment", "time_of_day_sin", "day_of_week_sin")
     assert {f: worst[f] for f in from_metrics if worst.get(f, 0.0) > 1e-3} == {}, report["worst_observation_error"]
-    if not os.environ.get("ARO_E2E_STRICT"):
-        pytest.xfail(
-            "KPI agreement with the in-simulator evaluation is not reached yet: the allocations the agent holds "
-            "(CPU cores, host memory, forward share) drift from the emulator's within the first hours, so the days diverge; "
-            "see worst_observation_error in the report (ARO_E2E_STRICT=1 asserts the KPIs)"
-        )
-    for name in ev.KPIS:
-        a, b = float(kpi_got[name]), float(kpi_ref[name])
-        assert abs(a - b) <= KPI_TOLERANCE * max(abs(b), 1.0 if abs(b) <= 1 else abs(b)), (name, a, b, report)
+    # The allocation is read from kube-state-metrics and the router, not assumed.
+    for quantity in ("replicas", "cpu_cores", "host_memory_gb", "forward_fraction", "small_model_fraction"):
+        assert f'aro_agent_actual_state_observed{{deployment="vllm",namespace="llm",quantity="{quantity}"}} 1.0' in agent_metrics, quantity
+    # Every tick but at most one in a thousand (one whole-day run saw one tick whose pod requests
+    # through Prometheus still counted a pod removed that tick; the decision was the same).
+    allocation = ("cpu_cores", "host_memory_gb", "forward_fraction", "small_model_fraction", "replicas_pending", "cpu_util", "memory_util")
+    assert {f: off_ticks[f] for f in allocation if off_ticks.get(f, 0) > max(1, TICKS // 1000)} == {}, report["observation_mismatches"]
+    assert same_decisions >= MIN_SAME_DECISIONS, report
+    assert {k: v for k, v in kpi_error.items() if v > KPI_TOLERANCE} == {}, report
