@@ -259,8 +259,23 @@ def test_vmap_over_seeds_equals_separate_runs(serving_learner):
 
 
 @pytest.mark.timeout(300)
-def test_vmap_over_learning_rates_compiles_once(serving_learner):
-    train, single, hp, traces = serving_learner
+def test_vmap_over_learning_rates_compiles_once():
+    """The learning rate is data: one compiled program trains every value, and each row
+    equals its own separate run. On a probe env, whose dynamics are smooth: the serving
+    env's branch points (cold-start slots, limits) let float rounding between a batched
+    and an unbatched program pick different branches, which says nothing of the learner."""
+    config = ppo.PPOConfig(num_envs=8, rollout_steps=8, num_minibatches=2, update_epochs=2, total_updates=3,
+                           hidden_sizes=(16, 16), normalize_obs=False)
+    env = ActionRewardProbe()
+    train = ppo.make_train(env, env.default_params, config).train
+    traces = {"single": 0}
+
+    def counted_single(key, hp):
+        traces["single"] += 1
+        return train(key, hp)
+
+    single = jax.jit(counted_single)
+    hp = jax.tree.map(jnp.float32, ppo.Hyperparams())
     key = jax.random.PRNGKey(2)
     lrs = jnp.array([1e-4, 3e-3], jnp.float32)
     hps = jax.tree.map(lambda x: jnp.full((2,), x), hp).replace(lr=lrs)
@@ -274,12 +289,11 @@ def test_vmap_over_learning_rates_compiles_once(serving_learner):
     swept, metrics = sweep(key, hps)
     sweep(key, hps.replace(lr=lrs * 2))  # new values, same program
     assert len(sweep_traces) == 1
-    assert metrics["reward"].shape == (2, 2)  # (learning rates, updates)
+    assert metrics["reward"].shape == (2, 3)  # (learning rates, updates)
 
-    before = traces["single"]
     for i in range(2):
         alone, _ = single(key, hp.replace(lr=lrs[i]))
         assert_trees_close(jax.tree.map(lambda x: x[i], swept.params), alone.params)
-    assert traces["single"] - before <= 1  # the lr is data: one trace serves both values
+    assert traces["single"] == 1  # the lr is data: one trace serves both values
     leaf = jax.tree.leaves(swept.params)[0]
     assert not np.allclose(leaf[0], leaf[1])
