@@ -70,7 +70,11 @@ def one_error_line(err: str) -> str:
 
 
 def largest_state_file(run_dir: Path, step: int) -> Path:
-    return max((f for f in (run_dir / "checkpoints" / str(step) / "state").rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+    """The step's largest array-data file (not Orbax's _METADATA or manifest, which can
+    be larger when the state has many small leaves)."""
+    files = [f for f in (run_dir / "checkpoints" / str(step) / "state").rglob("*")
+             if f.is_file() and not f.name.startswith("_") and "manifest" not in f.name]
+    return max(files, key=lambda f: f.stat().st_size)
 
 
 def flip_bit(path: Path, pos: int, bit: int = 4) -> bytes:

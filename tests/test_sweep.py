@@ -19,7 +19,7 @@ from aro_jax.config import CONFIG_DIR, ConfigError, load_config
 TINY = [
     "cluster.nodes=[{name: node-0}]", "env.num_clusters=2", "env.episode_ticks=32", "ppo.rollout_steps=8",
     "ppo.num_minibatches=2", "ppo.update_epochs=1", "ppo.hidden_sizes=[16,16]", "train.total_env_steps=48",
-    "train.num_chunks=1", "eval.num_seeds=2",
+    "train.num_chunks=1", "eval.num_seeds=2", "objective.kind=paper",
 ]
 
 
@@ -63,7 +63,7 @@ def test_sweep_of_eight_points_is_one_program_and_finds_the_known_best(tmp_path)
 
 
 def test_sweep_keys_accept_config_names_and_random_sampling(tmp_path):
-    path = write_sweep(tmp_path, {"random": {"ppo.lr": {"low": 1e-5, "high": 1e-2, "log": True}, "env.reward.gamma": {"low": 0.5, "high": 2.0}},
+    path = write_sweep(tmp_path, {"random": {"ppo.lr": {"low": 1e-5, "high": 1e-2, "log": True}, "env.reward.cost_weight": {"low": 0.5, "high": 2.0}},
                                   "num_samples": 5, "seed": 3})
     spec = sweep.load_sweep(path)
     assert len(spec.points) == 5 and set(spec.points[0]) == {"lr", "cost_weight"}
@@ -202,3 +202,8 @@ def test_slo_target_sweep_is_one_program_with_per_point_limits(tmp_path):
 def test_slo_target_needs_the_slo_objective(tmp_path):
     with pytest.raises(ConfigError, match="objective.kind=slo"):
         sweep.load_sweep(write_sweep(tmp_path, {"grid": {"slo_target": [0.8, 0.9]}}))
+
+
+def test_paper_reward_weights_need_the_paper_objective(tmp_path):
+    with pytest.raises(ConfigError, match="objective.kind=paper"):
+        sweep.load_sweep(write_sweep(tmp_path, {"overrides": [*TINY, "objective.kind=slo"], "grid": {"alpha": [0.5, 1.0]}}))

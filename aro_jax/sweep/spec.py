@@ -255,6 +255,11 @@ def load_sweep(path: str | Path, require: str = "sweep") -> SweepSpec:
     targets = sorted({k for p in spec.points for k in p} & {"slo_target", "max_drop"})
     if targets and cfg.objective.kind != "slo":
         raise ConfigError(f"sweep key '{targets[0]}': a target of the slo objective, but the base config trains objective.kind={cfg.objective.kind!r}; add objective.kind=slo to overrides:")
+    varied = {k for p in spec.points for k in p} | set(spec.bo.parameters if spec.bo else ())
+    unused = sorted(varied & {"alpha", "beta", "slo_penalty"})
+    if unused and cfg.objective.kind == "slo":
+        raise ConfigError(f"sweep key '{unused[0]}': a weight of the paper's reward, which the slo objective does not use "
+                          "(it keeps only cost_weight and quality_penalty); add objective.kind=paper to overrides:")
     for p in spec.points:
         spec.config(p)  # ConfigError naming the key for an impossible value
     if spec.bo:
