@@ -160,8 +160,7 @@ def simulate(
     drop = [np.nan] * n
     where = [-1] * n
     kv_cap, max_b = spec.kv_capacity_tokens, spec.max_batch_seqs
-    d_base, d_ctx, d_seq = spec.decode_base_s, spec.decode_s_per_context_token, spec.decode_s_per_seq
-    prefill_s = spec.prefill_s
+    d_base = spec.decode_base_s
     engines = [_Engine() for _ in range(replicas)]
     pick = np.random.default_rng(seed).integers(0, replicas, n) if dispatch == "random" else None
 

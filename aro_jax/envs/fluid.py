@@ -307,7 +307,6 @@ def fluid_tick(
     # Poisson: squared CV 1/N for round-robin over N (Erlang-N gaps); least-outstanding
     # dispatch is at least as smooth (benchmarks/fluid_agreement.md).
     arrival_scv = lambda curve: 1.0 / jnp.maximum(replicas_serving * curve.instances_per_replica, 1.0)  # noqa: E731
-    rho = jnp.minimum(util, 0.99)
     wait_backlog_s = 0.5 * (queue_requests + queue_after) / jnp.maximum(capacity_rps, 1e-6)
     wait_backlog_s = jnp.minimum(wait_backlog_s, params.queue_timeout_s)
 
