@@ -250,12 +250,13 @@ def test_requests_are_conserved_every_tick(invariant_rollout):
     states, _, out = invariant_rollout
     m = out["metrics"]
     queue_before = states.queue_requests
-    balance = m["served"] + m["dropped"] + m["forwarded"] + (m["queue_requests"] - queue_before)
+    balance = m["served"] + m["dropped"] + m["forwarded"] + m["rejected"] + (m["queue_requests"] - queue_before)
     # float32 sums of terms up to ~1e5 requests: relative tolerance 1e-5 of the backlog.
     scale = m["arrivals"] + queue_before + 1.0
     np.testing.assert_array_less(np.abs(np.asarray(m["arrivals"] - balance)), np.asarray(1e-5 * scale + 1e-3))
-    for name in ("arrivals", "served", "dropped", "forwarded", "queue_requests"):
+    for name in ("arrivals", "served", "dropped", "forwarded", "rejected", "queue_requests"):
         assert (m[name] >= 0.0).all(), name
+    assert float(m["rejected"].sum()) > 0.0  # prompts over the 4k window exist in both mixes
 
 
 def test_metrics_are_in_range_every_tick(invariant_rollout):

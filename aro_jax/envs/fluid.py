@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from aro_jax.envs.params import EnvParams, ServiceCurve
-from aro_jax.envs.traffic import TrafficParams, token_stats
+from aro_jax.envs.traffic import TrafficParams, token_stats, truncated_lognormal_moment
 
 # Cost of the CPU side under the gpu-cloud price set (GPUs priced alone, CPU and memory as
 # components): GCP N2 predefined on-demand list price (us-central1, 2024).
@@ -23,9 +23,10 @@ BYTES_PER_TOKEN = 4.0  # ~4 characters of UTF-8 English per BPE token (OpenAI to
 
 
 def token_moments(traffic: TrafficParams) -> dict[str, jax.Array]:
-    """`token_stats` plus raw moments E[L^k] of the clipped lengths (input k = 2..4,
-    output k = 2): service times are non-linear in the lengths (quadratic prefill,
-    context growing with the output), so the fluid model needs means of powers."""
+    """`token_stats` plus raw moments E[L^k] of the admitted prompts (input k = 2..4,
+    truncated at the context window) and of the clipped outputs (k = 2): service times
+    are non-linear in the lengths (quadratic prefill, context growing with the output),
+    so the fluid model needs means of powers."""
     stats = token_stats(traffic)
     log_cap = jnp.log(traffic.max_context_tokens)
 
@@ -36,7 +37,7 @@ def token_moments(traffic: TrafficParams) -> dict[str, jax.Array]:
         return below + jnp.exp(k * log_cap) * (1.0 - phi((log_cap - mu) / sd))
 
     for k in (2, 3, 4):
-        stats[f"input_m{k}"] = clipped_moment(traffic.input_log_mean, traffic.input_log_sd, k)
+        stats[f"input_m{k}"] = truncated_lognormal_moment(traffic.input_log_mean, traffic.input_log_sd, traffic.max_context_tokens, k)
     stats["output_m2"] = clipped_moment(traffic.output_log_mean, traffic.output_log_sd, 2)
     return stats
 
@@ -49,10 +50,15 @@ _GH_Z = {k: jnp.asarray(np.sqrt(2.0) * x, jnp.float32) for k, (x, _) in _GH.item
 _GH_P = {k: jnp.asarray(w / np.sqrt(np.pi), jnp.float32) for k, (_, w) in _GH.items()}
 
 
-def _length_nodes(log_mean, log_sd, cap, k=4):
-    """Quadrature nodes (lengths clipped to [1, cap]) and weights."""
-    x = jnp.clip(jnp.exp(log_mean + log_sd * _GH_Z[k]), 1.0, cap)
-    return x, _GH_P[k]
+def _length_nodes(log_mean, log_sd, cap, k=4, truncate=False):
+    """Quadrature nodes (lengths clipped to [1, cap]) and weights; `truncate`: nodes
+    beyond cap are dropped and the rest reweighted (prompts over the window are rejected)."""
+    raw = jnp.exp(log_mean + log_sd * _GH_Z[k])
+    w = _GH_P[k]
+    if truncate:
+        w = jnp.where(raw <= cap, w, 0.0)
+        w = jnp.where(w.sum() > 0, w / jnp.maximum(w.sum(), 1e-12), jax.nn.one_hot(0, k))
+    return jnp.clip(raw, 1.0, cap), w
 
 
 def decode_step_s(curve: ServiceCurve, batch, context_per_seq):
@@ -217,7 +223,7 @@ def _latency_at_utilisation(curve: ServiceCurve, util, tokens, traffic: TrafficP
         return isolated_prefill_s(curve, L), own, wait
 
     idle_m, fixed_m, wait_m = ttft_parts(m1)
-    L_nodes, L_w = _length_nodes(traffic.input_log_mean, traffic.input_log_sd, traffic.max_context_tokens, k=nodes[0])
+    L_nodes, L_w = _length_nodes(traffic.input_log_mean, traffic.input_log_sd, traffic.max_context_tokens, k=nodes[0], truncate=True)
     idle_n, fixed_n, wait_n = ttft_parts(L_nodes)
     ttft_mean_s = jnp.sum(L_w * ((1.0 - busy) * idle_n + busy * (fixed_n + wait_n)))
     # Per-request TPOT: the mean of its n - 1 iterations, whose lengths vary with the
@@ -383,6 +389,8 @@ def fluid_tick(
         "tokens_per_s": done * (t_in + t_out) / tick,
         "ttft_mean_s": ttft_all_s,
         "ttft_p95_s": ttft_p95_s,
+        "fwd_ttft_s": fwd_ttft_s,  # latency of the forwarded requests (pooled percentiles)
+        "fwd_e2e_s": fwd_e2e_s,
         "e2e_mean_s": lat_mean_s,
         "e2e_p95_s": e2e_p95_s,
         "tpot_s": tpot_s,

@@ -188,18 +188,32 @@ def trace_path(data_dir: str | Path, scenario: str) -> Path:
 
 
 def _trace_traffic(t: TrafficParams, kind: str, tick_s: float, data_dir) -> TrafficParams:
-    from aro_jax.envs.trace import fit_lognormal, load_trace_csv, resample_rates
+    from aro_jax.envs.trace import load_trace_csv
 
     if data_dir is None:
         raise ValueError("trace scenarios need the data directory: pass --data-dir (holding traces/AzureLLMInferenceTrace_*.csv)")
-    trace = load_trace_csv(trace_path(data_dir, f"trace-{kind}"))
-    multiplier = resample_rates(trace, tick_s, target_mean_rps=1.0)
-    in_mu, in_sd = fit_lognormal(trace.input_tokens)
-    out_mu, out_sd = fit_lognormal(trace.output_tokens)
+    return replay_traffic(t, load_trace_csv(trace_path(data_dir, f"trace-{kind}")), tick_s, scale="fit")
+
+
+def replay_traffic(t: TrafficParams, trace, tick_s: float, scale: float | str = 1.0, loop: bool = False) -> TrafficParams:
+    """`t` driven by a request trace's own timeline from simulated time 0: absolute
+    per-tick counts times `scale` ("fit": the trace's mean rate scaled to the node's
+    configured `mean_rate_rps`), per-tick token moments, context-window rejects."""
+    from aro_jax.envs.trace import replay_series
+
+    series = replay_series(trace, tick_s, float(t.max_context_tokens))
+    trace_mean_rps = series["arrivals"].sum() / (len(series["arrivals"]) * tick_s)
+    if scale == "fit":
+        scale = float(t.mean_rate_rps) / trace_mean_rps
+    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
     return t.replace(
-        trace_multiplier=jnp.asarray(multiplier, jnp.float32),
-        trace_weight=1.0,
-        trace_tick_s=tick_s,
-        input_log_mean=in_mu, input_log_sd=in_sd, output_log_mean=out_mu, output_log_sd=out_sd,
-        burst_cv=0.0,  # the trace's own minute-scale bursts replace the synthetic modulation
+        replay_arrivals=f32(series["arrivals"] * scale),
+        replay_rejected_share=f32(series["rejected_share"]),
+        replay_input_log_mean=f32(series["input_log_mean"]),
+        replay_input_log_sd=f32(series["input_log_sd"]),
+        replay_output_log_mean=f32(series["output_log_mean"]),
+        replay_output_log_sd=f32(series["output_log_sd"]),
+        replay_weight=1.0, replay_loop=float(loop), replay_tick_s=tick_s,
+        mean_rate_rps=float(trace_mean_rps * scale),
+        burst_cv=0.0,
     )

@@ -21,7 +21,7 @@ from aro_jax.contract import (  # noqa: F401  (the env's contract, also importab
 from aro_jax.envs import fluid, scenarios
 from aro_jax.envs import forecast as fc
 from aro_jax.envs.params import EnvParams, e2e_budget
-from aro_jax.envs.traffic import expected_rate_rps, sample_arrivals_ar
+from aro_jax.envs.traffic import at_tick, expected_rate_rps, rejected_share, sample_arrivals_ar
 
 PENDING_SLOTS = 16  # cold-start pipeline length in ticks: 16 x 30 s covers N(240 s, 30 s) + 3 sd
 
@@ -168,12 +168,22 @@ class ServingNodeEnv(environment.Environment[EnvState, EnvParams]):
 
         # 2. Serve this tick's traffic.
         arrivals, burst_z = sample_arrivals_ar(k_arrivals, state.clock_s, tick, params.traffic, state.burst_z)
+        # Prompts over the context window are rejected at admission (counted, never capped);
+        # the fluid model serves the admitted ones with this tick's token mix.
+        rejected = arrivals * rejected_share(state.clock_s, params.traffic)
+        params_tick = params.replace(traffic=at_tick(state.clock_s, params.traffic))
         in_outage = (state.clock_s >= params.outage_start_s) & (state.clock_s < params.outage_start_s + params.outage_duration_s)
         serving = ready * jnp.where(in_outage & (params.outage_start_s >= 0), 1.0 - params.outage_capacity_loss, 1.0)
         billed = ready + pending.sum() + draining
         metrics, queue = fluid.fluid_tick(
-            params, arrivals, state.queue_requests, serving, cpu, mem, billed, fwd, state.small_active_fraction, offline,
+            params_tick, arrivals - rejected, state.queue_requests, serving, cpu, mem, billed, fwd, state.small_active_fraction, offline,
         )
+        attempted = metrics["arrivals"] - (queue - state.queue_requests) + rejected
+        met = metrics["slo_attainment"] * (attempted - rejected)
+        metrics = {
+            **metrics, "arrivals": arrivals, "rejected": rejected,
+            "slo_attainment": jnp.where(attempted > 0, met / jnp.maximum(attempted, 1e-9), 1.0),
+        }
         left = jnp.maximum(left - tick, 0.0)
         small_active = jnp.where(left <= 0, small, state.small_active_fraction)
 
@@ -183,7 +193,7 @@ class ServingNodeEnv(environment.Environment[EnvState, EnvParams]):
 
         local_clock = state.clock_s + params.traffic.tz_offset_h * 3600.0
         forecast = fc.update(state.forecast, local_clock, arrivals / tick)
-        reward = reward_fn(metrics, params)
+        reward = reward_fn(metrics, params_tick)
         metrics = {**metrics, "reward": reward, "replicas_ready": ready, "replicas_billed": billed}
         new_state = EnvState(
             time=state.time + 1,

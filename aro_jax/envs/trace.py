@@ -234,3 +234,30 @@ def inter_arrival_cv(trace: RequestTrace) -> float:
             "inter-arrival CV"
         )
     return float(gaps.std() / gaps.mean())
+
+
+def replay_series(trace: RequestTrace, tick_s: float, max_context_tokens: float) -> dict[str, np.ndarray]:
+    """Per tick of ``tick_s`` over the trace span: requests arriving (``arrivals``, all of
+    them), the share longer than the context window (``rejected_share``), and the mean and
+    sd of log input/output lengths of the admitted ones (ticks without admitted requests,
+    or with one, take the whole trace's; a sd is at least 0.05)."""
+    n_ticks = max(1, math.ceil(trace.duration_s / tick_s))
+    bins = np.minimum((trace.arrival_s / tick_s).astype(np.int64), n_ticks - 1)
+    arrivals = np.bincount(bins, minlength=n_ticks).astype(np.float64)
+    admitted = trace.input_tokens <= max_context_tokens
+    rejected = np.bincount(bins[~admitted], minlength=n_ticks)
+    out = {"arrivals": arrivals, "rejected_share": rejected / np.maximum(arrivals, 1.0)}
+    keep = bins[admitted]
+    count = np.bincount(keep, minlength=n_ticks)
+    for name, tokens in (("input", trace.input_tokens), ("output", trace.output_tokens)):
+        logs = np.log(np.maximum(tokens[admitted], 1).astype(np.float64))
+        whole_mean = logs.mean() if logs.size else 0.0
+        whole_sd = max(logs.std(), 0.05) if logs.size else 1.0
+        s1 = np.bincount(keep, logs, minlength=n_ticks)
+        s2 = np.bincount(keep, logs**2, minlength=n_ticks)
+        mean = s1 / np.maximum(count, 1)
+        sd = np.sqrt(np.maximum(s2 / np.maximum(count, 1) - mean**2, 0.0))
+        few = count < 2
+        out[f"{name}_log_mean"] = np.where(count < 1, whole_mean, mean)
+        out[f"{name}_log_sd"] = np.where(few, whole_sd, np.maximum(sd, 0.05))
+    return out

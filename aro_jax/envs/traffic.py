@@ -1,8 +1,8 @@
 """Arrival processes: pure functions of (key, time, params).
 
 The request rate of a region is a smooth daily/weekly shape (in the region's local time)
-times bursts, optionally replaced by a replayed trace; arrivals per tick are a
-Gamma-modulated Poisson count.
+times bursts, or a replayed trace's own timeline; arrivals per tick are a
+Gamma-modulated Poisson count (a replayed trace's counts as they are).
 """
 
 from __future__ import annotations
@@ -41,11 +41,21 @@ class TrafficParams:
     flash_start_s: float = -1.0  # negative: no flash crowd
     flash_duration_s: float = 0.0
     flash_multiplier: float = 1.0
-    # Trace replay: per-tick rate multipliers (mean 1) of a real trace, replayed cyclically
-    # over the daily shape when trace_weight = 1, so the mean load stays mean_rate_rps.
-    trace_multiplier: jax.Array = struct.field(default_factory=lambda: jnp.ones((1,)))
-    trace_weight: float = 0.0
-    trace_tick_s: float = 30.0
+    # Native trace replay (replay_weight = 1): the trace's own timeline drives the node.
+    # Per replay tick (replay_tick_s, from simulated time 0): requests arriving (all of
+    # them, already times the trace scale), the share of them longer than the context
+    # (rejected), and the log-length moments of the admitted ones. No synthetic shape or
+    # bursts on top; past the end the node gets no traffic unless replay_loop = 1.
+    # Built by envs.scenarios.replay_traffic; every node of a stack has the same length.
+    replay_arrivals: jax.Array = struct.field(default_factory=lambda: jnp.zeros((1,)))
+    replay_rejected_share: jax.Array = struct.field(default_factory=lambda: jnp.zeros((1,)))
+    replay_input_log_mean: jax.Array = struct.field(default_factory=lambda: jnp.zeros((1,)))
+    replay_input_log_sd: jax.Array = struct.field(default_factory=lambda: jnp.ones((1,)))
+    replay_output_log_mean: jax.Array = struct.field(default_factory=lambda: jnp.zeros((1,)))
+    replay_output_log_sd: jax.Array = struct.field(default_factory=lambda: jnp.ones((1,)))
+    replay_weight: float = 0.0
+    replay_loop: float = 0.0
+    replay_tick_s: float = 30.0
 
 
 def daily_weekly_shape(t_s: jax.Array, p: TrafficParams) -> jax.Array:
@@ -64,15 +74,23 @@ def peak_rate_rps(p: TrafficParams) -> jax.Array:
     """Highest expected rate of the daily/weekly shape (times the trace's highest burst)."""
     amp = (p.diurnal_peak_to_trough - 1.0) / (p.diurnal_peak_to_trough + 1.0)
     weekly_mean = (5.0 + 2.0 * p.weekend_factor) / 7.0
-    burst = jnp.where(p.trace_weight > 0.5, jnp.max(p.trace_multiplier), 1.0)
-    return p.mean_rate_rps * (1.0 + amp) * jnp.maximum(1.0, p.weekend_factor) / weekly_mean * burst
+    shaped = p.mean_rate_rps * (1.0 + amp) * jnp.maximum(1.0, p.weekend_factor) / weekly_mean
+    return jnp.where(p.replay_weight > 0.5, jnp.max(p.replay_arrivals) / p.replay_tick_s, shaped)
+
+
+def _replay_index(t_s, p: TrafficParams):
+    """(index into the replay arrays, whether the trace covers `t_s`)."""
+    n = p.replay_arrivals.shape[0]
+    i = jnp.floor(t_s / p.replay_tick_s).astype(jnp.int32)
+    covered = (i >= 0) & ((i < n) | (p.replay_loop > 0.5))
+    return jnp.mod(i, n), covered
 
 
 def expected_rate_rps(t_s: jax.Array, p: TrafficParams) -> jax.Array:
     """Mean arrival rate (requests/s) at time `t_s`, before bursts."""
-    idx = jnp.floor(t_s / p.trace_tick_s).astype(jnp.int32) % p.trace_multiplier.shape[0]
-    burst = jnp.where(p.trace_weight > 0.5, p.trace_multiplier[idx], 1.0)
-    rate = p.mean_rate_rps * daily_weekly_shape(t_s, p) * burst
+    i, covered = _replay_index(t_s, p)
+    replayed = jnp.where(covered, p.replay_arrivals[i], 0.0) / p.replay_tick_s
+    rate = jnp.where(p.replay_weight > 0.5, replayed, p.mean_rate_rps * daily_weekly_shape(t_s, p))
     in_flash = (t_s >= p.flash_start_s) & (t_s < p.flash_start_s + p.flash_duration_s)
     in_flash = in_flash & (p.flash_start_s >= 0.0)
     return rate * jnp.where(in_flash, p.flash_multiplier, 1.0)
@@ -106,7 +124,33 @@ def sample_arrivals_ar(key: jax.Array, t_s: jax.Array, tick_s: float, p: Traffic
     z = phi * burst_z + jnp.sqrt(1.0 - phi**2) * e_mod
     modulation = jnp.exp(jnp.sqrt(sigma2) * z - 0.5 * sigma2)
     lam = expected_rate_rps(t_s, p) * tick_s * modulation
-    return jnp.maximum(lam + jnp.sqrt(lam) * z_cnt, 0.0), z
+    sampled = jnp.maximum(lam + jnp.sqrt(lam) * z_cnt, 0.0)
+    # A replayed trace's counts are the arrivals themselves (times any flash multiplier).
+    replayed = expected_rate_rps(t_s, p) * tick_s
+    return jnp.where(p.replay_weight > 0.5, replayed, sampled), z
+
+
+def at_tick(t_s, p: TrafficParams) -> TrafficParams:
+    """The traffic of the tick starting at `t_s`: under replay, that tick's token-length
+    moments replace the node's fitted ones (token_stats and the fluid model read these)."""
+    i, _ = _replay_index(t_s, p)
+    on = p.replay_weight > 0.5
+    pick = lambda per_tick, fitted: jnp.where(on, per_tick[i], fitted)  # noqa: E731
+    return p.replace(
+        input_log_mean=pick(p.replay_input_log_mean, p.input_log_mean),
+        input_log_sd=pick(p.replay_input_log_sd, p.input_log_sd),
+        output_log_mean=pick(p.replay_output_log_mean, p.output_log_mean),
+        output_log_sd=pick(p.replay_output_log_sd, p.output_log_sd),
+    )
+
+
+def rejected_share(t_s, p: TrafficParams) -> jax.Array:
+    """Share of the tick's requests whose prompt exceeds the model's context window: the
+    server rejects them (vLLM returns HTTP 400 for a prompt over max_model_len). Under
+    replay, the share counted in the trace's requests; otherwise the log-normal's tail."""
+    i, _ = _replay_index(t_s, p)
+    tail = 1.0 - _norm_cdf((jnp.log(p.max_context_tokens) - p.input_log_mean) / p.input_log_sd)
+    return jnp.where(p.replay_weight > 0.5, p.replay_rejected_share[i], tail)
 
 
 def sample_arrivals_exact(key: jax.Array, t_s: jax.Array, tick_s: float, p: TrafficParams) -> jax.Array:
@@ -123,12 +167,19 @@ def _norm_cdf(x: jax.Array) -> jax.Array:
 
 
 def clipped_lognormal_mean(log_mean, log_sd, cap):
-    """E[min(X, cap)] for X ~ LogNormal(log_mean, log_sd): prompts beyond the context
-    window are truncated by the server."""
+    """E[min(X, cap)] for X ~ LogNormal(log_mean, log_sd): outputs stop at the window."""
     log_cap = jnp.log(cap)
     below = jnp.exp(log_mean + 0.5 * log_sd**2) * _norm_cdf((log_cap - log_mean - log_sd**2) / log_sd)
     above = cap * (1.0 - _norm_cdf((log_cap - log_mean) / log_sd))
     return below + above
+
+
+def truncated_lognormal_moment(log_mean, log_sd, cap, k=1):
+    """E[X^k | X <= cap] for X ~ LogNormal(log_mean, log_sd): the prompts the server
+    admits (longer ones are rejected, `rejected_share`)."""
+    log_cap = jnp.log(cap)
+    below = jnp.exp(k * log_mean + 0.5 * (k * log_sd) ** 2) * _norm_cdf((log_cap - log_mean - k * log_sd**2) / log_sd)
+    return below / jnp.maximum(_norm_cdf((log_cap - log_mean) / log_sd), 1e-9)
 
 
 def lognormal_quantile(log_mean, log_sd, z, cap):
@@ -136,14 +187,23 @@ def lognormal_quantile(log_mean, log_sd, z, cap):
     return jnp.minimum(jnp.exp(log_mean + z * log_sd), cap)
 
 
+def truncated_lognormal_quantile(log_mean, log_sd, q, cap):
+    """Quantile `q` of LogNormal(log_mean, log_sd) conditioned on X <= cap."""
+    from jax.scipy.special import ndtri
+
+    p = q * _norm_cdf((jnp.log(cap) - log_mean) / log_sd)
+    return jnp.exp(log_mean + log_sd * ndtri(p))
+
+
 def token_stats(p: TrafficParams) -> dict[str, jax.Array]:
-    """Mean and p95 input/output tokens per request (context window applied)."""
+    """Mean and p95 input/output tokens per admitted request (prompts within the context
+    window; outputs stop at it)."""
     cap_in = p.max_context_tokens
-    mean_in = clipped_lognormal_mean(p.input_log_mean, p.input_log_sd, cap_in)
+    mean_in = truncated_lognormal_moment(p.input_log_mean, p.input_log_sd, cap_in)
     mean_out = clipped_lognormal_mean(p.output_log_mean, p.output_log_sd, p.max_context_tokens)
     return {
         "input_mean": mean_in,
         "output_mean": mean_out,
-        "input_p95": lognormal_quantile(p.input_log_mean, p.input_log_sd, 1.645, cap_in),
+        "input_p95": truncated_lognormal_quantile(p.input_log_mean, p.input_log_sd, 0.95, cap_in),
         "output_p95": lognormal_quantile(p.output_log_mean, p.output_log_sd, 1.645, p.max_context_tokens),
     }

@@ -63,7 +63,7 @@ def eval_score(cfg: config_lib.ExperimentConfig, metrics: dict) -> float:
     score = float(np.mean(metrics["reward"]))
     if cfg.objective.kind == "slo":
         arrivals = float(np.sum(metrics["arrivals"]))
-        attempted = np.asarray(metrics["served"]) + np.asarray(metrics["forwarded"]) + np.asarray(metrics["dropped"])
+        attempted = sum(np.asarray(metrics[k]) for k in ("served", "forwarded", "dropped", "rejected"))
         missed = float(np.sum((1.0 - np.asarray(metrics["slo_attainment"])) * attempted)) / max(arrivals, 1e-9)
         dropped = float(np.sum(metrics["dropped"])) / max(arrivals, 1e-9)
         score -= CONSTRAINT_PENALTY * (max(missed - (1.0 - cfg.objective.slo_target), 0.0) + max(dropped - cfg.objective.max_drop, 0.0))
@@ -108,7 +108,7 @@ def serving_costs(info, node_params: EnvParams) -> jax.Array:
     requests dropped, each per mean tick of the node's demand (rate_ref x tick), so a
     rollout's mean is the request-weighted share and a busy tick weighs what it serves."""
     m = info["metrics"]
-    attempted = m["served"] + m["forwarded"] + m["dropped"]
+    attempted = m["served"] + m["forwarded"] + m["dropped"] + m["rejected"]  # rejects count as misses
     demand_ref = (node_params.rate_ref_rps * node_params.tick_s)[:, None]
     missed = (1.0 - m["slo_attainment"]) * attempted
     return jnp.stack([missed / demand_ref, m["dropped"] / demand_ref], axis=-1)
