@@ -112,10 +112,10 @@ def evaluate_row(cfg, policy, states: list, per_node: bool, eval_seeds: int) -> 
         for state in states:
             m = evaluation.run_episodes(env, policy, params, key, eval_seeds, EVAL_TICKS, state, per_node_state=per_node)
             if state is None:  # heuristic: one sample per evaluation seed
-                samples += [evaluation.cluster_kpis({k: np.asarray(v)[:, i:i + 1] for k, v in m.items()}, cfg.env.tick_s)
+                samples += [evaluation.cluster_kpis({k: np.asarray(v)[:, i:i + 1] for k, v in m.items()}, cfg.env.tick_s, params)
                             for i in range(eval_seeds)]
             else:
-                samples.append(evaluation.cluster_kpis(m, cfg.env.tick_s))
+                samples.append(evaluation.cluster_kpis(m, cfg.env.tick_s, params))
         out["kpis"][scenario] = samples
     base = cluster_params(cfg, "diurnal")
     for load in LOADS:

@@ -43,7 +43,7 @@ SETTINGS = {
     "predictive": ("headroom", [0.0, 0.25, 0.5, 0.75, 1.0], lambda tick, v: heuristics.predictive_policy(tick, headroom=v)),
     "static-peak": ("utilisation", [0.5, 0.6, 0.7, 0.8, 0.9], lambda tick, v: heuristics.static_policy("peak", utilisation=v)),
 }
-KPIS = ("slo_attainment_pct", "cost_usd_per_mtok", "cost_usd_per_h", "throughput_rps", "dropped_pct", "e2e_mean_ms", "quality")
+KPIS = ("goodput_per_usd", "goodput_rps", "slo_attainment_pct", "rejected_pct", "cost_usd_per_mtok", "cost_usd_per_h", "throughput_rps", "dropped_pct", "e2e_mean_ms", "quality")
 
 
 def study_config(args, extra=()):
@@ -57,12 +57,6 @@ def scaling_kpis(m, params) -> dict:
     ready = np.asarray(m["replicas_ready"])  # (nodes, seeds, ticks)
     limit = np.asarray(params.max_replicas)[:, None, None]
     return {"replicas_mean": float(ready.mean()), "at_max_pct": float(100.0 * (ready >= limit).mean())}
-
-
-def goodput_per_usd(k: dict) -> float:
-    """Requests completed within their SLO per dollar (goodput, DistServe's definition,
-    over the cost rate)."""
-    return k["throughput_rps"] * k["slo_attainment_pct"] / 100.0 * 3600.0 / max(k["cost_usd_per_h"], 1e-9)
 
 
 def train_frontier(args):
@@ -110,15 +104,15 @@ def main() -> int:
         for i, target in enumerate(targets):
             w = jax.tree.map(lambda x: x[i], weights)
             m = evaluation.run_episodes(env, policy, params, key, args.eval_seeds, cfg.env.episode_ticks, w, trainer.per_node)
-            k = evaluation.cluster_kpis(m, cfg.env.tick_s)
+            k = evaluation.cluster_kpis(m, cfg.env.tick_s, params)
             rows.append({"policy": "learned (slo)", "setting": target, "seed": i % args.seeds, "scenario": scen,
-                         **{x: k[x] for x in KPIS}, "goodput_per_usd": goodput_per_usd(k), **scaling_kpis(m, params)})
+                         **{x: k[x] for x in KPIS}, **scaling_kpis(m, params)})
         for name, (_, values, make) in SETTINGS.items():
             for v in values:
                 m = evaluation.run_episodes(env, make(cfg.env.tick_s, v), params, key, args.eval_seeds, cfg.env.episode_ticks)
-                k = evaluation.cluster_kpis(m, cfg.env.tick_s)
+                k = evaluation.cluster_kpis(m, cfg.env.tick_s, params)
                 rows.append({"policy": name, "setting": v, "seed": 0, "scenario": scen, **{x: k[x] for x in KPIS},
-                             "goodput_per_usd": goodput_per_usd(k), **scaling_kpis(m, params)})
+                             **scaling_kpis(m, params)})
         print(f"{scen}: evaluated", flush=True)
     data = {
         "command": "python benchmarks/pareto.py " + " ".join(sys.argv[1:]), "machine": machine(),

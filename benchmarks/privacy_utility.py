@@ -57,7 +57,7 @@ def run(steps: int, clip: float, noise: float, delta: float):
     rounds = trainers.num_rounds(cfg)
     # Each round releases a node's update and its observation statistics (fedppo.privacy_spent).
     eps = fedppo.privacy_spent(cfg.federated, rounds) if noise > 0 else float("inf")
-    return cfg, rounds, eps, evaluation.cluster_kpis(m, cfg.env.tick_s), float(np.mean(metrics["delta_norm"])), wall
+    return cfg, rounds, eps, evaluation.cluster_kpis(m, cfg.env.tick_s, params), float(np.mean(metrics["delta_norm"])), wall
 
 
 def main():
@@ -83,8 +83,9 @@ def main():
         print(json.dumps(rows[-1]), flush=True)
     cfg = load_config()
     env = ServingNodeEnv(cfg.env.action_set)
-    m = evaluation.run_episodes(env, reactive_policy(cfg.env.tick_s), cluster_params(cfg, "diurnal"), jax.random.PRNGKey(123), EVAL_SEEDS, EVAL_TICKS)
-    reactive = evaluation.cluster_kpis(m, cfg.env.tick_s)
+    params = cluster_params(cfg, "diurnal")
+    m = evaluation.run_episodes(env, reactive_policy(cfg.env.tick_s), params, jax.random.PRNGKey(123), EVAL_SEEDS, EVAL_TICKS)
+    reactive = evaluation.cluster_kpis(m, cfg.env.tick_s, params)
 
     data = {
         "command": f"python benchmarks/privacy_utility.py --steps {args.steps} --clip {args.clip} --noise {' '.join(map(str, args.noise))}",

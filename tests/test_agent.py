@@ -208,7 +208,7 @@ def test_closed_loop_matches_in_simulator_evaluation():
     np.testing.assert_array_equal(np.array(actions), np.asarray(ref["action"]))
     assert len(set(actions)) > 1
     got = {k: np.stack([np.asarray(m[k]) for m in metrics]) for k in metrics[0]}
-    kpi_ref, kpi_got = ev.kpis(ref, cfg.env.tick_s), ev.kpis(got, cfg.env.tick_s)
+    kpi_ref, kpi_got = ev.kpis(ref, cfg.env.tick_s, p), ev.kpis(got, cfg.env.tick_s, p)
     for name in ev.KPIS:
         np.testing.assert_allclose(kpi_got[name], kpi_ref[name], rtol=1e-5, err_msg=name)
 

@@ -191,7 +191,7 @@ def test_closed_loop_through_prometheus(tmp_path):
     _, params = node_params_from_run(run_dir, "solo")
     ref = jax.jit(lambda key: ev.rollout(ServingNodeEnv(cfg.env.action_set), policy, params, key, TICKS, weights))(jax.random.PRNGKey(0))
     got = {k: np.array([h[k] for h in history]) for k in history[0]}
-    kpi_ref, kpi_got = ev.kpis({k: np.asarray(v) for k, v in ref.items()}, cfg.env.tick_s), ev.kpis(got, cfg.env.tick_s)
+    kpi_ref, kpi_got = ev.kpis({k: np.asarray(v) for k, v in ref.items()}, cfg.env.tick_s, params), ev.kpis(got, cfg.env.tick_s, params)
     from aro_jax.deploy.control_loop import ACTIONS
 
     ref_actions = np.asarray(ref["action"]).astype(int)

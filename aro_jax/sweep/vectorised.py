@@ -71,7 +71,7 @@ class SweepTrainer:
             metrics = run_episodes(
                 self._env, self._policy, trainers.with_reward_weights(self._eval_params, hp.env), jax.random.PRNGKey(seed),
                 self.cfg.eval.num_seeds, self.cfg.env.episode_ticks, weights, False)
-            rows.append(cluster_kpis(metrics, self.cfg.env.tick_s))
+            rows.append(cluster_kpis(metrics, self.cfg.env.tick_s, self._eval_params))
         return rows
 
 

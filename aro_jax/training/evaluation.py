@@ -19,19 +19,31 @@ import numpy as np
 
 from aro_jax.envs import serving as sv
 from aro_jax.envs.heuristics import Policy
+from aro_jax.envs.params import e2e_budget
 from aro_jax.envs.scenarios import cluster_params
 from aro_jax.envs.serving import ServingNodeEnv
 
-# KPI name -> (unit, description); the order is the table's column order.
+# KPI name -> (unit, description); the order is the table's column order. Headline
+# figures count every arrival: a policy cannot look better by dropping or rejecting.
 KPIS = {
-    "ttft_mean_ms": ("ms", "mean time to first token"),
-    "ttft_p95_ms": ("ms", "p95 time to first token (served-weighted mean of per-tick p95)"),
-    "e2e_mean_ms": ("ms", "mean end-to-end latency"),
-    "e2e_p95_ms": ("ms", "p95 end-to-end latency (served-weighted mean of per-tick p95)"),
-    "throughput_rps": ("req/s", "requests served, locally or by the peer"),
+    "goodput_rps": ("req/s", "requests completed within their TTFT and TPOT SLOs (DistServe's goodput)"),
+    "goodput_per_usd": ("req/$", "goodput per dollar: requests within SLO per dollar spent"),
+    "slo_attainment_pct": ("%", "arrivals completed within SLO (drops and rejects count as misses)"),
+    "e2e_mean_all_ms": ("ms", "mean end-to-end latency over all arrivals (a drop at the queue timeout, a reject at the SLO budget)"),
+    "e2e_p95_all_ms": ("ms", "p95 end-to-end latency over all arrivals, pooled over the day's requests"),
+    "ttft_mean_ms": ("ms", "mean time to first token of served requests"),
+    "ttft_p50_ms": ("ms", "p50 time to first token of served requests, pooled over the day's requests"),
+    "ttft_p95_ms": ("ms", "p95 time to first token of served requests, pooled"),
+    "ttft_p99_ms": ("ms", "p99 time to first token of served requests, pooled"),
+    "e2e_mean_ms": ("ms", "mean end-to-end latency of served requests"),
+    "e2e_p50_ms": ("ms", "p50 end-to-end latency of served requests, pooled"),
+    "e2e_p95_ms": ("ms", "p95 end-to-end latency of served requests, pooled"),
+    "e2e_p99_ms": ("ms", "p99 end-to-end latency of served requests, pooled"),
+    "throughput_rps": ("req/s", "requests served, locally or by a peer"),
     "tokens_per_s": ("tok/s", "prompt + output tokens served"),
-    "slo_attainment_pct": ("%", "requests meeting the TTFT and TPOT SLOs (drops count as misses)"),
-    "dropped_pct": ("%", "requests dropped (timeout or queue overflow)"),
+    "dropped_pct": ("%", "arrivals dropped (queue timeout or overflow)"),
+    "rejected_pct": ("%", "arrivals rejected: prompt longer than the model's context window"),
+    "forwarded_pct": ("%", "arrivals forwarded to a peer region"),
     "gpu_util_pct": ("%", "GPU busy share of serving capacity"),
     "cpu_util_pct": ("%", "CPU cores in use"),
     "memory_util_pct": ("%", "host memory in use"),
@@ -40,6 +52,11 @@ KPIS = {
     "quality": ("", "answer quality of served requests (1 = large model)"),
     "reward": ("", "mean reward per tick"),
 }
+# Percentiles pooled over requests: each tick's served requests follow a log-normal with
+# the tick's mean and p95 (fluid.fluid_tick), forwarded ones sit at the forwarding
+# latency; the day's distribution is the arrival-weighted mixture of the ticks'.
+QUANTILES = (0.5, 0.95, 0.99)
+_Z95 = 1.6448536269514722
 
 
 def rollout(env: sv.ServingNodeEnv, policy: Policy, params: sv.EnvParams, key: jax.Array, num_ticks: int, policy_state=None):
@@ -72,47 +89,121 @@ def run_episodes(env, policy: Policy, node_params: sv.EnvParams, key, num_seeds:
     return jax.vmap(per_node, in_axes=(0, 0 if per_node_state else None))(node_params, policy_state)
 
 
-def kpis(metrics: dict, tick_s: float, axis=None) -> dict[str, np.ndarray]:
-    """Aggregate per-tick metrics into KPIs over `axis` (None: everything)."""
+def _lognormal_sd(mean, p95):
+    """Log-sd of a log-normal with this mean and p95: ln(p95/mean) = z s - s^2 / 2, the
+    smaller root, clipped to [0.01, z] (a p95 below the mean has no log-normal)."""
+    r = np.log(np.maximum(p95, 1e-12) / np.maximum(mean, 1e-12))
+    return np.clip(_Z95 - np.sqrt(np.maximum(_Z95**2 - 2.0 * r, 0.0)), 0.01, _Z95)
+
+
+def mixture_quantiles(qs, ln_weight, ln_mean, ln_p95, atom_weight=(), atom_value=()) -> np.ndarray:
+    """Quantiles of a mixture of log-normals (weights, means, p95s: arrays of one shape)
+    and atoms (point masses): bisection on the mixture's CDF in log time."""
+    from scipy.special import ndtr
+
+    w = np.ravel(np.asarray(ln_weight, np.float64))
+    sd = np.ravel(_lognormal_sd(np.asarray(ln_mean, np.float64), np.asarray(ln_p95, np.float64)))
+    mu = np.log(np.maximum(np.ravel(np.asarray(ln_mean, np.float64)), 1e-12)) - 0.5 * sd**2
+    aw = [np.ravel(np.asarray(a, np.float64)) for a in atom_weight]
+    av = [np.ravel(np.broadcast_to(np.asarray(v, np.float64), np.shape(a))) for a, v in zip(atom_weight, atom_value)]
+    keep = w > 0
+    w, sd, mu = w[keep], sd[keep], mu[keep]
+    total = w.sum() + sum(a.sum() for a in aw)
+    if total <= 0:
+        return np.full(len(qs), np.nan)
+
+    def cdf(x):  # x: (k,) seconds
+        lx = np.log(x)[:, None]
+        c = (w * ndtr((lx - mu) / sd)).sum(axis=1)
+        for a, v in zip(aw, av):
+            c += (a * (v <= x[:, None])).sum(axis=1)
+        return c / total
+
+    lo, hi = np.full(len(qs), np.log(1e-5)), np.full(len(qs), np.log(1e5))
+    for _ in range(48):  # 1e-10 s / 1e5 s range: 48 halvings reach ~1e-13 in log
+        mid = 0.5 * (lo + hi)
+        below = cdf(np.exp(mid)) < np.asarray(qs)
+        lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
+    return np.exp(hi)
+
+
+def kpis(metrics: dict, tick_s: float, node_params, axis=None) -> dict[str, np.ndarray]:
+    """Aggregate per-tick metrics into KPIs over `axis` (None: everything); rates are per
+    node. `node_params` (one node's EnvParams, or a stack whose node axis leads the
+    metrics) gives each node's queue timeout and SLO budget for the all-arrival figures."""
     m = {k: np.asarray(v, np.float64) for k, v in metrics.items()}
+    nd = m["served"].ndim
+    per_node = lambda x: np.reshape(np.asarray(x, np.float64), np.shape(x) + (1,) * (nd - np.ndim(x)))  # noqa: E731
+    timeout_s = per_node(node_params.queue_timeout_s)
+    budget_s = per_node(e2e_budget(node_params))
     done = m["served"] + m["forwarded"]
-    attempted = done + m["dropped"]
+    arrivals = np.maximum(m["arrivals"], 0.0)
     s = lambda x: x.sum(axis=axis)  # noqa: E731
     wmean = lambda x, w: s(x * w) / np.maximum(s(w), 1e-12)  # noqa: E731
     hours = s(np.ones_like(done)) * tick_s / 3600.0
     tokens = s(m["tokens_per_s"] * tick_s)
-    return {
+    good = m["slo_attainment"] * (done + m["dropped"] + m["rejected"])
+    cost = s(m["cost_usd"])
+    # Served requests' latencies: the local ones from the tick's mean (over served and
+    # forwarded) less the forwarded share, which sits at the forwarding latency.
+    served = np.maximum(m["served"], 0.0)
+    local = lambda mean, fwd: np.where(served > 1e-9, (done * mean - m["forwarded"] * fwd) / np.maximum(served, 1e-9), mean)  # noqa: E731
+    ttft_local = np.maximum(local(m["ttft_mean_s"], m["fwd_ttft_s"]), 1e-6)
+    e2e_local = np.maximum(local(m["e2e_mean_s"], m["fwd_e2e_s"]), 1e-6)
+    e2e_all = s(done * m["e2e_mean_s"] + m["dropped"] * timeout_s + m["rejected"] * budget_s) / np.maximum(s(arrivals), 1e-12)
+    out = {
+        "goodput_rps": s(good) / (hours * 3600.0),
+        "goodput_per_usd": s(good) / np.maximum(cost, 1e-12),
+        "slo_attainment_pct": 100.0 * s(good) / np.maximum(s(arrivals), 1e-12),
+        "e2e_mean_all_ms": 1e3 * e2e_all,
         "ttft_mean_ms": 1e3 * wmean(m["ttft_mean_s"], done),
-        "ttft_p95_ms": 1e3 * wmean(m["ttft_p95_s"], m["served"]),
         "e2e_mean_ms": 1e3 * wmean(m["e2e_mean_s"], done),
-        "e2e_p95_ms": 1e3 * wmean(m["e2e_p95_s"], m["served"]),
         "throughput_rps": s(done) / (hours * 3600.0),
         "tokens_per_s": tokens / (hours * 3600.0),
-        "slo_attainment_pct": 100.0 * wmean(m["slo_attainment"], attempted),
-        "dropped_pct": 100.0 * s(m["dropped"]) / np.maximum(s(m["arrivals"]), 1e-12),
+        "dropped_pct": 100.0 * s(m["dropped"]) / np.maximum(s(arrivals), 1e-12),
+        "rejected_pct": 100.0 * s(m["rejected"]) / np.maximum(s(arrivals), 1e-12),
+        "forwarded_pct": 100.0 * s(m["forwarded"]) / np.maximum(s(arrivals), 1e-12),
         "gpu_util_pct": 100.0 * m["gpu_util"].mean(axis=axis),
         "cpu_util_pct": 100.0 * m["cpu_util"].mean(axis=axis),
         "memory_util_pct": 100.0 * m["memory_util"].mean(axis=axis),
-        "cost_usd_per_h": s(m["cost_usd"]) / hours,
-        "cost_usd_per_mtok": s(m["cost_usd"]) / np.maximum(tokens / 1e6, 1e-12),
+        "cost_usd_per_h": cost / hours,
+        "cost_usd_per_mtok": cost / np.maximum(tokens / 1e6, 1e-12),
         "quality": wmean(m["quality"], done),
         "reward": m["reward"].mean(axis=axis),
     }
+    if axis is None:  # pooled percentiles are over everything
+        fwd = m["forwarded"]
+        for name, mean, p95, fwd_s in (("ttft", ttft_local, m["ttft_p95_s"], m["fwd_ttft_s"]), ("e2e", e2e_local, m["e2e_p95_s"], m["fwd_e2e_s"])):
+            qv = mixture_quantiles(QUANTILES, served, mean, p95, (fwd,), (fwd_s,))
+            for q, v in zip(QUANTILES, qv):
+                out[f"{name}_p{round(100 * q)}_ms"] = 1e3 * v
+        dropped, rejected = m["dropped"], m["rejected"]
+        atoms_w = (fwd, dropped, rejected)
+        atoms_x = (m["fwd_e2e_s"], np.broadcast_to(timeout_s, dropped.shape), np.broadcast_to(budget_s, rejected.shape))
+        out["e2e_p95_all_ms"] = 1e3 * mixture_quantiles((0.95,), served, e2e_local, m["e2e_p95_s"], atoms_w, atoms_x)[0]
+    return out
 
 
-def cluster_kpis(metrics: dict, tick_s: float) -> dict[str, float]:
-    """Cluster-wide KPIs: rates and costs summed over nodes, the rest request-weighted;
-    averaged over seeds. `metrics` has shape (nodes, seeds, ticks)."""
-    per_seed = {k: np.swapaxes(np.asarray(v), 0, 1) for k, v in metrics.items()}  # (seeds, nodes, ticks)
-    seeds = per_seed["served"].shape[0]
-    rows = [kpis({k: v[i] for k, v in per_seed.items()}, tick_s) for i in range(seeds)]
-    nodes = per_seed["served"].shape[1]
+# Rates and costs add over a cluster's nodes; the rest is request-weighted.
+ADDITIVE = ("goodput_rps", "throughput_rps", "tokens_per_s", "cost_usd_per_h")
+
+
+def cluster_kpis(metrics: dict, tick_s: float, node_params) -> dict[str, float]:
+    """Cluster-wide KPIs from metrics of shape (nodes, seeds, ticks): rates and costs summed
+    over nodes and averaged over seeds, shares request-weighted, percentiles pooled over
+    every request of every node and seed."""
+    nodes = np.shape(metrics["served"])[0]
+    k = kpis(metrics, tick_s, node_params)
+    return {name: float(k[name]) * (nodes if name in ADDITIVE else 1) for name in KPIS}
+
+
+def region_kpis(metrics: dict, tick_s: float, node_params, names) -> dict[str, dict[str, float]]:
+    """Per-region KPIs (pooled over seeds), name -> row."""
     out = {}
-    for k in KPIS:
-        vals = np.array([r[k] for r in rows])
-        if k in ("throughput_rps", "tokens_per_s", "cost_usd_per_h"):
-            vals = vals * nodes  # kpis() averaged the rate over nodes x ticks; the cluster sums nodes
-        out[k] = float(vals.mean())
+    for i, name in enumerate(names):
+        one = jax.tree.map(lambda x: x[i], node_params)
+        k = kpis({key: np.asarray(v)[i] for key, v in metrics.items()}, tick_s, one)
+        out[name] = {key: float(k[key]) for key in KPIS}
     return out
 
 
@@ -153,13 +244,14 @@ def save_table(rows: dict[str, dict[str, float]], out_dir: Path, stem: str = "kp
 
 
 def plot_timeline(traces: dict[str, dict], tick_s: float, node_name: str, path: Path) -> None:
-    """One node over one simulated day, one line per policy: arrivals, replicas, latency, cost."""
+    """One node over one simulated day, one line per policy: arrivals, replicas, latency, cost,
+    and the shares forwarded and lost (dropped or rejected)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(4, 1, figsize=(10, 10), sharex=True)
+    fig, axes = plt.subplots(5, 1, figsize=(10, 12), sharex=True)
     first = next(iter(traces.values()))
     hours = np.arange(len(first["arrivals"])) * tick_s / 3600.0
     axes[0].plot(hours, np.asarray(first["arrivals"]) / tick_s, color="black", lw=0.8)
@@ -168,11 +260,16 @@ def plot_timeline(traces: dict[str, dict], tick_s: float, node_name: str, path: 
         axes[1].plot(hours, m["replicas_billed"], label=name, lw=1)
         axes[2].plot(hours, np.asarray(m["e2e_mean_s"]) * 1e3, label=name, lw=0.8)
         axes[3].plot(hours, np.asarray(m["cost_usd"]) * 3600.0 / tick_s, label=name, lw=1)
+        arrivals = np.maximum(np.asarray(m["arrivals"]), 1e-9)
+        axes[4].plot(hours, 100.0 * np.asarray(m["forwarded"]) / arrivals, label=f"{name} forwarded", lw=1)
+        axes[4].plot(hours, 100.0 * (np.asarray(m["dropped"]) + np.asarray(m["rejected"])) / arrivals, ls=":", lw=1, label=f"{name} dropped + rejected")
     axes[1].set_ylabel("replicas (billed)")
     axes[2].set_ylabel("mean e2e latency (ms)")
     axes[2].set_yscale("log")
     axes[3].set_ylabel("cost ($/h)")
-    axes[3].set_xlabel("hour of day (UTC)")
+    axes[4].set_ylabel("share of arrivals (%)")
+    axes[4].set_xlabel("hour of day (UTC)")
+    axes[4].legend(loc="upper left", fontsize=7)
     axes[1].legend(loc="upper left", fontsize=8)
     fig.suptitle(f"node {node_name}: one simulated day")
     fig.tight_layout()
@@ -181,20 +278,27 @@ def plot_timeline(traces: dict[str, dict], tick_s: float, node_name: str, path: 
     plt.close(fig)
 
 
-def evaluate_policies(cfg, policies: dict, scenario: str, out_dir: Path, seed: int = 0) -> dict:
+def evaluate_policies(cfg, policies: dict, scenario: str, out_dir: Path, seed: int = 0, node_params=None, num_ticks: int | None = None) -> dict:
     """Run every policy (name -> (Policy, policy_state or None, per_node)) on every node of the
-    cluster on one scenario; write the KPI table
-    (markdown/CSV/JSON) and the one-day timeline of the first node; return the rows."""
+    cluster on one scenario (or on `node_params`, e.g. replayed traces, for `num_ticks`);
+    write the cluster's and each region's KPI tables (markdown/CSV/JSON) and the one-day
+    timeline of the first node; return the cluster rows."""
     env = ServingNodeEnv(cfg.env.action_set)
-    params = cluster_params(cfg, scenario)
-    rows, traces = {}, {}
+    params = cluster_params(cfg, scenario) if node_params is None else node_params
+    num_ticks = num_ticks or cfg.env.episode_ticks
+    names = [n.name for n in cfg.cluster.nodes]
+    rows, regions, traces = {}, {}, {}
     for name, (policy, policy_state, per_node) in policies.items():
-        metrics = run_episodes(env, policy, params, jax.random.PRNGKey(seed), cfg.eval.num_seeds, cfg.env.episode_ticks, policy_state, per_node)
-        rows[name] = cluster_kpis(metrics, cfg.env.tick_s)
+        metrics = run_episodes(env, policy, params, jax.random.PRNGKey(seed), cfg.eval.num_seeds, num_ticks, policy_state, per_node)
+        rows[name] = cluster_kpis(metrics, cfg.env.tick_s, params)
+        regions[name] = region_kpis(metrics, cfg.env.tick_s, params, names)
         traces[name] = {k: np.asarray(v[0, 0]) for k, v in metrics.items()}
     save_table(rows, out_dir, f"kpis_{scenario}")
-    plot_timeline(traces, cfg.env.tick_s, cfg.cluster.nodes[0].name, out_dir / f"timeline_{scenario}.png")
-    title = f"{cfg.cluster.name}, scenario {scenario}, {cfg.eval.num_seeds} seeds x {len(cfg.cluster.nodes)} nodes x 1 day"
+    by_region = {f"{region} / {policy}": r for policy, per in regions.items() for region, r in per.items()}
+    save_table(dict(sorted(by_region.items())), out_dir, f"kpis_{scenario}_regions")
+    plot_timeline(traces, cfg.env.tick_s, names[0], out_dir / f"timeline_{scenario}.png")
+    hours = num_ticks * cfg.env.tick_s / 3600.0
+    title = f"{cfg.cluster.name}, scenario {scenario}, {cfg.eval.num_seeds} seeds x {len(names)} nodes x {hours:g} h"
     print(format_table(rows, title))
-    print(f"\nwrote {out_dir}/kpis_{scenario}.{{md,csv,json}} and timeline_{scenario}.png")
+    print(f"\nwrote {out_dir}/kpis_{scenario}.{{md,csv,json}}, kpis_{scenario}_regions.* and timeline_{scenario}.png")
     return rows
