@@ -8,7 +8,10 @@ chooses EnvParams. `TRAINING_SCENARIOS` may be used to train and tune;
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -205,6 +208,8 @@ def replay_traffic(t: TrafficParams, trace, tick_s: float, scale: float | str = 
     trace_mean_rps = series["arrivals"].sum() / (len(series["arrivals"]) * tick_s)
     if scale == "fit":
         scale = float(t.mean_rate_rps) / trace_mean_rps
+    elif isinstance(scale, str) or not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"trace scale must be a positive number or 'fit', got {scale!r}")
     f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
     return t.replace(
         replay_arrivals=f32(series["arrivals"] * scale),
@@ -217,3 +222,109 @@ def replay_traffic(t: TrafficParams, trace, tick_s: float, scale: float | str = 
         mean_rate_rps=float(trace_mean_rps * scale),
         burst_cv=0.0,
     )
+
+
+ALL_REGIONS = "*"  # a trace for every region without its own (a bare `--trace FILE`)
+
+
+@dataclasses.dataclass(frozen=True)
+class TraceReplay:
+    """One region's trace: the file, its format (None: detected), `scale` (a number, or
+    "fit": the trace's mean rate scaled to the region's configured mean) and `loop`
+    (repeat the trace to fill env.episode_ticks when it is shorter)."""
+
+    path: str
+    format: str | None = None
+    scale: float | str = 1.0
+    loop: bool = False
+
+
+class ReplayPlan(NamedTuple):
+    params: EnvParams  # stacked over the cluster's nodes
+    num_ticks: int  # the episode: as long as the longest trace (or looped to the configured episode)
+    notes: tuple[str, ...]  # what was replayed, padded, looped, rejected: for the output
+
+
+def _fit_length(x, n: int, loop: bool, pad: str) -> jax.Array:
+    """A per-tick replay array brought to `n` ticks: tiled when looping, else cut or padded
+    (`pad`: "zero" for counts and shares, "edge" for length moments, which are unused
+    where nothing arrives but must stay finite)."""
+    import numpy as np
+
+    x = np.asarray(x)
+    if loop:
+        x = np.resize(x, n)
+    elif len(x) >= n:
+        x = x[:n]
+    else:
+        x = np.pad(x, (0, n - len(x)), mode="constant" if pad == "zero" else "edge")
+    return jnp.asarray(x, jnp.float32)
+
+
+def replay_cluster_params(cfg, traces: dict, scenario: str | None = None) -> ReplayPlan:
+    """Stacked EnvParams for `cfg`'s cluster with regions driven by request traces
+    (`traces`: region name or ALL_REGIONS -> TraceReplay), from simulated time 0, and the
+    episode length in ticks. Every region of a stack shares one replay length: a trace
+    shorter than the episode gets zero arrivals after its end (unless it loops); a region
+    without a trace runs `scenario` (default eval.scenario) for the episode. A traced
+    region starts with the allocation sized for its replayed mean rate; its reward
+    references (rate, cost) stay the region's configured ones."""
+    from aro_jax.envs.trace import load_trace
+
+    names = [n.name for n in cfg.cluster.nodes]
+    unknown = [k for k in traces if k != ALL_REGIONS and k not in names]
+    if unknown:
+        raise ValueError(f"a trace is given for region {unknown[0]!r}, which the cluster {cfg.cluster.name!r} does not have; its regions are {', '.join(names)}")
+    if not traces:
+        raise ValueError("no trace given: pass a trace file for every region or REGION=FILE pairs")
+    base = cluster_params(cfg, "train")
+    tick_s = float(cfg.env.tick_s)
+    scenario = scenario or cfg.eval.scenario
+    loaded, nodes, notes = {}, [], {}
+    for i, name in enumerate(names):
+        p = jax.tree.map(lambda x, i=i: x[i], base)
+        spec = traces.get(name, traces.get(ALL_REGIONS))
+        if spec is None:
+            nodes.append((name, None, 0, apply_scenario(p, scenario, cfg.env.data_dir)))
+            continue
+        key = (str(Path(spec.path).absolute()), spec.format)
+        if key not in loaded:
+            loaded[key] = load_trace(spec.path, spec.format)
+        trace = loaded[key]
+        p = p.replace(random_start=0.0, start_time_s=0.0)
+        t = replay_traffic(p.traffic, trace, tick_s, spec.scale, spec.loop)
+        sized = _with_static_sizing(p.replace(traffic=t))
+        p = sized.replace(cost_ref_usd_per_h=p.cost_ref_usd_per_h, rate_ref_rps=p.rate_ref_rps)
+        n = int(t.replay_arrivals.shape[0])
+        nodes.append((name, spec, n, p))
+        over = int((trace.input_tokens > float(t.max_context_tokens)).sum())
+        scale = "fit" if spec.scale == "fit" else f"{float(spec.scale):g}"
+        notes[name] = (
+            f"region {name}: {trace.format} trace {os.path.normpath(trace.source)}, {trace.num_requests} requests over "
+            f"{trace.duration_s:.0f} s = {n} ticks; scale {scale}: mean {float(t.mean_rate_rps):.3g} req/s"
+            + (f" (the region's configured mean)" if spec.scale == "fit" else "")
+            + f"; {over} ({100.0 * over / trace.num_requests:.1f} %) longer than the "
+            f"{float(t.max_context_tokens):.0f}-token context, rejected"
+        )
+    traced = [(n, s) for _, s, n, _ in nodes if s is not None]
+    num_ticks = max(max(n, cfg.env.episode_ticks) if s.loop else n for n, s in traced)
+    stacked = []
+    for name, spec, n, p in nodes:
+        loop = spec is not None and spec.loop
+        t = p.traffic
+        if spec is None:
+            notes[name] = f"region {name}: no trace; runs scenario {scenario} from Monday 00:00 UTC"
+        elif loop and num_ticks > n:
+            notes[name] += f"; looped {num_ticks / n:.2f} times to fill env.episode_ticks"
+        elif loop:
+            notes[name] += f"; not looped: the trace covers env.episode_ticks ({cfg.env.episode_ticks})"
+        elif num_ticks > n:
+            notes[name] += f"; padded with {num_ticks - n} ticks of zero arrivals to the stack's {num_ticks} ticks"
+        t = t.replace(
+            replay_arrivals=_fit_length(t.replay_arrivals, num_ticks, loop, "zero"),
+            replay_rejected_share=_fit_length(t.replay_rejected_share, num_ticks, loop, "zero"),
+            **{f: _fit_length(getattr(t, f), num_ticks, loop, "edge") for f in (
+                "replay_input_log_mean", "replay_input_log_sd", "replay_output_log_mean", "replay_output_log_sd")},
+        )
+        stacked.append(p.replace(traffic=t, max_steps_in_episode=num_ticks))
+    return ReplayPlan(stack_params(stacked), int(num_ticks), tuple(notes[name] for name in names))

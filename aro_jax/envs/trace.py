@@ -1,17 +1,25 @@
 """Loading and summarising real request traces (pure numpy, no JAX).
 
-The expected CSV layout is the Azure LLM inference trace
-(``TIMESTAMP,ContextTokens,GeneratedTokens``); extra columns are ignored.
+Formats (`load_trace(path, fmt)`; detected from the header or first line when `fmt` is None):
+- ``azure``: the Azure LLM inference CSVs, 2023 (one hour) and 2024 (one week):
+  ``TIMESTAMP,ContextTokens,GeneratedTokens``; timestamps are date-times (2024's carry a
+  UTC offset) or seconds.
+- ``burstgpt``: BurstGPT CSV ``Timestamp,Model,Request tokens,Response tokens,Total
+  tokens,Log Type``; Timestamp in seconds from the trace's start. Failed requests (0
+  response tokens) are kept: they arrived all the same.
+- ``mooncake``: JSON lines with ``timestamp`` (ms), ``input_length``, ``output_length``.
+Extra columns or keys are ignored. Times must be sorted (equal times are fine).
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from fractions import Fraction
 from pathlib import Path
 
@@ -23,12 +31,34 @@ OUTPUT_COL = "GeneratedTokens"
 REQUIRED_COLUMNS = (TIME_COL, INPUT_COL, OUTPUT_COL)
 
 _EPOCH = datetime(1970, 1, 1)
-_DATETIME_RE = re.compile(r"(\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}:\d{2})(?:\.(\d+))?")
+_DATETIME_RE = re.compile(
+    r"(\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}:\d{2})(?:\.(\d+))?\s*(Z|[+-]\d{2}:?\d{2})?", re.IGNORECASE
+)
 _INT_RE = re.compile(r"-?\d+")
 
 
 class TraceFormatError(ValueError):
     """A trace file that cannot be used; the message names file, line and fix."""
+
+
+@dataclass(frozen=True)
+class _CsvFormat:
+    name: str
+    columns: tuple[str, str, str]  # time, input tokens, output tokens
+    time_help: str  # what a valid time looks like
+    datetimes: bool  # whether date-time timestamps are allowed besides seconds
+
+
+_AZURE = _CsvFormat("azure", REQUIRED_COLUMNS, "'YYYY-MM-DD HH:MM:SS[.fraction][+HH:MM]' or seconds as a number", True)
+_BURSTGPT = _CsvFormat("burstgpt", ("Timestamp", "Request tokens", "Response tokens"), "seconds from the trace's start as a number", False)
+MOONCAKE_KEYS = ("timestamp", "input_length", "output_length")
+FORMATS = ("azure", "burstgpt", "mooncake")
+_EXPECTED = {
+    "azure": f"an Azure LLM inference CSV with columns {','.join(_AZURE.columns)}",
+    "burstgpt": f"a BurstGPT CSV with columns {','.join(_BURSTGPT.columns)} (and Model, Total tokens, Log Type)",
+    "mooncake": f"Mooncake JSON lines, one object per line with keys {', '.join(MOONCAKE_KEYS)} (timestamp in ms)",
+}
+_ANY_FORMAT = "; or ".join(_EXPECTED.values())
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: element-wise array equality has no bool
@@ -37,6 +67,7 @@ class RequestTrace:
     input_tokens: np.ndarray  # int64
     output_tokens: np.ndarray  # int64
     source: str
+    format: str = "azure"
 
     def __post_init__(self):
         n = len(self.arrival_s)
@@ -64,20 +95,30 @@ class RequestTrace:
         return self.num_requests / d if d > 0 else math.nan
 
 
+def _parse_seconds(text: str) -> Fraction:
+    # float() rejects forms Fraction would take (e.g. "1/2"); finiteness is checked too.
+    if not math.isfinite(float(text)):
+        raise ValueError(text)
+    return Fraction(text.strip())
+
+
 def _parse_timestamp(text: str) -> Fraction:
-    """Exact seconds: the trace has 7 fractional digits, beyond datetime's 6,
-    and float64 epoch seconds would lose the last digit."""
+    """Exact seconds: the 2023 trace has 7 fractional digits, beyond datetime's 6,
+    and float64 epoch seconds would lose the last digit. A UTC offset (2024 trace)
+    is applied, so timestamps in different offsets compare correctly."""
     text = text.strip()
     m = _DATETIME_RE.fullmatch(text)
     if m:
         whole = datetime.strptime(m.group(1).replace("T", " "), "%Y-%m-%d %H:%M:%S")
+        offset = m.group(3)
+        if offset and offset.upper() != "Z":
+            sign = -1 if offset[0] == "-" else 1
+            hh, mm = int(offset[1:3]), int(offset[-2:])
+            whole -= sign * timedelta(hours=hh, minutes=mm)
         seconds = Fraction(int((whole - _EPOCH).total_seconds()))
         frac = m.group(2) or "0"
         return seconds + Fraction(int(frac), 10 ** len(frac))
-    # float() rejects forms Fraction would take (e.g. "1/2"); finiteness is checked too.
-    if not math.isfinite(float(text)):
-        raise ValueError(text)
-    return Fraction(text)
+    return _parse_seconds(text)
 
 
 def _parse_tokens(text: str, where: str, column: str) -> int:
@@ -94,7 +135,7 @@ def _parse_tokens(text: str, where: str, column: str) -> int:
     return value
 
 
-def _read_text(path: Path) -> str:
+def _read_text(path: Path, expected: str = _EXPECTED["azure"]) -> str:
     """The file as text, or a TraceFormatError naming the line of the first byte that is
     not UTF-8 (binary files, latin-1 exports)."""
     data = path.read_bytes()
@@ -106,47 +147,110 @@ def _read_text(path: Path) -> str:
         raise TraceFormatError(
             f"{path} line {line}: byte 0x{data[e.start]:02x} is not UTF-8 text "
             f"(a binary file, or another encoding such as latin-1); expected a UTF-8 "
-            f"CSV file with columns {','.join(REQUIRED_COLUMNS)}"
+            f"text file: {expected}"
         ) from None
+
+
+def _check_file(path) -> Path:
+    path = Path(path).absolute()
+    if path.is_dir():
+        raise FileNotFoundError(f"{path}: is a directory, not a trace file; pass the trace file itself")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: trace file not found; expected {_ANY_FORMAT}")
+    return path
 
 
 def load_trace_csv(path) -> RequestTrace:
-    """Read a trace CSV, validating every row; raise TraceFormatError on bad content.
-    Messages name the file (full path), the line and what was expected."""
-    path = Path(path).absolute()
-    name = str(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: trace file not found; expected a CSV file with columns "
-            f"{','.join(REQUIRED_COLUMNS)}"
-        )
-    text = _read_text(path)
+    """Read an Azure trace CSV, validating every row; raise TraceFormatError on bad
+    content. Messages name the file (full path), the line and what was expected."""
+    return load_trace(path, "azure")
+
+
+def load_trace(path, fmt: str | None = None) -> RequestTrace:
+    """Read a request trace of any supported format (`FORMATS`; None or "auto": detected
+    from the header or first line), validating every record. Raises FileNotFoundError or
+    TraceFormatError, naming the file (full path), the line, the problem and the fix."""
+    if fmt in (None, "auto"):
+        path = _check_file(path)
+        text = _read_text(path, _ANY_FORMAT)
+        fmt = detect_format(text, str(path))
+    elif fmt not in FORMATS:
+        raise ValueError(f"unknown trace format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    else:
+        path = _check_file(path)
+        text = _read_text(path, _EXPECTED[fmt])
+    if fmt == "mooncake":
+        return _parse_jsonl(text, path)
+    spec = _AZURE if fmt == "azure" else _BURSTGPT
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
-        return _parse(reader, name, path)
+        return _parse_csv(reader, str(path), path, spec)
     except csv.Error as e:  # NUL bytes, fields over the size limit, ...
         raise TraceFormatError(
-            f"{name} line {reader.line_num}: not a CSV row ({e}); expected a CSV file "
-            f"with columns {','.join(REQUIRED_COLUMNS)}"
+            f"{path} line {reader.line_num}: not a CSV row ({e}); expected {_EXPECTED[fmt]}"
         ) from None
 
 
-def _parse(reader, name: str, path: Path) -> RequestTrace:
+def detect_format(text: str, name: str) -> str:
+    """The format of a trace file's text, from its first non-blank line."""
+    nul = text.find("\x00")
+    if nul >= 0:
+        raise TraceFormatError(
+            f"{name} line {text.count(chr(10), 0, nul) + 1}: NUL byte (a binary file, not a "
+            f"text trace); expected {_ANY_FORMAT}"
+        )
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            return "mooncake"
+        header = {h.strip().casefold() for h in next(csv.reader([line]), [])}
+        for spec in (_AZURE, _BURSTGPT):
+            if all(c.casefold() in header for c in spec.columns):
+                return spec.name
+        raise TraceFormatError(
+            f"{name} line {lineno}: cannot tell the trace format from {_one_line(line)!r}; "
+            f"expected {_ANY_FORMAT}. If it is one of these with other column names, rename "
+            f"them; pass the format (--trace-format azure|burstgpt|mooncake) to see what is "
+            f"missing"
+        )
+    raise TraceFormatError(f"{name}: file is empty; expected {_ANY_FORMAT}")
+
+
+def _one_line(text: str, limit: int = 120) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _unsorted(where: str, what: str, raw, prev_raw) -> TraceFormatError:
+    return TraceFormatError(
+        f"{where}: {what} {raw!r} is earlier than the previous row's {prev_raw!r}; expected "
+        f"timestamps sorted non-decreasingly (sort the file by time before replaying it)"
+    )
+
+
+def _parse_csv(reader, name: str, path: Path, spec: _CsvFormat) -> RequestTrace:
     times, inputs, outputs = [], [], []
+    time_col, input_col, output_col = spec.columns
     header = next(reader, None)
+    while header is not None and not header:  # blank lines before the header
+        header = next(reader, None)
     if header is None:
         raise TraceFormatError(
-            f"{name}: file is empty; expected a header line {','.join(REQUIRED_COLUMNS)}"
+            f"{name}: file is empty; expected a header line {','.join(spec.columns)}"
         )
     header = [h.strip() for h in header]
-    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    folded = [h.casefold() for h in header]
+    missing = [c for c in spec.columns if c.casefold() not in folded]
     if missing:
         raise TraceFormatError(
             f"{name} line {reader.line_num}: missing required column(s) "
             f"{', '.join(missing)} (found columns: {', '.join(header)}); "
-            f"expected {', '.join(REQUIRED_COLUMNS)}"
+            f"expected {', '.join(spec.columns)}"
         )
-    idx = {c: header.index(c) for c in REQUIRED_COLUMNS}
+    idx = {c: folded.index(c.casefold()) for c in spec.columns}
+    header_line = reader.line_num
+    parse_time = _parse_timestamp if spec.datetimes else _parse_seconds
     prev_raw = None
     for row in reader:
         if not row:  # csv yields [] for blank lines
@@ -157,34 +261,85 @@ def _parse(reader, name: str, path: Path) -> RequestTrace:
                 f"{where}: row has {len(row)} fields; expected {len(header)} "
                 f"({', '.join(header)})"
             )
-        raw_t = row[idx[TIME_COL]]
+        raw_t = row[idx[time_col]]
         try:
-            t = _parse_timestamp(raw_t)
+            t = parse_time(raw_t)
         except ValueError:
             raise TraceFormatError(
-                f"{where}: {TIME_COL} {raw_t!r} is not a valid timestamp; expected "
-                f"'YYYY-MM-DD HH:MM:SS[.fraction]' or seconds as a number"
+                f"{where}: {time_col} {raw_t!r} is not a valid timestamp; expected "
+                f"{spec.time_help}"
             ) from None
         if times and t < times[-1]:
-            raise TraceFormatError(
-                f"{where}: {TIME_COL} {raw_t!r} is earlier than the previous row's "
-                f"{prev_raw!r}; expected timestamps sorted non-decreasingly"
-            )
+            raise _unsorted(where, time_col, raw_t, prev_raw)
         prev_raw = raw_t
         times.append(t)
-        inputs.append(_parse_tokens(row[idx[INPUT_COL]], where, INPUT_COL))
-        outputs.append(_parse_tokens(row[idx[OUTPUT_COL]], where, OUTPUT_COL))
+        inputs.append(_parse_tokens(row[idx[input_col]], where, input_col))
+        outputs.append(_parse_tokens(row[idx[output_col]], where, output_col))
     if not times:
         raise TraceFormatError(
-            f"{name} line 1: header found but no data rows; expected at least one request"
+            f"{name} line {header_line}: header found but no data rows; expected at least one request"
         )
+    return _trace(times, inputs, outputs, path, spec.name)
+
+
+def _trace(times, inputs, outputs, path: Path, fmt: str) -> RequestTrace:
     t0 = times[0]
     return RequestTrace(
         arrival_s=np.array([float(t - t0) for t in times], dtype=np.float64),
         input_tokens=np.array(inputs, dtype=np.int64),
         output_tokens=np.array(outputs, dtype=np.int64),
         source=str(path),
+        format=fmt,
     )
+
+
+def _json_int(value, where: str, key: str) -> int:
+    # bool is an int subclass in Python; `true` is not a token count.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TraceFormatError(
+            f"{where}: {key} {json.dumps(value)} is not an integer; expected a non-negative integer"
+        )
+    if value < 0:
+        raise TraceFormatError(
+            f"{where}: {key} {value} is negative; expected a non-negative integer"
+        )
+    return value
+
+
+def _parse_jsonl(text: str, path: Path) -> RequestTrace:
+    times, inputs, outputs = [], [], []
+    expected = f"expected {_EXPECTED['mooncake']}"
+    prev_raw = None
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        where = f"{path} line {lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TraceFormatError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); {expected}") from None
+        if not isinstance(obj, dict):
+            raise TraceFormatError(f"{where}: a JSON {type(obj).__name__}, not an object; {expected}")
+        missing = [k for k in MOONCAKE_KEYS if k not in obj]
+        if missing:
+            raise TraceFormatError(
+                f"{where}: missing key(s) {', '.join(missing)} (found keys: {', '.join(map(str, obj)) or 'none'}); {expected}"
+            )
+        raw_t = obj["timestamp"]
+        if isinstance(raw_t, bool) or not isinstance(raw_t, (int, float)) or not math.isfinite(raw_t):
+            raise TraceFormatError(
+                f"{where}: timestamp {json.dumps(raw_t)} is not a valid timestamp; expected milliseconds as a finite number"
+            )
+        t = Fraction(raw_t) / 1000
+        if times and t < times[-1]:
+            raise _unsorted(where, "timestamp", raw_t, prev_raw)
+        prev_raw = raw_t
+        times.append(t)
+        inputs.append(_json_int(obj["input_length"], where, "input_length"))
+        outputs.append(_json_int(obj["output_length"], where, "output_length"))
+    if not times:
+        raise TraceFormatError(f"{path}: file is empty; {expected}")
+    return _trace(times, inputs, outputs, path, "mooncake")
 
 
 def resample_rates(
