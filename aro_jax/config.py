@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +26,19 @@ from aro_jax.federated.fedppo import FederatedConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
+DATA_DIR_ENV = "ARO_DATA_DIR"
+# The data directory beside the checkout (../shared/data from the repository root), the
+# value configs written before paths resolved against their file still carry.
+_LEGACY_DATA_DIR = "../shared/data"
+TRACE_KEYS = ("path", "format", "scale", "loop")
+
+
+def default_data_dir() -> str:
+    """$ARO_DATA_DIR, else ../shared/data beside the repository: never the current directory."""
+    env = os.environ.get(DATA_DIR_ENV)
+    if env:
+        return str(Path(env).expanduser().absolute())
+    return str((Path(__file__).resolve().parents[1] / _LEGACY_DATA_DIR).resolve())
 
 
 class ConfigError(ValueError):
@@ -56,7 +70,9 @@ class EnvConfig:
     episode_ticks: int = 2880  # one simulated day
     num_clusters: int = 16  # simulated clusters per node, stepped in parallel
     scenario: str = "diurnal"
-    data_dir: str = "../shared/data"  # holds traces/ for trace-replay scenarios
+    # Holds traces/ for trace-replay scenarios; relative paths resolve against the config
+    # file that sets them (an override: the current directory); default: default_data_dir().
+    data_dir: str = field(default_factory=default_data_dir)
     # "gpu-cloud" (GPU-only prices, CPU/memory as components) or "hyperscaler" (AWS
     # on-demand instance prices, which cover CPU/memory): aro_jax.envs.hardware.PRICE_SETS
     prices: str = "gpu-cloud"
@@ -122,6 +138,10 @@ class ExperimentConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # Request traces `aro evaluate` replays: region name (or "*" for every region without
+    # its own) -> a file path, or {path, format, scale, loop} (scenarios.TraceReplay).
+    # Relative paths resolve against the config file that names them.
+    traces: dict[str, Any] = field(default_factory=dict)
 
 
 def _one_line(text: str, limit: int = 300) -> str:
@@ -154,6 +174,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> Any:
         raise ConfigError(f"{path}{included_from}: not valid YAML: {_yaml_problem(e)}") from e
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"{path}{included_from}: expected a mapping of config keys at the top level")
+    _resolve_paths(cfg, path.parent)
     includes = cfg.pop("include", [])
     if isinstance(includes, str):
         includes = [includes]
@@ -163,6 +184,32 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> Any:
             raise ConfigError(f"{path}: include entries must be file paths, got {inc!r}")
         merged = OmegaConf.merge(merged, _read_yaml(path.parent / inc, seen + (path,)))
     return OmegaConf.merge(merged, cfg)
+
+
+def _resolve_paths(cfg: DictConfig, base: Path) -> None:
+    """Relative file paths of one config file (env.data_dir, traces) made absolute against
+    the file's directory, so a config works from any current directory."""
+    def resolve(value):
+        if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
+            return value
+        return str((base / Path(value).expanduser()).resolve())
+
+    env = cfg.get("env")
+    if isinstance(env, DictConfig) and isinstance(env.get("data_dir"), str):
+        resolved = resolve(env.data_dir)
+        # Run directories' config.yaml files written before this rule name the old default;
+        # it meant the data beside the checkout, not beside the run.
+        if env.data_dir == _LEGACY_DATA_DIR and not Path(resolved).is_dir():
+            resolved = default_data_dir()
+        env.data_dir = resolved
+    traces = cfg.get("traces")
+    if isinstance(traces, DictConfig):
+        for region in list(traces.keys()):
+            entry = traces[region]
+            if isinstance(entry, str):
+                traces[region] = resolve(entry)
+            elif isinstance(entry, DictConfig) and isinstance(entry.get("path"), str):
+                entry.path = resolve(entry.path)
 
 
 # Numbers as YAML 1.1 leaves them: `5e6` (no dot, no exponent sign) is a string, and a
@@ -248,6 +295,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), extra
             parsed = _coerce_numbers(parsed, kind) if kind is not None else parsed
             OmegaConf.update(cfg, key.strip(), parsed, merge=True)
         obj = OmegaConf.to_object(cfg)
+        # What is still relative came from an override: relative to the current directory.
+        obj.env.data_dir = str(Path(obj.env.data_dir).expanduser().absolute())
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"
         raise ConfigError(f"config key '{key}': {_one_line(str(e).splitlines()[0] if str(e) else type(e).__name__)}") from e
@@ -333,12 +382,59 @@ def validate(cfg: ExperimentConfig) -> None:
     require(updates >= t.num_chunks, "train.total_env_steps",
             f"{t.total_env_steps} steps give {updates} PPO updates of {batch} transitions, fewer than train.num_chunks={t.num_chunks}")
 
+    trace_entries(cfg)
+
     from aro_jax.envs.heuristics import HEURISTICS
 
     require(cfg.eval.num_seeds >= 1, "eval.num_seeds", f"must be >= 1, got {cfg.eval.num_seeds}")
     require(cfg.eval.scenario in scenarios.SCENARIOS, "eval.scenario", f"must be one of {list(scenarios.SCENARIOS)}")
     for b in cfg.eval.baselines:
         require(b in HEURISTICS, "eval.baselines", f"unknown baseline {b!r}; choose from {sorted(HEURISTICS)}")
+
+
+def parse_trace_scale(value, key: str) -> float | str:
+    """A trace scale: a positive finite number, or "fit" (ConfigError naming `key`)."""
+    if isinstance(value, str) and value.strip().lower() == "fit":
+        return "fit"
+    number = _as_number(value.strip() if isinstance(value, str) else value, float)
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or not (math.isfinite(number) and number > 0):
+        raise ConfigError(f"{key}: trace scale must be a positive number or 'fit', got {value!r}")
+    return float(number)
+
+
+def trace_entries(cfg: ExperimentConfig) -> dict[str, dict]:
+    """The `traces:` map checked and normalised: region (or "*") -> {path (absolute),
+    format, scale, loop}, with None where the entry leaves a setting to the command line.
+    Raises ConfigError naming the key."""
+    from aro_jax.envs.trace import FORMATS
+
+    names = [n.name for n in cfg.cluster.nodes]
+    out = {}
+    for region, entry in (cfg.traces or {}).items():
+        key = f"traces.{region}"
+        if region != "*" and region not in names:
+            raise ConfigError(f"config key '{key}': the cluster {cfg.cluster.name!r} has no region {region!r}; its regions are {', '.join(names)} (or '*' for every region)")
+        if isinstance(entry, str):
+            entry = {"path": entry}
+        if not isinstance(entry, dict):
+            raise ConfigError(f"config key '{key}': expected a trace file path or a mapping with keys {', '.join(TRACE_KEYS)}, got {entry!r}")
+        unknown = [k for k in entry if k not in TRACE_KEYS]
+        if unknown:
+            raise ConfigError(f"config key '{key}.{unknown[0]}': unknown trace setting; expected {', '.join(TRACE_KEYS)}")
+        path = entry.get("path")
+        if not isinstance(path, str) or not path.strip():
+            raise ConfigError(f"config key '{key}.path': a trace file path is required, got {path!r}")
+        fmt = entry.get("format")
+        if fmt is not None and fmt not in (*FORMATS, "auto"):
+            raise ConfigError(f"config key '{key}.format': must be one of {', '.join(FORMATS)} or auto, got {fmt!r}")
+        scale = entry.get("scale")
+        if scale is not None:
+            scale = parse_trace_scale(scale, f"config key '{key}.scale'")
+        loop = entry.get("loop")
+        if loop is not None and not isinstance(loop, bool):
+            raise ConfigError(f"config key '{key}.loop': must be true or false, got {loop!r}")
+        out[region] = {"path": str(Path(path).expanduser().absolute()), "format": None if fmt == "auto" else fmt, "scale": scale, "loop": loop}
+    return out
 
 
 def _floats(obj, key: str = ""):
@@ -380,6 +476,8 @@ def check_data(cfg: ExperimentConfig, keys: tuple[str, ...] = ("env.scenario", "
 def _validate_federated(cfg: ExperimentConfig, require) -> None:
     fed, n = cfg.federated, len(cfg.cluster.nodes)
     require(fed.mode in ("centralized", "federated", "local"), "federated.mode", f"must be centralized, federated or local, got {fed.mode!r}")
+    require(0 < fed.dp_delta < 1, "federated.dp_delta", f"must be in (0, 1), got {fed.dp_delta}")
+    _validate_segment_dp(cfg, require)
     if fed.mode == "centralized":
         return  # the other federated settings do not apply
     from aro_jax.federated import aggregators, attacks
@@ -403,7 +501,20 @@ def _validate_federated(cfg: ExperimentConfig, require) -> None:
     require(fed.dp_noise_multiplier == 0 or fed.dp_clip_norm > 0, "federated.dp_clip_norm", "noise needs a clip norm > 0 (the noise std is noise_multiplier x clip_norm)")
     require(fed.dp_noise_multiplier == 0 or fed.dp_stats_clip_norm > 0, "federated.dp_stats_clip_norm",
             "DP noise on the observation statistics needs their clip norm > 0")
-    require(0 < fed.dp_delta < 1, "federated.dp_delta", f"must be in (0, 1), got {fed.dp_delta}")
+    require(fed.dp_mechanism in ("local", "central"), "federated.dp_mechanism", f"must be local or central, got {fed.dp_mechanism!r}")
+    require(0 < fed.dp_node_sampling <= 1, "federated.dp_node_sampling", f"must be a rate in (0, 1], got {fed.dp_node_sampling}")
+    if fed.mode == "federated" and fed.dp_noise_multiplier > 0:
+        # Region unit: N = regions; delta must be below 1 / N (else "leak one region" is allowed).
+        require(fed.dp_delta < 1 / n, "federated.dp_delta", f"{fed.dp_delta} is not below 1/N = 1/{n} for the region unit (N = regions)")
+        if fed.dp_mechanism == "central":
+            from aro_jax.federated import privacy
+
+            try:
+                privacy.check_central(fed.aggregator, fed.pre_aggregators)
+            except ValueError as e:
+                require(False, "federated.aggregator" if fed.aggregator not in privacy.CENTRAL_SENSITIVITY else "federated.pre_aggregators", str(e))
+    require(fed.dp_node_sampling == 1 or (fed.dp_mechanism == "central" and fed.dp_noise_multiplier > 0), "federated.dp_node_sampling",
+            "sampling regions (< 1) needs dp_mechanism central with noise: under local noise the server sees which regions sent, so sampling amplifies nothing against it")
     require(fed.devices >= 1 and n % fed.devices == 0, "federated.devices", f"must divide the {n} nodes, got {fed.devices}")
     if fed.mode != "centralized":
         batch = cfg.ppo.rollout_steps * cfg.env.num_clusters * n
@@ -418,3 +529,28 @@ def num_updates(cfg: ExperimentConfig) -> int:
     batch = cfg.ppo.rollout_steps * cfg.env.num_clusters * len(cfg.cluster.nodes)
     per_chunk = cfg.train.total_env_steps // batch // cfg.train.num_chunks
     return per_chunk * cfg.train.num_chunks
+
+
+def segment_pool(cfg: ExperimentConfig) -> int:
+    """Segments (simulated clusters) in one learner's pool: a region's clusters, or every
+    region's in centralized mode (one learner on pooled data)."""
+    return cfg.env.num_clusters * (len(cfg.cluster.nodes) if cfg.federated.mode == "centralized" else 1)
+
+
+def _validate_segment_dp(cfg: ExperimentConfig, require) -> None:
+    """Record-level DP (DP-SGD over segments, unit one simulated cluster-day)."""
+    fed = cfg.federated
+    c, s, q = fed.segment_dp_clip_norm, fed.segment_dp_noise_multiplier, fed.segment_dp_sampling_rate
+    require(c >= 0 and s >= 0, "federated.segment_dp_noise_multiplier", "segment_dp_clip_norm and segment_dp_noise_multiplier must be >= 0")
+    require(s == 0 or c > 0, "federated.segment_dp_clip_norm", "noise needs a clip norm > 0 (the noise std is noise_multiplier x clip_norm)")
+    require(0 <= q <= 1, "federated.segment_dp_sampling_rate", f"must be a rate in (0, 1] (0: 1 / ppo.num_minibatches), got {q}")
+    if c == 0:
+        return
+    require(not cfg.ppo.normalize_obs, "ppo.normalize_obs",
+            "must be false under DP-SGD (federated.segment_dp_clip_norm > 0): the running normaliser pools every segment's observations without noise "
+            "(observations are already divided by each region's public observation scale)")
+    require(cfg.objective.kind == "paper", "objective.kind",
+            "DP-SGD needs the paper objective: the slo objective's Lagrange multipliers are updated from every segment's costs without noise")
+    n = segment_pool(cfg)
+    if s > 0:
+        require(fed.dp_delta < 1 / n, "federated.dp_delta", f"{fed.dp_delta} is not below 1/N = 1/{n} for the segment unit (N = segments in a learner's pool)")
