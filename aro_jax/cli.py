@@ -42,13 +42,68 @@ def cmd_evaluate(args) -> int:
     config = Path(args.checkpoint) / "config.yaml" if args.checkpoint and not (args.config or args.cluster) else args.config
     cfg = load_config(config, overrides, [args.cluster] if args.cluster else [])
     check_data(cfg, ("eval.scenario",))
+    plan = _replay_plan(cfg, args)  # reads every trace file before anything compiles
     names = args.policy or ([] if args.checkpoint else cfg.eval.baselines)
     policies.update(_heuristic_policies(cfg, names))
     out = Path(args.out or (Path(args.checkpoint) / "eval" if args.checkpoint else "runs/eval"))
     from aro_jax.training.evaluation import evaluate_policies
 
-    evaluate_policies(cfg, policies, cfg.eval.scenario, out)
+    if plan is None:
+        evaluate_policies(cfg, policies, cfg.eval.scenario, out)
+        return 0
+    name, plan = plan
+    for note in plan.notes:
+        print(f"replay: {note}")
+    print(f"replay: episode of {plan.num_ticks} ticks of {cfg.env.tick_s:g} s ({plan.num_ticks * cfg.env.tick_s / 3600.0:.3g} h) from simulated time 0\n")
+    evaluate_policies(cfg, policies, name, out, node_params=plan.params, num_ticks=plan.num_ticks)
     return 0
+
+
+def _replay_plan(cfg, args):
+    """(output name, scenarios.ReplayPlan) of the traces to replay (--trace flags over the
+    config's traces: map), or None when there are none. A bare --trace FILE replaces the
+    map for every region; REGION=FILE sets one region. The flags' format, scale and loop
+    apply to every trace whose config entry does not set its own."""
+    import re
+
+    from aro_jax.config import ConfigError, parse_trace_scale, trace_entries
+    from aro_jax.envs import scenarios
+
+    scale = parse_trace_scale(args.trace_scale, "--trace-scale") if args.trace_scale is not None else None
+    entries = trace_entries(cfg)
+    regions = [n.name for n in cfg.cluster.nodes]
+    given = {}
+    for value in args.trace or []:
+        region, sep, path = value.partition("=")
+        if sep and region in regions:
+            given[region] = path
+        elif sep and not Path(value).is_file():
+            raise ConfigError(f"--trace {value}: the cluster {cfg.cluster.name!r} has no region {region!r}; give REGION=FILE with one of {', '.join(regions)}, or a bare FILE for every region")
+        else:
+            given[scenarios.ALL_REGIONS] = value
+    if scenarios.ALL_REGIONS in given:  # a bare file is every region's trace
+        entries = {}
+    for region, path in given.items():
+        origin = f"--trace {path}" if region == scenarios.ALL_REGIONS else f"--trace {region}={path}"
+        entries[region] = {"path": str(Path(path).expanduser().absolute()), "format": None, "scale": None, "loop": None, "origin": origin}
+    if not entries:
+        if args.trace_format or args.trace_scale is not None or args.trace_loop:
+            raise ConfigError("--trace-format, --trace-scale and --trace-loop apply to replayed traces: give --trace FILE (or a traces: map in the config)")
+        return None
+    specs = {
+        region: scenarios.TraceReplay(
+            path=e["path"],
+            format=e["format"] or (None if args.trace_format in (None, "auto") else args.trace_format),
+            scale=e["scale"] if e["scale"] is not None else (scale if scale is not None else 1.0),
+            loop=e["loop"] if e["loop"] is not None else bool(args.trace_loop),
+            origin=e.get("origin", f"config key 'traces.{region}'"),
+        )
+        for region, e in entries.items()
+    }
+    plan = scenarios.replay_cluster_params(cfg, specs)
+    files = {s.path for s in specs.values()}
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(next(iter(files))).stem) if len(files) == 1 else ""
+    return (f"replay-{stem}" if stem else "replay"), plan
 
 
 def _config_args(args):
@@ -233,6 +288,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cluster", help="YAML file with a top-level 'cluster:' key")
     p.add_argument("--config", help="experiment YAML (default: embedded default.yaml)")
     p.add_argument("--out", help="output directory")
+    p.add_argument("--trace", action="append", metavar="[REGION=]FILE",
+                   help="replay a request trace (repeatable): FILE for every region, REGION=FILE for one; the episode is as long as the longest trace (shorter ones end in zero arrivals); regions without a trace run --scenario")
+    p.add_argument("--trace-format", choices=["auto", "azure", "burstgpt", "mooncake"], help="trace file format (default: detected from the header or first line)")
+    p.add_argument("--trace-scale", help="multiply the trace's arrivals by this number, or 'fit': scale its mean rate to the region's configured mean_rate_rps (default 1: the trace's own rates)")
+    p.add_argument("--trace-loop", action="store_true", help="repeat a trace shorter than env.episode_ticks to fill it (default: no looping)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.num_seeds=16")
     p.set_defaults(func=cmd_evaluate)
 

@@ -237,6 +237,7 @@ class TraceReplay:
     format: str | None = None
     scale: float | str = 1.0
     loop: bool = False
+    origin: str = ""  # where it was given (a config key, a flag): prefixes a file's errors
 
 
 class ReplayPlan(NamedTuple):
@@ -269,7 +270,7 @@ def replay_cluster_params(cfg, traces: dict, scenario: str | None = None) -> Rep
     without a trace runs `scenario` (default eval.scenario) for the episode. A traced
     region starts with the allocation sized for its replayed mean rate; its reward
     references (rate, cost) stay the region's configured ones."""
-    from aro_jax.envs.trace import load_trace
+    from aro_jax.envs.trace import TraceFormatError, load_trace
 
     names = [n.name for n in cfg.cluster.nodes]
     unknown = [k for k in traces if k != ALL_REGIONS and k not in names]
@@ -289,7 +290,12 @@ def replay_cluster_params(cfg, traces: dict, scenario: str | None = None) -> Rep
             continue
         key = (str(Path(spec.path).absolute()), spec.format)
         if key not in loaded:
-            loaded[key] = load_trace(spec.path, spec.format)
+            try:
+                loaded[key] = load_trace(spec.path, spec.format)
+            except (TraceFormatError, FileNotFoundError) as e:
+                if not spec.origin:
+                    raise
+                raise type(e)(f"{spec.origin}: {e}") from None
         trace = loaded[key]
         p = p.replace(random_start=0.0, start_time_s=0.0)
         t = replay_traffic(p.traffic, trace, tick_s, spec.scale, spec.loop)
@@ -300,9 +306,9 @@ def replay_cluster_params(cfg, traces: dict, scenario: str | None = None) -> Rep
         over = int((trace.input_tokens > float(t.max_context_tokens)).sum())
         scale = "fit" if spec.scale == "fit" else f"{float(spec.scale):g}"
         notes[name] = (
-            f"region {name}: {trace.format} trace {os.path.normpath(trace.source)}, {trace.num_requests} requests over "
+            f"{trace.format} trace {os.path.normpath(trace.source)}, {trace.num_requests} requests over "
             f"{trace.duration_s:.0f} s = {n} ticks; scale {scale}: mean {float(t.mean_rate_rps):.3g} req/s"
-            + (f" (the region's configured mean)" if spec.scale == "fit" else "")
+            + (" (the region's configured mean)" if spec.scale == "fit" else "")
             + f"; {over} ({100.0 * over / trace.num_requests:.1f} %) longer than the "
             f"{float(t.max_context_tokens):.0f}-token context, rejected"
         )
@@ -313,7 +319,7 @@ def replay_cluster_params(cfg, traces: dict, scenario: str | None = None) -> Rep
         loop = spec is not None and spec.loop
         t = p.traffic
         if spec is None:
-            notes[name] = f"region {name}: no trace; runs scenario {scenario} from Monday 00:00 UTC"
+            notes[name] = f"no trace; runs scenario {scenario} from Monday 00:00 UTC"
         elif loop and num_ticks > n:
             notes[name] += f"; looped {num_ticks / n:.2f} times to fill env.episode_ticks"
         elif loop:
@@ -327,4 +333,8 @@ def replay_cluster_params(cfg, traces: dict, scenario: str | None = None) -> Rep
                 "replay_input_log_mean", "replay_input_log_sd", "replay_output_log_mean", "replay_output_log_sd")},
         )
         stacked.append(p.replace(traffic=t, max_steps_in_episode=num_ticks))
-    return ReplayPlan(stack_params(stacked), int(num_ticks), tuple(notes[name] for name in names))
+    grouped = {}  # regions with the same trace and treatment share one line
+    for name in names:
+        grouped.setdefault(notes[name], []).append(name)
+    lines = tuple(f"region{'s' if len(rs) > 1 else ''} {', '.join(rs)}: {text}" for text, rs in grouped.items())
+    return ReplayPlan(stack_params(stacked), int(num_ticks), lines)
