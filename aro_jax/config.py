@@ -125,7 +125,10 @@ class ObjectiveConfig:
 class EvalConfig:
     num_seeds: int = 8  # evaluation episodes per node
     scenario: str = "diurnal"
-    baselines: list[str] = field(default_factory=lambda: ["static-mean", "static-peak", "reactive", "predictive"])
+    # Each heuristic with and without the quality-tier rule: the learned policy may degrade
+    # quality, so the baselines may too.
+    baselines: list[str] = field(default_factory=lambda: [
+        "static-mean", "static-peak", "reactive", "predictive", "static-mean+tier", "reactive+tier", "predictive+tier"])
 
 
 @dataclass

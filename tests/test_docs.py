@@ -14,3 +14,12 @@ def test_readme_results_rendered_from_benchmark_json():
     assert out.returncode == 0, (
         "README.md's results section differs from a fresh render of benchmarks/**/*.json; "
         f"run `python benchmarks/render_readme.py`\n{out.stderr[-2000:]}")
+
+
+def test_tier_rule_thresholds_are_the_tuned_ones():
+    import json
+
+    from aro_jax.envs import heuristics
+
+    chosen = json.loads((ROOT / "benchmarks" / "tier_thresholds.json").read_text())["chosen"]
+    assert (heuristics.TIER_DEGRADE_LOAD, heuristics.TIER_RESTORE_LOAD) == (chosen["degrade_load"], chosen["restore_load"])

@@ -129,9 +129,49 @@ def predictive_policy(tick_s: float = 30.0, headroom: float = PREDICTIVE_HEADROO
     return Policy(init=init, act=act)
 
 
-HEURISTICS: dict[str, Callable[..., Policy]] = {
+# The tier rule's thresholds, tuned once on the training scenario (diurnal) for the best
+# goodput per dollar of Reactive + tier and frozen: benchmarks/tier_thresholds.md.
+TIER_DEGRADE_LOAD = 0.9
+TIER_RESTORE_LOAD = 0.4
+
+
+def with_quality_tier(base: Policy, degrade_load: float = TIER_DEGRADE_LOAD, restore_load: float = TIER_RESTORE_LOAD) -> Policy:
+    """`base` plus a best-effort degrade rule on load, latency and drop thresholds (the rules
+    Jha et al. compare against): when the base policy keeps its allocation and the node is
+    overloaded (load above `degrade_load`, latency over the SLO budget, or drops), move a
+    step of requests to the small model; restore a step once load is below `restore_load`
+    with no drops and latency within budget. Scaling decisions of the base come first.
+    The thresholds live in the policy state, so a sweep over them compiles once."""
+
+    def init(params):
+        return base.init(params), jnp.array([degrade_load, restore_load], jnp.float32)
+
+    def act(pstate, obs, params):
+        base_state, thresholds = pstate
+        action, base_state = base.act(base_state, obs, params)
+        load = obs[_F["request_rate_rps"]] / jnp.maximum(obs[_F["capacity_rps"]], 1e-6)
+        slow = obs[_F["latency_e2e_mean_s"]] > e2e_budget(params)
+        dropping = obs[_F["drop_fraction"]] > 0.0
+        small = obs[_F["small_model_fraction"]]
+        overloaded = (load > thresholds[0]) | slow | dropping
+        calm = (load < thresholds[1]) & ~slow & ~dropping
+        idle = (action == ct.MAINTAIN) | (action == ct.PULL_BACK)
+        action = jnp.where(idle & overloaded & (small < params.max_small_model_fraction), ct.DEGRADE, action)
+        action = jnp.where((action == ct.MAINTAIN) & calm & (small > 0), ct.RESTORE, action)
+        return action, (base_state, thresholds)
+
+    return Policy(init=init, act=act)
+
+
+_BASES: dict[str, Callable[..., Policy]] = {
     "static-mean": lambda tick_s=30.0: static_policy("mean"),
     "static-peak": lambda tick_s=30.0: static_policy("peak"),
     "reactive": reactive_policy,
     "predictive": predictive_policy,
+}
+# Every baseline also with the tier rule ("<name>+tier"), so a learned policy that may
+# degrade quality is compared with heuristics that may too.
+HEURISTICS: dict[str, Callable[..., Policy]] = {
+    **_BASES,
+    **{f"{name}+tier": (lambda make: lambda tick_s=30.0: with_quality_tier(make(tick_s)))(make) for name, make in _BASES.items()},
 }
