@@ -272,19 +272,58 @@ def fluid_tick(
     small_fraction: jax.Array,
     gpus_offline_fraction: jax.Array = 0.0,
 ) -> tuple[dict[str, jax.Array], jax.Array]:
-    """Serve one tick: returns (metrics, queue at the end of the tick).
+    """Serve one tick of a node with a modelled peer: returns (metrics, queue at the end
+    of the tick).
 
     `small_fraction`: share of requests served by the small model, on dedicated GPUs sized
     to it; `gpus_offline_fraction`: share of the GPUs restarting to change that split.
 
     Requests are conserved: arrivals = served + dropped + forwarded + (queue' - queue).
+    `serve_tick` and `with_forwarded` are its two halves; the cluster env calls them with
+    real peers in between.
     """
+    forwarded = jnp.minimum(forward_fraction * arrivals, params.peer_spare_rps * params.tick_s)
+    core, queue_after = serve_tick(
+        params, arrivals - forwarded, queue_requests, replicas_serving, cpu_cores, host_memory_gb, replicas_billed,
+        small_fraction, gpus_offline_fraction,
+    )
+    return with_forwarded(params, core, forwarded, modelled_peer(params, core)), queue_after
+
+
+def modelled_peer(params: EnvParams, core: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """What a forwarded request meets at the single-region env's abstract peer: one RTT
+    (the request's way out, the first token's way back, on a kept-alive connection) plus
+    the peer's unloaded service, judged on TTFT, at the large model's price per request."""
+    t_out = token_moments(params.traffic)["output_mean"]
+    ttft_s = params.peer_rtt_s + core["peer_prefill_s"]
+    e2e_s = ttft_s + t_out * (params.model.decode_base_s + 1e-9)
+    ok = (ttft_s <= jnp.maximum(params.slo_ttft_s, params.ttft_prefill_slack * core["peer_prefill_s"])).astype(jnp.float32)
+    return {"ttft_s": ttft_s, "e2e_s": e2e_s, "ok": ok, "usd_per_request": core["big_usd_per_request"], "quality": jnp.ones(())}
+
+
+def serve_tick(
+    params: EnvParams,
+    local: jax.Array,
+    queue_requests: jax.Array,
+    replicas_serving: jax.Array,
+    cpu_cores: jax.Array,
+    host_memory_gb: jax.Array,
+    replicas_billed: jax.Array,
+    small_fraction: jax.Array,
+    gpus_offline_fraction: jax.Array = 0.0,
+    incoming_requests: jax.Array | None = None,
+    incoming_rtt_s: jax.Array = 0.0,
+) -> tuple[dict[str, jax.Array], jax.Array]:
+    """The node's own half of a tick: serves its `local` (kept) arrivals and, given
+    `incoming_requests`, requests forwarded in from peers (they join the same FCFS queue
+    and are served at this node's load; their SLO check adds `incoming_rtt_s`, the mean
+    round trip they travelled). Returns (core metrics, queue'): local latency, the
+    allocation's bill, and what a request served here for a peer meets (`peer_*`)."""
     tick = params.tick_s
     tokens = token_moments(params.traffic)
     t_in, t_out = tokens["input_mean"], tokens["output_mean"]
-
-    forwarded = jnp.minimum(forward_fraction * arrivals, params.peer_spare_rps * tick)
-    local = arrivals - forwarded
+    has_incoming = incoming_requests is not None
+    incoming = incoming_requests if has_incoming else jnp.zeros(())
 
     # Capacity: GPUs, throttled by host-memory pressure and by CPU cores.
     per_replica_rps = replica_capacity_rps(params, small_fraction, tokens)
@@ -295,7 +334,7 @@ def fluid_tick(
     cpu_capacity_rps = jnp.maximum(cpu_cores - idle_cores * replicas_serving, 0.0) / busy_cores * per_replica_rps
     capacity_rps = jnp.minimum(gpu_capacity_rps, cpu_capacity_rps)
 
-    backlog = queue_requests + local
+    backlog = queue_requests + local + incoming
     served = jnp.minimum(backlog, capacity_rps * tick)
     queue_after = backlog - served
     # Requests that cannot start within the timeout, then those past the queue bound.
@@ -304,6 +343,11 @@ def fluid_tick(
     dropped_overflow = jnp.maximum(queue_after - params.max_queue_requests, 0.0)
     queue_after = queue_after - dropped_overflow
     dropped = dropped_timeout + dropped_overflow
+    # The queue holds one mix: peers' requests take the backlog's fate in proportion
+    # (a fluid FCFS queue keeps no classes).
+    peer_share = incoming / jnp.maximum(backlog, 1e-9)
+    served_for_peers = served * peer_share
+    dropped_own = dropped * (1.0 - peer_share)
 
     util = jnp.where(capacity_rps > 0, served / jnp.maximum(capacity_rps * tick, 1e-9), 0.0)
     util = jnp.clip(util, 0.0, 1.0)
@@ -328,15 +372,20 @@ def fluid_tick(
         queue_wait_s = jnp.maximum(wait_backlog_s, wait_slot_s)
         # A standing backlog delays every request alike; the slot wait is random.
         lat = {**lat, "ttft_wait_nodes": lat["ttft_wait_nodes"] + jnp.where(wait_backlog_s >= wait_slot_s, 0.0, wait_slot_s)}
-        ok, _, _ = _attainment(
-            curve, lat, params.traffic, slo_ttft_s, slo_tpot_s, params.ttft_prefill_slack, jnp.where(wait_backlog_s >= wait_slot_s, wait_backlog_s, 0.0),
-        )
+        fixed_wait_s = jnp.where(wait_backlog_s >= wait_slot_s, wait_backlog_s, 0.0)
+        judge = lambda extra_s: _attainment(  # noqa: E731
+            curve, lat, params.traffic, slo_ttft_s, slo_tpot_s, params.ttft_prefill_slack, fixed_wait_s + extra_s,
+        )[0]
+        ok = judge(0.0)
+        # A peer's request: the same TTFT distribution shifted by its round trip (the
+        # request's way in and the first token's way back), TPOT at this node's load.
+        ok_in = judge(incoming_rtt_s) if has_incoming else ok
         ttft_mean = lat["ttft_mean_s"] + queue_wait_s
         ttft_p95 = lat["ttft_p95_fixed_s"] + 3.0 * lat["ttft_p95_wait_s"] + jnp.maximum(wait_backlog_s, 3.0 * wait_slot_s)
         cv2 = lat["cv2_iter"] / jnp.maximum(t_out - 1.0, 1.0) + lat["cv2_slow"]
         sd = jnp.sqrt(jnp.log1p(cv2))
         tpot_p95 = lat["tpot_s"] * jnp.exp(1.645 * sd - 0.5 * sd**2)
-        return dict(ttft=ttft_mean, ttft_p95=ttft_p95, tpot=lat["tpot_s"], tpot_p95=tpot_p95, ok=ok, prefill=lat["ttft_p95_fixed_s"])
+        return dict(ttft=ttft_mean, ttft_p95=ttft_p95, tpot=lat["tpot_s"], tpot_p95=tpot_p95, ok=ok, ok_in=ok_in, prefill=lat["ttft_p95_fixed_s"])
 
     big = model_latency(params.model, params.slo_ttft_s, params.slo_tpot_s)
     # The small tier serves a share of the requests: fewer quadrature nodes suffice there.
@@ -347,63 +396,98 @@ def fluid_tick(
     e2e_mean_s = ttft_mean_s + (t_out - 1.0) * tpot_s  # the prefill emitted the first token
     e2e_p95_s = ttft_p95_s + (tokens["output_p95"] - 1.0) * tpot_s
 
-    # Forwarded requests: two RTTs plus the peer's unloaded service.
-    fwd_ttft_s = 2.0 * params.peer_rtt_s + big["prefill"]
-    fwd_e2e_s = fwd_ttft_s + t_out * (params.model.decode_base_s + 1e-9)
-    done = served + forwarded
-    w_local = served / jnp.maximum(done, 1e-9)
-    lat_mean_s = w_local * e2e_mean_s + (1.0 - w_local) * fwd_e2e_s
-    ttft_all_s = w_local * ttft_mean_s + (1.0 - w_local) * fwd_ttft_s
-
-    # Each model's requests are judged by that model's SLOs.
-    local_ok = mix("ok")
-    fwd_ok = (fwd_ttft_s <= jnp.maximum(params.slo_ttft_s, params.ttft_prefill_slack * big["prefill"])).astype(jnp.float32)
-    attempted = done + dropped
-    slo_attainment = jnp.where(attempted > 0, (served * local_ok + forwarded * fwd_ok) / jnp.maximum(attempted, 1e-9), 1.0)
-    slo_attainment = jnp.clip(slo_attainment, 0.0, 1.0)
-
     cpu_needed = idle_cores * replicas_serving + busy_cores * served / tick / jnp.maximum(per_replica_rps, 1e-9)
     mem_used = jnp.minimum(replicas_billed * host_mem_per_replica, host_memory_gb)
     weights_cached = host_memory_gb >= replicas_billed * host_mem_per_replica + params.weights_gb
     mem_used = mem_used + jnp.where(weights_cached, params.weights_gb, 0.0)
 
     hours = tick / 3600.0
-    peer_usd_per_request = params.replica_price_usd_per_h / 3600.0 / jnp.maximum(per_replica_rps, 1e-9)
-    cost_usd = (
+    bill_usd = (
         replicas_billed * params.replica_price_usd_per_h * hours
         + cpu_cores * params.cpu_usd_per_core_h * hours
         + host_memory_gb * params.memory_usd_per_gb_h * hours
-        + forwarded * ((t_in + t_out) * BYTES_PER_TOKEN / 1e9 * EGRESS_USD_PER_GB + peer_usd_per_request)
     )
-    # Quality relative to the node's own model (1.0); the peer serves the same model.
+    # The price of one request here: this tick's bill over what its capacity serves in a
+    # tick (at least one replica's worth, so an idle node does not quote an infinite price).
+    usd_per_request = bill_usd / jnp.maximum(jnp.maximum(capacity_rps, per_replica_rps) * tick, 1e-9)
+    # Quality relative to the node's own model (1.0).
     small_quality = params.small_model.quality / params.model.quality
-    quality = (served * ((1.0 - q) + q * small_quality) + forwarded) / jnp.maximum(done, 1e-9)
-
-    metrics = {
-        "arrivals": arrivals,
-        "served": served,
-        "forwarded": forwarded,
+    quality_local = (1.0 - q) + q * small_quality
+    core = {
+        "arrivals": local,
+        "served": served - served_for_peers,
+        "served_for_peers": served_for_peers,
+        "received": incoming,
         "dropped": dropped,
+        "dropped_own": dropped_own,
         "queue_requests": queue_after,
-        "throughput_rps": done / tick,
-        "tokens_per_s": done * (t_in + t_out) / tick,
-        "ttft_mean_s": ttft_all_s,
+        "ttft_mean_s": ttft_mean_s,
         "ttft_p95_s": ttft_p95_s,
-        "fwd_ttft_s": fwd_ttft_s,  # latency of the forwarded requests (pooled percentiles)
-        "fwd_e2e_s": fwd_e2e_s,
-        "e2e_mean_s": lat_mean_s,
+        "e2e_mean_s": e2e_mean_s,
         "e2e_p95_s": e2e_p95_s,
         "tpot_s": tpot_s,
         "tpot_p95_s": tpot_p95_s,
-        "slo_attainment": slo_attainment,
+        "local_ok": mix("ok"),
         "gpu_util": util,
         "cpu_util": jnp.clip(cpu_needed / jnp.maximum(cpu_cores, 1e-6), 0.0, 1.0),
         "memory_util": jnp.clip(mem_used / jnp.maximum(host_memory_gb, 1e-6), 0.0, 1.0),
-        "cost_usd": cost_usd,
+        "bill_usd": bill_usd,
         "capacity_rps": capacity_rps,
+        "quality_local": quality_local,
+        # What a peer's request meets here (its round trip not yet added to the latencies).
+        "peer_ttft_s": ttft_mean_s,
+        "peer_e2e_s": e2e_mean_s,
+        "peer_ok": mix("ok_in") * (1.0 - dropped / jnp.maximum(backlog, 1e-9)),
+        "peer_usd_per_request": usd_per_request,
+        "peer_quality": quality_local,
+        "peer_prefill_s": big["prefill"],
+        # The large model's price per request (a peer serves forwarded requests on it).
+        "big_usd_per_request": params.replica_price_usd_per_h / 3600.0 / jnp.maximum(replica_capacity_rps(params, 0.0, tokens), 1e-9),
+    }
+    return core, queue_after
+
+
+def with_forwarded(params: EnvParams, core: dict[str, jax.Array], forwarded: jax.Array, peer: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """A tick's metrics from `serve_tick`'s core and the outcome of the requests the node
+    forwarded: `peer` holds their TTFT and end-to-end latency (round trip included), SLO
+    attainment, quality and price per request where they were served. The sender pays
+    the egress and the peer's price (a transfer: `peer_credit_usd` is what this node was
+    paid for serving peers, netted out of its cost so a cluster's costs sum to its bill)."""
+    tick = params.tick_s
+    tokens = token_moments(params.traffic)
+    t_in, t_out = tokens["input_mean"], tokens["output_mean"]
+    served = core["served"]
+    done = served + forwarded
+    w_local = served / jnp.maximum(done, 1e-9)
+    lat_mean_s = w_local * core["e2e_mean_s"] + (1.0 - w_local) * peer["e2e_s"]
+    ttft_all_s = w_local * core["ttft_mean_s"] + (1.0 - w_local) * peer["ttft_s"]
+    # Each model's requests are judged by that model's SLOs, forwarded ones where served.
+    attempted = done + core["dropped_own"]
+    slo_attainment = jnp.where(attempted > 0, (served * core["local_ok"] + forwarded * peer["ok"]) / jnp.maximum(attempted, 1e-9), 1.0)
+    slo_attainment = jnp.clip(slo_attainment, 0.0, 1.0)
+    egress_usd = forwarded * (t_in + t_out) * BYTES_PER_TOKEN / 1e9 * EGRESS_USD_PER_GB
+    peer_paid_usd = forwarded * peer["usd_per_request"]
+    peer_credit_usd = core["served_for_peers"] * core["peer_usd_per_request"]
+    quality = (served * core["quality_local"] + forwarded * peer["quality"]) / jnp.maximum(done, 1e-9)
+    keep = ("served", "served_for_peers", "received", "dropped", "queue_requests", "ttft_p95_s", "e2e_p95_s", "tpot_s",
+            "tpot_p95_s", "gpu_util", "cpu_util", "memory_util", "capacity_rps")
+    return {
+        **{k: core[k] for k in keep},
+        "arrivals": core["arrivals"] + forwarded,
+        "forwarded": forwarded,
+        "throughput_rps": done / tick,
+        "tokens_per_s": done * (t_in + t_out) / tick,
+        "ttft_mean_s": ttft_all_s,
+        "fwd_ttft_s": peer["ttft_s"],  # latency of the forwarded requests (pooled percentiles)
+        "fwd_e2e_s": peer["e2e_s"],
+        "e2e_mean_s": lat_mean_s,
+        "slo_attainment": slo_attainment,
+        "cost_usd": core["bill_usd"] + egress_usd + peer_paid_usd - peer_credit_usd,
+        "egress_usd": egress_usd,
+        "peer_paid_usd": peer_paid_usd,
+        "peer_credit_usd": peer_credit_usd,
         "quality": jnp.where(done > 0, quality, 1.0),
     }
-    return metrics, queue_after
 
 
 

@@ -127,92 +127,11 @@ class ServingNodeEnv(environment.Environment[EnvState, EnvParams]):
 
     def transition(self, key, state: EnvState, action, params: EnvParams):
         """(state, metrics, reward) after one tick; step_env without the observation."""
-        k_arrivals, k_cold = jax.random.split(key)
-        tick = params.tick_s
-        a = jnp.asarray(action, jnp.int32)
-
-        # 1. Apply the decision.
-        replicas_total = state.replicas_ready + state.replicas_pending.sum()
-        scale_up = (a == INC_GPU) & (replicas_total < params.max_replicas)
-        scale_down = (a == DEC_GPU) & (state.replicas_ready > params.min_replicas)
-        host_mem_per_replica = fluid.host_memory_per_replica_gb(params)
-        cached = state.host_memory_gb >= (replicas_total + 1) * host_mem_per_replica + params.weights_gb
-        cold_s = params.cold_start_mean_s + params.cold_start_sd_s * jax.random.normal(k_cold)
-        cold_s = jnp.where(cached, fluid.cached_cold_start_s(params), cold_s)
-        delay_ticks = jnp.clip(jnp.ceil(cold_s / tick), 1, PENDING_SLOTS).astype(jnp.int32)
-        slot = jnp.arange(PENDING_SLOTS) == delay_ticks - 1
-        pending = state.replicas_pending + jnp.where(scale_up & slot, 1.0, 0.0)
-        ready = state.replicas_ready - scale_down.astype(jnp.float32)
-        draining = scale_down.astype(jnp.float32)  # a drained replica is billed for one more tick
-
-        step = lambda x, up, down, size, lo, hi: jnp.clip(x + size * ((a == up).astype(jnp.float32) - (a == down)), lo, hi)  # noqa: E731
-        min_cores = ready * fluid.cpu_cores_per_replica(params)[0]
-        cpu = step(state.cpu_cores, INC_CPU, DEC_CPU, params.cpu_step_cores, params.cpu_step_cores, params.max_cpu_cores)
-        cpu = jnp.where(a == DEC_CPU, jnp.maximum(cpu, jnp.minimum(state.cpu_cores, min_cores)), cpu)
-        mem = step(state.host_memory_gb, INC_MEM, DEC_MEM, params.memory_step_gb, params.memory_step_gb, params.max_host_memory_gb)
-        fwd = step(state.forward_fraction, REBALANCE, PULL_BACK, params.forward_step, 0.0, params.max_forward_fraction)
-        small = step(state.small_model_fraction, DEGRADE, RESTORE, params.quality_step, 0.0, params.max_small_model_fraction)
-
-        # Pods: a replica's CPU and memory requests stay within its instance's share
-        # (vertical scaling inside the GPU instance; the pods of removed replicas go).
-        pod_gpus = (ready + pending.sum()) * params.tensor_parallel
-        cpu = jnp.clip(cpu, params.cpu_step_cores, jnp.maximum(pod_gpus * params.vcpus_per_gpu, params.cpu_step_cores))
-        mem = jnp.clip(mem, params.memory_step_gb, jnp.maximum(pod_gpus * params.host_memory_gb_per_gpu, params.memory_step_gb))
-
-        # Quality tier on dedicated small-model GPUs: a new target share restarts the GPUs
-        # that change model; until they serve, the old split holds and they serve nothing.
-        retarget = small != state.small_model_fraction
-        left = jnp.where(retarget, params.tier_switch_s, state.tier_switch_left_s)
-        switching = left > 0
-        offline = jnp.where(switching, jnp.abs(small_gpu_share(params, small) - small_gpu_share(params, state.small_active_fraction)), 0.0)
-
-        # 2. Serve this tick's traffic.
-        arrivals, burst_z = sample_arrivals_ar(k_arrivals, state.clock_s, tick, params.traffic, state.burst_z)
-        # Prompts over the context window are rejected at admission (counted, never capped);
-        # the fluid model serves the admitted ones with this tick's token mix.
-        rejected = arrivals * rejected_share(state.clock_s, params.traffic)
-        params_tick = params.replace(traffic=at_tick(state.clock_s, params.traffic))
-        in_outage = (state.clock_s >= params.outage_start_s) & (state.clock_s < params.outage_start_s + params.outage_duration_s)
-        serving = ready * jnp.where(in_outage & (params.outage_start_s >= 0), 1.0 - params.outage_capacity_loss, 1.0)
-        billed = ready + pending.sum() + draining
-        metrics, queue = fluid.fluid_tick(
-            params_tick, arrivals - rejected, state.queue_requests, serving, cpu, mem, billed, fwd, state.small_active_fraction, offline,
-        )
-        attempted = metrics["arrivals"] - (queue - state.queue_requests) + rejected
-        met = metrics["slo_attainment"] * (attempted - rejected)
-        metrics = {
-            **metrics, "arrivals": arrivals, "rejected": rejected,
-            "slo_attainment": jnp.where(attempted > 0, met / jnp.maximum(attempted, 1e-9), 1.0),
-        }
-        left = jnp.maximum(left - tick, 0.0)
-        small_active = jnp.where(left <= 0, small, state.small_active_fraction)
-
-        # 3. Replicas finishing their cold start serve from the next tick.
-        ready = ready + pending[0]
-        pending = jnp.concatenate([pending[1:], jnp.zeros((1,))])
-
-        local_clock = state.clock_s + params.traffic.tz_offset_h * 3600.0
-        forecast = fc.update(state.forecast, local_clock, arrivals / tick)
-        reward = reward_fn(metrics, params_tick)
-        metrics = {**metrics, "reward": reward, "replicas_ready": ready, "replicas_billed": billed}
-        new_state = EnvState(
-            time=state.time + 1,
-            clock_s=state.clock_s + tick,
-            replicas_ready=ready,
-            replicas_pending=pending,
-            replicas_draining=draining,
-            cpu_cores=cpu,
-            host_memory_gb=mem,
-            forward_fraction=fwd,
-            small_model_fraction=small,
-            small_active_fraction=small_active,
-            tier_switch_left_s=left,
-            burst_z=burst_z,
-            queue_requests=queue,
-            forecast=forecast,
-            last=_observed(metrics),
-        )
-        return new_state, metrics, reward
+        plan = begin_tick(key, state, action, params)
+        forwarded = jnp.minimum(plan["fwd"] * plan["admitted"], params.peer_spare_rps * params.tick_s)
+        core, queue = serve_planned(plan, state, params, forwarded)
+        peer = fluid.modelled_peer(plan["params_tick"], core)
+        return end_tick(state, plan, core, queue, forwarded, peer, params)
 
     def get_obs(self, state: EnvState, params: EnvParams, key=None) -> jax.Array:
         return raw_observation(state, params) / observation_scale(params)
@@ -228,6 +147,119 @@ class ServingNodeEnv(environment.Environment[EnvState, EnvParams]):
         """Feasible actions from (a batch of) this env's observations."""
         return feasible_actions(obs * observation_scale(params), params)[..., : self.num_actions]
 
+
+
+def begin_tick(key, state: EnvState, action, params: EnvParams) -> dict:
+    """First half of a tick: apply the decision and draw the tick's arrivals. Returns the
+    plan `serve_planned` and `end_tick` read (the cluster env routes forwarded requests
+    between the halves)."""
+    k_arrivals, k_cold = jax.random.split(key)
+    tick = params.tick_s
+    a = jnp.asarray(action, jnp.int32)
+
+    # 1. Apply the decision.
+    replicas_total = state.replicas_ready + state.replicas_pending.sum()
+    scale_up = (a == INC_GPU) & (replicas_total < params.max_replicas)
+    scale_down = (a == DEC_GPU) & (state.replicas_ready > params.min_replicas)
+    host_mem_per_replica = fluid.host_memory_per_replica_gb(params)
+    cached = state.host_memory_gb >= (replicas_total + 1) * host_mem_per_replica + params.weights_gb
+    cold_s = params.cold_start_mean_s + params.cold_start_sd_s * jax.random.normal(k_cold)
+    cold_s = jnp.where(cached, fluid.cached_cold_start_s(params), cold_s)
+    delay_ticks = jnp.clip(jnp.ceil(cold_s / tick), 1, PENDING_SLOTS).astype(jnp.int32)
+    slot = jnp.arange(PENDING_SLOTS) == delay_ticks - 1
+    pending = state.replicas_pending + jnp.where(scale_up & slot, 1.0, 0.0)
+    ready = state.replicas_ready - scale_down.astype(jnp.float32)
+    draining = scale_down.astype(jnp.float32)  # a drained replica is billed for one more tick
+
+    step = lambda x, up, down, size, lo, hi: jnp.clip(x + size * ((a == up).astype(jnp.float32) - (a == down)), lo, hi)  # noqa: E731
+    min_cores = ready * fluid.cpu_cores_per_replica(params)[0]
+    cpu = step(state.cpu_cores, INC_CPU, DEC_CPU, params.cpu_step_cores, params.cpu_step_cores, params.max_cpu_cores)
+    cpu = jnp.where(a == DEC_CPU, jnp.maximum(cpu, jnp.minimum(state.cpu_cores, min_cores)), cpu)
+    mem = step(state.host_memory_gb, INC_MEM, DEC_MEM, params.memory_step_gb, params.memory_step_gb, params.max_host_memory_gb)
+    fwd = step(state.forward_fraction, REBALANCE, PULL_BACK, params.forward_step, 0.0, params.max_forward_fraction)
+    small = step(state.small_model_fraction, DEGRADE, RESTORE, params.quality_step, 0.0, params.max_small_model_fraction)
+
+    # Pods: a replica's CPU and memory requests stay within its instance's share
+    # (vertical scaling inside the GPU instance; the pods of removed replicas go).
+    pod_gpus = (ready + pending.sum()) * params.tensor_parallel
+    cpu = jnp.clip(cpu, params.cpu_step_cores, jnp.maximum(pod_gpus * params.vcpus_per_gpu, params.cpu_step_cores))
+    mem = jnp.clip(mem, params.memory_step_gb, jnp.maximum(pod_gpus * params.host_memory_gb_per_gpu, params.memory_step_gb))
+
+    # Quality tier on dedicated small-model GPUs: a new target share restarts the GPUs
+    # that change model; until they serve, the old split holds and they serve nothing.
+    retarget = small != state.small_model_fraction
+    left = jnp.where(retarget, params.tier_switch_s, state.tier_switch_left_s)
+    switching = left > 0
+    offline = jnp.where(switching, jnp.abs(small_gpu_share(params, small) - small_gpu_share(params, state.small_active_fraction)), 0.0)
+
+    # 2. This tick's traffic.
+    arrivals, burst_z = sample_arrivals_ar(k_arrivals, state.clock_s, tick, params.traffic, state.burst_z)
+    # Prompts over the context window are rejected at admission (counted, never capped);
+    # the fluid model serves the admitted ones with this tick's token mix.
+    rejected = arrivals * rejected_share(state.clock_s, params.traffic)
+    params_tick = params.replace(traffic=at_tick(state.clock_s, params.traffic))
+    in_outage = (state.clock_s >= params.outage_start_s) & (state.clock_s < params.outage_start_s + params.outage_duration_s)
+    serving = ready * jnp.where(in_outage & (params.outage_start_s >= 0), 1.0 - params.outage_capacity_loss, 1.0)
+    billed = ready + pending.sum() + draining
+    return dict(
+        ready=ready, pending=pending, draining=draining, cpu=cpu, mem=mem, fwd=fwd, small=small, left=left, offline=offline,
+        arrivals=arrivals, admitted=arrivals - rejected, rejected=rejected, burst_z=burst_z, params_tick=params_tick,
+        serving=serving, billed=billed,
+    )
+
+
+def serve_planned(plan: dict, state: EnvState, params: EnvParams, forwarded, incoming=None, incoming_rtt_s=0.0):
+    """The node serves its kept arrivals (and `incoming` requests from peers): fluid.serve_tick."""
+    return fluid.serve_tick(
+        plan["params_tick"], plan["admitted"] - forwarded, state.queue_requests, plan["serving"], plan["cpu"], plan["mem"],
+        plan["billed"], state.small_active_fraction, plan["offline"], incoming, incoming_rtt_s,
+    )
+
+
+def end_tick(state: EnvState, plan: dict, core: dict, queue, forwarded, peer: dict, params: EnvParams):
+    """Second half of a tick: the forwarded requests' outcome (`peer`, fluid.with_forwarded),
+    rejects, the forecaster and the reward. Returns (state, metrics, reward)."""
+    tick = params.tick_s
+    params_tick = plan["params_tick"]
+    rejected = plan["rejected"]
+    metrics = fluid.with_forwarded(params_tick, core, forwarded, peer)
+    # Rejected prompts miss their SLO: attainment over all of the node's own attempts.
+    attempted = metrics["served"] + metrics["forwarded"] + core["dropped_own"] + rejected
+    met = metrics["slo_attainment"] * (attempted - rejected)
+    metrics = {
+        **metrics, "arrivals": plan["arrivals"], "rejected": rejected,
+        "slo_attainment": jnp.where(attempted > 0, met / jnp.maximum(attempted, 1e-9), 1.0),
+    }
+    left = jnp.maximum(plan["left"] - tick, 0.0)
+    small_active = jnp.where(left <= 0, plan["small"], state.small_active_fraction)
+
+    # 3. Replicas finishing their cold start serve from the next tick.
+    pending = plan["pending"]
+    ready = plan["ready"] + pending[0]
+    pending = jnp.concatenate([pending[1:], jnp.zeros((1,))])
+
+    local_clock = state.clock_s + params.traffic.tz_offset_h * 3600.0
+    forecast = fc.update(state.forecast, local_clock, plan["arrivals"] / tick)
+    reward = reward_fn(metrics, params_tick)
+    metrics = {**metrics, "reward": reward, "replicas_ready": ready, "replicas_billed": plan["billed"]}
+    new_state = EnvState(
+        time=state.time + 1,
+        clock_s=state.clock_s + tick,
+        replicas_ready=ready,
+        replicas_pending=pending,
+        replicas_draining=plan["draining"],
+        cpu_cores=plan["cpu"],
+        host_memory_gb=plan["mem"],
+        forward_fraction=plan["fwd"],
+        small_model_fraction=plan["small"],
+        small_active_fraction=small_active,
+        tier_switch_left_s=left,
+        burst_z=plan["burst_z"],
+        queue_requests=queue,
+        forecast=forecast,
+        last=_observed(metrics),
+    )
+    return new_state, metrics, reward
 
 
 def small_gpu_share(params: EnvParams, small_fraction):

@@ -1,0 +1,308 @@
+"""ServingCluster: the regions of one cluster coupled by rebalancing, as a gymnax 1.x env.
+
+The state is the regions' `EnvState`s stacked on a leading region axis plus the forwarded
+requests still on the wire. Every tick each region acts (one action per region); the
+requests a region forwards (RebalanceWorkload) are routed to peers that serve the same
+model, nearest by round-trip time first, within the spare capacity those peers
+advertised at the end of the previous tick. They join the peer's queue, are served at
+the peer's load-dependent speed and judged there on TTFT (plus the round trip) and TPOT;
+the sender pays the egress and the peer's price per request. Requests are conserved
+across the cluster every tick:
+
+    sum(arrivals) = sum(served + served_for_peers + dropped + rejected)
+                    + sum(queue' - queue) + (in_flight' - in_flight)
+
+A region observes its own `ServingNode-v0` observation (contract.OBS_FIELDS) plus one
+field, the spare capacity its compatible peers advertise (CLUSTER_OBS_FIELDS): no peer's
+raw traffic. The region axis stays inside one device; batches of clusters vmap and
+shard over devices (regions interact every tick, so splitting them across devices would
+need an exchange per tick).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from gymnax.environments import environment, spaces
+
+from aro_jax.contract import ACTION_SETS, OBS_FIELDS
+from aro_jax.envs import hardware, scenarios, serving
+from aro_jax.envs.params import EnvParams
+from aro_jax.envs.serving import EnvState
+
+CLUSTER_OBS_FIELDS = OBS_FIELDS + ("peer_spare_rps",)
+
+# Region sites (latitude, longitude in degrees) of the cluster files' region names: the
+# cities of the AWS regions of the same names (us-east-1 N. Virginia, us-west-2 Oregon,
+# eu-west-1 Dublin, eu-central-1 Frankfurt, ap-northeast-1 Tokyo, ap-south-1 Mumbai,
+# ap-southeast-1 Singapore, sa-east-1 Sao Paulo, ap-southeast-2 Sydney, me-central-1 UAE).
+REGION_SITES = {
+    "us-east": (38.9, -77.5), "us-west": (45.6, -121.2), "eu-west": (53.3, -6.3), "eu-central": (50.1, 8.7),
+    "asia-ne": (35.7, 139.7), "asia-south": (19.1, 72.9), "asia-se": (1.35, 103.8), "sa-east": (-23.5, -46.6),
+    "au-east": (-33.9, 151.2), "me-central": (25.2, 55.3),
+}
+# Round trip from distance: RTT ~ 2.1 x great-circle distance / speed of light in fibre
+# (~200 km/ms), the rule of thumb of Bozkurt et al., "Dissecting Latency in the Internet's
+# Fiber Infrastructure" (2018), from earlier measurement campaigns. Against published
+# AWS inter-region pings (cloudping.co averages) it gives 57 ms for N. Virginia-Dublin
+# (measured ~80), 11 ms for Dublin-Frankfurt (~20), 82 ms for Oregon-Tokyo (~89): a lower
+# bound within ~1.5x, so FIBRE_RTT_FLOOR_MS adds the in-region hops (load balancer,
+# gateway) that make the short pairs' gap.
+RTT_PATH_STRETCH = 2.1
+FIBRE_KM_PER_MS = 200.0
+FIBRE_RTT_FLOOR_MS = 8.0
+EARTH_RADIUS_KM = 6371.0
+# Peers advertise spare capacity up to this utilisation of their own capacity: the
+# scale-out threshold of a typical HPA target (80 %), so lending never pushes a peer past
+# the point where it would scale up for its own traffic.
+SPARE_TARGET_UTIL = 0.8
+DEFAULT_CLUSTER_FILE = Path(__file__).resolve().parents[1] / "configs" / "cluster10.yaml"
+
+
+def site_of(name: str, tz_offset_h: float) -> tuple[float, float]:
+    """A region's site: its named city, else the time zone's central meridian at 30 N
+    (a region with no known site is placed by its clock, roughly)."""
+    return REGION_SITES.get(name, (30.0, 15.0 * tz_offset_h))
+
+
+def rtt_matrix_s(sites: list[tuple[float, float]]) -> np.ndarray:
+    """(R, R) round trips in seconds between sites (zero on the diagonal)."""
+    lat = np.radians([s[0] for s in sites])[:, None]
+    lon = np.radians([s[1] for s in sites])[:, None]
+    hav = np.sin((lat - lat.T) / 2) ** 2 + np.cos(lat) * np.cos(lat.T) * np.sin((lon - lon.T) / 2) ** 2
+    km = 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(np.clip(hav, 0.0, 1.0)))
+    rtt_ms = RTT_PATH_STRETCH * km / FIBRE_KM_PER_MS + FIBRE_RTT_FLOOR_MS
+    return np.where(np.eye(len(sites), dtype=bool), 0.0, rtt_ms / 1e3)
+
+
+@struct.dataclass
+class ClusterParams(environment.EnvParams):
+    """A cluster: stacked per-region EnvParams (leading region axis) and the links."""
+
+    nodes: EnvParams = None
+    rtt_s: jax.Array = None  # (R, R) round trips
+    # (R-1, R, R): rank[k, i, j] = 1 where j is i's k-th nearest peer serving the same
+    # model (rows run out where a region has fewer such peers).
+    rank: jax.Array = None
+    compatible: jax.Array = None  # (R, R) 1 where j may serve i's requests
+    forwarding: float = 1.0  # 0: forwarded requests stay local (routing off)
+    max_steps_in_episode: int = 2880
+
+
+@struct.dataclass
+class ClusterState(environment.EnvState):
+    time: int
+    nodes: EnvState  # stacked, leading region axis
+    in_flight: jax.Array  # (R,) forwarded requests reaching each region next tick
+    spare_rps: jax.Array  # (R,) spare capacity each region advertises
+
+
+def make_cluster_params(nodes: EnvParams, names, models, rtt_s=None, forwarding: bool = True) -> ClusterParams:
+    """ClusterParams from stacked node params, the regions' names (their sites) and the
+    model each serves (only a peer serving the same model can take a request: a 70B
+    request answered by a 7B deployment is the quality tier's lever, priced as such)."""
+    names, models = list(names), list(models)
+    r = len(names)
+    tz = np.asarray(nodes.traffic.tz_offset_h, np.float64).reshape(-1)
+    if rtt_s is None:
+        rtt_s = rtt_matrix_s([site_of(n, float(tz[i])) for i, n in enumerate(names)])
+    rtt_s = np.asarray(rtt_s, np.float64)
+    tick = float(np.max(np.asarray(nodes.tick_s)))
+    if r > 1 and np.max(rtt_s) / 2 >= tick:
+        raise ValueError(f"one-way delays must be shorter than a tick ({tick} s); got max RTT {np.max(rtt_s)} s")
+    compatible = np.array([[float(i != j and models[i] == models[j]) for j in range(r)] for i in range(r)])
+    rank = np.zeros((max(r - 1, 0), r, r))
+    for i in range(r):
+        peers = sorted((j for j in range(r) if compatible[i, j] > 0), key=lambda j: (rtt_s[i, j], j))
+        for k, j in enumerate(peers):
+            rank[k, i, j] = 1.0
+    steps = int(np.max(np.asarray(nodes.max_steps_in_episode)))
+    return ClusterParams(
+        nodes=nodes, rtt_s=jnp.asarray(rtt_s, jnp.float32), rank=jnp.asarray(rank, jnp.float32),
+        compatible=jnp.asarray(compatible, jnp.float32), forwarding=float(forwarding), max_steps_in_episode=steps,
+    )
+
+
+def cluster_env_params(cfg, scenario: str = "train", forwarding: bool = True) -> ClusterParams:
+    """ClusterParams for an ExperimentConfig's cluster (its nodes as scenarios.cluster_params
+    builds them; RTTs from the regions' sites)."""
+    nodes = scenarios.cluster_params(cfg, scenario)
+    names = [n.name for n in cfg.cluster.nodes]
+    models = [hardware.get_profile(n.profile).model for n in cfg.cluster.nodes]
+    return make_cluster_params(nodes, names, models, forwarding=forwarding)
+
+
+def file_cluster_params(path, episode_ticks: int = 2880, tick_s: float = 30.0, forwarding: bool = True) -> ClusterParams:
+    """ClusterParams of a cluster YAML file's `cluster.nodes` (default reward weights)."""
+    import yaml
+
+    nodes = yaml.safe_load(Path(path).read_text())["cluster"]["nodes"]
+    return specs_cluster_params([scenarios.NodeSpec(**n) for n in nodes], episode_ticks, tick_s, forwarding)
+
+
+def specs_cluster_params(specs, episode_ticks: int = 2880, tick_s: float = 30.0, forwarding: bool = True, **kw) -> ClusterParams:
+    """ClusterParams from scenarios.NodeSpecs (tests, benchmarks)."""
+    nodes = scenarios.stack_params([scenarios.node_params(s, episode_ticks, tick_s) for s in specs])
+    models = [hardware.get_profile(s.profile).model for s in specs]
+    return make_cluster_params(nodes, [s.name for s in specs], models, forwarding=forwarding, **kw)
+
+
+def route(want, spare, rank):
+    """Flows (R, R) of forwarded requests: each sender asks its nearest compatible peer
+    first, then the next, for what is still unplaced; a peer asked for more than its
+    spare grants every sender the same share. Nearest first because a request's TTFT
+    carries the round trip and the egress price is the same across a continent, so the
+    closest peer with room is the cheapest place to meet the SLO (Llumnix and SkyServe
+    route by the same preference); what no peer has room for stays local."""
+    r = want.shape[0]
+    flows = jnp.zeros((r, r))
+    left, room = want, spare
+    for k in range(rank.shape[0]):  # R - 1 rounds, unrolled (R is static)
+        ask = left[:, None] * rank[k]
+        asked = ask.sum(0)
+        grant = ask * jnp.minimum(room / jnp.maximum(asked, 1e-9), 1.0)[None, :]
+        flows = flows + grant
+        left = left - grant.sum(1)
+        room = room - grant.sum(0)
+    return flows
+
+
+def _spare_rps(capacity_rps, load_rps):
+    return jnp.maximum(SPARE_TARGET_UTIL * capacity_rps - load_rps, 0.0)
+
+
+class ServingCluster(environment.Environment[ClusterState, ClusterParams]):
+    """All regions of one cluster. Actions: (R,) ints, one per region; observations
+    (R, len(CLUSTER_OBS_FIELDS)); rewards (R,), each region's own reward."""
+
+    def __init__(self, action_set: str = "extended", num_regions: int | None = None):
+        super().__init__()
+        if action_set not in ACTION_SETS:
+            raise ValueError(f"action_set must be one of {sorted(ACTION_SETS)}, got {action_set!r}")
+        self.node = serving.ServingNodeEnv(action_set)
+        self.action_set = action_set
+        self.action_names = ACTION_SETS[action_set]
+        self.num_regions = num_regions
+
+    @property
+    def name(self) -> str:
+        return "ServingCluster-v0"
+
+    @property
+    def num_actions(self) -> int:
+        return len(self.action_names)
+
+    @property
+    def default_params(self) -> ClusterParams:
+        return file_cluster_params(DEFAULT_CLUSTER_FILE)
+
+    def action_space(self, params: ClusterParams | None = None) -> spaces.Discrete:
+        return spaces.Discrete(self.num_actions)  # per region
+
+    def observation_space(self, params: ClusterParams) -> spaces.Box:
+        r = params.rtt_s.shape[0]
+        return spaces.Box(-jnp.inf, jnp.inf, (r, len(CLUSTER_OBS_FIELDS)), jnp.float32)
+
+    # ---- reset ------------------------------------------------------------------------
+
+    def reset_env(self, key, params: ClusterParams):
+        r = params.rtt_s.shape[0]
+        k_clock, k_nodes = jax.random.split(key)
+        # One UTC clock for the whole cluster (the regions' time zones are offsets of it).
+        nodes = params.nodes
+        tick = nodes.tick_s[0]
+        random_start = jnp.floor(jax.random.uniform(k_clock, (), maxval=7 * 86_400.0) / tick) * tick
+        clock = jnp.where(nodes.random_start[0] > 0.5, random_start, nodes.start_time_s[0])
+        nodes = nodes.replace(random_start=jnp.zeros((r,)), start_time_s=jnp.full((r,), clock))
+        return self.reset_regions(jax.random.split(k_nodes, r), params.replace(nodes=nodes))
+
+    def reset_regions(self, keys, params: ClusterParams):
+        """Reset each region with its own key (regions' own start times)."""
+        _, states = jax.vmap(self.node.reset_env)(keys, params.nodes)
+        last = states.last
+        state = ClusterState(
+            time=0, nodes=states, in_flight=jnp.zeros_like(states.queue_requests),
+            spare_rps=_spare_rps(last["capacity_rps"], last["arrivals"] / params.nodes.tick_s),
+        )
+        return self.get_obs(state, params), state
+
+    # ---- step -------------------------------------------------------------------------
+
+    def step_env(self, key, state: ClusterState, action, params: ClusterParams):
+        r = params.rtt_s.shape[0]
+        state, metrics, reward = self.transition(jax.random.split(key, r), state, action, params)
+        info = {"metrics": metrics}
+        return self.get_obs(state, params), state, reward, jnp.array(False), info
+
+    def transition(self, keys, state: ClusterState, action, params: ClusterParams):
+        """(state, metrics (R,) each, rewards (R,)) after one tick; `keys`: one per region."""
+        nodes = params.nodes
+        tick = nodes.tick_s
+        plans = jax.vmap(serving.begin_tick)(keys, state.nodes, jnp.asarray(action, jnp.int32), nodes)
+        # 1. Route what each region forwards within the spare its peers advertised.
+        want = plans["fwd"] * plans["admitted"] * params.forwarding
+        flows = route(want, state.spare_rps * tick, params.rank)
+        forwarded = flows.sum(1)
+        # A request forwarded at a uniform time within the tick travels one way in RTT/2:
+        # the share RTT/(2 tick) of a tick's flow lands after the tick ends and joins the
+        # peer's next tick (in flight); the rest joins the peer's queue this tick.
+        late = flows * (params.rtt_s / (2.0 * tick[:, None]))
+        received = (flows - late).sum(0) + state.in_flight
+        in_flight = late.sum(0)
+        rtt_in = jnp.sum(flows * params.rtt_s, 0) / jnp.maximum(flows.sum(0), 1e-9)
+        # 2. Every region serves its kept arrivals and its peers' requests at its own load.
+        core, queue = jax.vmap(serving.serve_planned)(plans, state.nodes, nodes, forwarded, received, rtt_in)
+        # The sender pays each peer's price at dispatch; the peer is credited the same.
+        price = core["peer_usd_per_request"]
+        core = {**core, "peer_credit_usd": (flows * price[None, :]).sum(0)}
+        # 3. The forwarded requests' outcome, per sender: the flow-weighted mean over the
+        # peers that served them, their round trip added to TTFT and end-to-end latency.
+        w = flows / jnp.maximum(forwarded[:, None], 1e-9)
+        peer = {
+            "ttft_s": (w * (core["peer_ttft_s"][None, :] + params.rtt_s)).sum(1),
+            "e2e_s": (w * (core["peer_e2e_s"][None, :] + params.rtt_s)).sum(1),
+            "ok": (w * core["peer_ok"][None, :]).sum(1),
+            "usd_per_request": (w * price[None, :]).sum(1),
+            "quality": (w * core["peer_quality"][None, :]).sum(1),
+        }
+        node_states, metrics, reward = jax.vmap(serving.end_tick)(state.nodes, plans, core, queue, forwarded, peer, nodes)
+        load = (metrics["served"] + metrics["served_for_peers"] + queue) / tick
+        new_state = ClusterState(
+            time=state.time + 1, nodes=node_states, in_flight=in_flight,
+            spare_rps=_spare_rps(metrics["capacity_rps"], load),
+        )
+        metrics = {**metrics, "in_flight": in_flight}
+        return new_state, metrics, reward
+
+    # ---- observation ------------------------------------------------------------------
+
+    def get_obs(self, state: ClusterState, params: ClusterParams, key=None) -> jax.Array:
+        node_obs = jax.vmap(self.node.get_obs)(state.nodes, params.nodes)
+        advertised = params.compatible @ state.spare_rps
+        return jnp.concatenate([node_obs, (advertised / params.nodes.rate_ref_rps)[:, None]], axis=1).astype(jnp.float32)
+
+    def is_terminated(self, state: ClusterState, params: ClusterParams) -> jax.Array:
+        return jnp.array(False)
+
+    def action_mask(self, state: ClusterState, params: ClusterParams) -> jax.Array:
+        """(R, num_actions) feasible actions of each region."""
+        return jax.vmap(self.node.action_mask)(state.nodes, params.nodes)
+
+    def action_mask_from_obs(self, obs: jax.Array, params: ClusterParams) -> jax.Array:
+        return jax.vmap(self.node.action_mask_from_obs)(obs[..., : len(OBS_FIELDS)], params.nodes)
+
+
+def conservation_gap(metrics: dict, queue_before, in_flight_before) -> jax.Array:
+    """Cluster-wide request balance of one tick (zero up to rounding): arrivals minus
+    everything they became (served, served for peers, dropped, rejected, queued, in flight)."""
+    out = metrics["served"] + metrics["served_for_peers"] + metrics["dropped"] + metrics["rejected"]
+    out = out.sum(-1) + (metrics["queue_requests"] - queue_before).sum(-1) + metrics["in_flight"].sum(-1) - in_flight_before.sum(-1)
+    return metrics["arrivals"].sum(-1) - out
+
+
+__all__ = ["ServingCluster", "ClusterParams", "ClusterState", "CLUSTER_OBS_FIELDS", "make_cluster_params",
+           "cluster_env_params", "file_cluster_params", "specs_cluster_params", "route", "rtt_matrix_s", "conservation_gap"]
