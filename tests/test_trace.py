@@ -372,7 +372,8 @@ BAD_FILES = {
     "moon-empty": ("m.jsonl", "\n  \n", "mooncake", ["file is empty", "timestamp, input_length, output_length"]),
     "auto-empty": ("t.csv", "", None, ["file is empty", "Azure", "BurstGPT", "Mooncake"]),
     "auto-unknown-header": ("t.csv", "time,prompt,answer\n1,2,3\n", None, ["line 1", "cannot tell the trace format", "--trace-format"]),
-    "auto-nul": ("t.jsonl", '{"timestamp": 0}\n\x00\x00\x00\n', None, ["line 2", "NUL byte", "binary"]),
+    "auto-nul": ("t.jsonl", '\n\x00\x00\x00\n{"timestamp": 0}\n', None, ["line 2", "NUL byte", "binary"]),
+    "moon-nul": ("t.jsonl", '{"timestamp": 0, "input_length": 4, "output_length": 1}\n\x00\x00\n', None, ["line 2", "not valid JSON"]),
     "forced-json-on-csv": ("t.csv", BURST_HEADER + "5,m,1,1,2,x\n", "mooncake", ["line 1", "not valid JSON"]),
 }
 

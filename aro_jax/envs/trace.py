@@ -18,8 +18,9 @@ import io
 import json
 import math
 import re
+from array import array
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from fractions import Fraction
 from pathlib import Path
 
@@ -31,10 +32,16 @@ OUTPUT_COL = "GeneratedTokens"
 REQUIRED_COLUMNS = (TIME_COL, INPUT_COL, OUTPUT_COL)
 
 _EPOCH = datetime(1970, 1, 1)
+# Date, hour, minute, second, fraction (digits past the 9th, below a nanosecond, dropped),
+# UTC offset.
 _DATETIME_RE = re.compile(
-    r"(\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}:\d{2})(?:\.(\d+))?\s*(Z|[+-]\d{2}:?\d{2})?", re.IGNORECASE
+    r"\s*(\d{4}-\d{2}-\d{2})[ T](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9})\d*)?\s*(Z|[+-]\d{2}:?\d{2})?\s*",
+    re.IGNORECASE,
 )
+_DECIMAL_RE = re.compile(r"\s*(-?)(\d+)(?:\.(\d{0,9})\d*)?\s*")
 _INT_RE = re.compile(r"-?\d+")
+_NS = 10**9  # times are kept in integer nanoseconds: exact, and cheap to compare
+_EPOCH_DAYS: dict[str, int] = {}  # "YYYY-MM-DD" -> seconds since 1970 of its midnight
 
 
 class TraceFormatError(ValueError):
@@ -95,30 +102,39 @@ class RequestTrace:
         return self.num_requests / d if d > 0 else math.nan
 
 
-def _parse_seconds(text: str) -> Fraction:
-    # float() rejects forms Fraction would take (e.g. "1/2"); finiteness is checked too.
+def _parse_seconds(text: str) -> int:
+    """Seconds written as a number, in integer nanoseconds (ValueError if it is none)."""
+    m = _DECIMAL_RE.fullmatch(text)
+    if m:
+        sign, whole, frac = m.groups()
+        ns = int(whole) * _NS + int((frac or "").ljust(9, "0"))
+        return -ns if sign else ns
+    # Exponents and the like; float() rejects forms Fraction would take (e.g. "1/2").
     if not math.isfinite(float(text)):
         raise ValueError(text)
-    return Fraction(text.strip())
+    return round(Fraction(text.strip()) * _NS)
 
 
-def _parse_timestamp(text: str) -> Fraction:
-    """Exact seconds: the 2023 trace has 7 fractional digits, beyond datetime's 6,
-    and float64 epoch seconds would lose the last digit. A UTC offset (2024 trace)
-    is applied, so timestamps in different offsets compare correctly."""
-    text = text.strip()
+def _parse_timestamp(text: str) -> int:
+    """Integer nanoseconds since 1970 (UTC): exact where float64 epoch seconds would lose
+    the 2023 trace's 7th fractional digit. A UTC offset (the 2024 trace's) is applied, so
+    timestamps in different offsets compare correctly. Plain numbers are seconds."""
     m = _DATETIME_RE.fullmatch(text)
-    if m:
-        whole = datetime.strptime(m.group(1).replace("T", " "), "%Y-%m-%d %H:%M:%S")
-        offset = m.group(3)
-        if offset and offset.upper() != "Z":
-            sign = -1 if offset[0] == "-" else 1
-            hh, mm = int(offset[1:3]), int(offset[-2:])
-            whole -= sign * timedelta(hours=hh, minutes=mm)
-        seconds = Fraction(int((whole - _EPOCH).total_seconds()))
-        frac = m.group(2) or "0"
-        return seconds + Fraction(int(frac), 10 ** len(frac))
-    return _parse_seconds(text)
+    if not m:
+        return _parse_seconds(text)
+    date, hh, mm, ss, frac, offset = m.groups()
+    day = _EPOCH_DAYS.get(date)
+    if day is None:  # a trace spans few dates: validate and convert each once
+        day = int((datetime.strptime(date, "%Y-%m-%d") - _EPOCH).total_seconds())
+        _EPOCH_DAYS[date] = day
+    h, mi, sec = int(hh), int(mm), int(ss)
+    if h > 23 or mi > 59 or sec > 61:  # 60, 61: leap seconds, as strptime allows
+        raise ValueError(text)
+    seconds = day + 3600 * h + 60 * mi + sec
+    if offset and offset.upper() != "Z":
+        off = 3600 * int(offset[1:3]) + 60 * int(offset[-2:])
+        seconds -= off if offset[0] == "+" else -off
+    return seconds * _NS + (int(frac.ljust(9, "0")) if frac else 0)
 
 
 def _parse_tokens(text: str, where: str, column: str) -> int:
@@ -169,39 +185,49 @@ def load_trace_csv(path) -> RequestTrace:
 def load_trace(path, fmt: str | None = None) -> RequestTrace:
     """Read a request trace of any supported format (`FORMATS`; None or "auto": detected
     from the header or first line), validating every record. Raises FileNotFoundError or
-    TraceFormatError, naming the file (full path), the line, the problem and the fix."""
-    if fmt in (None, "auto"):
-        path = _check_file(path)
-        text = _read_text(path, _ANY_FORMAT)
-        fmt = detect_format(text, str(path))
-    elif fmt not in FORMATS:
+    TraceFormatError, naming the file (full path), the line, the problem and the fix.
+    The file is streamed (a week-long trace need not fit in memory as text)."""
+    if fmt not in (None, "auto", *FORMATS):
         raise ValueError(f"unknown trace format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    else:
-        path = _check_file(path)
-        text = _read_text(path, _EXPECTED[fmt])
-    if fmt == "mooncake":
-        return _parse_jsonl(text, path)
-    spec = _AZURE if fmt == "azure" else _BURSTGPT
-    reader = csv.reader(io.StringIO(text, newline=""))
+    path = _check_file(path)
+    expected = _EXPECTED.get(fmt, _ANY_FORMAT)
     try:
-        return _parse_csv(reader, str(path), path, spec)
-    except csv.Error as e:  # NUL bytes, fields over the size limit, ...
-        raise TraceFormatError(
-            f"{path} line {reader.line_num}: not a CSV row ({e}); expected {_EXPECTED[fmt]}"
-        ) from None
+        if fmt in (None, "auto"):
+            fmt = _detect(path)
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            if fmt == "mooncake":
+                return _parse_jsonl(f, path)
+            reader = csv.reader(f)
+            try:
+                return _parse_csv(reader, str(path), path, _AZURE if fmt == "azure" else _BURSTGPT)
+            except csv.Error as e:  # fields over the size limit, ...
+                raise TraceFormatError(
+                    f"{path} line {reader.line_num}: not a CSV row ({e}); expected {_EXPECTED[fmt]}"
+                ) from None
+    except UnicodeDecodeError:
+        _read_text(path, expected)  # raises, naming the line of the first bad byte
+        raise
 
 
-def detect_format(text: str, name: str) -> str:
-    """The format of a trace file's text, from its first non-blank line."""
-    nul = text.find("\x00")
-    if nul >= 0:
-        raise TraceFormatError(
-            f"{name} line {text.count(chr(10), 0, nul) + 1}: NUL byte (a binary file, not a "
-            f"text trace); expected {_ANY_FORMAT}"
-        )
-    for lineno, line in enumerate(text.split("\n"), 1):
+def _detect(path: Path) -> str:
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                return detect_format(line, str(path), lineno)
+    raise TraceFormatError(f"{path}: file is empty; expected {_ANY_FORMAT}")
+
+
+def detect_format(text: str, name: str, first_line: int = 1) -> str:
+    """The format of a trace from its text (or its first non-blank line, numbered
+    `first_line`): JSON lines if it opens with an object, else the CSV header's columns."""
+    lines = text.split("\n")
+    for lineno, line in enumerate(lines, first_line):
         if not line.strip():
             continue
+        if "\x00" in line:
+            raise TraceFormatError(
+                f"{name} line {lineno}: NUL byte (a binary file, not a text trace); expected {_ANY_FORMAT}"
+            )
         if line.lstrip().startswith("{"):
             return "mooncake"
         header = {h.strip().casefold() for h in next(csv.reader([line]), [])}
@@ -229,8 +255,15 @@ def _unsorted(where: str, what: str, raw, prev_raw) -> TraceFormatError:
     )
 
 
+def _append_ns(times: array, t: int, where: str, what: str, raw) -> None:
+    try:
+        times.append(t)
+    except OverflowError:  # beyond int64 nanoseconds: about 292 years from 1970
+        raise TraceFormatError(f"{where}: {what} {raw!r} is out of range; expected a time within 1678-2262 or seconds below 9.2e9") from None
+
+
 def _parse_csv(reader, name: str, path: Path, spec: _CsvFormat) -> RequestTrace:
-    times, inputs, outputs = [], [], []
+    times, inputs, outputs = array("q"), array("q"), array("q")
     time_col, input_col, output_col = spec.columns
     header = next(reader, None)
     while header is not None and not header:  # blank lines before the header
@@ -248,33 +281,48 @@ def _parse_csv(reader, name: str, path: Path, spec: _CsvFormat) -> RequestTrace:
             f"{', '.join(missing)} (found columns: {', '.join(header)}); "
             f"expected {', '.join(spec.columns)}"
         )
-    idx = {c: folded.index(c.casefold()) for c in spec.columns}
+    it, ii, io_ = (folded.index(c.casefold()) for c in spec.columns)
+    width = len(header)
     header_line = reader.line_num
     parse_time = _parse_timestamp if spec.datetimes else _parse_seconds
-    prev_raw = None
+    prev = prev_raw = None
     for row in reader:
         if not row:  # csv yields [] for blank lines
             continue
-        where = f"{name} line {reader.line_num}"
-        if len(row) < len(header):
-            raise TraceFormatError(
-                f"{where}: row has {len(row)} fields; expected {len(header)} "
-                f"({', '.join(header)})"
-            )
-        raw_t = row[idx[time_col]]
-        try:
+        try:  # the common case without building messages; any problem is re-read below
+            if len(row) < width:
+                raise ValueError
+            raw_t = row[it]
             t = parse_time(raw_t)
-        except ValueError:
-            raise TraceFormatError(
-                f"{where}: {time_col} {raw_t!r} is not a valid timestamp; expected "
-                f"{spec.time_help}"
-            ) from None
-        if times and t < times[-1]:
-            raise _unsorted(where, time_col, raw_t, prev_raw)
-        prev_raw = raw_t
-        times.append(t)
-        inputs.append(_parse_tokens(row[idx[input_col]], where, input_col))
-        outputs.append(_parse_tokens(row[idx[output_col]], where, output_col))
+            a, b = row[ii], row[io_]
+            if not (a.isdigit() and b.isdigit() and a.isascii() and b.isascii()):
+                raise ValueError
+            if prev is not None and t < prev:
+                raise ValueError
+            times.append(t)
+            inputs.append(int(a))
+            outputs.append(int(b))
+        except (ValueError, OverflowError):
+            where = f"{name} line {reader.line_num}"
+            if len(row) < width:
+                raise TraceFormatError(
+                    f"{where}: row has {len(row)} fields; expected {width} ({', '.join(header)})"
+                ) from None
+            raw_t = row[it]
+            try:
+                t = parse_time(raw_t)
+            except ValueError:
+                raise TraceFormatError(
+                    f"{where}: {time_col} {raw_t!r} is not a valid timestamp; expected {spec.time_help}"
+                ) from None
+            if prev is not None and t < prev:
+                raise _unsorted(where, time_col, raw_t, prev_raw) from None
+            a = _parse_tokens(row[ii], where, input_col)
+            b = _parse_tokens(row[io_], where, output_col)
+            _append_ns(times, t, where, time_col, raw_t)
+            inputs.append(a)
+            outputs.append(b)
+        prev, prev_raw = t, raw_t
     if not times:
         raise TraceFormatError(
             f"{name} line {header_line}: header found but no data rows; expected at least one request"
@@ -282,12 +330,13 @@ def _parse_csv(reader, name: str, path: Path, spec: _CsvFormat) -> RequestTrace:
     return _trace(times, inputs, outputs, path, spec.name)
 
 
-def _trace(times, inputs, outputs, path: Path, fmt: str) -> RequestTrace:
-    t0 = times[0]
+def _trace(times: array, inputs: array, outputs: array, path: Path, fmt: str) -> RequestTrace:
+    ns = np.frombuffer(times, dtype=np.int64)
+    # Exact integer offsets, then one rounding to float64 seconds.
     return RequestTrace(
-        arrival_s=np.array([float(t - t0) for t in times], dtype=np.float64),
-        input_tokens=np.array(inputs, dtype=np.int64),
-        output_tokens=np.array(outputs, dtype=np.int64),
+        arrival_s=(ns - ns[0]).astype(np.float64) / _NS,
+        input_tokens=np.frombuffer(inputs, dtype=np.int64).copy(),
+        output_tokens=np.frombuffer(outputs, dtype=np.int64).copy(),
         source=str(path),
         format=fmt,
     )
@@ -306,11 +355,11 @@ def _json_int(value, where: str, key: str) -> int:
     return value
 
 
-def _parse_jsonl(text: str, path: Path) -> RequestTrace:
-    times, inputs, outputs = [], [], []
+def _parse_jsonl(lines, path: Path) -> RequestTrace:
+    times, inputs, outputs = array("q"), array("q"), array("q")
     expected = f"expected {_EXPECTED['mooncake']}"
-    prev_raw = None
-    for lineno, line in enumerate(text.split("\n"), 1):
+    prev = prev_raw = None
+    for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
         where = f"{path} line {lineno}"
@@ -330,13 +379,15 @@ def _parse_jsonl(text: str, path: Path) -> RequestTrace:
             raise TraceFormatError(
                 f"{where}: timestamp {json.dumps(raw_t)} is not a valid timestamp; expected milliseconds as a finite number"
             )
-        t = Fraction(raw_t) / 1000
-        if times and t < times[-1]:
+        t = raw_t * 10**6 if isinstance(raw_t, int) else round(Fraction(raw_t) * 10**6)
+        if prev is not None and t < prev:
             raise _unsorted(where, "timestamp", raw_t, prev_raw)
-        prev_raw = raw_t
-        times.append(t)
-        inputs.append(_json_int(obj["input_length"], where, "input_length"))
-        outputs.append(_json_int(obj["output_length"], where, "output_length"))
+        a = _json_int(obj["input_length"], where, "input_length")
+        b = _json_int(obj["output_length"], where, "output_length")
+        _append_ns(times, t, where, "timestamp", raw_t)
+        inputs.append(a)
+        outputs.append(b)
+        prev, prev_raw = t, raw_t
     if not times:
         raise TraceFormatError(f"{path}: file is empty; {expected}")
     return _trace(times, inputs, outputs, path, "mooncake")
