@@ -1,8 +1,12 @@
-"""Node-level DP: clipping bound, noise scale (updates and observation statistics), and
-the accountant against computations that do not go through it: the exact privacy curve
-of the Gaussian mechanism (Balle & Wang 2018) and the Renyi DP of the sampled Gaussian at
-integer orders (Mironov, Talwar & Zhang 2019)."""
+"""Differential privacy at both units. Region level: clipping bound, noise scale (updates
+and observation statistics, local and central), the central mechanism's refusals, and the
+accountant against computations that do not go through it: the exact privacy curve of the
+Gaussian mechanism (Balle & Wang 2018) and the Renyi DP of the sampled Gaussian at integer
+orders (Mironov, Talwar & Zhang 2019). Segment level (DP-SGD): per-segment clipping, noise
+scale, real Poisson sampling, and the reported epsilon against dp-accounting called
+directly; epsilon in the training log, the run summary and the exported policy."""
 
+import json
 import math
 
 import jax
@@ -11,7 +15,11 @@ import numpy as np
 import pytest
 from scipy import optimize, special, stats
 
-from aro_jax.federated import fedppo
+from aro_jax import config as config_lib
+from aro_jax.algorithms import ppo
+from aro_jax.config import ConfigError, load_config
+from aro_jax.federated import aggregators, fedppo, privacy
+from aro_jax.training import trainers
 from aro_jax.federated.aggregators import aggregate
 from aro_jax.federated.privacy import (
     add_noise,
@@ -190,3 +198,258 @@ def test_epsilon_monotonicity_and_edges():
         epsilon(1.0, 0.5, 5, 1.0)
     with pytest.raises(ValueError, match="accountant"):
         epsilon(1.0, 0.5, 5, 1e-5, accountant="moments")
+
+
+# --- segment level (DP-SGD) and the central mechanism ------------------------------------
+
+TINY = """\
+cluster:
+  name: tiny5
+  nodes:
+    - {name: a, profile: llama2-70b-h100-tp4, traffic_mix: conversation, mean_rate_rps: 18.0}
+    - {name: b, profile: llama2-7b-a100-tp1, traffic_mix: code, mean_rate_rps: 20.0, tz_offset_h: 1.0}
+    - {name: c, profile: llama2-70b-a100-tp8, traffic_mix: conversation, mean_rate_rps: 13.0, tz_offset_h: 9.0}
+    - {name: d, profile: llama2-7b-h100-tp1, traffic_mix: code, mean_rate_rps: 50.0, tz_offset_h: 4.0}
+    - {name: e, profile: llama2-7b-a100-tp1, traffic_mix: conversation, mean_rate_rps: 25.0, tz_offset_h: 6.0}
+env: {num_clusters: 2, episode_ticks: 32}
+ppo: {rollout_steps: 8, num_minibatches: 2, update_epochs: 1, hidden_sizes: [16, 16]}
+federated: {mode: federated, aggregator: mean, num_byzantine: 0, local_updates: 2}
+objective: {kind: paper}
+train: {total_env_steps: 640, num_chunks: 2, keep_checkpoints: 10}
+"""
+N_NODES = 5
+SEGMENT_DP = ["ppo.normalize_obs=false", "federated.segment_dp_clip_norm=0.5", "federated.segment_dp_noise_multiplier=1.3"]
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("priv") / "tiny5.yaml"
+    path.write_text(TINY)
+    return path
+
+
+def per_segment_grads(num_segments=40, seed=0):
+    """A two-leaf gradient pytree per segment, norms spread over 1e-4 .. 1e4."""
+    rng = np.random.default_rng(seed)
+    scales = np.logspace(-4, 4, num_segments).astype(np.float32)
+    return {"w": jnp.asarray(rng.normal(size=(num_segments, 7, 5)).astype(np.float32) * scales[:, None, None]),
+            "b": jnp.asarray(rng.normal(size=(num_segments, 5)).astype(np.float32) * scales[:, None])}
+
+
+def tree_norms(tree):
+    return np.sqrt(sum(np.sum(np.asarray(x, np.float64).reshape(x.shape[0], -1) ** 2, axis=1) for x in jax.tree.leaves(tree)))
+
+
+@pytest.mark.parametrize("clip_norm", [0.01, 1.0, 30.0])
+def test_per_segment_clipping_bounds_every_segment_gradient(clip_norm):
+    grads = per_segment_grads()
+    clipped = ppo.clip_per_segment(grads, clip_norm)
+    norms, raw = tree_norms(clipped), tree_norms(grads)
+    assert np.all(norms <= clip_norm * (1 + 1e-5))  # every segment, not the batch as a whole
+    inside = raw <= clip_norm
+    assert inside.any() and (~inside).any()
+    for k in grads:  # inside the ball: untouched; outside: on the sphere, same direction
+        np.testing.assert_array_equal(np.asarray(clipped[k])[inside], np.asarray(grads[k])[inside])
+    np.testing.assert_allclose(norms[~inside], clip_norm, rtol=1e-5)
+    # The released gradient moves by at most C / expected_count when one segment is replaced
+    # by an arbitrary (here 1e6 x larger) one: the bound DP-SGD's sensitivity rests on.
+    # Without per-segment clipping (or with the batch clipped as a whole) it moves ~1e6 x more.
+    mask = jnp.ones(40, bool)
+    expected = 40 * 0.5
+    g0 = ppo.dp_gradient(grads, mask, jax.random.key(0), 0.0, clip_norm, expected)
+    changed = jax.tree.map(lambda x: x.at[3].multiply(1e6), grads)
+    g1 = ppo.dp_gradient(changed, mask, jax.random.key(0), 0.0, clip_norm, expected)
+    moved = np.sqrt(sum(np.sum((np.asarray(g1[k], np.float64) - np.asarray(g0[k], np.float64)) ** 2) for k in grads))
+    assert moved <= 2 * clip_norm / expected * (1 + 1e-4)  # replace one = remove one + add one
+    removed = ppo.dp_gradient(grads, mask.at[3].set(False), jax.random.key(0), 0.0, clip_norm, expected)
+    moved_remove = np.sqrt(sum(np.sum((np.asarray(removed[k], np.float64) - np.asarray(g0[k], np.float64)) ** 2) for k in grads))
+    assert moved_remove <= clip_norm / expected * (1 + 1e-4)
+
+
+def test_segment_and_central_noise_std_match_the_configuration():
+    sigma, clip, segments, rate = 1.3, 0.5, 64, 0.25
+    zeros = {"w": jnp.zeros((segments, 300, 400))}
+    for mask in (jnp.zeros(segments, bool), jnp.ones(segments, bool)):  # the count must not enter the scale
+        g = np.asarray(ppo.dp_gradient(zeros, mask, jax.random.key(1), sigma, clip, rate * segments)["w"])
+        assert g.std() == pytest.approx(sigma * clip / (rate * segments), rel=0.01)  # 120k samples: ~0.2 % error
+    n, q = 10, 0.5
+    agg, _ = privacy.central_mean(jnp.zeros((n, 200_000)), jnp.ones(n, bool), jax.random.key(2), sigma, clip, q * n)
+    assert np.asarray(agg).std() == pytest.approx(sigma * clip / (q * n), rel=0.01)
+    m, v = privacy.central_statistics(jnp.zeros((n, 100_000)), jnp.zeros((n, 100_000)), jnp.zeros(n, bool), jax.random.key(3), sigma, 4.0, q * n)
+    assert np.asarray(m).std() == pytest.approx(sigma * 4.0 / (q * n), rel=0.02)
+    assert privacy.central_sensitivity(clip, n, q) == pytest.approx(clip / (q * n))
+
+
+def test_central_mean_is_the_clipped_sum_over_the_expected_count():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(6, 30)).astype(np.float32) * np.array([0.01, 1, 10, 100, 1, 1], np.float32)[:, None]
+    x[5, 0] = np.nan  # a faulty participant counts as absent
+    part = jnp.asarray([True, True, True, False, True, True])
+    agg, invalid = privacy.central_mean(jnp.asarray(x), part, jax.random.key(0), 0.0, 1.0, 3.0)
+    ok = np.array([1, 1, 1, 0, 1, 0], bool)
+    expected = (np.asarray(clip_updates(jnp.asarray(np.nan_to_num(x)), 1.0)) * ok[:, None]).sum(0) / 3.0
+    np.testing.assert_allclose(np.asarray(agg), expected, rtol=1e-5, atol=1e-7)
+    assert int(invalid) == 1
+
+
+def test_poisson_sampling_is_real_sampling():
+    """Each unit in independently with probability q: the empirical rate is q, batch sizes
+    have the binomial variance, and one 'epoch' of 1/q steps leaves some units out and
+    takes others twice - none of which a shuffle into fixed minibatches does."""
+    n, q, draws = 64, 0.25, 4000
+    keys = jax.random.split(jax.random.key(5), draws)
+    masks = np.asarray(jax.vmap(lambda k: privacy.poisson_participation(k, n, q))(keys))
+    se = math.sqrt(q * (1 - q) / masks.size)
+    assert abs(masks.mean() - q) < 5 * se
+    sizes = masks.sum(1)
+    assert sizes.var() == pytest.approx(n * q * (1 - q), rel=0.15)  # a shuffle: variance 0
+    epoch = masks[:4].sum(0)
+    assert (epoch == 0).any() and (epoch >= 2).any()
+
+
+@pytest.mark.timeout(300)
+def test_learner_samples_segments_at_the_configured_rate(tiny_config):
+    """Inside DP-SGD PPO: per-step batches drawn at the configured rate, their size varies."""
+    cfg = load_config(tiny_config, SEGMENT_DP + ["env.num_clusters=32", "federated.segment_dp_sampling_rate=0.3",
+                                                 "train.total_env_steps=10240", "federated.mode=local"])
+    trainer = trainers.make_trainer(cfg)
+    hp = trainers.hyperparams(cfg)
+    state = jax.jit(trainer.init)(jax.random.PRNGKey(0), hp)
+    _, metrics = jax.jit(trainer.chunk, static_argnums=2)(state, hp, trainer.units_total)
+    rate, spread = np.asarray(metrics["dp_sample_rate"]), np.asarray(metrics["dp_batch_std"])
+    draws = rate.size * N_NODES * cfg.federated.local_updates * 2 * 32  # rounds x nodes x updates x steps x segments
+    assert abs(rate.mean() - 0.3) < 5 * math.sqrt(0.3 * 0.7 / draws)
+    assert np.all(spread > 0)
+    assert np.all(np.isfinite(np.asarray(metrics["reward"])))
+
+
+def rdp_epsilon_directly(sigma, q, steps, delta):
+    import dp_accounting
+    from dp_accounting import rdp
+
+    accountant = rdp.RdpAccountant()
+    accountant.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps))
+    return accountant.get_epsilon(delta)
+
+
+@pytest.mark.parametrize("rounds", [1, 3, 40])
+@pytest.mark.parametrize("rollout,epochs,minibatches,rate", [(8, 1, 2, 0.0), (8, 3, 4, 0.1), (12, 2, 2, 0.4)])
+def test_reported_segment_epsilon_equals_dp_accounting(tiny_config, rounds, rollout, epochs, minibatches, rate):
+    """(noise, sampling rate, steps) accounted as dp-accounting does it directly: a day of
+    32 ticks spans 32 / R rollouts (R | 32), or at most ceil(32 / R) + 1 at sensitivity 2C
+    (R = 12); each rollout is followed by epochs x minibatches sampled steps."""
+    cfg = load_config(tiny_config, SEGMENT_DP + [f"ppo.rollout_steps={rollout}", f"ppo.update_epochs={epochs}",
+                                                 f"ppo.num_minibatches={minibatches}", f"federated.segment_dp_sampling_rate={rate}",
+                                                 "env.num_clusters=4", "train.total_env_steps=100000"])
+    (report,) = trainers.privacy_report(cfg, rounds, episode_ticks=32)
+    updates = rounds * cfg.federated.local_updates
+    day = 32 // rollout if 32 % rollout == 0 else math.ceil(32 / rollout) + 1
+    sigma = 1.3 if 32 % rollout == 0 else 1.3 / 2
+    q = rate or 1 / minibatches
+    steps = min(updates, day) * epochs * minibatches
+    assert report["steps"] == steps and report["sampling_rate"] == q and report["unit"] == "segment"
+    assert report["epsilon"] == pytest.approx(rdp_epsilon_directly(sigma, q, steps, 1e-5), rel=1e-9)
+    assert report["delta"] == 1e-5 and report["N"] == 4
+
+
+def test_reported_region_epsilon_equals_dp_accounting(tiny_config):
+    """Central mechanism, regions sampled at q: rounds x one Poisson-sampled Gaussian over
+    both releases (update and statistics, multiplier sigma / sqrt 2); local: q = 1."""
+    base = ["federated.dp_clip_norm=0.1", "federated.dp_noise_multiplier=2.0"]
+    cfg = load_config(tiny_config, base + ["federated.dp_mechanism=central", "federated.dp_node_sampling=0.4"])
+    (report,) = trainers.privacy_report(cfg, 25)
+    assert report["unit"] == "region" and "central" in report["mechanism"]
+    assert report["epsilon"] == pytest.approx(rdp_epsilon_directly(2.0 / math.sqrt(2), 0.4, 25, 1e-5), rel=1e-9)
+    (local,) = trainers.privacy_report(load_config(tiny_config, base), 25)
+    assert local["epsilon"] == pytest.approx(rdp_epsilon_directly(2.0 / math.sqrt(2), 1.0, 25, 1e-5), rel=1e-9)
+    assert trainers.privacy_report(load_config(tiny_config), 25) == []  # no noise: no guarantee claimed
+
+
+@pytest.mark.parametrize("name", sorted(set(aggregators.AGGREGATORS) - set(privacy.CENTRAL_SENSITIVITY)))
+def test_central_noise_refuses_aggregators_of_unbounded_sensitivity(tiny_config, name, capsys):
+    assert name in privacy.CENTRAL_REFUSED  # every refusal has its reason
+    with pytest.raises(ValueError, match=name):
+        privacy.check_central(name)
+    f = 0  # every aggregator's (n, f) requirement holds: the refusal is the sensitivity's
+    overrides = ["federated.dp_mechanism=central", "federated.dp_clip_norm=0.1", "federated.dp_noise_multiplier=1.0",
+                 f"federated.aggregator={name}", f"federated.num_byzantine={f}"]
+    with pytest.raises(ConfigError, match="federated.aggregator"):
+        load_config(tiny_config, overrides)
+    fed = fedppo.FederatedConfig(mode="federated", aggregator=name, num_byzantine=f, dp_mechanism="central", dp_clip_norm=0.1)
+    with pytest.raises(ValueError, match="refused"):
+        fedppo.make_federated_train(None, {"w": jnp.zeros((N_NODES, 3))}, fed)
+    from aro_jax import cli
+
+    assert cli.main(["train", str(tiny_config), *overrides]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: config key 'federated.aggregator'") and name in err[0]
+
+
+def test_central_noise_refuses_pre_aggregators_and_accepts_the_mean(tiny_config):
+    with pytest.raises(ValueError, match="pre-aggregators"):
+        privacy.check_central("mean", ["nnm"])
+    with pytest.raises(ConfigError, match="federated.pre_aggregators"):
+        load_config(tiny_config, ["federated.dp_mechanism=central", "federated.dp_clip_norm=0.1",
+                                  "federated.dp_noise_multiplier=1.0", "federated.pre_aggregators=[nnm]"])
+    privacy.check_central("mean")
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["federated.dp_clip_norm=0.1", "federated.dp_noise_multiplier=1.0", "federated.dp_delta=0.25"], "federated.dp_delta"),  # >= 1/5 regions
+    (SEGMENT_DP + ["env.num_clusters=8", "federated.dp_delta=0.2"], "federated.dp_delta"),  # >= 1/8 segments
+    (["federated.dp_clip_norm=0.1", "federated.dp_noise_multiplier=1.0", "federated.dp_node_sampling=0.5"], "federated.dp_node_sampling"),
+    (["federated.segment_dp_clip_norm=0.5", "federated.segment_dp_noise_multiplier=1.0"], "ppo.normalize_obs"),
+    (SEGMENT_DP + ["objective.kind=slo"], "objective.kind"),
+    (SEGMENT_DP[:2] + ["federated.segment_dp_sampling_rate=1.5"], "federated.segment_dp_sampling_rate"),
+    (["federated.dp_mechanism=server"], "federated.dp_mechanism"),
+])
+def test_privacy_config_errors_name_their_key(tiny_config, overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(tiny_config, overrides)
+
+
+def test_delta_is_below_one_over_n_by_default(tiny_config):
+    cfg = load_config(tiny_config, SEGMENT_DP)
+    assert cfg.federated.dp_delta < 1 / config_lib.segment_pool(cfg) and cfg.federated.dp_delta < 1 / N_NODES
+    assert load_config(None).federated.dp_delta < 1 / (10 * 2048)
+
+
+@pytest.mark.timeout(300)
+def test_central_round_adds_noise_once_to_the_clipped_mean(tiny_config):
+    """Every region in (q = 1): the global step is the mean of the clipped deltas plus noise
+    of std sigma C / n per coordinate - sqrt(n) less than local noise gives the mean."""
+    sigma, clip = 1.0, 1e-4
+    cfg = load_config(tiny_config, ["federated.dp_mechanism=central", f"federated.dp_clip_norm={clip}",
+                                    f"federated.dp_noise_multiplier={sigma}", "federated.dp_stats_clip_norm=1000"])
+    from aro_jax.envs.scenarios import cluster_params
+
+    init, chunk, _ = trainers.make_federated(cfg, cluster_params(cfg, "train"))
+    hp = trainers.hyperparams(cfg)
+    state0 = jax.jit(init)(jax.random.PRNGKey(0), hp)
+    state, metrics = jax.jit(lambda s: chunk(s, hp, 1))(state0)
+    flat = lambda p: np.asarray(jax.flatten_util.ravel_pytree(p)[0], np.float64)  # noqa: E731
+    deltas = np.asarray(state.previous_deltas, np.float64)
+    norms = np.linalg.norm(deltas, axis=1)
+    assert norms.min() > 100 * clip
+    residual = flat(state.global_params) - flat(state0.global_params) - (deltas * (clip / norms)[:, None]).mean(0)
+    assert residual.std() == pytest.approx(sigma * clip / N_NODES, rel=0.1)
+    assert float(metrics["participants"][0]) == N_NODES
+
+
+@pytest.mark.timeout(600)
+def test_epsilon_in_the_log_the_summary_and_the_export(tiny_config, tmp_path):
+    from aro_jax.deploy.export import SPEC_FILE, export_policy
+    from aro_jax.training import driver
+
+    cfg = load_config(tiny_config, SEGMENT_DP + ["env.num_clusters=4"])
+    run_dir = tmp_path / "run"
+    driver.train(cfg, run_dir, quiet=True)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for r in records:
+        (entry,) = r["privacy"]
+        assert entry == trainers.privacy_report(cfg, r["unit"], episode_ticks=32)[0]
+        assert {"epsilon", "delta", "unit", "mechanism"} <= set(entry) and 0 < entry["epsilon"] < float("inf")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["privacy"] == records[-1]["privacy"] and "per segment" in summary["privacy_line"]
+    spec = json.loads((export_policy(run_dir, tmp_path / "export") / SPEC_FILE).read_text())
+    assert spec["privacy"]["guarantees"] == records[-1]["privacy"]

@@ -72,6 +72,13 @@ class PPOConfig:
     normalize_obs: bool = True
     action_masking: bool = True
     num_costs: int = 0  # constraints (constrained PPO when > 0; needs make_train's cost_fn)
+    # DP-SGD over segments (one env's rollout column is one segment), on when dp_clip_norm > 0:
+    # each of the epochs x minibatches steps Poisson-samples segments with dp_sampling_rate
+    # (0: 1 / num_minibatches), clips each one's gradient to dp_clip_norm and adds Gaussian
+    # noise of std dp_noise_multiplier x dp_clip_norm to their sum (`dp_gradient`).
+    dp_clip_norm: float = 0.0
+    dp_noise_multiplier: float = 0.0
+    dp_sampling_rate: float = 0.0
 
 
 @struct.dataclass
@@ -152,6 +159,32 @@ def optimizer(hp: Hyperparams, total_updates: int, steps_per_update: int, anneal
     return optax.chain(optax.clip_by_global_norm(hp.max_grad_norm), optax.adam(lr_schedule, eps=1e-5))
 
 
+def segment_norms(grads) -> jax.Array:
+    """(S,) L2 norm of each segment's gradient over every leaf (leading axis S)."""
+    leaves = jax.tree.leaves(grads)
+    return jnp.sqrt(sum(jnp.sum(jnp.square(g.reshape(g.shape[0], -1)), axis=1) for g in leaves))
+
+
+def clip_per_segment(grads, clip_norm):
+    """Scale each segment's gradient (leading axis) to L2 norm at most `clip_norm`."""
+    factor = jnp.minimum(1.0, clip_norm / jnp.maximum(segment_norms(grads), 1e-12))
+    return jax.tree.map(lambda g: g * factor.reshape((-1,) + (1,) * (g.ndim - 1)).astype(g.dtype), grads)
+
+
+def dp_gradient(per_segment_grads, mask, key, noise_multiplier, clip_norm, expected_count):
+    """The DP-SGD gradient: (sum over the sampled segments (`mask`) of their gradients,
+    each clipped to C, + N(0, (sigma C)^2) per coordinate) / expected_count. The fixed
+    denominator (q S, not the realised count) keeps the sensitivity of the released mean
+    at C / (q S) when one segment is added or removed."""
+    clipped = clip_per_segment(per_segment_grads, clip_norm)
+    leaves, treedef = jax.tree.flatten(clipped)
+    keys = jax.random.split(key, len(leaves))
+    std = noise_multiplier * clip_norm
+    noisy = [(jnp.tensordot(mask.astype(g.dtype), g, axes=1) + std * jax.random.normal(k, g.shape[1:], g.dtype)) / expected_count
+             for g, k in zip(leaves, keys)]
+    return jax.tree.unflatten(treedef, noisy)
+
+
 class Learner(NamedTuple):
     """What make_train builds. `init` and `update` also take env params explicitly (in the
     form make_train got them), so a federated trainer can map them over a node axis."""
@@ -197,6 +230,16 @@ def make_train(
     total_updates = max(config.total_updates, 1)
     obs_dim = env.observation_space(jax.tree.map(lambda x: x[0], grid(env_params))).shape[0]
     use_mask = config.action_masking and hasattr(env, "action_mask_from_obs")
+    dp_sgd = config.dp_clip_norm > 0
+    segments = num_sets * num_envs
+    dp_rate = config.dp_sampling_rate or 1.0 / minibatches
+    if dp_sgd:
+        # Statistics pooled over every segment without noise would bypass the guarantee.
+        if config.normalize_obs or num_costs:
+            raise ValueError("DP-SGD needs normalize_obs=False and no constraints: the running normaliser and the "
+                             "Lagrange multipliers are computed from every segment without noise")
+        if not 0 < dp_rate <= 1:
+            raise ValueError(f"dp_sampling_rate must be in (0, 1], got {config.dp_sampling_rate}")
 
     # vmap over param sets, then over envs.
     reset_all = jax.vmap(jax.vmap(env.reset, in_axes=(0, None)), in_axes=(0, 0))
@@ -299,7 +342,29 @@ def make_train(
             (params, opt_state), info = jax.lax.scan(minibatch, (params, opt_state), shuffled)
             return (params, opt_state, key), info
 
-        (params, opt_state, key), losses = jax.lax.scan(epoch, (state.params, state.opt_state, key), None, epochs)
+        def dp_step(carry, _):
+            """One DP-SGD step: Poisson-sample segments, per-segment gradients (every
+            segment computed, the unsampled masked out: static shapes), clip, noise."""
+            params, opt_state, key = carry
+            key, k_mask, k_noise = jax.random.split(key, 3)
+            mask = jax.random.uniform(k_mask, (segments,)) < dp_rate
+            grads, info = jax.vmap(jax.grad(loss_fn, has_aux=True), in_axes=(None, 0, 0, 0))(params, *by_segment)
+            grads = dp_gradient(grads, mask, k_noise, config.dp_noise_multiplier, config.dp_clip_norm, dp_rate * segments)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            info = {**jax.tree.map(jnp.mean, info), "dp_sampled": mask.sum().astype(jnp.float32)}
+            return (optax.apply_updates(params, updates), opt_state, key), info
+
+        if dp_sgd:
+            # (steps, sets, envs, ...) -> (segments, steps, ...): one loss per segment, whose
+            # advantages loss_fn normalises within the segment (no other segment's data).
+            seg = lambda x: jnp.swapaxes(x.reshape((steps, segments) + x.shape[3:]), 0, 1)  # noqa: E731
+            by_segment = jax.tree.map(seg, (traj, adv, targets))
+            (params, opt_state, key), losses = jax.lax.scan(dp_step, (state.params, state.opt_state, key), None, epochs * minibatches)
+            sampled = losses.pop("dp_sampled")
+            losses["dp_sample_rate"] = sampled.mean() / segments  # empirical Poisson rate
+            losses["dp_batch_std"] = sampled.std()  # > 0: the batch size varies (no shuffle)
+        else:
+            (params, opt_state, key), losses = jax.lax.scan(epoch, (state.params, state.opt_state, key), None, epochs)
         new_stats = stats.update(env_obs) if config.normalize_obs else stats
         metrics = {"reward": traj.reward.mean(), **jax.tree.map(jnp.mean, losses), **jax.tree.map(jnp.mean, step_metrics)}
         if num_costs:
@@ -309,7 +374,11 @@ def make_train(
                 metrics[f"cost_{i}"] = mean_cost[i]
                 metrics[f"multiplier_{i}"] = constraint.multipliers[i]
         new_state = TrainState(params, opt_state, new_stats, env_state, obs, key, state.update_step + 1, constraint)
-        return new_state, metrics, RunningStats.from_batch(env_obs)
+        if dp_sgd:  # nothing of the observations leaves the update unprotected
+            rollout_stats = RunningStats(jnp.zeros(obs_dim), jnp.zeros(obs_dim), jnp.zeros((), jnp.float32))
+        else:
+            rollout_stats = RunningStats.from_batch(env_obs)
+        return new_state, metrics, rollout_stats
 
     def train_chunk(state: TrainState, hp: Hyperparams, num: int):
         """`num` PPO updates (static) as one scan; metrics stacked per update."""

@@ -137,6 +137,7 @@ def export_policy(run_dir: str | Path, out_dir: str | Path, overwrite: bool = Fa
             "config_sha256": hashlib.sha256(config_text.encode()).hexdigest(),
             "kpis": _training_kpis(run_dir),
         },
+        "privacy": _privacy(cfg, run_dir, step),
     }
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -154,6 +155,20 @@ def export_policy(run_dir: str | Path, out_dir: str | Path, overwrite: bool = Fa
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _privacy(cfg, run_dir: Path, step: int | None) -> dict:
+    """The exported policy's DP guarantees (trainers.privacy_report) at its checkpoint
+    step; without a step, at the newest checkpoint (an upper bound if an older one was
+    restored). `guarantees` is empty when training added no noise."""
+    from aro_jax.training import checkpointing, trainers
+
+    if step is None:
+        saved = checkpointing.steps(run_dir)
+        step = max(saved) if saved else 0
+    report = trainers.privacy_report(cfg, int(step))
+    return {"guarantees": report, "summary": trainers.privacy_line(report),
+            "public": "simulator parameters (hardware profiles, mean rates, time zones, prices) are public configuration, not protected"}
 
 
 def _training_kpis(run_dir: Path) -> dict:

@@ -82,6 +82,19 @@ class FederatedConfig:
     # policy the honest messages measured 3.2-11.2, median 3.9); the noise is
     # dp_noise_multiplier x this.
     dp_stats_clip_norm: float = 10.0
+    # Region-level mechanism: "local" (each region noises its own update, any aggregator)
+    # or "central" (DP-FedAvg: the server noises the clipped mean once; aggregator "mean"
+    # only, see privacy.CENTRAL_SENSITIVITY), with regions Poisson-sampled per round at
+    # dp_node_sampling (central only: under local noise the server sees who sent).
+    dp_mechanism: str = "local"
+    dp_node_sampling: float = 1.0
+    # Record-level DP inside each region (DP-SGD, unit: one simulated cluster-day): each
+    # PPO step clips every sampled segment's gradient to segment_dp_clip_norm (0: off) and
+    # adds noise segment_dp_noise_multiplier x that; segments are Poisson-sampled per step
+    # with segment_dp_sampling_rate (0: 1 / ppo.num_minibatches). Any mode.
+    segment_dp_clip_norm: float = 0.0
+    segment_dp_noise_multiplier: float = 0.0
+    segment_dp_sampling_rate: float = 0.0
     devices: int = 1  # devices the node axis is sharded over (must divide the node count)
 
 
@@ -148,6 +161,15 @@ def make_federated_train(
             aggregators.check_requirements(name, n_nodes, f)
         if fed.dp_clip_norm > 0 and not fed.dp_stats_clip_norm > 0:
             raise ValueError(f"dp_stats_clip_norm must be > 0 when DP is on (dp_clip_norm = {fed.dp_clip_norm}); got {fed.dp_stats_clip_norm}")
+        if fed.dp_mechanism not in ("local", "central"):
+            raise ValueError(f"dp_mechanism must be local or central, got {fed.dp_mechanism!r}")
+        central = fed.dp_mechanism == "central" and fed.dp_clip_norm > 0
+        if central:
+            for name, _ in defence_options:
+                privacy.check_central(name, fed.pre_aggregators)
+        elif fed.dp_node_sampling != 1.0:
+            raise ValueError("dp_node_sampling < 1 needs dp_mechanism central: under local noise the server sees which "
+                             "regions sent, so sampling amplifies nothing against it")
 
     def attack_with(name, deltas, stats, active, key, strength, previous):
         sent = attacks.apply_attack(name, deltas, active, key, strength, previous)
@@ -221,7 +243,18 @@ def make_federated_train(
             sent, means, variances = jax.lax.switch(
                 threat.attack, attack_branches, deltas, rollout_stats, active, k_attack, threat.strength, state.previous_deltas
             )
-            if fed.dp_clip_norm > 0:
+            if fed.mode == "federated" and fed.dp_mechanism == "central" and fed.dp_clip_norm > 0:
+                # DP-FedAvg: Poisson-sampled regions, clipped sum, noise once, fixed denominator.
+                k_stats_noise, k_sample = jax.random.fold_in(k_noise, 1), jax.random.fold_in(k_noise, 2)
+                participate = privacy.poisson_participation(k_sample, n_nodes, fed.dp_node_sampling)
+                expected = fed.dp_node_sampling * n_nodes
+                aggregate, num_invalid = privacy.central_mean(sent, participate, k_noise, fed.dp_noise_multiplier, fed.dp_clip_norm, expected)
+                stats_mean, stats_var = privacy.central_statistics(
+                    means, variances, participate, k_stats_noise, fed.dp_noise_multiplier, fed.dp_stats_clip_norm, expected
+                )
+                skipped = stats_skipped = jnp.zeros((), bool)
+                metrics["participants"] = participate.sum().astype(jnp.float32)
+            elif fed.dp_clip_norm > 0:
                 k_stats_noise = jax.random.fold_in(k_noise, 1)
                 sent = privacy.clip_updates(sent, fed.dp_clip_norm)
                 if fed.dp_noise_multiplier > 0:
@@ -229,9 +262,10 @@ def make_federated_train(
                 means, variances = privacy.privatise_statistics(
                     means, variances, k_stats_noise, fed.dp_noise_multiplier, fed.dp_stats_clip_norm
                 )
-            aggregate, num_invalid, skipped, stats_mean, stats_var, stats_skipped = jax.lax.switch(
-                threat.defence, defence_branches, sent, means, variances, k_agg
-            )
+            if not (fed.dp_mechanism == "central" and fed.dp_clip_norm > 0):
+                aggregate, num_invalid, skipped, stats_mean, stats_var, stats_skipped = jax.lax.switch(
+                    threat.defence, defence_branches, sent, means, variances, k_agg
+                )
             metrics["num_invalid"] = num_invalid.astype(jnp.float32)
             metrics["skipped"] = skipped.astype(jnp.float32)
             metrics["stats_skipped"] = stats_skipped.astype(jnp.float32)
@@ -264,13 +298,15 @@ def make_federated_train(
     return init, train_chunk, learner
 
 
-def privacy_spent(fed: FederatedConfig, rounds: int, sampling_rate: float = 1.0, accountant: str = "rdp") -> float:
-    """Node-level epsilon (at fed.dp_delta) after `rounds` rounds of `fed`'s round: each
-    round releases the node's update and its observation statistics, both with noise
-    multiplier fed.dp_noise_multiplier (privacy.combined_noise_multiplier). inf without
-    noise; 0 after no rounds."""
+def privacy_spent(fed: FederatedConfig, rounds: int, sampling_rate: float | None = None, accountant: str = "rdp") -> float:
+    """Region-level epsilon (at fed.dp_delta) after `rounds` rounds of `fed`'s round: each
+    round releases the region's update and its observation statistics, both with noise
+    multiplier fed.dp_noise_multiplier (privacy.combined_noise_multiplier), the round
+    Poisson-sampled at `sampling_rate` (default: fed.dp_node_sampling under the central
+    mechanism, 1 under local noise). inf without noise; 0 after no rounds."""
     if fed.dp_noise_multiplier <= 0 or fed.dp_clip_norm <= 0:
         return 0.0 if rounds == 0 else float("inf")
+    if sampling_rate is None:
+        sampling_rate = fed.dp_node_sampling if fed.dp_mechanism == "central" else 1.0
     sigma = privacy.combined_noise_multiplier(fed.dp_noise_multiplier, fed.dp_noise_multiplier)
     return privacy.epsilon(sigma, sampling_rate, rounds, fed.dp_delta, accountant=accountant)
-

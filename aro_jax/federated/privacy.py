@@ -1,47 +1,50 @@
-"""Differential privacy of the nodes' updates: clipping, Gaussian noise, accounting.
+"""Differential privacy: clipping, Gaussian noise, sampling and accounting, at two units.
 
-Privacy unit: one node's update in one round (node-level DP, the unit the ARO paper's
-privacy claim is about: a region's traffic never leaves the region, and the update it
-sends should reveal little about it).
+What is protected, and what is not. The simulator's parameters (hardware profiles, mean
+rates, time zones, prices) are public configuration; nothing here hides them. What a
+guarantee covers is what a region's real traffic would reveal, at one of two units:
 
-Neighbouring relation: "zero-out" adjacency (Kairouz et al. 2021) - two executions are
-neighbours when one node's clipped update is replaced by the zero update (the node
-contributes no data), everything else equal. The L2 sensitivity of that node's clipped
-update is then C = clip_norm, and the Gaussian analysis is the one dp-accounting uses
-for ADD_OR_REMOVE_ONE with noise multiplier sigma. For arbitrary replacement of the
-node's update (sensitivity 2C) account with `epsilon(noise_multiplier / 2, ...)`.
+- **region** (node-level DP): everything one region contributes to the federation, i.e.
+  its parameter update and its observation statistics in every round. Neighbouring
+  runs differ by adding or removing one region. Mechanisms:
+  * ``local``: every region clips its update to C and adds N(0, (sigma C)^2) per
+    coordinate before sending (`add_noise`); whatever the server computes from the rows
+    (any robust aggregator) is post-processing, so the server need not be trusted.
+  * ``central`` (DP-FedAvg, McMahan et al. 2018): regions take part in a round with
+    probability q (Poisson, `poisson_participation`); the trusted server clips each
+    participant's update to C, sums them, adds N(0, (sigma C)^2) once and divides by the
+    fixed expected count q n (`central_mean`). Adding or removing one region moves the
+    sum by at most C, so the released mean has sensitivity C / (q n). Only aggregators
+    with a bounded sensitivity are allowed (`CENTRAL_SENSITIVITY`); the others are
+    refused with the reason (`CENTRAL_REFUSED`, `check_central`).
+- **segment** (record-level DP inside each region, DP-SGD): one simulated cluster-day of
+  a region's traffic, i.e. one of the learner's ``num_envs`` parallel clusters over one
+  episode. Every PPO gradient step Poisson-samples the region's segments with rate q,
+  clips each sampled segment's gradient (the gradient of its rollout's loss) to C, adds
+  N(0, (sigma C)^2) to the sum and divides by the expected count (`ppo.dp_gradient`).
+  The step count a cluster-day takes part in is bounded by the updates whose rollouts
+  it spans (`segment_steps`). The running observation normaliser and the constrained
+  objective's multipliers are computed from all segments without noise, so DP-SGD
+  requires both off (config validation says so). Training-log metrics (rollout means)
+  are not privatised: they stay with whoever runs the training; the guarantee covers
+  the released policy and, in federated mode, every update a region sends.
 
-Two ways to add the noise:
+Neighbouring relation for the Gaussian analysis: add or remove one unit (dp-accounting's
+ADD_OR_REMOVE_ONE). For local noise, the zero-out view (Kairouz et al. 2021) gives the
+same sensitivity C per row; for replacement of a unit (sensitivity 2C) account with
+`epsilon(noise_multiplier / 2, ...)`.
 
-- `add_noise` (the default for the federated round): every node clips its update to C and
-  adds N(0, (sigma C)^2) per coordinate before sending. Each sent row is then a Gaussian
-  mechanism of its node's data, and whatever the server computes from the rows - mean,
-  Krum, median, any robust aggregator - is post-processing, so the guarantee holds for
-  every aggregator and does not trust the server.
-- `central_noise_for_mean`: the server adds N(0, (sigma C / n)^2) to the mean of the n
-  clipped updates. Valid for FedAvg only: with a fixed denominator n, zeroing one node's
-  clipped update moves sum/n by at most C / n. We do not scale central noise to C / n for
-  robust aggregators because their sensitivity is not C / n: Krum outputs one of the
-  rows, so changing one node's update can switch the selected row and move the output by
-  up to the diameter of the clipped set (2C); a coordinate-wise median moves, per
-  coordinate, by a data-dependent gap between order statistics that is bounded only by
-  the clipping range, and summed over coordinates can be of order C, not C / n. Noise
-  calibrated to C / n would give no guarantee for them.
+The observation statistics a region sends each round are a second release at the region
+level: they get the same mechanism as the update (`privatise_statistics`, or
+`central_statistics` under the central mechanism) with their own clip norm and the same
+sigma, and both releases of a round are one Gaussian mechanism on their concatenation:
+`combined_noise_multiplier(sigma, sigma)`.
 
-The observation statistics a node sends each round (the mean and variance of what it
-observed, the shared normaliser's input) are a second release of its data. With DP on
-they get the same mechanism (`privatise_statistics`): the message [mean, std] is clipped
-to L2 norm `stats_clip_norm` and N(0, (sigma * stats_clip_norm)^2) is added per
-coordinate, with the same sigma as the update. The two releases of a round together are
-one Gaussian mechanism on the concatenation [update / C, stats / C_s], of L2 sensitivity
-sqrt(2) and noise multiplier sigma, i.e. multiplier sigma / sqrt(2) at sensitivity 1:
-account a round with `combined_noise_multiplier(sigma, sigma)` (both releases share the
-round's sampling, so it is one sampled mechanism, not two).
-
-Accounting (`epsilon`): `rounds` compositions of the Gaussian mechanism with noise
-multiplier sigma, each amplified by Poisson sampling when a node takes part in a round
-with probability `sampling_rate` < 1 - which holds only if whether a node took part stays
-hidden (otherwise pass sampling_rate = 1 and the rounds it took part in).
+Accounting (`epsilon`): compositions of the Poisson-sampled Gaussian mechanism
+(dp-accounting's RDP or PLD accountant). Sampling amplification holds only while who
+took part stays hidden; under the local mechanism the server sees who sent, so region
+sampling is allowed only with the central mechanism. Delta must be below 1/N for the
+unit's N (regions in the federation, or segments in the learner's pool).
 """
 
 from __future__ import annotations
@@ -91,6 +94,105 @@ def central_noise_for_mean(
     sensitivity C / n). Not valid for robust aggregators (see the module docstring)."""
     std = jnp.asarray(noise_multiplier * clip_norm / n, aggregate.dtype)
     return aggregate + std * jax.random.normal(key, aggregate.shape, aggregate.dtype)
+
+
+# Central noise: the L2 sensitivity of each allowed aggregator's output to adding or
+# removing one region, with every update clipped to C, q the region sampling rate, n the
+# regions (the server divides by the fixed expected count q n).
+CENTRAL_SENSITIVITY = {
+    "mean": "C / (q n): the sum of the participants' clipped updates moves by at most C",
+}
+
+# Why the others are refused: noise calibrated to C / (q n) would give them no guarantee,
+# and the bounds that do hold make central noise no better than local noise.
+CENTRAL_REFUSED = {
+    "krum": "a selection rule: one region can switch the selected row, moving the output by up to 2C",
+    "multi_krum": "a selection rule: one region can change which rows are averaged, a jump not bounded by C / (q n)",
+    "bulyan": "a selection rule (iterated Krum then trimming): one region can change the selected set",
+    "median": "an order statistic per coordinate: one region can move every coordinate by the gap between "
+              "neighbouring values, up to 2C each, so the L2 bound grows like 2C sqrt(d)",
+    "trimmed_mean": "an order statistic per coordinate: which values are trimmed depends on every region, "
+                    "so the L2 bound grows like 2C sqrt(d) / (n - 2f)",
+    "geometric_median": "an iterative, data-dependent weighting: no sensitivity bound below the clipped set's diameter 2C",
+    "centered_clipping": "its centre and radius tau are computed from the updates (median start, median distance), "
+                         "so one region moves them; no bound below 2C",
+}
+
+
+def check_central(aggregator: str, pre_aggregators=()) -> None:
+    """Raise ValueError unless central noise can be calibrated to `aggregator`'s
+    sensitivity (`CENTRAL_SENSITIVITY`); pre-aggregators mix or regroup the rows, which
+    changes how far one region reaches, so none is allowed."""
+    if aggregator not in CENTRAL_SENSITIVITY:
+        why = CENTRAL_REFUSED.get(aggregator, "its sensitivity is not bounded here")
+        raise ValueError(f"central DP noise needs an aggregator of bounded sensitivity ({sorted(CENTRAL_SENSITIVITY)}: "
+                         f"{CENTRAL_SENSITIVITY['mean']}); {aggregator!r} is refused: {why}")
+    if pre_aggregators:
+        raise ValueError(f"central DP noise takes no pre-aggregators (got {list(pre_aggregators)}): they let one region "
+                         "reach several rows, so the clipped mean's sensitivity C / (q n) no longer holds")
+
+
+def central_sensitivity(clip_norm: float, num_nodes: int, sampling_rate: float = 1.0) -> float:
+    """L2 sensitivity C / (q n) of the DP-FedAvg clipped mean (see CENTRAL_SENSITIVITY)."""
+    return clip_norm / (sampling_rate * num_nodes)
+
+
+def poisson_participation(key: Array, num: int, rate: float | Array) -> Array:
+    """(num,) bool: each unit takes part independently with probability `rate`
+    (Poisson sampling: the batch size varies; not a fixed-size shuffle)."""
+    return jax.random.uniform(key, (num,)) < rate
+
+
+def _masked_clipped_sum(rows: Array, participate: Array, clip_norm) -> tuple[Array, Array]:
+    """Sum of the participating finite rows, each clipped to `clip_norm`; a non-finite row
+    counts as absent (it contributes zero, so the sensitivity bound still holds)."""
+    valid = participate & jnp.all(jnp.isfinite(rows), axis=1)
+    clipped = clip_updates(jnp.where(valid[:, None], rows, 0.0), clip_norm)
+    return clipped.sum(0), valid
+
+
+def central_mean(
+    updates: Array, participate: Array, key: Array, noise_multiplier, clip_norm, expected_count
+) -> tuple[Array, Array]:
+    """DP-FedAvg server step: (sum of the participants' updates clipped to C
+    + N(0, (sigma C)^2)) / expected_count, expected_count = q n fixed (not the realised
+    count, which would depend on who took part). Returns (aggregate, number of rows left
+    out as non-finite among the participants)."""
+    total, valid = _masked_clipped_sum(updates, participate, clip_norm)
+    std = jnp.asarray(noise_multiplier * clip_norm, updates.dtype)
+    noisy = total + std * jax.random.normal(key, total.shape, updates.dtype)
+    return noisy / expected_count, jnp.sum(participate & ~valid)
+
+
+def central_statistics(
+    means: Array, variances: Array, participate: Array, key: Array, noise_multiplier, clip_norm, expected_count
+) -> tuple[Array, Array]:
+    """The observation statistics under the central mechanism: each participant's
+    message [mean, std] clipped to `clip_norm`, summed, N(0, (sigma clip_norm)^2) added
+    once, divided by expected_count. Returns (mean, variance = square of the mean std)."""
+    dim = means.shape[1]
+    message = jnp.concatenate([means, jnp.sqrt(jnp.maximum(variances, 0.0))], axis=1)
+    total, _ = _masked_clipped_sum(message, participate, clip_norm)
+    std = jnp.asarray(noise_multiplier * clip_norm, message.dtype)
+    noisy = (total + std * jax.random.normal(key, total.shape, message.dtype)) / expected_count
+    return noisy[:dim], jnp.square(noisy[dim:])
+
+
+def segment_steps(total_updates: int, episode_ticks: int, rollout_steps: int, epochs: int, minibatches: int) -> tuple[int, float]:
+    """(gradient steps one cluster-day takes part in, its L2 sensitivity in units of C).
+
+    Every cluster starts its day at tick 0 and no day ends early (the serving env never
+    terminates), so when R = rollout_steps divides E = episode_ticks each rollout column
+    holds one day: the day spans E / R rollouts and removing it removes its clipped
+    gradient (sensitivity C). Otherwise a column can hold the end of one day and the start
+    of the next; removing one of them changes the column's clipped gradient by up to 2C,
+    over at most ceil(E / R) + 1 rollouts. Each rollout is followed by epochs x
+    minibatches Poisson-sampled steps; never more than the run has."""
+    if episode_ticks % rollout_steps == 0:
+        updates, sensitivity = episode_ticks // rollout_steps, 1.0
+    else:
+        updates, sensitivity = -(-episode_ticks // rollout_steps) + 1, 2.0
+    return min(total_updates, updates) * epochs * minibatches, sensitivity
 
 
 def privatise_statistics(
@@ -158,6 +260,10 @@ def epsilon(
     if noise_multiplier == 0:
         return float("inf")
     event = dp_event(noise_multiplier, sampling_rate, rounds)
+    # dp-accounting logs a warning per fractional RDP order it skips; the result is unaffected.
+    import logging
+
+    logging.getLogger("absl").setLevel(logging.ERROR)
     if accountant == "rdp":
         from dp_accounting import rdp
 
@@ -173,7 +279,15 @@ def epsilon(
 
 
 __all__ = [
+    "CENTRAL_REFUSED",
+    "CENTRAL_SENSITIVITY",
     "add_noise",
+    "central_mean",
+    "central_sensitivity",
+    "central_statistics",
+    "check_central",
+    "poisson_participation",
+    "segment_steps",
     "central_noise_for_mean",
     "clip_updates",
     "combined_noise_multiplier",

@@ -135,6 +135,8 @@ def train(cfg: config_lib.ExperimentConfig | None, run_dir: Path, resume: bool =
     mngr = checkpointing.manager(run_dir, cfg.train.keep_checkpoints)
     writer = _tensorboard(run_dir) if lead else None
 
+    episode_ticks = int(np.max(cluster_params(cfg, "train").max_steps_in_episode))
+    privacy_at = lambda units: trainers.privacy_report(cfg, units, episode_ticks)  # noqa: E731
     steps = trainer.env_steps_per_unit
     bar = tqdm(total=trainer.units_total * steps, initial=done * steps, unit="step", unit_scale=True, disable=quiet, desc="train")
     try:
@@ -169,6 +171,8 @@ def train(cfg: config_lib.ExperimentConfig | None, run_dir: Path, resume: bool =
                 "steps_per_s": per_chunk * steps / dt,
                 **{k: float(np.mean(v[-max(1, per_chunk // 4):])) for k, v in metrics.items()},
                 "eval_reward": eval_reward,
+                # (epsilon, delta, unit, mechanism) per protected unit; [] = no guarantee
+                "privacy": privacy_at(done),
             }
             if lead:
                 with open(log_path, "a") as f:
@@ -180,6 +184,7 @@ def train(cfg: config_lib.ExperimentConfig | None, run_dir: Path, resume: bool =
             checkpointing.save(mngr, done, state, hp, config_lib.to_dict(cfg), eval_reward)
             bar.update(per_chunk * steps)
             multipliers = {f"lam{k[-1]}": f"{v:.2f}" for k, v in record.items() if k.startswith("multiplier_")}
+            multipliers.update({f"eps_{r['unit']}": f"{r['epsilon']:.3g}(d={r['delta']:g})" for r in record["privacy"]})
             bar.set_postfix(sps=f"{record['steps_per_s']:.3g}", reward=f"{record['reward']:.3f}", eval=f"{eval_reward:.3f}",
                             e2e_s=f"{record['e2e_mean_s']:.2f}", slo=f"{record['slo_attainment']:.3f}", cost_h=f"{record['cost_usd_per_h']:.1f}",
                             **multipliers)
@@ -195,6 +200,12 @@ def train(cfg: config_lib.ExperimentConfig | None, run_dir: Path, resume: bool =
     mngr.close()
     if lead:
         plot_learning_curve(log_path, run_dir / "learning_curve.png")
+        privacy = privacy_at(done)
+        summary = {"units": done, "unit": unit, "env_steps": done * steps, "privacy": privacy,
+                   "privacy_line": trainers.privacy_line(privacy)}
+        _write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        if not quiet:
+            print(f"{run_dir}: {done} {unit}; privacy: {summary['privacy_line']}", flush=True)
     return state, hp
 
 

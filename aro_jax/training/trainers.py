@@ -77,6 +77,8 @@ def ppo_config(cfg: config_lib.ExperimentConfig) -> ppo.PPOConfig:
         update_epochs=p.update_epochs, total_updates=max(config_lib.num_updates(cfg), 1), hidden_sizes=tuple(p.hidden_sizes),
         anneal_lr=p.anneal_lr, normalize_obs=p.normalize_obs, action_masking=p.action_masking,
         num_costs=len(CONSTRAINTS) if cfg.objective.kind == "slo" else 0,
+        dp_clip_norm=cfg.federated.segment_dp_clip_norm, dp_noise_multiplier=cfg.federated.segment_dp_noise_multiplier,
+        dp_sampling_rate=cfg.federated.segment_dp_sampling_rate,
     )
 
 
@@ -139,6 +141,51 @@ def num_rounds(cfg: config_lib.ExperimentConfig) -> int:
     """Federated rounds of a run, in whole chunks."""
     per_chunk = config_lib.num_updates(cfg) // cfg.federated.local_updates // cfg.train.num_chunks
     return per_chunk * cfg.train.num_chunks
+
+
+PRIVACY_UNITS = {
+    "region": "one region: its parameter updates and observation statistics in every round",
+    "segment": "one simulated cluster-day of a region's traffic (one of its env.num_clusters clusters over one episode)",
+}
+
+
+def privacy_report(cfg: config_lib.ExperimentConfig, units_done: int, episode_ticks: int | None = None) -> list[dict]:
+    """The run's differential-privacy guarantees after `units_done` driver units (PPO
+    updates, or rounds): one entry per unit with noise on, {unit, covers, mechanism,
+    epsilon, delta, noise_multiplier, sampling_rate, steps, N}. Empty: no guarantee.
+    `episode_ticks`: the training episodes' length (default: from the training params)."""
+    from aro_jax.federated import privacy
+
+    fed, out = cfg.federated, []
+    if fed.mode == "federated" and fed.dp_clip_norm > 0 and fed.dp_noise_multiplier > 0:
+        rate = fed.dp_node_sampling if fed.dp_mechanism == "central" else 1.0
+        out.append({
+            "unit": "region", "covers": PRIVACY_UNITS["region"], "mechanism": f"{fed.dp_mechanism} Gaussian"
+            + (" (DP-FedAvg, server-side)" if fed.dp_mechanism == "central" else " (each region noises its update)"),
+            "epsilon": fedppo.privacy_spent(fed, units_done), "delta": fed.dp_delta,
+            "noise_multiplier": fed.dp_noise_multiplier, "sampling_rate": rate, "steps": units_done, "N": len(cfg.cluster.nodes),
+        })
+    if fed.segment_dp_clip_norm > 0 and fed.segment_dp_noise_multiplier > 0:
+        if episode_ticks is None:
+            episode_ticks = int(np.max(cluster_params(cfg, "train").max_steps_in_episode))
+        updates = units_done * (1 if fed.mode == "centralized" else fed.local_updates)
+        p = cfg.ppo
+        steps, sensitivity = privacy.segment_steps(updates, episode_ticks, p.rollout_steps, p.update_epochs, p.num_minibatches)
+        rate = fed.segment_dp_sampling_rate or 1.0 / p.num_minibatches
+        out.append({
+            "unit": "segment", "covers": PRIVACY_UNITS["segment"], "mechanism": "DP-SGD (per-segment clipping, Poisson-sampled segments)",
+            "epsilon": privacy.epsilon(fed.segment_dp_noise_multiplier / sensitivity, rate, steps, fed.dp_delta),
+            "delta": fed.dp_delta, "noise_multiplier": fed.segment_dp_noise_multiplier, "sampling_rate": rate, "steps": steps,
+            "N": config_lib.segment_pool(cfg),
+        })
+    return out
+
+
+def privacy_line(report: list[dict]) -> str:
+    """One line for people: 'epsilon 3.2 at delta 1e-05 per segment (DP-SGD ...)' per unit."""
+    if not report:
+        return "no differential-privacy guarantee (no noise configured)"
+    return "; ".join(f"epsilon {r['epsilon']:.3g} at delta {r['delta']:g} per {r['unit']} ({r['mechanism']})" for r in report)
 
 
 class Trainer(NamedTuple):
