@@ -506,3 +506,44 @@ def test_cli_evaluate_replays_a_trace_from_any_directory(tmp_path):
     for kpi in ("goodput", "dropped_pct", "rejected_pct", "_all_"):  # goodput, drops, rejects, all-arrival latency
         assert kpi in text, (kpi, text[-2000:])
     assert list((cwd / "eval").glob("kpis_replay*.json"))
+
+
+def _flags(*traces, fmt=None, scale=None, loop=False):
+    import argparse
+
+    return argparse.Namespace(trace=list(traces) or None, trace_format=fmt, trace_scale=scale, trace_loop=loop)
+
+
+def test_cli_traces_over_the_config_map(tmp_path):
+    """A bare --trace replaces the config's traces: map for every region; REGION=FILE sets
+    one region over the map; the flags' scale and loop fill what an entry leaves unset."""
+    path = tmp_path / "c.yaml"
+    path.write_text(SMALL_CLUSTER + f"traces:\n  '*': {FIXTURES / 'burstgpt_small.csv'}\n  r-a23: {{path: {FIXTURES / 'azure2023_small.csv'}, scale: 2}}\n")
+    cfg = load_config(path)
+    name, plan = cli._replay_plan(cfg, _flags(f"r-moon={FIXTURES / 'mooncake_small.jsonl'}", scale="3"))
+    arrivals = np.asarray(plan.params.traffic.replay_arrivals)
+    np.testing.assert_allclose(arrivals[0], _padded([3, 0, 2, 4, 1], 6) * 2)  # the entry's own scale
+    np.testing.assert_allclose(arrivals[1], np.array([1, 2, 0, 0, 2, 1]) * 3)  # '*' with the flag's scale
+    np.testing.assert_allclose(arrivals[3], _padded([3, 1, 2, 1], 6) * 3)  # the flag's region
+    assert name == "replay"
+    name, plan = cli._replay_plan(cfg, _flags(str(FIXTURES / "mooncake_small.jsonl"), loop=True))
+    assert name == "replay-mooncake_small" and plan.num_ticks == 8
+    assert plan.notes == ("regions r-a23, r-a24, r-burst, r-moon: mooncake trace " + str(FIXTURES / "mooncake_small.jsonl")
+                          + ", 7 requests over 95 s = 4 ticks; scale 1: mean 0.0583 req/s; 2 (28.6 %) longer than the "
+                          "4096-token context, rejected; looped 2.00 times to fill env.episode_ticks",)
+    with pytest.raises(TraceFormatError, match="not valid JSON"):  # --trace-format applies to every trace
+        cli._replay_plan(cfg, _flags(str(FIXTURES / "burstgpt_small.csv"), fmt="mooncake"))
+    (tmp_path / "none.yaml").write_text(SMALL_CLUSTER)
+    assert cli._replay_plan(load_config(tmp_path / "none.yaml"), _flags()) is None
+
+
+def test_cli_names_the_config_key_of_a_bad_trace(tmp_path, capsys):
+    bad = tmp_path / "t" / "bad.csv"
+    bad.parent.mkdir()
+    bad.write_text(BURST_HEADER + "5,m,1,1,2,x\n3,m,1,1,2,x\n")
+    path = tmp_path / "c.yaml"
+    path.write_text(SMALL_CLUSTER + "traces: {r-burst: t/bad.csv}\n")
+    code = cli.main(["evaluate", "--policy", "reactive", "--config", str(path), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert err.startswith(f"error: config key 'traces.r-burst': {bad} line 3: Timestamp '3' is earlier"), err
