@@ -14,7 +14,6 @@ Extra columns or keys are ignored. Times must be sorted (equal times are fine).
 from __future__ import annotations
 
 import csv
-import io
 import json
 import math
 import re
