@@ -30,53 +30,17 @@ from flax import struct
 from gymnax.environments import environment, spaces
 
 from aro_jax.contract import ACTION_SETS, OBS_FIELDS
-from aro_jax.envs import hardware, scenarios, serving
+from aro_jax.envs import fluid, hardware, scenarios, serving
+from aro_jax.envs.scenarios import rtt_matrix_s, site_of
 from aro_jax.envs.params import EnvParams
 from aro_jax.envs.serving import EnvState
 
 CLUSTER_OBS_FIELDS = OBS_FIELDS + ("peer_spare_rps",)
 
-# Region sites (latitude, longitude in degrees) of the cluster files' region names: the
-# cities of the AWS regions of the same names (us-east-1 N. Virginia, us-west-2 Oregon,
-# eu-west-1 Dublin, eu-central-1 Frankfurt, ap-northeast-1 Tokyo, ap-south-1 Mumbai,
-# ap-southeast-1 Singapore, sa-east-1 Sao Paulo, ap-southeast-2 Sydney, me-central-1 UAE).
-REGION_SITES = {
-    "us-east": (38.9, -77.5), "us-west": (45.6, -121.2), "eu-west": (53.3, -6.3), "eu-central": (50.1, 8.7),
-    "asia-ne": (35.7, 139.7), "asia-south": (19.1, 72.9), "asia-se": (1.35, 103.8), "sa-east": (-23.5, -46.6),
-    "au-east": (-33.9, 151.2), "me-central": (25.2, 55.3),
-}
-# Round trip from distance: RTT ~ 2.1 x great-circle distance / speed of light in fibre
-# (~200 km/ms), the rule of thumb of Bozkurt et al., "Dissecting Latency in the Internet's
-# Fiber Infrastructure" (2018), from earlier measurement campaigns. Against published
-# AWS inter-region pings (cloudping.co averages) it gives 57 ms for N. Virginia-Dublin
-# (measured ~80), 11 ms for Dublin-Frankfurt (~20), 82 ms for Oregon-Tokyo (~89): a lower
-# bound within ~1.5x, so FIBRE_RTT_FLOOR_MS adds the in-region hops (load balancer,
-# gateway) that make the short pairs' gap.
-RTT_PATH_STRETCH = 2.1
-FIBRE_KM_PER_MS = 200.0
-FIBRE_RTT_FLOOR_MS = 8.0
-EARTH_RADIUS_KM = 6371.0
-# Peers advertise spare capacity up to this utilisation of their own capacity: the
-# scale-out threshold of a typical HPA target (80 %), so lending never pushes a peer past
-# the point where it would scale up for its own traffic.
-SPARE_TARGET_UTIL = 0.8
+# Peers advertise spare capacity up to this utilisation of their own capacity (the
+# single-region env's modelled peer lends up to the same).
+SPARE_TARGET_UTIL = fluid.PEER_SPARE_UTIL
 DEFAULT_CLUSTER_FILE = Path(__file__).resolve().parents[1] / "configs" / "cluster10.yaml"
-
-
-def site_of(name: str, tz_offset_h: float) -> tuple[float, float]:
-    """A region's site: its named city, else the time zone's central meridian at 30 N
-    (a region with no known site is placed by its clock, roughly)."""
-    return REGION_SITES.get(name, (30.0, 15.0 * tz_offset_h))
-
-
-def rtt_matrix_s(sites: list[tuple[float, float]]) -> np.ndarray:
-    """(R, R) round trips in seconds between sites (zero on the diagonal)."""
-    lat = np.radians([s[0] for s in sites])[:, None]
-    lon = np.radians([s[1] for s in sites])[:, None]
-    hav = np.sin((lat - lat.T) / 2) ** 2 + np.cos(lat) * np.cos(lat.T) * np.sin((lon - lon.T) / 2) ** 2
-    km = 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(np.clip(hav, 0.0, 1.0)))
-    rtt_ms = RTT_PATH_STRETCH * km / FIBRE_KM_PER_MS + FIBRE_RTT_FLOOR_MS
-    return np.where(np.eye(len(sites), dtype=bool), 0.0, rtt_ms / 1e3)
 
 
 @struct.dataclass

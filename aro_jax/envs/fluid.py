@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from aro_jax.envs.params import EnvParams, ServiceCurve
-from aro_jax.envs.traffic import TrafficParams, token_stats, truncated_lognormal_moment
+from aro_jax.envs.traffic import TrafficParams, daily_weekly_shape, token_stats, truncated_lognormal_moment
 
 # Cost of the CPU side under the gpu-cloud price set (GPUs priced alone, CPU and memory as
 # components): GCP N2 predefined on-demand list price (us-central1, 2024).
@@ -282,22 +282,53 @@ def fluid_tick(
     `serve_tick` and `with_forwarded` are its two halves; the cluster env calls them with
     real peers in between.
     """
-    forwarded = jnp.minimum(forward_fraction * arrivals, params.peer_spare_rps * params.tick_s)
+    # No clock here: the peer carries its mean load.
+    peer_load = params.peer_mean_rate_rps
+    forwarded = jnp.minimum(forward_fraction * arrivals, peer_spare_rps(params, peer_load) * params.tick_s)
     core, queue_after = serve_tick(
         params, arrivals - forwarded, queue_requests, replicas_serving, cpu_cores, host_memory_gb, replicas_billed,
         small_fraction, gpus_offline_fraction,
     )
-    return with_forwarded(params, core, forwarded, modelled_peer(params, core)), queue_after
+    return with_forwarded(params, core, forwarded, modelled_peer(params, core, forwarded, peer_load)), queue_after
 
 
-def modelled_peer(params: EnvParams, core: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """What a forwarded request meets at the single-region env's abstract peer: one RTT
-    (the request's way out, the first token's way back, on a kept-alive connection) plus
-    the peer's unloaded service, judged on TTFT, at the large model's price per request."""
-    t_out = token_moments(params.traffic)["output_mean"]
-    ttft_s = params.peer_rtt_s + core["peer_prefill_s"]
-    e2e_s = ttft_s + t_out * (params.model.decode_base_s + 1e-9)
-    ok = (ttft_s <= jnp.maximum(params.slo_ttft_s, params.ttft_prefill_slack * core["peer_prefill_s"])).astype(jnp.float32)
+# A peer lends capacity up to this utilisation of its own: the scale-out threshold of a
+# typical HPA target (80 %), so lending never pushes it past the point where it would
+# scale up for its own traffic.
+PEER_SPARE_UTIL = 0.8
+
+
+def peer_load_rps(params: EnvParams, clock_s) -> jax.Array:
+    """The modelled peer's own expected load at UTC `clock_s`: its mean rate on this node's
+    daily/weekly shape, in the peer's time zone."""
+    t = params.traffic.replace(tz_offset_h=params.peer_tz_offset_h)
+    return params.peer_mean_rate_rps * daily_weekly_shape(clock_s, t)
+
+
+def peer_spare_rps(params: EnvParams, peer_load) -> jax.Array:
+    """What the modelled peer can take: its headroom below PEER_SPARE_UTIL, at most the
+    agreed `peer_spare_rps`."""
+    return jnp.clip(PEER_SPARE_UTIL * params.peer_capacity_rps - peer_load, 0.0, params.peer_spare_rps)
+
+
+def modelled_peer(params: EnvParams, core: dict[str, jax.Array], forwarded, peer_load_rps) -> dict[str, jax.Array]:
+    """What a forwarded request meets at the single-region env's peer: one RTT (the
+    request's way out, the first token's way back, on a kept-alive connection) plus the
+    peer's service at its load (its own `peer_load_rps` and the forwarded requests),
+    judged on TTFT (the round trip included) and TPOT, at the large model's price per
+    request. The peer runs this node's model; its latency curve is this node's at the
+    same utilisation (the same model on the cluster's GPUs)."""
+    tokens = token_moments(params.traffic)
+    t_out = tokens["output_mean"]
+    instance_rps = _instance_model(params.model, tokens)[-1]
+    capacity = jnp.maximum(params.peer_capacity_rps, 1e-6)
+    util = jnp.clip((peer_load_rps + forwarded / params.tick_s) / capacity, 0.0, 0.99)
+    scv = 1.0 / jnp.maximum(capacity / jnp.maximum(instance_rps, 1e-9), 1.0)  # dispatch over its instances
+    lat = _latency_at_utilisation(params.model, util, tokens, params.traffic, scv, SMALL_TIER_NODES)
+    rtt = params.peer_rtt_s
+    ok = _attainment(params.model, lat, params.traffic, params.slo_ttft_s, params.slo_tpot_s, params.ttft_prefill_slack, rtt)[0]
+    ttft_s = lat["ttft_mean_s"] + rtt
+    e2e_s = ttft_s + (t_out - 1.0) * lat["tpot_s"]
     return {"ttft_s": ttft_s, "e2e_s": e2e_s, "ok": ok, "usd_per_request": core["big_usd_per_request"], "quality": jnp.ones(())}
 
 

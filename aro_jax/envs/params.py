@@ -102,6 +102,14 @@ class EnvParams(environment.EnvParams):
     max_queue_requests: float = 1e5
     peer_rtt_s: float = 0.05
     peer_spare_rps: float = 2.0
+    # The single-region env's peer: a region serving the same model in its own time zone,
+    # with its own mean load and the capacity of its static fleet (scenarios.node_params: a
+    # twin of this region; scenarios.cluster_params: the nearest same-model region of the
+    # cluster file). It lends at most peer_spare_rps and never past fluid.PEER_SPARE_UTIL
+    # of that capacity, serves at its load-dependent speed, and is judged on TTFT and TPOT.
+    peer_tz_offset_h: float = 0.0
+    peer_mean_rate_rps: float = 0.0
+    peer_capacity_rps: float = 0.0
     max_forward_fraction: float = 0.5
     forward_step: float = 0.1
     quality_step: float = 0.1
@@ -114,6 +122,10 @@ class EnvParams(environment.EnvParams):
     small_slo_ttft_s: float = 0.25
     small_slo_tpot_s: float = 0.1
     ttft_prefill_slack: float = 2.0
+    # The operator's attainment target for this region (objective.slo_target, or its
+    # workload's objective.slo_targets entry): the env ignores it; the constrained
+    # learner's cost reads it (training.trainers.serving_costs).
+    slo_target: float = 0.9
     # Quality tier on dedicated small-model GPUs (vLLM fixes an engine's KV memory at
     # start, so two engines sharing a GPU would need a static split and a restart of both
     # to change it; whole GPUs keep each engine's full memory): a change of the share

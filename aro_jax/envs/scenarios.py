@@ -15,9 +15,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from aro_jax.envs import hardware, sizing
-from aro_jax.envs.fluid import CPU_USD_PER_CORE_H, MEMORY_USD_PER_GB_H
+from aro_jax.envs.fluid import CPU_USD_PER_CORE_H, MEMORY_USD_PER_GB_H, replica_capacity_rps
 from aro_jax.envs.params import EnvParams, RewardWeights, ServiceCurve
 from aro_jax.envs.traffic import TrafficParams, peak_rate_rps
 
@@ -57,6 +58,44 @@ WORKLOAD_OF_MIX = {"conversation": "chatbot", "code": "code"}
 def slo_for(mix: str, model: str) -> tuple[float, float]:
     """(TTFT SLO s, TPOT SLO s) of a traffic mix's workload class on a model."""
     return SLO_TABLE[(WORKLOAD_OF_MIX[mix], model)]
+
+
+# Region sites (latitude, longitude in degrees) of the cluster files' region names: the
+# cities of the AWS regions of the same names (us-east-1 N. Virginia, us-west-2 Oregon,
+# eu-west-1 Dublin, eu-central-1 Frankfurt, ap-northeast-1 Tokyo, ap-south-1 Mumbai,
+# ap-southeast-1 Singapore, sa-east-1 Sao Paulo, ap-southeast-2 Sydney, me-central-1 UAE).
+REGION_SITES = {
+    "us-east": (38.9, -77.5), "us-west": (45.6, -121.2), "eu-west": (53.3, -6.3), "eu-central": (50.1, 8.7),
+    "asia-ne": (35.7, 139.7), "asia-south": (19.1, 72.9), "asia-se": (1.35, 103.8), "sa-east": (-23.5, -46.6),
+    "au-east": (-33.9, 151.2), "me-central": (25.2, 55.3),
+}
+# Round trip from distance: RTT ~ 2.1 x great-circle distance / speed of light in fibre
+# (~200 km/ms), the rule of thumb of Bozkurt et al., "Dissecting Latency in the Internet's
+# Fiber Infrastructure" (2018), from earlier measurement campaigns. Against published
+# AWS inter-region pings (cloudping.co averages) it gives 57 ms for N. Virginia-Dublin
+# (measured ~80), 11 ms for Dublin-Frankfurt (~20), 82 ms for Oregon-Tokyo (~89): a lower
+# bound within ~1.5x, so FIBRE_RTT_FLOOR_MS adds the in-region hops (load balancer,
+# gateway) that make the short pairs' gap.
+RTT_PATH_STRETCH = 2.1
+FIBRE_KM_PER_MS = 200.0
+FIBRE_RTT_FLOOR_MS = 8.0
+EARTH_RADIUS_KM = 6371.0
+
+
+def site_of(name: str, tz_offset_h: float) -> tuple[float, float]:
+    """A region's site: its named city, else the time zone's central meridian at 30 N
+    (a region with no known site is placed by its clock, roughly)."""
+    return REGION_SITES.get(name, (30.0, 15.0 * tz_offset_h))
+
+
+def rtt_matrix_s(sites: list[tuple[float, float]]) -> np.ndarray:
+    """(R, R) round trips in seconds between sites (zero on the diagonal)."""
+    lat = np.radians([s[0] for s in sites])[:, None]
+    lon = np.radians([s[1] for s in sites])[:, None]
+    hav = np.sin((lat - lat.T) / 2) ** 2 + np.cos(lat) * np.cos(lat.T) * np.sin((lon - lon.T) / 2) ** 2
+    km = 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(np.clip(hav, 0.0, 1.0)))
+    rtt_ms = RTT_PATH_STRETCH * km / FIBRE_KM_PER_MS + FIBRE_RTT_FLOOR_MS
+    return np.where(np.eye(len(sites), dtype=bool), 0.0, rtt_ms / 1e3)
 
 
 TRAINING_SCENARIOS = ("diurnal",)
@@ -131,7 +170,13 @@ def _with_static_sizing(params: EnvParams) -> EnvParams:
         + sizing.cores_for(params, peak_replicas) * params.cpu_usd_per_core_h
         + sizing.memory_for(params, peak_replicas) * params.memory_usd_per_gb_h
     )
+    # Alone, the node's peer is its twin in the same time zone: the same mean load on a
+    # fleet sized for the peak (cluster_params puts the nearest same-model region there).
+    peer_capacity = peak_replicas * replica_capacity_rps(params)
     return params.replace(
+        peer_tz_offset_h=params.traffic.tz_offset_h,
+        peer_mean_rate_rps=params.traffic.mean_rate_rps,
+        peer_capacity_rps=float(peer_capacity),
         initial_replicas=float(mean_replicas),
         initial_cpu_cores=float(sizing.cores_for(params, mean_replicas)),
         initial_host_memory_gb=float(sizing.memory_for(params, mean_replicas)),
@@ -158,8 +203,27 @@ def cluster_params(cfg, scenario: str = "train") -> EnvParams:
         p = p.replace(reward=RewardWeights(**dataclasses.asdict(cfg.env.reward)))
         if not cfg.env.quality_tier:  # the tier off for every policy: nothing may degrade quality
             p = p.replace(max_small_model_fraction=0.0)
+        if hasattr(cfg, "objective"):
+            p = p.replace(slo_target=float(cfg.objective.slo_targets.get(n.traffic_mix, cfg.objective.slo_target)))
         nodes.append(p if scenario == "train" else apply_scenario(p, scenario, cfg.env.data_dir))
-    return stack_params(nodes)
+    models = [hardware.get_profile(n.profile).model for n in cfg.cluster.nodes]
+    return stack_params(with_cluster_peers(nodes, [n.name for n in cfg.cluster.nodes], models))
+
+
+def with_cluster_peers(nodes: list[EnvParams], names: list[str], models: list[str]) -> list[EnvParams]:
+    """Each node's modelled peer is the nearest region of its cluster that serves the same
+    model (by rtt_matrix_s): that region's time zone, mean load and peak-sized capacity.
+    A node with no such region keeps its twin."""
+    tz = [float(p.traffic.tz_offset_h) for p in nodes]
+    rtt = rtt_matrix_s([site_of(n, z) for n, z in zip(names, tz)])
+    out = []
+    for i, p in enumerate(nodes):
+        peers = [j for j in range(len(nodes)) if j != i and models[j] == models[i]]
+        if peers:
+            q = nodes[min(peers, key=lambda j: (rtt[i, j], j))]
+            p = p.replace(peer_tz_offset_h=q.peer_tz_offset_h, peer_mean_rate_rps=q.peer_mean_rate_rps, peer_capacity_rps=q.peer_capacity_rps)
+        out.append(p)
+    return out
 
 
 def apply_scenario(params: EnvParams, scenario: str, data_dir: str | Path | None = None) -> EnvParams:
@@ -338,3 +402,14 @@ def replay_cluster_params(cfg, traces: dict, scenario: str | None = None) -> Rep
         grouped.setdefault(notes[name], []).append(name)
     lines = tuple(f"region{'s' if len(rs) > 1 else ''} {', '.join(rs)}: {text}" for text, rs in grouped.items())
     return ReplayPlan(stack_params(stacked), int(num_ticks), lines)
+
+
+
+def scenario_plan(cfg, scenario: str) -> ReplayPlan:
+    """What an evaluation of `scenario` runs: the stacked params and the episode length.
+    The trace scenarios replay their Azure trace natively in every region (scaled to the
+    region's mean rate), for the trace's own length; the others run env.episode_ticks."""
+    if scenario.startswith("trace-"):
+        path = trace_path(cfg.env.data_dir, scenario)
+        return replay_cluster_params(cfg, {ALL_REGIONS: TraceReplay(str(path), "azure", "fit", False)})
+    return ReplayPlan(cluster_params(cfg, scenario), cfg.env.episode_ticks, ())

@@ -128,9 +128,10 @@ class ServingNodeEnv(environment.Environment[EnvState, EnvParams]):
     def transition(self, key, state: EnvState, action, params: EnvParams):
         """(state, metrics, reward) after one tick; step_env without the observation."""
         plan = begin_tick(key, state, action, params)
-        forwarded = jnp.minimum(plan["fwd"] * plan["admitted"], params.peer_spare_rps * params.tick_s)
+        peer_load = fluid.peer_load_rps(params, state.clock_s)
+        forwarded = jnp.minimum(plan["fwd"] * plan["admitted"], fluid.peer_spare_rps(params, peer_load) * params.tick_s)
         core, queue = serve_planned(plan, state, params, forwarded)
-        peer = fluid.modelled_peer(plan["params_tick"], core)
+        peer = fluid.modelled_peer(plan["params_tick"], core, forwarded, peer_load)
         return end_tick(state, plan, core, queue, forwarded, peer, params)
 
     def get_obs(self, state: EnvState, params: EnvParams, key=None) -> jax.Array:
