@@ -255,6 +255,9 @@ def load_sweep(path: str | Path, require: str = "sweep") -> SweepSpec:
     targets = sorted({k for p in spec.points for k in p} & {"slo_target", "max_drop"})
     if targets and cfg.objective.kind != "slo":
         raise ConfigError(f"sweep key '{targets[0]}': a target of the slo objective, but the base config trains objective.kind={cfg.objective.kind!r}; add objective.kind=slo to overrides:")
+    if "slo_target" in targets and cfg.objective.slo_targets:
+        raise ConfigError("sweep key 'slo_target': the base config sets per-workload objective.slo_targets, which a swept "
+                          "slo_target would not move; drop objective.slo_targets from the sweep's base config")
     varied = {k for p in spec.points for k in p} | set(spec.bo.parameters if spec.bo else ())
     unused = sorted(varied & {"alpha", "beta", "slo_penalty"})
     if unused and cfg.objective.kind == "slo":

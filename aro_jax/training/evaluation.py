@@ -20,7 +20,7 @@ import numpy as np
 from aro_jax.envs import serving as sv
 from aro_jax.envs.heuristics import Policy
 from aro_jax.envs.params import e2e_budget
-from aro_jax.envs.scenarios import cluster_params
+from aro_jax.envs.scenarios import scenario_plan
 from aro_jax.envs.serving import ServingNodeEnv
 
 # KPI name -> (unit, description); the order is the table's column order. Headline
@@ -284,7 +284,10 @@ def evaluate_policies(cfg, policies: dict, scenario: str, out_dir: Path, seed: i
     write the cluster's and each region's KPI tables (markdown/CSV/JSON) and the one-day
     timeline of the first node; return the cluster rows."""
     env = ServingNodeEnv(cfg.env.action_set)
-    params = cluster_params(cfg, scenario) if node_params is None else node_params
+    if node_params is None:
+        node_params, planned_ticks, _ = scenario_plan(cfg, scenario)
+        num_ticks = num_ticks or planned_ticks
+    params = node_params
     num_ticks = num_ticks or cfg.env.episode_ticks
     names = [n.name for n in cfg.cluster.nodes]
     rows, regions, traces = {}, {}, {}

@@ -5,6 +5,7 @@ federated round (federated, local-only), seen by the driver as one `Trainer`."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any, Callable, NamedTuple
 
@@ -59,14 +60,19 @@ CONSTRAINT_PENALTY = 10.0
 def eval_score(cfg: config_lib.ExperimentConfig, metrics: dict) -> float:
     """The driver's score for "best checkpoint" from evaluation episodes (metrics of shape
     (nodes, seeds, ticks), rewards under the run's objective): the mean reward, and under
-    the "slo" objective minus CONSTRAINT_PENALTY x each violated share."""
+    the "slo" objective minus CONSTRAINT_PENALTY x each violated share (each region
+    against its own target, weighted by its arrivals)."""
     score = float(np.mean(metrics["reward"]))
     if cfg.objective.kind == "slo":
-        arrivals = float(np.sum(metrics["arrivals"]))
+        per_node = lambda x: np.asarray(x, np.float64).reshape(np.shape(x)[0], -1).sum(axis=1)  # noqa: E731
+        arrivals = np.maximum(per_node(metrics["arrivals"]), 1e-9)
         attempted = sum(np.asarray(metrics[k]) for k in ("served", "forwarded", "dropped", "rejected"))
-        missed = float(np.sum((1.0 - np.asarray(metrics["slo_attainment"])) * attempted)) / max(arrivals, 1e-9)
-        dropped = float(np.sum(metrics["dropped"])) / max(arrivals, 1e-9)
-        score -= CONSTRAINT_PENALTY * (max(missed - (1.0 - cfg.objective.slo_target), 0.0) + max(dropped - cfg.objective.max_drop, 0.0))
+        missed = per_node((1.0 - np.asarray(metrics["slo_attainment"])) * attempted) / arrivals
+        dropped = per_node(metrics["dropped"]) / arrivals
+        targets = np.array([cfg.objective.slo_targets.get(n.traffic_mix, cfg.objective.slo_target) for n in cfg.cluster.nodes])
+        weight = arrivals / arrivals.sum()
+        violation = np.maximum(missed - (1.0 - targets), 0.0) + np.maximum(dropped - cfg.objective.max_drop, 0.0)
+        score -= CONSTRAINT_PENALTY * float(np.sum(weight * violation))
     return score
 
 
@@ -105,15 +111,19 @@ def serving_metrics(tick_s: float) -> Callable[[dict], dict]:
     return metrics
 
 
-def serving_costs(info, node_params: EnvParams) -> jax.Array:
+def serving_costs(info, node_params: EnvParams, slo_target: float) -> jax.Array:
     """CONSTRAINTS' per-step costs, (nodes, clusters, 2): requests missing their SLO and
     requests dropped, each per mean tick of the node's demand (rate_ref x tick), so a
-    rollout's mean is the request-weighted share and a busy tick weighs what it serves."""
+    rollout's mean is the request-weighted share and a busy tick weighs what it serves.
+    A region whose own target differs from the run's `slo_target` (the limit of the
+    multipliers' update) has its miss cost shifted by the difference: missed <= 1 - own
+    target is missed + (own - run target) <= 1 - run target, and a constant shift leaves
+    the policy gradient alone."""
     m = info["metrics"]
     attempted = m["served"] + m["forwarded"] + m["dropped"] + m["rejected"]  # rejects count as misses
     demand_ref = (node_params.rate_ref_rps * node_params.tick_s)[:, None]
-    missed = (1.0 - m["slo_attainment"]) * attempted
-    return jnp.stack([missed / demand_ref, m["dropped"] / demand_ref], axis=-1)
+    missed = (1.0 - m["slo_attainment"]) * attempted / demand_ref + (node_params.slo_target - slo_target)[:, None]
+    return jnp.stack([missed, m["dropped"] / demand_ref], axis=-1)
 
 
 def make_learner(cfg: config_lib.ExperimentConfig, node_params: EnvParams) -> ppo.Learner:
@@ -122,7 +132,7 @@ def make_learner(cfg: config_lib.ExperimentConfig, node_params: EnvParams) -> pp
     return ppo.make_train(
         ServingNodeEnv(cfg.env.action_set), node_params, ppo_config(cfg), stacked=True,
         env_params_fn=with_reward_weights, metrics_fn=serving_metrics(cfg.env.tick_s),
-        cost_fn=serving_costs if cfg.objective.kind == "slo" else None,
+        cost_fn=functools.partial(serving_costs, slo_target=cfg.objective.slo_target) if cfg.objective.kind == "slo" else None,
     )
 
 
