@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from aro_jax.envs import cluster as cl
-from aro_jax.envs import scenarios
+from aro_jax.envs import fluid, scenarios, serving
 from aro_jax.envs.serving import MAINTAIN, REBALANCE, ServingNodeEnv
 
 TICKS = 48
@@ -212,3 +212,37 @@ def test_one_and_two_devices_agree():
     env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", _TWO_DEVICES], env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0 and "EQUAL" in proc.stdout, proc.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------------------
+# ServingNode-v0's modelled peer, slim info, staggered episodes
+# --------------------------------------------------------------------------------------
+
+
+def test_modelled_peer_follows_its_time_zone_and_load(default_params):
+    p = default_params.replace(peer_tz_offset_h=9.0, peer_spare_rps=1e3)
+    local_peak, local_trough = 14 * 3600.0 - 9 * 3600.0, 2 * 3600.0 - 9 * 3600.0 + 86_400.0  # Monday, peer's local time
+    load = lambda t: fluid.peer_load_rps(p, jnp.float32(t))  # noqa: E731
+    assert float(load(local_peak)) > float(load(local_trough))
+    assert float(fluid.peer_spare_rps(p, load(local_peak))) < float(fluid.peer_spare_rps(p, load(local_trough)))
+    assert float(fluid.peer_spare_rps(p, load(local_trough))) <= fluid.PEER_SPARE_UTIL * float(p.peer_capacity_rps)
+    # Its latency rises with the load forwarded to it, and TPOT is judged.
+    core = {"big_usd_per_request": jnp.float32(1e-3)}
+    light = fluid.modelled_peer(p, core, jnp.float32(1.0), load(local_trough))
+    heavy = fluid.modelled_peer(p, core, jnp.float32(0.75 * float(p.peer_capacity_rps) * p.tick_s), load(local_trough))
+    assert float(heavy["e2e_s"]) > float(light["e2e_s"]) and float(heavy["ttft_s"]) >= float(light["ttft_s"])
+    assert float(heavy["ok"]) <= float(light["ok"])
+    strict = fluid.modelled_peer(p.replace(slo_tpot_s=1e-3), core, jnp.float32(1.0), load(local_trough))
+    assert float(strict["ok"]) < 0.05  # a TPOT no decode step meets fails the forwarded requests
+
+
+def test_slim_info_and_staggered_episode_ends(params):
+    slim = ServingNodeEnv(info="slim", stagger=True)
+    keys = jax.random.split(jax.random.key(0), 64)
+    obs, state = jax.vmap(slim.reset, in_axes=(0, None))(keys, params)
+    assert len(np.unique(np.asarray(state.time))) > 10
+    assert np.all(np.asarray(state.time) < params.max_steps_in_episode)
+    *_, info = jax.vmap(slim.step, in_axes=(0, 0, None, None))(keys, state, MAINTAIN, params)
+    assert set(info["metrics"]) == set(serving.SLIM_METRICS)
+    with pytest.raises(ValueError, match="info"):
+        ServingNodeEnv(info="nope")

@@ -8,6 +8,8 @@ quality tier. Each step is one decision tick (30 s by default) of the fluid serv
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -23,6 +25,9 @@ from aro_jax.envs import forecast as fc
 from aro_jax.envs.params import EnvParams, e2e_budget
 from aro_jax.envs.traffic import at_tick, expected_rate_rps, rejected_share, sample_arrivals_ar
 
+# What `info="slim"` keeps of a step's metrics: what the training log's KPIs and the
+# constrained objective's costs read (training.trainers), 8 floats.
+SLIM_METRICS = ("arrivals", "served", "forwarded", "dropped", "rejected", "e2e_mean_s", "slo_attainment", "cost_usd")
 PENDING_SLOTS = 16  # cold-start pipeline length in ticks: 16 x 30 s covers N(240 s, 30 s) + 3 sd
 
 
@@ -49,12 +54,29 @@ class EnvState(environment.EnvState):
 class ServingNodeEnv(environment.Environment[EnvState, EnvParams]):
     """One LLM inference node. `action_set` is "extended" (11 actions) or "paper" (5)."""
 
-    def __init__(self, action_set: str = "extended"):
+    def __init__(self, action_set: str = "extended", info: str = "full", stagger: bool = False):
+        """`info="slim"`: step's info carries only SLIM_METRICS (trainers that store the
+        whole info tree every step); `stagger`: `reset` starts the episode's tick counter at
+        a random point of the episode, so a batch's first episodes end at different steps
+        and later ones (auto-reset, full length) stay staggered."""
         super().__init__()
         if action_set not in ACTION_SETS:
             raise ValueError(f"action_set must be one of {sorted(ACTION_SETS)}, got {action_set!r}")
+        if info not in ("full", "slim"):
+            raise ValueError(f"info must be 'full' or 'slim', got {info!r}")
         self.action_set = action_set
         self.action_names = ACTION_SETS[action_set]
+        self.info = info
+        self.stagger = stagger
+
+    @partial(jax.jit, static_argnames=("self",))
+    def reset(self, key: jax.Array, params: EnvParams | None = None) -> tuple[jax.Array, EnvState]:
+        params = self.default_params if params is None else params
+        k_reset, k_time = jax.random.split(key) if self.stagger else (key, None)
+        obs, state = self.reset_env(k_reset, params)
+        if self.stagger:  # gymnax's auto-reset calls reset_env: only first episodes are cut
+            state = state.replace(time=jax.random.randint(k_time, (), 0, params.max_steps_in_episode))
+        return obs, state
 
     @property
     def name(self) -> str:
@@ -122,7 +144,7 @@ class ServingNodeEnv(environment.Environment[EnvState, EnvParams]):
 
     def step_env(self, key, state: EnvState, action, params: EnvParams):
         state, metrics, reward = self.transition(key, state, action, params)
-        info = {"metrics": metrics}
+        info = {"metrics": metrics if self.info == "full" else {k: metrics[k] for k in SLIM_METRICS}}
         return self.get_obs(state, params), state, reward, jnp.array(False), info
 
     def transition(self, key, state: EnvState, action, params: EnvParams):
