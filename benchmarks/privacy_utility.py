@@ -1,14 +1,23 @@
-"""Privacy/utility: robust federated PPO (the default config's multi-Krum) with per-node
-clipping and Gaussian noise at several noise levels, each node's (epsilon, delta) from the
-accountant, and the learned policy's evaluation reward and KPIs.
+"""Privacy/utility at both privacy units: the learned policy's reward against epsilon for
+every unit and mechanism, 3 training seeds (one vmapped program per configuration), delta
+and unit in every row, against the non-private runs and Reactive.
 
-Privacy unit: one node's update per round (node-level DP); noise is added to each node's
-clipped delta before the robust aggregator, so the guarantee holds whatever the
-aggregator does (post-processing); every node takes part in every round (sampling 1).
+Units and mechanisms (aro_jax/federated/privacy.py says what each protects):
+- segment, DP-SGD: record-level DP inside each region; one simulated cluster-day of a
+  region's traffic, per-segment clipping, Gaussian noise.
+- region, local: each region clips and noises its own update and statistics.
+- region, central: DP-FedAvg, the server noises the clipped mean once.
 
-Writes privacy_utility.json and the markdown rendered from it (`--render-only` redraws it).
+Budget for a 2-core CPU: a two-region cluster (us-east, eu-central of the ten-region
+cluster), federated FedAvg, the paper objective, short training. Utility is the share of
+the best non-private run's improvement over the untrained policy (rewards are negative,
+so a plain ratio of returns would mean nothing).
 
-usage: python benchmarks/privacy_utility.py [--steps 10000000] [--clip 0.1] [--noise 0 0.3 1 3]
+Each `--units` group runs on its own (about 10-15 minutes each here) and is merged into
+privacy_utility.json; the markdown and the plot are rendered from that JSON alone
+(`--render-only`).
+
+usage: python benchmarks/privacy_utility.py --units segment   (then --units region)
 """
 
 from __future__ import annotations
@@ -23,105 +32,239 @@ from pathlib import Path
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_scheduler=false")
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_common import machine, write_report  # noqa: E402
 
-from aro_jax.training import evaluation, learned_policy, trainers  # noqa: E402
 from aro_jax.config import load_config  # noqa: E402
 from aro_jax.envs.heuristics import reactive_policy  # noqa: E402
 from aro_jax.envs.scenarios import cluster_params  # noqa: E402
 from aro_jax.envs.serving import ServingNodeEnv  # noqa: E402
-from aro_jax.federated import fedppo  # noqa: E402
+from aro_jax.training import evaluation, learned_policy, trainers  # noqa: E402
 
-EVAL_SEEDS, EVAL_TICKS = 4, 2880
+OUT = Path(__file__).with_name("privacy_utility.json")
+EVAL_SEEDS, EVAL_TICKS = 2, 2880
+DELTA = 1e-5
+AIM_SHARE, AIM_EPSILON = 0.9, 8.0
+NODES = ("[{name: us-east, profile: llama2-70b-h100-tp4, traffic_mix: conversation, mean_rate_rps: 18.0, tz_offset_h: -5.0, "
+         "max_replicas: 16, peer_rtt_ms: 20.0, peer_spare_rps: 3.0}, {name: eu-central, profile: llama2-7b-a100-tp1, "
+         "traffic_mix: code, mean_rate_rps: 20.0, tz_offset_h: 1.0, max_replicas: 24, peer_rtt_ms: 15.0, peer_spare_rps: 4.0}]")
+BASE = [f"cluster.nodes={NODES}", "federated.mode=federated", "federated.aggregator=mean", "federated.num_byzantine=0",
+        "objective.kind=paper", "train.num_chunks=1", f"federated.dp_delta={DELTA}"]
+
+# Per group: the shared settings, the non-private references, and the private rows
+# (label, mechanism, noise multiplier, overrides).
+GROUPS = {
+    "segment": {
+        "settings": ["env.num_clusters=128", "train.total_env_steps=4000000"],
+        "references": {
+            "non-private (normaliser, PPO 4 epochs x 4 minibatches)": [],
+            "non-private, the DP rows' settings (no normaliser, 1 epoch x 1 minibatch)": [
+                "ppo.normalize_obs=false", "ppo.update_epochs=1", "ppo.num_minibatches=1"],
+        },
+        "private": [("DP-SGD", s, ["ppo.normalize_obs=false", "ppo.update_epochs=1", "ppo.num_minibatches=1",
+                                   "federated.segment_dp_sampling_rate=1.0", "federated.segment_dp_clip_norm=0.5",
+                                   f"federated.segment_dp_noise_multiplier={s}"]) for s in (3.0, 4.0, 5.0, 8.0)],
+    },
+    "region": {
+        "settings": ["env.num_clusters=64", "train.total_env_steps=2000000"],
+        "references": {"non-private (normaliser, PPO 4 epochs x 4 minibatches)": []},
+        "private": [(mech, s, [f"federated.dp_mechanism={mech}", "federated.dp_clip_norm=0.1", f"federated.dp_noise_multiplier={s}"])
+                    for mech in ("local", "central") for s in (0.3, 1.0, 3.0, 10.0)]
+        # More local work per round: K = 16 local updates, a quarter of the releases.
+        + [("local, K = 16", s, ["federated.dp_mechanism=local", "federated.dp_clip_norm=0.1", f"federated.dp_noise_multiplier={s}",
+                                 "federated.local_updates=16"]) for s in (1.0, 3.0)],
+    },
+}
 
 
-def run(steps: int, clip: float, noise: float, delta: float):
-    overrides = [f"train.total_env_steps={steps}", "train.num_chunks=1"]
-    if noise > 0 or clip > 0:
-        overrides += [f"federated.dp_clip_norm={clip}", f"federated.dp_noise_multiplier={noise}", f"federated.dp_delta={delta}"]
-    cfg = load_config(None, overrides)
-    trainer = trainers.make_trainer(cfg)
-    hp = trainers.hyperparams(cfg)
-    t0 = time.perf_counter()
-    state = jax.jit(trainer.init)(jax.random.PRNGKey(cfg.train.seed), hp)
-    state, metrics = jax.jit(trainer.chunk, static_argnums=2)(state, hp, trainer.units_total)
-    jax.block_until_ready(metrics)
-    wall = time.perf_counter() - t0
+def _eval_fn(cfg, network, normalize: bool):
     env = ServingNodeEnv(cfg.env.action_set)
     params = cluster_params(cfg, "diurnal")
-    policy = learned_policy.greedy_policy(trainer.network)
-    m = evaluation.run_episodes(env, policy, params, jax.random.PRNGKey(123), EVAL_SEEDS, EVAL_TICKS, trainer.weights(state))
-    rounds = trainers.num_rounds(cfg)
-    # Each round releases a node's update and its observation statistics (fedppo.privacy_spent).
-    eps = fedppo.privacy_spent(cfg.federated, rounds) if noise > 0 else float("inf")
-    return cfg, rounds, eps, evaluation.cluster_kpis(m, cfg.env.tick_s, params), float(np.mean(metrics["delta_norm"])), wall
+    policy = learned_policy.greedy_policy(network, normalize)
+
+    def one(weights):
+        m = evaluation.run_episodes(env, policy, params, jax.random.PRNGKey(123), EVAL_SEEDS, EVAL_TICKS, weights)
+        return _kpis(m, cfg.env.tick_s)
+
+    return jax.jit(jax.vmap(one))
+
+
+def _kpis(m, tick_s):
+    """Per-tick reward, SLO attainment and cost per region-hour, means over regions, eval
+    seeds and the day."""
+    return {"reward": jnp.mean(m["reward"]), "slo_attainment": jnp.mean(m["slo_attainment"]),
+            "cost_usd_per_h": jnp.mean(m["cost_usd"]) * 3600.0 / tick_s}
+
+
+def train_and_score(overrides: list[str], seeds: int) -> dict:
+    cfg = load_config(None, BASE + overrides)
+    t0 = time.perf_counter()
+    trainer, weights = trainers.train_seeds(cfg, seeds)
+    jax.block_until_ready(weights)
+    wall = time.perf_counter() - t0
+    ev = _eval_fn(cfg, trainer.network, cfg.ppo.normalize_obs)
+    k = {name: np.asarray(v, np.float64) for name, v in ev(weights).items()}
+    hp = trainers.hyperparams(cfg)
+    keys = jnp.stack([jax.random.PRNGKey(s) for s in range(seeds)])
+    untrained = jax.jit(jax.vmap(lambda key: trainer.weights(trainer.init(key, hp))))(keys)
+    k0 = np.asarray(ev(untrained)["reward"], np.float64)
+    report = trainers.privacy_report(cfg, trainer.units_total)
+    return {
+        "overrides": overrides, "train_wall_s": wall, "units": trainer.units_total,
+        "env_steps": trainer.units_total * trainer.env_steps_per_unit,
+        "reward_seeds": k["reward"].tolist(), "untrained_reward_seeds": k0.tolist(),
+        "slo_attainment": float(k["slo_attainment"].mean()), "cost_usd_per_h": float(k["cost_usd_per_h"].mean()),
+        "privacy": report,
+    }
+
+
+def run_group(unit: str, seeds: int) -> dict:
+    g = GROUPS[unit]
+    out = {"settings": g["settings"], "references": {}, "rows": []}
+    for label, extra in g["references"].items():
+        r = train_and_score(g["settings"] + extra, seeds)
+        out["references"][label] = r
+        print(json.dumps({"reference": label, "reward": np.mean(r["reward_seeds"]), "wall_s": r["train_wall_s"]}), flush=True)
+    for mech, sigma, extra in g["private"]:
+        r = train_and_score(g["settings"] + extra, seeds)
+        (guarantee,) = r["privacy"]
+        r.update({"unit": unit, "mechanism": mech, "noise_multiplier": sigma, "epsilon": guarantee["epsilon"],
+                  "delta": guarantee["delta"], "sampling_rate": guarantee["sampling_rate"], "steps": guarantee["steps"]})
+        out["rows"].append(r)
+        print(json.dumps({k: r[k] for k in ("unit", "mechanism", "noise_multiplier", "epsilon", "train_wall_s")}
+                         | {"reward": np.mean(r["reward_seeds"])}), flush=True)
+    return out
+
+
+def reactive_reward(settings: list[str]) -> dict:
+    cfg = load_config(None, BASE + settings)
+    env = ServingNodeEnv(cfg.env.action_set)
+    m = evaluation.run_episodes(env, reactive_policy(cfg.env.tick_s), cluster_params(cfg, "diurnal"), jax.random.PRNGKey(123), EVAL_SEEDS, EVAL_TICKS)
+    return {k: float(v) for k, v in _kpis(m, cfg.env.tick_s).items()}
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=10_000_000)
-    ap.add_argument("--clip", type=float, default=0.1)
-    ap.add_argument("--noise", type=float, nargs="+", default=[0.0, 0.3, 1.0, 3.0])
-    ap.add_argument("--delta", type=float, default=1e-5)
-    ap.add_argument("--render-only", action="store_true", help="re-render the markdown from privacy_utility.json")
+    ap.add_argument("--units", nargs="+", choices=sorted(GROUPS), default=sorted(GROUPS))
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--render-only", action="store_true", help="re-render the markdown and plot from privacy_utility.json")
     args = ap.parse_args()
-    out = Path(__file__).with_name("privacy_utility.json")
-    if args.render_only:
-        write_report(out, None, render)
-        print(out.with_suffix(".md").read_text())
-        return
+    if not args.render_only:
+        data = json.loads(OUT.read_text()) if OUT.exists() else {}
+        if "groups" not in data:  # an older layout: start afresh
+            data = {"groups": {}}
+        data.update({"machine": machine(), "seeds": args.seeds, "eval": f"greedy policy, diurnal scenario, {EVAL_SEEDS} seeds x {EVAL_TICKS} ticks (one day) per region",
+                     "base_overrides": BASE, "aim": {"share": AIM_SHARE, "epsilon": AIM_EPSILON, "delta": DELTA}})
+        for unit in args.units:
+            t0 = time.perf_counter()
+            group = run_group(unit, args.seeds)
+            group["reactive"] = reactive_reward(GROUPS[unit]["settings"])
+            group["wall_s"] = time.perf_counter() - t0
+            group["command"] = f"python benchmarks/privacy_utility.py --units {unit} --seeds {args.seeds}"
+            data["groups"][unit] = group
+            OUT.write_text(json.dumps(data, indent=2) + "\n")  # each finished group is kept
+    data = write_report(OUT, None, render)
+    plot(data, OUT.with_suffix(".png"))
+    print(OUT.with_suffix(".md").read_text())
 
-    rows = []
-    for noise in args.noise:
-        clip = args.clip if noise > 0 else 0.0
-        cfg, rounds, eps, k, dnorm, wall = run(args.steps, clip, noise, args.delta)
-        rows.append({"noise_multiplier": noise, "clip_norm": clip, "rounds": rounds, "epsilon": eps, "delta": args.delta,
-                     "mean_delta_norm": dnorm, "train_wall_s": wall, **k})
-        print(json.dumps(rows[-1]), flush=True)
-    cfg = load_config()
-    env = ServingNodeEnv(cfg.env.action_set)
-    params = cluster_params(cfg, "diurnal")
-    m = evaluation.run_episodes(env, reactive_policy(cfg.env.tick_s), params, jax.random.PRNGKey(123), EVAL_SEEDS, EVAL_TICKS)
-    reactive = evaluation.cluster_kpis(m, cfg.env.tick_s, params)
 
-    data = {
-        "command": f"python benchmarks/privacy_utility.py --steps {args.steps} --clip {args.clip} --noise {' '.join(map(str, args.noise))}",
-        "machine": machine(), "eval_seeds": EVAL_SEEDS, "rows": rows, "reactive": reactive,
-        "network_params": int(sum(x.size for x in jax.tree.leaves(trainers.make_trainer(cfg).network.init(jax.random.PRNGKey(0), jax.numpy.zeros(20))))),
-    }
-    write_report(out, data, render)
-    print(out.with_suffix(".md").read_text())
+def _share(reward, untrained, best):
+    return (reward - untrained) / (best - untrained)
+
+
+def _summary(group):
+    """Per row: mean reward over seeds and its utility share against the best reference."""
+    refs = group["references"]
+    best_label = max(refs, key=lambda k: np.mean(refs[k]["reward_seeds"]))
+    best = float(np.mean(refs[best_label]["reward_seeds"]))
+    untrained = float(np.mean([x for r in [*refs.values(), *group["rows"]] for x in r["untrained_reward_seeds"]]))
+    return best_label, best, untrained
 
 
 def render(data: dict) -> str:
-    rows, reactive = data["rows"], data["reactive"]
+    aim = data["aim"]
     lines = [
-        "# Privacy / utility of robust federated PPO",
+        "# Privacy / utility at both privacy units",
         "",
-        f"Command: `{data['command']}`; machine: {data['machine']}; figures from privacy_utility.json.",
+        f"Machine: {data['machine']}. Figures from privacy_utility.json; every row is {data['seeds']} training seeds in one vmapped program. "
+        f"Evaluation: {data['eval']}. Delta {aim['delta']:g} everywhere (below 1/N for each unit's N).",
         "",
-        "Default config (ten regions, multi-Krum f = 3) trained for the given env steps; privacy unit: one node's update "
-        "per round, every node in every round (sampling 1), noise std = noise multiplier x clip norm added to each node's "
-        "clipped delta and to its clipped observation statistics before the robust aggregation; epsilon from "
-        "dp-accounting's RDP accountant over both releases of every round at the given delta. Evaluation: "
-        f"greedy policy, diurnal scenario, {data['eval_seeds']} seeds x 10 regions x 1 day (Reactive on the same seeds for reference).",
+        "Setting: a two-region cluster (us-east Llama-2-70B on H100 TP4, conversation; eu-central Llama-2-7B on A100, code), "
+        "federated FedAvg (local updates K = 4 per round), the paper's reward. Utility = the share of the best non-private run's "
+        "improvement over the untrained policy, (R - R_untrained) / (R_best non-private - R_untrained): rewards are negative, so a "
+        "ratio of returns would mean nothing. What each unit protects: *segment* = one simulated cluster-day of one region's traffic "
+        "(DP-SGD inside the region: the cluster's rollout gradient clipped and noised, its day accounted over the rollouts it spans); "
+        "*region* = everything one region sends (its updates and observation statistics in every round). Simulator parameters are "
+        "public configuration and not protected by either.",
         "",
-        "| noise multiplier | clip norm | rounds | epsilon (delta) | reward | mean e2e (ms) | SLO (%) | $ / 1M tok | quality |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        eps = "no DP" if r["noise_multiplier"] == 0 else f"{r['epsilon']:.3g} ({r['delta']:g})"
-        clip = "-" if r["clip_norm"] == 0 else f"{r['clip_norm']:g}"
-        lines.append(f"| {r['noise_multiplier']:g} | {clip} | {r['rounds']} | {eps} | {r['reward']:.3f} | {r['e2e_mean_ms']:,.0f} | "
-                     f"{r['slo_attainment_pct']:.1f} | {r['cost_usd_per_mtok']:.3f} | {r['quality']:.3f} |")
-    lines.append(f"| Reactive (reference) | | | | {reactive['reward']:.3f} | {reactive['e2e_mean_ms']:,.0f} | "
-                 f"{reactive['slo_attainment_pct']:.1f} | {reactive['cost_usd_per_mtok']:.3f} | {reactive['quality']:.3f} |")
-    lines += ["", f"Mean L2 norm of a node's round delta without DP: {rows[0]['mean_delta_norm']:.3g} "
-              f"({data['network_params']} parameters)."]
-    return "\n".join(lines) + "\n"
+    verdicts = []
+    for unit, group in data["groups"].items():
+        best_label, best, untrained = _summary(group)
+        lines += [f"## Unit: {unit}", "", f"Command: `{group['command']}` ({group['wall_s'] / 60:.1f} min). Settings: "
+                  f"`{' '.join(group['settings'])}`.", "",
+                  "| run | unit | mechanism | noise multiplier | sampling rate | accounted steps | epsilon | delta | reward (mean +- sd over seeds) | utility share | SLO (%) | $/h per region |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for label, r in group["references"].items():
+            lines.append(f"| {label} | - | none | - | - | - | no DP | - | {np.mean(r['reward_seeds']):.3f} +- {np.std(r['reward_seeds']):.3f} | "
+                         f"{_share(np.mean(r['reward_seeds']), untrained, best):.2f} | {100 * r['slo_attainment']:.1f} | {r['cost_usd_per_h']:.1f} |")
+        met = []
+        for r in group["rows"]:
+            share = _share(np.mean(r["reward_seeds"]), untrained, best)
+            if share >= aim["share"] and r["epsilon"] <= aim["epsilon"] and r["delta"] <= aim["delta"]:
+                met.append(r)
+            lines.append(f"| {r['mechanism']} sigma {r['noise_multiplier']:g} | {r['unit']} | {r['mechanism']} | {r['noise_multiplier']:g} | "
+                         f"{r['sampling_rate']:g} | {r['steps']} | {r['epsilon']:.3g} | {r['delta']:g} | "
+                         f"{np.mean(r['reward_seeds']):.3f} +- {np.std(r['reward_seeds']):.3f} | {share:.2f} | {100 * r['slo_attainment']:.1f} | {r['cost_usd_per_h']:.1f} |")
+        react = group["reactive"]
+        lines.append(f"| Reactive (reference) | - | - | - | - | - | - | - | {react['reward']:.3f} | {_share(react['reward'], untrained, best):.2f} | "
+                     f"{100 * react['slo_attainment']:.1f} | {react['cost_usd_per_h']:.1f} |")
+        lines += ["", f"Untrained policy: reward {untrained:.3f} (share 0). Best non-private: {best_label}, reward {best:.3f} (share 1).", ""]
+        verdicts.append((unit, met))
+    lines += ["## Aim", "", f"At least one unit reaches >= {aim['share']:.0%} of the non-private utility at epsilon <= {aim['epsilon']:g}, "
+              f"delta <= {aim['delta']:g}:", ""]
+    for unit, met in verdicts:
+        if met:
+            best_row = max(met, key=lambda r: r["noise_multiplier"])
+            group = data["groups"][unit]
+            _, best, untrained = _summary(group)
+            lines.append(f"- {unit}: **met** ({best_row['mechanism']}, noise {best_row['noise_multiplier']:g}: epsilon {best_row['epsilon']:.3g}, "
+                         f"share {_share(np.mean(best_row['reward_seeds']), untrained, best):.2f}).")
+        else:
+            lines.append(f"- {unit}: **not met** at these noise levels.")
+    lines += ["", "![privacy / utility](privacy_utility.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(data: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for unit, group in data["groups"].items():
+        _, best, untrained = _summary(group)
+        for mech in sorted({r["mechanism"] for r in group["rows"]}):
+            rows = sorted((r for r in group["rows"] if r["mechanism"] == mech), key=lambda r: r["epsilon"])
+            eps = [r["epsilon"] for r in rows]
+            shares = [[_share(x, untrained, best) for x in r["reward_seeds"]] for r in rows]
+            ax.errorbar(eps, [np.mean(s) for s in shares], yerr=[np.std(s) for s in shares], marker="o", capsize=3, label=f"{unit}: {mech}")
+        ax.axhline(_share(group["reactive"]["reward"], untrained, best), ls=":", lw=1, color="grey")
+    ax.axhline(1.0, color="k", lw=1, label="non-private")
+    ax.axhline(data["aim"]["share"], color="tab:red", ls="--", lw=1, label="aim (90 %)")
+    ax.axvline(data["aim"]["epsilon"], color="tab:red", ls=":", lw=1)
+    ax.set_xscale("log")
+    ax.set_xlabel(f"epsilon (delta {data['aim']['delta']:g})")
+    ax.set_ylabel("utility share (non-private = 1)")
+    ax.set_title("Reward against epsilon (dotted grey: Reactive)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -349,6 +349,7 @@ def make_train(
             key, k_mask, k_noise = jax.random.split(key, 3)
             mask = jax.random.uniform(k_mask, (segments,)) < dp_rate
             grads, info = jax.vmap(jax.grad(loss_fn, has_aux=True), in_axes=(None, 0, 0, 0))(params, *by_segment)
+            info["dp_segment_grad_norm"] = segment_norms(grads)  # before clipping: to choose the clip norm
             grads = dp_gradient(grads, mask, k_noise, config.dp_noise_multiplier, config.dp_clip_norm, dp_rate * segments)
             updates, opt_state = tx.update(grads, opt_state, params)
             info = {**jax.tree.map(jnp.mean, info), "dp_sampled": mask.sum().astype(jnp.float32)}
