@@ -7,7 +7,10 @@ after the other with the same harness, so their ratio comes from the same proces
 A second set of subprocesses shards the batch over 2 fake XLA CPU devices
 (`--xla_force_host_platform_device_count=2`) with `jax.shard_map`. If the node env is
 slower than the aim (>= 1/10 of CartPole and > 1M steps/s at batch >= 4096), a profile
-subprocess times the parts of a step separately.
+subprocess times the parts of a step separately. The cluster env (`ServingCluster`, the
+ten-region cluster file) runs in a third set of subprocesses, each timing at one number
+of clusters the cluster env, the same ten regions as independent `ServingNode-v0` envs,
+and CartPole at the same number of envs (region-steps: one region's tick).
 
     /work/venv/bin/python benchmarks/env_throughput.py            # writes benchmarks/env_throughput.md
     /work/venv/bin/python benchmarks/env_throughput.py --batches 1 256 --steps 50 --repeats 2 --out /tmp/x.md
@@ -36,6 +39,7 @@ BASE_XLA_FLAGS = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 AIM_BATCH = 4096
 AIM_RATIO = 0.1
 AIM_RATE = 1e6
+AIM_CLUSTER_COST = 1.5  # a ten-region cluster tick costs at most 1.5x ten independent region ticks
 
 
 def default_steps(batch: int) -> int:
@@ -342,10 +346,74 @@ def worker_profile(batch: int, steps: int, repeats: int) -> dict:
     return out
 
 
+def make_cluster_rollout(step, n: int, regions: int, steps: int, n_actions: int):
+    """(key, state, params) -> (state, checksum): `steps` ticks of `n` clusters of
+    `regions` regions, random actions; `step(keys (n,), state, actions (n, regions),
+    params)` steps all clusters."""
+    import jax
+    import jax.numpy as jnp
+
+    def rollout(key, state, params):
+        def body(carry, _):
+            state, acc, key = carry
+            key, k_act, k_env = jax.random.split(key, 3)
+            actions = jax.random.randint(k_act, (n, regions), 0, n_actions)
+            obs, state, reward, _, _, _ = step(jax.random.split(k_env, n), state, actions, params)
+            acc = acc + reward.sum(-1) + obs.reshape(n, -1).sum(-1)
+            return (state, acc, key), None
+
+        (state, acc, _), _ = jax.lax.scan(body, (state, jnp.zeros((n,)), key), None, steps)
+        return state, acc
+
+    return rollout
+
+
+def worker_cluster(batch: int, steps: int, repeats: int) -> dict:
+    """`batch` clusters of the ten-region cluster file: ServingCluster, the same regions as
+    independent ServingNode-v0 envs (vmap over regions, each its own params), and CartPole
+    at batch x regions envs, in one process, interleaved."""
+    import gymnax
+    import jax
+
+    from aro_jax.envs.cluster import ServingCluster
+    from aro_jax.envs.serving import ServingNodeEnv
+
+    cenv = ServingCluster()
+    cparams = cenv.default_params
+    regions = int(cparams.rtt_s.shape[0])
+    node = ServingNodeEnv()
+    nparams = cparams.nodes
+    cartpole, cp_params = gymnax.make("CartPole-v1")
+    base = rss_mb()
+
+    keys = jax.random.split(jax.random.PRNGKey(0), batch)
+    cstate = jax.jit(jax.vmap(cenv.reset, in_axes=(0, None)))(keys, cparams)[1]
+    reset_regions = jax.vmap(jax.vmap(node.reset, in_axes=(0, 0)), in_axes=(0, None))
+    nstate = jax.jit(reset_regions)(jax.random.split(jax.random.PRNGKey(0), batch * regions).reshape(batch, regions, -1), nparams)[1]
+    cstep = jax.vmap(cenv.step, in_axes=(0, 0, 0, None))
+    vnode = jax.vmap(jax.vmap(node.step, in_axes=(0, 0, 0, 0)), in_axes=(0, 0, 0, None))
+
+    def nstep(keys, state, actions, params):
+        sub = jax.vmap(lambda k: jax.random.split(k, regions))(keys)
+        return vnode(sub, state, actions, params)
+
+    calls = {
+        "cluster": (jax.jit(make_cluster_rollout(cstep, batch, regions, steps, cenv.num_actions)), (jax.random.PRNGKey(1), cstate, cparams)),
+        "regions": (jax.jit(make_cluster_rollout(nstep, batch, regions, steps, node.num_actions)), (jax.random.PRNGKey(1), nstate, nparams)),
+        "cartpole": (jax.jit(make_rollout(cartpole, batch * regions, steps)),
+                     (jax.random.PRNGKey(1), init_states(cartpole, cp_params, batch * regions), cp_params)),
+    }
+    out = {"batch": batch, "num_regions": regions, "steps": steps, "devices": len(jax.devices()), "rss_mb_base": base}
+    for name, t in time_interleaved(calls, repeats, _record_rss).items():
+        t["steps_per_s"] = batch * regions * steps / t["median_s"]  # region-steps (CartPole: env steps)
+        out[name] = t
+    return out
+
+
 def worker_main(args) -> None:
     import jax
 
-    fn = {"single": worker_single, "sharded": worker_sharded, "profile": worker_profile}[args.worker]
+    fn = {"single": worker_single, "sharded": worker_sharded, "profile": worker_profile, "cluster": worker_cluster}[args.worker]
     res = fn(args.batch, args.steps, args.repeats)
     res["rss_mb"] = rss_mb()
     res["jax"] = jax.__version__
@@ -444,6 +512,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--shard-batches", type=int, nargs="*", default=[4096, 16384],
                     help="batch sizes to also run sharded over 2 fake CPU devices")
+    ap.add_argument("--clusters", type=int, nargs="*", default=[1, 256, 4096],
+                    help="numbers of ten-region clusters to time the cluster env at")
     ap.add_argument("--profile-batch", type=int, default=AIM_BATCH)
     ap.add_argument("--profile-steps", type=int, default=50)
     ap.add_argument("--no-profile", action="store_true")
@@ -451,7 +521,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=600.0, help="per subprocess, seconds")
     ap.add_argument("--render", metavar="JSON", help="re-render the markdown from a saved JSON, no measuring")
     # Internal: run one measurement and print a JSON line.
-    ap.add_argument("--worker", choices=["single", "sharded", "profile"])
+    ap.add_argument("--worker", choices=["single", "sharded", "profile", "cluster"])
     ap.add_argument("--batch", type=int)
     args = ap.parse_args()
     if args.worker:
@@ -481,12 +551,16 @@ def measure(args) -> dict:
     for b in args.shard_batches:
         sharded.append(run_worker("sharded", b, steps_of(b), args.repeats, flags2, args.timeout))
 
+    clusters = []
+    for n in args.clusters:
+        clusters.append(run_worker("cluster", n, args.steps or default_steps(10 * n), args.repeats, flags1, args.timeout))
+
     profile = None
     if not aim_met(single) and not args.no_profile:
         pb = args.profile_batch
         profile = run_worker("profile", pb, args.profile_steps, args.repeats, flags1, args.timeout)
     return {
-        "single": single, "sharded": sharded, "profile": profile, "flags": [flags1, flags2],
+        "single": single, "sharded": sharded, "cluster": clusters, "profile": profile, "flags": [flags1, flags2],
         "argv": sys.argv[1:], "repeats": args.repeats, "total_s": time.perf_counter() - t_start,
         "load_start": load_start[0], "load_end": os.getloadavg()[0],
         "cpu_count": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
@@ -552,6 +626,26 @@ def render(data: dict) -> str:
                      f"{n['steps_per_s'] / c['steps_per_s']:.3f} | {su('node')} | {su('cartpole')} | {n['compile_s']:.2f} | "
                      f"{n['rss_mb_after']:.0f} / {r['rss_mb']:.0f} |")
         L.append("\n(The speed-ups compare with the one-device subprocess run earlier in the same invocation.)\n")
+
+    clusters = data.get("cluster") or []
+    if clusters:
+        L.append("## Cluster env: ten regions coupled by rebalancing (one XLA CPU device)\n")
+        L.append("`ServingCluster` on the ten-region cluster file (`aro_jax/configs/cluster10.yaml`), `jit(scan(vmap(env.step)))` "
+                 "over clusters with one random action per region; beside it, in the same process with calls interleaved, the "
+                 "same ten regions as independent `ServingNode-v0` envs (vmap over regions with their own params, then over "
+                 "clusters; the modelled peer instead of real ones) and CartPole at the same number of envs. Rates in "
+                 "region-steps/s (one region's tick; CartPole: env steps/s). Cost ratio = independent rate / cluster rate.\n")
+        L.append("| clusters | regions | scan steps | cluster region-steps/s | independent regions steps/s | CartPole steps/s | "
+                 "cost ratio cluster/independent | cluster / CartPole | cluster compile s | independent compile s | peak RSS MB |")
+        L.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for r in clusters:
+            c, n, cp = r["cluster"], r["regions"], r["cartpole"]
+            L.append(f"| {r['batch']} | {r['batch'] * r['num_regions']} | {r['steps']} | {fmt_rate(c['steps_per_s'])} | "
+                     f"{fmt_rate(n['steps_per_s'])} | {fmt_rate(cp['steps_per_s'])} | {n['steps_per_s'] / c['steps_per_s']:.2f} | "
+                     f"{c['steps_per_s'] / cp['steps_per_s']:.3f} | {c['compile_s']:.2f} | {n['compile_s']:.2f} | {r['rss_mb']:.0f} |")
+        ok = [r for r in clusters if r["regions"]["steps_per_s"] / r["cluster"]["steps_per_s"] <= AIM_CLUSTER_COST]
+        L.append(f"\nAim: a ten-region cluster tick costs <= {AIM_CLUSTER_COST:g}x ten independent region ticks: met at "
+                 f"{len(ok)} of {len(clusters)} sizes ({', '.join(str(r['batch']) for r in ok) or 'none'}).\n")
 
     L.append("## Aim\n")
     L.append(f"Aim: at batch >= {AIM_BATCH}, node env >= {AIM_RATIO:g} x CartPole's rate in the same run and > 1M node steps/s "

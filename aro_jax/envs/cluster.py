@@ -186,13 +186,14 @@ class ServingCluster(environment.Environment[ClusterState, ClusterParams]):
 
     def reset_regions(self, keys, params: ClusterParams):
         """Reset each region with its own key (regions' own start times)."""
-        _, states = jax.vmap(self.node.reset_env)(keys, params.nodes)
+        node_obs, states = jax.vmap(self.node.reset_env)(keys, params.nodes)
         last = states.last
         state = ClusterState(
             time=0, nodes=states, in_flight=jnp.zeros_like(states.queue_requests),
             spare_rps=_spare_rps(last["capacity_rps"], last["arrivals"] / params.nodes.tick_s),
         )
-        return self.get_obs(state, params), state
+        # The nodes' own first observations (the forecaster's prior, as ServingNode-v0's).
+        return self._with_spare(node_obs, state, params), state
 
     # ---- step -------------------------------------------------------------------------
 
@@ -245,7 +246,9 @@ class ServingCluster(environment.Environment[ClusterState, ClusterParams]):
     # ---- observation ------------------------------------------------------------------
 
     def get_obs(self, state: ClusterState, params: ClusterParams, key=None) -> jax.Array:
-        node_obs = jax.vmap(self.node.get_obs)(state.nodes, params.nodes)
+        return self._with_spare(jax.vmap(self.node.get_obs)(state.nodes, params.nodes), state, params)
+
+    def _with_spare(self, node_obs, state: ClusterState, params: ClusterParams) -> jax.Array:
         advertised = params.compatible @ state.spare_rps
         return jnp.concatenate([node_obs, (advertised / params.nodes.rate_ref_rps)[:, None]], axis=1).astype(jnp.float32)
 
