@@ -494,6 +494,7 @@ def _validate_federated(cfg: ExperimentConfig, require) -> None:
 
     require(fed.local_updates >= 1, "federated.local_updates", f"must be >= 1, got {fed.local_updates}")
     require(fed.server_lr > 0, "federated.server_lr", f"must be > 0, got {fed.server_lr}")
+    require(0 < fed.personal_mix <= 1, "federated.personal_mix", f"must be a share in (0, 1] (1: every region runs the global policy), got {fed.personal_mix}")
     require(0 <= fed.server_momentum < 1, "federated.server_momentum", f"must be in [0, 1), got {fed.server_momentum}")
     require(fed.num_byzantine >= 0, "federated.num_byzantine", f"must be >= 0, got {fed.num_byzantine}")
     require(fed.aggregator in aggregators.AGGREGATORS, "federated.aggregator", f"unknown {fed.aggregator!r}; choose from {sorted(aggregators.AGGREGATORS)}")

@@ -342,3 +342,42 @@ def test_federated_resume_equals_uninterrupted_run(tiny_config, tmp_path):
     rows_a, rows_b = driver.read_metrics(run_a / "metrics.jsonl"), driver.read_metrics(run_b / "metrics.jsonl")
     strip = lambda r: {k: v for k, v in r.items() if k != "steps_per_s"}  # noqa: E731
     assert [strip(r) for r in rows_b] == [strip(r) for r in rows_a]
+
+
+# --- personalisation ------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+def test_personal_policies_move_a_share_of_the_way_to_the_robust_global(tiny_config):
+    """personal_mix m < 1, two rounds: every node sends its own round's delta (from where it
+    started) and then stands at local + m (global' - local); with the plain mean the nodes'
+    average equals the global after round one (they all started from it), and the nodes
+    end apart from each other (a global-only program would make them equal). A huge update
+    from node 0 under Krum stays out of the honest nodes' personal policies."""
+    mix = 0.5
+    _, state0, one_round = _program(tiny_config, ["federated.aggregator=mean", "federated.num_byzantine=0", f"federated.personal_mix={mix}"])
+    state1, _ = one_round(state0)
+    nodes1 = np.stack([flat(jax.tree.map(lambda x: x[i], state1.nodes.params)) for i in range(N_NODES)])
+    g1 = flat(state1.global_params)
+    np.testing.assert_allclose(nodes1.mean(0), g1, atol=1e-6)
+    spread = np.abs(nodes1 - g1).max()
+    assert spread > 1e-4
+    state2, _ = one_round(state1)
+    local = nodes1 + np.asarray(state2.previous_deltas, np.float64)  # each node's own round-two result
+    expected = local + mix * (flat(state2.global_params) - local)
+    got = np.stack([flat(jax.tree.map(lambda x: x[i], state2.nodes.params)) for i in range(N_NODES)])
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    np.testing.assert_allclose(flat(state2.global_params) - g1, np.asarray(state2.previous_deltas).mean(0), atol=1e-6)
+
+    cfg = load_config(tiny_config, [f"federated.personal_mix={mix}"])
+    init, chunk, _ = trainers.make_federated(cfg, cluster_params(cfg, "train"), ["huge"], [("krum", 1), ("mean", 0)])
+    hp = trainers.hyperparams(cfg)
+    s0 = jax.jit(init)(jax.random.PRNGKey(0), hp)
+    byz = jnp.arange(N_NODES) == 0
+    after = {}
+    for d in (0, 1):
+        threat = fedppo.Threat(attack=jnp.int32(0), strength=jnp.float32(1.0), byzantine=byz, defence=jnp.int32(d))
+        s, _ = jax.jit(lambda s: chunk(s, hp, 1))(s0.replace(threat=threat))
+        after[d] = np.stack([flat(jax.tree.map(lambda x: x[i], s.nodes.params)) for i in range(1, N_NODES)])
+    assert np.isfinite(after[0]).all() and np.abs(after[0]).max() < 1e3  # Krum: honest nodes unharmed
+    assert np.abs(after[1]).max() > 1e28  # the plain mean carries the attack into them

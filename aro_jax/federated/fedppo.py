@@ -95,6 +95,12 @@ class FederatedConfig:
     segment_dp_clip_norm: float = 0.0
     segment_dp_noise_multiplier: float = 0.0
     segment_dp_sampling_rate: float = 0.0
+    # Personalisation (federated mode): after each round a region's policy moves this share
+    # of the way to the robust global (the interpolation of APFL, Deng et al. 2020): 1 =
+    # every region runs the global policy; below 1 each region keeps its own policy, trained
+    # on its own traffic and pulled toward the global, and sends its own round's delta. A
+    # Byzantine region reaches an honest one only through the robust aggregate, scaled by it.
+    personal_mix: float = 1.0
     devices: int = 1  # devices the node axis is sharded over (must divide the node count)
 
 
@@ -198,6 +204,7 @@ def make_federated_train(
         return state, jax.tree.map(jnp.mean, metrics), stats
 
     mapped_local = node_map(local_phase, fed.devices)
+    personal = fed.mode == "federated" and fed.personal_mix < 1.0
 
     def init(key, hp) -> FedState:
         k_nodes, k_global, key = jax.random.split(key, 3)
@@ -226,13 +233,16 @@ def make_federated_train(
         key, k_attack, k_noise, k_agg = jax.random.split(state.key, 4)
         broadcast = lambda tree: jax.tree.map(lambda g: jnp.broadcast_to(g, (n_nodes,) + g.shape), tree)  # noqa: E731
         nodes = state.nodes
+        flat_global, unravel = ravel_pytree(state.global_params)
+        flat_of = jax.vmap(lambda p: ravel_pytree(p)[0])
         if fed.mode != "local":  # local-only nodes keep their own parameters and normaliser
-            nodes = nodes.replace(params=broadcast(state.global_params), obs_stats=broadcast(state.global_stats))
+            start = state.nodes.params if personal else broadcast(state.global_params)
+            nodes = nodes.replace(params=start, obs_stats=broadcast(state.global_stats))
+        flat_start = flat_of(nodes.params)
         nodes, metrics, rollout_stats = mapped_local(nodes, hp, per_node_params)
 
-        flat_global, unravel = ravel_pytree(state.global_params)
-        flat_nodes = jax.vmap(lambda p: ravel_pytree(p)[0])(nodes.params)
-        deltas = flat_nodes - flat_global
+        flat_nodes = flat_of(nodes.params)
+        deltas = flat_nodes - flat_start
 
         metrics = {k: v.mean() for k, v in metrics.items()}
         threat = state.threat
@@ -270,7 +280,11 @@ def make_federated_train(
             metrics["skipped"] = skipped.astype(jnp.float32)
             metrics["stats_skipped"] = stats_skipped.astype(jnp.float32)
             velocity = fed.server_momentum * state.server_velocity + aggregate
-            new_global = unravel(flat_global + fed.server_lr * velocity)
+            flat_new_global = flat_global + fed.server_lr * velocity
+            new_global = unravel(flat_new_global)
+            if personal:
+                mixed = flat_nodes + fed.personal_mix * (flat_new_global - flat_nodes)
+                nodes = nodes.replace(params=jax.vmap(unravel)(mixed))
             # Every node reports the same count (K rollouts of a static size); the server
             # does not trust the numbers: the round counts n_nodes x the median report.
             round_count = n_nodes * jnp.median(rollout_stats.count)

@@ -224,13 +224,13 @@ def make_trainer(cfg: config_lib.ExperimentConfig) -> Trainer:
             weights=lambda s: learned_policy.PolicyWeights(s.params, s.obs_stats), per_node=False, network=learner.network,
         )
     init, chunk, learner = make_federated(cfg, node_params)
-    local = cfg.federated.mode == "local"
+    per_node = cfg.federated.mode == "local" or (cfg.federated.mode == "federated" and cfg.federated.personal_mix < 1.0)
     return Trainer(
         init=init, chunk=chunk, units_total=num_rounds(cfg),
         env_steps_per_unit=steps_per_update * cfg.federated.local_updates, units_done=lambda s: int(s.round),
-        weights=(lambda s: learned_policy.PolicyWeights(s.nodes.params, s.nodes.obs_stats)) if local
+        weights=(lambda s: learned_policy.PolicyWeights(s.nodes.params, s.nodes.obs_stats)) if per_node
         else (lambda s: learned_policy.PolicyWeights(s.global_params, s.global_stats)),
-        per_node=local, network=learner.network,
+        per_node=per_node, network=learner.network,
     )
 
 
