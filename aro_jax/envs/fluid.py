@@ -315,8 +315,8 @@ def modelled_peer(params: EnvParams, core: dict[str, jax.Array], forwarded, peer
     """What a forwarded request meets at the single-region env's peer: one RTT (the
     request's way out, the first token's way back, on a kept-alive connection) plus the
     peer's service at its load (its own `peer_load_rps` and the forwarded requests),
-    judged on TTFT (the round trip included) and TPOT, at the large model's price per
-    request. The peer runs this node's model; its latency curve is this node's at the
+    judged on TTFT (the round trip included) and TPOT, at the large model's cost per
+    request at the peer's target load. The peer runs this node's model; its latency curve is this node's at the
     same utilisation (the same model on the cluster's GPUs)."""
     tokens = token_moments(params.traffic)
     t_out = tokens["output_mean"]
@@ -329,7 +329,9 @@ def modelled_peer(params: EnvParams, core: dict[str, jax.Array], forwarded, peer
     ok = _attainment(params.model, lat, params.traffic, params.slo_ttft_s, params.slo_tpot_s, params.ttft_prefill_slack, rtt)[0]
     ttft_s = lat["ttft_mean_s"] + rtt
     e2e_s = ttft_s + (t_out - 1.0) * lat["tpot_s"]
-    return {"ttft_s": ttft_s, "e2e_s": e2e_s, "ok": ok, "usd_per_request": core["big_usd_per_request"], "quality": jnp.ones(())}
+    # Its price: the large model's cost per request at its target load.
+    usd = core["big_usd_per_request"] / PEER_SPARE_UTIL
+    return {"ttft_s": ttft_s, "e2e_s": e2e_s, "ok": ok, "usd_per_request": usd, "quality": jnp.ones(())}
 
 
 def serve_tick(
@@ -438,9 +440,12 @@ def serve_tick(
         + cpu_cores * params.cpu_usd_per_core_h * hours
         + host_memory_gb * params.memory_usd_per_gb_h * hours
     )
-    # The price of one request here: this tick's bill over what its capacity serves in a
-    # tick (at least one replica's worth, so an idle node does not quote an infinite price).
-    usd_per_request = bill_usd / jnp.maximum(jnp.maximum(capacity_rps, per_replica_rps) * tick, 1e-9)
+    # The price of one request here: this tick's bill over the requests it served, or
+    # over what it would serve at PEER_SPARE_UTIL of its capacity (at least one replica's)
+    # where it served fewer: lending idle capacity is not charged at the idle cost, and a
+    # borrower never pays less than the lender's cost at its target load.
+    floor = PEER_SPARE_UTIL * jnp.maximum(capacity_rps, per_replica_rps) * tick
+    usd_per_request = bill_usd / jnp.maximum(jnp.maximum(served, floor), 1e-9)
     # Quality relative to the node's own model (1.0).
     small_quality = params.small_model.quality / params.model.quality
     quality_local = (1.0 - q) + q * small_quality
