@@ -442,8 +442,8 @@ def serve_tick(
     )
     # The price of one request here: this tick's bill over the requests it served, or
     # over what it would serve at PEER_SPARE_UTIL of its capacity (at least one replica's)
-    # where it served fewer: lending idle capacity is not charged at the idle cost, and a
-    # borrower never pays less than the lender's cost at its target load.
+    # where it served fewer: a lender below its target load charges its cost at that
+    # load (not its idle cost), a busier one its actual cost per request.
     floor = PEER_SPARE_UTIL * jnp.maximum(capacity_rps, per_replica_rps) * tick
     usd_per_request = bill_usd / jnp.maximum(jnp.maximum(served, floor), 1e-9)
     # Quality relative to the node's own model (1.0).
