@@ -410,10 +410,52 @@ def worker_cluster(batch: int, steps: int, repeats: int) -> dict:
     return out
 
 
+def worker_cluster_sharded(batch: int, steps: int, repeats: int) -> dict:
+    """The cluster env on 2 (fake) devices, two layouts: the cluster batch split over the
+    devices (each device steps whole clusters), or the region axis split (each cluster's
+    regions on both devices, XLA exchanging the routing sums every tick); beside them the
+    same program on one of the devices. Automatic partitioning (jit on sharded inputs)."""
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from aro_jax.envs.cluster import ServingCluster
+
+    cenv = ServingCluster()
+    cparams = cenv.default_params
+    regions = int(cparams.rtt_s.shape[0])
+    mesh = Mesh(np.array(jax.devices()), ("d",))
+    keys = jax.random.split(jax.random.PRNGKey(0), batch)
+    cstate = jax.device_get(jax.jit(jax.vmap(cenv.reset, in_axes=(0, None)))(keys, cparams)[1])
+    cstep = jax.vmap(cenv.step, in_axes=(0, 0, 0, None))
+    fn = make_cluster_rollout(cstep, batch, regions, steps, cenv.num_actions)
+
+    def by_regions(x):
+        split = np.ndim(x) >= 2 and np.shape(x)[1] == regions
+        return NamedSharding(mesh, P(None, "d") if split else P())
+
+    layouts = {
+        "one device": jax.tree.map(lambda x: jax.devices()[0], cstate),
+        "clusters split": jax.tree.map(lambda x: NamedSharding(mesh, P("d")), cstate),
+        "regions split": jax.tree.map(by_regions, cstate),
+    }
+    calls = {}
+    for name, shardings in layouts.items():
+        state = jax.tree.map(jax.device_put, cstate, shardings)
+        calls[name] = (jax.jit(fn), (jax.random.PRNGKey(1), state, cparams))
+    out = {"batch": batch, "num_regions": regions, "steps": steps, "devices": len(jax.devices())}
+    for name, t in time_interleaved(calls, repeats, _record_rss).items():
+        t["steps_per_s"] = batch * regions * steps / t["median_s"]
+        out[name] = t
+    return out
+
+
 def worker_main(args) -> None:
     import jax
 
-    fn = {"single": worker_single, "sharded": worker_sharded, "profile": worker_profile, "cluster": worker_cluster}[args.worker]
+    fn = {"single": worker_single, "sharded": worker_sharded, "profile": worker_profile, "cluster": worker_cluster,
+          "cluster_sharded": worker_cluster_sharded}[args.worker]
     res = fn(args.batch, args.steps, args.repeats)
     res["rss_mb"] = rss_mb()
     res["jax"] = jax.__version__
@@ -514,6 +556,8 @@ def main() -> None:
                     help="batch sizes to also run sharded over 2 fake CPU devices")
     ap.add_argument("--clusters", type=int, nargs="*", default=[1, 256, 4096],
                     help="numbers of ten-region clusters to time the cluster env at")
+    ap.add_argument("--cluster-shard-batches", type=int, nargs="*", default=[256, 4096],
+                    help="numbers of clusters to time on 2 fake CPU devices, clusters split vs regions split")
     ap.add_argument("--profile-batch", type=int, default=AIM_BATCH)
     ap.add_argument("--profile-steps", type=int, default=50)
     ap.add_argument("--no-profile", action="store_true")
@@ -521,7 +565,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=600.0, help="per subprocess, seconds")
     ap.add_argument("--render", metavar="JSON", help="re-render the markdown from a saved JSON, no measuring")
     # Internal: run one measurement and print a JSON line.
-    ap.add_argument("--worker", choices=["single", "sharded", "profile", "cluster"])
+    ap.add_argument("--worker", choices=["single", "sharded", "profile", "cluster", "cluster_sharded"])
     ap.add_argument("--batch", type=int)
     args = ap.parse_args()
     if args.worker:
@@ -554,13 +598,16 @@ def measure(args) -> dict:
     clusters = []
     for n in args.clusters:
         clusters.append(run_worker("cluster", n, args.steps or default_steps(10 * n), args.repeats, flags1, args.timeout))
+    cluster_sharded = []
+    for n in args.cluster_shard_batches:
+        cluster_sharded.append(run_worker("cluster_sharded", n, args.steps or default_steps(10 * n), args.repeats, flags2, args.timeout))
 
     profile = None
     if not aim_met(single) and not args.no_profile:
         pb = args.profile_batch
         profile = run_worker("profile", pb, args.profile_steps, args.repeats, flags1, args.timeout)
     return {
-        "single": single, "sharded": sharded, "cluster": clusters, "profile": profile, "flags": [flags1, flags2],
+        "single": single, "sharded": sharded, "cluster": clusters, "cluster_sharded": cluster_sharded, "profile": profile, "flags": [flags1, flags2],
         "argv": sys.argv[1:], "repeats": args.repeats, "total_s": time.perf_counter() - t_start,
         "load_start": load_start[0], "load_end": os.getloadavg()[0],
         "cpu_count": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
@@ -646,6 +693,21 @@ def render(data: dict) -> str:
         ok = [r for r in clusters if r["regions"]["steps_per_s"] / r["cluster"]["steps_per_s"] <= AIM_CLUSTER_COST]
         L.append(f"\nAim: a ten-region cluster tick costs <= {AIM_CLUSTER_COST:g}x ten independent region ticks: met at "
                  f"{len(ok)} of {len(clusters)} sizes ({', '.join(str(r['batch']) for r in ok) or 'none'}).\n")
+    csh = data.get("cluster_sharded") or []
+    if csh:
+        L.append("### The cluster env on 2 fake XLA CPU devices: split the clusters or the regions\n")
+        L.append("Same harness, `jit` on inputs placed by `NamedSharding` (XLA's automatic partitioning), in one process "
+                 f"with `{flags2}`: the whole batch on one of the devices; the cluster batch split over the 2 devices (whole "
+                 "clusters per device); or each cluster's region axis split (5 regions per device, the routing's sums over "
+                 "peers exchanged every tick).\n")
+        L.append("| clusters | scan steps | one device region-steps/s | clusters split | regions split | clusters split speed-up | regions split speed-up |")
+        L.append("|---:|---:|---:|---:|---:|---:|---:|")
+        for r in csh:
+            one, a, b = r["one device"]["steps_per_s"], r["clusters split"]["steps_per_s"], r["regions split"]["steps_per_s"]
+            L.append(f"| {r['batch']} | {r['steps']} | {fmt_rate(one)} | {fmt_rate(a)} | {fmt_rate(b)} | {a / one:.2f}x | {b / one:.2f}x |")
+        best = ["clusters" if r["clusters split"]["steps_per_s"] >= r["regions split"]["steps_per_s"] else "regions" for r in csh]
+        per_size = ", ".join(f"{r['batch']}: {b} split" for r, b in zip(csh, best))
+        L.append(f"\nFaster layout per size: {per_size}.\n")
 
     L.append("## Aim\n")
     L.append(f"Aim: at batch >= {AIM_BATCH}, node env >= {AIM_RATIO:g} x CartPole's rate in the same run and > 1M node steps/s "
