@@ -29,13 +29,15 @@ def collect(run_dir: Path, wall_s: float | None, command: str) -> dict:
     import jax
 
     OUT.mkdir(exist_ok=True)
-    for name in ("kpis_diurnal.json", "kpis_diurnal.md", "kpis_diurnal.csv", "timeline_diurnal.png"):
+    names = [f"kpis_diurnal{part}.{ext}" for part in ("", "_regions") for ext in ("json", "md", "csv")]
+    for name in (*names, "timeline_diurnal.png"):
         shutil.copy(run_dir / "eval" / name, OUT / name)
     shutil.copy(run_dir / "learning_curve.png", OUT / "learning_curve.png")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     train = [r for r in records if r.get("event") == "train"]
     steps_per_chunk = train[0]["env_steps"]
     train_s = sum(steps_per_chunk / r["steps_per_s"] for r in train)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
     summary = {
         "command": command,
         "machine": f"{os.cpu_count()}-core {platform.machine()} CPU, jax {jax.__version__}, Python {platform.python_version()}",
@@ -45,7 +47,11 @@ def collect(run_dir: Path, wall_s: float | None, command: str) -> dict:
         "env_steps_per_s": train[-1]["env_steps"] / train_s,
         "final": train[-1],
         "eval_rewards": [r["eval_reward"] for r in train],
-        "objective": yaml.safe_load((run_dir / "config.yaml").read_text()).get("objective"),
+        "objective": config.get("objective"),
+        # Each region's attainment target (its workload's, else the run's slo_target).
+        "region_targets": {n["name"]: (config.get("objective") or {}).get("slo_targets", {}).get(n.get("traffic_mix", "conversation"),
+                                                                                           (config.get("objective") or {}).get("slo_target"))
+                           for n in config["cluster"]["nodes"]},
     }
     (OUT / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -54,11 +60,12 @@ def collect(run_dir: Path, wall_s: float | None, command: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--from", dest="run_dir", type=Path, help="collect this finished `aro run` directory instead of running")
+    ap.add_argument("--keep", type=Path, help="run into this directory (kept, e.g. for benchmarks/paper_table.py --learned)")
     args = ap.parse_args()
     if args.run_dir:
         summary = collect(args.run_dir, None, "aro run")
     else:
-        run_dir = Path(tempfile.mkdtemp(prefix="aro-main-job-")) / "run"
+        run_dir = args.keep or Path(tempfile.mkdtemp(prefix="aro-main-job-")) / "run"
         t0 = time.perf_counter()
         subprocess.run(["aro", "run", f"train.run_dir={run_dir}"], check=True)
         summary = collect(run_dir, time.perf_counter() - t0, "pip install -e . && aro run")

@@ -66,7 +66,7 @@ def train_frontier(args):
     targets = [t for t in args.targets for _ in range(args.seeds)]
     runs = len(targets)
     hps = jax.tree.map(lambda x: jnp.broadcast_to(jnp.asarray(x, jnp.float32), (runs,) + jnp.shape(x)), base)
-    hps = hps.replace(cost_limits=jax.vmap(trainers.cost_limits)(jnp.asarray(targets), jnp.full((runs,), cfg.objective.max_drop)))
+    hps = hps.replace(cost_limits=jax.vmap(trainers.cost_limits)(jnp.asarray(targets), jnp.full((runs,), cfg.objective.max_drop), jnp.full((runs,), cfg.objective.min_quality)))
     keys = jnp.stack([jax.random.PRNGKey(s) for _ in args.targets for s in range(args.seeds)])
 
     def one(key, hp):

@@ -149,10 +149,10 @@ def test_slo_objective_wires_request_weighted_constraints():
                              "objective.slo_target=0.95", "objective.max_drop=0.02", "env.num_clusters=2",
                              "ppo.rollout_steps=8", "ppo.num_minibatches=2", "train.total_env_steps=32", "train.num_chunks=1"])
     hp = trainers.hyperparams(cfg)
-    np.testing.assert_allclose(np.asarray(hp.cost_limits), [0.05, 0.02], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(hp.cost_limits), [0.05, 0.02, 0.02], rtol=1e-6)
     assert (hp.env.alpha, hp.env.beta, hp.env.slo_penalty) == (0.0, 0.0, 0.0)  # only cost and quality loss remain
     learner = trainers.make_learner(cfg, cluster_params(cfg, "train"))
     state, metrics = jax.jit(learner.train)(jax.random.PRNGKey(0), hp)
-    assert state.constraint.multipliers.shape == (2,)
+    assert state.constraint.multipliers.shape == (3,)
     # Missed share: the KPI's drops-count-as-misses attainment, weighted by demand.
     assert 0.0 <= float(metrics["cost_0"][-1]) <= 1.5 and 0.0 <= float(metrics["cost_1"][-1]) <= float(metrics["cost_0"][-1]) + 1e-6

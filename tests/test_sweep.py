@@ -196,7 +196,7 @@ def test_slo_target_sweep_is_one_program_with_per_point_limits(tmp_path):
     np.testing.assert_allclose(np.asarray(hp.cost_limits)[:, 0], [0.2, 0.1, 0.01], rtol=1e-5)
     states, _ = trainer.train(spec.points, seeds=1)
     assert trainer.traces == 1
-    assert states.constraint.multipliers.shape == (3, 2)
+    assert states.constraint.multipliers.shape == (3, 3)  # points x (misses, drops, quality loss)
 
 
 def test_slo_target_needs_the_slo_objective(tmp_path):

@@ -26,8 +26,8 @@ from aro_jax.envs.params import EnvParams, e2e_budget
 from aro_jax.envs.traffic import at_tick, expected_rate_rps, rejected_share, sample_arrivals_ar
 
 # What `info="slim"` keeps of a step's metrics: what the training log's KPIs and the
-# constrained objective's costs read (training.trainers), 8 floats.
-SLIM_METRICS = ("arrivals", "served", "forwarded", "dropped", "rejected", "e2e_mean_s", "slo_attainment", "cost_usd")
+# constrained objective's costs read (training.trainers), 9 floats.
+SLIM_METRICS = ("arrivals", "served", "forwarded", "dropped", "rejected", "e2e_mean_s", "slo_attainment", "cost_usd", "quality")
 PENDING_SLOTS = 16  # cold-start pipeline length in ticks: 16 x 30 s covers N(240 s, 30 s) + 3 sd
 
 

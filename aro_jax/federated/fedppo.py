@@ -6,7 +6,10 @@ own clusters and node profile, and sends its delta. Byzantine nodes (config) rep
 theirs by an attack; deltas are optionally clipped and noised (DP); the robust
 aggregator combines them once; the server applies the aggregate (server learning rate,
 optional momentum) and broadcasts. "local" mode skips the aggregation (Local-only
-baseline): every node keeps its own parameters and its own normaliser.
+baseline): every node keeps its own parameters and its own normaliser. Under
+`dp_mechanism: central` the server instead Poisson-samples the regions, clips each
+participant's delta and statistics, and noises their sum once (DP-FedAvg,
+privacy.central_mean); only the mean has the bounded sensitivity that needs.
 
 The shared observation normaliser is defended like the parameters. Every node sends the
 mean and variance of the observations of its round with its delta; Byzantine nodes may
@@ -95,11 +98,16 @@ class FederatedConfig:
     segment_dp_clip_norm: float = 0.0
     segment_dp_noise_multiplier: float = 0.0
     segment_dp_sampling_rate: float = 0.0
+    # With ppo.normalize_obs under DP-SGD: the normaliser's statistics per segment clipped
+    # to segment_dp_stats_clip_norm and noised with this multiplier (0: normaliser refused).
+    segment_dp_stats_clip_norm: float = 10.0
+    segment_dp_stats_noise_multiplier: float = 0.0
     # Personalisation (federated mode): after each round a region's policy moves this share
     # of the way to the robust global (the interpolation of APFL, Deng et al. 2020): 1 =
     # every region runs the global policy; below 1 each region keeps its own policy, trained
-    # on its own traffic and pulled toward the global, and sends its own round's delta. A
-    # Byzantine region reaches an honest one only through the robust aggregate, scaled by it.
+    # on its own traffic with its own normaliser (as a local-only region) and pulled toward
+    # the global, and sends its own round's delta. A Byzantine region reaches an honest one
+    # only through the robust aggregate, scaled by it.
     personal_mix: float = 1.0
     devices: int = 1  # devices the node axis is sharded over (must divide the node count)
 
@@ -236,8 +244,8 @@ def make_federated_train(
         flat_global, unravel = ravel_pytree(state.global_params)
         flat_of = jax.vmap(lambda p: ravel_pytree(p)[0])
         if fed.mode != "local":  # local-only nodes keep their own parameters and normaliser
-            start = state.nodes.params if personal else broadcast(state.global_params)
-            nodes = nodes.replace(params=start, obs_stats=broadcast(state.global_stats))
+            if not personal:  # personal policies keep their own normaliser, like local-only ones
+                nodes = nodes.replace(params=broadcast(state.global_params), obs_stats=broadcast(state.global_stats))
         flat_start = flat_of(nodes.params)
         nodes, metrics, rollout_stats = mapped_local(nodes, hp, per_node_params)
 
@@ -291,7 +299,8 @@ def make_federated_train(
             merged = state.global_stats.merge(RunningStats(stats_mean, stats_var, round_count))
             keep = skipped | stats_skipped
             new_stats = jax.tree.map(lambda old, new: jnp.where(keep, old, new), state.global_stats, merged)
-            nodes = nodes.replace(obs_stats=broadcast(new_stats))
+            if not personal:
+                nodes = nodes.replace(obs_stats=broadcast(new_stats))
 
         new_state = FedState(
             nodes=nodes,

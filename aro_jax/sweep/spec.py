@@ -43,7 +43,7 @@ SWEEPABLE = {
     **{f.name: f"ppo.{f.name}" for f in dataclasses.fields(Hyperparams) if f.name not in ("env", "cost_limits")},
     **{f.name: f"env.reward.{f.name}" for f in dataclasses.fields(RewardWeights)},
     # The constrained objective's targets (they become Hyperparams.cost_limits).
-    "slo_target": "objective.slo_target", "max_drop": "objective.max_drop",
+    "slo_target": "objective.slo_target", "max_drop": "objective.max_drop", "min_quality": "objective.min_quality",
 }
 _BY_CONFIG_KEY = {v: k for k, v in SWEEPABLE.items()}
 TOP_LEVEL_KEYS = {"name", "base", "overrides", "grid", "random", "num_samples", "points", "seeds", "seed", "objective", "run_dir", "bo"}
@@ -252,7 +252,7 @@ def load_sweep(path: str | Path, require: str = "sweep") -> SweepSpec:
     cfg = spec.config()
     if cfg.federated.mode != "centralized":
         raise ConfigError(f"config key 'federated.mode': sweeps vmap the single-learner trainer; need centralized, got {cfg.federated.mode!r}")
-    targets = sorted({k for p in spec.points for k in p} & {"slo_target", "max_drop"})
+    targets = sorted({k for p in spec.points for k in p} & {"slo_target", "max_drop", "min_quality"})
     if targets and cfg.objective.kind != "slo":
         raise ConfigError(f"sweep key '{targets[0]}': a target of the slo objective, but the base config trains objective.kind={cfg.objective.kind!r}; add objective.kind=slo to overrides:")
     if "slo_target" in targets and cfg.objective.slo_targets:

@@ -23,7 +23,7 @@ from aro_jax.training import learned_policy
 
 
 # Constrained objective ("slo"): the constraints, in cost_limits order.
-CONSTRAINTS = ("slo_miss_share", "drop_share")
+CONSTRAINTS = ("slo_miss_share", "drop_share", "quality_loss")
 
 
 def reward_weights(cfg: config_lib.ExperimentConfig) -> RewardWeights:
@@ -35,9 +35,11 @@ def reward_weights(cfg: config_lib.ExperimentConfig) -> RewardWeights:
     return dataclasses.replace(w)
 
 
-def cost_limits(slo_target, max_drop) -> jax.Array:
-    """Limits of CONSTRAINTS: missed share <= 1 - target, dropped share <= max_drop."""
-    return jnp.stack([1.0 - jnp.asarray(slo_target, jnp.float32), jnp.asarray(max_drop, jnp.float32)])
+def cost_limits(slo_target, max_drop, min_quality) -> jax.Array:
+    """Limits of CONSTRAINTS: missed share <= 1 - target, dropped share <= max_drop,
+    quality lost to the small tier <= 1 - min_quality."""
+    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    return jnp.stack([1.0 - f32(slo_target), f32(max_drop), 1.0 - f32(min_quality)])
 
 
 def hyperparams(cfg: config_lib.ExperimentConfig) -> ppo.Hyperparams:
@@ -47,7 +49,7 @@ def hyperparams(cfg: config_lib.ExperimentConfig) -> ppo.Hyperparams:
     return ppo.Hyperparams(
         lr=p.lr, clip_eps=p.clip_eps, ent_coef=p.ent_coef, vf_coef=p.vf_coef, gamma=p.gamma,
         gae_lambda=p.gae_lambda, max_grad_norm=p.max_grad_norm, env=reward_weights(cfg),
-        cost_limits=cost_limits(o.slo_target, o.max_drop) if o.kind == "slo" else None,
+        cost_limits=cost_limits(o.slo_target, o.max_drop, o.min_quality) if o.kind == "slo" else None,
     )
 
 
@@ -69,9 +71,12 @@ def eval_score(cfg: config_lib.ExperimentConfig, metrics: dict) -> float:
         attempted = sum(np.asarray(metrics[k]) for k in ("served", "forwarded", "dropped", "rejected"))
         missed = per_node((1.0 - np.asarray(metrics["slo_attainment"])) * attempted) / arrivals
         dropped = per_node(metrics["dropped"]) / arrivals
+        done = np.asarray(metrics["served"]) + np.asarray(metrics["forwarded"])
+        quality_loss = per_node((1.0 - np.asarray(metrics["quality"])) * done) / np.maximum(per_node(done), 1e-9)
         targets = np.array([cfg.objective.slo_targets.get(n.traffic_mix, cfg.objective.slo_target) for n in cfg.cluster.nodes])
         weight = arrivals / arrivals.sum()
-        violation = np.maximum(missed - (1.0 - targets), 0.0) + np.maximum(dropped - cfg.objective.max_drop, 0.0)
+        violation = (np.maximum(missed - (1.0 - targets), 0.0) + np.maximum(dropped - cfg.objective.max_drop, 0.0)
+                     + np.maximum(quality_loss - (1.0 - cfg.objective.min_quality), 0.0))
         score -= CONSTRAINT_PENALTY * float(np.sum(weight * violation))
     return score
 
@@ -85,6 +90,8 @@ def ppo_config(cfg: config_lib.ExperimentConfig) -> ppo.PPOConfig:
         num_costs=len(CONSTRAINTS) if cfg.objective.kind == "slo" else 0,
         dp_clip_norm=cfg.federated.segment_dp_clip_norm, dp_noise_multiplier=cfg.federated.segment_dp_noise_multiplier,
         dp_sampling_rate=cfg.federated.segment_dp_sampling_rate,
+        dp_stats_clip_norm=cfg.federated.segment_dp_stats_clip_norm,
+        dp_stats_noise_multiplier=cfg.federated.segment_dp_stats_noise_multiplier,
     )
 
 
@@ -112,9 +119,10 @@ def serving_metrics(tick_s: float) -> Callable[[dict], dict]:
 
 
 def serving_costs(info, node_params: EnvParams, slo_target: float) -> jax.Array:
-    """CONSTRAINTS' per-step costs, (nodes, clusters, 2): requests missing their SLO and
-    requests dropped, each per mean tick of the node's demand (rate_ref x tick), so a
-    rollout's mean is the request-weighted share and a busy tick weighs what it serves.
+    """CONSTRAINTS' per-step costs, (nodes, clusters, 3): requests missing their SLO,
+    requests dropped and quality lost (1 - quality per served request), each per mean tick
+    of the node's demand (rate_ref x tick), so a rollout's mean is the request-weighted
+    share and a busy tick weighs what it serves.
     A region whose own target differs from the run's `slo_target` (the limit of the
     multipliers' update) has its miss cost shifted by the difference: missed <= 1 - own
     target is missed + (own - run target) <= 1 - run target, and a constant shift leaves
@@ -123,7 +131,8 @@ def serving_costs(info, node_params: EnvParams, slo_target: float) -> jax.Array:
     attempted = m["served"] + m["forwarded"] + m["dropped"] + m["rejected"]  # rejects count as misses
     demand_ref = (node_params.rate_ref_rps * node_params.tick_s)[:, None]
     missed = (1.0 - m["slo_attainment"]) * attempted / demand_ref + (node_params.slo_target - slo_target)[:, None]
-    return jnp.stack([missed, m["dropped"] / demand_ref], axis=-1)
+    quality_loss = (1.0 - m["quality"]) * (m["served"] + m["forwarded"]) / demand_ref
+    return jnp.stack([missed, m["dropped"] / demand_ref, quality_loss], axis=-1)
 
 
 def make_learner(cfg: config_lib.ExperimentConfig, node_params: EnvParams) -> ppo.Learner:
@@ -182,9 +191,12 @@ def privacy_report(cfg: config_lib.ExperimentConfig, units_done: int, episode_ti
         p = cfg.ppo
         steps, sensitivity = privacy.segment_steps(updates, episode_ticks, p.rollout_steps, p.update_epochs, p.num_minibatches)
         rate = fed.segment_dp_sampling_rate or 1.0 / p.num_minibatches
+        # With the normaliser on, every rollout of the day also releases its statistics.
+        stats = (fed.segment_dp_stats_noise_multiplier / sensitivity, steps // (p.update_epochs * p.num_minibatches)) if p.normalize_obs else None
         out.append({
-            "unit": "segment", "covers": PRIVACY_UNITS["segment"], "mechanism": "DP-SGD (per-segment clipping, Poisson-sampled segments)",
-            "epsilon": privacy.epsilon(fed.segment_dp_noise_multiplier / sensitivity, rate, steps, fed.dp_delta),
+            "unit": "segment", "covers": PRIVACY_UNITS["segment"],
+            "mechanism": "DP-SGD (per-segment clipping, Poisson-sampled segments" + (", private normaliser)" if stats else ")"),
+            "epsilon": privacy.epsilon(fed.segment_dp_noise_multiplier / sensitivity, rate, steps, fed.dp_delta, also=stats),
             "delta": fed.dp_delta, "noise_multiplier": fed.segment_dp_noise_multiplier, "sampling_rate": rate, "steps": steps,
             "N": config_lib.segment_pool(cfg),
         })
