@@ -453,3 +453,36 @@ def test_epsilon_in_the_log_the_summary_and_the_export(tiny_config, tmp_path):
     assert summary["privacy"] == records[-1]["privacy"] and "per segment" in summary["privacy_line"]
     spec = json.loads((export_policy(run_dir, tmp_path / "export") / SPEC_FILE).read_text())
     assert spec["privacy"]["guarantees"] == records[-1]["privacy"]
+
+
+def test_private_normaliser_statistics_bound_each_segment_and_noise_as_configured():
+    rng = np.random.default_rng(6)
+    obs = jnp.asarray(rng.normal(size=(32, 16, 5)).astype(np.float32))
+    base = ppo.private_statistics(obs, jax.random.key(0), 0.0, 2.0)
+    wild = ppo.private_statistics(obs.at[7].set(1e6), jax.random.key(0), 0.0, 2.0)
+    released = lambda st: np.concatenate([np.asarray(st.mean), np.asarray(st.var) + np.asarray(st.mean) ** 2])  # noqa: E731
+    # The released [mean, mean square] moves by at most 2 C_s / S when one segment is replaced;
+    # unclipped, a 1e6-valued segment would move it by ~1e12 / S.
+    assert np.linalg.norm(released(wild) - released(base)) <= 2 * 2.0 / 32 * (1 + 1e-3)
+    zeros = jnp.zeros((64, 4, 20_000))
+    noisy = ppo.private_statistics(zeros, jax.random.key(1), 1.5, 3.0)
+    assert np.asarray(noisy.mean).std() == pytest.approx(1.5 * 3.0 / 64, rel=0.02)
+    assert float(noisy.count) == 64 * 4
+
+
+def test_reported_epsilon_with_the_private_normaliser_equals_dp_accounting(tiny_config):
+    """DP-SGD steps and the normaliser's per-rollout release composed, as dp-accounting
+    composes them directly."""
+    import dp_accounting
+    from dp_accounting import rdp
+
+    cfg = load_config(tiny_config, SEGMENT_DP[1:] + ["federated.segment_dp_stats_noise_multiplier=4.0", "env.num_clusters=4",
+                                                     "train.total_env_steps=100000"])
+    (report,) = trainers.privacy_report(cfg, 1, episode_ticks=32)  # 2 updates, 2 steps each
+    sgd = dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(0.5, dp_accounting.GaussianDpEvent(1.3)), 4)
+    stats = dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(4.0), 2)
+    accountant = rdp.RdpAccountant()
+    accountant.compose(dp_accounting.ComposedDpEvent([sgd, stats]))
+    assert report["epsilon"] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
+    assert report["epsilon"] > rdp_epsilon_directly(1.3, 0.5, 4, 1e-5)  # the normaliser costs privacy
+    assert "normaliser" in report["mechanism"]

@@ -79,6 +79,11 @@ class PPOConfig:
     dp_clip_norm: float = 0.0
     dp_noise_multiplier: float = 0.0
     dp_sampling_rate: float = 0.0
+    # Under DP-SGD the running normaliser may only fold in privatised statistics: each
+    # segment's [mean obs, mean obs^2] clipped to dp_stats_clip_norm, summed, noised with
+    # dp_stats_noise_multiplier x that (`private_statistics`); 0 with normalize_obs is refused.
+    dp_stats_clip_norm: float = 10.0
+    dp_stats_noise_multiplier: float = 0.0
 
 
 @struct.dataclass
@@ -185,6 +190,20 @@ def dp_gradient(per_segment_grads, mask, key, noise_multiplier, clip_norm, expec
     return jax.tree.unflatten(treedef, noisy)
 
 
+def private_statistics(seg_obs: jax.Array, key, noise_multiplier, clip_norm) -> RunningStats:
+    """Observation statistics as a Gaussian mechanism over segments. seg_obs: (S, T, dim).
+    Each segment's message [mean, mean of squares] (2 dim) is clipped to `clip_norm`; the
+    sum gets N(0, (sigma clip_norm)^2) per coordinate and is divided by S (public), so one
+    segment moves the release by at most clip_norm / S. Variance = mean square - mean^2,
+    floored at 1e-4 (post-processing); count S x T."""
+    num, steps, dim = seg_obs.shape
+    message = jnp.concatenate([seg_obs.mean(1), jnp.square(seg_obs).mean(1)], axis=-1)
+    clipped = clip_per_segment(message, clip_norm)
+    noisy = (clipped.sum(0) + noise_multiplier * clip_norm * jax.random.normal(key, (2 * dim,), seg_obs.dtype)) / num
+    mean, square = noisy[:dim], noisy[dim:]
+    return RunningStats(mean, jnp.maximum(square - jnp.square(mean), 1e-4), jnp.asarray(num * steps, jnp.float32))
+
+
 class Learner(NamedTuple):
     """What make_train builds. `init` and `update` also take env params explicitly (in the
     form make_train got them), so a federated trainer can map them over a node axis."""
@@ -235,9 +254,9 @@ def make_train(
     dp_rate = config.dp_sampling_rate or 1.0 / minibatches
     if dp_sgd:
         # Statistics pooled over every segment without noise would bypass the guarantee.
-        if config.normalize_obs or num_costs:
-            raise ValueError("DP-SGD needs normalize_obs=False and no constraints: the running normaliser and the "
-                             "Lagrange multipliers are computed from every segment without noise")
+        if (config.normalize_obs and not config.dp_stats_noise_multiplier > 0) or num_costs:
+            raise ValueError("DP-SGD needs no constraints, and normalize_obs only with dp_stats_noise_multiplier > 0: the Lagrange "
+                             "multipliers and an unprivatised normaliser would pool every segment without noise")
         if not 0 < dp_rate <= 1:
             raise ValueError(f"dp_sampling_rate must be in (0, 1], got {config.dp_sampling_rate}")
 
@@ -366,7 +385,12 @@ def make_train(
             losses["dp_batch_std"] = sampled.std()  # > 0: the batch size varies (no shuffle)
         else:
             (params, opt_state, key), losses = jax.lax.scan(epoch, (state.params, state.opt_state, key), None, epochs)
-        new_stats = stats.update(env_obs) if config.normalize_obs else stats
+        if dp_sgd:
+            seg_obs = jnp.swapaxes(env_obs.reshape((steps, segments, obs_dim)), 0, 1)
+            private = private_statistics(seg_obs, jax.random.fold_in(key, 1), config.dp_stats_noise_multiplier, config.dp_stats_clip_norm)
+            new_stats = stats.merge(private) if config.normalize_obs else stats
+        else:
+            new_stats = stats.update(env_obs) if config.normalize_obs else stats
         metrics = {"reward": traj.reward.mean(), **jax.tree.map(jnp.mean, losses), **jax.tree.map(jnp.mean, step_metrics)}
         if num_costs:
             mean_cost = traj.cost.reshape(-1, num_costs).mean(0)
@@ -376,7 +400,8 @@ def make_train(
                 metrics[f"multiplier_{i}"] = constraint.multipliers[i]
         new_state = TrainState(params, opt_state, new_stats, env_state, obs, key, state.update_step + 1, constraint)
         if dp_sgd:  # nothing of the observations leaves the update unprotected
-            rollout_stats = RunningStats(jnp.zeros(obs_dim), jnp.zeros(obs_dim), jnp.zeros((), jnp.float32))
+            empty = RunningStats(jnp.zeros(obs_dim), jnp.zeros(obs_dim), jnp.zeros((), jnp.float32))
+            rollout_stats = private if config.normalize_obs else empty
         else:
             rollout_stats = RunningStats.from_batch(env_obs)
         return new_state, metrics, rollout_stats

@@ -235,7 +235,8 @@ def dp_event(noise_multiplier: float, sampling_rate: float, rounds: int):
 
 
 def epsilon(
-    noise_multiplier: float, sampling_rate: float, rounds: int, delta: float, accountant: str = "rdp"
+    noise_multiplier: float, sampling_rate: float, rounds: int, delta: float, accountant: str = "rdp",
+    also: tuple[float, int] | None = None,
 ) -> float:
     """(epsilon, delta)-DP epsilon per node after `rounds` rounds.
 
@@ -246,6 +247,8 @@ def epsilon(
       delta: target delta (e.g. 1e-5).
       accountant: "rdp" (Renyi DP, Mironov 2017; dp-accounting's default orders) or "pld"
         (privacy loss distributions; tighter).
+      also: (noise multiplier, count) of a second, unsampled Gaussian release composed
+        with them (DP-SGD's private normaliser statistics).
 
     Returns epsilon (inf with no noise; 0 after no rounds).
     """
@@ -260,6 +263,12 @@ def epsilon(
     if noise_multiplier == 0:
         return float("inf")
     event = dp_event(noise_multiplier, sampling_rate, rounds)
+    if also is not None and also[1] > 0:
+        import dp_accounting
+
+        if also[0] <= 0:
+            return float("inf")
+        event = dp_accounting.ComposedDpEvent([event, dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(also[0]), also[1])])
     # dp-accounting logs a warning per fractional RDP order it skips; the result is unaffected.
     import logging
 
