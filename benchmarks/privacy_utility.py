@@ -52,7 +52,7 @@ NODES = ("[{name: us-east, profile: llama2-70b-h100-tp4, traffic_mix: conversati
          "max_replicas: 16, peer_rtt_ms: 20.0, peer_spare_rps: 3.0}, {name: eu-central, profile: llama2-7b-a100-tp1, "
          "traffic_mix: code, mean_rate_rps: 20.0, tz_offset_h: 1.0, max_replicas: 24, peer_rtt_ms: 15.0, peer_spare_rps: 4.0}]")
 BASE = [f"cluster.nodes={NODES}", "federated.mode=federated", "federated.aggregator=mean", "federated.num_byzantine=0",
-        "objective.kind=paper", "train.num_chunks=1", f"federated.dp_delta={DELTA}"]
+        "federated.personal_mix=1.0", "objective.kind=paper", "train.num_chunks=1", f"federated.dp_delta={DELTA}"]
 
 # Per group: the shared settings, the non-private references, and the private rows
 # (label, mechanism, noise multiplier, overrides).
@@ -139,7 +139,7 @@ def train_and_score(overrides: list[str], seeds: int) -> dict:
     }
 
 
-def run_group(unit: str, seeds: int, previous: dict | None = None) -> dict:
+def run_group(unit: str, seeds: int, previous: dict | None = None, save=lambda group: None) -> dict:
     """Train and score every run of a group; a run already in `previous` (the JSON's
     group) with the same overrides and seed count is kept, not re-run."""
     g = GROUPS[unit]
@@ -156,13 +156,15 @@ def run_group(unit: str, seeds: int, previous: dict | None = None) -> dict:
     for label, extra in g["references"].items():
         r = run(g["settings"] + extra)
         out["references"][label] = r
+        save(out)
         print(json.dumps({"reference": label, "reward": np.mean(r["reward_seeds"]), "wall_s": r["train_wall_s"]}), flush=True)
     for mech, sigma, extra in g["private"]:
         r = run(g["settings"] + extra)
         (guarantee,) = r["privacy"]
-        r.update({"unit": unit, "mechanism": mech, "noise_multiplier": sigma, "epsilon": guarantee["epsilon"],
+        r.update({"unit": guarantee["unit"], "mechanism": mech, "noise_multiplier": sigma, "epsilon": guarantee["epsilon"],
                   "delta": guarantee["delta"], "sampling_rate": guarantee["sampling_rate"], "steps": guarantee["steps"]})
         out["rows"].append(r)
+        save(out)
         print(json.dumps({k: r[k] for k in ("unit", "mechanism", "noise_multiplier", "epsilon", "train_wall_s")}
                          | {"reward": np.mean(r["reward_seeds"])}), flush=True)
     return out
@@ -189,7 +191,17 @@ def main():
                      "base_overrides": BASE, "aim": {"share": AIM_SHARE, "epsilon": AIM_EPSILON, "delta": DELTA}})
         for unit in args.units:
             t0 = time.perf_counter()
-            group = run_group(unit, args.seeds, data["groups"].get(unit))
+            previous = data["groups"].get(unit)
+
+            def save(partial, unit=unit, previous=previous):
+                # Keep finished runs of an unfinished group too (its next invocation reuses them).
+                kept = {**(previous or {}), **partial, "references": {**(previous or {}).get("references", {}), **partial["references"]}}
+                kept["rows"] = partial["rows"] + [r for r in (previous or {}).get("rows", [])
+                                                  if r["overrides"] not in [x["overrides"] for x in partial["rows"]]]
+                data["groups"][unit] = {"reactive": None, "command": "", "wall_s": 0.0, **kept}
+                OUT.write_text(json.dumps(data, indent=2) + "\n")
+
+            group = run_group(unit, args.seeds, previous, save)
             group["reactive"] = reactive_reward(GROUPS[unit]["settings"])
             group["wall_s"] = time.perf_counter() - t0
             group["command"] = f"python benchmarks/privacy_utility.py --units {unit} --seeds {args.seeds}"
@@ -246,7 +258,7 @@ def render(data: dict) -> str:
             share = _share(np.mean(r["reward_seeds"]), untrained, best)
             if share >= aim["share"] and r["epsilon"] <= aim["epsilon"] and r["delta"] <= aim["delta"]:
                 met.append(r)
-            lines.append(f"| {r['mechanism']} sigma {r['noise_multiplier']:g} | {r['unit']} | {r['mechanism']} | {r['noise_multiplier']:g} | "
+            lines.append(f"| {r['mechanism']} sigma {r['noise_multiplier']:g} | {r['privacy'][0]['unit']} | {r['mechanism']} | {r['noise_multiplier']:g} | "
                          f"{r['sampling_rate']:g} | {r['steps']} | {r['epsilon']:.3g} | {r['delta']:g} | "
                          f"{np.mean(r['reward_seeds']):.3f} +- {np.std(r['reward_seeds']):.3f} | {share:.2f} | {100 * r['slo_attainment']:.1f} | {r['cost_usd_per_h']:.1f} |")
         react = group["reactive"]

@@ -23,9 +23,11 @@ guarantee covers is what a region's real traffic would reveal, at one of two uni
   clips each sampled segment's gradient (the gradient of its rollout's loss) to C, adds
   N(0, (sigma C)^2) to the sum and divides by the expected count (`ppo.dp_gradient`).
   The step count a cluster-day takes part in is bounded by the updates whose rollouts
-  it spans (`segment_steps`). The running observation normaliser and the constrained
-  objective's multipliers are computed from all segments without noise, so DP-SGD
-  requires both off (config validation says so). Training-log metrics (rollout means)
+  it spans (`segment_steps`). The running observation normaliser is fed only by
+  privatised per-segment statistics (`ppo.private_statistics`, one more Gaussian release
+  per rollout, composed in the accounting) or switched off; the constrained objective's
+  multipliers pool every segment without noise, so DP-SGD refuses it (config validation
+  says so). Training-log metrics (rollout means)
   are not privatised: they stay with whoever runs the training; the guarantee covers
   the released policy and, in federated mode, every update a region sends.
 

@@ -179,7 +179,10 @@ def privacy_report(cfg: config_lib.ExperimentConfig, units_done: int, episode_ti
     if fed.mode == "federated" and fed.dp_clip_norm > 0 and fed.dp_noise_multiplier > 0:
         rate = fed.dp_node_sampling if fed.dp_mechanism == "central" else 1.0
         out.append({
-            "unit": "region", "covers": PRIVACY_UNITS["region"], "mechanism": f"{fed.dp_mechanism} Gaussian"
+            "unit": "region", "covers": PRIVACY_UNITS["region"] + (
+                "; not each region's own personalised policy (personal_mix < 1), which is trained on its traffic and exported without region-level noise"
+                if getattr(fed, "personal_mix", 1.0) < 1.0 else ""),
+            "mechanism": f"{fed.dp_mechanism} Gaussian"
             + (" (DP-FedAvg, server-side)" if fed.dp_mechanism == "central" else " (each region noises its update)"),
             "epsilon": fedppo.privacy_spent(fed, units_done), "delta": fed.dp_delta,
             "noise_multiplier": fed.dp_noise_multiplier, "sampling_rate": rate, "steps": units_done, "N": len(cfg.cluster.nodes),
