@@ -52,6 +52,7 @@ def collect(run_dir: Path, wall_s: float | None, command: str) -> dict:
         "region_targets": {n["name"]: (config.get("objective") or {}).get("slo_targets", {}).get(n.get("traffic_mix", "conversation"),
                                                                                            (config.get("objective") or {}).get("slo_target"))
                            for n in config["cluster"]["nodes"]},
+        "region_mix": {n["name"]: n.get("traffic_mix", "conversation") for n in config["cluster"]["nodes"]},
     }
     (OUT / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
