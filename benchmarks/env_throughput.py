@@ -273,13 +273,22 @@ def worker_profile(batch: int, steps: int, repeats: int) -> dict:
         return jiggle(k, s), a.astype(jnp.float32)
 
     # Cheap stand-ins for the ablations (same output structure, inputs still used).
-    metric_keys = list(jax.eval_shape(
-        lambda: fluid.fluid_tick(params, 1.0, 0.0, 1.0, 8.0, 64.0, 1.0, 0.0, 0.0))[0].keys())
+    core_keys = list(jax.eval_shape(
+        lambda: fluid.serve_tick(params, 1.0, 0.0, 1.0, 8.0, 64.0, 1.0, 0.0))[0].keys())
 
-    def fluid_stub(p, arrivals, queue, serving, cpu, mem, billed, fwd, small, offline=0.0):
-        served = jnp.minimum(arrivals + queue, serving * 100.0)
-        x = served * 1e-3 + cpu * 1e-4 + mem * 1e-5 + billed * 1e-2 + fwd + small + offline
-        return {key: x for key in metric_keys} | {"arrivals": arrivals, "served": served}, arrivals + queue - served
+    def serve_stub(p, local, queue, serving, cpu, mem, billed, small, offline=0.0, incoming=None, incoming_rtt_s=0.0):
+        served = jnp.minimum(local + queue, serving * 100.0)
+        x = served * 1e-3 + cpu * 1e-4 + mem * 1e-5 + billed * 1e-2 + small + offline
+        return {key: x for key in core_keys} | {"served": served}, local + queue - served
+
+    def peer_stub(p, core, forwarded, load):
+        x = forwarded * 1e-3 + load * 1e-4
+        return {key: x for key in ("ttft_s", "e2e_s", "ok", "usd_per_request", "quality")}
+
+    @contextlib.contextmanager
+    def fluid_stubbed():
+        with patched(fluid, "serve_tick", serve_stub), patched(fluid, "modelled_peer", peer_stub):
+            yield
 
     def sampler_stub(key, t_s, tick_s, traffic, z):
         return expected_rate_rps(t_s, traffic) * tick_s, z
@@ -303,7 +312,7 @@ def worker_profile(batch: int, steps: int, repeats: int) -> dict:
         "env.step (gymnax: step_env + reset_env + select)": (full_step, nothing),
         "step_env (no auto-reset)": (step_env_only, nothing),
         "step_env + select against a cached reset state (alternative auto-reset)": (step_cached_reset, nothing),
-        "env.step, fluid_tick stubbed (step and reset)": (full_step, lambda: patched(fluid, "fluid_tick", fluid_stub)),
+        "env.step, fluid model stubbed (serve_tick and the modelled peer)": (full_step, fluid_stubbed),
         "env.step, sample_arrivals stubbed (expected rate)": (full_step, lambda: patched(sv, "sample_arrivals_ar", sampler_stub)),
         "env.step, forecast.update stubbed (identity)": (full_step, lambda: patched(fc, "update", lambda f, t, r: f)),
         "env.step, raw_observation stubbed (step and reset)": (full_step, lambda: patched(sv, "raw_observation", raw_obs_stub)),
@@ -519,7 +528,7 @@ def interpretation(single: list, sharded: list, profile: dict | None, met: bool)
                    f"{1e9 / next((r['cartpole']['steps_per_s'] for r in single if r['batch'] == profile['batch']), float('nan')):.0f} ns). "
                    f"Savings when a component is removed or stubbed: {ranked}.")
         out.append(f"- Auto-reset: gymnax's `step` runs `reset_env` on every step and selects it only on done; this env's "
-                   f"`reset_env` calls `fluid_tick` (and the forecaster init, observation) to fill the first observation, "
+                   f"`reset_env` computes the replica capacity, the forecaster's prior and the observation to fill the first observation, "
                    f"so the whole reset is paid every step: `reset_env` alone costs {ns['reset_env alone']:.0f} ns, and "
                    f"stepping without it (`step_env`) costs {ns['step_env (no auto-reset)']:.0f} ns; auto-resetting against "
                    f"a reset state computed once costs {ns[CACHED]:.0f} ns ({full / ns[CACHED]:.2f}x faster than `env.step`).")
@@ -535,12 +544,12 @@ def interpretation(single: list, sharded: list, profile: dict | None, met: bool)
                        "Next largest savings among the component ablations: "
                        + ", ".join(f"{k.split(', ')[1].split(' stubbed')[0]} ({v:+.0f} ns)" for k, v in
                                    sorted(((k, v) for k, v in abl.items() if k.startswith("env.step, ")), key=lambda kv: -kv[1]))
-                       + " (`raw_observation` and `fluid_tick` run in both step and reset).")
+                       + " (`raw_observation` runs in both step and reset).")
         alone = {k: ns[k] for k in ns if " alone" in k and not k.startswith("harness")}
         out.append("- Parts alone (ns per env step, each including the harness's "
                    f"{ns['harness alone (key split, random actions, carry, state perturbation)']:.0f} ns): "
                    + ", ".join(f"{k.replace(' alone', '')} {v:.0f}" for k, v in sorted(alone.items(), key=lambda kv: -kv[1]))
-                   + ". `fluid_tick` evaluates the latency model twice (big and small model) with erf/exp/log/pow; a step "
+                   + ". `fluid_tick` evaluates the latency model twice (big and small model) and the modelled peer's once more, with erf/exp/log/pow; a step "
                    "makes several threefry draws (key splits in gymnax's step, the env's transition and the sampler; "
                    "normals for arrivals and cold start; a uniform in reset). CartPole's step is a few multiply-adds and "
                    "one uniform draw.")
@@ -726,6 +735,8 @@ def render(data: dict) -> str:
         parts = profile["parts"]
         full = parts[FULL]["ns_per_env_step"]
         L.append(f"## Where a node-env step's time goes (batch {profile['batch']}, {profile['steps']} scan steps, one device)\n")
+        if data.get("profile_rerun"):
+            L.append(f"({data['profile_rerun']}; its absolute figures come from a different load than the tables above.)\n")
         L.append("Same harness (`jit(scan(vmap(f)))`, random actions, fresh keys per step), all variants compiled first and "
                  "then timed interleaved in one process. Ablations: the full gymnax `env.step` with one component swapped "
                  "for a cheap stand-in (patched into the env module in the benchmark process while tracing; the env's "
