@@ -114,6 +114,16 @@ def main_job() -> list[str]:
             text += (f"Against {ref.replace('+tier', ' + tier')}: goodput per dollar {pct(ppo['goodput_per_usd'], r['goodput_per_usd'])}, "
                      f"SLO attainment {ppo['slo_attainment_pct'] - r['slo_attainment_pct']:+.1f} points, cost {pct(ppo['cost_usd_per_h'], r['cost_usd_per_h'])}, "
                      f"replicas per region {num(ppo['replicas'])} against {num(r['replicas'])}, quality {ppo['quality']:.3f} against {r['quality']:.3f}. ")
+    if (B / "main_job_seeds.json").is_file():
+        d = load("main_job_seeds.json")
+        v = {k: np.array([r[k] for r in d["rows"]]) for k in ("goodput_per_usd", "slo_attainment_pct", "dropped_pct", "cost_usd_per_h")}
+        rt = d["reactive_tier"]
+        text += (f"Over {len(d['rows'])} training seeds ([`benchmarks/main_job_seeds.md`](benchmarks/main_job_seeds.md), mean ± sd): "
+                 f"goodput per dollar {num(v['goodput_per_usd'].mean())} ± {num(v['goodput_per_usd'].std(ddof=1))}, attainment "
+                 f"{v['slo_attainment_pct'].mean():.1f} ± {v['slo_attainment_pct'].std(ddof=1):.1f} %, drops {v['dropped_pct'].mean():.2f} ± "
+                 f"{v['dropped_pct'].std(ddof=1):.2f} %, cost {num(v['cost_usd_per_h'].mean())} ± {num(v['cost_usd_per_h'].std(ddof=1))} $/h "
+                 f"(Reactive + tier: {num(rt['goodput_per_usd'])}, {rt['slo_attainment_pct']:.1f} %, {rt['dropped_pct']:.2f} %, "
+                 f"{num(rt['cost_usd_per_h'])} $/h). ")
     out += [
         "",
         text + "Every baseline also runs with the quality-tier rule (`+tier`, thresholds tuned once on the training scenario: "

@@ -1,0 +1,90 @@
+"""The main job's spread over training seeds: the embedded default config trained with
+`--seeds` seeds in one vmapped program (no logging), each seed's policy evaluated like
+the main job (one simulated day from Monday 00:00 UTC, 8 evaluation seeds x 10 regions)
+next to Reactive + tier. Writes main_job_seeds.json and the markdown rendered from it.
+
+usage: python benchmarks/main_job_seeds.py [--seeds 3] [--render-only]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_scheduler=false")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_common import machine, write_report  # noqa: E402
+
+from aro_jax.config import load_config  # noqa: E402
+from aro_jax.envs.heuristics import HEURISTICS  # noqa: E402
+from aro_jax.envs.scenarios import cluster_params  # noqa: E402
+from aro_jax.envs.serving import ServingNodeEnv  # noqa: E402
+from aro_jax.training import evaluation, learned_policy, trainers  # noqa: E402
+
+OUT = Path(__file__).with_name("main_job_seeds.json")
+SHOWN = ("goodput_per_usd", "goodput_rps", "slo_attainment_pct", "dropped_pct", "cost_usd_per_h", "replicas", "quality")
+
+
+def measure(seeds: int) -> dict:
+    cfg = load_config()
+    t0 = time.perf_counter()
+    trainer, weights = trainers.train_seeds(cfg, seeds)
+    jax.block_until_ready(weights)
+    train_s = time.perf_counter() - t0
+    env = ServingNodeEnv(cfg.env.action_set)
+    params = cluster_params(cfg, cfg.eval.scenario)
+    policy = learned_policy.greedy_policy(trainer.network, cfg.ppo.normalize_obs, cfg.ppo.action_masking)
+    key = jax.random.PRNGKey(0)  # the main job's evaluation key
+    rows = []
+    for s in range(seeds):
+        w = jax.tree.map(lambda x: x[s], weights)
+        m = evaluation.run_episodes(env, policy, params, key, cfg.eval.num_seeds, cfg.env.episode_ticks, w, trainer.per_node)
+        k = evaluation.cluster_kpis(m, cfg.env.tick_s, params)
+        rows.append({"seed": s, **{x: k[x] for x in SHOWN}})
+        print(rows[-1], flush=True)
+    m = evaluation.run_episodes(env, HEURISTICS["reactive+tier"](cfg.env.tick_s), params, key, cfg.eval.num_seeds, cfg.env.episode_ticks)
+    k = evaluation.cluster_kpis(m, cfg.env.tick_s, params)
+    return {"rows": rows, "reactive_tier": {x: k[x] for x in SHOWN}, "train_s": train_s, "steps_per_seed": cfg.train.total_env_steps}
+
+
+def render(d: dict) -> str:
+    lines = ["# The main job over training seeds", "", f"Command: `{d['command']}`  ", f"Machine: {d['machine']}, {d['wall_s'] / 60:.0f} min "
+             f"({d['train_s'] / 60:.0f} min training {len(d['rows'])} seeds x {d['steps_per_seed'] / 1e6:.0f}M env steps in one program)", "",
+             "Each seed's policy on the main job's evaluation (one day, 8 evaluation seeds x 10 regions), and Reactive + tier on "
+             "the same days. Seed 0 is the main job's seed; trained here inside a vmap over seeds, it need not be bit-equal to the "
+             "main job's run.", "",
+             "| policy | " + " | ".join(f"{k} ({evaluation.KPIS[k][0]})" if evaluation.KPIS[k][0] else k for k in SHOWN) + " |",
+             "|---" * (len(SHOWN) + 1) + "|"]
+    for r in d["rows"]:
+        lines.append(f"| learned, seed {r['seed']} | " + " | ".join(evaluation.format_value(r[k]) for k in SHOWN) + " |")
+    vals = {k: np.array([r[k] for r in d["rows"]]) for k in SHOWN}
+    lines.append("| learned, mean ± sd | " + " | ".join(f"{evaluation.format_value(v.mean())} ± {evaluation.format_value(v.std(ddof=1))}"
+                                                       if len(v) > 1 else evaluation.format_value(v.mean()) for v in vals.values()) + " |")
+    lines.append("| Reactive + tier | " + " | ".join(evaluation.format_value(d["reactive_tier"][k]) for k in SHOWN) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--render-only", action="store_true")
+    args = ap.parse_args()
+    if args.render_only:
+        write_report(OUT, None, render)
+        return
+    t0 = time.perf_counter()
+    d = measure(args.seeds)
+    d.update(command="python benchmarks/main_job_seeds.py " + " ".join(sys.argv[1:]), machine=machine(), wall_s=time.perf_counter() - t0)
+    write_report(OUT, d, render)
+    print(OUT.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()
