@@ -246,3 +246,14 @@ def test_slim_info_and_staggered_episode_ends(params):
     assert set(info["metrics"]) == set(serving.SLIM_METRICS)
     with pytest.raises(ValueError, match="info"):
         ServingNodeEnv(info="nope")
+
+
+def test_cluster_registered_and_made_by_gymnax():
+    import gymnax
+
+    import aro_jax.envs  # noqa: F401  (registers the envs)
+
+    env, params = gymnax.make("ServingCluster-v0")
+    assert isinstance(env, cl.ServingCluster) and env.name == "ServingCluster-v0"
+    obs, _ = env.reset(jax.random.PRNGKey(0), params)
+    assert obs.shape == (params.rtt_s.shape[0], len(cl.CLUSTER_OBS_FIELDS)) == (10, len(serving.OBS_FIELDS) + 1)
