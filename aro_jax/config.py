@@ -120,7 +120,8 @@ class ObjectiveConfig:
     slo_target: float = 0.9  # share of requests within their TTFT and TPOT SLOs (drops and rejects count as misses)
     # Per workload (traffic mix) targets that replace slo_target for its regions, e.g.
     # {code: 0.6}: an operator sets attainment targets per service, and one number cannot
-    # be right for a chat service and a 0.125 s-TTFT code-completion service alike.
+    # be right for a chat service and a 0.125 s-TTFT code-completion service alike. A sweep
+    # over slo_target applies the swept target to every region instead.
     slo_targets: dict[str, float] = field(default_factory=dict)
     max_drop: float = 0.01  # share of requests dropped
     # Mean answer quality of served requests relative to the large model (the small tier's

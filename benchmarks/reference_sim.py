@@ -25,8 +25,9 @@ with chunked prefill), driven by the same `ServiceCurve` as `aro_jax.envs.servin
   sequence decodes). The iteration completing a prompt emits its first token (TTFT); each
   decode iteration emits one token per decoding sequence. A request with n output tokens
   needs n - 1 decode iterations; at its j-th its context is L + j tokens.
-- Token lengths: log-normal (TrafficParams), rounded, clipped to [1, max_context_tokens]
-  each, as `traffic.token_stats` assumes.
+- Token lengths: log-normal (TrafficParams), rounded; prompts from the log-normal
+  truncated at max_context_tokens (the admitted ones: the server rejects longer prompts),
+  outputs clipped to [1, max_context_tokens], as `traffic.token_stats` assumes.
 
 All times are in seconds. Pure Python + numpy; a heap per engine finds finishing
 sequences, so the cost is O(iterations + requests log B).
@@ -107,12 +108,14 @@ def sample_requests(rng: np.random.Generator, rate_rps: float, duration_s: float
     arrival = np.sort(rng.uniform(0.0, duration_s, n))
     cap = float(traffic.max_context_tokens)
 
-    def lengths(log_mean, log_sd):
+    def lengths(log_mean, log_sd, truncate=False):
         x = np.rint(rng.lognormal(float(log_mean), float(log_sd), n))
+        while truncate and (over := x > cap).any():  # redraw the rejected: the admitted stream
+            x[over] = np.rint(rng.lognormal(float(log_mean), float(log_sd), int(over.sum())))
         return np.clip(x, 1.0, cap).astype(np.int64)
 
     return Requests(
-        arrival, lengths(traffic.input_log_mean, traffic.input_log_sd),
+        arrival, lengths(traffic.input_log_mean, traffic.input_log_sd, truncate=True),
         lengths(traffic.output_log_mean, traffic.output_log_sd),
     )
 

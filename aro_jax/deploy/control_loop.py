@@ -18,9 +18,10 @@ a log line); a new export is loaded on SIGHUP or when the export directory chang
 validated first, and the old policy kept if it fails.
 
 How the observation is estimated from vLLM's metrics over one tick of length dt:
-- request_rate_rps: (completed + aborted + change of the waiting queue + forwarded) / dt
-  (requests are conserved; forwarded from the router's counter, else estimated from
-  the forward fraction the agent set); drop_fraction: aborted / arrivals;
+- request_rate_rps: (completed + aborted + change of the waiting queue + forwarded +
+  rejected) / dt (requests are conserved; forwarded from the router's counter, else
+  estimated from the forward fraction the agent set; rejected, prompts over the context
+  window, from the router's counter, else none); drop_fraction: aborted / arrivals;
 - latency_e2e_mean_s: delta of the e2e histogram's sum over delta of its count;
 - gpu_util: mean KV-cache usage over engines (the load signal vLLM production-stack and
   llm-d scale on); capacity_rps: completed rate / gpu_util (a throughput at a known
@@ -28,8 +29,8 @@ How the observation is estimated from vLLM's metrics over one tick of length dt:
 - cpu_util, memory_util: delta of process CPU seconds / dt / CPU cores; resident memory /
   host memory;
 - slo_attainment: share of first tokens within the TTFT SLO (histogram buckets) when the
-  mean inter-token latency meets the TPOT SLO, over all attempted requests (forwarded
-  requests counted as meeting it);
+  mean inter-token latency meets the TPOT SLO, over all attempted and rejected requests
+  (forwarded requests counted as meeting it, rejected ones as missing it);
 - replicas_ready: engines reporting; replicas_pending: the Deployment's replicas (ready
   and starting) - ready;
 - cpu_cores, host_memory_gb, forward_fraction, small_model_fraction: what the cluster
@@ -312,7 +313,10 @@ class ControlLoop:
             self.metrics.missing.labels("aro_router_forwarded_requests_total").inc()
             f = min(d.forward_fraction, 0.99)
             forwarded = local * f / (1.0 - f)
-        arrivals = local + forwarded
+        rejected = max(tm.rejected or 0.0, 0.0)
+        if tm.rejected is None:
+            self.metrics.missing.labels("aro_router_rejected_requests_total").inc()
+        arrivals = local + forwarded + rejected
         gpu_util = min(max(tm.kv_usage, 0.0), 1.0)
         served_rps = tm.finished_ok / dt
         if gpu_util > 1e-3 and served_rps > 0:
@@ -327,7 +331,8 @@ class ControlLoop:
         itl_ok = tm.itl_count <= 0 or tm.itl_sum_s / tm.itl_count <= c.slo_tpot_s
         if within is None:
             within = 1.0 if tm.finished_ok <= 0 else self._last_field("slo_attainment", 1.0)
-        slo = (tm.finished_ok * within * float(itl_ok) + forwarded) / attempted if attempted > 0 else 1.0
+        # Rejected requests count as misses, as in the simulator.
+        slo = (tm.finished_ok * within * float(itl_ok) + forwarded) / (attempted + rejected) if attempted + rejected > 0 else 1.0
         local_t = clock_s + c.tz_offset_h * 3600.0
         self.forecaster.update(local_t - dt, arrivals / dt)
         day, week = 2 * math.pi * local_t / SECONDS_PER_DAY, 2 * math.pi * local_t / SECONDS_PER_WEEK

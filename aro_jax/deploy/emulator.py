@@ -114,6 +114,7 @@ class ServingEmulator:
         self.engines: dict[int, Engine] = {}
         self._next_engine = 0
         self.forwarded_total = 0.0
+        self.rejected_total = 0.0
         self.gauges = {"waiting": 0.0, "running": 0.0, "kv": 0.0, "rss": 0.0}
         self.history: list[dict] = []
         self.desired = self._current()
@@ -222,9 +223,9 @@ class ServingEmulator:
         p, tick = self.params, float(self.params.tick_s)
         engines = list(self.engines.values()) or [Engine()]
         share = 1.0 / len(engines)
-        served, dropped, fwd = m["served"], m["dropped"], m["forwarded"]
+        served, dropped, fwd, rejected = m["served"], m["dropped"], m["forwarded"], m.get("rejected", 0.0)
         attempted = served + dropped + fwd
-        within = min(max((m["slo_attainment"] * attempted - fwd) / served, 0.0), 1.0) if served > 0 else 1.0
+        within = min(max((m["slo_attainment"] * (attempted + rejected) - fwd) / served, 0.0), 1.0) if served > 0 else 1.0
         slo = float(p.slo_ttft_s)
         ttft_cdf = [_lognormal_cdf(e, m["ttft_mean_s"], m["ttft_p95_s"]) for e in TTFT_BUCKETS_S]
         ttft_cdf = [min(c, within) if e < slo else (within if e == slo else max(c, within)) for e, c in zip(TTFT_BUCKETS_S, ttft_cdf)]
@@ -242,6 +243,7 @@ class ServingEmulator:
             e.itl.add(served * share, m["tpot_s"], itl_cdf)
             e.e2e.add(served * share, m["e2e_mean_s"], e2e_cdf)
         self.forwarded_total += fwd
+        self.rejected_total += rejected
         self.gauges = {
             "waiting": m["queue_requests"], "running": served / tick * m["e2e_mean_s"], "kv": m["gpu_util"],
             "rss": m["memory_util"] * float(self.state.host_memory_gb) * GB,
@@ -282,11 +284,13 @@ class ServingEmulator:
                 ]
             fwd = CounterMetricFamily(ms.FORWARDED.removesuffix("_total"), "Requests the router forwarded to peer regions.", labels=["router"])
             fwd.add_metric(["emulated"], self.forwarded_total)
+            rej = CounterMetricFamily(ms.REJECTED.removesuffix("_total"), "Requests refused: prompt over the model's context window.", labels=["router"])
+            rej.add_metric(["emulated"], self.rejected_total)
             clock = GaugeMetricFamily("aro_emulator_clock_seconds", "Simulated clock: seconds since Monday 00:00 UTC.")
             clock.add_metric([], self._clock_s())
             tick = GaugeMetricFamily("aro_emulator_tick", "Simulated ticks served.")
             tick.add_metric([], float(self.tick))
-            out = [*fams.values(), *hists, fwd, *self._cluster_families(), clock, tick]
+            out = [*fams.values(), *hists, fwd, rej, *self._cluster_families(), clock, tick]
         yield from out
 
     def _cluster_families(self):

@@ -68,6 +68,10 @@ PROCESS_RSS = "process_resident_memory_bytes"
 # Requests the router sent to peer regions (it applies aro_desired_forward_fraction); the
 # engines never see them. Optional: without it the agent estimates them from the fraction.
 FORWARDED = "aro_router_forwarded_requests_total"
+# Requests refused before reaching an engine because the prompt exceeds the model's
+# context (vLLM answers HTTP 400 and counts them in no engine series). Optional: without
+# it the agent takes them as none.
+REJECTED = "aro_router_rejected_requests_total"
 ROUTER_FORWARD_FRACTION = "aro_router_forward_fraction"
 ROUTER_SMALL_MODEL_FRACTION = "aro_router_small_model_fraction"
 DEPLOYMENT_REPLICAS = "kube_deployment_status_replicas"
@@ -77,7 +81,7 @@ HISTOGRAMS = (TTFT, ITL, E2E)
 ABORT_REASONS = {"abort", "error"}
 
 SCALAR_NAMES = (RUNNING, WAITING, KV_USAGE, KV_USAGE_DEPRECATED, SUCCESS, PROMPT_TOKENS, GENERATION_TOKENS, PROCESS_CPU, PROCESS_RSS, FORWARDED,
-                ROUTER_FORWARD_FRACTION, ROUTER_SMALL_MODEL_FRACTION)
+                REJECTED, ROUTER_FORWARD_FRACTION, ROUTER_SMALL_MODEL_FRACTION)
 SERIES_NAMES = SCALAR_NAMES + tuple(f"{h}{suffix}" for h in HISTOGRAMS for suffix in ("_bucket", "_sum", "_count"))
 KUBE_NAMES = (DEPLOYMENT_REPLICAS, POD_REQUESTS)
 # Without these the observation cannot be built (KV usage may come from either name).
@@ -279,6 +283,7 @@ class TickMetrics:
     finished_ok: float  # requests completed (stop, length) during the tick
     aborted: float
     forwarded: float | None
+    rejected: float | None
     e2e_sum_s: float
     e2e_count: float
     ttft_count: float
@@ -382,6 +387,7 @@ class MetricsWindow:
             finished_ok=success_ok,
             aborted=success_abort,
             forwarded=deltas.get(FORWARDED),
+            rejected=deltas.get(REJECTED),
             e2e_sum_s=deltas.get(f"{E2E}_sum", 0.0),
             e2e_count=deltas.get(f"{E2E}_count", 0.0),
             ttft_count=deltas.get(f"{TTFT}_count", 0.0),

@@ -90,7 +90,14 @@ class SweepSpec:
     def config(self, values: dict[str, float] | None = None) -> ExperimentConfig:
         """The base config with the overrides and (optionally) one point's values, validated."""
         extra = [f"{SWEEPABLE[k]}={float(v)!r}" for k, v in (values or {}).items()]
-        return load_config(self.base, [*self.overrides, *extra])
+        cfg = load_config(self.base, [*self.overrides, *extra])
+        if self.sweeps_slo_target:  # the swept target holds for every region: no per-workload ones
+            cfg = dataclasses.replace(cfg, objective=dataclasses.replace(cfg.objective, slo_targets={}))
+        return cfg
+
+    @property
+    def sweeps_slo_target(self) -> bool:
+        return any("slo_target" in p for p in self.points) or bool(self.bo and "slo_target" in self.bo.parameters)
 
 
 # --- the sweep file -----------------------------------------------------------------------
@@ -255,9 +262,6 @@ def load_sweep(path: str | Path, require: str = "sweep") -> SweepSpec:
     targets = sorted({k for p in spec.points for k in p} & {"slo_target", "max_drop", "min_quality"})
     if targets and cfg.objective.kind != "slo":
         raise ConfigError(f"sweep key '{targets[0]}': a target of the slo objective, but the base config trains objective.kind={cfg.objective.kind!r}; add objective.kind=slo to overrides:")
-    if "slo_target" in targets and cfg.objective.slo_targets:
-        raise ConfigError("sweep key 'slo_target': the base config sets per-workload objective.slo_targets, which a swept "
-                          "slo_target would not move; drop objective.slo_targets from the sweep's base config")
     varied = {k for p in spec.points for k in p} | set(spec.bo.parameters if spec.bo else ())
     unused = sorted(varied & {"alpha", "beta", "slo_penalty"})
     if unused and cfg.objective.kind == "slo":
