@@ -307,6 +307,25 @@ def test_poisson_sampling_is_real_sampling():
     assert (epoch == 0).any() and (epoch >= 2).any()
 
 
+@pytest.mark.parametrize("chunk", [7, 40])
+def test_sampled_clipped_sum_computes_every_sampled_segment_and_only_those(chunk):
+    """The learner computes gradients only for the sampled segments, `chunk` at a time:
+    the result must be the masked sum of every segment's clipped gradient, whatever the
+    realised count (none, fewer than a chunk, several chunks, all)."""
+    grads = per_segment_grads()
+    ident = lambda d: (d, {"seen": jnp.ones(d["b"].shape[0])})  # noqa: E731  the data are the gradients
+    clipped = ppo.clip_per_segment(grads, 0.5)
+    pre = np.asarray(tree_norms(grads))
+    for mask in (np.zeros(40, bool), np.arange(40) % 9 == 0, np.asarray(jax.random.uniform(jax.random.key(3), (40,)) < 0.6), np.ones(40, bool)):
+        total, info, count = ppo.sampled_clipped_sum(ident, grads, jnp.asarray(mask), 0.5, chunk)
+        assert int(count) == mask.sum() and float(info["seen"]) == mask.sum()
+        for name in grads:
+            want = np.tensordot(mask.astype(np.float32), np.asarray(clipped[name]), axes=1)
+            np.testing.assert_allclose(np.asarray(total[name]), want, rtol=1e-5, atol=1e-6)
+        assert float(info["dp_segment_grad_norm"]) == pytest.approx(pre[mask].sum(), rel=1e-5)
+    assert ppo.dp_chunk_size(128, 0.25) == 53 and ppo.dp_chunk_size(128, 1.0) == 128
+
+
 @pytest.mark.timeout(300)
 def test_learner_samples_segments_at_the_configured_rate(tiny_config):
     """Inside DP-SGD PPO: per-step batches drawn at the configured rate, their size varies."""
@@ -350,6 +369,24 @@ def test_reported_segment_epsilon_equals_dp_accounting(tiny_config, rounds, roll
     assert report["steps"] == steps and report["sampling_rate"] == q and report["unit"] == "segment"
     assert report["epsilon"] == pytest.approx(rdp_epsilon_directly(sigma, q, steps, 1e-5), rel=1e-9)
     assert report["delta"] == 1e-5 and report["N"] == 4
+
+
+def test_segment_epsilon_at_the_benchmark_settings_and_longer_training(tiny_config):
+    """A day of 2880 ticks in rollouts of 64 spans 45 rollouts; 1 epoch x 4 Poisson steps
+    at q = 0.25 after each: 180 accounted steps, whatever the training length (each day
+    is a new unit). Accounting every step of the run instead would give a larger epsilon."""
+    over = SEGMENT_DP[:2] + ["federated.segment_dp_noise_multiplier=2.5", "ppo.rollout_steps=64", "ppo.update_epochs=1",
+                             "ppo.num_minibatches=4", "federated.segment_dp_sampling_rate=0.25", "env.num_clusters=128",
+                             "federated.local_updates=4", "train.total_env_steps=100000000"]
+    cfg = load_config(tiny_config, over)
+    direct = rdp_epsilon_directly(2.5, 0.25, 180, 1e-5)
+    for rounds in (12, 61, 500):  # 48 updates already span the day; 244 and 2000 do not add to it
+        (report,) = trainers.privacy_report(cfg, rounds, episode_ticks=2880)
+        assert report["steps"] == 180 and report["sampling_rate"] == 0.25
+        assert report["epsilon"] == pytest.approx(direct, rel=1e-9)
+    assert direct < 8.0 < rdp_epsilon_directly(2.5, 0.25, 61 * 4 * 4, 1e-5)
+    (short,) = trainers.privacy_report(cfg, 5, episode_ticks=2880)  # 20 updates: the day is not over yet
+    assert short["steps"] == 80 and short["epsilon"] == pytest.approx(rdp_epsilon_directly(2.5, 0.25, 80, 1e-5), rel=1e-9)
 
 
 def test_reported_region_epsilon_equals_dp_accounting(tiny_config):

@@ -26,6 +26,7 @@ the violation), so they are part of the training state: logged, checkpointed, re
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -182,12 +183,56 @@ def dp_gradient(per_segment_grads, mask, key, noise_multiplier, clip_norm, expec
     denominator (q S, not the realised count) keeps the sensitivity of the released mean
     at C / (q S) when one segment is added or removed."""
     clipped = clip_per_segment(per_segment_grads, clip_norm)
-    leaves, treedef = jax.tree.flatten(clipped)
+    total = jax.tree.map(lambda g: jnp.tensordot(mask.astype(g.dtype), g, axes=1), clipped)
+    return noisy_mean(total, key, noise_multiplier, clip_norm, expected_count)
+
+
+def noisy_mean(total, key, noise_multiplier, clip_norm, expected_count):
+    """(total + N(0, (sigma C)^2) per coordinate) / expected_count: `total` is a sum of
+    gradients each clipped to C."""
+    leaves, treedef = jax.tree.flatten(total)
     keys = jax.random.split(key, len(leaves))
     std = noise_multiplier * clip_norm
-    noisy = [(jnp.tensordot(mask.astype(g.dtype), g, axes=1) + std * jax.random.normal(k, g.shape[1:], g.dtype)) / expected_count
-             for g, k in zip(leaves, keys)]
-    return jax.tree.unflatten(treedef, noisy)
+    return jax.tree.unflatten(treedef, [(g + std * jax.random.normal(k, g.shape, g.dtype)) / expected_count for g, k in zip(leaves, keys)])
+
+
+def dp_chunk_size(segments: int, rate: float) -> int:
+    """Slots per chunk of sampled segments: the mean Poisson count plus 4 sd (a realised
+    count above it only costs one more chunk)."""
+    mean = rate * segments
+    return int(min(segments, math.ceil(mean + 4.0 * math.sqrt(mean * (1.0 - rate))) + 1))
+
+
+def sampled_clipped_sum(segment_grad, data, mask, clip_norm, chunk: int):
+    """Sum over the sampled segments (`mask`, (S,)) of their gradients clipped to C, with
+    the per-segment gradients computed only for sampled segments: they are gathered
+    `chunk` at a time, for as many chunks as the realised count needs (a while loop; the
+    count stays unbounded, so the Poisson sampling is exact). Static shapes throughout.
+
+    segment_grad: per-segment data (chunk, ...) -> (grads (chunk, ...), info {name: (chunk,)}).
+    Returns (sum of clipped grads, {name: sum over sampled of info, dp_segment_grad_norm:
+    sum of pre-clip norms}, realised count)."""
+    num = mask.shape[0]
+    order = jnp.argsort(~mask, stable=True)  # sampled segments first
+    count = mask.sum()
+    probe = jax.tree.map(lambda x: x[:chunk], data)
+    grad_shape, info_shape = jax.eval_shape(segment_grad, probe)
+    zeros = lambda t: jax.tree.map(lambda s: jnp.zeros(s.shape[1:], s.dtype), t)  # noqa: E731
+    init = (jnp.zeros((), jnp.int32), zeros(grad_shape), {**zeros(info_shape), "dp_segment_grad_norm": jnp.zeros((), jnp.float32)})
+
+    def body(carry):
+        i, total, info_sum = carry
+        slots = i * chunk + jnp.arange(chunk)
+        valid = slots < count
+        grads, info = segment_grad(jax.tree.map(lambda x: x[order[jnp.minimum(slots, num - 1)]], data))
+        info = {**info, "dp_segment_grad_norm": segment_norms(grads)}  # before clipping: to choose the clip norm
+        clipped = clip_per_segment(grads, clip_norm)
+        total = jax.tree.map(lambda t, g: t + jnp.tensordot(valid.astype(g.dtype), g, axes=1), total, clipped)
+        info_sum = {k: info_sum[k] + jnp.sum(jnp.where(valid, v, 0.0)) for k, v in info.items()}
+        return i + 1, total, info_sum
+
+    _, total, info_sum = jax.lax.while_loop(lambda c: c[0] * chunk < count, body, init)
+    return total, info_sum, count
 
 
 def private_statistics(seg_obs: jax.Array, key, noise_multiplier, clip_norm) -> RunningStats:
@@ -259,6 +304,7 @@ def make_train(
                              "multipliers and an unprivatised normaliser would pool every segment without noise")
         if not 0 < dp_rate <= 1:
             raise ValueError(f"dp_sampling_rate must be in (0, 1], got {config.dp_sampling_rate}")
+        dp_chunk = dp_chunk_size(segments, dp_rate)
 
     # vmap over param sets, then over envs.
     reset_all = jax.vmap(jax.vmap(env.reset, in_axes=(0, None)), in_axes=(0, 0))
@@ -362,16 +408,17 @@ def make_train(
             return (params, opt_state, key), info
 
         def dp_step(carry, _):
-            """One DP-SGD step: Poisson-sample segments, per-segment gradients (every
-            segment computed, the unsampled masked out: static shapes), clip, noise."""
+            """One DP-SGD step: Poisson-sample segments, per-segment gradients of the
+            sampled ones (gathered in chunks: static shapes), clip, noise."""
             params, opt_state, key = carry
             key, k_mask, k_noise = jax.random.split(key, 3)
             mask = jax.random.uniform(k_mask, (segments,)) < dp_rate
-            grads, info = jax.vmap(jax.grad(loss_fn, has_aux=True), in_axes=(None, 0, 0, 0))(params, *by_segment)
-            info["dp_segment_grad_norm"] = segment_norms(grads)  # before clipping: to choose the clip norm
-            grads = dp_gradient(grads, mask, k_noise, config.dp_noise_multiplier, config.dp_clip_norm, dp_rate * segments)
+            segment_grad = lambda d: jax.vmap(jax.grad(loss_fn, has_aux=True), in_axes=(None, 0, 0, 0))(params, *d)  # noqa: E731
+            total, info_sum, count = sampled_clipped_sum(segment_grad, by_segment, mask, config.dp_clip_norm, dp_chunk)
+            grads = noisy_mean(total, k_noise, config.dp_noise_multiplier, config.dp_clip_norm, dp_rate * segments)
             updates, opt_state = tx.update(grads, opt_state, params)
-            info = {**jax.tree.map(jnp.mean, info), "dp_sampled": mask.sum().astype(jnp.float32)}
+            info = {k: v / jnp.maximum(count, 1) for k, v in info_sum.items()}  # means over the sampled segments
+            info["dp_sampled"] = count.astype(jnp.float32)
             return (optax.apply_updates(params, updates), opt_state, key), info
 
         if dp_sgd:

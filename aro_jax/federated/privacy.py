@@ -21,9 +21,13 @@ guarantee covers is what a region's real traffic would reveal, at one of two uni
   a region's traffic, i.e. one of the learner's ``num_envs`` parallel clusters over one
   episode. Every PPO gradient step Poisson-samples the region's segments with rate q,
   clips each sampled segment's gradient (the gradient of its rollout's loss) to C, adds
-  N(0, (sigma C)^2) to the sum and divides by the expected count (`ppo.dp_gradient`).
-  The step count a cluster-day takes part in is bounded by the updates whose rollouts
-  it spans (`segment_steps`). The running observation normaliser is fed only by
+  N(0, (sigma C)^2) to the sum and divides by the expected count (`ppo.dp_gradient`;
+  the learner computes gradients only for the sampled segments, gathered in chunks for
+  as many chunks as the realised count needs, `ppo.sampled_clipped_sum`, so the sample
+  size stays unbounded). The step count a cluster-day takes part in is bounded by the
+  updates whose rollouts it spans (`segment_steps`): epochs x minibatches steps after
+  each of its E / R rollouts. A longer run adds new cluster-days, not steps on old
+  ones, so past the first day training length does not change a unit's epsilon. The running observation normaliser is fed only by
   privatised per-segment statistics (`ppo.private_statistics`, one more Gaussian release
   per rollout, composed in the accounting) or switched off; the constrained objective's
   multipliers pool every segment without noise, so DP-SGD refuses it (config validation
