@@ -52,3 +52,17 @@ def write_report(json_path: Path, data: dict | None, render: Callable[[dict], st
     data = json.loads(json_path.read_text())
     json_path.with_suffix(".md").write_text(render(data))
     return data
+
+
+def run_report(json_path: Path, render: Callable[[dict], str], measure: Callable[[], dict], render_only: bool) -> dict:
+    """A benchmark's main: `measure()` (timed, with the command and machine recorded) into
+    `json_path` and its markdown, or with `render_only` the markdown of the JSON there."""
+    if render_only:
+        return write_report(json_path, None, render)
+    t0 = time.perf_counter()
+    data = measure()
+    data.update(command=f"python benchmarks/{Path(sys.argv[0]).name} " + " ".join(sys.argv[1:]), machine=machine(),
+                wall_s=time.perf_counter() - t0)
+    data = write_report(json_path, data, render)
+    print(Path(json_path).with_suffix(".md").read_text())
+    return data

@@ -20,7 +20,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_common import machine, write_report  # noqa: E402
+from bench_common import run_report  # noqa: E402
 
 from aro_jax.config import load_config  # noqa: E402
 from aro_jax.envs.heuristics import HEURISTICS  # noqa: E402
@@ -76,15 +76,7 @@ def main():
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--render-only", action="store_true")
     args = ap.parse_args()
-    if args.render_only:
-        write_report(OUT, None, render)
-        return
-    t0 = time.perf_counter()
-    d = measure(args.seeds)
-    d.update(command="python benchmarks/main_job_seeds.py " + " ".join(sys.argv[1:]), machine=machine(), wall_s=time.perf_counter() - t0)
-    write_report(OUT, d, render)
-    print(OUT.with_suffix(".md").read_text())
-
+    run_report(OUT, render, lambda: measure(args.seeds), args.render_only)
 
 if __name__ == "__main__":
     main()

@@ -54,77 +54,62 @@ NODES = ("[{name: us-east, profile: llama2-70b-h100-tp4, traffic_mix: conversati
 BASE = [f"cluster.nodes={NODES}", "federated.mode=federated", "federated.aggregator=mean", "federated.num_byzantine=0",
         "federated.personal_mix=1.0", "objective.kind=paper", "train.num_chunks=1", f"federated.dp_delta={DELTA}"]
 
+FULL_PPO = "non-private (normaliser, PPO 4 epochs x 4 minibatches)"
+
+
+def dp_sgd_settings(minibatches: int) -> list[str]:
+    """The DP rows' PPO settings: no normaliser, one epoch of `minibatches` steps."""
+    return ["ppo.normalize_obs=false", "ppo.update_epochs=1", f"ppo.num_minibatches={minibatches}"]
+
+
+def dp_sgd_group(settings: list[str], minibatches: int, label: str, sigmas, extra_private=()) -> dict:
+    """A segment group: the two non-private references and DP-SGD at each noise level
+    (sampling rate 1 / minibatches, clip 0.5, below the logged pre-clip per-segment norms)."""
+    rate = 1.0 / minibatches
+    return {
+        "settings": settings,
+        "references": {FULL_PPO: [], f"non-private, the DP rows' settings (no normaliser, 1 epoch x {minibatches} minibatch"
+                       f"{'es' if minibatches > 1 else ''})": dp_sgd_settings(minibatches)},
+        "private": [(label, s, [*dp_sgd_settings(minibatches), f"federated.segment_dp_sampling_rate={rate}",
+                                "federated.segment_dp_clip_norm=0.5", f"federated.segment_dp_noise_multiplier={s}"]) for s in sigmas]
+        + list(extra_private),
+    }
+
+
 # Per group: the shared settings, the non-private references, and the private rows
 # (label, mechanism, noise multiplier, overrides).
 GROUPS = {
-    "segment": {
-        "settings": ["env.num_clusters=128", "train.total_env_steps=4000000"],
-        "references": {
-            "non-private (normaliser, PPO 4 epochs x 4 minibatches)": [],
-            "non-private, the DP rows' settings (no normaliser, 1 epoch x 1 minibatch)": [
-                "ppo.normalize_obs=false", "ppo.update_epochs=1", "ppo.num_minibatches=1"],
-        },
-        "private": [("DP-SGD, 1 step per rollout (q = 1)", s, [
-            "ppo.normalize_obs=false", "ppo.update_epochs=1", "ppo.num_minibatches=1", "federated.segment_dp_sampling_rate=1.0",
-            "federated.segment_dp_clip_norm=0.5", f"federated.segment_dp_noise_multiplier={s}"]) for s in (3.0, 4.0, 5.0, 8.0)]
-    },
+    "segment": dp_sgd_group(["env.num_clusters=128", "train.total_env_steps=4000000"], 1,
+                            "DP-SGD, 1 step per rollout (q = 1)", (3.0, 4.0, 5.0, 8.0)),
     # The same DP-SGD with four times the segments per region (and a quarter of the
-    # updates at the same env steps): the noise on the mean gradient is sigma C / S.
-    "segment-wide": {
-        "settings": ["env.num_clusters=512", "train.total_env_steps=4000000"],
-        "references": {
-            "non-private (normaliser, PPO 4 epochs x 4 minibatches)": [],
-            "non-private, the DP rows' settings (no normaliser, 1 epoch x 1 minibatch)": [
-                "ppo.normalize_obs=false", "ppo.update_epochs=1", "ppo.num_minibatches=1"],
-        },
-        "private": [("DP-SGD, 1 step per rollout (q = 1)", s, [
-            "ppo.normalize_obs=false", "ppo.update_epochs=1", "ppo.num_minibatches=1", "federated.segment_dp_sampling_rate=1.0",
-            "federated.segment_dp_clip_norm=0.5", f"federated.segment_dp_noise_multiplier={s}"]) for s in (3.0, 4.0, 5.0, 8.0)]
-        # The normaliser kept, fed by privatised per-segment statistics (noise 2 sigma).
-        + [("DP-SGD + private normaliser, 1 step per rollout (q = 1)", s, [
+    # updates at the same env steps): the noise on the mean gradient is sigma C / S. Also
+    # the normaliser kept, fed by privatised per-segment statistics (noise 2 sigma).
+    "segment-wide": dp_sgd_group(
+        ["env.num_clusters=512", "train.total_env_steps=4000000"], 1, "DP-SGD, 1 step per rollout (q = 1)", (3.0, 4.0, 5.0, 8.0),
+        [("DP-SGD + private normaliser, 1 step per rollout (q = 1)", s, [
             "ppo.update_epochs=1", "ppo.num_minibatches=1", "federated.segment_dp_sampling_rate=1.0",
             "federated.segment_dp_clip_norm=0.5", f"federated.segment_dp_noise_multiplier={s}",
-            f"federated.segment_dp_stats_noise_multiplier={2 * s}"]) for s in (4.0, 5.0, 6.0, 8.0)],
-    },
+            f"federated.segment_dp_stats_noise_multiplier={2 * s}"]) for s in (4.0, 5.0, 6.0, 8.0)]),
     # Several Poisson-sampled steps per rollout: q = 1/4, 1 epoch x 4 minibatches (4 steps,
     # about one pass over the segments per rollout). A day spans 45 rollouts, so it is
-    # accounted over 180 steps, however long the run. The clip norm sits below the logged
-    # pre-clip per-segment norms (dp_segment_grad_norm 0.6-1.0 over training).
+    # accounted over 180 steps, however long the run.
     "segment-steps": {
-        "settings": ["env.num_clusters=128", "train.total_env_steps=4000000"],
-        "references": {
-            "non-private (normaliser, PPO 4 epochs x 4 minibatches)": [],
-            "non-private, the DP rows' settings (no normaliser, 1 epoch x 4 minibatches)": [
-                "ppo.normalize_obs=false", "ppo.update_epochs=1", "ppo.num_minibatches=4"],
-        },
-        "private": [("DP-SGD, 4 Poisson steps per rollout (q = 0.25)", s, [
-            "ppo.normalize_obs=false", "ppo.update_epochs=1", "ppo.num_minibatches=4", "federated.segment_dp_sampling_rate=0.25",
-            "federated.segment_dp_clip_norm=0.5", f"federated.segment_dp_noise_multiplier={s}"]) for s in (2.5, 3.0, 4.0, 6.0)],
-        "note": ("Four Poisson steps per rollout lift the best segment row from 0.58 (1 step, q = 1, epsilon 6.65) to 0.71 at epsilon "
-                 "7.25, while these settings without DP reach 0.91: the rest of the gap is the noise (sigma 3 already falls to 0.54). "
-                 "Splitting a pass over the segments into more steps cannot remove it at a fixed epsilon: in this regime (q >= 0.25, "
-                 "sigma >= 2) the accountant charges about q sqrt(T) / sigma for T steps, so the noise on one pass's gradient, "
-                 "sigma C / (q S) per step averaged over 1 / q steps, is the same however the pass is split (1 step at q = 1, "
-                 "sigma 5: 0.039 C per coordinate; 4 steps at q = 0.25 at the same epsilon, sigma 2.67: 0.042 C). What lowers it is "
-                 "more segments per region (S = 128 here) or more cluster-days (each is accounted over its own 180 steps only)."),
+        **dp_sgd_group(["env.num_clusters=128", "train.total_env_steps=4000000"], 4,
+                       "DP-SGD, 4 Poisson steps per rollout (q = 0.25)", (2.5, 3.0, 4.0, 6.0)),
+        "note": ("Against the one-step segment group, four Poisson steps per rollout close part of the gap; the rest is the "
+                 "noise. Splitting a pass over the segments into more steps cannot remove it at a fixed epsilon: in this regime "
+                 "(q >= 0.25, sigma >= 2) the accountant charges about q sqrt(T) / sigma for T steps, so the noise on one pass's "
+                 "gradient, sigma C / (q S) per step averaged over 1 / q steps, is about the same however the pass is split. What "
+                 "lowers it is more segments per region or more cluster-days (each is accounted over its own steps only)."),
     },
     # The same at twice the training (8M env steps, twice the cluster-days): a day is
     # still accounted over its own 180 steps, so epsilon does not change; the references
     # are re-run at the same length.
     "segment-steps-long": {
-        "settings": ["env.num_clusters=128", "train.total_env_steps=8000000"],
-        "references": {
-            "non-private (normaliser, PPO 4 epochs x 4 minibatches)": [],
-            "non-private, the DP rows' settings (no normaliser, 1 epoch x 4 minibatches)": [
-                "ppo.normalize_obs=false", "ppo.update_epochs=1", "ppo.num_minibatches=4"],
-        },
-        "private": [("DP-SGD, 4 Poisson steps per rollout (q = 0.25)", s, [
-            "ppo.normalize_obs=false", "ppo.update_epochs=1", "ppo.num_minibatches=4", "federated.segment_dp_sampling_rate=0.25",
-            "federated.segment_dp_clip_norm=0.5", f"federated.segment_dp_noise_multiplier={s}"]) for s in (2.5, 3.0)],
-        "note": ("Twice the cluster-days at the same epsilon: sigma 2.5 goes from 0.71 to 0.76 and sigma 3 from 0.54 to 0.72 of the "
-                 "(re-run, slightly better) non-private return, while the DP rows' settings without DP reach 0.96. Training length "
-                 "is the lever that costs no epsilon, but at 2x it does not reach 0.90; this group has two noise levels only "
-                 "(the four-level sweep is the segment-steps group)."),
+        **dp_sgd_group(["env.num_clusters=128", "train.total_env_steps=8000000"], 4,
+                       "DP-SGD, 4 Poisson steps per rollout (q = 0.25)", (2.5, 3.0)),
+        "note": ("Twice the cluster-days at the same epsilon as the segment-steps group: training length is the lever that "
+                 "costs no epsilon. This group has two noise levels only (the four-level sweep is the segment-steps group)."),
     },
     "region": {
         "settings": ["env.num_clusters=64", "train.total_env_steps=1500000"],

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_scheduler=false")
@@ -23,7 +22,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_common import machine, write_report  # noqa: E402
+from bench_common import run_report  # noqa: E402
 
 from aro_jax.config import load_config  # noqa: E402
 from aro_jax.envs import heuristics  # noqa: E402
@@ -96,16 +95,7 @@ def main():
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--render-only", action="store_true")
     args = ap.parse_args()
-    out = Path(__file__).with_name("tier_thresholds.json")
-    if args.render_only:
-        write_report(out, None, render)
-        return
-    t0 = time.perf_counter()
-    data = measure(args.seeds)
-    data.update(command="python benchmarks/tier_thresholds.py " + " ".join(sys.argv[1:]), machine=machine(), wall_s=time.perf_counter() - t0)
-    write_report(out, data, render)
-    print(out.with_suffix(".md").read_text())
-
+    run_report(Path(__file__).with_name("tier_thresholds.json"), render, lambda: measure(args.seeds), args.render_only)
 
 if __name__ == "__main__":
     main()

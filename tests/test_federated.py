@@ -93,34 +93,19 @@ def test_unsatisfiable_defence_option_is_refused():
 
 
 # --- one small program for the threat tests -----------------------------------------------
-# Five nodes (Krum tolerates f = 1), two clusters each, a 16-unit network: one round is
-# 2 local updates x 8 steps x 2 clusters per node. Attacks and defences are picked at run
-# time from one compiled program (FedState.threat), so these tests compile it once.
+# tests/workers/tiny5.yaml: five nodes (Krum tolerates f = 1), two clusters each, a 16-unit
+# network: one round is 2 local updates x 8 steps x 2 clusters per node. Attacks and
+# defences are picked at run time from one compiled program (FedState.threat), so these
+# tests compile it once.
 
-TINY = """\
-cluster:
-  name: tiny5
-  nodes:
-    - {name: a, profile: llama2-70b-h100-tp4, traffic_mix: conversation, mean_rate_rps: 18.0}
-    - {name: b, profile: llama2-7b-a100-tp1, traffic_mix: code, mean_rate_rps: 20.0, tz_offset_h: 1.0}
-    - {name: c, profile: llama2-70b-a100-tp8, traffic_mix: conversation, mean_rate_rps: 13.0, tz_offset_h: 9.0}
-    - {name: d, profile: llama2-7b-h100-tp1, traffic_mix: code, mean_rate_rps: 50.0, tz_offset_h: 4.0}
-    - {name: e, profile: llama2-7b-a100-tp1, traffic_mix: conversation, mean_rate_rps: 25.0, tz_offset_h: 6.0}
-env: {num_clusters: 2, episode_ticks: 32}
-ppo: {rollout_steps: 8, num_minibatches: 2, update_epochs: 1, hidden_sizes: [16, 16]}
-federated: {mode: federated, aggregator: median, num_byzantine: 1, local_updates: 2}
-train: {total_env_steps: 640, num_chunks: 2, keep_checkpoints: 10}
-"""
 N_NODES = 5
 ATTACK_OPTIONS = ["none", "nan", "huge", "normaliser_poisoning"]
 DEFENCES = [("mean", 0), ("median", 1), ("krum", 1), ("krum", 0)]
 
 
 @pytest.fixture(scope="module")
-def tiny_config(tmp_path_factory):
-    path = tmp_path_factory.mktemp("fed") / "tiny5.yaml"
-    path.write_text(TINY)
-    return path
+def tiny_config():
+    return WORKERS / "tiny5.yaml"
 
 
 def flat(params):

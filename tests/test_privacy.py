@@ -8,6 +8,7 @@ directly; epsilon in the training log, the run summary and the exported policy."
 
 import json
 import math
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -202,20 +203,11 @@ def test_epsilon_monotonicity_and_edges():
 
 # --- segment level (DP-SGD) and the central mechanism ------------------------------------
 
-TINY = """\
-cluster:
-  name: tiny5
-  nodes:
-    - {name: a, profile: llama2-70b-h100-tp4, traffic_mix: conversation, mean_rate_rps: 18.0}
-    - {name: b, profile: llama2-7b-a100-tp1, traffic_mix: code, mean_rate_rps: 20.0, tz_offset_h: 1.0}
-    - {name: c, profile: llama2-70b-a100-tp8, traffic_mix: conversation, mean_rate_rps: 13.0, tz_offset_h: 9.0}
-    - {name: d, profile: llama2-7b-h100-tp1, traffic_mix: code, mean_rate_rps: 50.0, tz_offset_h: 4.0}
-    - {name: e, profile: llama2-7b-a100-tp1, traffic_mix: conversation, mean_rate_rps: 25.0, tz_offset_h: 6.0}
-env: {num_clusters: 2, episode_ticks: 32}
-ppo: {rollout_steps: 8, num_minibatches: 2, update_epochs: 1, hidden_sizes: [16, 16]}
-federated: {mode: federated, aggregator: mean, num_byzantine: 0, local_updates: 2}
-objective: {kind: paper}
-train: {total_env_steps: 640, num_chunks: 2, keep_checkpoints: 10}
+# The federated tests' five-region config, with FedAvg and the paper's reward.
+TINY = f"""\
+include: [{Path(__file__).parent / "workers" / "tiny5.yaml"}]
+federated: {{aggregator: mean, num_byzantine: 0}}
+objective: {{kind: paper}}
 """
 N_NODES = 5
 SEGMENT_DP = ["ppo.normalize_obs=false", "federated.segment_dp_clip_norm=0.5", "federated.segment_dp_noise_multiplier=1.3"]

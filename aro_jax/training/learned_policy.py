@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 from flax import struct
 
@@ -37,21 +36,3 @@ def greedy_policy(network: ActorCritic, normalize_obs: bool = True, action_maski
 
     return Policy(init=init, act=act)
 
-
-def sampled_policy(network: ActorCritic, normalize_obs: bool = True, action_masking: bool = True) -> Policy:
-    """Actions drawn from the trained distribution, as in training; the state is
-    (weights, key), the key split every tick."""
-    greedy = greedy_policy(network, normalize_obs, action_masking)
-
-    def act(state, raw_obs, params):
-        weights, key = state
-        key, k_act = jax.random.split(key)
-        obs = raw_obs / sv.observation_scale(params)
-        if normalize_obs:
-            obs = weights.obs_stats.normalize(obs)
-        logits = network.apply(weights.params, obs)[0]
-        if action_masking:
-            logits = masked_logits(logits, sv.feasible_actions(raw_obs, params)[: network.num_actions])
-        return jax.random.categorical(k_act, logits), (weights, key)
-
-    return Policy(init=greedy.init, act=act)
