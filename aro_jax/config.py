@@ -77,6 +77,10 @@ class EnvConfig:
     # on-demand instance prices, which cover CPU/memory): aro_jax.envs.hardware.PRICE_SETS
     prices: str = "gpu-cloud"
     quality_tier: bool = True  # false: no small-model tier for any policy (DegradeQuality is masked)
+    # "cluster": the regions share one ServingCluster env (forwarded requests are served by
+    # the other regions, at their load and price); "node": each region is its own
+    # ServingNode-v0 with a modelled peer region (envs/cluster.py, docs/simulator.md).
+    kind: str = "node"
     reward: RewardWeights = field(default_factory=RewardWeights)
 
 
@@ -351,6 +355,7 @@ def validate(cfg: ExperimentConfig) -> None:
 
     e = cfg.env
     require(e.action_set in ACTION_SETS, "env.action_set", f"must be one of {sorted(ACTION_SETS)}, got {e.action_set!r}")
+    require(e.kind in ("cluster", "node"), "env.kind", f"must be 'cluster' (the regions share one env) or 'node' (each region alone), got {e.kind!r}")
     require(e.prices in hardware.PRICE_SETS, "env.prices", f"must be one of {list(hardware.PRICE_SETS)}, got {e.prices!r}")
     require(e.tick_s > 0, "env.tick_s", f"must be > 0, got {e.tick_s}")
     require(e.episode_ticks >= 1, "env.episode_ticks", f"must be >= 1, got {e.episode_ticks}")
@@ -533,7 +538,11 @@ def _validate_federated(cfg: ExperimentConfig, require) -> None:
                 require(False, "federated.aggregator" if fed.aggregator not in privacy.CENTRAL_SENSITIVITY else "federated.pre_aggregators", str(e))
     require(fed.dp_node_sampling == 1 or (fed.dp_mechanism == "central" and fed.dp_noise_multiplier > 0), "federated.dp_node_sampling",
             "sampling regions (< 1) needs dp_mechanism central with noise: under local noise the server sees which regions sent, so sampling amplifies nothing against it")
-    require(fed.devices >= 1 and n % fed.devices == 0, "federated.devices", f"must divide the {n} nodes, got {fed.devices}")
+    if cfg.env.kind == "cluster":  # the regions step together: devices split the clusters
+        require(fed.devices >= 1 and cfg.env.num_clusters % fed.devices == 0, "federated.devices",
+                f"must divide env.num_clusters={cfg.env.num_clusters} (in the cluster env each device steps whole clusters), got {fed.devices}")
+    else:
+        require(fed.devices >= 1 and n % fed.devices == 0, "federated.devices", f"must divide the {n} nodes, got {fed.devices}")
     if fed.mode != "centralized":
         batch = cfg.ppo.rollout_steps * cfg.env.num_clusters * n
         rounds = cfg.train.total_env_steps // batch // fed.local_updates

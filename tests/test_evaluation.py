@@ -41,7 +41,7 @@ def _ticks(n, **values):
     base = dict(arrivals=100.0, served=100.0, forwarded=0.0, dropped=0.0, rejected=0.0, tokens_per_s=10.0,
                 ttft_mean_s=0.5, ttft_p95_s=1.0, e2e_mean_s=10.0, e2e_p95_s=20.0, fwd_ttft_s=0.0, fwd_e2e_s=0.0,
                 slo_attainment=0.9, gpu_util=0.5, cpu_util=0.5, memory_util=0.5, cost_usd=1.0, quality=1.0, reward=0.0,
-                replicas_billed=2.0)
+                replicas_billed=2.0, served_for_peers=0.0, egress_usd=0.0, peer_paid_usd=0.0, peer_credit_usd=0.0)
     base.update(values)
     return {k: np.full(n, v) for k, v in base.items()}
 

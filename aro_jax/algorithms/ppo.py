@@ -249,15 +249,39 @@ def private_statistics(seg_obs: jax.Array, key, noise_multiplier, clip_norm) -> 
     return RunningStats(mean, jnp.maximum(square - jnp.square(mean), 1e-4), jnp.asarray(num * steps, jnp.float32))
 
 
+class EnvGrid(NamedTuple):
+    """How a learner resets and steps its (param sets, envs) grid of envs, every array
+    with those two leading axes (keys (S, E, 2), actions (S, E), params (S, ...))."""
+
+    reset: Callable  # (keys, params) -> (obs, env state)
+    step: Callable  # (keys, env state, actions, params) -> gymnax's (obs, state, reward, terminated, truncated, info)
+
+
+def independent_grid(env) -> EnvGrid:
+    """Every cell its own env: gymnax's reset and step mapped over param sets, then envs."""
+    return EnvGrid(
+        reset=jax.vmap(jax.vmap(env.reset, in_axes=(0, None)), in_axes=(0, 0)),
+        step=jax.vmap(jax.vmap(env.step, in_axes=(0, 0, 0, None)), in_axes=(0, 0, 0, 0)),
+    )
+
+
 class Learner(NamedTuple):
     """What make_train builds. `init` and `update` also take env params explicitly (in the
-    form make_train got them), so a federated trainer can map them over a node axis."""
+    form make_train got them), so a federated trainer can map them over a node axis.
+    `update` is `learn` after `rollout`; `act` and `record` are a rollout's two halves
+    around the env step, for a trainer that steps several learners' envs together."""
 
     init: Callable  # (key, hp[, env_params]) -> TrainState
     update: Callable  # (state, hp[, env_params]) -> (state, metrics, observation stats of the rollout)
     train_chunk: Callable  # (state, hp, num_updates: static) -> (state, metrics stacked per update)
     train: Callable  # (key, hp) -> (state, metrics): the whole run
     network: ActorCritic
+    rollout: Callable  # (state, hp[, env_params]) -> (state, collected)
+    learn: Callable  # (state, collected, hp) -> as update
+    act: Callable  # (state, obs, effective params, key) -> (actions, record)
+    record: Callable  # (state, act's record, actions, env step outputs, effective params) -> (Transition, step metrics)
+    env_params: Callable  # (env_params, hp) -> the effective params of the grid (env_params_fn applied)
+    config: PPOConfig
 
 
 def make_train(
@@ -269,6 +293,7 @@ def make_train(
     env_params_fn: Callable[[Any, Any], Any] | None = None,
     metrics_fn: Callable[[dict], dict[str, jax.Array]] | None = None,
     cost_fn: Callable[[dict, Any], jax.Array] | None = None,
+    env_grid: EnvGrid | None = None,
 ) -> Learner:
     """Build a PPO learner for a gymnax `env`.
 
@@ -278,6 +303,8 @@ def make_train(
         the update's metrics (next to reward and the losses).
     cost_fn: (info dict of one step, env params of the (param sets,) grid) -> (param sets,
         envs, config.num_costs) costs of the step (constrained PPO).
+    env_grid: how the (param sets, envs) grid is reset and stepped (default: independent envs;
+        coupled ones, such as the regions of one cluster, step together).
     """
     num_costs = config.num_costs
     if (cost_fn is None) != (num_costs == 0):
@@ -306,9 +333,7 @@ def make_train(
             raise ValueError(f"dp_sampling_rate must be in (0, 1], got {config.dp_sampling_rate}")
         dp_chunk = dp_chunk_size(segments, dp_rate)
 
-    # vmap over param sets, then over envs.
-    reset_all = jax.vmap(jax.vmap(env.reset, in_axes=(0, None)), in_axes=(0, 0))
-    step_all = jax.vmap(jax.vmap(env.step, in_axes=(0, 0, 0, None)), in_axes=(0, 0, 0, 0))
+    env_grid = env_grid or independent_grid(env)
 
     def effective(params, hp):
         params = grid(params)
@@ -328,35 +353,58 @@ def make_train(
     def init(key: jax.Array, hp: Hyperparams, env_params=env_params) -> TrainState:
         k_net, k_env, key = jax.random.split(key, 3)
         params = network.init(k_net, jnp.zeros((obs_dim,)))
-        obs, env_state = reset_all(env_keys(k_env), effective(env_params, hp))
+        obs, env_state = env_grid.reset(env_keys(k_env), effective(env_params, hp))
         constraint = ConstraintState.create(num_costs) if num_costs else None
         return TrainState(params, tx_of(hp).init(params), RunningStats.create(obs_dim), env_state, obs, key, jnp.zeros((), jnp.int32), constraint)
 
-    def update(state: TrainState, hp: Hyperparams, env_params=env_params):
-        """One PPO update: a rollout on every env, GAE, epochs of minibatches."""
+    def act(state: TrainState, obs, nparams, key):
+        """The policy's sampled actions on a grid of observations, with what the transition
+        records of them: (actions, (normalised obs, mask, log-prob, value, cost value))."""
+        mask = mask_of(obs, nparams)
+        nobs = state.obs_stats.normalize(obs) if config.normalize_obs else obs
+        logits, value, *cost_value = network.apply(state.params, nobs)
+        logits = masked_logits(logits, mask)
+        action = jax.random.categorical(key, logits)
+        log_prob = jnp.take_along_axis(jax.nn.log_softmax(logits), action[..., None], -1)[..., 0]
+        return action, (nobs, mask, log_prob, value, cost_value[0] if num_costs else None)
+
+    def record(state: TrainState, acted, action, stepped, nparams):
+        """One step's Transition and logged metrics from `act`'s record and the env's step."""
+        nobs, mask, log_prob, value, cost_value = acted
+        _, _, reward, terminated, truncated, info = stepped
+        final = state.obs_stats.normalize(info["final_observation"]) if config.normalize_obs else info["final_observation"]
+        _, next_value, *next_cost_value = network.apply(state.params, final)
+        done = jnp.logical_or(terminated, truncated)
+        costs = (cost_fn(info, nparams), cost_value, next_cost_value[0]) if num_costs else (None, None, None)
+        tr = Transition(nobs, mask, action, log_prob, value, next_value, reward, terminated.astype(jnp.float32), done.astype(jnp.float32), *costs)
+        return tr, (metrics_fn(info) if metrics_fn is not None else {})
+
+    def rollout(state: TrainState, hp: Hyperparams, env_params=env_params):
+        """`config.rollout_steps` steps of every env: (state with the envs advanced, what learn takes)."""
         nparams = effective(env_params, hp)
-        tx = tx_of(hp)
-        stats = state.obs_stats
-        norm = (lambda o: stats.normalize(o)) if config.normalize_obs else (lambda o: o)  # noqa: E731
 
         def env_step(carry, _):
             env_state, obs, key = carry
             key, k_act, k_env = jax.random.split(key, 3)
-            mask = mask_of(obs, nparams)
-            nobs = norm(obs)
-            logits, value, *cost_value = network.apply(state.params, nobs)
-            logits = masked_logits(logits, mask)
-            action = jax.random.categorical(k_act, logits)
-            log_prob = jnp.take_along_axis(jax.nn.log_softmax(logits), action[..., None], -1)[..., 0]
-            next_obs, env_state, reward, terminated, truncated, info = step_all(env_keys(k_env), env_state, action, nparams)
-            _, next_value, *next_cost_value = network.apply(state.params, norm(info["final_observation"]))
-            done = jnp.logical_or(terminated, truncated)
-            costs = (cost_fn(info, nparams), cost_value[0], next_cost_value[0]) if num_costs else (None, None, None)
-            tr = Transition(nobs, mask, action, log_prob, value, next_value, reward, terminated.astype(jnp.float32), done.astype(jnp.float32), *costs)
-            step_metrics = metrics_fn(info) if metrics_fn is not None else {}
-            return (env_state, next_obs, key), (tr, obs, step_metrics)
+            action, acted = act(state, obs, nparams, k_act)
+            stepped = env_grid.step(env_keys(k_env), env_state, action, nparams)
+            tr, step_metrics = record(state, acted, action, stepped, nparams)
+            return (stepped[1], stepped[0], key), (tr, obs, step_metrics)
 
-        (env_state, obs, key), (traj, env_obs, step_metrics) = jax.lax.scan(env_step, (state.env_state, state.obs, state.key), None, steps)
+        (env_state, obs, key), collected = jax.lax.scan(env_step, (state.env_state, state.obs, state.key), None, steps)
+        return state.replace(env_state=env_state, obs=obs, key=key), collected
+
+    def update(state: TrainState, hp: Hyperparams, env_params=env_params):
+        """One PPO update: a rollout on every env, GAE, epochs of minibatches."""
+        return learn(*rollout(state, hp, env_params), hp)
+
+    def learn(state: TrainState, collected, hp: Hyperparams):
+        """GAE and the epochs of minibatch updates on a rollout's `collected` (trajectories,
+        raw observations, step metrics, each with leading axes (steps, param sets, envs))."""
+        traj, env_obs, step_metrics = collected
+        env_state, obs, key = state.env_state, state.obs, state.key
+        tx = tx_of(hp)
+        stats = state.obs_stats
         # Values are learned on rewards scaled by (1 - gamma), i.e. in units of mean reward
         # per tick, so they stay O(1) whatever the horizon (and value clipping stays sane).
         scaled_reward = traj.reward * (1.0 - hp.gamma)
@@ -460,4 +508,4 @@ def make_train(
     def train(key: jax.Array, hp: Hyperparams):
         return train_chunk(init(key, hp), hp, total_updates)
 
-    return Learner(init, update, train_chunk, train, network)
+    return Learner(init, update, train_chunk, train, network, rollout, learn, act, record, effective, config)

@@ -94,7 +94,12 @@ def make_cluster_params(nodes: EnvParams, names, models, rtt_s=None, forwarding:
 def cluster_env_params(cfg, scenario: str = "train", forwarding: bool = True) -> ClusterParams:
     """ClusterParams for an ExperimentConfig's cluster (its nodes as scenarios.cluster_params
     builds them; RTTs from the regions' sites)."""
-    nodes = scenarios.cluster_params(cfg, scenario)
+    return cluster_links(cfg, scenarios.cluster_params(cfg, scenario), forwarding)
+
+
+def cluster_links(cfg, nodes: EnvParams, forwarding: bool = True) -> ClusterParams:
+    """ClusterParams joining stacked node params of `cfg`'s regions (any scenario's, or
+    replayed traces) by the regions' sites and models."""
     names = [n.name for n in cfg.cluster.nodes]
     models = [hardware.get_profile(n.profile).model for n in cfg.cluster.nodes]
     return make_cluster_params(nodes, names, models, forwarding=forwarding)
@@ -263,6 +268,55 @@ class ServingCluster(environment.Environment[ClusterState, ClusterParams]):
         return jax.vmap(self.node.action_mask_from_obs)(obs[..., : len(OBS_FIELDS)], params.nodes)
 
 
+class RegionGrid:
+    """A batch of clusters seen the way a learner steps its envs: a (regions, clusters) grid
+    (ppo.EnvGrid). States and observations carry the region axis first, then the clusters
+    (the stacked ClusterStates with their two leading axes swapped and the clock broadcast
+    over regions), so a region's slice of the grid is its own envs; the cells of one cluster
+    step together. A region's observation is its ServingNode-v0 observation (OBS_FIELDS,
+    the deployment contract an exported policy is served with): the spare capacity its
+    peers advertise decides, inside the env, how much of what it forwards they take.
+
+    `links`: the cluster's ClusterParams; its node params are replaced by those the learner
+    passes (the same regions, with e.g. the run's reward weights)."""
+
+    def __init__(self, env: ServingCluster, links: ClusterParams):
+        self.env, self.links = env, links
+        self._reset = jax.vmap(env.reset, in_axes=(0, None))
+        self._step = jax.vmap(env.step, in_axes=(0, 0, 0, None))
+
+    @staticmethod
+    def to_grid(state: ClusterState, regions: int):
+        """(clusters, regions, ...) ClusterStates -> the grid layout."""
+        swap = lambda x: jnp.swapaxes(x, 0, 1)  # noqa: E731
+        return state.replace(time=jnp.broadcast_to(state.time, (regions,) + state.time.shape),
+                             nodes=jax.tree.map(swap, state.nodes), in_flight=swap(state.in_flight), spare_rps=swap(state.spare_rps))
+
+    @staticmethod
+    def from_grid(state: ClusterState) -> ClusterState:
+        swap = lambda x: jnp.swapaxes(x, 0, 1)  # noqa: E731
+        return state.replace(time=state.time[0], nodes=jax.tree.map(swap, state.nodes), in_flight=swap(state.in_flight),
+                             spare_rps=swap(state.spare_rps))
+
+    def reset(self, keys, node_params: EnvParams):
+        obs, state = self._reset(keys[0], self.links.replace(nodes=node_params))
+        return self._node_obs(obs), self.to_grid(state, keys.shape[0])
+
+    def step(self, keys, state: ClusterState, action, node_params: EnvParams):
+        regions = keys.shape[0]
+        swap = lambda x: jnp.swapaxes(x, 0, 1)  # noqa: E731
+        obs, state, reward, terminated, truncated, info = self._step(keys[0], self.from_grid(state), swap(action),
+                                                                      self.links.replace(nodes=node_params))
+        per_region = lambda x: jnp.broadcast_to(x, (regions,) + x.shape)  # noqa: E731
+        info = {**info, "metrics": jax.tree.map(swap, info["metrics"]), "terminated": per_region(info["terminated"]),
+                "truncated": per_region(info["truncated"]), "final_observation": self._node_obs(info["final_observation"])}
+        return (self._node_obs(obs), self.to_grid(state, regions), swap(reward), per_region(terminated), per_region(truncated), info)
+
+    @staticmethod
+    def _node_obs(obs):  # (clusters, regions, CLUSTER_OBS_FIELDS) -> (regions, clusters, OBS_FIELDS)
+        return jnp.swapaxes(obs[..., : len(OBS_FIELDS)], 0, 1)
+
+
 def conservation_gap(metrics: dict, queue_before, in_flight_before) -> jax.Array:
     """Cluster-wide request balance of one tick (zero up to rounding): arrivals minus
     everything they became (served, served for peers, dropped, rejected, queued, in flight)."""
@@ -271,5 +325,5 @@ def conservation_gap(metrics: dict, queue_before, in_flight_before) -> jax.Array
     return metrics["arrivals"].sum(-1) - out
 
 
-__all__ = ["ServingCluster", "ClusterParams", "ClusterState", "CLUSTER_OBS_FIELDS", "make_cluster_params",
-           "cluster_env_params", "file_cluster_params", "specs_cluster_params", "route", "rtt_matrix_s", "conservation_gap"]
+__all__ = ["ServingCluster", "RegionGrid", "ClusterParams", "ClusterState", "CLUSTER_OBS_FIELDS", "make_cluster_params",
+           "cluster_env_params", "cluster_links", "file_cluster_params", "specs_cluster_params", "route", "rtt_matrix_s", "conservation_gap"]

@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 from jax.flatten_util import ravel_pytree
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from aro_jax.algorithms import ppo
 from aro_jax.algorithms.networks import RunningStats
@@ -109,7 +109,9 @@ class FederatedConfig:
     # the global, and sends its own round's delta. A Byzantine region reaches an honest one
     # only through the robust aggregate, scaled by it.
     personal_mix: float = 1.0
-    devices: int = 1  # devices the node axis is sharded over (must divide the node count)
+    # Devices the node axis is sharded over (must divide the node count); in the cluster env
+    # (coupled regions) the devices split the clusters instead (must divide env.num_clusters).
+    devices: int = 1
 
 
 @struct.dataclass
@@ -153,10 +155,18 @@ def make_federated_train(
     fed: FederatedConfig,
     attack_options: Sequence[str] | None = None,
     defence_options: Sequence[tuple[str, int]] | None = None,
+    coupled: ppo.EnvGrid | None = None,
+    coupled_split: str = "clusters",
 ):
     """Build (init, train_chunk, learner) for federated or local-only PPO over the stacked
     `node_params` (one learner per node). `learner` is a PPO learner built on one node's
     params (a stack of one), whose init/update the round maps over the node axis.
+    `coupled`: the nodes' envs step together on this (nodes, envs) grid (the regions of
+    one cluster env); each node still acts with its own policy and learns from its own
+    cells only (`coupled_local_phase`). Over fed.devices > 1 the coupled grid splits its
+    batch of envs (`coupled_split` "clusters": every device steps whole clusters, the
+    learners' gradients are reduced across devices) or its nodes ("regions": the routing
+    exchanges between devices every tick); benchmarks/cluster_sharding.md measures both.
 
     `attack_options` (attack names) and `defence_options` ((aggregator, f) pairs) are the
     choices `FedState.threat` indexes; both default to the config's single choice, which
@@ -211,7 +221,51 @@ def make_federated_train(
         (state, stats), metrics = jax.lax.scan(one, (state, empty), None, k_local)
         return state, jax.tree.map(jnp.mean, metrics), stats
 
-    mapped_local = node_map(local_phase, fed.devices)
+    if coupled is not None and fed.devices > 1:
+        if coupled_split not in ("clusters", "regions"):
+            raise ValueError(f"coupled_split must be 'clusters' or 'regions', got {coupled_split!r}")
+        mesh = Mesh(np.array(jax.devices()[: fed.devices]), ("split",))
+        cells = P(None, None, "split") if coupled_split == "clusters" else P("split")  # leaves (nodes, 1, envs, ...)
+        place = lambda tree: jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, cells)), tree)  # noqa: E731
+    else:
+        place = lambda tree: tree  # noqa: E731
+
+    def coupled_local_phase(nodes: ppo.TrainState, hp, params):
+        """K local updates of every node in envs that step together: each tick every node
+        acts on its own observations with its own policy, the coupled grid steps once, and
+        each node records and learns from its own row of the grid (its own observations,
+        rewards, costs): nothing of another node's trajectory reaches its learner."""
+        effective = jax.vmap(learner.env_params, in_axes=(0, None))(params, hp)  # (nodes, 1, ...)
+        row = lambda tree: jax.tree.map(lambda x: x[:, 0], tree)  # (nodes, 1, ...) -> (nodes, ...)  # noqa: E731
+        unrow = lambda tree: jax.tree.map(lambda x: x[:, None], tree)  # noqa: E731
+        num_envs = nodes.obs.shape[2]
+
+        def env_step(carry, _):
+            env_state, obs, keys = carry
+            env_state, obs = place((env_state, obs))
+            keys, k_act, k_env = jnp.moveaxis(jax.vmap(lambda k: jax.random.split(k, 3))(keys), 1, 0)
+            action, acted = jax.vmap(learner.act)(nodes, obs, effective, k_act)
+            env_keys = jax.vmap(lambda k: jax.random.split(k, num_envs))(k_env)
+            stepped = unrow(coupled.step(env_keys, row(env_state), action[:, 0], row(effective)))
+            tr, step_metrics = jax.vmap(learner.record)(nodes, acted, action, stepped, effective)
+            return (stepped[1], stepped[0], keys), (tr, obs, step_metrics)
+
+        def one(carry, _):
+            nodes, stats = carry
+            (env_state, obs, keys), collected = jax.lax.scan(env_step, (nodes.env_state, nodes.obs, nodes.key), None, learner.config.rollout_steps)
+            nodes = nodes.replace(env_state=env_state, obs=obs, key=keys)
+            collected = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), collected)  # (steps, nodes, ...) -> (nodes, steps, ...)
+            nodes, metrics, batch_stats = jax.vmap(learner.learn, in_axes=(0, 0, None))(nodes, collected, hp)
+            return (nodes, jax.vmap(RunningStats.merge)(stats, batch_stats)), metrics
+
+        empty = jax.tree.map(jnp.zeros_like, nodes.obs_stats)
+        (nodes, stats), metrics = jax.lax.scan(one, (nodes, empty), None, k_local)
+        return nodes, jax.tree.map(lambda m: m.mean(0), metrics), stats
+
+    if coupled is None:
+        mapped_local = node_map(local_phase, fed.devices)
+    else:
+        mapped_local = coupled_local_phase
     personal = fed.mode == "federated" and fed.personal_mix < 1.0
 
     def init(key, hp) -> FedState:
@@ -219,6 +273,13 @@ def make_federated_train(
         keys = jax.random.split(k_nodes, n_nodes)
         nodes = jax.vmap(lambda k, p: learner.init(k, hp, p))(keys, per_node_params)
         global_params = learner.init(k_global, hp, one_node).params
+        if coupled is not None:  # one joint reset of the coupled grid, each node its row
+            num_envs = nodes.obs.shape[2]
+            k_grid = jax.random.fold_in(k_nodes, 1)
+            effective = jax.vmap(learner.env_params, in_axes=(0, None))(per_node_params, hp)
+            obs, env_state = coupled.reset(jax.random.split(k_grid, n_nodes * num_envs).reshape(n_nodes, num_envs, -1),
+                                           jax.tree.map(lambda x: x[:, 0], effective))
+            nodes = nodes.replace(env_state=jax.tree.map(lambda x: x[:, None], env_state), obs=obs[:, None])
         nodes = nodes.replace(params=jax.tree.map(lambda g, x: jnp.broadcast_to(g, x.shape), global_params, nodes.params))
         flat, _ = ravel_pytree(global_params)
         return FedState(

@@ -12,9 +12,8 @@ import numpy as np
 from aro_jax.config import ExperimentConfig
 from aro_jax.envs.params import RewardWeights
 from aro_jax.envs.scenarios import cluster_params
-from aro_jax.envs.serving import ServingNodeEnv
 from aro_jax.training import learned_policy, trainers
-from aro_jax.training.evaluation import cluster_kpis, run_episodes
+from aro_jax.training.evaluation import cluster_kpis, eval_env, run_episodes
 
 
 class SweepTrainer:
@@ -32,7 +31,6 @@ class SweepTrainer:
             return self.learner.train(key, hp)
 
         self._train = jax.jit(jax.vmap(traced_train))
-        self._env = ServingNodeEnv(cfg.env.action_set)
         self._policy = learned_policy.greedy_policy(self.learner.network, cfg.ppo.normalize_obs, cfg.ppo.action_masking)
         self._eval_params = cluster_params(cfg, cfg.eval.scenario)
 
@@ -68,8 +66,9 @@ class SweepTrainer:
             pick = lambda x: x[i]  # noqa: E731
             hp = jax.tree.map(pick, hps)
             weights = learned_policy.PolicyWeights(jax.tree.map(pick, states.params), jax.tree.map(pick, states.obs_stats))
+            env, params = eval_env(self.cfg, trainers.with_reward_weights(self._eval_params, hp.env))
             metrics = run_episodes(
-                self._env, self._policy, trainers.with_reward_weights(self._eval_params, hp.env), jax.random.PRNGKey(seed),
+                env, self._policy, params, jax.random.PRNGKey(seed),
                 self.cfg.eval.num_seeds, self.cfg.env.episode_ticks, weights, False)
             rows.append(cluster_kpis(metrics, self.cfg.env.tick_s, self._eval_params))
         return rows

@@ -16,7 +16,6 @@ from tqdm import tqdm
 
 from aro_jax import config as config_lib
 from aro_jax.envs.scenarios import cluster_params
-from aro_jax.envs.serving import ServingNodeEnv
 from aro_jax.training import checkpointing, evaluation, learned_policy, trainers
 from aro_jax.training.trainers import hyperparams, make_trainer
 
@@ -127,11 +126,11 @@ def train(cfg: config_lib.ExperimentConfig | None, run_dir: Path, resume: bool =
 
     chunk_fn = jax.jit(trainer.chunk, static_argnums=2)
     finite_flags = jax.jit(_finite_flags)
-    env = ServingNodeEnv(cfg.env.action_set)
     policy = learned_policy.greedy_policy(trainer.network, cfg.ppo.normalize_obs, cfg.ppo.action_masking)
     eval_params = cluster_params(cfg, "diurnal")
     if cfg.objective.kind == "slo":  # score checkpoints by the reward they were trained on
         eval_params = trainers.with_reward_weights(eval_params, trainers.reward_weights(cfg))
+    env, eval_params = evaluation.eval_env(cfg, eval_params)
     mngr = checkpointing.manager(run_dir, cfg.train.keep_checkpoints)
     writer = _tensorboard(run_dir) if lead else None
 

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from aro_jax.envs import serving as sv
+from aro_jax.envs.cluster import ClusterParams, ServingCluster, cluster_links
 from aro_jax.envs.heuristics import Policy
 from aro_jax.envs.params import e2e_budget
 from aro_jax.envs.scenarios import scenario_plan
@@ -44,11 +45,14 @@ KPIS = {
     "dropped_pct": ("%", "arrivals dropped (queue timeout or overflow)"),
     "rejected_pct": ("%", "arrivals rejected: prompt longer than the model's context window"),
     "forwarded_pct": ("%", "arrivals forwarded to a peer region"),
+    "served_for_peers_rps": ("req/s", "requests served for peer regions (their forwarded work)"),
     "replicas": ("", "replicas billed per region, mean over the day"),
     "gpu_util_pct": ("%", "GPU busy share of serving capacity"),
     "cpu_util_pct": ("%", "CPU cores in use"),
     "memory_util_pct": ("%", "host memory in use"),
-    "cost_usd_per_h": ("$/h", "GPU + CPU + memory + egress + peer compute"),
+    "cost_usd_per_h": ("$/h", "GPU + CPU + memory + egress + peers' price for forwarded requests - paid by peers for serving theirs"),
+    "forwarding_usd_per_h": ("$/h", "egress + peers' price paid for the forwarded requests (in cost_usd_per_h)"),
+    "peer_credit_usd_per_h": ("$/h", "paid by peers for the requests served for them (netted out of cost_usd_per_h)"),
     "cost_usd_per_mtok": ("$/1M tok", "cost per million tokens served"),
     "quality": ("", "answer quality of served requests (1 = large model)"),
     "reward": ("", "mean reward per tick"),
@@ -80,14 +84,51 @@ def rollout(env: sv.ServingNodeEnv, policy: Policy, params: sv.EnvParams, key: j
     return metrics
 
 
+def cluster_rollout(env: ServingCluster, policy: Policy, params: ClusterParams, key, num_ticks: int, policy_state=None, per_node_state=False):
+    """One episode of a whole cluster, every region acting on its own raw observation
+    with `policy` (heuristics: each region its own state; a learned policy's weights
+    shared, or one set per region with `per_node_state`); metrics (T, regions)."""
+    k_reset, k_steps = jax.random.split(key)
+    _, state = env.reset_env(k_reset, params)
+    regions = params.rtt_s.shape[0]
+    shared = policy_state is not None and not per_node_state
+    act = jax.vmap(policy.act, in_axes=(None if shared else 0, 0, 0), out_axes=(0, None if shared else 0))
+
+    def tick(carry, k):
+        state, pstate = carry
+        raw = jax.vmap(sv.raw_observation)(state.nodes, params.nodes)
+        action, pstate = act(pstate, raw, params.nodes)
+        action = jnp.where(action < env.num_actions, action, sv.MAINTAIN)
+        state, metrics, _ = env.transition(jax.random.split(k, regions), state, action, params)
+        return (state, pstate), {**metrics, "action": action}
+
+    pstate = jax.vmap(policy.init)(params.nodes) if policy_state is None else policy_state
+    _, metrics = jax.lax.scan(tick, (state, pstate), jax.random.split(k_steps, num_ticks))
+    return metrics
+
+
 @partial(jax.jit, static_argnames=("env", "policy", "num_seeds", "num_ticks", "per_node_state"))
-def run_episodes(env, policy: Policy, node_params: sv.EnvParams, key, num_seeds: int, num_ticks: int, policy_state=None, per_node_state=False):
-    """Metrics of shape (nodes, seeds, ticks) for a stack of node params. The same seeds
-    for every policy: common random numbers make the comparison paired. With
-    `per_node_state`, `policy_state` has a leading node axis (one policy per node)."""
+def run_episodes(env, policy: Policy, params, key, num_seeds: int, num_ticks: int, policy_state=None, per_node_state=False):
+    """Metrics of shape (nodes, seeds, ticks): `env` a ServingNodeEnv and `params` a stack
+    of node params (independent regions), or a ServingCluster and its ClusterParams (the
+    regions coupled, `eval_env`). The same seeds for every policy: common random numbers
+    make the comparison paired. With `per_node_state`, `policy_state` has a leading node
+    axis (one policy per node)."""
     keys = jax.random.split(key, num_seeds)
+    if isinstance(env, ServingCluster):
+        metrics = jax.vmap(lambda k: cluster_rollout(env, policy, params, k, num_ticks, policy_state, per_node_state))(keys)
+        return jax.tree.map(lambda x: jnp.moveaxis(x, -1, 0), metrics)  # (seeds, ticks, regions) -> (regions, seeds, ticks)
     per_node = lambda p, ps: jax.vmap(lambda k: rollout(env, policy, p, k, num_ticks, ps))(keys)  # noqa: E731
-    return jax.vmap(per_node, in_axes=(0, 0 if per_node_state else None))(node_params, policy_state)
+    return jax.vmap(per_node, in_axes=(0, 0 if per_node_state else None))(params, policy_state)
+
+
+def eval_env(cfg, node_params: sv.EnvParams):
+    """(env, params) that run_episodes evaluates `cfg`'s regions in: its cluster env with
+    the regions coupled by forwarding (env.kind "cluster"), or independent ServingNode-v0
+    regions, each with its modelled peer ("node")."""
+    if cfg.env.kind == "cluster":
+        return ServingCluster(cfg.env.action_set), cluster_links(cfg, node_params)
+    return ServingNodeEnv(cfg.env.action_set), node_params
 
 
 def _lognormal_sd(mean, p95):
@@ -164,11 +205,14 @@ def kpis(metrics: dict, tick_s: float, node_params, axis=None) -> dict[str, np.n
         "dropped_pct": 100.0 * s(m["dropped"]) / np.maximum(s(arrivals), 1e-12),
         "rejected_pct": 100.0 * s(m["rejected"]) / np.maximum(s(arrivals), 1e-12),
         "forwarded_pct": 100.0 * s(m["forwarded"]) / np.maximum(s(arrivals), 1e-12),
+        "served_for_peers_rps": s(m["served_for_peers"]) / (hours * 3600.0),
         "replicas": m["replicas_billed"].mean(axis=axis),
         "gpu_util_pct": 100.0 * m["gpu_util"].mean(axis=axis),
         "cpu_util_pct": 100.0 * m["cpu_util"].mean(axis=axis),
         "memory_util_pct": 100.0 * m["memory_util"].mean(axis=axis),
         "cost_usd_per_h": cost / hours,
+        "forwarding_usd_per_h": s(m["egress_usd"] + m["peer_paid_usd"]) / hours,
+        "peer_credit_usd_per_h": s(m["peer_credit_usd"]) / hours,
         "cost_usd_per_mtok": cost / np.maximum(tokens / 1e6, 1e-12),
         "quality": wmean(m["quality"], done),
         "reward": m["reward"].mean(axis=axis),
@@ -187,7 +231,8 @@ def kpis(metrics: dict, tick_s: float, node_params, axis=None) -> dict[str, np.n
 
 
 # Rates and costs add over a cluster's nodes; the rest is request-weighted.
-ADDITIVE = ("goodput_rps", "throughput_rps", "tokens_per_s", "cost_usd_per_h")
+ADDITIVE = ("goodput_rps", "throughput_rps", "tokens_per_s", "cost_usd_per_h", "served_for_peers_rps", "forwarding_usd_per_h",
+            "peer_credit_usd_per_h")
 
 
 def cluster_kpis(metrics: dict, tick_s: float, node_params) -> dict[str, float]:
@@ -247,7 +292,8 @@ def save_table(rows: dict[str, dict[str, float]], out_dir: Path, stem: str = "kp
 
 def plot_timeline(traces: dict[str, dict], tick_s: float, node_name: str, path: Path) -> None:
     """One node over one simulated day, one line per policy: arrivals, replicas, latency, cost,
-    and the shares forwarded and lost (dropped or rejected)."""
+    and the shares forwarded, lost (dropped or rejected) and served for peers (of its own
+    arrivals)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -265,6 +311,8 @@ def plot_timeline(traces: dict[str, dict], tick_s: float, node_name: str, path: 
         arrivals = np.maximum(np.asarray(m["arrivals"]), 1e-9)
         axes[4].plot(hours, 100.0 * np.asarray(m["forwarded"]) / arrivals, label=f"{name} forwarded", lw=1)
         axes[4].plot(hours, 100.0 * (np.asarray(m["dropped"]) + np.asarray(m["rejected"])) / arrivals, ls=":", lw=1, label=f"{name} dropped + rejected")
+        if np.any(np.asarray(m["served_for_peers"]) > 0):
+            axes[4].plot(hours, 100.0 * np.asarray(m["served_for_peers"]) / arrivals, ls="--", lw=1, label=f"{name} served for peers")
     axes[1].set_ylabel("replicas (billed)")
     axes[2].set_ylabel("mean e2e latency (ms)")
     axes[2].set_yscale("log")
@@ -285,16 +333,16 @@ def evaluate_policies(cfg, policies: dict, scenario: str, out_dir: Path, seed: i
     cluster on one scenario (or on `node_params`, e.g. replayed traces, for `num_ticks`);
     write the cluster's and each region's KPI tables (markdown/CSV/JSON) and the one-day
     timeline of the first node; return the cluster rows."""
-    env = ServingNodeEnv(cfg.env.action_set)
     if node_params is None:
         node_params, planned_ticks, _ = scenario_plan(cfg, scenario)
         num_ticks = num_ticks or planned_ticks
     params = node_params
+    env, env_params = eval_env(cfg, params)
     num_ticks = num_ticks or cfg.env.episode_ticks
     names = [n.name for n in cfg.cluster.nodes]
     rows, regions, traces = {}, {}, {}
     for name, (policy, policy_state, per_node) in policies.items():
-        metrics = run_episodes(env, policy, params, jax.random.PRNGKey(seed), cfg.eval.num_seeds, num_ticks, policy_state, per_node)
+        metrics = run_episodes(env, policy, env_params, jax.random.PRNGKey(seed), cfg.eval.num_seeds, num_ticks, policy_state, per_node)
         rows[name] = cluster_kpis(metrics, cfg.env.tick_s, params)
         regions[name] = region_kpis(metrics, cfg.env.tick_s, params, names)
         traces[name] = {k: np.asarray(v[0, 0]) for k, v in metrics.items()}

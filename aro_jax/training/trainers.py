@@ -15,6 +15,7 @@ import numpy as np
 
 from aro_jax import config as config_lib
 from aro_jax.algorithms import ppo
+from aro_jax.envs import cluster
 from aro_jax.envs.params import EnvParams, RewardWeights
 from aro_jax.envs.scenarios import cluster_params
 from aro_jax.envs.serving import ServingNodeEnv
@@ -113,6 +114,7 @@ def serving_metrics(tick_s: float) -> Callable[[dict], dict]:
             "slo_attainment": m["slo_attainment"].mean(),
             "cost_usd_per_h": m["cost_usd"].mean() * 3600.0 / tick_s,
             "dropped_pct": 100.0 * m["dropped"].sum() / jnp.maximum(m["arrivals"].sum(), 1e-9),
+            "forwarded_pct": 100.0 * m["forwarded"].sum() / jnp.maximum(m["arrivals"].sum(), 1e-9),
         }
 
     return metrics
@@ -135,13 +137,24 @@ def serving_costs(info, node_params: EnvParams, slo_target: float) -> jax.Array:
     return jnp.stack([missed, m["dropped"] / demand_ref, quality_loss], axis=-1)
 
 
-def make_learner(cfg: config_lib.ExperimentConfig, node_params: EnvParams) -> ppo.Learner:
+def region_grid(cfg: config_lib.ExperimentConfig, node_params: EnvParams) -> ppo.EnvGrid | None:
+    """The (regions, clusters) grid of the run's cluster env (env.kind "cluster"): the
+    regions of each simulated cluster step together; None for independent regions."""
+    if cfg.env.kind != "cluster":
+        return None
+    grid = cluster.RegionGrid(cluster.ServingCluster(cfg.env.action_set), cluster.cluster_links(cfg, node_params))
+    return ppo.EnvGrid(grid.reset, grid.step)
+
+
+def make_learner(cfg: config_lib.ExperimentConfig, node_params: EnvParams, env_grid: ppo.EnvGrid | None = None) -> ppo.Learner:
     """PPO on the serving env over a stack of node params, cfg.env.num_clusters each
-    (constrained PPO under the "slo" objective)."""
+    (constrained PPO under the "slo" objective); `env_grid` steps them (default: each
+    node alone)."""
     return ppo.make_train(
         ServingNodeEnv(cfg.env.action_set), node_params, ppo_config(cfg), stacked=True,
         env_params_fn=with_reward_weights, metrics_fn=serving_metrics(cfg.env.tick_s),
         cost_fn=functools.partial(serving_costs, slo_target=cfg.objective.slo_target) if cfg.objective.kind == "slo" else None,
+        env_grid=env_grid,
     )
 
 
@@ -151,9 +164,11 @@ def make_federated(
     attack_options: Sequence[str] | None = None,
     defence_options: Sequence[tuple[str, int]] | None = None,
 ):
-    """(init, train_chunk, learner) of federated or local-only PPO: one learner per node."""
+    """(init, train_chunk, learner) of federated or local-only PPO: one learner per node
+    (in the cluster env, the nodes' envs step together)."""
     learner = make_learner(cfg, jax.tree.map(lambda x: x[:1], node_params))
-    return fedppo.make_federated_train(learner, node_params, cfg.federated, attack_options, defence_options)
+    return fedppo.make_federated_train(learner, node_params, cfg.federated, attack_options, defence_options,
+                                       coupled=region_grid(cfg, node_params))
 
 
 def num_rounds(cfg: config_lib.ExperimentConfig) -> int:
@@ -232,7 +247,7 @@ def make_trainer(cfg: config_lib.ExperimentConfig) -> Trainer:
     nodes = len(cfg.cluster.nodes)
     steps_per_update = cfg.ppo.rollout_steps * cfg.env.num_clusters * nodes
     if cfg.federated.mode == "centralized":
-        learner = make_learner(cfg, node_params)
+        learner = make_learner(cfg, node_params, region_grid(cfg, node_params))
         return Trainer(
             init=learner.init, chunk=learner.train_chunk, units_total=config_lib.num_updates(cfg),
             env_steps_per_unit=steps_per_update, units_done=lambda s: int(s.update_step),
