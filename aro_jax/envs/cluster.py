@@ -133,10 +133,13 @@ def route(want, spare, rank):
     for k in range(rank.shape[0]):  # R - 1 rounds, unrolled (R is static)
         ask = left[:, None] * rank[k]
         asked = ask.sum(0)
-        grant = ask * jnp.minimum(room / jnp.maximum(asked, 1e-9), 1.0)[None, :]
+        # The granted share is clipped to [0, 1] and what is left floored at 0: a peer's
+        # room that rounding left a hair below 0 must not turn a later ask into a negative
+        # flow (sent back and counted as work by both ends).
+        grant = ask * jnp.clip(room / jnp.maximum(asked, 1e-9), 0.0, 1.0)[None, :]
         flows = flows + grant
-        left = left - grant.sum(1)
-        room = room - grant.sum(0)
+        left = jnp.maximum(left - grant.sum(1), 0.0)
+        room = jnp.maximum(room - grant.sum(0), 0.0)
     return flows
 
 
