@@ -25,7 +25,6 @@ from bench_common import run_report  # noqa: E402
 from aro_jax.config import load_config  # noqa: E402
 from aro_jax.envs.heuristics import HEURISTICS  # noqa: E402
 from aro_jax.envs.scenarios import cluster_params  # noqa: E402
-from aro_jax.envs.serving import ServingNodeEnv  # noqa: E402
 from aro_jax.training import evaluation, learned_policy, trainers  # noqa: E402
 
 OUT = Path(__file__).with_name("main_job_seeds.json")
@@ -38,18 +37,18 @@ def measure(seeds: int) -> dict:
     trainer, weights = trainers.train_seeds(cfg, seeds)
     jax.block_until_ready(weights)
     train_s = time.perf_counter() - t0
-    env = ServingNodeEnv(cfg.env.action_set)
     params = cluster_params(cfg, cfg.eval.scenario)
+    env, eparams = evaluation.eval_env(cfg, params)
     policy = learned_policy.greedy_policy(trainer.network, cfg.ppo.normalize_obs, cfg.ppo.action_masking)
     key = jax.random.PRNGKey(0)  # the main job's evaluation key
     rows = []
     for s in range(seeds):
         w = jax.tree.map(lambda x: x[s], weights)
-        m = evaluation.run_episodes(env, policy, params, key, cfg.eval.num_seeds, cfg.env.episode_ticks, w, trainer.per_node)
+        m = evaluation.run_episodes(env, policy, eparams, key, cfg.eval.num_seeds, cfg.env.episode_ticks, w, trainer.per_node)
         k = evaluation.cluster_kpis(m, cfg.env.tick_s, params)
         rows.append({"seed": s, **{x: k[x] for x in SHOWN}})
         print(rows[-1], flush=True)
-    m = evaluation.run_episodes(env, HEURISTICS["reactive+tier"](cfg.env.tick_s), params, key, cfg.eval.num_seeds, cfg.env.episode_ticks)
+    m = evaluation.run_episodes(env, HEURISTICS["reactive+tier"](cfg.env.tick_s), eparams, key, cfg.eval.num_seeds, cfg.env.episode_ticks)
     k = evaluation.cluster_kpis(m, cfg.env.tick_s, params)
     return {"rows": rows, "reactive_tier": {x: k[x] for x in SHOWN}, "train_s": train_s, "steps_per_seed": cfg.train.total_env_steps}
 

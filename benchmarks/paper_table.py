@@ -35,7 +35,6 @@ from bench_common import machine, write_report  # noqa: E402
 
 from aro_jax.envs.heuristics import HEURISTICS  # noqa: E402
 from aro_jax.envs.scenarios import SCENARIOS, scenario_plan  # noqa: E402
-from aro_jax.envs.serving import ServingNodeEnv  # noqa: E402
 from aro_jax.training import evaluation  # noqa: E402
 from aro_jax.training.checkpointing import load_trained_policy  # noqa: E402
 
@@ -75,7 +74,6 @@ def measure(args) -> dict:
     if args.learned_no_tier:
         cfg_off, policy_off, weights_off, per_node_off = load_trained_policy(Path(args.learned_no_tier))
         tables["tier off"] = (with_tier(cfg, False), {LEARNED: (policy_off, weights_off, per_node_off)}, BASES)
-    env = ServingNodeEnv(cfg.env.action_set)
     key = jax.random.PRNGKey(2024)
     out = {"tables": {}, "best_effort": {}}
     for table, (tcfg, learned_rows, heuristic_rows) in tables.items():
@@ -83,9 +81,10 @@ def measure(args) -> dict:
         out["tables"][table] = {}
         for scen in scenarios(tcfg):
             params, ticks, _ = scenario_plan(tcfg, scen)
+            env, eparams = evaluation.eval_env(tcfg, params)
             rows = {}
             for name, (policy, state, pn) in policies.items():
-                m = evaluation.run_episodes(env, policy, params, key, args.eval_seeds, ticks, state, pn)
+                m = evaluation.run_episodes(env, policy, eparams, key, args.eval_seeds, ticks, state, pn)
                 rows[name] = per_seed_kpis(m, tcfg.env.tick_s, params, args.eval_seeds)
             out["tables"][table][scen] = {"ticks": ticks, "rows": rows}
             print(f"{table} / {scen}: done", flush=True)
@@ -94,9 +93,10 @@ def measure(args) -> dict:
         for load in LOADS:
             t = base.traffic.replace(mean_rate_rps=base.traffic.mean_rate_rps * load)
             params = base.replace(traffic=t)
+            env, eparams = evaluation.eval_env(tcfg, params)
             for name in shown:
                 policy, state, pn = policies[name]
-                m = evaluation.run_episodes(env, policy, params, key, args.eval_seeds, tcfg.env.episode_ticks, state, pn)
+                m = evaluation.run_episodes(env, policy, eparams, key, args.eval_seeds, tcfg.env.episode_ticks, state, pn)
                 out["best_effort"].setdefault(table, {}).setdefault(name, {})[f"{load:g}x"] = availability(m)
         print(f"{table} / best effort: done", flush=True)
     out["objective"] = dataclasses.asdict(cfg.objective)

@@ -32,7 +32,6 @@ from bench_common import machine, write_report  # noqa: E402
 from aro_jax.config import load_config  # noqa: E402
 from aro_jax.envs import heuristics  # noqa: E402
 from aro_jax.envs.scenarios import SCENARIOS, cluster_params  # noqa: E402
-from aro_jax.envs.serving import ServingNodeEnv  # noqa: E402
 from aro_jax.training import evaluation, learned_policy, trainers  # noqa: E402
 
 OUT = Path(__file__).with_name("pareto.json")
@@ -95,21 +94,21 @@ def main() -> int:
         return 0
     t_start = time.perf_counter()
     cfg, trainer, targets, weights, last = train_frontier(args)
-    env = ServingNodeEnv(cfg.env.action_set)
     policy = learned_policy.greedy_policy(trainer.network, cfg.ppo.normalize_obs, cfg.ppo.action_masking)
     key = jax.random.PRNGKey(2024)
     rows = []
     for scen in args.scenarios:
         params = cluster_params(cfg, scen)
+        env, eparams = evaluation.eval_env(cfg, params)
         for i, target in enumerate(targets):
             w = jax.tree.map(lambda x: x[i], weights)
-            m = evaluation.run_episodes(env, policy, params, key, args.eval_seeds, cfg.env.episode_ticks, w, trainer.per_node)
+            m = evaluation.run_episodes(env, policy, eparams, key, args.eval_seeds, cfg.env.episode_ticks, w, trainer.per_node)
             k = evaluation.cluster_kpis(m, cfg.env.tick_s, params)
             rows.append({"policy": "learned (slo)", "setting": target, "seed": i % args.seeds, "scenario": scen,
                          **{x: k[x] for x in KPIS}, **scaling_kpis(m, params)})
         for name, (_, values, make) in SETTINGS.items():
             for v in values:
-                m = evaluation.run_episodes(env, make(cfg.env.tick_s, v), params, key, args.eval_seeds, cfg.env.episode_ticks)
+                m = evaluation.run_episodes(env, make(cfg.env.tick_s, v), eparams, key, args.eval_seeds, cfg.env.episode_ticks)
                 k = evaluation.cluster_kpis(m, cfg.env.tick_s, params)
                 rows.append({"policy": name, "setting": v, "seed": 0, "scenario": scen, **{x: k[x] for x in KPIS},
                              **scaling_kpis(m, params)})

@@ -41,7 +41,6 @@ from bench_common import machine, write_report  # noqa: E402
 from aro_jax.config import load_config  # noqa: E402
 from aro_jax.envs.heuristics import reactive_policy  # noqa: E402
 from aro_jax.envs.scenarios import cluster_params  # noqa: E402
-from aro_jax.envs.serving import ServingNodeEnv  # noqa: E402
 from aro_jax.training import evaluation, learned_policy, trainers  # noqa: E402
 
 OUT = Path(__file__).with_name("privacy_utility.json")
@@ -124,12 +123,12 @@ GROUPS = {
 
 
 def _eval_fn(cfg, network, normalize: bool):
-    env = ServingNodeEnv(cfg.env.action_set)
     params = cluster_params(cfg, "diurnal")
+    env, eparams = evaluation.eval_env(cfg, params)
     policy = learned_policy.greedy_policy(network, normalize)
 
     def one(weights):
-        m = evaluation.run_episodes(env, policy, params, jax.random.PRNGKey(123), EVAL_SEEDS, EVAL_TICKS, weights)
+        m = evaluation.run_episodes(env, policy, eparams, jax.random.PRNGKey(123), EVAL_SEEDS, EVAL_TICKS, weights)
         return _kpis(m, cfg.env.tick_s)
 
     return jax.jit(jax.vmap(one))
@@ -198,8 +197,8 @@ def run_group(unit: str, seeds: int, previous: dict | None = None, save=lambda g
 
 def reactive_reward(settings: list[str]) -> dict:
     cfg = load_config(None, BASE + settings)
-    env = ServingNodeEnv(cfg.env.action_set)
-    m = evaluation.run_episodes(env, reactive_policy(cfg.env.tick_s), cluster_params(cfg, "diurnal"), jax.random.PRNGKey(123), EVAL_SEEDS, EVAL_TICKS)
+    env, eparams = evaluation.eval_env(cfg, cluster_params(cfg, "diurnal"))
+    m = evaluation.run_episodes(env, reactive_policy(cfg.env.tick_s), eparams, jax.random.PRNGKey(123), EVAL_SEEDS, EVAL_TICKS)
     return {k: float(v) for k, v in _kpis(m, cfg.env.tick_s).items()}
 
 

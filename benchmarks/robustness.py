@@ -36,7 +36,6 @@ import numpy as np  # noqa: E402
 from aro_jax.training import evaluation, learned_policy, trainers  # noqa: E402
 from aro_jax.config import load_config  # noqa: E402
 from aro_jax.envs.scenarios import cluster_params  # noqa: E402
-from aro_jax.envs.serving import ServingNodeEnv  # noqa: E402
 from aro_jax.federated import aggregators, attacks, fedppo  # noqa: E402
 
 HERE = Path(__file__).parent
@@ -130,12 +129,12 @@ class Study:
 
 def make_evaluator(cfg, network, per_node: bool):
     """weights stacked over runs -> mean reward per run (greedy, diurnal, common seeds)."""
-    env = ServingNodeEnv(cfg.env.action_set)
     params = cluster_params(cfg, "diurnal")
+    env, eparams = evaluation.eval_env(cfg, params)
     policy = learned_policy.greedy_policy(network)
 
     def one(w):
-        m = evaluation.run_episodes(env, policy, params, jax.random.PRNGKey(123), EVAL_SEEDS, EVAL_TICKS, w, per_node_state=per_node)
+        m = evaluation.run_episodes(env, policy, eparams, jax.random.PRNGKey(123), EVAL_SEEDS, EVAL_TICKS, w, per_node_state=per_node)
         return m["reward"].mean()
 
     return jax.jit(jax.vmap(one))

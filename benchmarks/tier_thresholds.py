@@ -27,7 +27,6 @@ from bench_common import run_report  # noqa: E402
 from aro_jax.config import load_config  # noqa: E402
 from aro_jax.envs import heuristics  # noqa: E402
 from aro_jax.envs.scenarios import cluster_params  # noqa: E402
-from aro_jax.envs.serving import ServingNodeEnv  # noqa: E402
 from aro_jax.training import evaluation  # noqa: E402
 
 DEGRADE = (0.8, 0.9, 1.0, 1.1)
@@ -38,11 +37,11 @@ SHOWN = ("goodput_per_usd", "goodput_rps", "slo_attainment_pct", "dropped_pct", 
 
 def measure(seeds: int) -> dict:
     cfg = load_config()
-    env = ServingNodeEnv(cfg.env.action_set)
     params = cluster_params(cfg, "diurnal")
+    env, eparams = evaluation.eval_env(cfg, params)
     key = jax.random.PRNGKey(7)
     run = lambda policy, state=None: evaluation.cluster_kpis(  # noqa: E731
-        evaluation.run_episodes(env, policy, params, key, seeds, cfg.env.episode_ticks, state, state is not None), cfg.env.tick_s, params)
+        evaluation.run_episodes(env, policy, eparams, key, seeds, cfg.env.episode_ticks, state, state is not None), cfg.env.tick_s, params)
     rows = []
     for base in ("reactive", "static-mean"):
         rows.append({"policy": base, "degrade_load": None, "restore_load": None, **{k: run(heuristics.HEURISTICS[base](cfg.env.tick_s))[k] for k in SHOWN}})
