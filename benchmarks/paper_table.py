@@ -44,7 +44,7 @@ LEARNED = "ARO (learned)"
 BASES = {"Static (mean)": "static-mean", "Static (peak)": "static-peak", "Reactive": "reactive", "Predictive": "predictive"}
 TIERED = {f"{k} + tier": f"{v}+tier" for k, v in BASES.items()}
 COLUMNS = ["goodput_per_usd", "goodput_rps", "slo_attainment_pct", "e2e_mean_all_ms", "e2e_p95_ms", "dropped_pct", "rejected_pct",
-           "forwarded_pct", "replicas", "cost_usd_per_h", "cost_usd_per_mtok", "quality"]
+           "forwarded_pct", "served_for_peers_rps", "replicas", "cost_usd_per_h", "cost_usd_per_mtok", "quality"]
 PAPER_CLAIMS = {"latency vs Reactive": -22.0, "throughput vs Reactive": +28.0, "cost vs Static": -18.0}
 LOADS = (1.0, 2.0, 5.0, 10.0)
 SLO_BAR = 0.9  # a region-tick is "available" when at least 90 % of its requests meet the SLOs
@@ -100,6 +100,7 @@ def measure(args) -> dict:
                 out["best_effort"].setdefault(table, {}).setdefault(name, {})[f"{load:g}x"] = availability(m)
         print(f"{table} / best effort: done", flush=True)
     out["objective"] = dataclasses.asdict(cfg.objective)
+    out["env_kind"] = cfg.env.kind
     out["federated"] = {"mode": cfg.federated.mode, "aggregator": cfg.federated.aggregator, "personal_mix": cfg.federated.personal_mix}
     return out
 
@@ -143,7 +144,9 @@ def render(d: dict) -> str:
         f"personal mix {fed['personal_mix']:g}; objective {o['kind']}: attainment >= {100 * o['slo_target']:.0f} %"
         + (f" ({per_mix})" if per_mix else "") + f", drops <= {100 * o['max_drop']:g} %, quality >= {o.get('min_quality', 0):g})"
         + (f" and, tier off, `{d['learned_no_tier']}` (trained with `env.quality_tier=false`)" if d.get("learned_no_tier") else "")
-        + f". Every row: greedy policy, {d['eval_seeds']} evaluation seeds x 10 regions, one simulated day from Monday 00:00 "
+        + f". Every row: greedy policy, {d['eval_seeds']} evaluation seeds x 10 regions"
+        + (" coupled in the cluster env as in training (forwarded requests served by the peers at their load and price)"
+           if d.get("env_kind") == "cluster" else " each alone with its modelled peer") + ", one simulated day from Monday 00:00 "
         "UTC (the trace scenarios: the trace's own length, replayed natively); mean ± 95 % CI over evaluation seeds. "
         "Headline figures count every arrival: SLO attainment and goodput count drops and rejects as misses; mean e2e "
         "over all arrivals counts a drop at the queue timeout and a reject at the SLO budget; p95 e2e is of the served "

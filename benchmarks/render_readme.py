@@ -66,13 +66,16 @@ def main_job() -> list[str]:
     ppo = rows[learned]
     cols = [("goodput_per_usd", "goodput / $ (req/$)"), ("goodput_rps", "goodput (req/s)"), ("slo_attainment_pct", "SLO attainment (%)"),
             ("e2e_mean_all_ms", "mean e2e, all arrivals (ms)"), ("e2e_p95_ms", "p95 e2e, served (ms)"), ("dropped_pct", "dropped (%)"),
-            ("rejected_pct", "rejected (%)"), ("forwarded_pct", "forwarded (%)"), ("replicas", "replicas / region"),
+            ("rejected_pct", "rejected (%)"), ("forwarded_pct", "forwarded (%)"), ("served_for_peers_rps", "served for peers (req/s)"),
+            ("replicas", "replicas / region"),
             ("cost_usd_per_h", "cost ($/h)"), ("quality", "quality")]
     wall = f"{s['wall_s'] / 60:.1f} min wall clock in all, " if s.get("wall_s") else ""
     out = [
         f"The main job (`{s['command']}`; {s['machine']}): {wall}{s['train_s'] / 60:.1f} min of training "
         f"({s['env_steps'] / 1e6:.1f}M env steps at {rate(s['env_steps_per_s'])} env steps/s), then the evaluation: "
-        "one simulated day from Monday 00:00 UTC, 8 seeds x 10 regions, the same seeds for every policy; headline figures "
+        "one simulated day from Monday 00:00 UTC, 8 seeds x 10 regions, the same seeds for every policy"
+        + (", the regions coupled in the cluster env as in training (forwarded requests served by the peers at their load and price)"
+           if s.get("env_kind") == "cluster" else ", each region alone with its modelled peer") + "; headline figures "
         "count every arrival (a drop or a reject is a miss) and percentiles are of the day's pooled requests "
         "([`kpis_diurnal.md`](benchmarks/main_job/kpis_diurnal.md), per region "
         "[`kpis_diurnal_regions.md`](benchmarks/main_job/kpis_diurnal_regions.md), "
@@ -114,7 +117,7 @@ def main_job() -> list[str]:
             text += (f"Against {ref.replace('+tier', ' + tier')}: goodput per dollar {pct(ppo['goodput_per_usd'], r['goodput_per_usd'])}, "
                      f"SLO attainment {ppo['slo_attainment_pct'] - r['slo_attainment_pct']:+.1f} points, cost {pct(ppo['cost_usd_per_h'], r['cost_usd_per_h'])}, "
                      f"replicas per region {num(ppo['replicas'])} against {num(r['replicas'])}, quality {ppo['quality']:.3f} against {r['quality']:.3f}. ")
-    if (B / "main_job_seeds.json").is_file():
+    if (B / "main_job_seeds.json").is_file() and load("main_job_seeds.json").get("env_kind", "node") == s.get("env_kind", "node"):
         d = load("main_job_seeds.json")
         v = {k: np.array([r[k] for r in d["rows"]]) for k in ("goodput_per_usd", "slo_attainment_pct", "dropped_pct", "cost_usd_per_h")}
         rt = d["reactive_tier"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 
 import jax
@@ -127,8 +127,14 @@ def eval_env(cfg, node_params: sv.EnvParams):
     the regions coupled by forwarding (env.kind "cluster"), or independent ServingNode-v0
     regions, each with its modelled peer ("node")."""
     if cfg.env.kind == "cluster":
-        return ServingCluster(cfg.env.action_set), cluster_links(cfg, node_params)
-    return ServingNodeEnv(cfg.env.action_set), node_params
+        return _env(ServingCluster, cfg.env.action_set), cluster_links(cfg, node_params)
+    return _env(ServingNodeEnv, cfg.env.action_set), node_params
+
+
+@lru_cache(maxsize=None)
+def _env(kind, action_set: str):
+    """One env object per (kind, action set): run_episodes compiles once per env object."""
+    return kind(action_set)
 
 
 def _lognormal_sd(mean, p95):
