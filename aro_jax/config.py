@@ -102,6 +102,11 @@ class PPOSection:
     hidden_sizes: list[int] = field(default_factory=lambda: [64, 64])
     normalize_obs: bool = True
     action_masking: bool = True
+    # PID gains of the constrained objective's multipliers (objective.kind: slo; Stooke et
+    # al. 2020): the integral gain is the multipliers' learning rate per update.
+    lagrange_ki: float = 0.05
+    lagrange_kp: float = 0.5
+    lagrange_kd: float = 0.0
 
 
 @dataclass
@@ -384,6 +389,7 @@ def validate(cfg: ExperimentConfig) -> None:
     require(p.clip_eps > 0, "ppo.clip_eps", f"must be > 0, got {p.clip_eps}")
     require(p.max_grad_norm > 0, "ppo.max_grad_norm", f"must be > 0, got {p.max_grad_norm}")
     require(p.ent_coef >= 0 and p.vf_coef >= 0, "ppo.ent_coef", "ent_coef and vf_coef must be >= 0")
+    require(min(p.lagrange_ki, p.lagrange_kp, p.lagrange_kd) >= 0, "ppo.lagrange_ki", "the multipliers' PID gains lagrange_ki, lagrange_kp and lagrange_kd must be >= 0")
     require(len(p.hidden_sizes) >= 1 and all(h >= 1 for h in p.hidden_sizes), "ppo.hidden_sizes", f"need positive layer sizes, got {p.hidden_sizes}")
 
     _validate_federated(cfg, require)

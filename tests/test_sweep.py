@@ -207,3 +207,23 @@ def test_slo_target_needs_the_slo_objective(tmp_path):
 def test_paper_reward_weights_need_the_paper_objective(tmp_path):
     with pytest.raises(ConfigError, match="objective.kind=paper"):
         sweep.load_sweep(write_sweep(tmp_path, {"overrides": [*TINY, "objective.kind=slo"], "grid": {"alpha": [0.5, 1.0]}}))
+
+
+def test_every_sweepable_name_is_a_config_key_that_reaches_the_hyperparameters():
+    """Each SWEEPABLE value set as a config override changes the run's Hyperparams (the
+    multipliers' PID gains once named ppo.* keys that the config did not have)."""
+    import dataclasses
+
+    import jax
+
+    from aro_jax.sweep.spec import SWEEPABLE
+    from aro_jax.training import trainers
+
+    for name, key in SWEEPABLE.items():
+        kind = "objective.kind=" + ("paper" if key.startswith("env.reward.") else "slo")  # reward weights: the paper objective's
+        base = trainers.hyperparams(load_config(None, [kind]))
+        hp = trainers.hyperparams(load_config(None, [kind, f"{key}=0.123"]))
+        leaves = lambda h: np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(h)])  # noqa: E731
+        assert not np.allclose(leaves(hp), leaves(base)), key
+        if name in {f.name for f in dataclasses.fields(hp)}:
+            assert float(getattr(hp, name)) == pytest.approx(0.123), key
