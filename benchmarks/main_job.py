@@ -49,6 +49,7 @@ def collect(run_dir: Path, wall_s: float | None, command: str) -> dict:
         "eval_rewards": [r["eval_reward"] for r in train],
         "objective": config.get("objective"),
         "env_kind": config["env"].get("kind", "node"),
+        "ppo": config["ppo"],
         # Each region's attainment target (its workload's, else the run's slo_target).
         "region_targets": {n["name"]: (config.get("objective") or {}).get("slo_targets", {}).get(n.get("traffic_mix", "conversation"),
                                                                                            (config.get("objective") or {}).get("slo_target"))

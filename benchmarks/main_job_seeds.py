@@ -9,6 +9,7 @@ usage: python benchmarks/main_job_seeds.py [--seeds 3] [--render-only]
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -51,7 +52,7 @@ def measure(seeds: int) -> dict:
     m = evaluation.run_episodes(env, HEURISTICS["reactive+tier"](cfg.env.tick_s), eparams, key, cfg.eval.num_seeds, cfg.env.episode_ticks)
     k = evaluation.cluster_kpis(m, cfg.env.tick_s, params)
     return {"rows": rows, "reactive_tier": {x: k[x] for x in SHOWN}, "train_s": train_s, "steps_per_seed": cfg.train.total_env_steps,
-            "env_kind": cfg.env.kind}
+            "env_kind": cfg.env.kind, "ppo": dataclasses.asdict(cfg.ppo)}
 
 
 def render(d: dict) -> str:

@@ -117,7 +117,8 @@ def main_job() -> list[str]:
             text += (f"Against {ref.replace('+tier', ' + tier')}: goodput per dollar {pct(ppo['goodput_per_usd'], r['goodput_per_usd'])}, "
                      f"SLO attainment {ppo['slo_attainment_pct'] - r['slo_attainment_pct']:+.1f} points, cost {pct(ppo['cost_usd_per_h'], r['cost_usd_per_h'])}, "
                      f"replicas per region {num(ppo['replicas'])} against {num(r['replicas'])}, quality {ppo['quality']:.3f} against {r['quality']:.3f}. ")
-    if (B / "main_job_seeds.json").is_file() and load("main_job_seeds.json").get("env_kind", "node") == s.get("env_kind", "node"):
+    seeds_match = (B / "main_job_seeds.json").is_file() and all(load("main_job_seeds.json").get(k) == s.get(k) for k in ("env_kind", "ppo"))
+    if seeds_match:  # the spread of the main job's own config only
         d = load("main_job_seeds.json")
         v = {k: np.array([r[k] for r in d["rows"]]) for k in ("goodput_per_usd", "slo_attainment_pct", "dropped_pct", "cost_usd_per_h")}
         rt = d["reactive_tier"]
