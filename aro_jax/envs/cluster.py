@@ -271,6 +271,15 @@ class ServingCluster(environment.Environment[ClusterState, ClusterParams]):
         return jax.vmap(self.node.action_mask_from_obs)(obs[..., : len(OBS_FIELDS)], params.nodes)
 
 
+def _swap(x):
+    return jnp.swapaxes(x, 0, 1)
+
+
+def _swap_regions(state: ClusterState) -> ClusterState:
+    """The two leading axes of every per-region leaf swapped (the clock is the caller's)."""
+    return state.replace(nodes=jax.tree.map(_swap, state.nodes), in_flight=_swap(state.in_flight), spare_rps=_swap(state.spare_rps))
+
+
 class RegionGrid:
     """A batch of clusters seen the way a learner steps its envs: a (regions, clusters) grid
     (ppo.EnvGrid). States and observations carry the region axis first, then the clusters
@@ -284,22 +293,18 @@ class RegionGrid:
     passes (the same regions, with e.g. the run's reward weights)."""
 
     def __init__(self, env: ServingCluster, links: ClusterParams):
-        self.env, self.links = env, links
+        self.links = links
         self._reset = jax.vmap(env.reset, in_axes=(0, None))
         self._step = jax.vmap(env.step, in_axes=(0, 0, 0, None))
 
     @staticmethod
     def to_grid(state: ClusterState, regions: int):
         """(clusters, regions, ...) ClusterStates -> the grid layout."""
-        swap = lambda x: jnp.swapaxes(x, 0, 1)  # noqa: E731
-        return state.replace(time=jnp.broadcast_to(state.time, (regions,) + state.time.shape),
-                             nodes=jax.tree.map(swap, state.nodes), in_flight=swap(state.in_flight), spare_rps=swap(state.spare_rps))
+        return _swap_regions(state).replace(time=jnp.broadcast_to(state.time, (regions,) + state.time.shape))
 
     @staticmethod
     def from_grid(state: ClusterState) -> ClusterState:
-        swap = lambda x: jnp.swapaxes(x, 0, 1)  # noqa: E731
-        return state.replace(time=state.time[0], nodes=jax.tree.map(swap, state.nodes), in_flight=swap(state.in_flight),
-                             spare_rps=swap(state.spare_rps))
+        return _swap_regions(state).replace(time=state.time[0])
 
     def reset(self, keys, node_params: EnvParams):
         obs, state = self._reset(keys[0], self.links.replace(nodes=node_params))
@@ -307,17 +312,16 @@ class RegionGrid:
 
     def step(self, keys, state: ClusterState, action, node_params: EnvParams):
         regions = keys.shape[0]
-        swap = lambda x: jnp.swapaxes(x, 0, 1)  # noqa: E731
-        obs, state, reward, terminated, truncated, info = self._step(keys[0], self.from_grid(state), swap(action),
+        obs, state, reward, terminated, truncated, info = self._step(keys[0], self.from_grid(state), _swap(action),
                                                                       self.links.replace(nodes=node_params))
         per_region = lambda x: jnp.broadcast_to(x, (regions,) + x.shape)  # noqa: E731
-        info = {**info, "metrics": jax.tree.map(swap, info["metrics"]), "terminated": per_region(info["terminated"]),
+        info = {**info, "metrics": jax.tree.map(_swap, info["metrics"]), "terminated": per_region(info["terminated"]),
                 "truncated": per_region(info["truncated"]), "final_observation": self._node_obs(info["final_observation"])}
-        return (self._node_obs(obs), self.to_grid(state, regions), swap(reward), per_region(terminated), per_region(truncated), info)
+        return (self._node_obs(obs), self.to_grid(state, regions), _swap(reward), per_region(terminated), per_region(truncated), info)
 
     @staticmethod
     def _node_obs(obs):  # (clusters, regions, CLUSTER_OBS_FIELDS) -> (regions, clusters, OBS_FIELDS)
-        return jnp.swapaxes(obs[..., : len(OBS_FIELDS)], 0, 1)
+        return _swap(obs[..., : len(OBS_FIELDS)])
 
 
 def conservation_gap(metrics: dict, queue_before, in_flight_before) -> jax.Array:
