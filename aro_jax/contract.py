@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-ENV_VERSION = "aro-serving-v1"
+ENV_VERSION = "aro-serving-v2"  # v2: the node descriptor follows the live fields
 
 PAPER_ACTIONS = ("IncreaseCPU", "IncreaseGPU", "IncreaseMemory", "RebalanceWorkload", "MaintainCurrent")
 EXTENDED_ACTIONS = PAPER_ACTIONS + (
@@ -54,6 +54,33 @@ OBS_FIELDS = (
     "slo_attainment",
 )
 FIELD_INDEX = {name: i for i, name in enumerate(OBS_FIELDS)}
+
+# What a node is, in natural units: static facts of its deployment (model, parallelism,
+# GPU, engine cache, SLO, load scale, replica limit) appended to the live fields, so one
+# shared policy can condition on the region it runs in (regions differ in all of them:
+# 7B and 70B, TP 1-8, H100 and A100, chat and code SLOs). The live fields are divided by
+# the node's scale and so hide its size; these say it. Each maps to an O(1) feature by
+# log2(value / reference) (the reference: None keeps the value as it is).
+DESCRIPTOR_FIELDS = (
+    ("model_weights_gb", 16.0),
+    ("tensor_parallel", 1.0),
+    ("gpu_usd_per_h", 2.0),
+    ("kv_capacity_tokens", 2.0**17),
+    ("slo_ttft_s", 1.0),
+    ("slo_target", None),
+    ("reference_rate_rps", 16.0),  # the planned mean load the rates are scaled by
+    ("max_replicas", 16.0),
+)
+DESCRIPTOR_NAMES = tuple(name for name, _ in DESCRIPTOR_FIELDS)
+# The policy's input: the scaled live fields, then the descriptor's features.
+POLICY_INPUT_DIM = len(OBS_FIELDS) + len(DESCRIPTOR_FIELDS)
+
+
+def descriptor_features(values, xp=np):
+    """Natural-unit descriptor values (..., len(DESCRIPTOR_FIELDS)) -> O(1) features."""
+    cols = [values[..., i] if ref is None else xp.log2(xp.maximum(values[..., i], 1e-9) / ref)
+            for i, (_, ref) in enumerate(DESCRIPTOR_FIELDS)]
+    return xp.stack(cols, axis=-1)
 
 # The node limits the feasibility mask reads (EnvParams fields of the same names).
 MASK_LIMITS = (

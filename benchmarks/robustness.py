@@ -14,8 +14,15 @@ printed in robustness.md). This is a fraction of the main job's budget and the
 no-attack runs have not converged at it; robustness.md reports the no-attack return
 next to the attacked ones, so the comparison is at equal budget, not at a plateau.
 
-usage: python benchmarks/robustness.py [--f 1 2 3] [--seeds 3] [--steps 2500000]
-           [--aggregators ...] [--attacks ...] [--local]
+Two federated methods: "shared" (every region runs the robust global policy, which
+conditions on the region through the node descriptor in its input) and "personal" (the
+main job's: each region keeps its own policy, pulled 1 % of the way to the robust global
+each round). The return of a run is the mean reward per tick of the policies the honest
+regions deploy (regions 3..9 in every row, the attacked and the unattacked alike, so the
+rows compare the same regions).
+
+usage: python benchmarks/robustness.py [--method shared personal] [--f 1 2 3] [--seeds 3]
+           [--steps 2500000] [--aggregators ...] [--nnm ...] [--attacks ...] [--local]
 """
 
 from __future__ import annotations
@@ -56,6 +63,9 @@ ATTACKS = list(STRENGTHS)
 # Aggregators whose output does not depend on f (only the invalid-row budget does): one
 # defence with f = 3 stands for every f <= 3.
 F_FREE = {"geometric_median", "centered_clipping"}
+# Regions evaluated in every row: those honest under the largest f of the study.
+EVAL_FROM = 3
+METHODS = {"shared": ["federated.personal_mix=1.0"], "personal": []}
 
 
 def study_config(steps: int, extra: list[str] = ()):
@@ -72,32 +82,44 @@ def allowed(name: str, f: int) -> bool:
         return False
 
 
-def defences() -> list[tuple[str, int]]:
-    """Every (aggregator, f) the grid uses; FedAvg assumes f = 0."""
-    out = [("mean", 0)]
+def defences() -> list[tuple[str, int, tuple]]:
+    """Every (aggregator, f, pre-aggregators) the grid uses; FedAvg assumes f = 0. NNM
+    (nearest-neighbour mixing, Allouah et al. 2023) goes before every f-using rule."""
+    out = [("mean", 0, ())]
     for name in aggregators.ROBUST_AGGREGATORS:
         for f in (1, 2, 3):
             if (name in F_FREE and f != 3) or not allowed(name, f):
                 continue
-            out.append((name, f))
+            out.append((name, f, ()))
+            if name not in F_FREE:
+                out.append((name, f, ("nnm",)))
     return out
 
 
-def defence_for(name: str, f: int) -> tuple[str, int]:
-    if name == "mean":
-        return ("mean", 0)
-    return (name, 3) if name in F_FREE else (name, f)
+def label(name: str) -> str:
+    """'nnm+multi_krum' -> (aggregator, pre-aggregators)."""
+    *pre, agg = name.split("+")
+    return agg, tuple(pre)
+
+
+def defence_for(name: str, f: int) -> tuple[str, int, tuple]:
+    agg, pre = label(name)
+    if agg == "mean":
+        return ("mean", 0, pre)
+    return (agg, 3, pre) if agg in F_FREE else (agg, f, pre)
 
 
 class Study:
     """The compiled grid program and evaluator, built once."""
 
-    def __init__(self, steps: int, attack_names: list[str]):
-        self.cfg = study_config(steps, ["federated.mode=federated"])
+    def __init__(self, steps: int, attack_names: list[str], method: str):
+        self.cfg = study_config(steps, ["federated.mode=federated", *METHODS[method]])
+        self.method = method
         self.defences = defences()
         self.attacks = attack_names
         params = cluster_params(self.cfg, "train")
         init, chunk, learner = trainers.make_federated(self.cfg, params, attack_names, self.defences)
+        personal = method == "personal"
         hp = trainers.hyperparams(self.cfg)
         rounds = trainers.num_rounds(self.cfg)
 
@@ -105,37 +127,43 @@ class Study:
             state = init(key, hp)
             state = state.replace(threat=fedppo.Threat(attack, strength, byzantine, defence))
             state, metrics = chunk(state, hp, rounds)
-            weights = learned_policy.PolicyWeights(state.global_params, state.global_stats)
+            weights = (learned_policy.PolicyWeights(state.nodes.params, state.nodes.obs_stats) if personal
+                       else learned_policy.PolicyWeights(state.global_params, state.global_stats))
             return weights, metrics["skipped"].mean()
 
         self.train = jax.jit(jax.vmap(train_one, in_axes=(0, 0, 0, 0, None)))
-        self.evaluate = make_evaluator(self.cfg, learner.network, per_node=False)
+        self.evaluate = make_evaluator(self.cfg, learner.network, per_node=personal)
         self.rounds = rounds
 
-    def run(self, defence: tuple[str, int], f: int, cells: list[tuple[str, float]], seeds: int) -> list[dict]:
+    def run(self, defence: tuple[str, int, tuple], f: int, cells: list[tuple[str, float]], seeds: int) -> list[dict]:
         runs = [(a, s, seed) for a, s in cells for seed in range(seeds)]
         keys = jnp.stack([jax.random.PRNGKey(seed) for _, _, seed in runs])
         attack = jnp.asarray([self.attacks.index(a) for a, _, _ in runs], jnp.int32)
         strength = jnp.asarray([s for _, s, _ in runs], jnp.float32)
         byz = jnp.asarray([[i < (0 if a == "none" else f) for i in range(N_NODES)] for a, _, _ in runs])
         weights, skipped = self.train(keys, attack, strength, byz, jnp.int32(self.defences.index(defence)))
-        rewards = self.evaluate(weights)
+        rewards = np.asarray(self.evaluate(weights))
         return [
-            {"aggregator": defence[0], "f_assumed": defence[1], "f": 0 if a == "none" else f, "attack": a, "strength": s,
-             "seed": seed, "reward": float(r), "skipped_rounds": float(k)}
-            for (a, s, seed), r, k in zip(runs, np.asarray(rewards), np.asarray(skipped))
+            {"method": self.method, "aggregator": defence_name(defence), "f_assumed": defence[1], "f": 0 if a == "none" else f,
+             "attack": a, "strength": s, "seed": seed, "reward": float(r[EVAL_FROM:].mean()), "reward_regions": [float(x) for x in r],
+             "skipped_rounds": float(k)}
+            for (a, s, seed), r, k in zip(runs, rewards, np.asarray(skipped))
         ]
 
 
+def defence_name(defence) -> str:
+    return "+".join((*defence[2], defence[0]))
+
+
 def make_evaluator(cfg, network, per_node: bool):
-    """weights stacked over runs -> mean reward per run (greedy, diurnal, common seeds)."""
+    """weights stacked over runs -> mean reward per run and region (greedy, diurnal, common seeds)."""
     params = cluster_params(cfg, "diurnal")
     env, eparams = evaluation.eval_env(cfg, params)
     policy = learned_policy.greedy_policy(network)
 
     def one(w):
         m = evaluation.run_episodes(env, policy, eparams, jax.random.PRNGKey(123), EVAL_SEEDS, EVAL_TICKS, w, per_node_state=per_node)
-        return m["reward"].mean()
+        return m["reward"].mean(axis=(1, 2))
 
     return jax.jit(jax.vmap(one))
 
@@ -144,9 +172,10 @@ def local_only(steps: int, seeds: int) -> list[dict]:
     """Local-only reference: each region trains alone (no aggregation, so no attack)."""
     cfg = study_config(steps, ["federated.mode=local"])
     trainer, weights = trainers.train_seeds(cfg, seeds)
-    rewards = make_evaluator(cfg, trainer.network, per_node=True)(weights)
-    return [{"aggregator": "local-only", "f_assumed": 0, "f": 0, "attack": "none", "strength": 0.0, "seed": s,
-             "reward": float(r), "skipped_rounds": 0.0} for s, r in enumerate(np.asarray(rewards))]
+    rewards = np.asarray(make_evaluator(cfg, trainer.network, per_node=True)(weights))
+    return [{"method": "local", "aggregator": "local-only", "f_assumed": 0, "f": 0, "attack": "none", "strength": 0.0, "seed": s,
+             "reward": float(r[EVAL_FROM:].mean()), "reward_regions": [float(x) for x in r], "skipped_rounds": 0.0}
+            for s, r in enumerate(rewards)]
 
 
 def strength_value(s, f: int) -> float:
@@ -157,7 +186,8 @@ RUNS = HERE / "robustness_runs"
 
 
 def load() -> list[dict]:
-    return [r for f in sorted(RUNS.glob("*.json")) for r in json.loads(f.read_text())]
+    """Every run recorded so far (records before the methods existed are skipped)."""
+    return [r for f in sorted(RUNS.glob("*.json")) for r in json.loads(f.read_text()) if "method" in r]
 
 
 def save(name: str, records: list[dict]) -> None:
@@ -165,19 +195,26 @@ def save(name: str, records: list[dict]) -> None:
     (RUNS / f"{name}.json").write_text(json.dumps(records, indent=0))
 
 
-def done(records: list[dict], defence: tuple[str, int], f: int, attack: str, strength: float, seeds: int) -> bool:
-    n = sum(1 for r in records if (r["aggregator"], r["f_assumed"], r["f"], r["attack"]) == (*defence, f, attack)
-            and abs(r["strength"] - strength) < 1e-6)
-    return n >= seeds
+def cell(records: list[dict], method: str, defence: tuple, f: int, attack: str) -> list[dict]:
+    return [r for r in records if (r["method"], r["aggregator"], r["f_assumed"], r["f"], r["attack"])
+            == (method, defence_name(defence), defence[1], f, attack)]
+
+
+def done(records: list[dict], method: str, defence: tuple, f: int, attack: str, strength: float, seeds: int) -> bool:
+    return sum(abs(r["strength"] - strength) < 1e-6 for r in cell(records, method, defence, f, attack)) >= seeds
 
 
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--method", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--f", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=2_500_000)
     ap.add_argument("--aggregators", nargs="+", default=list(aggregators.AGGREGATORS), choices=list(aggregators.AGGREGATORS))
-    ap.add_argument("--attacks", nargs="+", default=["none", "sign_flip", "alie", "ipm", "nan"], choices=ATTACKS)
+    ap.add_argument("--nnm", nargs="*", default=["multi_krum"], choices=list(aggregators.ROBUST_AGGREGATORS),
+                    help="aggregators also run after NNM")
+    ap.add_argument("--attacks", nargs="+", default=["none", "sign_flip", "alie", "ipm", "nan", "huge", "normaliser_poisoning"],
+                    choices=ATTACKS)
     ap.add_argument("--sweep", action="store_true", help="every strength of STRENGTHS, not only the first")
     ap.add_argument("--local", action="store_true", help="also run the Local-only reference")
     ap.add_argument("--render-only", action="store_true")
@@ -190,28 +227,27 @@ def main():
             t0 = time.perf_counter()
             save("local-only", local_only(args.steps, args.seeds))
             print(f"local-only: {time.perf_counter() - t0:.0f} s", flush=True)
-        batches = [(f, name) for f in args.f for name in args.aggregators
-                   if allowed(name, f)]
-        study = None
-        for f, name in batches[part::parts]:
+        names = [*args.aggregators, *(f"nnm+{a}" for a in args.nnm)]
+        batches = [(m, f, name) for m in args.method for f in args.f for name in names if allowed(label(name)[0], f)]
+        studies = {}
+        for method, f, name in batches[part::parts]:
             defence = defence_for(name, f)
             cells = [(a, strength_value(s, f)) for a in args.attacks for s in STRENGTHS[a][: None if args.sweep else 1]]
-            cells = [(a, s) for a, s in cells if not done(records, defence, 0 if a == "none" else f, a, s, args.seeds)]
+            cells = [(a, s) for a, s in cells if not done(records, method, defence, 0 if a == "none" else f, a, s, args.seeds)]
             if not cells:
                 continue
-            study = study or Study(args.steps, args.attacks)
+            study = studies.get(method) or studies.setdefault(method, Study(args.steps, args.attacks, method))
             t0 = time.perf_counter()
-            save(f"{name}-f{f}-{len(list(RUNS.glob(f'{name}-f{f}*')))}", study.run(defence, f, cells, args.seeds))
-            print(f"{name} f={f}: {len(cells) * args.seeds} runs in {time.perf_counter() - t0:.0f} s", flush=True)
+            save(f"{method}-{name}-f{f}-{len(list(RUNS.glob(f'{method}-{name}-f{f}-*')))}", study.run(defence, f, cells, args.seeds))
+            print(f"{method} {name} f={f}: {len(cells) * args.seeds} runs in {time.perf_counter() - t0:.0f} s", flush=True)
         records = load()
     render(records, args)
 
 
-def summarise(records: list[dict], defence: tuple[str, int], f: int, attack: str) -> tuple[float, float, float] | None:
+def summarise(records: list[dict], method: str, defence: tuple, f: int, attack: str) -> tuple[float, float, float] | None:
     """(mean over seeds, worst seed, strength) at the attack's most damaging strength."""
-    rows = [r for r in records if (r["aggregator"], r["f_assumed"], r["f"], r["attack"]) == (*defence, f, attack)]
     by_strength: dict[float, list[float]] = {}
-    for r in rows:
+    for r in cell(records, method, defence, f, attack):
         by_strength.setdefault(round(r["strength"], 4), []).append(r["reward"])
     if not by_strength:
         return None
@@ -219,72 +255,82 @@ def summarise(records: list[dict], defence: tuple[str, int], f: int, attack: str
     return float(np.mean(rewards)), float(np.min(rewards)), strength
 
 
-def aim_statement(summary: dict[str, tuple[float, float, str]], f: int) -> str:
-    """The issue's aim, checked on the table: the best robust aggregator keeps >= 90% of
-    its no-attack return under every attack, while FedAvg collapses under at least one."""
-    robust = {k: v for k, v in summary.items() if k != "mean"}
-    if not robust or "mean" not in summary:
+def aim_statement(summary: dict[str, tuple[float, float, str]], f: int, local: float | None) -> str:
+    """The issue's aim, checked on the table: the best robust method keeps >= 90 % of its
+    own no-attack return under every attack, FedAvg collapses under at least one, and the
+    best robust method's no-attack return is at least Local-only's."""
+    robust = {k: v for k, v in summary.items() if label(k.split(" ")[-1])[0] != "mean"}
+    fedavg = [v for k, v in summary.items() if label(k.split(" ")[-1])[0] == "mean"]
+    if not robust or not fedavg:
         return ""
+    # Rewards are negative (costs, penalties): "keeps 90 %" reads as losing at most 10 % of
+    # the no-attack return's distance to zero.
+    kept = lambda base, worst: 1.0 - max(base - worst, 0.0) / max(abs(base), 1e-9)  # noqa: E731
     best = max(robust, key=lambda k: robust[k][1])
     base, worst, attack = robust[best]
-    fed_base, fed_worst, fed_attack = summary["mean"]
-    kept = worst / fed_base if fed_base > 0 else float("nan")
-    met = kept >= 0.9 and fed_worst < 0
-    return (f"Best robust aggregator at f = {f} by its worst attack: **{best}**, {worst:.2f} under {attack} "
-            f"({base:.2f} without attack), {100 * kept:.0f} % of federated training's no-attack return ({fed_base:.2f}, "
-            f"FedAvg); FedAvg itself falls to {fed_worst:.2f} under {fed_attack}. Aim (the best robust aggregator keeps "
-            f">= 90 % under every attack while FedAvg collapses under one): **{'met' if met else 'not met'}**.")
+    collapsed = min(kept(b, w) for b, w, _ in fedavg) < 0.5
+    met_keep = kept(base, worst) >= 0.9
+    met_local = local is not None and base >= local
+    return (f"Best robust method at f = {f} by its worst attack: **{best}**, {worst:.3f} under {attack} ({base:.3f} without attack, "
+            f"{100 * kept(base, worst):.0f} % kept); FedAvg keeps {100 * min(kept(b, w) for b, w, _ in fedavg):.0f} % at worst; "
+            f"Local-only {local if local is None else round(local, 3)}. Aims: keeps >= 90 % **{'met' if met_keep else 'not met'}**; "
+            f"FedAvg collapses (keeps < 50 %) **{'yes' if collapsed else 'no'}**; no-attack return >= Local-only's "
+            f"**{'met' if met_local else 'not met'}**.")
 
 
 def render(records: list[dict], args) -> None:
-    names = [a for a in aggregators.AGGREGATORS if any(r["aggregator"] == a for r in records)]
     seeds = max((r["seed"] for r in records), default=-1) + 1
+    cfg = study_config(args.steps, ["federated.mode=federated"])
     lines = [
         "# Robustness to Byzantine regions",
         "",
-        f"Command: `python benchmarks/robustness.py --f {' '.join(map(str, args.f))} --seeds {args.seeds} --steps {args.steps}"
-        f"{' --local' if args.local else ''}` (results accumulate in robustness_runs/; `--part k/P` splits the grid over P processes; `--render-only` redraws this file); "
-        f"machine: {os.cpu_count()}-core {platform.machine()} CPU, jax {jax.__version__}.",
+        f"Command: `python benchmarks/robustness.py --method {' '.join(args.method)} --f {' '.join(map(str, args.f))} --seeds {args.seeds} "
+        f"--steps {args.steps} --aggregators {' '.join(args.aggregators)} --nnm {' '.join(args.nnm)} --attacks {' '.join(args.attacks)}"
+        f"{' --local' if args.local else ''}` (results accumulate in robustness_runs/; `--part k/P` splits the grid over P processes; "
+        f"`--render-only` redraws this file); machine: {os.cpu_count()}-core {platform.machine()} CPU, jax {jax.__version__}.",
         "",
-        f"Setup: the ten-region cluster, 4 simulated clusters per region, {args.steps:,} env steps "
-        f"({trainers.num_rounds(study_config(args.steps, ['federated.mode=federated']))} rounds of 4 local PPO updates per region). Regions 0..f-1 (us-east, us-west, eu-west) are Byzantine from round 0; each robust "
-        "aggregator assumes the true f (geometric median and centered clipping do not use f; FedAvg assumes f = 0). "
-        f"Return: mean reward per tick of the final global policy, greedy, on the diurnal training scenario, "
-        f"{EVAL_SEEDS} evaluation seeds x 10 regions x 1 day, common seeds for every run; {seeds} training seeds per cell.",
+        f"Setup: the ten-region cluster env ({cfg.env.kind}), {cfg.env.num_clusters} simulated clusters per region, {args.steps:,} env steps "
+        f"({trainers.num_rounds(cfg)} rounds of {cfg.federated.local_updates} local PPO updates per region), the main job's constrained "
+        "objective. Regions 0..f-1 (us-east, us-west, eu-west) are Byzantine from round 0; each robust aggregator assumes the true f "
+        "(geometric median and centered clipping do not use f; FedAvg assumes f = 0). Return: mean reward per tick of the policies regions "
+        f"{EVAL_FROM}..9 deploy (greedy, diurnal training scenario, {EVAL_SEEDS} evaluation seeds x 1 day, common seeds for every run); "
+        f"{seeds} training seeds per cell. Methods: *shared* (one robust global policy) and *personal* (each region's own policy pulled "
+        "1 % of the way to the robust global per round, the main job's). nnm+X: nearest-neighbour mixing before X.",
         "",
         f"Attack strengths ({'swept; the worst, by mean over seeds, is reported' if args.sweep else 'the first of each list'}): "
-        f"{STRENGTHS} (None: ALIE's z_max(n, f)). "
-        "Each cell: mean over seeds / worst seed, at the worst strength. *worst attack*: the lowest cell mean minus the "
-        "same aggregator's no-attack mean. *kept*: the lowest cell mean as a share of the no-attack return of federated "
-        "training, FedAvg's (the robust aggregators' own no-attack means are too close to zero and too noisy at this "
-        "budget to divide by).",
+        f"{STRENGTHS} (None: ALIE's z_max(n, f)). Each cell: mean over seeds / worst seed, at the worst strength. *worst attack*: the "
+        "lowest cell mean minus the same row's no-attack mean. *kept*: 1 - (no-attack mean - lowest cell mean) / |no-attack mean| "
+        "(rewards are negative: costs and penalties).",
         "",
     ]
-    local = [r["reward"] for r in records if r["aggregator"] == "local-only"]
-    if local:
-        lines += [f"Local-only reference (no federation, immune to attacks): {np.mean(local):.3f} mean / {min(local):.3f} "
-                  f"worst over {len(local)} seeds.", ""]
+    local_rows = [r["reward"] for r in records if r["aggregator"] == "local-only"]
+    local = float(np.mean(local_rows)) if local_rows else None
+    if local_rows:
+        lines += [f"Local-only reference (no federation, immune to attacks): {local:.3f} mean / {min(local_rows):.3f} worst over "
+                  f"{len(local_rows)} seeds.", ""]
+    names = sorted({r["aggregator"] for r in records if r["aggregator"] != "local-only"},
+                   key=lambda n: (list(aggregators.AGGREGATORS).index(label(n)[0]), n))
     for f in sorted({r["f"] for r in records if r["f"] > 0}):
         summary = {}
         present = [a for a in ATTACKS[1:] if any(r["f"] == f and r["attack"] == a for r in records)]
         lines += [f"## f = {f} of 10 regions Byzantine", "",
-                  "| aggregator | no attack | " + " | ".join(present) + " | worst attack | kept |",
-                  "|---|" + "---|" * (len(present) + 3)]
-        for name in names:
-            d = defence_for(name, f)
-            base = summarise(records, d, 0, "none")
-            cells = {a: summarise(records, d, f, a) for a in present}
-            if base is None or all(c is None for c in cells.values()):
-                continue
-            fmt = lambda c: "-" if c is None else f"{c[0]:.2f} / {c[1]:.2f}"  # noqa: E731
-            worst = min((c[0] for c in cells.values() if c is not None), default=np.nan)
-            fedavg = summarise(records, ("mean", 0), 0, "none")
-            kept = f"{100 * worst / fedavg[0]:.0f} %" if fedavg and fedavg[0] > 0 else "n/a"
-            label = "mean (FedAvg)" if name == "mean" else name
-            lines.append(f"| {label} | {fmt(base)} | " + " | ".join(fmt(cells[a]) for a in present)
-                         + f" | {worst - base[0]:+.2f} | {kept} |")
-            summary[name] = (base[0], worst, min(present, key=lambda a: (cells[a] or (np.inf,))[0]))
-        lines += ["", aim_statement(summary, f), ""]
+                  "| method | aggregator | no attack | " + " | ".join(present) + " | worst attack | kept |",
+                  "|---|---|" + "---|" * (len(present) + 3)]
+        for method in METHODS:
+            for name in names:
+                d = defence_for(name, f)
+                base = summarise(records, method, d, 0, "none")
+                cells = {a: summarise(records, method, d, f, a) for a in present}
+                if base is None or all(c is None for c in cells.values()):
+                    continue
+                fmt = lambda c: "-" if c is None else f"{c[0]:.3f} / {c[1]:.3f}"  # noqa: E731
+                worst = min((c[0] for c in cells.values() if c is not None), default=np.nan)
+                kept = 1.0 - max(base[0] - worst, 0.0) / max(abs(base[0]), 1e-9)
+                shown = "mean (FedAvg)" if name == "mean" else name
+                lines.append(f"| {method} | {shown} | {fmt(base)} | " + " | ".join(fmt(cells[a]) for a in present)
+                             + f" | {worst - base[0]:+.3f} | {100 * kept:.0f} % |")
+                summary[f"{method} {name}"] = (base[0], worst, min(present, key=lambda a: (cells[a] or (np.inf,))[0]))
+        lines += ["", aim_statement(summary, f, local), ""]
     (HERE / "robustness.md").write_text("\n".join(lines) + "\n")
 
 

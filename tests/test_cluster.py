@@ -256,4 +256,4 @@ def test_cluster_registered_and_made_by_gymnax():
     env, params = gymnax.make("ServingCluster-v0")
     assert isinstance(env, cl.ServingCluster) and env.name == "ServingCluster-v0"
     obs, _ = env.reset(jax.random.PRNGKey(0), params)
-    assert obs.shape == (params.rtt_s.shape[0], len(cl.CLUSTER_OBS_FIELDS)) == (10, len(serving.OBS_FIELDS) + 1)
+    assert obs.shape == (params.rtt_s.shape[0], len(cl.CLUSTER_OBS_FIELDS)) == (10, serving.POLICY_INPUT_DIM + 1)

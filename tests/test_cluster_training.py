@@ -66,7 +66,7 @@ def test_coupled_grid_steps_every_region_of_a_cluster_together():
     grid = cluster.RegionGrid(env, links)
     keys = jax.random.split(jax.random.PRNGKey(3), 5 * 2).reshape(5, 2, -1)
     obs, state = grid.reset(keys, node_params)
-    assert obs.shape == (5, 2, len(cluster.OBS_FIELDS)) and state.time.shape == (5, 2)
+    assert obs.shape == (5, 2, cluster.POLICY_INPUT_DIM) and state.time.shape == (5, 2)
     action = jnp.full((5, 2), REBALANCE)
     obs1, state1, reward, *_, info = grid.step(keys, state, action, node_params)
     direct = jax.vmap(env.step, in_axes=(0, 0, 0, None))(keys[0], grid.from_grid(state), action.T, links)

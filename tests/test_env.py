@@ -20,11 +20,13 @@ from aro_jax.envs.serving import (
     INC_GPU,
     MAINTAIN,
     OBS_FIELDS,
+    POLICY_INPUT_DIM,
     PULL_BACK,
     REBALANCE,
     RESTORE,
     ServingNodeEnv,
 )
+from aro_jax.contract import DESCRIPTOR_FIELDS
 from aro_jax.envs.params import EnvParams
 
 ALLOCATION_FIELDS = ("replicas_ready", "cpu_cores", "host_memory_gb", "forward_fraction", "small_model_fraction")
@@ -66,7 +68,7 @@ def test_registered_and_made_by_gymnax():
     assert isinstance(env, ServingNodeEnv) and isinstance(params, EnvParams)
     assert env.name == "ServingNode-v0"
     assert env.action_space(params).n == env.num_actions == 11
-    assert env.observation_space(params).shape == (len(OBS_FIELDS),)
+    assert env.observation_space(params).shape == (POLICY_INPUT_DIM,) == (len(OBS_FIELDS) + len(DESCRIPTOR_FIELDS),)
     paper_env, _ = gymnax.make("ServingNode-v0", action_set="paper")
     assert paper_env.num_actions == 5
     with pytest.raises(ValueError, match="action_set"):
@@ -79,7 +81,7 @@ def test_jit_reset_and_step_return_six_values(env, params):
     out = jax.jit(env.step)(jax.random.key(1), state, jnp.int32(INC_GPU), params)
     assert len(out) == 6
     obs, state, reward, terminated, truncated, info = out
-    assert obs.shape == (len(OBS_FIELDS),)
+    assert obs.shape == (POLICY_INPUT_DIM,)
     assert reward.shape == () and terminated.shape == () and truncated.shape == ()
     assert terminated.dtype == jnp.bool_ and truncated.dtype == jnp.bool_
     assert {"final_observation", "metrics"} <= set(info)
@@ -89,12 +91,31 @@ def test_jit_reset_and_step_return_six_values(env, params):
 def test_vmap_over_keys(env, params):
     keys = jax.random.split(jax.random.key(0), 8)
     obs, state = jax.vmap(env.reset, in_axes=(0, None))(keys, params)
-    assert obs.shape == (8, len(OBS_FIELDS))
+    assert obs.shape == (8, POLICY_INPUT_DIM)
     # Random start times: the batch does not all start at the same clock.
     assert len(np.unique(np.asarray(state.clock_s))) > 1
     actions = jnp.arange(8) % env.num_actions
     obs, state, reward, terminated, truncated, _ = jax.vmap(env.step, in_axes=(0, 0, 0, None))(keys, state, actions, params)
-    assert obs.shape == (8, len(OBS_FIELDS)) and reward.shape == (8,) and truncated.shape == (8,)
+    assert obs.shape == (8, POLICY_INPUT_DIM) and reward.shape == (8,) and truncated.shape == (8,)
+
+
+def test_observation_ends_with_the_node_descriptor(env, params, small_node_params):
+    """The policy input is the scaled live fields, then the node's descriptor features:
+    constant over a node's episode, different between a 70B and a 7B node."""
+    from aro_jax.contract import descriptor_features
+    from aro_jax.envs.serving import node_descriptor, observation_scale, raw_observation
+
+    tails = []
+    for p in (params, small_node_params):
+        obs, state = env.reset(jax.random.key(0), p)
+        obs2, state, *_ = env.step(jax.random.key(1), state, jnp.int32(INC_GPU), p)
+        want = np.asarray(descriptor_features(np.asarray(node_descriptor(p)), xp=np))
+        np.testing.assert_allclose(obs[len(OBS_FIELDS):], want, rtol=1e-6)
+        np.testing.assert_allclose(obs2[len(OBS_FIELDS):], want, rtol=1e-6)
+        np.testing.assert_allclose(obs2[: len(OBS_FIELDS)], raw_observation(state, p) / observation_scale(p), rtol=1e-5, atol=1e-6)
+        tails.append(want)
+    assert float(params.weights_gb) != float(small_node_params.weights_gb)
+    assert not np.allclose(tails[0], tails[1])
 
 
 def test_vmap_over_stacked_node_params(env, params, small_node_params):
@@ -174,7 +195,7 @@ def test_random_rollout_is_finite(env, params, small_node_params):
         stacked, jax.random.split(jax.random.key(0), 2)
     )
     chex.assert_tree_all_finite((states, out))
-    assert out["obs"].shape == (2, 32, 300, len(OBS_FIELDS))
+    assert out["obs"].shape == (2, 32, 300, POLICY_INPUT_DIM)
     assert int(out["truncated"].sum()) == 2 * 32 * (300 // params.max_steps_in_episode)
     assert not bool(out["terminated"].any())
 

@@ -46,11 +46,13 @@ def test_export_load_bit_identical_actions():
     run_dir, export_dir = trained()
     assert_same_actions(run_dir, export_dir)
     spec = json.loads((export_dir / SPEC_FILE).read_text())
-    assert spec["format_version"].startswith("1.") and spec["env_version"] == sv.ENV_VERSION
+    assert spec["format_version"].startswith("2.") and spec["env_version"] == sv.ENV_VERSION
     assert spec["observation"]["fields"] == list(sv.OBS_FIELDS)
     assert spec["actions"]["names"] == list(sv.EXTENDED_ACTIONS)
     assert len(spec["training"]["config_sha256"]) == 64 and "reward" in spec["training"]["kpis"]["final"]
     assert set(spec["nodes"]["solo"]["limits"]) >= {"max_cpu_cores", "max_replicas", "max_host_memory_gb"}
+    assert list(spec["nodes"]["solo"]["descriptor"]) == list(sv.DESCRIPTOR_NAMES)
+    assert spec["network"]["input_dim"] == len(sv.OBS_FIELDS) + len(sv.DESCRIPTOR_NAMES)
 
 
 def test_loader_imports_neither_trainer_nor_env():
@@ -94,9 +96,9 @@ def write_signed_spec(export_dir, text: str) -> None:
 
 def test_format_version_mismatch(export_copy):
     spec = json.loads((export_copy / SPEC_FILE).read_text())
-    spec["format_version"] = "2.0"
+    spec["format_version"] = "1.0"  # before the node descriptor joined the input
     write_signed_spec(export_copy, json.dumps(spec))
-    with pytest.raises(ExportError, match="format_version 2.0 is incompatible"):
+    with pytest.raises(ExportError, match="format_version 1.0 is incompatible"):
         load_policy(export_copy)
 
 
@@ -110,13 +112,15 @@ def test_truncated_spec(export_copy):
         load_policy(export_copy)
 
 
-@pytest.mark.parametrize("edit", ["observation_scale", "limits", "fallback", "field_order"])
+@pytest.mark.parametrize("edit", ["observation_scale", "descriptor", "limits", "fallback", "field_order"])
 def test_edited_spec_is_refused(export_copy, edit):
     """policy.json is covered by its checksum: edits that would change decisions silently."""
     spec = json.loads((export_copy / SPEC_FILE).read_text())
     node = spec["nodes"]["solo"]
     if edit == "observation_scale":
         node["observation_scale"][0] *= 2
+    elif edit == "descriptor":
+        node["descriptor"]["model_weights_gb"] *= 10
     elif edit == "limits":
         node["limits"]["max_replicas"] = 100.0
     elif edit == "fallback":
@@ -140,6 +144,22 @@ def test_missing_hidden_sizes_is_an_export_error(export_copy):
     del spec["network"]["hidden_sizes"]
     write_signed_spec(export_copy, json.dumps(spec))
     with pytest.raises(ExportError, match="network lacks network.hidden_sizes"):
+        load_policy(export_copy)
+
+
+def test_descriptor_is_read_and_checked(export_copy):
+    """The node descriptor is part of the input: another node's descriptor changes the
+    decision inputs, and a node without one is named."""
+    policy = load_policy(export_copy)
+    params = cluster_params(load_trained_policy(trained()[0])[0], "train")
+    raw = random_raw(jax.tree.map(lambda x: x[0], params), 64)
+    spec = json.loads((export_copy / SPEC_FILE).read_text())
+    spec["nodes"]["solo"]["descriptor"]["model_weights_gb"] *= 10
+    write_signed_spec(export_copy, json.dumps(spec))
+    assert not np.allclose(load_policy(export_copy).logits(raw, "solo"), policy.logits(raw, "solo"))
+    del spec["nodes"]["solo"]["descriptor"]["slo_target"]
+    write_signed_spec(export_copy, json.dumps(spec))
+    with pytest.raises(ExportError, match="node solo descriptor lacks a number for .'slo_target'."):
         load_policy(export_copy)
 
 

@@ -67,19 +67,24 @@ def _train(overrides):
     return state0, state, metrics
 
 
-def test_threat_picked_at_run_time_equals_the_configured_program():
+@pytest.mark.parametrize("configured, defence", [
+    (["federated.aggregator=median"], 1),
+    (["federated.aggregator=trimmed_mean", "federated.pre_aggregators=[nnm]"], 3),  # a defence's own pre-aggregators
+])
+def test_threat_picked_at_run_time_equals_the_configured_program(configured, defence):
     # One program over several attacks and defences, its threat set at run time, trains
     # exactly like the program built for that single attack and defence from the config.
     byz = ["federated.attack=sign_flip", "federated.byzantine_nodes=[1]", "federated.attack_strength=3.0"]
-    _, expected, _ = _train([*byz, "federated.aggregator=median", "federated.num_byzantine=1"])
+    _, expected, _ = _train([*byz, *configured, "federated.num_byzantine=1"])
 
     cfg = load_config(CLUSTER, ["federated.aggregator=mean"])
-    attack_names, defences = ["none", "nan", "sign_flip"], [("mean", 0), ("median", 1), ("trimmed_mean", 1)]
+    attack_names = ["none", "nan", "sign_flip"]
+    defences = [("mean", 0), ("median", 1), ("trimmed_mean", 1), ("trimmed_mean", 1, ("nnm",))]
     init, chunk, _ = trainers.make_federated(cfg, cluster_params(cfg, "train"), attack_names, defences)
     hp = trainers.hyperparams(cfg)
     state = jax.jit(init)(jax.random.PRNGKey(0), hp)
     threat = fedppo.Threat(attack=jnp.int32(2), strength=jnp.float32(3.0),
-                           byzantine=jnp.arange(4) == 1, defence=jnp.int32(1))
+                           byzantine=jnp.arange(4) == 1, defence=jnp.int32(defence))
     state, _ = jax.jit(chunk, static_argnums=2)(state.replace(threat=threat), hp, trainers.num_rounds(cfg))
     got = jax.flatten_util.ravel_pytree(state.global_params)[0]
     want = jax.flatten_util.ravel_pytree(expected.global_params)[0]

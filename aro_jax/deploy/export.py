@@ -32,10 +32,12 @@ from typing import Sequence
 import numpy as np
 
 from aro_jax import contract
-from aro_jax.contract import ENV_VERSION, FALLBACK_ACTION, MASK_LIMITS, NORMALIZE_CLIP, NORMALIZE_EPS, OBS_FIELDS
+from aro_jax.contract import (
+    DESCRIPTOR_FIELDS, DESCRIPTOR_NAMES, ENV_VERSION, FALLBACK_ACTION, MASK_LIMITS, NORMALIZE_CLIP, NORMALIZE_EPS, OBS_FIELDS,
+)
 from aro_jax.deploy.controls import node_controls
 
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "2.0"  # 2: the node descriptor is part of the policy input
 SPEC_FILE = "policy.json"
 SPEC_CHECKSUM_FILE = "policy.json.sha256"  # policy.json cannot hold its own digest
 PARAMS_DIR = "params"
@@ -88,11 +90,13 @@ def export_policy(run_dir: str | Path, out_dir: str | Path, overwrite: bool = Fa
         policy_of_node = {name: "global" for name in node_names}
 
     scales = np.asarray(jax.vmap(sv.observation_scale)(params), np.float32)
+    descriptors = np.asarray(jax.vmap(sv.node_descriptor)(params), np.float32)
     nodes = {}
     for i, name in enumerate(node_names):
         nodes[name] = {
             "policy": policy_of_node[name],
             "observation_scale": [float(x) for x in scales[i]],
+            "descriptor": {f: float(x) for f, x in zip(DESCRIPTOR_NAMES, descriptors[i])},
             "limits": {k: float(np.asarray(getattr(params, k), np.float32)[i]) for k in MASK_LIMITS},
             "controls": node_controls(params, i),
         }
@@ -107,14 +111,17 @@ def export_policy(run_dir: str | Path, out_dir: str | Path, overwrite: bool = Fa
             "activation": "tanh",
             "hidden_sizes": hidden,
             "num_actions": len(action_names),
-            "input_dim": len(OBS_FIELDS),
+            "input_dim": contract.POLICY_INPUT_DIM,
             "layers": [f"actor_{i}" for i in range(len(hidden))] + ["actor_out"],
             "layer_formula": "x = tanh(x @ kernel + bias) for hidden layers; logits = x @ kernel + bias",
             "dtype": "float32",
         },
         "observation": {
             "fields": list(OBS_FIELDS),
-            "preprocess": "obs = raw / observation_scale[node]; if normalize: obs = clip((obs - obs_mean) / sqrt(obs_var + eps), -clip, clip)",
+            "descriptor_fields": {name: ref for name, ref in DESCRIPTOR_FIELDS},
+            "preprocess": ("obs = concat(raw / observation_scale[node], features(descriptor[node])), features: log2(value / "
+                           "reference) per descriptor field (reference null: the value); if normalize: "
+                           "obs = clip((obs - obs_mean) / sqrt(obs_var + eps), -clip, clip)"),
             "normalize": bool(cfg.ppo.normalize_obs),
             "eps": NORMALIZE_EPS,
             "clip": NORMALIZE_CLIP,
@@ -243,6 +250,16 @@ class ExportedPolicy:
             denom = np.sqrt(var + eps).astype(np.float32)
             self._nets[key] = _Net(layers, np.asarray(t["obs_mean"], np.float32), denom)
         self._scale = {n: np.asarray(v["observation_scale"], np.float32) for n, v in spec["nodes"].items()}
+        self.descriptor_fields: tuple[str, ...] = tuple(spec["observation"]["descriptor_fields"])
+        if self.descriptor_fields != DESCRIPTOR_NAMES:
+            raise ExportError(f"{path}: descriptor fields {list(self.descriptor_fields)} differ from {ENV_VERSION}'s {list(DESCRIPTOR_NAMES)}; re-export the run")
+        self._features = {}
+        for n, v in spec["nodes"].items():
+            lacking = [f for f in DESCRIPTOR_NAMES if not isinstance(v.get("descriptor", {}).get(f), (int, float))]
+            if lacking:
+                raise ExportError(f"{path}: node {n} descriptor lacks a number for {lacking}; the spec is incomplete")
+            values = np.asarray([v["descriptor"][f] for f in DESCRIPTOR_NAMES], np.float32)
+            self._features[n] = contract.descriptor_features(values, xp=np).astype(np.float32)
         self._limits = {n: {k: np.float32(x) for k, x in v["limits"].items()} for n, v in spec["nodes"].items()}
         self._idx = {name: i for i, name in enumerate(self.fields)}
 
@@ -274,7 +291,8 @@ class ExportedPolicy:
 
     def logits(self, raw: np.ndarray, node: str) -> np.ndarray:
         net = self._nets[self.spec["nodes"][node]["policy"]]
-        x = raw / self._scale[node]
+        features = np.broadcast_to(self._features[node], raw.shape[:-1] + self._features[node].shape)
+        x = np.concatenate([raw / self._scale[node], features], axis=-1)
         if self.normalize:
             x = np.clip((x - net.obs_mean) / net.obs_denom, -self._clip, self._clip)
         *hidden, (k_out, b_out) = net.layers
@@ -347,7 +365,7 @@ def _check_spec_digest(path: Path, spec_path: Path) -> None:
 # Keys each spec section must hold (the loader reads them all).
 SPEC_SECTION_KEYS = {
     "network": ("hidden_sizes", "num_actions", "input_dim", "layers"),
-    "observation": ("fields", "normalize", "eps", "clip"),
+    "observation": ("fields", "descriptor_fields", "normalize", "eps", "clip"),
     "actions": ("names", "fallback", "masking"),
 }
 
@@ -373,15 +391,16 @@ def _check_shapes(policy: ExportedPolicy, spec: dict) -> None:
     net = spec["network"]
     if policy.masking and policy.fields != OBS_FIELDS:
         raise ExportError(f"{policy.path}: observation fields differ from {ENV_VERSION}'s, so its feasibility mask does not apply; re-export the run")
-    dims = [len(policy.fields), *net["hidden_sizes"], net["num_actions"]]
+    width = len(policy.fields) + len(policy.descriptor_fields)
+    dims = [width, *net["hidden_sizes"], net["num_actions"]]
     if net["num_actions"] != len(policy.action_names):
         raise ExportError(f"{policy.path}: spec has {net['num_actions']} network outputs but {len(policy.action_names)} action names")
     for key, n in policy._nets.items():
         for i, (k, b) in enumerate(n.layers):
             if k.shape != (dims[i], dims[i + 1]) or b.shape != (dims[i + 1],):
                 raise ExportError(f"{policy.path}: policy {key} layer {net['layers'][i]} has shape {k.shape}, spec says {(dims[i], dims[i + 1])}")
-        if n.obs_mean.shape != (len(policy.fields),):
-            raise ExportError(f"{policy.path}: policy {key} normaliser has shape {n.obs_mean.shape}, expected ({len(policy.fields)},)")
+        if n.obs_mean.shape != (width,):
+            raise ExportError(f"{policy.path}: policy {key} normaliser has shape {n.obs_mean.shape}, expected ({width},)")
     for name, node in spec["nodes"].items():
         if node["policy"] not in policy._nets:
             raise ExportError(f"{policy.path}: node {name} refers to missing policy {node['policy']!r}")

@@ -12,11 +12,11 @@ across the cluster every tick:
     sum(arrivals) = sum(served + served_for_peers + dropped + rejected)
                     + sum(queue' - queue) + (in_flight' - in_flight)
 
-A region observes its own `ServingNode-v0` observation (contract.OBS_FIELDS) plus one
-field, the spare capacity its compatible peers advertise (CLUSTER_OBS_FIELDS): no peer's
-raw traffic. The region axis stays inside one device; batches of clusters vmap and
-shard over devices (regions interact every tick, so splitting them across devices would
-need an exchange per tick).
+A region observes its own `ServingNode-v0` observation (contract.OBS_FIELDS, then its
+node descriptor's features) plus one field, the spare capacity its compatible peers
+advertise (CLUSTER_OBS_FIELDS): no peer's raw traffic. The region axis stays inside one
+device; batches of clusters vmap and shard over devices (regions interact every tick, so
+splitting them across devices would need an exchange per tick).
 """
 
 from __future__ import annotations
@@ -29,13 +29,13 @@ import numpy as np
 from flax import struct
 from gymnax.environments import environment, spaces
 
-from aro_jax.contract import ACTION_SETS, OBS_FIELDS
+from aro_jax.contract import ACTION_SETS, DESCRIPTOR_NAMES, OBS_FIELDS, POLICY_INPUT_DIM
 from aro_jax.envs import fluid, hardware, scenarios, serving
 from aro_jax.envs.scenarios import rtt_matrix_s, site_of
 from aro_jax.envs.params import EnvParams
 from aro_jax.envs.serving import EnvState
 
-CLUSTER_OBS_FIELDS = OBS_FIELDS + ("peer_spare_rps",)
+CLUSTER_OBS_FIELDS = OBS_FIELDS + DESCRIPTOR_NAMES + ("peer_spare_rps",)
 
 # Peers advertise spare capacity up to this utilisation of their own capacity (the
 # single-region env's modelled peer lends up to the same).
@@ -268,7 +268,7 @@ class ServingCluster(environment.Environment[ClusterState, ClusterParams]):
         return jax.vmap(self.node.action_mask)(state.nodes, params.nodes)
 
     def action_mask_from_obs(self, obs: jax.Array, params: ClusterParams) -> jax.Array:
-        return jax.vmap(self.node.action_mask_from_obs)(obs[..., : len(OBS_FIELDS)], params.nodes)
+        return jax.vmap(self.node.action_mask_from_obs)(obs[..., :POLICY_INPUT_DIM], params.nodes)
 
 
 def _swap(x):
@@ -285,8 +285,8 @@ class RegionGrid:
     (ppo.EnvGrid). States and observations carry the region axis first, then the clusters
     (the stacked ClusterStates with their two leading axes swapped and the clock broadcast
     over regions), so a region's slice of the grid is its own envs; the cells of one cluster
-    step together. A region's observation is its ServingNode-v0 observation (OBS_FIELDS,
-    the deployment contract an exported policy is served with): the spare capacity its
+    step together. A region's observation is its ServingNode-v0 observation (OBS_FIELDS and
+    its descriptor, the deployment contract an exported policy is served with): the spare capacity its
     peers advertise decides, inside the env, how much of what it forwards they take.
 
     `links`: the cluster's ClusterParams; its node params are replaced by those the learner
@@ -320,8 +320,8 @@ class RegionGrid:
         return (self._node_obs(obs), self.to_grid(state, regions), _swap(reward), per_region(terminated), per_region(truncated), info)
 
     @staticmethod
-    def _node_obs(obs):  # (clusters, regions, CLUSTER_OBS_FIELDS) -> (regions, clusters, OBS_FIELDS)
-        return _swap(obs[..., : len(OBS_FIELDS)])
+    def _node_obs(obs):  # (clusters, regions, CLUSTER_OBS_FIELDS) -> (regions, clusters, POLICY_INPUT_DIM)
+        return _swap(obs[..., :POLICY_INPUT_DIM])
 
 
 def conservation_gap(metrics: dict, queue_before, in_flight_before) -> jax.Array:

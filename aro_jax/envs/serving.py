@@ -18,7 +18,7 @@ from gymnax.environments import environment, spaces
 from aro_jax import contract
 from aro_jax.contract import (  # noqa: F401  (the env's contract, also importable from here)
     ACTION_SETS, DEC_CPU, DEC_GPU, DEC_MEM, DEGRADE, ENV_VERSION, EXTENDED_ACTIONS, INC_CPU, INC_GPU, INC_MEM,
-    MAINTAIN, OBS_FIELDS, PAPER_ACTIONS, PULL_BACK, REBALANCE, RESTORE,
+    DESCRIPTOR_NAMES, MAINTAIN, OBS_FIELDS, PAPER_ACTIONS, POLICY_INPUT_DIM, PULL_BACK, REBALANCE, RESTORE,
 )
 from aro_jax.envs import fluid, scenarios
 from aro_jax.envs import forecast as fc
@@ -94,7 +94,7 @@ class ServingNodeEnv(environment.Environment[EnvState, EnvParams]):
         return spaces.Discrete(self.num_actions)
 
     def observation_space(self, params: EnvParams) -> spaces.Box:
-        return spaces.Box(-jnp.inf, jnp.inf, (len(OBS_FIELDS),), jnp.float32)
+        return spaces.Box(-jnp.inf, jnp.inf, (POLICY_INPUT_DIM,), jnp.float32)
 
     def reset_env(self, key: jax.Array, params: EnvParams) -> tuple[jax.Array, EnvState]:
         week_s = 7 * 86_400.0
@@ -139,8 +139,7 @@ class ServingNodeEnv(environment.Environment[EnvState, EnvParams]):
             forecast=fc.init(params.traffic.mean_rate_rps),
             last=last,
         )
-        obs = raw_observation(state, params, forecast_rps=params.traffic.mean_rate_rps) / observation_scale(params)
-        return obs, state
+        return policy_input(raw_observation(state, params, forecast_rps=params.traffic.mean_rate_rps), params), state
 
     def step_env(self, key, state: EnvState, action, params: EnvParams):
         state, metrics, reward = self.transition(key, state, action, params)
@@ -157,7 +156,7 @@ class ServingNodeEnv(environment.Environment[EnvState, EnvParams]):
         return end_tick(state, plan, core, queue, forwarded, peer, params)
 
     def get_obs(self, state: EnvState, params: EnvParams, key=None) -> jax.Array:
-        return raw_observation(state, params) / observation_scale(params)
+        return policy_input(raw_observation(state, params), params)
 
     def is_terminated(self, state: EnvState, params: EnvParams) -> jax.Array:
         return jnp.array(False)
@@ -168,7 +167,7 @@ class ServingNodeEnv(environment.Environment[EnvState, EnvParams]):
 
     def action_mask_from_obs(self, obs: jax.Array, params: EnvParams) -> jax.Array:
         """Feasible actions from (a batch of) this env's observations."""
-        return feasible_actions(obs * observation_scale(params), params)[..., : self.num_actions]
+        return feasible_actions(obs[..., : len(OBS_FIELDS)] * observation_scale(params), params)[..., : self.num_actions]
 
 
 
@@ -329,7 +328,9 @@ def _observed(metrics: dict[str, jax.Array]) -> dict[str, jax.Array]:
         "gpu_util": metrics["gpu_util"],
         "memory_util": metrics["memory_util"],
         "capacity_rps": metrics["capacity_rps"],
-        "drop_fraction": jnp.where(metrics["arrivals"] > 0, metrics["dropped"] / arrivals, 0.0),
+        # Timeouts of earlier ticks' requests can outnumber this tick's arrivals; the share is
+        # capped at 1, as the deployment's control loop caps its estimate (the field's domain).
+        "drop_fraction": jnp.where(metrics["arrivals"] > 0, jnp.minimum(metrics["dropped"] / arrivals, 1.0), 0.0),
         "slo_attainment": metrics["slo_attainment"],
     }
 
@@ -367,6 +368,23 @@ def raw_observation(state: EnvState, params: EnvParams, forecast_rps=None) -> ja
         last["drop_fraction"],
         last["slo_attainment"],
     ]).astype(jnp.float32)
+
+
+def node_descriptor(params: EnvParams) -> jax.Array:
+    """The node's contract.DESCRIPTOR_FIELDS, natural units (exported with policies)."""
+    return jnp.stack([
+        params.weights_gb, params.tensor_parallel, params.replica_price_usd_per_h / params.tensor_parallel,
+        params.model.kv_capacity_tokens, params.slo_ttft_s, params.slo_target, params.rate_ref_rps,
+        params.max_replicas,
+    ]).astype(jnp.float32)
+
+
+def policy_input(raw_obs: jax.Array, params: EnvParams) -> jax.Array:
+    """What the policy sees: raw observations (..., OBS_FIELDS) over the node's scale,
+    then its descriptor's features (contract.POLICY_INPUT_DIM)."""
+    features = contract.descriptor_features(node_descriptor(params), xp=jnp)
+    features = jnp.broadcast_to(features, raw_obs.shape[:-1] + features.shape)
+    return jnp.concatenate([raw_obs / observation_scale(params), features], axis=-1).astype(jnp.float32)
 
 
 def observation_scale(params: EnvParams) -> jax.Array:

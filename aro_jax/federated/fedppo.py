@@ -121,7 +121,7 @@ class Threat:
     attack: jax.Array  # int32 index into the attack names
     strength: jax.Array  # float32, the attack's scale (attacks.apply_attack)
     byzantine: jax.Array  # (n_nodes,) bool, the nodes that misbehave
-    defence: jax.Array  # int32 index into the (aggregator, f) defences
+    defence: jax.Array  # int32 index into the (aggregator, f[, pre-aggregators]) defences
 
 
 @struct.dataclass
@@ -154,7 +154,7 @@ def make_federated_train(
     node_params,
     fed: FederatedConfig,
     attack_options: Sequence[str] | None = None,
-    defence_options: Sequence[tuple[str, int]] | None = None,
+    defence_options: Sequence[tuple] | None = None,
     coupled: ppo.EnvGrid | None = None,
     coupled_split: str = "clusters",
 ):
@@ -168,7 +168,8 @@ def make_federated_train(
     learners' gradients are reduced across devices) or its nodes ("regions": the routing
     exchanges between devices every tick); benchmarks/cluster_sharding.md measures both.
 
-    `attack_options` (attack names) and `defence_options` ((aggregator, f) pairs) are the
+    `attack_options` (attack names) and `defence_options` ((aggregator, f) pairs, or
+    (aggregator, f, pre-aggregators) triples; a pair uses fed.pre_aggregators) are the
     choices `FedState.threat` indexes; both default to the config's single choice, which
     `init` selects. Every defence's (n, f) requirement is checked here."""
     n_nodes = jax.tree.leaves(node_params)[0].shape[0]
@@ -176,12 +177,13 @@ def make_federated_train(
     per_node_params = jax.tree.map(lambda x: x[:, None], node_params)  # (nodes, 1, ...)
     k_local = fed.local_updates
     attack_options = tuple(attack_options or (fed.attack,))
-    defence_options = tuple(defence_options or ((fed.aggregator, fed.num_byzantine),))
+    defence_options = tuple((d[0], d[1], tuple(d[2]) if len(d) > 2 else tuple(fed.pre_aggregators))
+                            for d in (defence_options or ((fed.aggregator, fed.num_byzantine),)))
     for name in attack_options:
         if name not in attacks.ATTACKS:
             raise ValueError(f"unknown attack {name!r}; valid names: {sorted(attacks.ATTACKS)}")
     if fed.mode == "federated":
-        for name, f in defence_options:
+        for name, f, _ in defence_options:
             aggregators.check_requirements(name, n_nodes, f)
         if fed.dp_clip_norm > 0 and not fed.dp_stats_clip_norm > 0:
             raise ValueError(f"dp_stats_clip_norm must be > 0 when DP is on (dp_clip_norm = {fed.dp_clip_norm}); got {fed.dp_stats_clip_norm}")
@@ -189,8 +191,8 @@ def make_federated_train(
             raise ValueError(f"dp_mechanism must be local or central, got {fed.dp_mechanism!r}")
         central = fed.dp_mechanism == "central" and fed.dp_clip_norm > 0
         if central:
-            for name, _ in defence_options:
-                privacy.check_central(name, fed.pre_aggregators)
+            for name, _, pre in defence_options:
+                privacy.check_central(name, pre)
         elif fed.dp_node_sampling != 1.0:
             raise ValueError("dp_node_sampling < 1 needs dp_mechanism central: under local noise the server sees which "
                              "regions sent, so sampling amplifies nothing against it")
@@ -202,12 +204,12 @@ def make_federated_train(
 
     attack_branches = [partial(attack_with, name) for name in attack_options]
 
-    def defend(name, f, sent, means, variances, key):
-        aggregate, info = aggregators.aggregate(sent, name, f, pre=tuple(fed.pre_aggregators), key=key)
+    def defend(name, f, pre, sent, means, variances, key):
+        aggregate, info = aggregators.aggregate(sent, name, f, pre=pre, key=key)
         mean, var, stats_info = aggregators.aggregate_statistics(means, variances, name, f)
         return aggregate, info["num_invalid"], info["skipped"], mean, var, stats_info["skipped"]
 
-    defence_branches = [partial(defend, name, f) for name, f in defence_options]
+    defence_branches = [partial(defend, *d) for d in defence_options]
 
     def local_phase(state: ppo.TrainState, hp, params):
         """K local PPO updates of one node; returns its state, mean metrics, rollout stats."""

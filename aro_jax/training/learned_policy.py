@@ -23,7 +23,7 @@ def greedy_policy(network: ActorCritic, normalize_obs: bool = True, action_maski
     one compiled harness evaluates any checkpoint of the same network."""
 
     def act(weights: PolicyWeights, raw_obs, params):
-        obs = raw_obs / sv.observation_scale(params)
+        obs = sv.policy_input(raw_obs, params)
         if normalize_obs:
             obs = weights.obs_stats.normalize(obs)
         logits = network.apply(weights.params, obs)[0]

@@ -163,7 +163,7 @@ def make_federated(
     cfg: config_lib.ExperimentConfig,
     node_params: EnvParams,
     attack_options: Sequence[str] | None = None,
-    defence_options: Sequence[tuple[str, int]] | None = None,
+    defence_options: Sequence[tuple] | None = None,
 ):
     """(init, train_chunk, learner) of federated or local-only PPO: one learner per node
     (in the cluster env, the nodes' envs step together)."""
