@@ -1,5 +1,5 @@
-"""Robustness of federated PPO to Byzantine regions: final return of the global policy for
-every aggregator x attack x f (Byzantine regions of ten), attack strengths swept, several
+"""Robustness of federated PPO to Byzantine regions: final return of the deployed policies
+for every aggregator x attack x f (Byzantine regions of ten), attack strengths swept, several
 training seeds; FedAvg and Local-only as reference rows.
 
 One compiled program covers the grid: attacks and (aggregator, f) defences are picked by
@@ -17,17 +17,19 @@ next to the attacked ones, so the comparison is at equal budget, not at a platea
 Two federated methods: "shared" (every region runs the robust global policy, which
 conditions on the region through the node descriptor in its input) and "personal" (the
 main job's: each region keeps its own policy, pulled 1 % of the way to the robust global
-each round). The return of a run is the mean reward per tick of the policies the honest
-regions deploy (regions 3..9 in every row, the attacked and the unattacked alike, so the
-rows compare the same regions).
+each round). The return of a run is the constrained objective's score of the policies
+the honest regions deploy (regions 3..9 in every row, the attacked and the unattacked
+alike, so the rows compare the same regions): mean reward minus 10 x each region's
+violated share, so a policy that saves by serving users worse scores lower.
 
 usage: python benchmarks/robustness.py [--method shared personal] [--f 1 2 3] [--seeds 3]
-           [--steps 2500000] [--aggregators ...] [--nnm ...] [--attacks ...] [--local]
+           [--steps 2500000] [--aggregators ...] [--pre nnm+multi_krum ...] [--attacks ...] [--local]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -82,21 +84,21 @@ def allowed(name: str, f: int) -> bool:
         return False
 
 
-def defences() -> list[tuple[str, int, tuple]]:
-    """Every (aggregator, f, pre-aggregators) the grid uses; FedAvg assumes f = 0. NNM
-    (nearest-neighbour mixing, Allouah et al. 2023) goes before every f-using rule."""
+def defences(pre_rows: list[str]) -> list[tuple[str, int, tuple]]:
+    """Every (aggregator, f, pre-aggregators) the grid uses; FedAvg assumes f = 0. Each of
+    `pre_rows` ("nnm+multi_krum": NNM, Allouah et al. 2023, then multi-Krum; "arc+...":
+    adaptive robust clipping, Allouah et al. 2025) adds its pre-aggregators before its rule."""
     out = [("mean", 0, ())]
     for name in aggregators.ROBUST_AGGREGATORS:
         for f in (1, 2, 3):
             if (name in F_FREE and f != 3) or not allowed(name, f):
                 continue
             out.append((name, f, ()))
-            if name not in F_FREE:
-                out.append((name, f, ("nnm",)))
+            out += [(name, f, label(row)[1]) for row in pre_rows if label(row)[0] == name]
     return out
 
 
-def label(name: str) -> str:
+def label(name: str) -> tuple[str, tuple]:
     """'nnm+multi_krum' -> (aggregator, pre-aggregators)."""
     *pre, agg = name.split("+")
     return agg, tuple(pre)
@@ -112,10 +114,10 @@ def defence_for(name: str, f: int) -> tuple[str, int, tuple]:
 class Study:
     """The compiled grid program and evaluator, built once."""
 
-    def __init__(self, steps: int, attack_names: list[str], method: str):
+    def __init__(self, steps: int, attack_names: list[str], method: str, pre_rows: list[str]):
         self.cfg = study_config(steps, ["federated.mode=federated", *METHODS[method]])
         self.method = method
-        self.defences = defences()
+        self.defences = defences(pre_rows)
         self.attacks = attack_names
         params = cluster_params(self.cfg, "train")
         init, chunk, learner = trainers.make_federated(self.cfg, params, attack_names, self.defences)
@@ -142,12 +144,11 @@ class Study:
         strength = jnp.asarray([s for _, s, _ in runs], jnp.float32)
         byz = jnp.asarray([[i < (0 if a == "none" else f) for i in range(N_NODES)] for a, _, _ in runs])
         weights, skipped = self.train(keys, attack, strength, byz, jnp.int32(self.defences.index(defence)))
-        rewards = np.asarray(self.evaluate(weights))
+        scores = evaluated(self.cfg, self.evaluate(weights))
         return [
             {"method": self.method, "aggregator": defence_name(defence), "f_assumed": defence[1], "f": 0 if a == "none" else f,
-             "attack": a, "strength": s, "seed": seed, "reward": float(r[EVAL_FROM:].mean()), "reward_regions": [float(x) for x in r],
-             "skipped_rounds": float(k)}
-            for (a, s, seed), r, k in zip(runs, rewards, np.asarray(skipped))
+             "attack": a, "strength": s, "seed": seed, **score, "skipped_rounds": float(k)}
+            for (a, s, seed), score, k in zip(runs, scores, np.asarray(skipped))
         ]
 
 
@@ -155,27 +156,42 @@ def defence_name(defence) -> str:
     return "+".join((*defence[2], defence[0]))
 
 
+# What the constrained objective's score reads (trainers.eval_score).
+SCORED = ("reward", "arrivals", "served", "forwarded", "dropped", "rejected", "slo_attainment", "quality")
+
+
 def make_evaluator(cfg, network, per_node: bool):
-    """weights stacked over runs -> mean reward per run and region (greedy, diurnal, common seeds)."""
+    """weights stacked over runs -> the SCORED metrics (runs, regions, seeds, ticks) (greedy,
+    diurnal, common seeds)."""
     params = cluster_params(cfg, "diurnal")
     env, eparams = evaluation.eval_env(cfg, params)
     policy = learned_policy.greedy_policy(network)
 
     def one(w):
         m = evaluation.run_episodes(env, policy, eparams, jax.random.PRNGKey(123), EVAL_SEEDS, EVAL_TICKS, w, per_node_state=per_node)
-        return m["reward"].mean(axis=(1, 2))
+        return {k: m[k] for k in SCORED}
 
     return jax.jit(jax.vmap(one))
+
+
+def evaluated(cfg, metrics) -> list[dict]:
+    """Per run, over regions EVAL_FROM..9: the constrained objective's score (mean reward
+    minus 10 x each region's violated share: a policy that serves users worse scores
+    lower, whatever it saves) and the mean reward (cost and quality only under it)."""
+    honest = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, nodes=cfg.cluster.nodes[EVAL_FROM:]))
+    metrics = {k: np.asarray(v)[:, EVAL_FROM:] for k, v in metrics.items()}
+    runs = next(iter(metrics.values())).shape[0]
+    return [{"score": trainers.eval_score(honest, {k: v[i] for k, v in metrics.items()}),
+             "reward": float(metrics["reward"][i].mean())} for i in range(runs)]
 
 
 def local_only(steps: int, seeds: int) -> list[dict]:
     """Local-only reference: each region trains alone (no aggregation, so no attack)."""
     cfg = study_config(steps, ["federated.mode=local"])
     trainer, weights = trainers.train_seeds(cfg, seeds)
-    rewards = np.asarray(make_evaluator(cfg, trainer.network, per_node=True)(weights))
+    scores = evaluated(cfg, make_evaluator(cfg, trainer.network, per_node=True)(weights))
     return [{"method": "local", "aggregator": "local-only", "f_assumed": 0, "f": 0, "attack": "none", "strength": 0.0, "seed": s,
-             "reward": float(r[EVAL_FROM:].mean()), "reward_regions": [float(x) for x in r], "skipped_rounds": 0.0}
-            for s, r in enumerate(rewards)]
+             **score, "skipped_rounds": 0.0} for s, score in enumerate(scores)]
 
 
 def strength_value(s, f: int) -> float:
@@ -211,8 +227,10 @@ def main():
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=2_500_000)
     ap.add_argument("--aggregators", nargs="+", default=list(aggregators.AGGREGATORS), choices=list(aggregators.AGGREGATORS))
-    ap.add_argument("--nnm", nargs="*", default=["multi_krum"], choices=list(aggregators.ROBUST_AGGREGATORS),
-                    help="aggregators also run after NNM")
+    ap.add_argument("--pre", nargs="*", default=["nnm+multi_krum", "arc+multi_krum"],
+                    help="rows with pre-aggregators: PRE[+PRE...]+AGGREGATOR")
+    ap.add_argument("--personal-aggregators", nargs="+", default=["mean", "multi_krum"],
+                    help="the rows (aggregator names, nnm+X included) run for the personal method")
     ap.add_argument("--attacks", nargs="+", default=["none", "sign_flip", "alie", "ipm", "nan", "huge", "normaliser_poisoning"],
                     choices=ATTACKS)
     ap.add_argument("--sweep", action="store_true", help="every strength of STRENGTHS, not only the first")
@@ -220,6 +238,10 @@ def main():
     ap.add_argument("--render-only", action="store_true")
     ap.add_argument("--part", default="0/1", help="k/P: run every P-th batch starting at k")
     args = ap.parse_args()
+    for row in args.pre:
+        agg, pre = label(row)
+        if agg not in aggregators.AGGREGATORS or not pre or any(p not in aggregators.PRE_AGGREGATORS for p in pre):
+            ap.error(f"--pre {row!r}: expected PRE+AGGREGATOR with PRE in {sorted(aggregators.PRE_AGGREGATORS)} and AGGREGATOR in {sorted(aggregators.AGGREGATORS)}")
     records = load()
     part, parts = map(int, args.part.split("/"))
     if not args.render_only:
@@ -227,8 +249,9 @@ def main():
             t0 = time.perf_counter()
             save("local-only", local_only(args.steps, args.seeds))
             print(f"local-only: {time.perf_counter() - t0:.0f} s", flush=True)
-        names = [*args.aggregators, *(f"nnm+{a}" for a in args.nnm)]
-        batches = [(m, f, name) for m in args.method for f in args.f for name in names if allowed(label(name)[0], f)]
+        names = [*args.aggregators, *args.pre]
+        batches = [(m, f, name) for m in args.method for f in args.f for name in names if allowed(label(name)[0], f)
+                   and (m != "personal" or name in args.personal_aggregators)]
         studies = {}
         for method, f, name in batches[part::parts]:
             defence = defence_for(name, f)
@@ -236,7 +259,7 @@ def main():
             cells = [(a, s) for a, s in cells if not done(records, method, defence, 0 if a == "none" else f, a, s, args.seeds)]
             if not cells:
                 continue
-            study = studies.get(method) or studies.setdefault(method, Study(args.steps, args.attacks, method))
+            study = studies.get(method) or studies.setdefault(method, Study(args.steps, args.attacks, method, args.pre))
             t0 = time.perf_counter()
             save(f"{method}-{name}-f{f}-{len(list(RUNS.glob(f'{method}-{name}-f{f}-*')))}", study.run(defence, f, cells, args.seeds))
             print(f"{method} {name} f={f}: {len(cells) * args.seeds} runs in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -248,7 +271,7 @@ def summarise(records: list[dict], method: str, defence: tuple, f: int, attack: 
     """(mean over seeds, worst seed, strength) at the attack's most damaging strength."""
     by_strength: dict[float, list[float]] = {}
     for r in cell(records, method, defence, f, attack):
-        by_strength.setdefault(round(r["strength"], 4), []).append(r["reward"])
+        by_strength.setdefault(round(r["strength"], 4), []).append(r["score"])
     if not by_strength:
         return None
     strength, rewards = min(by_strength.items(), key=lambda kv: np.mean(kv[1]))
@@ -263,8 +286,8 @@ def aim_statement(summary: dict[str, tuple[float, float, str]], f: int, local: f
     fedavg = [v for k, v in summary.items() if label(k.split(" ")[-1])[0] == "mean"]
     if not robust or not fedavg:
         return ""
-    # Rewards are negative (costs, penalties): "keeps 90 %" reads as losing at most 10 % of
-    # the no-attack return's distance to zero.
+    # Scores are negative (costs, penalties): "keeps 90 %" reads as losing at most 10 % of
+    # the no-attack score's distance to zero.
     kept = lambda base, worst: 1.0 - max(base - worst, 0.0) / max(abs(base), 1e-9)  # noqa: E731
     best = max(robust, key=lambda k: robust[k][1])
     base, worst, attack = robust[best]
@@ -285,25 +308,27 @@ def render(records: list[dict], args) -> None:
         "# Robustness to Byzantine regions",
         "",
         f"Command: `python benchmarks/robustness.py --method {' '.join(args.method)} --f {' '.join(map(str, args.f))} --seeds {args.seeds} "
-        f"--steps {args.steps} --aggregators {' '.join(args.aggregators)} --nnm {' '.join(args.nnm)} --attacks {' '.join(args.attacks)}"
+        f"--steps {args.steps} --aggregators {' '.join(args.aggregators)} --pre {' '.join(args.pre)} "
+        f"--personal-aggregators {' '.join(args.personal_aggregators)} --attacks {' '.join(args.attacks)}"
         f"{' --local' if args.local else ''}` (results accumulate in robustness_runs/; `--part k/P` splits the grid over P processes; "
         f"`--render-only` redraws this file); machine: {os.cpu_count()}-core {platform.machine()} CPU, jax {jax.__version__}.",
         "",
         f"Setup: the ten-region cluster env ({cfg.env.kind}), {cfg.env.num_clusters} simulated clusters per region, {args.steps:,} env steps "
         f"({trainers.num_rounds(cfg)} rounds of {cfg.federated.local_updates} local PPO updates per region), the main job's constrained "
         "objective. Regions 0..f-1 (us-east, us-west, eu-west) are Byzantine from round 0; each robust aggregator assumes the true f "
-        "(geometric median and centered clipping do not use f; FedAvg assumes f = 0). Return: mean reward per tick of the policies regions "
-        f"{EVAL_FROM}..9 deploy (greedy, diurnal training scenario, {EVAL_SEEDS} evaluation seeds x 1 day, common seeds for every run); "
+        "(geometric median and centered clipping do not use f; FedAvg assumes f = 0). Return: the constrained objective's score of the policies "
+        f"regions {EVAL_FROM}..9 deploy (mean reward per tick minus 10 x each region's violated share of its attainment, drop and "
+        f"quality limits, trainers.eval_score; greedy, diurnal training scenario, {EVAL_SEEDS} evaluation seeds x 1 day, common seeds for every run); "
         f"{seeds} training seeds per cell. Methods: *shared* (one robust global policy) and *personal* (each region's own policy pulled "
-        "1 % of the way to the robust global per round, the main job's). nnm+X: nearest-neighbour mixing before X.",
+        "1 % of the way to the robust global per round, the main job's). nnm+X: nearest-neighbour mixing before X; arc+X: adaptive robust clipping before X.",
         "",
         f"Attack strengths ({'swept; the worst, by mean over seeds, is reported' if args.sweep else 'the first of each list'}): "
         f"{STRENGTHS} (None: ALIE's z_max(n, f)). Each cell: mean over seeds / worst seed, at the worst strength. *worst attack*: the "
         "lowest cell mean minus the same row's no-attack mean. *kept*: 1 - (no-attack mean - lowest cell mean) / |no-attack mean| "
-        "(rewards are negative: costs and penalties).",
+        "(scores are negative: costs and penalties).",
         "",
     ]
-    local_rows = [r["reward"] for r in records if r["aggregator"] == "local-only"]
+    local_rows = [r["score"] for r in records if r["aggregator"] == "local-only"]
     local = float(np.mean(local_rows)) if local_rows else None
     if local_rows:
         lines += [f"Local-only reference (no federation, immune to attacks): {local:.3f} mean / {min(local_rows):.3f} worst over "

@@ -149,7 +149,7 @@ TOLERANCE = {"geometric_median": 1e-4, "centered_clipping": 1e-4}
 
 def test_registry_is_complete():
     assert set(AGGREGATORS) == set(REFERENCES)
-    assert set(PRE_AGGREGATORS) == {"nnm", "bucketing", "clip"}
+    assert set(PRE_AGGREGATORS) == {"nnm", "bucketing", "clip", "arc"}
 
 
 @pytest.mark.parametrize("name", sorted(REFERENCES))
@@ -384,6 +384,31 @@ def test_nnm_matches_reference_and_ignores_invalid_rows():
     alone, _ = PRE_AGGREGATORS["nnm"](jnp.asarray(x[valid_mask]), jnp.ones(10, bool), 0)
     np.testing.assert_allclose(np.asarray(mixed)[valid_mask], np.asarray(alone), rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(valid_out), valid_mask)
+
+
+def test_arc_clips_the_largest_rows_to_the_next_norm():
+    """ARC with n = 10, f = 3 clips the k = floor(2 f (n - f) / n) = 4 largest rows to the
+    5th largest norm and leaves the others as they are; three 1e30 rows then move the mean
+    by at most an honest row's norm, where the plain mean moves by 3e29 per coordinate."""
+    n, f = 10, 3
+    x = np.random.default_rng(5).normal(size=(n, DIM)).astype(np.float32)
+    x[:3] = 1e30
+    norms = np.linalg.norm(x[3:].astype(np.float64), axis=1)
+    clipped, valid = PRE_AGGREGATORS["arc"](jnp.asarray(x), jnp.ones(n, bool), f)
+    out = np.linalg.norm(np.asarray(clipped, np.float64), axis=1)
+    threshold = np.sort(norms)[-2]  # the 5th largest of all ten: the honest second largest
+    np.testing.assert_allclose(out[:3], threshold, rtol=1e-5)
+    largest = 3 + int(np.argmax(norms))
+    np.testing.assert_allclose(out[largest], threshold, rtol=1e-5)
+    keep = [i for i in range(3, n) if i != largest]
+    np.testing.assert_allclose(np.asarray(clipped)[keep], x[keep], rtol=1e-6)
+    assert bool(np.all(np.asarray(valid)))
+    robust, _ = aggregate(x, "mean", f, pre=("arc",))
+    plain, _ = aggregate(x, "mean", f)
+    assert np.linalg.norm(np.asarray(robust, np.float64)) <= norms.max() + 1e-6
+    assert not np.isfinite(np.linalg.norm(np.asarray(plain, np.float64))) or np.abs(np.asarray(plain)).max() > 1e28
+    same, _ = PRE_AGGREGATORS["arc"](jnp.asarray(x), jnp.ones(n, bool), 0)  # f = 0: k = 0, nothing clipped
+    np.testing.assert_array_equal(np.asarray(same), x)
 
 
 @pytest.mark.parametrize("n,size", [(12, 2), (10, 3)])

@@ -40,7 +40,9 @@ Requirements on n and f (`check_requirements`), each from its source paper:
 
 Pre-aggregators (`PRE_AGGREGATORS`) transform the stacked updates before the aggregator
 and compose: `aggregate(updates, "krum", f, pre=("nnm",))`, or with options
-`pre=(("bucketing", {"bucket_size": 2}), ("clip", {"tau": 1.0}))`.
+`pre=(("bucketing", {"bucket_size": 2}), ("clip", {"tau": 1.0}))`. "arc" is adaptive robust
+clipping (Allouah et al. 2025), "nnm" nearest-neighbour mixing (Allouah et al. 2023): both
+are for heterogeneous honest nodes, where a rule that drops outlying rows drops signal.
 
 Memory stays bounded for large n_params: pairwise distances are accumulated over blocks
 of coordinates, and coordinate-wise order statistics run a sorting network over blocks of
@@ -529,10 +531,26 @@ def _clip(updates: Array, valid: Array, f: int, key: Array | None = None, tau: f
     return clip_updates(updates, tau), valid
 
 
+def _adaptive_robust_clipping(updates: Array, valid: Array, f: int, key: Array | None = None) -> tuple[Array, Array]:
+    """ARC (Allouah et al., ICLR 2025): clip the k = floor(2 (f / n) (n - f)) largest-norm
+    valid rows to the norm of the (k + 1)-th largest, leaving the rest unchanged. The
+    threshold adapts to the honest rows' own scale, so no tau is tuned, and a huge row
+    reaches the aggregator with at most an honest row's norm (norms use a per-row scale,
+    finite for any finite row). Invalid rows are zero and count among the smallest."""
+    n = updates.shape[0]
+    k = min(int(2 * f * (n - f) / n), n - 1)
+    if k == 0:
+        return updates, valid
+    norms = jnp.where(valid, update_norms(updates), 0.0)
+    threshold = jnp.sort(norms)[n - 1 - k]  # the (k + 1)-th largest
+    return clip_updates(updates, threshold), valid
+
+
 PRE_AGGREGATORS: dict[str, Callable[..., tuple[Array, Array]]] = {
     "nnm": _nearest_neighbour_mixing,
     "bucketing": _bucketing,
     "clip": _clip,
+    "arc": _adaptive_robust_clipping,
 }
 
 PreSpec = str | tuple[str, Mapping[str, Any]]
