@@ -274,7 +274,8 @@ def federation() -> list[str]:
         return []
     d = json.loads(path.read_text())
     md = (B / "federation.md").read_text().splitlines()
-    table = [ln for ln in md[md.index(next(ln for ln in md if ln.startswith("| learner"))):] if ln.startswith("|")]
+    start = md.index(next(ln for ln in md if ln.startswith("| learner")))
+    table = md[start: next(i for i in range(start, len(md) + 1) if i == len(md) or not md[i].startswith("|"))]
     verdict = next(ln for ln in md if ln.startswith("Best federated learner"))
     out = [f"`{d['command']}` → [`benchmarks/federation.md`](benchmarks/federation.md): the main job's config at "
            f"{d['steps'] / 1e6:g}M env steps, {d['seeds']} training seeds; *objective*: the constrained objective's score "
