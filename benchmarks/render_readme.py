@@ -283,12 +283,14 @@ def federation() -> list[str]:
     for u in d["unseen"]:
         rows = u["rows"]
         fed_row = rows["federated (zero-shot)"]
-        others = {k: v for k, v in rows.items() if k != "federated (zero-shot)"}
+        others = {k: v for k, v in rows.items() if k.startswith("Local-only of") or k == "Reactive + tier"}
         rival = max(others, key=lambda k: others[k]["objective"])
         won = fed_row["objective"] > others[rival]["objective"]
+        tuned = next((k for k in rows if k.startswith("federated + local fine-tune")), None)
+        after = f"; {rows[tuned]['objective']:.3f} after a local fine-tune ({tuned.split('(')[1][:-1]})" if tuned else ""
         out.append(f"- Unseen region {u['held_out']} ({u['traffic_mix']}), zero-shot: federated {fed_row['objective']:.3f} "
                    f"({fed_row['slo_attainment_pct']:.1f} % attainment), best rival {rival} {others[rival]['objective']:.3f}, "
-                   f"Reactive + tier {rows['Reactive + tier']['objective']:.3f}: {'won' if won else 'lost'}.")
+                   f"Reactive + tier {rows['Reactive + tier']['objective']:.3f}: {'won' if won else 'lost'}{after}.")
     return out
 
 

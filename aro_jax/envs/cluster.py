@@ -286,8 +286,9 @@ class RegionGrid:
     (the stacked ClusterStates with their two leading axes swapped and the clock broadcast
     over regions), so a region's slice of the grid is its own envs; the cells of one cluster
     step together. A region's observation is its ServingNode-v0 observation (OBS_FIELDS and
-    its descriptor, the deployment contract an exported policy is served with): the spare capacity its
-    peers advertise decides, inside the env, how much of what it forwards they take.
+    its descriptor, the deployment contract an exported policy is served with): the spare
+    capacity its peers advertise decides, inside the env, how much of what it forwards
+    they take.
 
     `links`: the cluster's ClusterParams; its node params are replaced by those the learner
     passes (the same regions, with e.g. the run's reward weights)."""
