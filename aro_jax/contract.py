@@ -122,5 +122,9 @@ def feasible_actions(raw_obs, limits, xp=np):
 
 
 def normalize(obs, mean, var, xp=np):
-    """The learner's observation normaliser, in the exported format."""
-    return xp.clip((obs - mean) / xp.sqrt(var + NORMALIZE_EPS), -NORMALIZE_CLIP, NORMALIZE_CLIP)
+    """The learner's observation normaliser, in the exported format: the leading len(mean)
+    dims of `obs` normalised, any trailing ones (the node descriptor's features, O(1) and
+    constant per node) passed through."""
+    d = mean.shape[-1]
+    scaled = xp.clip((obs[..., :d] - mean) / xp.sqrt(var + NORMALIZE_EPS), -NORMALIZE_CLIP, NORMALIZE_CLIP)
+    return scaled if obs.shape[-1] == d else xp.concatenate([scaled, obs[..., d:]], axis=-1)

@@ -73,4 +73,5 @@ class RunningStats:
         return RunningStats(mean=mean, var=m2 / total, count=total)
 
     def normalize(self, obs: jax.Array) -> jax.Array:
+        """The leading len(mean) dims normalised; any trailing dims pass through."""
         return contract.normalize(obs, self.mean, self.var, xp=jnp)

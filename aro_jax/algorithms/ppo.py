@@ -71,6 +71,10 @@ class PPOConfig:
     hidden_sizes: tuple[int, ...] = (64, 64)
     anneal_lr: bool = True
     normalize_obs: bool = True
+    # Trailing observation dims the normaliser leaves as they are: features already O(1)
+    # and constant within an env (e.g. a node's descriptor), whose running variance of ~0
+    # would blow their float rounding up into the input.
+    obs_passthrough: int = 0
     action_masking: bool = True
     num_costs: int = 0  # constraints (constrained PPO when > 0; needs make_train's cost_fn)
     # DP-SGD over segments (one env's rollout column is one segment), on when dp_clip_norm > 0:
@@ -320,6 +324,7 @@ def make_train(
                          f"(rollout_steps {steps} x param sets {num_sets} x num_envs {num_envs})")
     total_updates = max(config.total_updates, 1)
     obs_dim = env.observation_space(jax.tree.map(lambda x: x[0], grid(env_params))).shape[0]
+    stats_dim = obs_dim - config.obs_passthrough  # the normaliser's statistics cover these leading dims
     use_mask = config.action_masking and hasattr(env, "action_mask_from_obs")
     dp_sgd = config.dp_clip_norm > 0
     segments = num_sets * num_envs
@@ -355,7 +360,7 @@ def make_train(
         params = network.init(k_net, jnp.zeros((obs_dim,)))
         obs, env_state = env_grid.reset(env_keys(k_env), effective(env_params, hp))
         constraint = ConstraintState.create(num_costs) if num_costs else None
-        return TrainState(params, tx_of(hp).init(params), RunningStats.create(obs_dim), env_state, obs, key, jnp.zeros((), jnp.int32), constraint)
+        return TrainState(params, tx_of(hp).init(params), RunningStats.create(stats_dim), env_state, obs, key, jnp.zeros((), jnp.int32), constraint)
 
     def act(state: TrainState, obs, nparams, key):
         """The policy's sampled actions on a grid of observations, with what the transition
@@ -481,11 +486,11 @@ def make_train(
         else:
             (params, opt_state, key), losses = jax.lax.scan(epoch, (state.params, state.opt_state, key), None, epochs)
         if dp_sgd:
-            seg_obs = jnp.swapaxes(env_obs.reshape((steps, segments, obs_dim)), 0, 1)
+            seg_obs = jnp.swapaxes(env_obs[..., :stats_dim].reshape((steps, segments, stats_dim)), 0, 1)
             private = private_statistics(seg_obs, jax.random.fold_in(key, 1), config.dp_stats_noise_multiplier, config.dp_stats_clip_norm)
             new_stats = stats.merge(private) if config.normalize_obs else stats
         else:
-            new_stats = stats.update(env_obs) if config.normalize_obs else stats
+            new_stats = stats.update(env_obs[..., :stats_dim]) if config.normalize_obs else stats
         metrics = {"reward": traj.reward.mean(), **jax.tree.map(jnp.mean, losses), **jax.tree.map(jnp.mean, step_metrics)}
         if num_costs:
             mean_cost = traj.cost.reshape(-1, num_costs).mean(0)
@@ -495,10 +500,10 @@ def make_train(
                 metrics[f"multiplier_{i}"] = constraint.multipliers[i]
         new_state = TrainState(params, opt_state, new_stats, env_state, obs, key, state.update_step + 1, constraint)
         if dp_sgd:  # nothing of the observations leaves the update unprotected
-            empty = RunningStats(jnp.zeros(obs_dim), jnp.zeros(obs_dim), jnp.zeros((), jnp.float32))
+            empty = RunningStats(jnp.zeros(stats_dim), jnp.zeros(stats_dim), jnp.zeros((), jnp.float32))
             rollout_stats = private if config.normalize_obs else empty
         else:
-            rollout_stats = RunningStats.from_batch(env_obs)
+            rollout_stats = RunningStats.from_batch(env_obs[..., :stats_dim])
         return new_state, metrics, rollout_stats
 
     def train_chunk(state: TrainState, hp: Hyperparams, num: int):

@@ -119,9 +119,9 @@ def export_policy(run_dir: str | Path, out_dir: str | Path, overwrite: bool = Fa
         "observation": {
             "fields": list(OBS_FIELDS),
             "descriptor_fields": {name: ref for name, ref in DESCRIPTOR_FIELDS},
-            "preprocess": ("obs = concat(raw / observation_scale[node], features(descriptor[node])), features: log2(value / "
-                           "reference) per descriptor field (reference null: the value); if normalize: "
-                           "obs = clip((obs - obs_mean) / sqrt(obs_var + eps), -clip, clip)"),
+            "preprocess": ("obs = raw / observation_scale[node]; if normalize: obs = clip((obs - obs_mean) / sqrt(obs_var + eps), "
+                           "-clip, clip); input = concat(obs, features(descriptor[node])), features: log2(value / reference) "
+                           "per descriptor field (reference null: the value), not normalised"),
             "normalize": bool(cfg.ppo.normalize_obs),
             "eps": NORMALIZE_EPS,
             "clip": NORMALIZE_CLIP,
@@ -292,9 +292,10 @@ class ExportedPolicy:
     def logits(self, raw: np.ndarray, node: str) -> np.ndarray:
         net = self._nets[self.spec["nodes"][node]["policy"]]
         features = np.broadcast_to(self._features[node], raw.shape[:-1] + self._features[node].shape)
-        x = np.concatenate([raw / self._scale[node], features], axis=-1)
+        x = raw / self._scale[node]
         if self.normalize:
             x = np.clip((x - net.obs_mean) / net.obs_denom, -self._clip, self._clip)
+        x = np.concatenate([x, features], axis=-1)
         *hidden, (k_out, b_out) = net.layers
         for k, b in hidden:
             x = np.tanh(x @ k + b)
@@ -399,8 +400,8 @@ def _check_shapes(policy: ExportedPolicy, spec: dict) -> None:
         for i, (k, b) in enumerate(n.layers):
             if k.shape != (dims[i], dims[i + 1]) or b.shape != (dims[i + 1],):
                 raise ExportError(f"{policy.path}: policy {key} layer {net['layers'][i]} has shape {k.shape}, spec says {(dims[i], dims[i + 1])}")
-        if n.obs_mean.shape != (width,):
-            raise ExportError(f"{policy.path}: policy {key} normaliser has shape {n.obs_mean.shape}, expected ({width},)")
+        if n.obs_mean.shape != (len(policy.fields),):
+            raise ExportError(f"{policy.path}: policy {key} normaliser has shape {n.obs_mean.shape}, expected ({len(policy.fields)},)")
     for name, node in spec["nodes"].items():
         if node["policy"] not in policy._nets:
             raise ExportError(f"{policy.path}: node {name} refers to missing policy {node['policy']!r}")
