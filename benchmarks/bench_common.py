@@ -43,6 +43,14 @@ def machine() -> str:
     return f"{os.cpu_count()}-core {platform.machine()} CPU, jax {jax.__version__}, Python {platform.python_version()}"
 
 
+def code_commit() -> str:
+    """The commit the measured code is at ("-dirty" when aro_jax/ has uncommitted changes)."""
+    root = Path(__file__).resolve().parents[1]
+    git = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("-dirty" if git("status", "--porcelain", "--", "aro_jax") else "")
+
+
 def write_report(json_path: Path, data: dict | None, render: Callable[[dict], str]) -> dict:
     """Write a run's results to `json_path` (unless `data` is None: re-render the JSON
     already there) and its markdown, rendered from that JSON alone, next to it."""
@@ -62,7 +70,7 @@ def run_report(json_path: Path, render: Callable[[dict], str], measure: Callable
     t0 = time.perf_counter()
     data = measure()
     data.update(command=f"python benchmarks/{Path(sys.argv[0]).name} " + " ".join(sys.argv[1:]), machine=machine(),
-                wall_s=time.perf_counter() - t0)
+                wall_s=time.perf_counter() - t0, commit=code_commit())
     data = write_report(json_path, data, render)
     print(Path(json_path).with_suffix(".md").read_text())
     return data

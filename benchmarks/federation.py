@@ -228,7 +228,8 @@ def verdict(sb: dict) -> list[str]:
 
 def render(d: dict) -> str:
     earlier = "".join(f"`{c}`, then " for c in d.get("earlier_commands", []))
-    lines = ["# Where federation pays", "", f"Command: {earlier}`{d['command']}`  ", f"Machine: {d['machine']}, {d['wall_s'] / 60:.0f} min (the last command).", "",
+    lines = ["# Where federation pays", "", f"Command: {earlier}`{d['command']}`  ",
+             f"Machine: {d['machine']}, {d['wall_s'] / 60:.0f} min (the last command); code at commit {d.get('commit', 'unknown')}.", "",
              f"## The same budget: {d['steps'] / 1e6:g}M env steps, {d['seeds']} training seeds", "",
              "The main job's config (cluster env, constrained objective: chat regions 90 % attainment, code 60 %, <= 1 % dropped, "
              f"quality >= 0.98), evaluated on the diurnal day ({d['eval_seeds']} evaluation seeds, common to every row). *objective*: "

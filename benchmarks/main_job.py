@@ -22,6 +22,9 @@ from pathlib import Path
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_common import code_commit  # noqa: E402
+
 OUT = Path(__file__).parent / "main_job"
 
 
@@ -41,6 +44,7 @@ def collect(run_dir: Path, wall_s: float | None, command: str) -> dict:
     summary = {
         "command": command,
         "machine": f"{os.cpu_count()}-core {platform.machine()} CPU, jax {jax.__version__}, Python {platform.python_version()}",
+        "commit": code_commit(),
         "wall_s": wall_s,
         "train_s": train_s,
         "env_steps": train[-1]["env_steps"],

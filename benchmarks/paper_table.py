@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 from scipy import stats  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_common import machine, write_report  # noqa: E402
+from bench_common import code_commit, machine, write_report  # noqa: E402
 
 from aro_jax.envs.heuristics import HEURISTICS  # noqa: E402
 from aro_jax.envs.scenarios import SCENARIOS, scenario_plan  # noqa: E402
@@ -251,7 +251,7 @@ def main():
         ap.error("--learned RUN_DIR is needed (or --render-only)")
     t0 = time.perf_counter()
     d = measure(args)
-    d.update(command="python benchmarks/paper_table.py " + " ".join(sys.argv[1:]), machine=machine(), wall_s=time.perf_counter() - t0,
+    d.update(command="python benchmarks/paper_table.py " + " ".join(sys.argv[1:]), machine=machine(), commit=code_commit(), wall_s=time.perf_counter() - t0,
              learned=str(args.learned), learned_no_tier=args.learned_no_tier and str(args.learned_no_tier), eval_seeds=args.eval_seeds)
     d = write_report(OUT, d, render)
     plot(d)

@@ -70,7 +70,7 @@ def main_job() -> list[str]:
             ("cost_usd_per_h", "cost ($/h)"), ("quality", "quality")]
     wall = f"{s['wall_s'] / 60:.1f} min wall clock in all, " if s.get("wall_s") else ""
     out = [
-        f"The main job (`{s['command']}`; {s['machine']}): {wall}{s['train_s'] / 60:.1f} min of training "
+        f"The main job (`{s['command']}`; {s['machine']}; code at commit {s.get('commit', 'unknown')}): {wall}{s['train_s'] / 60:.1f} min of training "
         f"({s['env_steps'] / 1e6:.1f}M env steps at {rate(s['env_steps_per_s'])} env steps/s), then the evaluation: "
         "one simulated day from Monday 00:00 UTC, 8 seeds x 10 regions, the same seeds for every policy"
         + (", the regions coupled in the cluster env as in training (forwarded requests served by the peers at their load and price)"
@@ -201,8 +201,8 @@ def paper() -> list[str]:
         "`python benchmarks/paper_table.py --learned RUN_DIR --learned-no-tier RUN_DIR` → "
         "[`benchmarks/paper_table.md`](benchmarks/paper_table.md): the main job's policy against every heuristic with "
         "the tier available to all (each heuristic also with the tier rule) and, from a policy trained without it, with the "
-        f"tier off for all; training scenario and five held-out ones, {d['eval_seeds']} evaluation seeds. Does the learned policy "
-        "beat Reactive on goodput per dollar at no worse SLO attainment?",
+        f"tier off for all; training scenario and five held-out ones, {d['eval_seeds']} evaluation seeds; code at commit "
+        f"{d.get('commit', 'unknown')}. Does the learned policy beat Reactive on goodput per dollar at no worse SLO attainment?",
         "",
         "| scenario | tier on: against Reactive + tier | tier off: against Reactive |",
         "|---|---|---|",
@@ -242,7 +242,8 @@ def robustness() -> list[str]:
     out = [
         "`python benchmarks/robustness.py` (the command and study config are in "
         "[`benchmarks/robustness.md`](benchmarks/robustness.md)): three of the ten regions attack from round 0, each robust "
-        "aggregator assumes f = 3, in the cluster env at a small budget (4 clusters per region; not converged). Score: the "
+        f"aggregator assumes f = 3, in the cluster env at a small budget (4 clusters per region; not converged); code at commit "
+        f"{', '.join(sorted({r.get('commit', 'unknown') for r in rows}))}. Score: the "
         "constrained objective of the policies regions 3..9 deploy (mean reward minus 10 x each region's violated share; "
         "higher is better), mean over seeds / worst seed:",
         "",
@@ -278,7 +279,8 @@ def federation() -> list[str]:
     table = md[start: next(i for i in range(start, len(md) + 1) if i == len(md) or not md[i].startswith("|"))]
     verdict = next(ln for ln in md if ln.startswith("Best federated learner"))
     out = [f"`{d['command']}` → [`benchmarks/federation.md`](benchmarks/federation.md): the main job's config at "
-           f"{d['steps'] / 1e6:g}M env steps, {d['seeds']} training seeds; *objective*: the constrained objective's score "
+           f"{d['steps'] / 1e6:g}M env steps, {d['seeds']} training seeds, code at commit {d.get('commit', 'unknown')}; "
+           "*objective*: the constrained objective's score "
            "(higher is better).", "", *table, "", verdict, ""]
     for u in d["unseen"]:
         rows = u["rows"]

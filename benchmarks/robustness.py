@@ -32,6 +32,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import platform
 import time
 from pathlib import Path
@@ -43,6 +44,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from aro_jax.training import evaluation, learned_policy, trainers  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_common import code_commit  # noqa: E402
 from aro_jax.config import load_config  # noqa: E402
 from aro_jax.envs.scenarios import cluster_params  # noqa: E402
 from aro_jax.federated import aggregators, attacks, fedppo  # noqa: E402
@@ -147,7 +151,7 @@ class Study:
         scores = evaluated(self.cfg, self.evaluate(weights))
         return [
             {"method": self.method, "aggregator": defence_name(defence), "f_assumed": defence[1], "f": 0 if a == "none" else f,
-             "attack": a, "strength": s, "seed": seed, **score, "skipped_rounds": float(k)}
+             "attack": a, "strength": s, "seed": seed, **score, "skipped_rounds": float(k), "commit": COMMIT}
             for (a, s, seed), score, k in zip(runs, scores, np.asarray(skipped))
         ]
 
@@ -191,7 +195,7 @@ def local_only(steps: int, seeds: int) -> list[dict]:
     trainer, weights = trainers.train_seeds(cfg, seeds)
     scores = evaluated(cfg, make_evaluator(cfg, trainer.network, per_node=True)(weights))
     return [{"method": "local", "aggregator": "local-only", "f_assumed": 0, "f": 0, "attack": "none", "strength": 0.0, "seed": s,
-             **score, "skipped_rounds": 0.0} for s, score in enumerate(scores)]
+             **score, "skipped_rounds": 0.0, "commit": COMMIT} for s, score in enumerate(scores)]
 
 
 def strength_value(s, f: int) -> float:
@@ -199,6 +203,7 @@ def strength_value(s, f: int) -> float:
 
 
 RUNS = HERE / "robustness_runs"
+COMMIT = code_commit()
 
 
 def load() -> list[dict]:
@@ -311,7 +316,8 @@ def render(records: list[dict], args) -> None:
         f"--steps {args.steps} --aggregators {' '.join(args.aggregators)} --pre {' '.join(args.pre)} "
         f"--personal-aggregators {' '.join(args.personal_aggregators)} --attacks {' '.join(args.attacks)}"
         f"{' --local' if args.local else ''}` (results accumulate in robustness_runs/; `--part k/P` splits the grid over P processes; "
-        f"`--render-only` redraws this file); machine: {os.cpu_count()}-core {platform.machine()} CPU, jax {jax.__version__}.",
+        f"`--render-only` redraws this file); machine: {os.cpu_count()}-core {platform.machine()} CPU, jax {jax.__version__}; "
+        f"code at commit {', '.join(sorted({r.get('commit', 'unknown') for r in records}))}.",
         "",
         f"Setup: the ten-region cluster env ({cfg.env.kind}), {cfg.env.num_clusters} simulated clusters per region, {args.steps:,} env steps "
         f"({trainers.num_rounds(cfg)} rounds of {cfg.federated.local_updates} local PPO updates per region), the main job's constrained "

@@ -163,6 +163,23 @@ def test_descriptor_is_read_and_checked(export_copy):
         load_policy(export_copy)
 
 
+def test_descriptor_passes_the_normaliser_by():
+    """The normaliser's statistics cover the live fields only: the descriptor's features,
+    constant per node, reach the network as they are (a running variance of ~0 would
+    amplify their rounding)."""
+    from aro_jax import contract
+
+    cfg, _, weights, _ = load_trained_policy(trained()[0])
+    assert np.shape(weights.obs_stats.mean)[-1] == len(sv.OBS_FIELDS)
+    rng = np.random.default_rng(0)
+    obs = rng.normal(size=(5, sv.POLICY_INPUT_DIM)).astype(np.float32)
+    mean, var = rng.normal(size=len(sv.OBS_FIELDS)), rng.uniform(0.5, 2.0, len(sv.OBS_FIELDS))
+    out = contract.normalize(obs, mean, var)
+    np.testing.assert_array_equal(out[:, len(sv.OBS_FIELDS):], obs[:, len(sv.OBS_FIELDS):])
+    np.testing.assert_allclose(out[:, : len(sv.OBS_FIELDS)], contract.normalize(obs[:, : len(sv.OBS_FIELDS)], mean, var))
+    assert not np.allclose(out[:, : len(sv.OBS_FIELDS)], obs[:, : len(sv.OBS_FIELDS)])
+
+
 def test_truncated_and_corrupt_params(export_copy):
     files = sorted(p for p in (export_copy / "params").rglob("*") if p.is_file())
     biggest = max(files, key=lambda p: p.stat().st_size)
