@@ -43,6 +43,25 @@ def machine() -> str:
     return f"{os.cpu_count()}-core {platform.machine()} CPU, jax {jax.__version__}, Python {platform.python_version()}"
 
 
+def train_and_evaluate_seeds(cfg, seeds: int) -> tuple[list[dict], float]:
+    """Train seeds 0..seeds-1 of `cfg` in one program (trainers.train_seeds) and evaluate
+    each like the main job (its scenario and evaluation seeds, key 0, the config's env):
+    (metrics per seed, training seconds)."""
+    import jax
+
+    from aro_jax.envs.scenarios import cluster_params
+    from aro_jax.training import evaluation, learned_policy, trainers
+
+    t0 = time.perf_counter()
+    trainer, weights = trainers.train_seeds(cfg, seeds)
+    jax.block_until_ready(weights)
+    train_s = time.perf_counter() - t0
+    env, eparams = evaluation.eval_env(cfg, cluster_params(cfg, cfg.eval.scenario))
+    policy = learned_policy.greedy_policy(trainer.network, cfg.ppo.normalize_obs, cfg.ppo.action_masking)
+    return [evaluation.run_episodes(env, policy, eparams, jax.random.PRNGKey(0), cfg.eval.num_seeds, cfg.env.episode_ticks,
+                                    jax.tree.map(lambda x: x[s], weights), trainer.per_node) for s in range(seeds)], train_s
+
+
 def code_commit() -> str:
     """The commit the measured code is at ("-dirty" when aro_jax/ has uncommitted changes)."""
     root = Path(__file__).resolve().parents[1]

@@ -30,7 +30,6 @@ import dataclasses
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_scheduler=false")
@@ -40,7 +39,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_common import run_report  # noqa: E402
+from bench_common import run_report, train_and_evaluate_seeds  # noqa: E402
 
 from aro_jax.config import load_config  # noqa: E402
 from aro_jax.envs.heuristics import HEURISTICS, Policy  # noqa: E402
@@ -88,18 +87,9 @@ def same_budget(steps: int, seeds: int, learners: list[str]) -> dict:
     for label in learners:
         extra = LEARNERS[label]
         cfg = config(steps, extra)
-        t0 = time.perf_counter()
-        trainer, weights = trainers.train_seeds(cfg, seeds)
-        jax.block_until_ready(weights)
-        train_s = time.perf_counter() - t0
+        per_seed, train_s = train_and_evaluate_seeds(cfg, seeds)
         params = cluster_params(cfg, cfg.eval.scenario)
-        env, eparams = evaluation.eval_env(cfg, params)
-        policy = learned_policy.greedy_policy(trainer.network, cfg.ppo.normalize_obs, cfg.ppo.action_masking)
-        rows = []
-        for s in range(seeds):
-            w = jax.tree.map(lambda x: x[s], weights)
-            m = evaluation.run_episodes(env, policy, eparams, jax.random.PRNGKey(0), cfg.eval.num_seeds, cfg.env.episode_ticks, w, trainer.per_node)
-            rows.append(score_row(cfg, m, params))
+        rows = [score_row(cfg, m, params) for m in per_seed]
         out[label] = {"rows": rows, "train_s": train_s}
         print(label, rows, f"{train_s:.0f} s", flush=True)
     cfg = config(steps, [])

@@ -12,7 +12,6 @@ import argparse
 import dataclasses
 import os
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_scheduler=false")
@@ -21,12 +20,12 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_common import run_report  # noqa: E402
+from bench_common import run_report, train_and_evaluate_seeds  # noqa: E402
 
 from aro_jax.config import load_config  # noqa: E402
 from aro_jax.envs.heuristics import HEURISTICS  # noqa: E402
 from aro_jax.envs.scenarios import cluster_params  # noqa: E402
-from aro_jax.training import evaluation, learned_policy, trainers  # noqa: E402
+from aro_jax.training import evaluation  # noqa: E402
 
 OUT = Path(__file__).with_name("main_job_seeds.json")
 SHOWN = ("goodput_per_usd", "goodput_rps", "slo_attainment_pct", "dropped_pct", "cost_usd_per_h", "replicas", "quality")
@@ -34,18 +33,12 @@ SHOWN = ("goodput_per_usd", "goodput_rps", "slo_attainment_pct", "dropped_pct", 
 
 def measure(seeds: int) -> dict:
     cfg = load_config()
-    t0 = time.perf_counter()
-    trainer, weights = trainers.train_seeds(cfg, seeds)
-    jax.block_until_ready(weights)
-    train_s = time.perf_counter() - t0
+    per_seed, train_s = train_and_evaluate_seeds(cfg, seeds)
     params = cluster_params(cfg, cfg.eval.scenario)
     env, eparams = evaluation.eval_env(cfg, params)
-    policy = learned_policy.greedy_policy(trainer.network, cfg.ppo.normalize_obs, cfg.ppo.action_masking)
     key = jax.random.PRNGKey(0)  # the main job's evaluation key
     rows = []
-    for s in range(seeds):
-        w = jax.tree.map(lambda x: x[s], weights)
-        m = evaluation.run_episodes(env, policy, eparams, key, cfg.eval.num_seeds, cfg.env.episode_ticks, w, trainer.per_node)
+    for s, m in enumerate(per_seed):
         k = evaluation.cluster_kpis(m, cfg.env.tick_s, params)
         rows.append({"seed": s, **{x: k[x] for x in SHOWN}})
         print(rows[-1], flush=True)
