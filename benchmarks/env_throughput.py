@@ -188,7 +188,7 @@ def worker_profile(batch: int, steps: int, repeats: int) -> dict:
     """Where a node-env step's time goes, at `batch`, each variant as jit(scan(vmap(f))).
 
     Two views: (a) parts alone, their inputs perturbed every step (so XLA cannot hoist
-    them out of the loop as loop-invariant); (b) ablations: the full gymnax `env.step`
+    them out of the loop as loop-invariant); (b) ablations: the full `env.step`
     with one component replaced by a cheap stand-in, patched into the env module only in
     this benchmark process while tracing (the env's source is untouched). The saving of
     an ablation is that component's cost in context.
@@ -214,13 +214,13 @@ def worker_profile(batch: int, steps: int, repeats: int) -> dict:
         z = 1.0 + 1e-6 * jax.random.normal(jax.random.fold_in(k, 99))
         return jax.tree.map(lambda x: x * z if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x, s)
 
-    # gymnax's `step` is itself jitted (static self), and its trace cache would hide the
+    # The env's `step` is itself jitted (static self), and its trace cache would hide the
     # patches below: call the undecorated function so every variant is traced afresh.
-    gymnax_step = type(env).step.__wrapped__
+    env_step = type(env).step.__wrapped__
 
     # Each variant: f(key, state, action, params) -> (new_state, scalar per env).
     def full_step(k, s, a, p):
-        obs, s2, r, _, _, _ = gymnax_step(env, k, s, a, p)
+        obs, s2, r, _, _, _ = env_step(env, k, s, a, p)
         return s2, r + obs.sum()
 
     def step_env_only(k, s, a, p):  # no auto-reset
@@ -250,12 +250,9 @@ def worker_profile(batch: int, steps: int, repeats: int) -> dict:
                              s.replicas_ready, s.forward_fraction, s.small_active_fraction)
         return s.replace(queue_requests=q), sum(v for v in m.values())
 
-    def prng_only(k, s, a, p):  # the draws one env.step makes: 3 splits, 3 normals, 1 uniform
+    def prng_only(k, s, a, p):  # the draws one env.step makes: a split, 3 normals, a uniform
         k_step, k_reset = jax.random.split(k)
-        k_arr, k_cold = jax.random.split(k_step)
-        k_mod, _ = jax.random.split(k_arr)
-        z = jax.random.normal(k_mod, (2,)).sum() + jax.random.normal(k_cold) + jax.random.uniform(k_reset)
-        return s, z
+        return s, jax.random.normal(k_step, (3,)).sum() + jax.random.uniform(k_reset)
 
     # Auto-reset against one reset state computed outside the loop (gymnax recomputes
     # reset_env every step and selects it only on done).
@@ -290,10 +287,10 @@ def worker_profile(batch: int, steps: int, repeats: int) -> dict:
         with patched(fluid, "serve_tick", serve_stub), patched(fluid, "modelled_peer", peer_stub):
             yield
 
-    def sampler_stub(key, t_s, tick_s, traffic, z):
-        return expected_rate_rps(t_s, traffic) * tick_s, z
+    def sampler_stub(e_burst, z_count, t_s, tick_s, traffic, z):
+        return expected_rate_rps(t_s, traffic) * tick_s + 1e-3 * (e_burst + z_count), z
 
-    def raw_obs_stub(state, p, forecast_rps=None):
+    def raw_obs_stub(state, p):
         x = state.clock_s * 1e-6 + state.queue_requests + state.replicas_ready + state.last["arrivals"]
         return jnp.broadcast_to(x, (len(sv.OBS_FIELDS),)).astype(jnp.float32)
 
@@ -309,11 +306,11 @@ def worker_profile(batch: int, steps: int, repeats: int) -> dict:
     nothing = contextlib.nullcontext
     variants = {
         # name: (function, patch context factory)
-        "env.step (gymnax: step_env + reset_env + select)": (full_step, nothing),
+        FULL: (full_step, nothing),
         "step_env (no auto-reset)": (step_env_only, nothing),
-        "step_env + select against a cached reset state (alternative auto-reset)": (step_cached_reset, nothing),
+        CACHED: (step_cached_reset, nothing),
         "env.step, fluid model stubbed (serve_tick and the modelled peer)": (full_step, fluid_stubbed),
-        "env.step, sample_arrivals stubbed (expected rate)": (full_step, lambda: patched(sv, "sample_arrivals_ar", sampler_stub)),
+        "env.step, sample_arrivals stubbed (expected rate)": (full_step, lambda: patched(sv, "arrivals_ar", sampler_stub)),
         "env.step, forecast.update stubbed (identity)": (full_step, lambda: patched(fc, "update", lambda f, t, r: f)),
         "env.step, raw_observation stubbed (step and reset)": (full_step, lambda: patched(sv, "raw_observation", raw_obs_stub)),
         "reset_env alone": (reset_only, nothing),
@@ -321,7 +318,7 @@ def worker_profile(batch: int, steps: int, repeats: int) -> dict:
         "fluid_tick alone": (fluid_only, nothing),
         "sample_arrivals alone": (sampler_only, nothing),
         "forecast.update alone": (forecast_only, nothing),
-        "PRNG draws of one step alone (3 splits, 3 normals, 1 uniform)": (prng_only, nothing),
+        "PRNG draws of one step alone (a split, 3 normals, a uniform)": (prng_only, nothing),
         "harness alone (key split, random actions, carry, state perturbation)": (harness_only, nothing),
     }
 
@@ -485,7 +482,7 @@ def run_worker(kind: str, batch: int, steps: int, repeats: int, xla_flags: str, 
 fmt_rate = bench_common.fmt_rate
 
 
-FULL = "env.step (gymnax: step_env + reset_env + select)"
+FULL = "env.step (advance + reset_state + select, observed once)"
 CACHED = "step_env + select against a cached reset state (alternative auto-reset)"
 
 
@@ -523,13 +520,12 @@ def interpretation(single: list, sharded: list, profile: dict | None, met: bool)
         saving = lambda k: full - ns[k]  # noqa: E731
         abl = {k: saving(k) for k in ns if k.startswith("env.step, ") or k.startswith("step_env")}
         ranked = "; ".join(f"{k}: {v:+.0f} ns ({v / full:+.0%})" for k, v in sorted(abl.items(), key=lambda kv: -kv[1]))
-        out.append(f"- Profile at batch {profile['batch']}: a full gymnax `env.step` costs {full:.0f} ns per env step "
+        out.append(f"- Profile at batch {profile['batch']}: a full `env.step` costs {full:.0f} ns per env step "
                    f"({fmt_rate(1e9 / full)} steps/s in that process; CartPole's whole step at this batch is about "
                    f"{1e9 / next((r['cartpole']['steps_per_s'] for r in single if r['batch'] == profile['batch']), float('nan')):.0f} ns). "
                    f"Savings when a component is removed or stubbed: {ranked}.")
-        out.append(f"- Auto-reset: gymnax's `step` runs `reset_env` on every step and selects it only on done; this env's "
-                   f"`reset_env` computes the replica capacity, the forecaster's prior and the observation to fill the first observation, "
-                   f"so the whole reset is paid every step: `reset_env` alone costs {ns['reset_env alone']:.0f} ns, and "
+        out.append(f"- Auto-reset: `step` computes a reset state on every step (under vmap the auto-reset is a select) and "
+                   f"observes the selected state once: `reset_env` alone costs {ns['reset_env alone']:.0f} ns, and "
                    f"stepping without it (`step_env`) costs {ns['step_env (no auto-reset)']:.0f} ns; auto-resetting against "
                    f"a reset state computed once costs {ns[CACHED]:.0f} ns ({full / ns[CACHED]:.2f}x faster than `env.step`).")
         cp = next((r["cartpole"]["steps_per_s"] for r in single if r["batch"] == profile["batch"]), None)
@@ -544,14 +540,14 @@ def interpretation(single: list, sharded: list, profile: dict | None, met: bool)
                        "Next largest savings among the component ablations: "
                        + ", ".join(f"{k.split(', ')[1].split(' stubbed')[0]} ({v:+.0f} ns)" for k, v in
                                    sorted(((k, v) for k, v in abl.items() if k.startswith("env.step, ")), key=lambda kv: -kv[1]))
-                       + " (`raw_observation` runs in both step and reset).")
+                       + ".")
         alone = {k: ns[k] for k in ns if " alone" in k and not k.startswith("harness")}
         out.append("- Parts alone (ns per env step, each including the harness's "
                    f"{ns['harness alone (key split, random actions, carry, state perturbation)']:.0f} ns): "
                    + ", ".join(f"{k.replace(' alone', '')} {v:.0f}" for k, v in sorted(alone.items(), key=lambda kv: -kv[1]))
                    + ". `fluid_tick` evaluates the latency model twice (big and small model) and the modelled peer's once more, with erf/exp/log/pow; a step "
-                   "makes several threefry draws (key splits in gymnax's step, the env's transition and the sampler; "
-                   "normals for arrivals and cold start; a uniform in reset). CartPole's step is a few multiply-adds and "
+                   "makes three threefry draws (the key split, one normal triple for the tick's bursts, counts and cold start, "
+                   "a uniform for the reset state). CartPole's step is a few multiply-adds and "
                    "one uniform draw.")
     return out
 
@@ -650,8 +646,9 @@ def render(data: dict) -> str:
              f"Python {data['python']}); other jobs may share the cores, so absolute rates are noisy and "
              "the ratios (same process, calls interleaved) are the figures to compare.")
     L.append(f"- XLA_FLAGS: `{flags1}` (one device); `{flags2}` (sharded rows)")
-    L.append(f"- Harness: `jit(scan(vmap(env.step)))`, gymnax 1.x `step` (auto-reset: `reset_env` runs every step and "
-             f"is selected on done), uniform random actions, a fresh key per env per step, params a traced argument "
+    L.append(f"- Harness: `jit(scan(vmap(env.step)))`, each env's gymnax 1.x `step` with its auto-reset (CartPole: gymnax's, "
+             f"`reset_env` every step, selected on done; the serving envs: a reset state every step, selected on done and "
+             f"observed once, `envs/autoreset.py`), uniform random actions, a fresh key per env per step, params a traced argument "
              f"broadcast over the batch, rewards and observations summed into the carry. Median of {repeats} "
              f"steady-state calls, node and CartPole calls interleaved; compile s = first call - median call. Each batch size in its own subprocess; "
              f"peak RSS is that process's `ru_maxrss` after imports and reset (before any rollout compiled), after the "

@@ -114,8 +114,11 @@ def test_forwarding_everything_loads_the_peers(cenv):
     # The sender pays egress and the peers' price; the peers are credited what it paid.
     assert mean(on, "peer_paid_usd")[0] > 0 and mean(on, "egress_usd")[0] > 0
     np.testing.assert_allclose(np.asarray(on["peer_paid_usd"]).sum(), np.asarray(on["peer_credit_usd"]).sum(), rtol=1e-4)
-    # Forwarded requests carry the round trip and the peer's load.
-    assert np.all(np.asarray(on["fwd_ttft_s"])[:, 0] > float(_three_regions(1.0).rtt_s[0, 1]))
+    # Forwarded requests carry the round trip and the peer's load (in the ticks where the
+    # peers had spare to take any).
+    sent = np.asarray(on["forwarded"])[:, 0] > 0
+    assert sent.mean() > 0.8
+    assert np.all(np.asarray(on["fwd_ttft_s"])[sent, 0] > float(_three_regions(1.0).rtt_s[0, 1]))
 
 
 def test_one_region_without_forwarding_is_serving_node(cenv, small_node_params):
@@ -200,7 +203,7 @@ _TWO_DEVICES = textwrap.dedent("""
     assert len(jax.tree.leaves(out)[0].sharding.device_set) == 2
     two_dev = jax.device_get(out)
     for a, b in zip(jax.tree.leaves(one_dev), jax.tree.leaves(two_dev)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)  # float rounding of two compilations
     print("EQUAL")
 """)
 

@@ -24,13 +24,17 @@ _MIN_RATE_RPS = np.float32(1e-3)
 _F32 = np.float32
 
 
+# Feature k is cos(2 pi (FREQUENCY_HZ[k] t + PHASE_TURNS[k])), its argument reduced to
+# [-pi, pi], as in the simulator.
+FREQUENCY_HZ = np.array([0.0, 1 / SECONDS_PER_DAY, 1 / SECONDS_PER_DAY, 2 / SECONDS_PER_DAY, 2 / SECONDS_PER_DAY,
+                         1 / SECONDS_PER_WEEK, 1 / SECONDS_PER_WEEK], np.float32)
+PHASE_TURNS = np.array([0.0, 0.0, -0.25, 0.0, -0.25, 0.0, -0.25], np.float32)
+
+
 def time_features(t_local_s: float) -> np.ndarray:
     """(7,) float32: bias, two daily harmonics, one weekly, of local time in seconds."""
-    t = _F32(t_local_s)
-    d = _F32(2.0 * np.pi) * t / _F32(SECONDS_PER_DAY)
-    w = _F32(2.0 * np.pi) * t / _F32(SECONDS_PER_WEEK)
-    cos_d, sin_d = np.cos(d), np.sin(d)
-    return np.array([1.0, cos_d, sin_d, 2.0 * cos_d**2 - 1.0, 2.0 * sin_d * cos_d, np.cos(w), np.sin(w)], np.float32)
+    turns = _F32(t_local_s) * FREQUENCY_HZ + PHASE_TURNS
+    return np.cos(_F32(2.0 * np.pi) * (turns - np.round(turns))).astype(np.float32)
 
 
 @dataclass

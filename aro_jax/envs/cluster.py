@@ -31,6 +31,7 @@ from gymnax.environments import environment, spaces
 
 from aro_jax.contract import ACTION_SETS, DESCRIPTOR_NAMES, OBS_FIELDS, POLICY_INPUT_DIM
 from aro_jax.envs import fluid, hardware, scenarios, serving
+from aro_jax.envs.autoreset import StateObservedEnv
 from aro_jax.envs.scenarios import rtt_matrix_s, site_of
 from aro_jax.envs.params import EnvParams
 from aro_jax.envs.serving import EnvState
@@ -147,7 +148,7 @@ def _spare_rps(capacity_rps, load_rps):
     return jnp.maximum(SPARE_TARGET_UTIL * capacity_rps - load_rps, 0.0)
 
 
-class ServingCluster(environment.Environment[ClusterState, ClusterParams]):
+class ServingCluster(StateObservedEnv):
     """All regions of one cluster. Actions: (R,) ints, one per region; observations
     (R, len(CLUSTER_OBS_FIELDS)); rewards (R,), each region's own reward."""
 
@@ -181,7 +182,7 @@ class ServingCluster(environment.Environment[ClusterState, ClusterParams]):
 
     # ---- reset ------------------------------------------------------------------------
 
-    def reset_env(self, key, params: ClusterParams):
+    def reset_state(self, key, params: ClusterParams) -> ClusterState:
         r = params.rtt_s.shape[0]
         k_clock, k_nodes = jax.random.split(key)
         # One UTC clock for the whole cluster (the regions' time zones are offsets of it).
@@ -190,26 +191,27 @@ class ServingCluster(environment.Environment[ClusterState, ClusterParams]):
         random_start = jnp.floor(jax.random.uniform(k_clock, (), maxval=7 * 86_400.0) / tick) * tick
         clock = jnp.where(nodes.random_start[0] > 0.5, random_start, nodes.start_time_s[0])
         nodes = nodes.replace(random_start=jnp.zeros((r,)), start_time_s=jnp.full((r,), clock))
-        return self.reset_regions(jax.random.split(k_nodes, r), params.replace(nodes=nodes))
+        return self.reset_regions_state(jax.random.split(k_nodes, r), params.replace(nodes=nodes))
 
-    def reset_regions(self, keys, params: ClusterParams):
+    def reset_regions_state(self, keys, params: ClusterParams) -> ClusterState:
         """Reset each region with its own key (regions' own start times)."""
-        node_obs, states = jax.vmap(self.node.reset_env)(keys, params.nodes)
+        states = jax.vmap(self.node.reset_state)(keys, params.nodes)
         last = states.last
-        state = ClusterState(
+        return ClusterState(
             time=0, nodes=states, in_flight=jnp.zeros_like(states.queue_requests),
             spare_rps=_spare_rps(last["capacity_rps"], last["arrivals"] / params.nodes.tick_s),
         )
-        # The nodes' own first observations (the forecaster's prior, as ServingNode-v0's).
-        return self._with_spare(node_obs, state, params), state
+
+    def reset_regions(self, keys, params: ClusterParams):
+        """(observation, state) of `reset_regions_state`."""
+        state = self.reset_regions_state(keys, params)
+        return self.get_obs(state, params), state
 
     # ---- step -------------------------------------------------------------------------
 
-    def step_env(self, key, state: ClusterState, action, params: ClusterParams):
-        r = params.rtt_s.shape[0]
-        state, metrics, reward = self.transition(jax.random.split(key, r), state, action, params)
-        info = {"metrics": metrics}
-        return self.get_obs(state, params), state, reward, jnp.array(False), info
+    def advance(self, key, state: ClusterState, action, params: ClusterParams):
+        state, metrics, reward = self.transition(jax.random.split(key, params.rtt_s.shape[0]), state, action, params)
+        return state, reward, {"metrics": metrics}
 
     def transition(self, keys, state: ClusterState, action, params: ClusterParams):
         """(state, metrics (R,) each, rewards (R,)) after one tick; `keys`: one per region."""

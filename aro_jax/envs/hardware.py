@@ -212,8 +212,11 @@ INSTANCES = {
     "h100-80gb": InstanceType("p5.48xlarge", 8, 192, 2048.0, 98.32),
 }
 # Other hyperscalers' 8x H100 on-demand list prices for comparison (2024 list pages):
-# Azure ND96isr H100 v5 (96 vCPUs, 1900 GiB) $98.32/h, East US; GCP a3-highgpu-8g
-# (208 vCPUs, 1872 GB) $88.25/h, us-central1.
+# Azure ND96isr H100 v5 (96 vCPUs, 1900 GiB) $98.32/h, East US (about $98/h still in
+# 2026, rmmartins.com "Cost engineering for AI", 2026-06-11); GCP a3-highgpu-8g
+# (208 vCPUs, 1872 GB) $88.25/h, us-central1. These are 2024 prices: AWS cut P4 and P5
+# on-demand prices in June 2025 (P5 by up to 45 %, usage.ai "LLM cost optimization on
+# AWS", 2026), so for AWS today the "hyperscaler" set is an upper bound.
 HYPERSCALER_H100_USD_PER_H = {"aws p5.48xlarge": 98.32, "azure ND96isr_H100_v5": 98.32, "gcp a3-highgpu-8g": 88.25}
 
 # Price sets: "gpu-cloud" prices GPUs alone (Vidur's CoreWeave Feb 2024 figures, above)

@@ -21,9 +21,10 @@ from aro_jax.contract import (  # noqa: F401  (the env's contract, also importab
     DESCRIPTOR_NAMES, MAINTAIN, OBS_FIELDS, PAPER_ACTIONS, POLICY_INPUT_DIM, PULL_BACK, REBALANCE, RESTORE,
 )
 from aro_jax.envs import fluid, scenarios
+from aro_jax.envs.autoreset import StateObservedEnv
 from aro_jax.envs import forecast as fc
 from aro_jax.envs.params import EnvParams, e2e_budget
-from aro_jax.envs.traffic import at_tick, expected_rate_rps, rejected_share, sample_arrivals_ar
+from aro_jax.envs.traffic import arrivals_ar, at_tick, expected_rate_rps, rejected_share
 
 # What `info="slim"` keeps of a step's metrics: what the training log's KPIs and the
 # constrained objective's costs read (training.trainers), 9 floats.
@@ -51,7 +52,7 @@ class EnvState(environment.EnvState):
 
 
 
-class ServingNodeEnv(environment.Environment[EnvState, EnvParams]):
+class ServingNodeEnv(StateObservedEnv):
     """One LLM inference node. `action_set` is "extended" (11 actions) or "paper" (5)."""
 
     def __init__(self, action_set: str = "extended", info: str = "full", stagger: bool = False):
@@ -74,7 +75,7 @@ class ServingNodeEnv(environment.Environment[EnvState, EnvParams]):
         params = self.default_params if params is None else params
         k_reset, k_time = jax.random.split(key) if self.stagger else (key, None)
         obs, state = self.reset_env(k_reset, params)
-        if self.stagger:  # gymnax's auto-reset calls reset_env: only first episodes are cut
+        if self.stagger:  # the auto-reset starts full episodes: only first episodes are cut
             state = state.replace(time=jax.random.randint(k_time, (), 0, params.max_steps_in_episode))
         return obs, state
 
@@ -96,7 +97,8 @@ class ServingNodeEnv(environment.Environment[EnvState, EnvParams]):
     def observation_space(self, params: EnvParams) -> spaces.Box:
         return spaces.Box(-jnp.inf, jnp.inf, (POLICY_INPUT_DIM,), jnp.float32)
 
-    def reset_env(self, key: jax.Array, params: EnvParams) -> tuple[jax.Array, EnvState]:
+    def reset_state(self, key: jax.Array, params: EnvParams) -> EnvState:
+        """The state an episode starts in (the forecaster's prior is the node's mean rate)."""
         week_s = 7 * 86_400.0
         tick = params.tick_s
         random_start = jnp.floor(jax.random.uniform(key, (), maxval=week_s) / tick) * tick
@@ -108,9 +110,9 @@ class ServingNodeEnv(environment.Environment[EnvState, EnvParams]):
         cpu_cores = jnp.asarray(params.initial_cpu_cores, jnp.float32)
         host_memory_gb = jnp.asarray(params.initial_host_memory_gb, jnp.float32)
         zeros = jnp.zeros(())
-        # gymnax computes a reset on every step (auto-reset under vmap is a select), so the
-        # first observation is cheap: the expected load against the initial capacity, no
-        # latency yet; the forecaster's prior is the node's mean rate.
+        # A reset state is computed on every step (auto-reset under vmap is a select), so
+        # the first tick's metrics are cheap: the expected load against the initial
+        # capacity, no latency yet.
         capacity = replicas * fluid.replica_capacity_rps(params)
         last = {
             "arrivals": rate * tick,
@@ -139,12 +141,11 @@ class ServingNodeEnv(environment.Environment[EnvState, EnvParams]):
             forecast=fc.init(params.traffic.mean_rate_rps),
             last=last,
         )
-        return policy_input(raw_observation(state, params, forecast_rps=params.traffic.mean_rate_rps), params), state
+        return state
 
-    def step_env(self, key, state: EnvState, action, params: EnvParams):
+    def advance(self, key, state: EnvState, action, params: EnvParams):
         state, metrics, reward = self.transition(key, state, action, params)
-        info = {"metrics": metrics if self.info == "full" else {k: metrics[k] for k in SLIM_METRICS}}
-        return self.get_obs(state, params), state, reward, jnp.array(False), info
+        return state, reward, {"metrics": metrics if self.info == "full" else {k: metrics[k] for k in SLIM_METRICS}}
 
     def transition(self, key, state: EnvState, action, params: EnvParams):
         """(state, metrics, reward) after one tick; step_env without the observation."""
@@ -175,7 +176,8 @@ def begin_tick(key, state: EnvState, action, params: EnvParams) -> dict:
     """First half of a tick: apply the decision and draw the tick's arrivals. Returns the
     plan `serve_planned` and `end_tick` read (the cluster env routes forwarded requests
     between the halves)."""
-    k_arrivals, k_cold = jax.random.split(key)
+    # One draw for the tick: the burst innovation, the count's noise, the cold start.
+    e_burst, z_count, z_cold = jax.random.normal(key, (3,))
     tick = params.tick_s
     a = jnp.asarray(action, jnp.int32)
 
@@ -185,7 +187,7 @@ def begin_tick(key, state: EnvState, action, params: EnvParams) -> dict:
     scale_down = (a == DEC_GPU) & (state.replicas_ready > params.min_replicas)
     host_mem_per_replica = fluid.host_memory_per_replica_gb(params)
     cached = state.host_memory_gb >= (replicas_total + 1) * host_mem_per_replica + params.weights_gb
-    cold_s = params.cold_start_mean_s + params.cold_start_sd_s * jax.random.normal(k_cold)
+    cold_s = params.cold_start_mean_s + params.cold_start_sd_s * z_cold
     cold_s = jnp.where(cached, fluid.cached_cold_start_s(params), cold_s)
     delay_ticks = jnp.clip(jnp.ceil(cold_s / tick), 1, PENDING_SLOTS).astype(jnp.int32)
     slot = jnp.arange(PENDING_SLOTS) == delay_ticks - 1
@@ -215,7 +217,7 @@ def begin_tick(key, state: EnvState, action, params: EnvParams) -> dict:
     offline = jnp.where(switching, jnp.abs(small_gpu_share(params, small) - small_gpu_share(params, state.small_active_fraction)), 0.0)
 
     # 2. This tick's traffic.
-    arrivals, burst_z = sample_arrivals_ar(k_arrivals, state.clock_s, tick, params.traffic, state.burst_z)
+    arrivals, burst_z = arrivals_ar(e_burst, z_count, state.clock_s, tick, params.traffic, state.burst_z)
     # Prompts over the context window are rejected at admission (counted, never capped);
     # the fluid model serves the admitted ones with this tick's token mix.
     rejected = arrivals * rejected_share(state.clock_s, params.traffic)
@@ -335,17 +337,13 @@ def _observed(metrics: dict[str, jax.Array]) -> dict[str, jax.Array]:
     }
 
 
-def raw_observation(state: EnvState, params: EnvParams, forecast_rps=None) -> jax.Array:
-    """The live metrics an operator sees, in OBS_FIELDS order and natural units
-    (`forecast_rps` given: skip the forecaster)."""
+def raw_observation(state: EnvState, params: EnvParams) -> jax.Array:
+    """The live metrics an operator sees, in OBS_FIELDS order and natural units."""
     last = state.last
     local = state.clock_s + params.traffic.tz_offset_h * 3600.0
-    day = 2 * jnp.pi * local / 86_400.0
-    week = 2 * jnp.pi * local / (7 * 86_400.0)
-    cos_d, sin_d, cos_w, sin_w = jnp.cos(day), jnp.sin(day), jnp.cos(week), jnp.sin(week)
-    fcast = forecast_rps
-    if forecast_rps is None:
-        fcast = fc.predict_rate_rps_from_trig(state.forecast, cos_d, sin_d, cos_w, sin_w, params.forecast_horizon_s, params.tick_s)
+    phi = fc.time_features(local)
+    cos_d, sin_d, cos_w, sin_w = phi[fc.COS_DAY], phi[fc.SIN_DAY], phi[fc.COS_WEEK], phi[fc.SIN_WEEK]
+    fcast = fc.predict_from_features(state.forecast, phi, params.forecast_horizon_s, params.tick_s)
     return jnp.stack([
         last["arrivals"] / params.tick_s,
         last["e2e_mean_s"],
