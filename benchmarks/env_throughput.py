@@ -735,7 +735,7 @@ def render(data: dict) -> str:
         if data.get("profile_rerun"):
             L.append(f"({data['profile_rerun']}; its absolute figures come from a different load than the tables above.)\n")
         L.append("Same harness (`jit(scan(vmap(f)))`, random actions, fresh keys per step), all variants compiled first and "
-                 "then timed interleaved in one process. Ablations: the full gymnax `env.step` with one component swapped "
+                 "then timed interleaved in one process. Ablations: the full `env.step` with one component swapped "
                  "for a cheap stand-in (patched into the env module in the benchmark process while tracing; the env's "
                  "source is untouched); the saving is that component's cost in context. Parts alone: each component with "
                  "its inputs perturbed every step so XLA cannot hoist it out of the loop; these include the harness "

@@ -181,9 +181,32 @@ def shedding_rows(replicas: int, seeds, warmup_s: float, window_s: float, overlo
     return rows
 
 
+# The agreement aims: throughput within 5 %, mean end-to-end latency within 20 % and
+# per-request SLO attainment within 5 points at 0.3-0.9 load; above capacity the unserved
+# share within 0.1 (tests/test_fluid_agreement.py checks the same on a shorter run).
+AIM_BELOW = {"throughput_rps": ("rel", 0.05), "e2e_mean_s": ("rel", 0.20), "slo_attainment_fraction": ("abs", 0.05)}
+AIM_ABOVE = {"unserved_fraction": ("abs", 0.10)}
+
+
+def aim_lines(d: dict) -> list[str]:
+    """One line per case: the worst error of each aimed metric and whether it is within."""
+    out = []
+    for c in d["cases"]:
+        bits = []
+        for aims, rows in ((AIM_BELOW, [r for r in c["rows"] if r["load"] <= 0.9]), (AIM_ABOVE, [r for r in c["rows"] if r["load"] > 1.0])):
+            for metric, (kind, tol) in aims.items():
+                errs = [abs(r["fluid"][metric] / r["ref"][metric] - 1.0) if kind == "rel" else abs(r["fluid"][metric] - r["ref"][metric]) for r in rows]
+                worst = max(errs)
+                shown = f"{100 * worst:.1f} %" if kind == "rel" else f"{worst:.3f}"
+                limit = f"{100 * tol:.0f} %" if kind == "rel" else f"{tol:g}"
+                bits.append(f"{metric} worst {shown} (aim {limit}: {'met' if worst <= tol else 'NOT met'})")
+        out.append(f"- {c['profile']}, {c['mix']}: " + "; ".join(bits) + ".")
+    return out
+
+
 def render(d: dict) -> str:
     """fluid_agreement.md from the JSON that main() writes."""
-    sections = [
+    sections = ["## Aims (worst point: 0.3-0.9 load for the first three, above capacity for unserved)\n\n" + "\n".join(aim_lines(d)) + "\n"] + [
         f"## {c['profile']}, {c['mix']} mix, {d['replicas']} replicas (fluid capacity {c['capacity_rps']:.3g} req/s; "
         f"SLOs TTFT {c['slo_ttft_s']:g} s or {c['slack']:g}x the idle prefill, TPOT {c['slo_tpot_s']:g} s)\n\n{table(c['rows'])}\n"
         for c in d["cases"]
@@ -302,6 +325,9 @@ Where they still differ:
   engines hold every request until its timeout passes. The requests that will be served agree.
 - Attainment on a 7B conversation node (not in the table) runs up to ~5 points above the reference's
   at 0.9 load in some seeds: the TTFT tail there is heavier than the model's.
+- 70B conversation at 0.7 load sits where the mean TPOT is next to its SLO, so attainment is steep in
+  load and the reference's own attainment moves a lot between seeds: 0.21 to 0.36 over seed pairs at a
+  900 s window (tests/test_fluid_agreement.py's setting); the fluid value lies inside that range.
 """
 
 

@@ -21,10 +21,11 @@ WARMUP_S, WINDOW_S = 300.0, 900.0
 # share of arrivals not served in the window (drops plus queue growth) within 0.1 absolute
 # (the KV-bound engines shed long prompts: benchmarks/fluid_agreement.md).
 THROUGHPUT_RTOL, E2E_RTOL, UNSERVED_ATOL, ATTAINMENT_ATOL = 0.05, 0.20, 0.10, 0.05
-# Where the aim is missed, the measured gap bounds the check instead, so it still fails if
-# the models drift further apart: 70B chat at 0.7 load, on the steep part of its TPOT
-# attainment curve, is 6.8 points apart (fluid 27.6 %, reference 34.4 %) since prompts over
-# the window are rejected rather than capped (4.3 points when both capped them).
+# One point is looser in this short version (2 seeds, 900 s): 70B chat at 0.7 load, on the
+# steep part of its TPOT attainment curve (mean TPOT next to the SLO), where the reference's
+# own attainment moves from 0.21 to 0.36 between seed pairs; the fluid model's 0.276 lies
+# inside that range, and the benchmark's 3 seeds x 1800 s put the two 4.7 points apart
+# (benchmarks/fluid_agreement.md). The bound still fails if the models drift further apart.
 KNOWN_ATTAINMENT_GAPS = {("llama2-70b-a100-tp4", "conversation", 0.7): 0.08}
 
 
