@@ -18,6 +18,7 @@ benchmarks/env_throughput.py) to show how much of an update is env stepping.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -43,7 +44,15 @@ def make_cfg(clusters: int, updates: int):
 
     batch = ROLLOUT_STEPS * clusters
     return load_config(overrides=[
+        # One node in the node env, trained alone: the trainer's speed, not federation's
+        # (benchmarks/federated_overhead.md measures that).
         "cluster.nodes=[{name: node-0}]",
+        "env.kind=node",
+        "federated.mode=centralized",
+        "federated.aggregator=fedavg",
+        "federated.num_byzantine=0",
+        # The same PPO for both envs: CartPole has no constraint costs to learn.
+        "objective.kind=paper",
         f"env.num_clusters={clusters}",
         f"ppo.rollout_steps={ROLLOUT_STEPS}",
         "ppo.num_minibatches=4",
@@ -75,11 +84,13 @@ def worker(clusters: int, updates: int, repeats: int) -> dict:
         "node": (ServingNodeEnv(cfg.env.action_set), stack_params([default_node_params()])),
         "cartpole": (cartpole, jax.tree.map(lambda x: jnp.asarray(x)[None], cartpole_params)),
     }
+    # CartPole's observation has no node descriptor to pass by the normaliser.
+    cartpole_config = dataclasses.replace(trainers.ppo_config(cfg), obs_passthrough=0)
     calls, env_calls = {}, {}
     for name, (env, params) in envs.items():
         # The same generic PPO and settings for both; the node adds the serving hooks.
         learner = (trainers.make_learner(cfg, params) if name == "node"
-                   else ppo.make_train(env, params, trainers.ppo_config(cfg), stacked=True))
+                   else ppo.make_train(env, params, cartpole_config, stacked=True))
         init, train_chunk = learner.init, learner.train_chunk
         state = jax.block_until_ready(jax.jit(init)(jax.random.PRNGKey(0), hp))
         calls[name] = (jax.jit(train_chunk, static_argnums=2), (state, hp, updates))
@@ -162,10 +173,10 @@ def render(data: dict) -> str:
              f"optax {md.version('optax')}, Python {data['python']}); other jobs may share the cores, so absolute "
              "rates are noisy and the ratios (same process, calls interleaved) are the figures to compare.")
     L.append(f"- XLA_FLAGS: `{flags}` (one XLA CPU device)")
-    L.append(f"- Trainer: `aro_jax.algorithms.ppo.make_train` (through `training.trainers.make_learner`) on one node (`default_node_params()` stacked to a node axis "
+    L.append(f"- Trainer: `aro_jax.algorithms.ppo.make_train` (through `training.trainers.make_learner`) on one node in the node env (`default_node_params()` stacked to a node axis "
              f"of 1; CartPole: `gymnax.make('CartPole-v1')` params stacked the same way, `env=CartPoleEnv`, no action "
              f"mask), rollout_steps {ROLLOUT_STEPS}, 4 minibatches, 4 epochs, hidden [64, 64], obs normalisation on "
-             f"(config default); node env with action masking (config default). Timed: `jit(train_chunk)` of "
+             f"(config default); node env with action masking (config default); the unconstrained objective (`objective.kind=paper`) for both, as CartPole has no constraint costs (the main job's constrained PPO adds a cost critic per constraint). Timed: `jit(train_chunk)` of "
              f"{data['updates']} PPO updates; median of {data['repeats']} steady-state calls; compile s = first call - median "
              f"call. Each num_clusters in its own subprocess; peak RSS = that process's `ru_maxrss` after the node "
              f"learner's first call. Total wall time {total_s:.0f} s; 1-min load "
