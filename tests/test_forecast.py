@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from aro_jax.envs import forecast, traffic
 from aro_jax.envs.params import EnvParams
@@ -73,3 +74,15 @@ def test_forecaster_vmaps_over_nodes():
     single = forecast_errors(keys[1], diurnal_traffic(40.0, 9.0))
     np.testing.assert_allclose(errors["model_vs_observed"][1], single["model_vs_observed"], rtol=1e-4)
     print(f"\nper-node MAE forecaster {np.asarray(errors['model_vs_observed'])} vs naive {np.asarray(errors['naive_vs_observed'])}")
+
+
+def test_forecast_ahead_turns_the_coefficients_exactly():
+    """The forecast at t + horizon from the features at t (coefficients turned by the
+    horizon's angles) equals the regression evaluated at t + horizon itself."""
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        state = forecast.init(5.0).replace(coef=jnp.asarray(rng.normal(0, 0.5, forecast.NUM_FEATURES), jnp.float32),
+                                            residual_log=jnp.float32(0.1), residual_var=jnp.float32(0.02))
+        t, horizon = float(rng.uniform(0, 14 * 86_400)), float(rng.uniform(30, 7200))
+        direct = np.exp(float(state.coef @ forecast.time_features(t + horizon)) + 0.1 * 0.95 ** (horizon / 30.0) + 0.01)
+        assert float(forecast.predict_rate_rps(state, t, horizon, 30.0)) == pytest.approx(direct, rel=1e-4)
