@@ -162,8 +162,7 @@ def speed() -> list[str]:
         f"- [`benchmarks/scaling.md`](benchmarks/scaling.md): the simulator alone from {rate(envs[min(envs)]['steps_per_s'])} env steps/s "
         f"with {min(envs)} cluster to {rate(envs[max(envs)]['steps_per_s'])} with {max(envs):,}; federated training "
         f"{rate(fed[1]['steps_per_s'])} env steps/s on one device and {rate(fed[2]['steps_per_s'])} "
-        f"({fed[2]['steps_per_s'] / fed[1]['steps_per_s']:.2f}x) with the node axis sharded over 2 devices (scaling "
-        "was measured on the model before chunked prefill; env and training throughput are current). Absolute rates on "
+        f"({fed[2]['steps_per_s'] / fed[1]['steps_per_s']:.2f}x) with the node axis sharded over 2 devices. Absolute rates on "
         "this shared machine move by up to 2x between runs; ratios within one run are the stable figures.",
         *agent_latency(),
         "- Model and system checks, each with its command and machine: "

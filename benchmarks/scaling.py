@@ -94,7 +94,7 @@ def render(env_rows, fed_rows, args) -> None:
         f"{platform.machine()} CPU, jax {jax.__version__}. Each point is a fresh process; rates are medians of "
         f"{args.repeats} steady-state calls; compile = first call - median call; RSS = the process's peak.", "",
         "## Env steps/s against simulated clusters (one XLA CPU device)", "",
-        "`jit(scan(vmap(env.step)))` with random actions, gymnax auto-reset included (benchmarks/env_throughput.py's harness).", "",
+        "`jit(scan(vmap(env.step)))` with random actions, the env's auto-reset included (benchmarks/env_throughput.py's harness).", "",
         "| clusters | env steps/s | compile (s) | peak RSS (MB) |", "|---|---|---|---|",
         *[f"| {r['clusters']:,} | {fmt(r['steps_per_s'])} | {r['compile_s']:.1f} | {r['rss_mb']:,.0f} |" for r in env_rows], "",
         "## Federated training steps/s against node-axis devices", "",
