@@ -232,13 +232,12 @@ def _latency_at_utilisation(curve: ServiceCurve, util, tokens, traffic: TrafficP
     # T E[W^2]; consecutive iterations share the chunks of one prompt and the load drifts,
     # which TPOT_SPREAD (fitted to the reference, benchmarks/fluid_agreement.md) covers.
     cv2_iter = TPOT_SPREAD * rate * work_sq / jnp.maximum(tpot_s, 1e-9)
-    cv2_slow = jnp.zeros(())
     return {
         "tpot_s": tpot_s, "ttft_mean_s": ttft_mean_s, "batch_max": batch_max, "busy": busy, "batch": batch,
         "batch_kv": jnp.maximum(jnp.minimum(curve.max_batch_seqs, curve.kv_capacity_tokens / footprint), 1.0),
         "L_nodes": L_nodes, "L_w": L_w, "ttft_idle_nodes": idle_n, "ttft_fixed_nodes": fixed_n, "ttft_wait_nodes": wait_n,
         "ttft_p95_fixed_s": fixed_m, "ttft_p95_wait_s": wait_m,
-        "cv2_iter": cv2_iter, "cv2_slow": cv2_slow, "prefill_share": rho_p, "out_nodes": nodes[1],
+        "cv2_iter": cv2_iter, "prefill_share": rho_p, "out_nodes": nodes[1],
     }
 
 
@@ -246,7 +245,7 @@ def _attainment(curve: ServiceCurve, lat, traffic: TrafficParams, slo_ttft_s, sl
     """Share of an instance's requests meeting both SLOs, from per-request distributions:
     TTFT of each prompt length against its budget (idle: the own prefill; busy: a fixed
     part plus a wait with CV^2 WAIT_CV2 (atom + exponential), plus `extra_wait_s` of queueing), and each request's TPOT
-    (log-normal around the mean, CV^2 = cv2_iter / (n - 1) + cv2_slow) against the TPOT SLO."""
+    (log-normal around the mean, CV^2 = cv2_iter / (n - 1)) against the TPOT SLO."""
     budget = ttft_budget_s(curve, lat["L_nodes"], slo_ttft_s, slack)
     idle_ok = (lat["ttft_idle_nodes"] + extra_wait_s <= budget).astype(jnp.float32)
     busy_ok = _wait_cdf(budget - lat["ttft_fixed_nodes"] - extra_wait_s, lat["ttft_wait_nodes"])
@@ -354,7 +353,7 @@ def serve_tick(
     allocation's bill, and what a request served here for a peer meets (`peer_*`)."""
     tick = params.tick_s
     tokens = token_moments(params.traffic)
-    t_in, t_out = tokens["input_mean"], tokens["output_mean"]
+    t_out = tokens["output_mean"]
     has_incoming = incoming_requests is not None
     incoming = incoming_requests if has_incoming else jnp.zeros(())
 
@@ -415,7 +414,7 @@ def serve_tick(
         ok_in = judge(incoming_rtt_s) if has_incoming else ok
         ttft_mean = lat["ttft_mean_s"] + queue_wait_s
         ttft_p95 = lat["ttft_p95_fixed_s"] + 3.0 * lat["ttft_p95_wait_s"] + jnp.maximum(wait_backlog_s, 3.0 * wait_slot_s)
-        cv2 = lat["cv2_iter"] / jnp.maximum(t_out - 1.0, 1.0) + lat["cv2_slow"]
+        cv2 = lat["cv2_iter"] / jnp.maximum(t_out - 1.0, 1.0)
         sd = jnp.sqrt(jnp.log1p(cv2))
         tpot_p95 = lat["tpot_s"] * jnp.exp(1.645 * sd - 0.5 * sd**2)
         return dict(ttft=ttft_mean, ttft_p95=ttft_p95, tpot=lat["tpot_s"], tpot_p95=tpot_p95, ok=ok, ok_in=ok_in, prefill=lat["ttft_p95_fixed_s"])
