@@ -17,7 +17,7 @@ Each `--units` group runs on its own (about 10-15 minutes each here) and is merg
 privacy_utility.json; the markdown and the plot are rendered from that JSON alone
 (`--render-only`).
 
-usage: python benchmarks/privacy_utility.py --units segment   (then region, segment-wide, segment-steps, segment-steps-long)
+usage: python benchmarks/privacy_utility.py --units segment   (then region, segment-wide, segment-steps, segment-steps-long, segment-lr)
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_common import machine, write_report  # noqa: E402
+from bench_common import code_commit, machine, write_report  # noqa: E402
 
 from aro_jax.config import load_config  # noqa: E402
 from aro_jax.envs.heuristics import reactive_policy  # noqa: E402
@@ -56,20 +56,22 @@ BASE = [f"cluster.nodes={NODES}", "federated.mode=federated", "federated.aggrega
 FULL_PPO = "non-private (normaliser, PPO 4 epochs x 4 minibatches)"
 
 
-def dp_sgd_settings(minibatches: int) -> list[str]:
-    """The DP rows' PPO settings: no normaliser, one epoch of `minibatches` steps."""
-    return ["ppo.normalize_obs=false", "ppo.update_epochs=1", f"ppo.num_minibatches={minibatches}"]
+def dp_sgd_settings(minibatches: int, lr: float | None = None) -> list[str]:
+    """The DP rows' PPO settings: no normaliser, one epoch of `minibatches` steps (and
+    their learning rate, where it is not the default)."""
+    return ["ppo.normalize_obs=false", "ppo.update_epochs=1", f"ppo.num_minibatches={minibatches}", *([f"ppo.lr={lr}"] if lr else [])]
 
 
-def dp_sgd_group(settings: list[str], minibatches: int, label: str, sigmas, extra_private=()) -> dict:
+def dp_sgd_group(settings: list[str], minibatches: int, label: str, sigmas, extra_private=(), lr: float | None = None) -> dict:
     """A segment group: the two non-private references and DP-SGD at each noise level
     (sampling rate 1 / minibatches, clip 0.5, below the logged pre-clip per-segment norms)."""
     rate = 1.0 / minibatches
+    at_lr = f", lr {lr:g}" if lr else ""
     return {
         "settings": settings,
         "references": {FULL_PPO: [], f"non-private, the DP rows' settings (no normaliser, 1 epoch x {minibatches} minibatch"
-                       f"{'es' if minibatches > 1 else ''})": dp_sgd_settings(minibatches)},
-        "private": [(label, s, [*dp_sgd_settings(minibatches), f"federated.segment_dp_sampling_rate={rate}",
+                       f"{'es' if minibatches > 1 else ''}{at_lr})": dp_sgd_settings(minibatches, lr)},
+        "private": [(label, s, [*dp_sgd_settings(minibatches, lr), f"federated.segment_dp_sampling_rate={rate}",
                                 "federated.segment_dp_clip_norm=0.5", f"federated.segment_dp_noise_multiplier={s}"]) for s in sigmas]
         + list(extra_private),
     }
@@ -110,6 +112,17 @@ GROUPS = {
         "note": ("Twice the cluster-days at the same epsilon as the segment-steps group: training length is the lever that "
                  "costs no epsilon. This group has two noise levels only (the four-level sweep is the segment-steps group)."),
     },
+    # The segment-steps-long DP-SGD at ten times the learning rate (its note says why).
+    "segment-lr": {
+        **dp_sgd_group(["env.num_clusters=128", "train.total_env_steps=8000000"], 4,
+                       "DP-SGD, 4 Poisson steps per rollout (q = 0.25), lr 3e-3", (2.4, 3.0, 4.0, 6.0), lr=3e-3),
+        "note": ("The learning rate is what changed against segment-steps-long: under DP-SGD, Adam's per-coordinate "
+                 "normaliser is the noise's RMS, so its step along the signal is about lr x the signal-to-noise ratio, and "
+                 "at the default 3e-4 the policy barely leaves its initialisation (its greedy action is one action in most "
+                 "ticks: the modal-action column). The learning rate was picked from {3e-4, 3e-3, 5e-3, 1e-2} at noise 2.5 "
+                 "on this simulated scenario; that selection is not accounted in epsilon (with real traffic it would be, "
+                 "Papernot & Steinke, ICLR 2022, or be done on public data)."),
+    },
     "region": {
         "settings": ["env.num_clusters=64", "train.total_env_steps=1500000"],
         "references": {"non-private (normaliser, PPO 4 epochs x 4 minibatches)": []},
@@ -129,7 +142,9 @@ def _eval_fn(cfg, network, normalize: bool):
 
     def one(weights):
         m = evaluation.run_episodes(env, policy, eparams, jax.random.PRNGKey(123), EVAL_SEEDS, EVAL_TICKS, weights)
-        return _kpis(m, cfg.env.tick_s)
+        # A policy that learned nothing of the state takes one action whatever it sees.
+        modal = jnp.max(jax.nn.one_hot(m["action"], network.num_actions).mean(axis=(1, 2)), axis=-1).mean()
+        return {**_kpis(m, cfg.env.tick_s), "modal_action_share": modal}
 
     return jax.jit(jax.vmap(one))
 
@@ -159,19 +174,19 @@ def train_and_score(overrides: list[str], seeds: int) -> dict:
         "env_steps": trainer.units_total * trainer.env_steps_per_unit,
         "reward_seeds": k["reward"].tolist(), "untrained_reward_seeds": k0.tolist(),
         "slo_attainment": float(k["slo_attainment"].mean()), "cost_usd_per_h": float(k["cost_usd_per_h"].mean()),
-        "privacy": report,
+        "modal_action_share": float(k["modal_action_share"].mean()), "privacy": report, "commit": code_commit(),
     }
 
 
 def run_group(unit: str, seeds: int, previous: dict | None = None, save=lambda group: None, others=()) -> dict:
     """Train and score every run of a group; a run already in `previous` (the JSON's
-    group) or in `others` (the other groups) with the same overrides and seed count is
-    kept, not re-run."""
+    group) or in `others` (the other groups) with the same overrides, seed count and code
+    commit is kept, not re-run."""
     g = GROUPS[unit]
     out = {"settings": g["settings"], "references": {}, "rows": []}
-    done = {}
+    done, commit = {}, code_commit()
     for r in [x for grp in [*others, previous or {}] for x in [*grp.get("references", {}).values(), *grp.get("rows", [])]]:
-        if len(r["reward_seeds"]) == seeds:
+        if len(r["reward_seeds"]) == seeds and r.get("commit") == commit:
             done[json.dumps(r["overrides"])] = r
 
     def run(overrides):
@@ -250,6 +265,19 @@ def _summary(group):
     return best_label, best, untrained
 
 
+def _modal(run) -> str:
+    """The greedy policy's most frequent action's share of the evaluated ticks (1: it
+    ignores its input), or - where the run predates the column."""
+    return f"{run['modal_action_share']:.2f}" if "modal_action_share" in run else "-"
+
+
+def _commits(group) -> str:
+    runs = [*group["references"].values(), *group["rows"]]
+    found = sorted({r["commit"] for r in runs if r.get("commit")})
+    missing = sum(1 for r in runs if not r.get("commit"))
+    return ", ".join(found + ([f"not recorded for {missing} runs (run on an earlier version of the env, so stale)"] if missing else []))
+
+
 def refs_of(group):
     return list(group["references"].items())
 
@@ -277,11 +305,12 @@ def render(data: dict) -> str:
         train_min = sum(r["train_wall_s"] for r in [*group["references"].values(), *group["rows"]]) / 60
         lines += [f"## Group: {unit}", "", f"Command: `{group['command']}` (its runs' training, compile included: {train_min:.1f} min). "
                   f"Settings: `{' '.join(group['settings'])}` (the cluster's two regions share the env steps).", "",
-                  "| run | unit | mechanism | noise multiplier | sampling rate | accounted steps | epsilon | delta | reward (mean +- sd over seeds) | utility share | SLO (%) | $/h per region |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  f"Code commit: {_commits(group)}.", "",
+                  "| run | unit | mechanism | noise multiplier | sampling rate | accounted steps | epsilon | delta | reward (mean +- sd over seeds) | utility share | SLO (%) | $/h per region | modal action share |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for label, r in group["references"].items():
             lines.append(f"| {label} | - | none | - | - | - | no DP | - | {np.mean(r['reward_seeds']):.3f} +- {np.std(r['reward_seeds']):.3f} | "
-                         f"{_share(np.mean(r['reward_seeds']), untrained, best):.2f} | {100 * r['slo_attainment']:.1f} | {r['cost_usd_per_h']:.1f} |")
+                         f"{_share(np.mean(r['reward_seeds']), untrained, best):.2f} | {100 * r['slo_attainment']:.1f} | {r['cost_usd_per_h']:.1f} | {_modal(r)} |")
         met = []
         for r in group["rows"]:
             share = _share(np.mean(r["reward_seeds"]), untrained, best)
@@ -289,10 +318,10 @@ def render(data: dict) -> str:
                 met.append(r)
             lines.append(f"| {r['mechanism']} sigma {r['noise_multiplier']:g} | {r['privacy'][0]['unit']} | {r['mechanism']} | {r['noise_multiplier']:g} | "
                          f"{r['sampling_rate']:g} | {r['steps']} | {r['epsilon']:.3g} | {r['delta']:g} | "
-                         f"{np.mean(r['reward_seeds']):.3f} +- {np.std(r['reward_seeds']):.3f} | {share:.2f} | {100 * r['slo_attainment']:.1f} | {r['cost_usd_per_h']:.1f} |")
+                         f"{np.mean(r['reward_seeds']):.3f} +- {np.std(r['reward_seeds']):.3f} | {share:.2f} | {100 * r['slo_attainment']:.1f} | {r['cost_usd_per_h']:.1f} | {_modal(r)} |")
         react = group["reactive"]
         lines.append(f"| Reactive (reference) | - | - | - | - | - | - | - | {react['reward']:.3f} | {_share(react['reward'], untrained, best):.2f} | "
-                     f"{100 * react['slo_attainment']:.1f} | {react['cost_usd_per_h']:.1f} |")
+                     f"{100 * react['slo_attainment']:.1f} | {react['cost_usd_per_h']:.1f} | - |")
         lines += ["", f"Untrained policy: reward {untrained:.3f} (share 0). Best non-private: {best_label}, reward {best:.3f} (share 1)."]
         within = [r for r in group["rows"] if r["epsilon"] <= aim["epsilon"]]
         if within:
