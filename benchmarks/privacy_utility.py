@@ -62,19 +62,20 @@ def dp_sgd_settings(minibatches: int, lr: float | None = None) -> list[str]:
     return ["ppo.normalize_obs=false", "ppo.update_epochs=1", f"ppo.num_minibatches={minibatches}", *([f"ppo.lr={lr}"] if lr else [])]
 
 
-def dp_sgd_group(settings: list[str], minibatches: int, label: str, sigmas, extra_private=(), lr: float | None = None) -> dict:
-    """A segment group: the two non-private references and DP-SGD at each noise level
+def dp_sgd_group(settings: list[str], minibatches: int, label: str, sigmas, extra_private=(), lr: float | None = None,
+                 clip_only: bool = False) -> dict:
+    """A segment group: the two non-private references (with `clip_only` a third: DP-SGD's
+    per-segment clipping and Poisson sampling without noise) and DP-SGD at each noise level
     (sampling rate 1 / minibatches, clip 0.5, below the logged pre-clip per-segment norms)."""
     rate = 1.0 / minibatches
     at_lr = f", lr {lr:g}" if lr else ""
-    return {
-        "settings": settings,
-        "references": {FULL_PPO: [], f"non-private, the DP rows' settings (no normaliser, 1 epoch x {minibatches} minibatch"
-                       f"{'es' if minibatches > 1 else ''}{at_lr})": dp_sgd_settings(minibatches, lr)},
-        "private": [(label, s, [*dp_sgd_settings(minibatches, lr), f"federated.segment_dp_sampling_rate={rate}",
-                                "federated.segment_dp_clip_norm=0.5", f"federated.segment_dp_noise_multiplier={s}"]) for s in sigmas]
-        + list(extra_private),
-    }
+    dp = lambda sigma: [*dp_sgd_settings(minibatches, lr), f"federated.segment_dp_sampling_rate={rate}",  # noqa: E731
+                        "federated.segment_dp_clip_norm=0.5", f"federated.segment_dp_noise_multiplier={sigma}"]
+    references = {FULL_PPO: [], f"non-private, the DP rows' settings (no normaliser, 1 epoch x {minibatches} minibatch"
+                  f"{'es' if minibatches > 1 else ''}{at_lr})": dp_sgd_settings(minibatches, lr)}
+    if clip_only:
+        references[f"non-private, DP-SGD's per-segment clipping and sampling without noise{at_lr}"] = dp(0.0)
+    return {"settings": settings, "references": references, "private": [(label, s, dp(s)) for s in sigmas] + list(extra_private)}
 
 
 # Per group: the shared settings, the non-private references, and the private rows
@@ -115,7 +116,7 @@ GROUPS = {
     # The segment-steps-long DP-SGD at ten times the learning rate (its note says why).
     "segment-lr": {
         **dp_sgd_group(["env.num_clusters=128", "train.total_env_steps=8000000"], 4,
-                       "DP-SGD, 4 Poisson steps per rollout (q = 0.25), lr 3e-3", (2.4, 3.0, 4.0, 6.0), lr=3e-3),
+                       "DP-SGD, 4 Poisson steps per rollout (q = 0.25), lr 3e-3", (1.2, 2.4, 3.0, 4.0, 6.0), lr=3e-3, clip_only=True),
         "note": ("The learning rate is what changed against segment-steps-long: under DP-SGD, Adam's per-coordinate "
                  "normaliser is the noise's RMS, so its step along the signal is about lr x the signal-to-noise ratio, and "
                  "at the default 3e-4 the policy barely leaves its initialisation (its greedy action is one action in most "
@@ -333,6 +334,10 @@ def render(data: dict) -> str:
                 lines.append(f"The non-private run with the DP rows' own optimisation settings reaches share "
                              f"{_share(np.mean(same[0]['reward_seeds']), untrained, best):.2f}: that much of the gap is the settings DP-SGD runs "
                              "with here (their steps per rollout, no or a private normaliser), the rest is clipping and noise.")
+            clipped = [r for label, r in refs_of(group) if "without noise" in label]
+            if clipped:
+                lines.append(f"Without noise, DP-SGD's per-segment clipping and Poisson sampling reach share "
+                             f"{_share(np.mean(clipped[0]['reward_seeds']), untrained, best):.2f}: the rest of the gap is the noise.")
         if GROUPS.get(unit, {}).get("note"):
             lines.append(GROUPS[unit]["note"])
         lines.append("")

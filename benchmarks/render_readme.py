@@ -305,11 +305,34 @@ def hyperscore() -> list[str]:
             f"result of 130.5 would need V = {v_paper:.2f}."]
 
 
+def privacy() -> list[str]:
+    """Per privacy_utility group: its best private row within the aim's epsilon."""
+    import privacy_utility as pu
+
+    d = load("privacy_utility.json")
+    aim = d["aim"]
+    lines = [f"[`benchmarks/privacy_utility.md`](benchmarks/privacy_utility.md), {d['seeds']} training seeds per row, a two-region "
+             f"cluster; utility share = the share of the best non-private run's improvement over the untrained policy. Aim: "
+             f"share >= {aim['share']:g} at epsilon <= {aim['epsilon']:g} (delta {aim['delta']:g}). Best row per group within "
+             "that epsilon:", ""]
+    for unit, group in d["groups"].items():
+        _, best, untrained = pu._summary(group)
+        within = [r for r in group["rows"] if r["epsilon"] <= aim["epsilon"]]
+        if not within:
+            continue
+        top = max(within, key=lambda r: np.mean(r["reward_seeds"]))
+        share = pu._share(np.mean(top["reward_seeds"]), untrained, best)
+        lines.append(f"- {unit} (unit {top['unit']}): {top['mechanism']}, noise {top['noise_multiplier']:g}, epsilon "
+                     f"{top['epsilon']:.3g}: share **{share:.2f}** ({'met' if share >= aim['share'] else 'not met'}; code commit "
+                     f"{pu._commits(group)}).")
+    return lines
+
+
 def render() -> str:
     parts = ["### Main job", "", *main_job(), "", "### Speed and model checks", "", *speed(), "",
              "### Against the paper, on held-out traffic", "", *paper(), "", *hyperscore(), "",
              "### Federated against Local-only, and an unseen region", "", *federation(), "",
-             "### Byzantine regions", "", *robustness()]
+             "### Byzantine regions", "", *robustness(), "", "### Differential privacy", "", *privacy()]
     return "\n".join([BEGIN, "<!-- rendered by benchmarks/render_readme.py from benchmarks/**/*.json; do not edit by hand -->", "", *parts, "", END])
 
 
