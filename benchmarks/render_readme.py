@@ -322,9 +322,9 @@ def privacy() -> list[str]:
             continue
         top = max(within, key=lambda r: np.mean(r["reward_seeds"]))
         share = pu._share(np.mean(top["reward_seeds"]), untrained, best)
-        lines.append(f"- {unit} (unit {top['unit']}): {top['mechanism']}, noise {top['noise_multiplier']:g}, epsilon "
-                     f"{top['epsilon']:.3g}: share **{share:.2f}** ({'met' if share >= aim['share'] else 'not met'}; code commit "
-                     f"{pu._commits(group)}).")
+        lines.append(f"- Group {unit}, unit {top['privacy'][0]['unit']}: {top['mechanism']}, noise {top['noise_multiplier']:g}, "
+                     f"epsilon {top['epsilon']:.3g}: share **{share:.2f}**, {'met' if share >= aim['share'] else 'not met'}. "
+                     f"Code commit: {pu._commits(group)}.")
     return lines
 
 
