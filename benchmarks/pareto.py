@@ -116,6 +116,9 @@ def main() -> int:
                 rows.append({"policy": name, "setting": v, "seed": 0, "scenario": scen, **{x: k[x] for x in KPIS},
                              **scaling_kpis(m, params)})
         print(f"{scen}: evaluated", flush=True)
+        # Every heuristic setting is its own compiled program; dropping them per scenario
+        # keeps the JIT's code memory bounded (it runs out after a few scenarios otherwise).
+        jax.clear_caches()
     data = {
         "command": "python benchmarks/pareto.py " + " ".join(sys.argv[1:]), "machine": machine(),
         "wall_s": time.perf_counter() - t_start, "targets": args.targets, "seeds": args.seeds, "steps": args.steps,
