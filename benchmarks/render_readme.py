@@ -338,13 +338,13 @@ def pareto() -> list[str]:
     lines = ["### Cost against SLO attainment", "",
              f"`{d['command']}` → [`benchmarks/pareto.md`](benchmarks/pareto.md) ([plot](benchmarks/pareto.png)): the constrained "
              f"learner at targets {', '.join(f'{t:g}' for t in d['targets'])} ({d['seeds']} seeds, {d['clusters']} clusters per "
-             f"region, {d['steps'] / 1e6:g}M env steps, one compiled program) against Reactive, Predictive and Static at five or "
-             "six settings each, tier off for all. Aim: the learned frontier below every heuristic's in the band (attainment >= "
+             f"region, {d['steps'] / 1e6:g}M env steps, one compiled program) against "
+             + ", ".join(f"{k} at {len(v['values'])} settings" for k, v in d["settings"].items()) + ", tier off for all. Aim: the learned frontier below every heuristic's in the band (attainment >= "
              f"min(90 %, 0.9 x the ceiling that policy-independent rejects leave)), and at target {pa.MAIN_TARGET:g} >= "
              f"{pa.PAPER_COST_CLAIM_PCT:g} % cheaper than the cheapest heuristic setting reaching its attainment.", ""]
     for a in pa.aims(d):
         main = (f"learned at {pa.MAIN_TARGET:g}: {a['main'][1]:.1f} % at ${a['main'][2]:.3f} per 1M tokens" if a["main"] else "no learned point at the main target")
-        vs = (f", {a['saving_pct']:+.0f} % against {a['cheapest']['policy']} {a['cheapest']['setting']:g}" if a["saving_pct"] is not None
+        vs = (f", cost saving {a['saving_pct']:+.0f} % against {a['cheapest']['policy']} {a['cheapest']['setting']:g}" if a["saving_pct"] is not None
               else ", no heuristic setting reaches that attainment")
         lines.append(f"- {a['scenario']} (ceiling {a['ceiling']:.1f} %, band >= {a['band']:.1f} %): frontier below every heuristic in "
                      f"the band **{'yes' if a['frontier_below'] else 'no'}**; {main}{vs if a['main'] else ''}.")
