@@ -129,25 +129,55 @@ class Study:
         hp = trainers.hyperparams(self.cfg)
         rounds = trainers.num_rounds(self.cfg)
 
+        def start(key, attack, strength, byzantine, defence):
+            return init(key, hp).replace(threat=fedppo.Threat(attack, strength, byzantine, defence))
+
+        def deployed(state):
+            return (learned_policy.PolicyWeights(state.nodes.params, state.nodes.obs_stats) if personal
+                    else learned_policy.PolicyWeights(state.global_params, state.global_stats))
+
         def train_one(key, attack, strength, byzantine, defence):
-            state = init(key, hp)
-            state = state.replace(threat=fedppo.Threat(attack, strength, byzantine, defence))
-            state, metrics = chunk(state, hp, rounds)
-            weights = (learned_policy.PolicyWeights(state.nodes.params, state.nodes.obs_stats) if personal
-                       else learned_policy.PolicyWeights(state.global_params, state.global_stats))
-            return weights, metrics["skipped"].mean()
+            state, metrics = chunk(start(key, attack, strength, byzantine, defence), hp, rounds)
+            return deployed(state), metrics["skipped"].mean()
 
         self.train = jax.jit(jax.vmap(train_one, in_axes=(0, 0, 0, 0, None)))
+        self.start = jax.jit(jax.vmap(start, in_axes=(0, 0, 0, 0, None)))
+        self.advance = jax.jit(jax.vmap(lambda state, n: chunk(state, hp, n)[0], in_axes=(0, None)), static_argnums=1)
+        self.deployed = jax.jit(jax.vmap(deployed))
         self.evaluate = make_evaluator(self.cfg, learner.network, per_node=personal)
         self.rounds = rounds
+        c = self.cfg
+        self.steps_per_round = c.ppo.rollout_steps * c.env.num_clusters * N_NODES * c.federated.local_updates
 
-    def run(self, defence: tuple[str, int, tuple], f: int, cells: list[tuple[str, float]], seeds: int) -> list[dict]:
+    def threats(self, f: int, cells: list[tuple[str, float]], seeds: int):
         runs = [(a, s, seed) for a, s in cells for seed in range(seeds)]
         keys = jnp.stack([jax.random.PRNGKey(seed) for _, _, seed in runs])
         attack = jnp.asarray([self.attacks.index(a) for a, _, _ in runs], jnp.int32)
         strength = jnp.asarray([s for _, s, _ in runs], jnp.float32)
         byz = jnp.asarray([[i < (0 if a == "none" else f) for i in range(N_NODES)] for a, _, _ in runs])
-        weights, skipped = self.train(keys, attack, strength, byz, jnp.int32(self.defences.index(defence)))
+        return runs, (keys, attack, strength, byz)
+
+    def curve(self, defence: tuple[str, int, tuple], f: int, cells: list[tuple[str, float]], seeds: int, points: int) -> list[dict]:
+        """The runs' scores after each of `points` equal shares of the rounds: one run per
+        cell and seed, evaluated along the way (the learning-rate schedule is the whole
+        budget's, as in the grid)."""
+        runs, threat = self.threats(f, cells, seeds)
+        state = self.start(*threat, jnp.int32(self.defences.index(defence)))
+        out, done_rounds = [], 0
+        for p in range(1, points + 1):
+            n = self.rounds * p // points - done_rounds
+            state, done_rounds = self.advance(state, n), done_rounds + n
+            scores = evaluated(self.cfg, self.evaluate(self.deployed(state)))
+            out += [{"method": self.method, "aggregator": defence_name(defence), "f": 0 if a == "none" else f, "attack": a,
+                     "strength": s, "seed": seed, "rounds": done_rounds, "env_steps": done_rounds * self.steps_per_round,
+                     **score, "commit": COMMIT} for (a, s, seed), score in zip(runs, scores)]
+            print(f"  {done_rounds} rounds: " + ", ".join(f"{a} {np.mean([r['score'] for r in out[-len(runs):] if r['attack'] == a]):.3f}"
+                                                      for a, _ in cells), flush=True)
+        return out
+
+    def run(self, defence: tuple[str, int, tuple], f: int, cells: list[tuple[str, float]], seeds: int) -> list[dict]:
+        runs, threat = self.threats(f, cells, seeds)
+        weights, skipped = self.train(*threat, jnp.int32(self.defences.index(defence)))
         scores = evaluated(self.cfg, self.evaluate(weights))
         return [
             {"method": self.method, "aggregator": defence_name(defence), "f_assumed": defence[1], "f": 0 if a == "none" else f,
@@ -203,12 +233,13 @@ def strength_value(s, f: int) -> float:
 
 
 RUNS = HERE / "robustness_runs"
+GRID_ARGS = RUNS / "command.json"  # the grid's arguments, for --render-only and --curve
 COMMIT = code_commit()
 
 
 def load() -> list[dict]:
     """Every run recorded so far (records before the methods existed are skipped)."""
-    return [r for f in sorted(RUNS.glob("*.json")) for r in json.loads(f.read_text()) if "method" in r]
+    return [r for f in sorted(RUNS.glob("*.json")) if f != GRID_ARGS for r in json.loads(f.read_text()) if "method" in r]
 
 
 def save(name: str, records: list[dict]) -> None:
@@ -242,14 +273,24 @@ def main():
     ap.add_argument("--local", action="store_true", help="also run the Local-only reference")
     ap.add_argument("--render-only", action="store_true")
     ap.add_argument("--part", default="0/1", help="k/P: run every P-th batch starting at k")
+    ap.add_argument("--curve", type=int, default=0, metavar="POINTS",
+                    help="instead of the grid: the learning curves of these rows and attacks, evaluated at POINTS budgets (robustness_curve.json)")
     args = ap.parse_args()
+    if args.curve or args.render_only:  # the grid's own command draws the grid's header
+        grid_args = argparse.Namespace(**json.loads(GRID_ARGS.read_text())) if GRID_ARGS.exists() else args
+    else:
+        RUNS.mkdir(exist_ok=True)
+        GRID_ARGS.write_text(json.dumps({k: v for k, v in vars(args).items() if k not in ("part", "render_only", "curve")}))
+        grid_args = args
     for row in args.pre:
         agg, pre = label(row)
         if agg not in aggregators.AGGREGATORS or not pre or any(p not in aggregators.PRE_AGGREGATORS for p in pre):
             ap.error(f"--pre {row!r}: expected PRE+AGGREGATOR with PRE in {sorted(aggregators.PRE_AGGREGATORS)} and AGGREGATOR in {sorted(aggregators.AGGREGATORS)}")
     records = load()
     part, parts = map(int, args.part.split("/"))
-    if not args.render_only:
+    if args.curve and not args.render_only:
+        run_curves(args)
+    elif not args.render_only:
         if args.local and part == 0 and not any(r["aggregator"] == "local-only" for r in records):
             t0 = time.perf_counter()
             save("local-only", local_only(args.steps, args.seeds))
@@ -269,7 +310,88 @@ def main():
             save(f"{method}-{name}-f{f}-{len(list(RUNS.glob(f'{method}-{name}-f{f}-*')))}", study.run(defence, f, cells, args.seeds))
             print(f"{method} {name} f={f}: {len(cells) * args.seeds} runs in {time.perf_counter() - t0:.0f} s", flush=True)
         records = load()
-    render(records, args)
+    render(records, grid_args)
+
+
+CURVE = HERE / "robustness_curve.json"
+
+
+def load_curve() -> dict:
+    return json.loads(CURVE.read_text()) if CURVE.exists() else {"commands": [], "records": []}
+
+
+def run_curves(args) -> None:
+    """Learning curves of the requested rows under the requested attacks (first strength),
+    added to robustness_curve.json (a row already there at the same budget is not re-run)."""
+    data = load_curve()
+    command = "python benchmarks/robustness.py " + " ".join(sys.argv[1:])
+    for method in args.method:
+        names = [*args.aggregators, *args.pre] if method == "shared" else args.personal_aggregators
+        for f in args.f:
+            for name in names:
+                if not allowed(label(name)[0], f):
+                    continue
+                defence = defence_for(name, f)
+                have = {(r["attack"], r["seed"]) for r in data["records"] if (r["method"], r["aggregator"]) == (method, defence_name(defence))
+                        and r["f"] in (0, f) and r["env_steps"] >= 0.99 * args.steps}
+                cells = [(a, strength_value(STRENGTHS[a][0], f)) for a in args.attacks
+                         if any((a, seed) not in have for seed in range(args.seeds))]
+                if not cells:
+                    continue
+                study = Study(args.steps, args.attacks, method, args.pre)
+                t0 = time.perf_counter()
+                print(f"{method} {name} f={f}: curve of {len(cells) * args.seeds} runs", flush=True)
+                data["records"] += study.curve(defence, f, cells, args.seeds, args.curve)
+                data["commands"] = [*dict.fromkeys([*data["commands"], command])]
+                data["seconds"] = data.get("seconds", 0.0) + time.perf_counter() - t0
+                data["machine"] = f"{os.cpu_count()}-core {platform.machine()} CPU, jax {jax.__version__}"
+                CURVE.write_text(json.dumps(data, indent=0))
+                jax.clear_caches()
+    plot_curves(data)
+
+
+def curve_table(data: dict) -> list[str]:
+    """Score (mean over seeds) of each curve at each budget, and for each attack the share
+    of the same row's no-attack score it keeps there."""
+    recs = data["records"]
+    steps = sorted({r["env_steps"] for r in recs})
+    rows = list(dict.fromkeys((r["method"], r["aggregator"], r["f"], r["attack"]) for r in recs))
+    mean = lambda key, n: np.mean([r["score"] for r in recs if (r["method"], r["aggregator"], r["f"], r["attack"]) == key  # noqa: E731
+                                   and r["env_steps"] == n] or [np.nan])
+    lines = ["| method | aggregator | attack | " + " | ".join(f"{n / 1e6:.3g}M" for n in steps) + " |",
+             "|---|---|---|" + "---|" * len(steps)]
+    for key in rows:
+        method, agg, f, attack = key
+        lines.append(f"| {method} | {agg} | {attack if attack == 'none' else f'{attack} (f = {f})'} | "
+                     + " | ".join(f"{mean(key, n):.3f}" for n in steps) + " |")
+        if attack != "none":
+            base = (method, agg, 0, "none")
+            kept = [1.0 - max(mean(base, n) - mean(key, n), 0.0) / max(abs(mean(base, n)), 1e-9) for n in steps]
+            lines.append("| | | kept | " + " | ".join(f"{100 * k:.0f} %" for k in kept) + " |")
+    return lines
+
+
+def plot_curves(data: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = data["records"]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for key in dict.fromkeys((r["method"], r["aggregator"], r["f"], r["attack"]) for r in recs):
+        steps = sorted({r["env_steps"] for r in recs if (r["method"], r["aggregator"], r["f"], r["attack"]) == key})
+        scores = [[r["score"] for r in recs if (r["method"], r["aggregator"], r["f"], r["attack"]) == key and r["env_steps"] == n] for n in steps]
+        x = np.asarray(steps) / 1e6
+        line, = ax.plot(x, [np.mean(s) for s in scores], marker="o", label=f"{key[0]} {key[1]}: {key[3]}")
+        ax.fill_between(x, [min(s) for s in scores], [max(s) for s in scores], color=line.get_color(), alpha=0.15)
+    ax.set_xlabel("env steps (millions)")
+    ax.set_ylabel("constrained objective of regions 3..9 (higher is better)")
+    ax.set_title("Learning curves: mean over seeds, band = min..max")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(CURVE.with_suffix(".png"), dpi=110)
+    plt.close(fig)
 
 
 def summarise(records: list[dict], method: str, defence: tuple, f: int, attack: str) -> tuple[float, float, float] | None:
@@ -362,6 +484,14 @@ def render(records: list[dict], args) -> None:
                              + f" | {worst - base[0]:+.3f} | {100 * kept:.0f} % |")
                 summary[f"{method} {name}"] = (base[0], worst, min(present, key=lambda a: (cells[a] or (np.inf,))[0]))
         lines += ["", aim_statement(summary, f, local), ""]
+    curve = load_curve()
+    if curve["records"]:
+        lines += ["## Learning curves", "",
+                  f"Command: {', then '.join(f'`{c}`' for c in curve['commands'])}; {curve['machine']}, {curve['seconds'] / 60:.0f} min; "
+                  f"code at commit {', '.join(sorted({r['commit'] for r in curve['records']}))}. The same study config, one run per "
+                  "seed evaluated along the way (so the learning-rate schedule is the whole budget's), "
+                  f"{max(r['seed'] for r in curve['records']) + 1} seeds; mean score over seeds. "
+                  "[Plot](robustness_curve.png).", "", *curve_table(curve), ""]
     (HERE / "robustness.md").write_text("\n".join(lines) + "\n")
 
 

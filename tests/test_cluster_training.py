@@ -180,3 +180,31 @@ def test_no_negative_flows_under_random_actions_on_the_default_cluster():
 
     for name, x in zip(("forwarded", "received", "served_for_peers", "served"), run(state)):
         assert float(np.min(np.asarray(x))) >= -1e-3, name
+
+
+@pytest.mark.parametrize("mode", ["federated", "local", "centralized"])
+def test_a_run_starts_from_another_runs_policy(mode):
+    """trainers.start_from: a fresh state set to start from one shared policy (a federation
+    a region joins, a fine-tune) deploys exactly that policy before training, and one round
+    later is still near it and far from the fresh initialisation. Under the shared
+    federation the global is what every round broadcasts: setting only the nodes' copies
+    would be overwritten in the first round and fail the second check."""
+    cfg = load_config(TINY, ["env.kind=cluster", f"federated.mode={mode}", "federated.personal_mix=1.0", "federated.local_updates=1"])
+    trainer = trainers.make_trainer(cfg)
+    hp = trainers.hyperparams(cfg)
+    fresh = trainer.init(jax.random.PRNGKey(0), hp)
+    source = trainer.weights(trainer.init(jax.random.PRNGKey(1), hp))
+    if trainer.per_node:
+        source = jax.tree.map(lambda x: x[3], source)
+    source = source.replace(obs_stats=source.obs_stats.replace(mean=source.obs_stats.mean + 0.5))
+    region = lambda x, i: x[i] if trainer.per_node else x  # noqa: E731
+    one = lambda w, i=0: flat(jax.tree.map(lambda x: region(x, i), w.params))  # noqa: E731
+    started = trainers.start_from(trainer, fresh, source)
+    for i in range(5):
+        np.testing.assert_array_equal(one(trainer.weights(started), i), flat(source.params))
+        np.testing.assert_array_equal(region(trainer.weights(started).obs_stats.mean, i), source.obs_stats.mean)
+    trained, _ = jax.jit(lambda s: trainer.chunk(s, hp, 1))(started)
+    after = one(trainer.weights(trained))
+    to_source = np.linalg.norm(after - flat(source.params))
+    to_fresh = np.linalg.norm(after - one(trainer.weights(fresh)))
+    assert to_source < 0.2 * to_fresh, (to_source, to_fresh)

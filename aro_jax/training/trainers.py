@@ -266,6 +266,23 @@ def make_trainer(cfg: config_lib.ExperimentConfig) -> Trainer:
     )
 
 
+def start_from(trainer: Trainer, state, weights: learned_policy.PolicyWeights):
+    """`state` (from trainer.init) set to start from one shared policy and normaliser,
+    another run's: a federation before a region joined, a policy to fine-tune. Every
+    region's own copy under per-region learners and the global of a federation (which each
+    round broadcasts, or pulls personal policies toward); the learner's under centralized
+    PPO. Optimiser state and Lagrange multipliers start fresh."""
+    if not isinstance(state, fedppo.FedState):
+        return state.replace(params=weights.params, obs_stats=weights.obs_stats)
+    state = state.replace(global_params=weights.params, global_stats=weights.obs_stats)
+    if not trainer.per_node:
+        return state
+    regions = jax.tree.leaves(state.nodes.params)[0].shape[0]
+    per_region = lambda x: jnp.broadcast_to(x, (regions,) + jnp.shape(x))  # noqa: E731
+    return state.replace(nodes=state.nodes.replace(params=jax.tree.map(per_region, weights.params),
+                                                   obs_stats=jax.tree.map(per_region, weights.obs_stats)))
+
+
 def train_seeds(cfg: config_lib.ExperimentConfig, seeds: int):
     """Train seeds 0..seeds-1 of `cfg` in one vmapped program, with no logging; returns
     (trainer, final policy weights stacked over seeds). For benchmarks and studies."""
