@@ -262,7 +262,7 @@ def main():
     ap.add_argument("--f", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=2_500_000)
-    ap.add_argument("--aggregators", nargs="+", default=list(aggregators.AGGREGATORS), choices=list(aggregators.AGGREGATORS))
+    ap.add_argument("--aggregators", nargs="*", default=list(aggregators.AGGREGATORS), choices=list(aggregators.AGGREGATORS))
     ap.add_argument("--pre", nargs="*", default=["nnm+multi_krum", "arc+multi_krum"],
                     help="rows with pre-aggregators: PRE[+PRE...]+AGGREGATOR")
     ap.add_argument("--personal-aggregators", nargs="+", default=["mean", "multi_krum"],
