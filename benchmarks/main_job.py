@@ -1,7 +1,8 @@
 """The main job's results: run `aro run` on the embedded default config (or collect a run
 already made) into benchmarks/main_job/: the KPI table (json/md/csv), the learning curve,
 the one-day timeline and summary.json (wall time, training rate, the final training
-record). The README's main-job figures are rendered from these files
+record with each region's constraint costs and multipliers, and each region's SLO
+attainment per day over the training week). The README's main-job figures are rendered from these files
 (benchmarks/render_readme.py).
 
 usage: python benchmarks/main_job.py [--from RUN_DIR]
@@ -26,6 +27,35 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_common import code_commit  # noqa: E402
 
 OUT = Path(__file__).parent / "main_job"
+
+
+WEEK_SEEDS = 2
+
+
+def week_by_region(run_dir: Path) -> dict:
+    """The trained policy over the whole training week from Monday 00:00 UTC (the window its
+    constraints are averaged over), WEEK_SEEDS seeds: each region's SLO attainment per
+    day and over the week (drops and rejects as misses) and its dropped share."""
+    import jax
+    import numpy as np
+
+    from aro_jax.envs.scenarios import cluster_params
+    from aro_jax.training import checkpointing, evaluation
+
+    cfg, policy, weights, per_node = checkpointing.load_trained_policy(run_dir)
+    env, params = evaluation.eval_env(cfg, cluster_params(cfg, "diurnal"))
+    day = round(86_400 / cfg.env.tick_s)
+    m = jax.tree.map(np.asarray, evaluation.run_episodes(env, policy, params, jax.random.PRNGKey(0), WEEK_SEEDS, 7 * day, weights, per_node))
+    attempted = sum(m[k] for k in ("served", "forwarded", "dropped", "rejected"))
+    by_day = lambda x: x.reshape(x.shape[0], WEEK_SEEDS, 7, day).sum(axis=(1, 3))  # (regions, days)  # noqa: E731
+    arrivals, missed = by_day(m["arrivals"]), by_day((1.0 - m["slo_attainment"]) * attempted)
+    dropped = m["dropped"].sum(axis=(1, 2))
+    return {
+        node.name: {"attainment_pct_by_day": (100 * (1 - missed[i] / arrivals[i])).tolist(),
+                    "attainment_pct": float(100 * (1 - missed[i].sum() / arrivals[i].sum())),
+                    "dropped_pct": float(100 * dropped[i] / arrivals[i].sum())}
+        for i, node in enumerate(cfg.cluster.nodes)
+    }
 
 
 def collect(run_dir: Path, wall_s: float | None, command: str) -> dict:
@@ -59,6 +89,7 @@ def collect(run_dir: Path, wall_s: float | None, command: str) -> dict:
                                                                                            (config.get("objective") or {}).get("slo_target"))
                            for n in config["cluster"]["nodes"]},
         "region_mix": {n["name"]: n.get("traffic_mix", "conversation") for n in config["cluster"]["nodes"]},
+        "week": week_by_region(run_dir),
     }
     (OUT / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -103,6 +103,16 @@ def main_job() -> list[str]:
                  + f"; drops {ppo['dropped_pct']:.3g} % ({'within' if drop_ok else '**over**'} the bound), quality {ppo['quality']:.3f} "
                  f"({'within' if quality_ok else '**under**'} the bound). Baselines meeting their targets: "
                  + ", ".join(f"{name} {len(targets_met(regions, targets, name))}/{len(targets)}" for name in rows if name != learned) + ". ")
+        week = s.get("week")
+        if week:  # the window the constraints are trained on
+            met_week = [r for r, t in targets.items() if week[r]["attainment_pct"] >= 100 * t]
+            over_drop = [r for r in targets if week[r]["dropped_pct"] > 100 * cfg["max_drop"]]
+            worst = min(targets, key=lambda r: min(week[r]["attainment_pct_by_day"]) - 100 * targets[r])
+            text += (f"Over the whole training week from the same Monday (the window its constraints average over; 2 seeds; "
+                     f"`summary.json` \"week\") it meets its target in **{len(met_week)} of {len(targets)} regions**"
+                     + (f" (not in {', '.join(r for r in targets if r not in met_week)})" if len(met_week) < len(targets) else "")
+                     + f", drops over the bound in {len(over_drop)}; its worst region-day is {worst} at "
+                     f"{min(week[worst]['attainment_pct_by_day']):.1f} % against {100 * targets[worst]:.0f} %. ")
     mix = s.get("region_mix") or {}
     if mix and "reactive+tier" in rows:
         rep_l, rep_r = (by_workload(regions, mix, p, "replicas") for p in (learned, "reactive+tier"))

@@ -17,8 +17,9 @@ from aro_jax.config import DEFAULT_CONFIG, ConfigError, ExperimentConfig, load_c
         (["env.scenario=outage"], "config key 'env.scenario'"),
         (["cluster.nodes.0.mean_rate_rps=-1"], "config key 'cluster.nodes.0.mean_rate_rps'"),
         (["ppo.lr"], "'ppo.lr' is not of the form key=value"),
+        (["objective.slo_margin=0.1"], "config key 'objective.slo_margin'"),  # 0.9 + 0.1 leaves no miss
     ],
-    ids=["unknown-key", "wrong-type", "minibatches-not-dividing", "unknown-profile", "held-out-scenario", "negative-rate", "override-syntax"],
+    ids=["unknown-key", "wrong-type", "minibatches-not-dividing", "unknown-profile", "held-out-scenario", "negative-rate", "override-syntax", "margin-past-one"],
 )
 def test_invalid_override_names_the_key(overrides, expected):
     with pytest.raises(ConfigError) as err:

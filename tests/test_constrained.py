@@ -156,3 +156,38 @@ def test_slo_objective_wires_request_weighted_constraints():
     assert state.constraint.multipliers.shape == (3,)
     # Missed share: the KPI's drops-count-as-misses attainment, weighted by demand.
     assert 0.0 <= float(metrics["cost_0"][-1]) <= 1.5 and 0.0 <= float(metrics["cost_1"][-1]) <= float(metrics["cost_0"][-1]) + 1e-6
+
+
+@pytest.mark.timeout(300)
+def test_federated_run_logs_each_regions_constraints(tmp_path):
+    """A mean over regions hides the region that violates its constraint: the log keeps
+    each region's cost and multiplier, and they are the regions' own learner state."""
+    from aro_jax.config import load_config
+    from aro_jax.training import driver
+
+    cfg = load_config(None, ["cluster.nodes=[{name: chat}, {name: code, traffic_mix: code}]", "federated.mode=local",
+                             "env.num_clusters=1", "ppo.rollout_steps=8", "ppo.num_minibatches=2", "federated.local_updates=1",
+                             "train.total_env_steps=48", "train.num_chunks=1"])
+    state, _ = driver.train(cfg, tmp_path / "run", quiet=True)
+    record = driver.read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]  # one unit per quarter chunk: the last round
+    multipliers = np.asarray(state.nodes.constraint.multipliers)  # (regions, constraints)
+    for i in range(3):
+        np.testing.assert_allclose(record[f"multiplier_{i}_by_region"], multipliers[:, i], rtol=1e-6)
+        assert record[f"multiplier_{i}"] == pytest.approx(float(multipliers[:, i].mean()), rel=1e-6)
+        assert record[f"cost_{i}"] == pytest.approx(float(np.mean(record[f"cost_{i}_by_region"])), rel=1e-5, abs=1e-7)
+    # The regions' own targets shift their miss costs apart (code 0.6 against the run's 0.9).
+    assert record["cost_0_by_region"][0] != record["cost_0_by_region"][1]
+
+
+def test_slo_margin_tightens_the_training_limits_only():
+    """The margin moves the attainment constraint's limit (training aims above the target);
+    the per-region shift of the miss cost, and so what evaluation judges, stays the target."""
+    from aro_jax.config import load_config
+    from aro_jax.envs.scenarios import cluster_params
+    from aro_jax.training import trainers
+
+    base = ["objective.kind=slo", "objective.slo_targets={code: 0.6}"]
+    plain, margin = (load_config(None, base + extra) for extra in ([], ["objective.slo_margin=0.02"]))
+    np.testing.assert_allclose(np.asarray(trainers.hyperparams(plain).cost_limits), [0.1, 0.01, 0.02], rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(trainers.hyperparams(margin).cost_limits), [0.08, 0.01, 0.02], rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(cluster_params(plain).slo_target), np.asarray(cluster_params(margin).slo_target))

@@ -41,6 +41,7 @@ one-option program, and a robustness study can pass every attack and defence to
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
@@ -315,7 +316,10 @@ def make_federated_train(
         flat_nodes = flat_of(nodes.params)
         deltas = flat_nodes - flat_start
 
-        metrics = {k: v.mean() for k, v in metrics.items()}
+        # Each region has its own constraints: their costs and multipliers are also kept
+        # per region, since a mean over regions hides the regions that violate theirs.
+        by_region = {f"{k}_by_region": v for k, v in metrics.items() if re.fullmatch(r"(cost|multiplier)_\d+", k)}
+        metrics = {**{k: v.mean() for k, v in metrics.items()}, **by_region}
         threat = state.threat
         if fed.mode == "local":  # nothing is shared: the global state stays as it is
             new_global, velocity, new_stats = state.global_params, state.server_velocity, state.global_stats

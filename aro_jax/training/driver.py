@@ -62,6 +62,13 @@ def _finite_flags(state, metrics) -> dict:
     return flags
 
 
+def _recent_mean(values, per_chunk: int):
+    """A chunk's metric over its last quarter of units: a float, or a list for metrics kept
+    per region (units, regions)."""
+    recent = np.mean(np.asarray(values)[-max(1, per_chunk // 4):], axis=0)
+    return recent.tolist() if recent.ndim else float(recent)
+
+
 def train(cfg: config_lib.ExperimentConfig | None, run_dir: Path, resume: bool = False, quiet: bool = False, step: int | None = None):
     """Train per `cfg` into `run_dir`, or continue the run there (`resume`, cfg from the
     run, from its newest valid checkpoint or from `step`); returns (final state,
@@ -168,7 +175,7 @@ def train(cfg: config_lib.ExperimentConfig | None, run_dir: Path, resume: bool =
                 "unit": done,
                 "env_steps": done * steps,
                 "steps_per_s": per_chunk * steps / dt,
-                **{k: float(np.mean(v[-max(1, per_chunk // 4):])) for k, v in metrics.items()},
+                **{k: _recent_mean(v, per_chunk) for k, v in metrics.items()},
                 "eval_reward": eval_reward,
                 # (epsilon, delta, unit, mechanism) per protected unit; [] = no guarantee
                 "privacy": privacy_at(done),
@@ -182,7 +189,10 @@ def train(cfg: config_lib.ExperimentConfig | None, run_dir: Path, resume: bool =
                         writer.add_scalar(k, v, record["env_steps"])
             checkpointing.save(mngr, done, state, hp, config_lib.to_dict(cfg), eval_reward)
             bar.update(per_chunk * steps)
-            multipliers = {f"lam{k[-1]}": f"{v:.2f}" for k, v in record.items() if k.startswith("multiplier_")}
+            multipliers = {f"lam{k[-1]}": f"{v:.2f}" for k, v in record.items() if k.startswith("multiplier_") and isinstance(v, float)}
+            if hp.cost_limits is not None and "cost_0_by_region" in record:  # regions over a limit / region-constraints
+                over = [c > lim for i, lim in enumerate(np.asarray(hp.cost_limits)) for c in record[f"cost_{i}_by_region"]]
+                multipliers["over"] = f"{sum(over)}/{len(over)}"
             multipliers.update({f"eps_{r['unit']}": f"{r['epsilon']:.3g}(d={r['delta']:g})" for r in record["privacy"]})
             bar.set_postfix(sps=f"{record['steps_per_s']:.3g}", reward=f"{record['reward']:.3f}", eval=f"{eval_reward:.3f}",
                             e2e_s=f"{record['e2e_mean_s']:.2f}", slo=f"{record['slo_attainment']:.3f}", cost_h=f"{record['cost_usd_per_h']:.1f}",
