@@ -39,7 +39,8 @@ OUT = Path(__file__).with_name("federation.json")
 # The learners compared, as overrides of the main job's config (default.yaml).
 LEARNERS = {
     "Local-only": ["federated.mode=local"],
-    "federated, personal (main job: multi-Krum f=3, pull 0.01)": [],
+    # The main job's personal federation as the recorded runs were made (pull 1 %).
+    "federated, personal (main job: multi-Krum f=3, pull 0.01)": ["federated.personal_mix=0.01"],
     "federated, one shared policy (multi-Krum f=3)": ["federated.personal_mix=1.0"],
     "federated, one shared policy (FedAvg)": ["federated.personal_mix=1.0", "federated.aggregator=mean", "federated.num_byzantine=0"],
     # One local update per round: the deltas are one PPO update's, as centralized PPO's
@@ -51,8 +52,9 @@ SHOWN = ("goodput_per_usd", "slo_attainment_pct", "dropped_pct", "cost_usd_per_h
 EVAL_SEEDS = 4
 
 
+# Trained to the targets themselves (objective.slo_margin 0), as the recorded runs were.
 def config(steps: int, extra, nodes=None):
-    cfg = load_config(None, [f"train.total_env_steps={steps}", "train.num_chunks=1", f"eval.num_seeds={EVAL_SEEDS}", *extra])
+    cfg = load_config(None, ["objective.slo_margin=0", f"train.total_env_steps={steps}", "train.num_chunks=1", f"eval.num_seeds={EVAL_SEEDS}", *extra])
     if nodes is not None:
         cfg = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, nodes=nodes))
     return cfg

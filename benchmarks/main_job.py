@@ -84,6 +84,7 @@ def collect(run_dir: Path, wall_s: float | None, command: str) -> dict:
         "objective": config.get("objective"),
         "env_kind": config["env"].get("kind", "node"),
         "ppo": config["ppo"],
+        "federated": config["federated"],
         # Each region's attainment target (its workload's, else the run's slo_target).
         "region_targets": {n["name"]: (config.get("objective") or {}).get("slo_targets", {}).get(n.get("traffic_mix", "conversation"),
                                                                                            (config.get("objective") or {}).get("slo_target"))

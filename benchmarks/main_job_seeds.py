@@ -45,7 +45,8 @@ def measure(seeds: int) -> dict:
     m = evaluation.run_episodes(env, HEURISTICS["reactive+tier"](cfg.env.tick_s), eparams, key, cfg.eval.num_seeds, cfg.env.episode_ticks)
     k = evaluation.cluster_kpis(m, cfg.env.tick_s, params)
     return {"rows": rows, "reactive_tier": {x: k[x] for x in SHOWN}, "train_s": train_s, "steps_per_seed": cfg.train.total_env_steps,
-            "env_kind": cfg.env.kind, "ppo": dataclasses.asdict(cfg.ppo)}
+            "env_kind": cfg.env.kind, "ppo": dataclasses.asdict(cfg.ppo),
+            "objective": dataclasses.asdict(cfg.objective), "federated": dataclasses.asdict(cfg.federated)}
 
 
 def render(d: dict) -> str:

@@ -126,7 +126,7 @@ def main_job() -> list[str]:
             text += (f"Against {ref.replace('+tier', ' + tier')}: goodput per dollar {pct(ppo['goodput_per_usd'], r['goodput_per_usd'])}, "
                      f"SLO attainment {ppo['slo_attainment_pct'] - r['slo_attainment_pct']:+.1f} points, cost {pct(ppo['cost_usd_per_h'], r['cost_usd_per_h'])}, "
                      f"replicas per region {num(ppo['replicas'])} against {num(r['replicas'])}, quality {ppo['quality']:.3f} against {r['quality']:.3f}. ")
-    seeds_match = (B / "main_job_seeds.json").is_file() and all(load("main_job_seeds.json").get(k) == s.get(k) for k in ("env_kind", "ppo"))
+    seeds_match = (B / "main_job_seeds.json").is_file() and all(load("main_job_seeds.json").get(k) == s.get(k) for k in ("env_kind", "ppo", "objective", "federated"))
     if seeds_match:  # the spread of the main job's own config only
         d = load("main_job_seeds.json")
         v = {k: np.array([r[k] for r in d["rows"]]) for k in ("goodput_per_usd", "slo_attainment_pct", "dropped_pct", "cost_usd_per_h")}
@@ -287,8 +287,8 @@ def federation() -> list[str]:
     start = md.index(next(ln for ln in md if ln.startswith("| learner")))
     table = md[start: next(i for i in range(start, len(md) + 1) if i == len(md) or not md[i].startswith("|"))]
     verdict = next(ln for ln in md if ln.startswith("Best federated learner"))
-    out = [f"`{d['command']}` → [`benchmarks/federation.md`](benchmarks/federation.md): the main job's config at "
-           f"{d['steps'] / 1e6:g}M env steps, {d['seeds']} training seeds, code at commit {d.get('commit', 'unknown')}; "
+    out = [f"`{d['command']}` → [`benchmarks/federation.md`](benchmarks/federation.md): the main job's config as of "
+           f"commit {d.get('commit', 'unknown')} at {d['steps'] / 1e6:g}M env steps, {d['seeds']} training seeds; "
            "*objective*: the constrained objective's score "
            "(higher is better).", "", *table, "", verdict]
     return out

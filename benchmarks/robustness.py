@@ -16,8 +16,8 @@ next to the attacked ones, so the comparison is at equal budget, not at a platea
 
 Two federated methods: "shared" (every region runs the robust global policy, which
 conditions on the region through the node descriptor in its input) and "personal" (the
-main job's: each region keeps its own policy, pulled 1 % of the way to the robust global
-each round). The return of a run is the constrained objective's score of the policies
+main job's at the time of the recorded runs: each region keeps its own policy, pulled 1 %
+of the way to the robust global each round). The return of a run is the constrained objective's score of the policies
 the honest regions deploy (regions 3..9 in every row, the attacked and the unattacked
 alike, so the rows compare the same regions): mean reward minus 10 x each region's
 violated share, so a policy that saves by serving users worse scores lower.
@@ -71,13 +71,15 @@ ATTACKS = list(STRENGTHS)
 F_FREE = {"geometric_median", "centered_clipping"}
 # Regions evaluated in every row: those honest under the largest f of the study.
 EVAL_FROM = 3
-METHODS = {"shared": ["federated.personal_mix=1.0"], "personal": []}
+# "personal" as its recorded runs were made: a pull of 1 %.
+METHODS = {"shared": ["federated.personal_mix=1.0"], "personal": ["federated.personal_mix=0.01"]}
 
 
 def study_config(steps: int, extra: list[str] = ()):
     # One XLA device per process: vmap over runs of a program sharded over fake CPU devices
     # can hang XLA's CPU runtime (DESIGN "Speed"); run two processes (--part) to use 2 cores.
-    return load_config(None, ["env.num_clusters=4", f"train.total_env_steps={steps}", "train.num_chunks=1", *extra])
+    # Trained to the targets themselves (objective.slo_margin 0), as the recorded runs were.
+    return load_config(None, ["objective.slo_margin=0", "env.num_clusters=4", f"train.total_env_steps={steps}", "train.num_chunks=1", *extra])
 
 
 def allowed(name: str, f: int) -> bool:
