@@ -62,6 +62,15 @@ def collect(name: str, overrides: str, run_dir: Path, train_s: float | None) -> 
     }
 
 
+def counts(v: dict) -> dict:
+    """Regions meeting their targets on Monday and over the week; those over the drop bound."""
+    targets, week = v["targets"], v["week"]
+    return {"regions": len(targets),
+            "monday": sum(week[r]["attainment_pct_by_day"][0] >= 100 * t for r, t in targets.items()),
+            "week": sum(week[r]["attainment_pct"] >= 100 * t for r, t in targets.items()),
+            "drops_over": [r for r in targets if week[r]["dropped_pct"] > 100 * v["max_drop"]]}
+
+
 def render(data: dict) -> str:
     out = [
         "# The main job and its variants, day by day over the training week",
@@ -70,18 +79,23 @@ def render(data: dict) -> str:
         "30M env steps), evaluated like the main job but over the whole week from Monday 00:00 UTC (the window its constraints "
         "average over), 2 evaluation seeds, the regions coupled in the cluster env. Attainment counts drops and rejects as misses. "
         "A cell is bold where the region meets its target that day. *met*: regions at or above target (Monday; the week); "
-        "*drops over*: regions whose week's dropped share is over `objective.max_drop`.",
+        "*drops over*: regions whose week's dropped share is over `objective.max_drop`. A run collected with `--from` may have been "
+        "trained at an earlier commit; the config it resolved to is in its `config.yaml`.",
         "",
     ]
+    out += ["| variant | met on Monday | met over the week | drops over the bound | training cost ($/h per region) |", "|---|---|---|---|---|"]
+    for v in data["variants"]:
+        c = counts(v)
+        out.append(f"| {v['name']} | {c['monday']} of {c['regions']} | {c['week']} of {c['regions']} | {len(c['drops_over'])} | {v['train_cost_usd_per_h']:.1f} |")
+    out.append("")
     for v in data["variants"]:
         targets, week = v["targets"], v["week"]
-        met_mon = sum(week[r]["attainment_pct_by_day"][0] >= 100 * t for r, t in targets.items())
-        met_week = sum(week[r]["attainment_pct"] >= 100 * t for r, t in targets.items())
-        over = [r for r in targets if week[r]["dropped_pct"] > 100 * v["max_drop"]]
+        c = counts(v)
+        met_mon, met_week, over = c["monday"], c["week"], c["drops_over"]
         out += [
             f"## {v['name']}",
             "",
-            f"`{v['command']}`; code at commit {v['commit']}"
+            f"`{v['command']}`; collected at commit {v['commit']}"
             + (f"; {v['train_s'] / 60:.1f} min of training" if v.get("train_s") else "")
             + f"; training cost {v['train_cost_usd_per_h']:.1f} $/h per region (last chunk's rollouts). "
             f"Met: **{met_mon} of {len(targets)}** on Monday, **{met_week} of {len(targets)}** over the week; "

@@ -111,7 +111,9 @@ def main_job() -> list[str]:
             text += (f"Over the whole training week from the same Monday (the window its constraints average over; 2 seeds; "
                      f"`summary.json` \"week\") it meets its target in **{len(met_week)} of {len(targets)} regions**"
                      + (f" (not in {', '.join(r for r in targets if r not in met_week)})" if len(met_week) < len(targets) else "")
-                     + f", drops over the bound in {len(over_drop)}; its worst region-day is {worst} at "
+                     + f", drops over the bound in {len(over_drop)}"
+                     + (" (" + ", ".join(f"{r} {week[r]['dropped_pct']:.2f} %" for r in over_drop) + ")" if over_drop else "")
+                     + f"; its worst region-day is {worst} at "
                      f"{min(week[worst]['attainment_pct_by_day']):.1f} % against {100 * targets[worst]:.0f} %. ")
     mix = s.get("region_mix") or {}
     if mix and "reactive+tier" in rows:
@@ -371,8 +373,27 @@ def pareto() -> list[str]:
     return [*lines, ""]
 
 
+def variants() -> list[str]:
+    """What the main job's personal pull and training margin do, from main_job_variants.json."""
+    if not (B / "main_job_variants.json").is_file():
+        return []
+    d = load("main_job_variants.json")
+    sys.path.insert(0, str(B))
+    import main_job_variants as mv
+
+    out = ["Where the main job's settings come from (`python benchmarks/main_job_variants.py`, one training seed each, 30M env steps, "
+           "every region's attainment per day over the training week, 2 evaluation seeds: "
+           "[`benchmarks/main_job_variants.md`](benchmarks/main_job_variants.md)):", "",
+           "| variant | met on Monday | met over the week | drops over the bound |", "|---|---|---|---|"]
+    for v in d["variants"]:
+        c = mv.counts(v)
+        out.append(f"| `{v['command']}` ({v['name']}) | {c['monday']} / {c['regions']} | {c['week']} / {c['regions']} | "
+                   + (", ".join(c["drops_over"]) or "none") + " |")
+    return out
+
+
 def render() -> str:
-    parts = ["### Main job", "", *main_job(), "", "### Speed and model checks", "", *speed(), "",
+    parts = ["### Main job", "", *main_job(), "", *variants(), "", "### Speed and model checks", "", *speed(), "",
              "### Against the paper, on held-out traffic", "", *paper(), "", *hyperscore(), "",
              "### Federated against Local-only", "", *federation(), "", "### An unseen region", "", *unseen_region(), "",
              "### Byzantine regions", "", *robustness(), "", *pareto(), "### Differential privacy", "", *privacy()]
