@@ -146,10 +146,10 @@ def test_slo_objective_wires_request_weighted_constraints():
     from aro_jax.training import trainers
 
     cfg = load_config(None, ["cluster.nodes=[{name: node-0}]", "federated.mode=centralized", "objective.kind=slo",
-                             "objective.slo_target=0.95", "objective.max_drop=0.02", "env.num_clusters=2",
+                             "objective.slo_target=0.95", "objective.slo_margin=0.01", "objective.max_drop=0.02", "env.num_clusters=2",
                              "ppo.rollout_steps=8", "ppo.num_minibatches=2", "train.total_env_steps=32", "train.num_chunks=1"])
     hp = trainers.hyperparams(cfg)
-    np.testing.assert_allclose(np.asarray(hp.cost_limits), [0.05, 0.02, 0.02], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(hp.cost_limits), [0.04, 0.02, 0.02], rtol=1e-5)  # 1 - (target + margin)
     assert (hp.env.alpha, hp.env.beta, hp.env.slo_penalty) == (0.0, 0.0, 0.0)  # only cost and quality loss remain
     learner = trainers.make_learner(cfg, cluster_params(cfg, "train"))
     state, metrics = jax.jit(learner.train)(jax.random.PRNGKey(0), hp)
@@ -187,7 +187,7 @@ def test_slo_margin_tightens_the_training_limits_only():
     from aro_jax.training import trainers
 
     base = ["objective.kind=slo", "objective.slo_targets={code: 0.6}"]
-    plain, margin = (load_config(None, base + extra) for extra in ([], ["objective.slo_margin=0.02"]))
+    plain, margin = (load_config(None, base + [f"objective.slo_margin={m}"]) for m in (0, 0.03))
     np.testing.assert_allclose(np.asarray(trainers.hyperparams(plain).cost_limits), [0.1, 0.01, 0.02], rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(trainers.hyperparams(margin).cost_limits), [0.08, 0.01, 0.02], rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(trainers.hyperparams(margin).cost_limits), [0.07, 0.01, 0.02], rtol=1e-5)
     np.testing.assert_array_equal(np.asarray(cluster_params(plain).slo_target), np.asarray(cluster_params(margin).slo_target))

@@ -189,7 +189,7 @@ def test_optimize_resumes_after_the_process_is_killed(tmp_path):
 
 @pytest.mark.timeout(600)
 def test_slo_target_sweep_is_one_program_with_per_point_limits(tmp_path):
-    path = write_sweep(tmp_path, {"overrides": [*TINY, "objective.kind=slo"], "grid": {"slo_target": [0.8, 0.9, 0.99]}})
+    path = write_sweep(tmp_path, {"overrides": [*TINY, "objective.kind=slo", "objective.slo_margin=0"], "grid": {"slo_target": [0.8, 0.9, 0.99]}})
     spec = sweep.load_sweep(path)
     trainer = sweep.SweepTrainer(spec.config())
     hp = trainer.hyperparams(spec.points, seeds=1)
