@@ -138,6 +138,9 @@ class ObjectiveConfig:
     # average, so a policy trained to the target itself misses it on about half the days.
     slo_margin: float = 0.0
     max_drop: float = 0.01  # share of requests dropped
+    # Training keeps drops this far below max_drop (the drop constraint's limit), for the
+    # same reason as slo_margin: the bound holds on average over the week, not on each day.
+    drop_margin: float = 0.0
     # Mean answer quality of served requests relative to the large model (the small tier's
     # is 0.66, MMLU): 0.98 lets at most ~6 % of requests go to the small model. Jha et al.
     # report the share of time at >= 98 % quality; without this bound the cheapest way to
@@ -409,6 +412,8 @@ def validate(cfg: ExperimentConfig) -> None:
     require(0 <= o.slo_margin < 1 - highest, "objective.slo_margin",
             f"must be >= 0 and leave every target plus the margin below 1 (highest target {highest}), got {o.slo_margin}")
     require(0 <= o.max_drop < 1, "objective.max_drop", f"must be a share in [0, 1), got {o.max_drop}")
+    require(0 <= o.drop_margin <= o.max_drop, "objective.drop_margin",
+            f"must be >= 0 and at most objective.max_drop ({o.max_drop}), got {o.drop_margin}")
     require(0 < o.min_quality <= 1, "objective.min_quality", f"must be a share in (0, 1], got {o.min_quality}")
 
     t = cfg.train
@@ -522,6 +527,7 @@ def _validate_federated(cfg: ExperimentConfig, require) -> None:
     require(fed.server_lr > 0, "federated.server_lr", f"must be > 0, got {fed.server_lr}")
     require(0 < fed.personal_mix <= 1, "federated.personal_mix", f"must be a share in (0, 1] (1: every region runs the global policy), got {fed.personal_mix}")
     require(0 <= fed.server_momentum < 1, "federated.server_momentum", f"must be in [0, 1), got {fed.server_momentum}")
+    require(0 <= fed.worker_momentum < 1, "federated.worker_momentum", f"must be in [0, 1), got {fed.worker_momentum}")
     require(fed.num_byzantine >= 0, "federated.num_byzantine", f"must be >= 0, got {fed.num_byzantine}")
     require(fed.aggregator in aggregators.AGGREGATORS, "federated.aggregator", f"unknown {fed.aggregator!r}; choose from {sorted(aggregators.AGGREGATORS)}")
     for p in fed.pre_aggregators:

@@ -54,6 +54,7 @@ def collect(name: str, overrides: str, run_dir: Path, train_s: float | None) -> 
         "train_s": train_s,
         "commit": code_commit(),
         "slo_margin": o.get("slo_margin", 0.0),
+        "drop_margin": o.get("drop_margin", 0.0),
         "max_drop": o["max_drop"],
         "targets": {n["name"]: o.get("slo_targets", {}).get(n.get("traffic_mix", "conversation"), o["slo_target"]) for n in config["cluster"]["nodes"]},
         "train_cost_usd_per_h": final["cost_usd_per_h"],

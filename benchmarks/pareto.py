@@ -49,8 +49,8 @@ KPIS = ("goodput_per_usd", "goodput_rps", "slo_attainment_pct", "rejected_pct", 
 
 
 def study_config(args, extra=()):
-    # Trained to the swept targets themselves (objective.slo_margin 0), as the recorded runs were.
-    return load_config(None, ["objective.kind=slo", "objective.slo_margin=0", "env.quality_tier=false", f"env.num_clusters={args.clusters}",
+    # Trained to the swept targets and the drop bound themselves (no margins), as the recorded runs were.
+    return load_config(None, ["objective.kind=slo", "objective.slo_margin=0", "objective.drop_margin=0", "env.quality_tier=false", f"env.num_clusters={args.clusters}",
                               f"train.total_env_steps={args.steps}", "train.num_chunks=1", f"eval.num_seeds={args.eval_seeds}", *extra])
 
 

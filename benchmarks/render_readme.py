@@ -99,10 +99,10 @@ def main_job() -> list[str]:
                  f"regions meet their SLO attainment targets ({100 * cfg['slo_target']:.0f} %" + (f"; per workload {per_mix}" if per_mix else "")
                  + f"), with at most {100 * cfg['max_drop']:g} % dropped and served quality >= {cfg.get('min_quality', 0):g} of the large "
                  f"model's. On the training day it meets its target in **{len(met)} of {len(targets)} regions**"
-                 + (f" (not in {', '.join(r for r in targets if r not in met)})" if len(met) < len(targets) else "")
-                 + f"; it misses by at most 1 point in {len(near_target(regions, targets, learned))} of those"
+                 + (f" (not in {', '.join(r for r in targets if r not in met)}; {len(near_target(regions, targets, learned))} of them "
+                    "within 1 point of it)" if len(met) < len(targets) else "")
                  + f"; drops {ppo['dropped_pct']:.3g} % ({'within' if drop_ok else '**over**'} the bound cluster-wide"
-                 + (f"; **over** it in {len(drops_over)} regions: " + ", ".join(f"{r} {regions[f'{r} / {learned}']['dropped_pct']:.2f} %" for r in drops_over)
+                 + (f"; **over** it in {len(drops_over)} region{'s' if len(drops_over) > 1 else ''}: " + ", ".join(f"{r} {regions[f'{r} / {learned}']['dropped_pct']:.2f} %" for r in drops_over)
                     if drops_over else "; within it in every region")
                  + f"), quality {ppo['quality']:.3f} "
                  f"({'within' if quality_ok else '**under**'} the bound). Baselines meeting their targets: "

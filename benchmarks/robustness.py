@@ -15,14 +15,15 @@ no-attack runs have not converged at it; robustness.md reports the no-attack ret
 next to the attacked ones, so the comparison is at equal budget, not at a plateau.
 
 Two federated methods: "shared" (every region runs the robust global policy, which
-conditions on the region through the node descriptor in its input) and "personal" (the
+conditions on the region through the node descriptor in its input), "momentum" (the same,
+each region sending the momentum of its deltas over rounds) and "personal" (the
 main job's at the time of the recorded runs: each region keeps its own policy, pulled 1 %
 of the way to the robust global each round). The return of a run is the constrained objective's score of the policies
 the honest regions deploy (regions 3..9 in every row, the attacked and the unattacked
 alike, so the rows compare the same regions): mean reward minus 10 x each region's
 violated share, so a policy that saves by serving users worse scores lower.
 
-usage: python benchmarks/robustness.py [--method shared personal] [--f 1 2 3] [--seeds 3]
+usage: python benchmarks/robustness.py [--method shared personal momentum] [--f 1 2 3] [--seeds 3]
            [--steps 2500000] [--aggregators ...] [--pre nnm+multi_krum ...] [--attacks ...] [--local]
 """
 
@@ -71,15 +72,18 @@ ATTACKS = list(STRENGTHS)
 F_FREE = {"geometric_median", "centered_clipping"}
 # Regions evaluated in every row: those honest under the largest f of the study.
 EVAL_FROM = 3
-# "personal" as its recorded runs were made: a pull of 1 %.
-METHODS = {"shared": ["federated.personal_mix=1.0"], "personal": ["federated.personal_mix=0.01"]}
+# "personal" as its recorded runs were made: a pull of 1 %. "momentum": the shared policy,
+# each region sending the momentum of its deltas (federated.worker_momentum).
+WORKER_MOMENTUM = 0.9
+METHODS = {"shared": ["federated.personal_mix=1.0"], "personal": ["federated.personal_mix=0.01"],
+           "momentum": ["federated.personal_mix=1.0", f"federated.worker_momentum={WORKER_MOMENTUM}"]}
 
 
 def study_config(steps: int, extra: list[str] = ()):
     # One XLA device per process: vmap over runs of a program sharded over fake CPU devices
     # can hang XLA's CPU runtime (DESIGN "Speed"); run two processes (--part) to use 2 cores.
-    # Trained to the targets themselves (objective.slo_margin 0), as the recorded runs were.
-    return load_config(None, ["objective.slo_margin=0", "env.num_clusters=4", f"train.total_env_steps={steps}", "train.num_chunks=1", *extra])
+    # Trained to the targets and the drop bound themselves (no margins), as the recorded runs were.
+    return load_config(None, ["objective.slo_margin=0", "objective.drop_margin=0", "env.num_clusters=4", f"train.total_env_steps={steps}", "train.num_chunks=1", *extra])
 
 
 def allowed(name: str, f: int) -> bool:
@@ -254,6 +258,12 @@ def cell(records: list[dict], method: str, defence: tuple, f: int, attack: str) 
             == (method, defence_name(defence), defence[1], f, attack)]
 
 
+def rows(method: str, args) -> list[str]:
+    """The aggregator rows (nnm+X included) the grid runs for `method`."""
+    return {"shared": [*args.aggregators, *args.pre], "personal": args.personal_aggregators,
+            "momentum": args.momentum_aggregators}[method]
+
+
 def done(records: list[dict], method: str, defence: tuple, f: int, attack: str, strength: float, seeds: int) -> bool:
     return sum(abs(r["strength"] - strength) < 1e-6 for r in cell(records, method, defence, f, attack)) >= seeds
 
@@ -269,6 +279,8 @@ def main():
                     help="rows with pre-aggregators: PRE[+PRE...]+AGGREGATOR")
     ap.add_argument("--personal-aggregators", nargs="+", default=["mean", "multi_krum"],
                     help="the rows (aggregator names, nnm+X included) run for the personal method")
+    ap.add_argument("--momentum-aggregators", nargs="+", default=["mean", "nnm+multi_krum"],
+                    help="the rows run for the momentum method")
     ap.add_argument("--attacks", nargs="+", default=["none", "sign_flip", "alie", "ipm", "nan", "huge", "normaliser_poisoning"],
                     choices=ATTACKS)
     ap.add_argument("--sweep", action="store_true", help="every strength of STRENGTHS, not only the first")
@@ -297,9 +309,7 @@ def main():
             t0 = time.perf_counter()
             save("local-only", local_only(args.steps, args.seeds))
             print(f"local-only: {time.perf_counter() - t0:.0f} s", flush=True)
-        names = [*args.aggregators, *args.pre]
-        batches = [(m, f, name) for m in args.method for f in args.f for name in names if allowed(label(name)[0], f)
-                   and (m != "personal" or name in args.personal_aggregators)]
+        batches = [(m, f, name) for m in args.method for f in args.f for name in rows(m, args) if allowed(label(name)[0], f)]
         studies = {}
         for method, f, name in batches[part::parts]:
             defence = defence_for(name, f)
@@ -328,9 +338,8 @@ def run_curves(args) -> None:
     data = load_curve()
     command = "python benchmarks/robustness.py " + " ".join(sys.argv[1:])
     for method in args.method:
-        names = [*args.aggregators, *args.pre] if method == "shared" else args.personal_aggregators
         for f in args.f:
-            for name in names:
+            for name in rows(method, args):
                 if not allowed(label(name)[0], f):
                     continue
                 defence = defence_for(name, f)
@@ -438,7 +447,9 @@ def render(records: list[dict], args) -> None:
         "",
         f"Command: `python benchmarks/robustness.py --method {' '.join(args.method)} --f {' '.join(map(str, args.f))} --seeds {args.seeds} "
         f"--steps {args.steps} --aggregators {' '.join(args.aggregators)} --pre {' '.join(args.pre)} "
-        f"--personal-aggregators {' '.join(args.personal_aggregators)} --attacks {' '.join(args.attacks)}"
+        f"--personal-aggregators {' '.join(args.personal_aggregators)} "
+        + (f"--momentum-aggregators {' '.join(args.momentum_aggregators)} " if "momentum" in args.method else "")
+        + f"--attacks {' '.join(args.attacks)}"
         f"{' --local' if args.local else ''}` (results accumulate in robustness_runs/; `--part k/P` splits the grid over P processes; "
         f"`--render-only` redraws this file); machine: {os.cpu_count()}-core {platform.machine()} CPU, jax {jax.__version__}; "
         f"code at commit {', '.join(sorted({r.get('commit', 'unknown') for r in records}))}.",
@@ -449,8 +460,9 @@ def render(records: list[dict], args) -> None:
         "(geometric median and centered clipping do not use f; FedAvg assumes f = 0). Return: the constrained objective's score of the policies "
         f"regions {EVAL_FROM}..9 deploy (mean reward per tick minus 10 x each region's violated share of its attainment, drop and "
         f"quality limits, trainers.eval_score; greedy, diurnal training scenario, {EVAL_SEEDS} evaluation seeds x 1 day, common seeds for every run); "
-        f"{seeds} training seeds per cell. Methods: *shared* (one robust global policy) and *personal* (each region's own policy pulled "
-        "1 % of the way to the robust global per round, the main job's). nnm+X: nearest-neighbour mixing before X; arc+X: adaptive robust clipping before X.",
+        f"{seeds} training seeds per cell. Methods: *shared* (one robust global policy), *momentum* (the same, each region sending the "
+        f"momentum of its deltas, beta = {WORKER_MOMENTUM}, Karimireddy et al. 2021) and *personal* (each region's own policy pulled "
+        "1 % of the way to the robust global per round, the main job's at the time). nnm+X: nearest-neighbour mixing before X; arc+X: adaptive robust clipping before X.",
         "",
         f"Attack strengths ({'swept; the worst, by mean over seeds, is reported' if args.sweep else 'the first of each list'}): "
         f"{STRENGTHS} (None: ALIE's z_max(n, f)). Each cell: mean over seeds / worst seed, at the worst strength. *worst attack*: the "

@@ -18,8 +18,9 @@ from aro_jax.config import DEFAULT_CONFIG, ConfigError, ExperimentConfig, load_c
         (["cluster.nodes.0.mean_rate_rps=-1"], "config key 'cluster.nodes.0.mean_rate_rps'"),
         (["ppo.lr"], "'ppo.lr' is not of the form key=value"),
         (["objective.slo_margin=0.1"], "config key 'objective.slo_margin'"),  # 0.9 + 0.1 leaves no miss
+        (["objective.max_drop=0.01", "objective.drop_margin=0.02"], "config key 'objective.drop_margin'"),  # a negative limit
     ],
-    ids=["unknown-key", "wrong-type", "minibatches-not-dividing", "unknown-profile", "held-out-scenario", "negative-rate", "override-syntax", "margin-past-one"],
+    ids=["unknown-key", "wrong-type", "minibatches-not-dividing", "unknown-profile", "held-out-scenario", "negative-rate", "override-syntax", "margin-past-one", "drop-margin-past-zero"],
 )
 def test_invalid_override_names_the_key(overrides, expected):
     with pytest.raises(ConfigError) as err:

@@ -179,15 +179,17 @@ def test_federated_run_logs_each_regions_constraints(tmp_path):
     assert record["cost_0_by_region"][0] != record["cost_0_by_region"][1]
 
 
-def test_slo_margin_tightens_the_training_limits_only():
-    """The margin moves the attainment constraint's limit (training aims above the target);
-    the per-region shift of the miss cost, and so what evaluation judges, stays the target."""
+def test_margins_tighten_the_training_limits_only():
+    """The margins move the attainment and drop constraints' limits (training aims inside
+    the bounds); the per-region shift of the miss cost, and so what evaluation judges,
+    stays the target."""
     from aro_jax.config import load_config
     from aro_jax.envs.scenarios import cluster_params
     from aro_jax.training import trainers
 
-    base = ["objective.kind=slo", "objective.slo_targets={code: 0.6}"]
-    plain, margin = (load_config(None, base + [f"objective.slo_margin={m}"]) for m in (0, 0.03))
+    base = ["objective.kind=slo", "objective.slo_targets={code: 0.6}", "objective.max_drop=0.01"]
+    plain, margin = (load_config(None, base + [f"objective.slo_margin={m}", f"objective.drop_margin={d}"]) for m, d in ((0, 0), (0.03, 0.004)))
     np.testing.assert_allclose(np.asarray(trainers.hyperparams(plain).cost_limits), [0.1, 0.01, 0.02], rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(trainers.hyperparams(margin).cost_limits), [0.07, 0.01, 0.02], rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(trainers.hyperparams(margin).cost_limits), [0.07, 0.006, 0.02], rtol=1e-5)
     np.testing.assert_array_equal(np.asarray(cluster_params(plain).slo_target), np.asarray(cluster_params(margin).slo_target))
+    assert plain.objective.max_drop == margin.objective.max_drop  # evaluation's bound

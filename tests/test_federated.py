@@ -117,6 +117,11 @@ def flat(params):
     return np.asarray(jax.flatten_util.ravel_pytree(params)[0], np.float64)
 
 
+def flat_nodes(params):
+    """(nodes, n_params) of a node-stacked parameter tree."""
+    return np.asarray(jax.vmap(lambda p: jax.flatten_util.ravel_pytree(p)[0])(params), np.float64)
+
+
 @pytest.fixture(scope="module")
 def threat_program(tiny_config):
     """run(attack, (aggregator, f), byzantine, strength) -> (state0, state after one round,
@@ -265,6 +270,33 @@ def test_server_momentum_and_pre_aggregator_inside_the_round(tiny_config):
         np.testing.assert_allclose(step, eta * velocity, rtol=1e-3, atol=1e-6)
         previous = state
     assert np.linalg.norm(momentum_term) > 0.1 * np.linalg.norm(with_nnm)
+
+
+@pytest.mark.timeout(300)
+def test_worker_momentum_is_what_the_nodes_send(tiny_config):
+    """Worker momentum beta: each node sends m_r = beta m_(r-1) + (1 - beta) delta_r and the
+    median of those messages is the global step. The median does not commute with the
+    average over rounds, so momentum applied after aggregation (the server's) fails the
+    check, as does sending the round's delta."""
+    beta = 0.6
+    _, state0, one_round = _program(tiny_config, [
+        "federated.aggregator=median", "federated.num_byzantine=1", f"federated.worker_momentum={beta}",
+    ])
+    state1, _ = one_round(state0)
+    state2, _ = one_round(state1)
+    # The shared policy: every node starts from the global, and ends the round at start + delta.
+    d1, d2 = (flat_nodes(s.nodes.params) - flat(prev.global_params) for s, prev in ((state1, state0), (state2, state1)))
+    m1 = (1 - beta) * d1
+    m2 = beta * m1 + (1 - beta) * d2
+    np.testing.assert_allclose(np.asarray(state2.previous_deltas), m2, rtol=1e-3, atol=1e-7)
+    median = lambda m: np.asarray(aggregators.aggregate(jnp.asarray(m, jnp.float32), "median", 1)[0], np.float64)  # noqa: E731
+    step1 = flat(state1.global_params) - flat(state0.global_params)
+    step2 = flat(state2.global_params) - flat(state1.global_params)
+    np.testing.assert_allclose(step1, median(m1), rtol=1e-3, atol=1e-7)
+    np.testing.assert_allclose(step2, median(m2), rtol=1e-3, atol=1e-7)
+    server_side = beta * step1 + (1 - beta) * median(d2)
+    assert np.linalg.norm(server_side - step2) > 0.05 * np.linalg.norm(step2)
+    assert np.linalg.norm(median(d2) - step2) > 0.05 * np.linalg.norm(step2)
 
 
 # --- local-only equals independent runs ----------------------------------------------------

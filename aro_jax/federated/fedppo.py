@@ -74,6 +74,11 @@ class FederatedConfig:
     local_updates: int = 4  # K local PPO updates per node per round
     server_lr: float = 1.0
     server_momentum: float = 0.0
+    # Each region sends the momentum of its deltas, m_r = beta m_(r-1) + (1 - beta) delta_r,
+    # instead of the round's delta (worker momentum, Karimireddy et al., ICML 2021): the
+    # average over rounds shrinks the spread of the honest messages, which bounds both a
+    # robust aggregator's error and the room an in-distribution attack (ALIE) hides in.
+    worker_momentum: float = 0.0
     attack: str = "none"  # a name in aro_jax.federated.attacks.ATTACKS
     attack_strength: float = 1.0
     byzantine_nodes: list[int] = dataclasses.field(default_factory=list)  # indices of misbehaving nodes
@@ -131,7 +136,9 @@ class FedState:
     global_params: Any
     global_stats: RunningStats
     server_velocity: jax.Array  # (n_params,) server momentum buffer
-    previous_deltas: jax.Array  # (n_nodes, n_params): last round's deltas (stale attack)
+    # (n_nodes, n_params): each node's last message before any attack: its round's delta, or
+    # under worker momentum the momentum of its deltas (what the stale attack replays).
+    previous_deltas: jax.Array
     key: jax.Array
     round: jax.Array
     threat: Threat
@@ -315,6 +322,8 @@ def make_federated_train(
 
         flat_nodes = flat_of(nodes.params)
         deltas = flat_nodes - flat_start
+        beta = fed.worker_momentum
+        messages = beta * state.previous_deltas + (1.0 - beta) * deltas if beta > 0 else deltas
 
         # Each region has its own constraints: their costs and multipliers are also kept
         # per region, since a mean over regions hides the regions that violate theirs.
@@ -326,7 +335,7 @@ def make_federated_train(
         else:
             active = threat.byzantine & (state.round >= fed.attack_start_round)
             sent, means, variances = jax.lax.switch(
-                threat.attack, attack_branches, deltas, rollout_stats, active, k_attack, threat.strength, state.previous_deltas
+                threat.attack, attack_branches, messages, rollout_stats, active, k_attack, threat.strength, state.previous_deltas
             )
             if fed.mode == "federated" and fed.dp_mechanism == "central" and fed.dp_clip_norm > 0:
                 # DP-FedAvg: Poisson-sampled regions, clipped sum, noise once, fixed denominator.
@@ -374,7 +383,7 @@ def make_federated_train(
             global_params=new_global,
             global_stats=new_stats,
             server_velocity=velocity,
-            previous_deltas=deltas,
+            previous_deltas=messages,
             key=key,
             round=state.round + 1,
             threat=threat,

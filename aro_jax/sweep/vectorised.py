@@ -45,7 +45,7 @@ class SweepTrainer:
         limits = None
         if base.cost_limits is not None:  # the "slo" objective: targets per row -> (runs, constraints)
             o = self.cfg.objective
-            limits = jax.vmap(trainers.cost_limits)(stack(o, "slo_target") + o.slo_margin, stack(o, "max_drop"), stack(o, "min_quality"))
+            limits = jax.vmap(trainers.cost_limits)(stack(o, "slo_target") + o.slo_margin, stack(o, "max_drop") - o.drop_margin, stack(o, "min_quality"))
         return base.replace(**ppo_values, env=weights, cost_limits=limits)
 
     def train(self, points: list[dict[str, float]], seeds: int, seed: int = 0):

@@ -51,7 +51,7 @@ def hyperparams(cfg: config_lib.ExperimentConfig) -> ppo.Hyperparams:
     return ppo.Hyperparams(
         lr=p.lr, clip_eps=p.clip_eps, ent_coef=p.ent_coef, vf_coef=p.vf_coef, gamma=p.gamma,
         gae_lambda=p.gae_lambda, max_grad_norm=p.max_grad_norm, env=reward_weights(cfg),
-        cost_limits=cost_limits(o.slo_target + o.slo_margin, o.max_drop, o.min_quality) if o.kind == "slo" else None,
+        cost_limits=cost_limits(o.slo_target + o.slo_margin, o.max_drop - o.drop_margin, o.min_quality) if o.kind == "slo" else None,
         lagrange_ki=p.lagrange_ki, lagrange_kp=p.lagrange_kp, lagrange_kd=p.lagrange_kd,
     )
 
