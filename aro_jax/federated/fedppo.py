@@ -78,6 +78,8 @@ class FederatedConfig:
     # instead of the round's delta (worker momentum, Karimireddy et al., ICML 2021): the
     # average over rounds shrinks the spread of the honest messages, which bounds both a
     # robust aggregator's error and the room an in-distribution attack (ALIE) hides in.
+    # On the ten-region cluster at 1.5M steps, beta = 0.9 hurt (benchmarks/robustness.md,
+    # "momentum" rows): the messages lag the on-policy PPO deltas by ~10 rounds.
     worker_momentum: float = 0.0
     attack: str = "none"  # a name in aro_jax.federated.attacks.ATTACKS
     attack_strength: float = 1.0
