@@ -62,6 +62,16 @@ def train_and_evaluate_seeds(cfg, seeds: int) -> tuple[list[dict], float]:
                                     jax.tree.map(lambda x: x[s], weights), trainer.per_node) for s in range(seeds)], train_s
 
 
+def scaling_kpis(m, params) -> dict:
+    """How a policy used its replicas: the mean ready replicas per region and the share of
+    region-ticks at the region's replica limit (what it does when it cannot scale out)."""
+    import numpy as np
+
+    ready = np.asarray(m["replicas_ready"])  # (nodes, seeds, ticks)
+    limit = np.asarray(params.max_replicas)[:, None, None]
+    return {"replicas_mean": float(ready.mean()), "at_max_pct": float(100.0 * (ready >= limit).mean())}
+
+
 def code_commit() -> str:
     """The commit the measured code is at ("-dirty" when aro_jax/ has uncommitted changes)."""
     root = Path(__file__).resolve().parents[1]

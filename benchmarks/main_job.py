@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_common import code_commit  # noqa: E402
+from bench_common import code_commit, scaling_kpis  # noqa: E402
 
 OUT = Path(__file__).parent / "main_job"
 
@@ -56,6 +56,40 @@ def week_by_region(run_dir: Path) -> dict:
                     "dropped_pct": float(100 * dropped[i] / arrivals[i].sum())}
         for i, node in enumerate(cfg.cluster.nodes)
     }
+
+
+# Overload: a held-out scenario heavier than anything trained on (5x demand for 30 min at
+# 10:00, envs/scenarios.py), against the baselines that have the learned policy's levers.
+OVERLOAD_SCENARIO = "flash-crowd"
+OVERLOAD_BASELINES = ("reactive+tier", "predictive+tier", "static-peak")
+
+
+def overload(run_dir: Path) -> dict:
+    """The trained policy and OVERLOAD_BASELINES on OVERLOAD_SCENARIO (the main job's
+    evaluation seeds, one day): whether a policy scales out or drops when demand jumps
+    past its training, cluster-wide and in the region where the policy drops most."""
+    import jax
+    import numpy as np
+
+    from aro_jax.envs.heuristics import HEURISTICS
+    from aro_jax.envs.scenarios import cluster_params
+    from aro_jax.training import checkpointing, evaluation
+
+    cfg, policy, weights, per_node = checkpointing.load_trained_policy(run_dir)
+    params = cluster_params(cfg, OVERLOAD_SCENARIO)
+    env, eparams = evaluation.eval_env(cfg, params)
+    policies = {"learned": (policy, weights, per_node), **{n: (HEURISTICS[n](cfg.env.tick_s), None, False) for n in OVERLOAD_BASELINES}}
+    out = {}
+    for name, (pol, state, per) in policies.items():
+        m = jax.tree.map(np.asarray, evaluation.run_episodes(env, pol, eparams, jax.random.PRNGKey(0), cfg.eval.num_seeds,
+                                                             cfg.env.episode_ticks, state, per))
+        k = evaluation.cluster_kpis(m, cfg.env.tick_s, params)
+        dropped = m["dropped"].sum(axis=(1, 2)) / np.maximum(m["arrivals"].sum(axis=(1, 2)), 1e-9)
+        worst = int(np.argmax(dropped))
+        out[name] = {**{x: k[x] for x in ("slo_attainment_pct", "dropped_pct", "cost_usd_per_h", "goodput_per_usd")},
+                     **scaling_kpis(m, params), "worst_drop_region": cfg.cluster.nodes[worst].name,
+                     "worst_drop_pct": float(100 * dropped[worst])}
+    return {"scenario": OVERLOAD_SCENARIO, "policies": out}
 
 
 def collect(run_dir: Path, wall_s: float | None, command: str) -> dict:
@@ -91,6 +125,7 @@ def collect(run_dir: Path, wall_s: float | None, command: str) -> dict:
                            for n in config["cluster"]["nodes"]},
         "region_mix": {n["name"]: n.get("traffic_mix", "conversation") for n in config["cluster"]["nodes"]},
         "week": week_by_region(run_dir),
+        "overload": overload(run_dir),
     }
     (OUT / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -27,7 +27,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_common import machine, write_report  # noqa: E402
+from bench_common import machine, scaling_kpis, write_report  # noqa: E402
 
 from aro_jax.config import load_config  # noqa: E402
 from aro_jax.envs import heuristics  # noqa: E402
@@ -52,14 +52,6 @@ def study_config(args, extra=()):
     # Trained to the swept targets and the drop bound themselves (no margins), as the recorded runs were.
     return load_config(None, ["objective.kind=slo", "objective.slo_margin=0", "objective.drop_margin=0", "env.quality_tier=false", f"env.num_clusters={args.clusters}",
                               f"train.total_env_steps={args.steps}", "train.num_chunks=1", f"eval.num_seeds={args.eval_seeds}", *extra])
-
-
-def scaling_kpis(m, params) -> dict:
-    """How a policy used its replicas: the mean ready replicas per region and the share of
-    region-ticks at the region's replica limit (what it does when it cannot scale out)."""
-    ready = np.asarray(m["replicas_ready"])  # (nodes, seeds, ticks)
-    limit = np.asarray(params.max_replicas)[:, None, None]
-    return {"replicas_mean": float(ready.mean()), "at_max_pct": float(100.0 * (ready >= limit).mean())}
 
 
 def train_frontier(args):

@@ -21,6 +21,19 @@ B = ROOT / "benchmarks"
 BEGIN, END = "<!-- BEGIN results -->", "<!-- END results -->"
 
 
+def same_setting(a, b, section: str) -> bool:
+    """Whether two recorded runs used the same config `section`; a key that one record
+    predates counts at its default."""
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return a == b
+    import dataclasses
+
+    from aro_jax.config import ExperimentConfig
+
+    default = dataclasses.asdict(ExperimentConfig())[section]
+    return all(a.get(k, default.get(k)) == b.get(k, default.get(k)) for k in a.keys() | b.keys())
+
+
 def load(rel: str):
     return json.loads((B / rel).read_text())
 
@@ -119,6 +132,13 @@ def main_job() -> list[str]:
                      + (" (" + ", ".join(f"{r} {week[r]['dropped_pct']:.2f} %" for r in over_drop) + ")" if over_drop else "")
                      + f"; its worst region-day is {worst} at "
                      f"{min(week[worst]['attainment_pct_by_day']):.1f} % against {100 * targets[worst]:.0f} %. ")
+    over = s.get("overload")
+    if over:  # a held-out scenario heavier than training: scale out, or drop?
+        line = lambda name, v: (f"{name} {v['slo_attainment_pct']:.1f} % attainment, {v['dropped_pct']:.2f} % dropped (most in "  # noqa: E731
+                                f"{v['worst_drop_region']}, {v['worst_drop_pct']:.2f} %), {v['replicas_mean']:.2f} replicas per region, "
+                                f"{v['at_max_pct']:.1f} % of region-ticks at the replica limit, {v['cost_usd_per_h']:.0f} $/h")
+        text += (f"Overload (the held-out {over['scenario']} scenario: 5x demand for 30 min, heavier than anything trained on; "
+                 "`summary.json` \"overload\"): " + "; ".join(line("learned" if n == "learned" else n, v) for n, v in over["policies"].items()) + ". ")
     mix = s.get("region_mix") or {}
     if mix and "reactive+tier" in rows:
         rep_l, rep_r = (by_workload(regions, mix, p, "replicas") for p in (learned, "reactive+tier"))
@@ -132,7 +152,8 @@ def main_job() -> list[str]:
             text += (f"Against {ref.replace('+tier', ' + tier')}: goodput per dollar {pct(ppo['goodput_per_usd'], r['goodput_per_usd'])}, "
                      f"SLO attainment {ppo['slo_attainment_pct'] - r['slo_attainment_pct']:+.1f} points, cost {pct(ppo['cost_usd_per_h'], r['cost_usd_per_h'])}, "
                      f"replicas per region {num(ppo['replicas'])} against {num(r['replicas'])}, quality {ppo['quality']:.3f} against {r['quality']:.3f}. ")
-    seeds_match = (B / "main_job_seeds.json").is_file() and all(load("main_job_seeds.json").get(k) == s.get(k) for k in ("env_kind", "ppo", "objective", "federated"))
+    seeds_match = (B / "main_job_seeds.json").is_file() and all(same_setting(load("main_job_seeds.json").get(k), s.get(k), k)
+                                                                 for k in ("env_kind", "ppo", "objective", "federated"))
     if seeds_match:  # the spread of the main job's own config only
         d = load("main_job_seeds.json")
         v = {k: np.array([r[k] for r in d["rows"]]) for k in ("goodput_per_usd", "slo_attainment_pct", "dropped_pct", "cost_usd_per_h")}

@@ -146,10 +146,10 @@ def test_slo_objective_wires_request_weighted_constraints():
     from aro_jax.training import trainers
 
     cfg = load_config(None, ["cluster.nodes=[{name: node-0}]", "federated.mode=centralized", "objective.kind=slo",
-                             "objective.slo_target=0.95", "objective.slo_margin=0.01", "objective.max_drop=0.02", "env.num_clusters=2",
+                             "objective.slo_target=0.95", "objective.slo_margin=0.01", "objective.max_drop=0.02", "objective.drop_margin=0.005", "env.num_clusters=2",
                              "ppo.rollout_steps=8", "ppo.num_minibatches=2", "train.total_env_steps=32", "train.num_chunks=1"])
     hp = trainers.hyperparams(cfg)
-    np.testing.assert_allclose(np.asarray(hp.cost_limits), [0.04, 0.02, 0.02], rtol=1e-5)  # 1 - (target + margin)
+    np.testing.assert_allclose(np.asarray(hp.cost_limits), [0.04, 0.015, 0.02], rtol=1e-5)  # 1 - (target + margin), max_drop - margin
     assert (hp.env.alpha, hp.env.beta, hp.env.slo_penalty) == (0.0, 0.0, 0.0)  # only cost and quality loss remain
     learner = trainers.make_learner(cfg, cluster_params(cfg, "train"))
     state, metrics = jax.jit(learner.train)(jax.random.PRNGKey(0), hp)
@@ -192,4 +192,9 @@ def test_margins_tighten_the_training_limits_only():
     np.testing.assert_allclose(np.asarray(trainers.hyperparams(plain).cost_limits), [0.1, 0.01, 0.02], rtol=1e-5)
     np.testing.assert_allclose(np.asarray(trainers.hyperparams(margin).cost_limits), [0.07, 0.006, 0.02], rtol=1e-5)
     np.testing.assert_array_equal(np.asarray(cluster_params(plain).slo_target), np.asarray(cluster_params(margin).slo_target))
-    assert plain.objective.max_drop == margin.objective.max_drop  # evaluation's bound
+    # Evaluation judges the bound: 0.8 % dropped (over the 0.6 % training limit) costs no score.
+    n = len(plain.cluster.nodes)
+    full = lambda x: np.full((n, 1, 1), x, np.float32)  # noqa: E731
+    metrics = {"reward": full(0.0), "arrivals": full(100.0), "served": full(99.2), "forwarded": full(0.0), "dropped": full(0.8),
+               "rejected": full(0.0), "slo_attainment": full(1.0), "quality": full(1.0)}
+    assert trainers.eval_score(plain, metrics) == trainers.eval_score(margin, metrics) == 0.0
