@@ -39,7 +39,8 @@ def load(rel: str):
 
 
 def pct(new: float, ref: float) -> str:
-    return f"{100.0 * (new - ref) / ref:+.0f} %"
+    change = 100.0 * (new - ref) / ref
+    return f"{change:+.1f} %" if abs(change) < 1 else f"{change:+.0f} %"
 
 
 def num(x: float, digits: int = 3) -> str:
