@@ -139,7 +139,7 @@ def main_job() -> list[str]:
                                 f"{v['worst_drop_region']}, {v['worst_drop_pct']:.2f} %), {v['replicas_mean']:.2f} replicas per region, "
                                 f"{v['at_max_pct']:.1f} % of region-ticks at the replica limit, {v['cost_usd_per_h']:.0f} $/h")
         text += (f"Overload (the held-out {over['scenario']} scenario: 5x demand for 30 min, heavier than anything trained on; "
-                 "`summary.json` \"overload\"): " + "; ".join(line("learned" if n == "learned" else n, v) for n, v in over["policies"].items()) + ". ")
+                 "`summary.json` \"overload\"): " + "; ".join(line(n, v) for n, v in over["policies"].items()) + ". ")
     mix = s.get("region_mix") or {}
     if mix and "reactive+tier" in rows:
         rep_l, rep_r = (by_workload(regions, mix, p, "replicas") for p in (learned, "reactive+tier"))
