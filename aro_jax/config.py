@@ -147,6 +147,10 @@ class ObjectiveConfig:
     # meet an SLO is to serve most traffic with the 7B model.
     min_quality: float = 0.98
 
+    def target(self, traffic_mix: str) -> float:
+        """A region's attainment target: its workload's (slo_targets), else slo_target."""
+        return self.slo_targets.get(traffic_mix, self.slo_target)
+
 
 @dataclass
 class EvalConfig:

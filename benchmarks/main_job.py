@@ -84,16 +84,17 @@ def overload(run_dir: Path) -> dict:
         m = jax.tree.map(np.asarray, evaluation.run_episodes(env, pol, eparams, jax.random.PRNGKey(0), cfg.eval.num_seeds,
                                                              cfg.env.episode_ticks, state, per))
         k = evaluation.cluster_kpis(m, cfg.env.tick_s, params)
-        dropped = m["dropped"].sum(axis=(1, 2)) / np.maximum(m["arrivals"].sum(axis=(1, 2)), 1e-9)
-        worst = int(np.argmax(dropped))
+        regions = evaluation.region_kpis(m, cfg.env.tick_s, params, [n.name for n in cfg.cluster.nodes])
+        worst = max(regions, key=lambda r: regions[r]["dropped_pct"])  # noqa: B023
         out[name] = {**{x: k[x] for x in ("slo_attainment_pct", "dropped_pct", "cost_usd_per_h", "goodput_per_usd")},
-                     **scaling_kpis(m, params), "worst_drop_region": cfg.cluster.nodes[worst].name,
-                     "worst_drop_pct": float(100 * dropped[worst])}
+                     **scaling_kpis(m, params), "worst_drop_region": worst, "worst_drop_pct": regions[worst]["dropped_pct"]}
     return {"scenario": OVERLOAD_SCENARIO, "policies": out}
 
 
 def collect(run_dir: Path, wall_s: float | None, command: str) -> dict:
     import jax
+
+    from aro_jax.training import checkpointing
 
     OUT.mkdir(exist_ok=True)
     names = [f"kpis_diurnal{part}.{ext}" for part in ("", "_regions") for ext in ("json", "md", "csv")]
@@ -105,6 +106,7 @@ def collect(run_dir: Path, wall_s: float | None, command: str) -> dict:
     steps_per_chunk = train[0]["env_steps"]
     train_s = sum(steps_per_chunk / r["steps_per_s"] for r in train)
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    run_cfg = checkpointing.load_run_config(run_dir)
     summary = {
         "command": command,
         "machine": f"{os.cpu_count()}-core {platform.machine()} CPU, jax {jax.__version__}, Python {platform.python_version()}",
@@ -120,9 +122,7 @@ def collect(run_dir: Path, wall_s: float | None, command: str) -> dict:
         "ppo": config["ppo"],
         "federated": config["federated"],
         # Each region's attainment target (its workload's, else the run's slo_target).
-        "region_targets": {n["name"]: (config.get("objective") or {}).get("slo_targets", {}).get(n.get("traffic_mix", "conversation"),
-                                                                                           (config.get("objective") or {}).get("slo_target"))
-                           for n in config["cluster"]["nodes"]},
+        "region_targets": {n.name: run_cfg.objective.target(n.traffic_mix) for n in run_cfg.cluster.nodes},
         "region_mix": {n["name"]: n.get("traffic_mix", "conversation") for n in config["cluster"]["nodes"]},
         "week": week_by_region(run_dir),
         "overload": overload(run_dir),

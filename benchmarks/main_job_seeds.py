@@ -38,7 +38,7 @@ def measure(seeds: int) -> dict:
     env, eparams = evaluation.eval_env(cfg, params)
     key = jax.random.PRNGKey(0)  # the main job's evaluation key
     names = [n.name for n in cfg.cluster.nodes]
-    targets = [cfg.objective.slo_targets.get(n.traffic_mix, cfg.objective.slo_target) for n in cfg.cluster.nodes]
+    targets = [cfg.objective.target(n.traffic_mix) for n in cfg.cluster.nodes]
     rows = []
     for s, m in enumerate(per_seed):
         k = evaluation.cluster_kpis(m, cfg.env.tick_s, params)

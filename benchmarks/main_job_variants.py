@@ -42,21 +42,21 @@ def final_multipliers(run_dir: Path) -> list[list[float]]:
 
 
 def collect(name: str, overrides: str, run_dir: Path, train_s: float | None) -> dict:
-    import yaml
+    from aro_jax.training.checkpointing import load_run_config
 
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    cfg = load_run_config(run_dir)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     final = [r for r in records if r.get("event") == "train"][-1]
-    o = config["objective"]
+    o = cfg.objective
     return {
         "name": name,
         "command": f"aro train {overrides}".strip(),
         "train_s": train_s,
         "commit": code_commit(),
-        "slo_margin": o.get("slo_margin", 0.0),
-        "drop_margin": o.get("drop_margin", 0.0),
-        "max_drop": o["max_drop"],
-        "targets": {n["name"]: o.get("slo_targets", {}).get(n.get("traffic_mix", "conversation"), o["slo_target"]) for n in config["cluster"]["nodes"]},
+        "slo_margin": o.slo_margin,
+        "drop_margin": o.drop_margin,
+        "max_drop": o.max_drop,
+        "targets": {n.name: o.target(n.traffic_mix) for n in cfg.cluster.nodes},
         "train_cost_usd_per_h": final["cost_usd_per_h"],
         "final_multipliers": final_multipliers(run_dir),
         "week": week_by_region(run_dir),

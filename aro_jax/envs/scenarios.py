@@ -204,7 +204,7 @@ def cluster_params(cfg, scenario: str = "train") -> EnvParams:
         if not cfg.env.quality_tier:  # the tier off for every policy: nothing may degrade quality
             p = p.replace(max_small_model_fraction=0.0)
         if hasattr(cfg, "objective"):
-            p = p.replace(slo_target=float(cfg.objective.slo_targets.get(n.traffic_mix, cfg.objective.slo_target)))
+            p = p.replace(slo_target=float(cfg.objective.target(n.traffic_mix)))
         nodes.append(p if scenario == "train" else apply_scenario(p, scenario, cfg.env.data_dir))
     models = [hardware.get_profile(n.profile).model for n in cfg.cluster.nodes]
     return stack_params(with_cluster_peers(nodes, [n.name for n in cfg.cluster.nodes], models))
