@@ -40,7 +40,10 @@ def machine() -> str:
     """This machine, for a benchmark's header."""
     import jax
 
-    return f"{os.cpu_count()}-core {platform.machine()} CPU, jax {jax.__version__}, Python {platform.python_version()}"
+    host = f"{os.cpu_count()}-core {platform.machine()} CPU"
+    if jax.default_backend() != "cpu":  # an accelerator runs the programs; the host only drives them
+        host = f"one {jax.devices()[0].device_kind} ({jax.default_backend()}) on a {host}"
+    return f"{host}, jax {jax.__version__}, Python {platform.python_version()}"
 
 
 def train_and_evaluate_seeds(cfg, seeds: int) -> tuple[list[dict], float]:
@@ -73,7 +76,10 @@ def scaling_kpis(m, params) -> dict:
 
 
 def code_commit() -> str:
-    """The commit the measured code is at ("-dirty" when aro_jax/ has uncommitted changes)."""
+    """The commit the measured code is at ("-dirty" when aro_jax/ has uncommitted changes);
+    $ARO_CODE_COMMIT where the copy that runs has no git metadata (a remote machine)."""
+    if os.environ.get("ARO_CODE_COMMIT"):
+        return os.environ["ARO_CODE_COMMIT"]
     root = Path(__file__).resolve().parents[1]
     git = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout.strip()  # noqa: E731
     head = git("rev-parse", "--short", "HEAD") or "unknown"

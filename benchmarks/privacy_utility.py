@@ -17,7 +17,7 @@ Each `--units` group runs on its own (about 10-15 minutes each here) and is merg
 privacy_utility.json; the markdown and the plot are rendered from that JSON alone
 (`--render-only`).
 
-usage: python benchmarks/privacy_utility.py --units segment   (then region, segment-wide, segment-steps, segment-steps-long, segment-lr)
+usage: python benchmarks/privacy_utility.py --units segment   (then region, segment-wide, segment-steps, segment-steps-long, segment-lr, segment-wide-lr)
 """
 
 from __future__ import annotations
@@ -126,6 +126,15 @@ GROUPS = {
                  "this simulated scenario; that selection is not accounted in epsilon (with real traffic it would have to be, "
                  "Papernot & Steinke, ICLR 2022, or be made on public data)."),
     },
+    # segment-lr with four times the segments per region and four times the env steps: the
+    # same 488 updates and 180 accounted steps per day (so the same epsilon per noise
+    # level), a quarter of the noise on the mean clipped gradient, sigma C / (q S).
+    "segment-wide-lr": {
+        **dp_sgd_group(["env.num_clusters=512", "train.total_env_steps=32000000"], 4,
+                       "DP-SGD, 4 Poisson steps per rollout (q = 0.25), lr 3e-3", (2.4, 6.0, 3.0), lr=3e-3, clip_only=True),
+        "note": ("Four times segment-lr's segments per region at the same updates and epsilon: what a region with more "
+                 "cluster-days of traffic per day buys (the noise on the mean clipped gradient is sigma C / (q S))."),
+    },
     "region": {
         "settings": ["env.num_clusters=64", "train.total_env_steps=1500000"],
         "references": {"non-private (normaliser, PPO 4 epochs x 4 minibatches)": []},
@@ -196,11 +205,15 @@ def run_group(unit: str, seeds: int, previous: dict | None = None, save=lambda g
         kept = done.get(json.dumps(overrides))
         return dict(kept) if kept is not None else train_and_score(overrides, seeds)
 
-    for label, extra in g["references"].items():
-        r = run(g["settings"] + extra)
+    def reference(label):
+        r = run(g["settings"] + g["references"][label])
         out["references"][label] = r
         save(out)
         print(json.dumps({"reference": label, "reward": np.mean(r["reward_seeds"]), "wall_s": r["train_wall_s"]}), flush=True)
+
+    # The essentials first (a group cut short still has its yardstick and private rows):
+    # the full non-private reference, the private rows, then the diagnostic references.
+    reference(FULL_PPO)
     for mech, sigma, extra in g["private"]:
         r = run(g["settings"] + extra)
         (guarantee,) = r["privacy"]
@@ -210,6 +223,9 @@ def run_group(unit: str, seeds: int, previous: dict | None = None, save=lambda g
         save(out)
         print(json.dumps({k: r[k] for k in ("unit", "mechanism", "noise_multiplier", "epsilon", "train_wall_s")}
                          | {"reward": np.mean(r["reward_seeds"])}), flush=True)
+    for label in g["references"]:
+        if label != FULL_PPO:
+            reference(label)
     return out
 
 
@@ -230,7 +246,8 @@ def main():
         data = json.loads(OUT.read_text()) if OUT.exists() else {}
         if "groups" not in data:  # an older layout: start afresh
             data = {"groups": {}}
-        data.update({"machine": machine(), "seeds": args.seeds, "eval": f"greedy policy, diurnal scenario, {EVAL_SEEDS} seeds x {EVAL_TICKS} ticks (one day) per region",
+        data.setdefault("machine", machine())  # the first groups' machine; a group run elsewhere records its own
+        data.update({"seeds": args.seeds, "eval": f"greedy policy, diurnal scenario, {EVAL_SEEDS} seeds x {EVAL_TICKS} ticks (one day) per region",
                      "base_overrides": BASE, "aim": {"share": AIM_SHARE, "epsilon": AIM_EPSILON, "delta": DELTA}})
         for unit in args.units:
             t0 = time.perf_counter()
@@ -247,6 +264,7 @@ def main():
             group = run_group(unit, args.seeds, previous, save, [g for u, g in data["groups"].items() if u != unit])
             group["reactive"] = reactive_reward(GROUPS[unit]["settings"])
             group["wall_s"] = time.perf_counter() - t0
+            group["machine"] = machine()
             group["command"] = f"python benchmarks/privacy_utility.py --units {unit} --seeds {args.seeds}"
             data["groups"][unit] = group
             OUT.write_text(json.dumps(data, indent=2) + "\n")  # each finished group is kept
@@ -307,7 +325,8 @@ def render(data: dict) -> str:
         best_label, best, untrained = _summary(group)
         train_min = sum(r["train_wall_s"] for r in [*group["references"].values(), *group["rows"]]) / 60
         lines += [f"## Group: {unit}", "", f"Command: `{group['command']}` (its runs' training, compile included: {train_min:.1f} min). "
-                  f"Settings: `{' '.join(group['settings'])}` (the cluster's two regions share the env steps).", "",
+                  f"Settings: `{' '.join(group['settings'])}` (the cluster's two regions share the env steps)."
+                  + (f" Machine: {group['machine']}." if group.get("machine", data["machine"]) != data["machine"] else ""), "",
                   f"Code commit: {_commits(group)}.", "",
                   "| run | unit | mechanism | noise multiplier | sampling rate | accounted steps | epsilon | delta | reward (mean +- sd over seeds) | utility share | SLO (%) | $/h per region | modal action share |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -315,7 +334,8 @@ def render(data: dict) -> str:
             lines.append(f"| {label} | - | none | - | - | - | no DP | - | {np.mean(r['reward_seeds']):.3f} +- {np.std(r['reward_seeds']):.3f} | "
                          f"{_share(np.mean(r['reward_seeds']), untrained, best):.2f} | {100 * r['slo_attainment']:.1f} | {r['cost_usd_per_h']:.1f} | {_modal(r)} |")
         met = []
-        for r in group["rows"]:
+        mechanisms = list(dict.fromkeys(r["mechanism"] for r in group["rows"]))
+        for r in sorted(group["rows"], key=lambda r: (mechanisms.index(r["mechanism"]), r["noise_multiplier"])):
             share = _share(np.mean(r["reward_seeds"]), untrained, best)
             if share >= aim["share"] and r["epsilon"] <= aim["epsilon"] and r["delta"] <= aim["delta"]:
                 met.append(r)
