@@ -135,6 +135,12 @@ GROUPS = {
         "note": ("Four times segment-lr's segments per region at the same updates and epsilon: what a region with more "
                  "cluster-days of traffic per day buys (the noise on the mean clipped gradient is sigma C / (q S))."),
     },
+    # The same at lower learning rates: with a quarter of the noise, Adam's step along the
+    # signal (about lr x the signal-to-noise ratio) is four times segment-lr's at 3e-3.
+    **{f"segment-wide-lr{lr:g}": {
+        **dp_sgd_group(["env.num_clusters=512", "train.total_env_steps=32000000"], 4,
+                       f"DP-SGD, 4 Poisson steps per rollout (q = 0.25), lr {lr:g}", (2.4, 6.0), lr=lr, clip_only=True),
+    } for lr in (1e-3, 5e-4)},
     "region": {
         "settings": ["env.num_clusters=64", "train.total_env_steps=1500000"],
         "references": {"non-private (normaliser, PPO 4 epochs x 4 minibatches)": []},
