@@ -377,7 +377,8 @@ def privacy() -> list[str]:
         share = pu._share(np.mean(top["reward_seeds"]), untrained, best)
         lines.append(f"- Group {unit}, unit {top['privacy'][0]['unit']}: {top['mechanism']}, noise {top['noise_multiplier']:g}, "
                      f"epsilon {top['epsilon']:.3g}: share **{share:.2f}**, {'met' if share >= aim['share'] else 'not met'}. "
-                     f"Code commit: {pu._commits(group)}.")
+                     f"Code commit: {pu._commits(group)}."
+                     + (f" Machine: {group['machine']}." if group.get("machine", d["machine"]) != d["machine"] else ""))
     return lines
 
 
