@@ -156,10 +156,12 @@ class ObjectiveConfig:
 class EvalConfig:
     num_seeds: int = 8  # evaluation episodes per node
     scenario: str = "diurnal"
-    # Each heuristic with and without the quality-tier rule: the learned policy may degrade
-    # quality, so the baselines may too.
+    # Each heuristic with and without the quality-tier rule, and the autoscalers with
+    # spill-over routing too: the learned policy may degrade quality and forward below its
+    # replica limit, so the baselines may too.
     baselines: list[str] = field(default_factory=lambda: [
-        "static-mean", "static-peak", "reactive", "predictive", "static-mean+tier", "reactive+tier", "predictive+tier"])
+        "static-mean", "static-peak", "reactive", "predictive", "static-mean+tier", "reactive+tier", "predictive+tier",
+        "reactive+spill+tier", "predictive+spill+tier"])
 
 
 @dataclass

@@ -23,3 +23,12 @@ def test_tier_rule_thresholds_are_the_tuned_ones():
 
     chosen = json.loads((ROOT / "benchmarks" / "tier_thresholds.json").read_text())["chosen"]
     assert (heuristics.TIER_DEGRADE_LOAD, heuristics.TIER_RESTORE_LOAD) == (chosen["degrade_load"], chosen["restore_load"])
+
+
+def test_spill_threshold_is_the_tuned_one():
+    import json
+
+    from aro_jax.envs import heuristics
+
+    chosen = json.loads((ROOT / "benchmarks" / "spill_threshold.json").read_text())["chosen"]
+    assert heuristics.SPILL_LOAD == chosen["spill_load"]

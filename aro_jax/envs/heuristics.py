@@ -163,12 +163,54 @@ def with_quality_tier(base: Policy, degrade_load: float = TIER_DEGRADE_LOAD, res
     return Policy(init=init, act=act)
 
 
+# The spill-over rule's threshold, tuned once on the training scenario like the tier's and
+# frozen: benchmarks/tier_thresholds.md.
+SPILL_LOAD = 1.0
+
+
+def with_spillover(base: Policy, spill_load: float = SPILL_LOAD) -> Policy:
+    """`base` plus capacity-based spill-over routing, the rule of a global load balancer
+    that fills the nearest region up to a capacity share and sends the excess to the next
+    (e.g. Google Cloud's regional "waterfall" overflow): serve up to `spill_load` of the
+    region's capacity locally and forward the excess to peers of the same model, moving one
+    forward step per tick toward that share. `base`
+    sizes the region for what it serves (its observed and forecast rates scaled by the
+    share kept), so below its own target load forwarding replaces replicas, paid at the
+    peer's price plus egress. It replaces base's at-limit overflow rule, so forwarding starts
+    below the replica limit. The threshold lives in the policy state, so a sweep over it
+    compiles once."""
+    rates = jnp.array([_F["request_rate_rps"], _F["forecast_rate_rps"]])
+
+    def init(params):
+        return base.init(params), jnp.array([spill_load], jnp.float32)
+
+    def act(pstate, obs, params):
+        base_state, threshold = pstate
+        fwd = obs[_F["forward_fraction"]]
+        action, base_state = base.act(base_state, jnp.asarray(obs).at[rates].multiply(1.0 - fwd), params)
+        load = obs[_F["request_rate_rps"]] / jnp.maximum(obs[_F["capacity_rps"]], 1e-6)
+        share = jnp.clip(1.0 - threshold[0] / jnp.maximum(load, 1e-6), 0.0, params.max_forward_fraction)
+        half_step = 0.5 * params.forward_step
+        keeps = (action == ct.MAINTAIN) | (action == ct.REBALANCE) | (action == ct.PULL_BACK)
+        action = jnp.where(keeps, ct.MAINTAIN, action)  # base's overflow rule is replaced
+        # Spilling comes before scaling (it relieves the region this tick, a replica only
+        # after its cold start); pulling back waits until base keeps its allocation.
+        action = jnp.where(fwd < share - half_step, ct.REBALANCE, action)
+        action = jnp.where((action == ct.MAINTAIN) & (fwd > share + half_step), ct.PULL_BACK, action)
+        return action, (base_state, threshold)
+
+    return Policy(init=init, act=act)
+
+
 _BASES: dict[str, Callable[..., Policy]] = {
     "static-mean": lambda tick_s=30.0: static_policy("mean"),
     "static-peak": lambda tick_s=30.0: static_policy("peak"),
     "reactive": reactive_policy,
     "predictive": predictive_policy,
 }
+# The autoscalers also with spill-over routing ("<name>+spill"), so a learned policy that
+# forwards below the replica limit is compared with heuristics that do too.
+_BASES |= {f"{name}+spill": (lambda make: lambda tick_s=30.0: with_spillover(make(tick_s)))(_BASES[name]) for name in ("reactive", "predictive")}
 # Every baseline also with the tier rule ("<name>+tier"), so a learned policy that may
 # degrade quality is compared with heuristics that may too.
 HEURISTICS: dict[str, Callable[..., Policy]] = {
