@@ -61,7 +61,7 @@ def week_by_region(run_dir: Path) -> dict:
 # Overload: a held-out scenario heavier than anything trained on (5x demand for 30 min at
 # 10:00, envs/scenarios.py), against the baselines that have the learned policy's levers.
 OVERLOAD_SCENARIO = "flash-crowd"
-OVERLOAD_BASELINES = ("reactive+tier", "predictive+tier", "static-peak")
+OVERLOAD_BASELINES = ("reactive+tier", "predictive+tier", "reactive+spill+tier", "predictive+spill+tier", "static-peak")
 
 
 def overload(run_dir: Path) -> dict:

@@ -147,10 +147,10 @@ def main_job() -> list[str]:
         text += ("Where the difference comes from, per workload (mean over its regions, learned against Reactive + tier): "
                  + "; ".join(f"{m}: {num(rep_l[m])} against {num(rep_r[m])} replicas, {att_l[m]:.1f} % against {att_r[m]:.1f} % attainment"
                              for m in rep_l) + ". ")
-    for ref in ("reactive+tier", "reactive"):
+    for ref in ("reactive+tier", "reactive", "reactive+spill+tier", "predictive+spill+tier"):
         if ref in rows:
             r = rows[ref]
-            text += (f"Against {ref.replace('+tier', ' + tier')}: goodput per dollar {pct(ppo['goodput_per_usd'], r['goodput_per_usd'])}, "
+            text += (f"Against {ref.replace('+', ' + ')}: goodput per dollar {pct(ppo['goodput_per_usd'], r['goodput_per_usd'])}, "
                      f"SLO attainment {ppo['slo_attainment_pct'] - r['slo_attainment_pct']:+.1f} points, cost {pct(ppo['cost_usd_per_h'], r['cost_usd_per_h'])}, "
                      f"replicas per region {num(ppo['replicas'])} against {num(r['replicas'])}, quality {ppo['quality']:.3f} against {r['quality']:.3f}. ")
     seeds_match = (B / "main_job_seeds.json").is_file() and all(same_setting(load("main_job_seeds.json").get(k), s.get(k), k)
@@ -171,7 +171,10 @@ def main_job() -> list[str]:
     out += [
         "",
         text + "Every baseline also runs with the quality-tier rule (`+tier`, thresholds tuned once on the training scenario: "
-        "[`benchmarks/tier_thresholds.md`](benchmarks/tier_thresholds.md)), so the small model is a lever for all of them. "
+        "[`benchmarks/tier_thresholds.md`](benchmarks/tier_thresholds.md)), so the small model is a lever for all of them, and the "
+        "autoscalers also with spill-over routing (`+spill`: forward the load above a share of capacity to peers before scaling, "
+        "and size the region for what it keeps; the share tuned once: [`benchmarks/spill_threshold.md`](benchmarks/spill_threshold.md)), "
+        "so forwarding below the replica limit is a lever for them too (without it they forward only at the limit). "
         "The same seeds give the same table on one machine; another CPU need not give bit-equal training.",
         "",
         "![learning curve](benchmarks/main_job/learning_curve.png)",
