@@ -71,8 +71,14 @@ def scaling_kpis(m, params) -> dict:
     import numpy as np
 
     ready = np.asarray(m["replicas_ready"])  # (nodes, seeds, ticks)
-    limit = np.asarray(params.max_replicas)[:, None, None]
-    return {"replicas_mean": float(ready.mean()), "at_max_pct": float(100.0 * (ready >= limit).mean())}
+    at_max = ready >= np.asarray(params.max_replicas)[:, None, None]
+    arrivals = np.asarray(m["arrivals"])[at_max].sum()
+    share = lambda k: float(100.0 * np.asarray(m[k])[at_max].sum() / arrivals) if arrivals > 0 else 0.0  # noqa: E731
+    # At the limit: of the arrivals there, the shares forwarded and dropped, and the served
+    # quality (below 1: the small model takes part of the load).
+    return {"replicas_mean": float(ready.mean()), "at_max_pct": float(100.0 * at_max.mean()),
+            "at_max_forwarded_pct": share("forwarded"), "at_max_dropped_pct": share("dropped"),
+            "at_max_quality": float(np.asarray(m["quality"])[at_max].mean()) if at_max.any() else 1.0}
 
 
 def code_commit() -> str:

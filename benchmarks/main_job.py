@@ -62,6 +62,10 @@ def week_by_region(run_dir: Path) -> dict:
 # 10:00, envs/scenarios.py), against the baselines that have the learned policy's levers.
 OVERLOAD_SCENARIO = "flash-crowd"
 OVERLOAD_BASELINES = ("reactive+tier", "predictive+tier", "reactive+spill+tier", "predictive+spill+tier", "static-peak")
+# A reference, not a baseline: every region at its replica limit all day with the spill
+# and tier rules. What it still drops in the crowd, the limit forces on any policy of
+# these levers that does not forward or degrade more.
+CEILING = "capacity ceiling (max replicas + spill + tier)"
 
 
 def overload(run_dir: Path) -> dict:
@@ -71,6 +75,7 @@ def overload(run_dir: Path) -> dict:
     import jax
     import numpy as np
 
+    from aro_jax.envs import heuristics
     from aro_jax.envs.heuristics import HEURISTICS
     from aro_jax.envs.scenarios import cluster_params
     from aro_jax.training import checkpointing, evaluation
@@ -78,7 +83,8 @@ def overload(run_dir: Path) -> dict:
     cfg, policy, weights, per_node = checkpointing.load_trained_policy(run_dir)
     params = cluster_params(cfg, OVERLOAD_SCENARIO)
     env, eparams = evaluation.eval_env(cfg, params)
-    policies = {"learned": (policy, weights, per_node), **{n: (HEURISTICS[n](cfg.env.tick_s), None, False) for n in OVERLOAD_BASELINES}}
+    policies = {"learned": (policy, weights, per_node), **{n: (HEURISTICS[n](cfg.env.tick_s), None, False) for n in OVERLOAD_BASELINES},
+                CEILING: (heuristics.with_quality_tier(heuristics.with_spillover(heuristics.static_policy("peak", 1e-6))), None, False)}
     out = {}
     for name, (pol, state, per) in policies.items():
         m = jax.tree.map(np.asarray, evaluation.run_episodes(env, pol, eparams, jax.random.PRNGKey(0), cfg.eval.num_seeds,

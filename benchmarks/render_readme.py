@@ -134,12 +134,28 @@ def main_job() -> list[str]:
                      + f"; its worst region-day is {worst} at "
                      f"{min(week[worst]['attainment_pct_by_day']):.1f} % against {100 * targets[worst]:.0f} %. ")
     over = s.get("overload")
+    overload_table = []
     if over:  # a held-out scenario heavier than training: scale out, or drop?
-        line = lambda name, v: (f"{name} {v['slo_attainment_pct']:.1f} % attainment, {v['dropped_pct']:.2f} % dropped (most in "  # noqa: E731
-                                f"{v['worst_drop_region']}, {v['worst_drop_pct']:.2f} %), {v['replicas_mean']:.2f} replicas per region, "
-                                f"{v['at_max_pct']:.1f} % of region-ticks at the replica limit, {v['cost_usd_per_h']:.0f} $/h")
-        text += (f"Overload (the held-out {over['scenario']} scenario: 5x demand for 30 min, heavier than anything trained on; "
-                 "`summary.json` \"overload\"): " + "; ".join(line(n, v) for n, v in over["policies"].items()) + ". ")
+        text += (f"Overload: the held-out {over['scenario']} scenario (5x demand for 30 min, heavier than anything trained on; "
+                 "`summary.json` \"overload\"), in the table below. ")
+        at_limit = lambda v: (f"{v['at_max_forwarded_pct']:.1f} / {v['at_max_dropped_pct']:.1f} / {v['at_max_quality']:.3f}"  # noqa: E731
+                              if "at_max_forwarded_pct" in v and v["at_max_pct"] > 0 else "-")
+        overload_table = [
+            "", f"Overload ({over['scenario']}):", "",
+            "| policy | attainment (%) | dropped (%) | most dropped in | replicas / region | region-ticks at the replica limit (%) "
+            "| at the limit: forwarded / dropped (% of its arrivals) / quality | cost ($/h) |",
+            "|---|---|---|---|---|---|---|---|",
+            *(f"| {n} | {v['slo_attainment_pct']:.1f} | {v['dropped_pct']:.2f} | {v['worst_drop_region']} {v['worst_drop_pct']:.2f} % | "
+              f"{v['replicas_mean']:.2f} | {v['at_max_pct']:.1f} | {at_limit(v)} | {v['cost_usd_per_h']:.0f} |" for n, v in over["policies"].items()),
+        ]
+        ceiling = next((v for n, v in over["policies"].items() if n.startswith("capacity ceiling")), None)
+        if ceiling and "learned" in over["policies"]:
+            v = over["policies"]["learned"]
+            overload_table += ["", f"The capacity ceiling (every region at its replica limit all day) still drops {ceiling['dropped_pct']:.2f} %: "
+                               f"that much the replica limits force on this crowd. The learned policy drops {v['dropped_pct']:.2f} %, "
+                               f"{v['dropped_pct'] - ceiling['dropped_pct']:.2f} points above it, at "
+                               f"{100 * v['cost_usd_per_h'] / ceiling['cost_usd_per_h']:.0f} % of its cost; at the limit it serves "
+                               f"{'none' if v['at_max_quality'] >= 0.9995 else 'part'} of the crowd with the small model."]
     mix = s.get("region_mix") or {}
     if mix and "reactive+tier" in rows:
         rep_l, rep_r = (by_workload(regions, mix, p, "replicas") for p in (learned, "reactive+tier"))
@@ -176,6 +192,7 @@ def main_job() -> list[str]:
         "and size the region for what it keeps; the share tuned once: [`benchmarks/spill_threshold.md`](benchmarks/spill_threshold.md)), "
         "so forwarding below the replica limit is a lever for them too (without it they forward only at the limit). "
         "The same seeds give the same table on one machine; another CPU need not give bit-equal training.",
+        *overload_table,
         "",
         "![learning curve](benchmarks/main_job/learning_curve.png)",
         "![one day of one region](benchmarks/main_job/timeline_diurnal.png)",
