@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="KPI table of policies on a scenario")
-    p.add_argument("--policy", action="append", help="heuristic baseline (repeatable): static-mean|static-peak|reactive|predictive")
+    p.add_argument("--policy", action="append", help="heuristic baseline (repeatable): static-mean|static-peak|reactive|predictive, each +tier; reactive+spill|predictive+spill (+tier)")
     p.add_argument("--checkpoint", help="a training run directory: evaluate its latest policy")
     p.add_argument("--step", type=int, help="with --checkpoint: evaluate this checkpoint step (default: the newest that verifies)")
     p.add_argument("--scenario", help="scenario name (diurnal, flash-crowd, outage, token-shift, trace-conv, trace-code)")
