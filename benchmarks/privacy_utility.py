@@ -63,10 +63,11 @@ def dp_sgd_settings(minibatches: int, lr: float | None = None) -> list[str]:
 
 
 def dp_sgd_group(settings: list[str], minibatches: int, label: str, sigmas, extra_private=(), lr: float | None = None,
-                 clip_only: bool = False) -> dict:
+                 clip_only: bool = False, variants: dict[str, list[str]] | None = None) -> dict:
     """A segment group: the two non-private references (with `clip_only` a third: DP-SGD's
     per-segment clipping and Poisson sampling without noise) and DP-SGD at each noise level
-    (sampling rate 1 / minibatches, clip 0.5, below the logged pre-clip per-segment norms)."""
+    (sampling rate 1 / minibatches, clip 0.5, below the logged pre-clip per-segment norms),
+    also with each of `variants` (label suffix: extra overrides) at each noise level."""
     rate = 1.0 / minibatches
     at_lr = f", lr {lr:g}" if lr else ""
     dp = lambda sigma: [*dp_sgd_settings(minibatches, lr), f"federated.segment_dp_sampling_rate={rate}",  # noqa: E731
@@ -75,7 +76,8 @@ def dp_sgd_group(settings: list[str], minibatches: int, label: str, sigmas, extr
                   f"{'es' if minibatches > 1 else ''}{at_lr})": dp_sgd_settings(minibatches, lr)}
     if clip_only:
         references[f"non-private, DP-SGD's per-segment clipping and sampling without noise{at_lr}"] = dp(0.0)
-    return {"settings": settings, "references": references, "private": [(label, s, dp(s)) for s in sigmas] + list(extra_private)}
+    varied = [(f"{label}, {suffix}", s, [*dp(s), *extra]) for suffix, extra in (variants or {}).items() for s in sigmas]
+    return {"settings": settings, "references": references, "private": [(label, s, dp(s)) for s in sigmas] + varied + list(extra_private)}
 
 
 # Per group: the shared settings, the non-private references, and the private rows
@@ -139,6 +141,14 @@ GROUPS = {
                  "policies take their most frequent action in 86-95 % of ticks against 52-60 % for the non-private ones. A "
                  "quarter of the noise per step bought no utility at this scale; what limits the private rows here is not "
                  "established (3 seeds; the references alone differ by up to 0.08 in reward at one setting)."),
+    },
+    # segment-lr's noise 2.4 row with the critic weighted less and more in the clipped
+    # per-segment gradient (the actor and critic share its clip norm), and with Monte-Carlo
+    # advantages (lambda 1: less reliance on a critic trained under noise).
+    "segment-critic": {
+        **dp_sgd_group(["env.num_clusters=128", "train.total_env_steps=8000000"], 4,
+                       "DP-SGD, 4 Poisson steps per rollout (q = 0.25), lr 3e-3", (2.4,), lr=3e-3,
+                       variants={"vf_coef 0.05": ["ppo.vf_coef=0.05"], "vf_coef 2": ["ppo.vf_coef=2.0"], "gae lambda 1": ["ppo.gae_lambda=1.0"]}),
     },
     # The same at lower learning rates: with a quarter of the noise, Adam's step along the
     # signal (about lr x the signal-to-noise ratio) is four times segment-lr's at 3e-3.
