@@ -81,6 +81,18 @@ def scaling_kpis(m, params) -> dict:
             "at_max_quality": float(np.asarray(m["quality"])[at_max].mean()) if at_max.any() else 1.0}
 
 
+def grid_table(rows: list[dict], params: list[tuple[str, str]], shown: tuple[str, ...]) -> list[str]:
+    """Markdown rows of a heuristic's threshold grid: the policy, each (column, key) of
+    `params` ("-" where a row has none) and the KPIs `shown` with their units."""
+    from aro_jax.training.evaluation import KPIS, format_value
+
+    head = [c for c, _ in params] + [f"{k} ({KPIS[k][0]})" if KPIS[k][0] else k for k in shown]
+    cell = lambda v: "-" if v is None else f"{v:g}"  # noqa: E731
+    return ["| policy | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|",
+            *(f"| {r['policy']} | " + " | ".join([*(cell(r[k]) for _, k in params), *(format_value(r[k]) for k in shown)]) + " |"
+              for r in rows)]
+
+
 def code_commit() -> str:
     """The commit the measured code is at ("-dirty" when aro_jax/ has uncommitted changes);
     $ARO_CODE_COMMIT where the copy that runs has no git metadata (a remote machine)."""

@@ -24,7 +24,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_common import run_report  # noqa: E402
+from bench_common import grid_table, run_report  # noqa: E402
 
 from aro_jax.config import load_config  # noqa: E402
 from aro_jax.envs import heuristics  # noqa: E402
@@ -76,12 +76,8 @@ def render(data: dict) -> str:
         "SLO attainment is within 0.1 percentage points of Reactive + tier's"
         f"{'' if data['constraint_met'] else ' (none was; the highest attainment)'}: **spill above load {data['chosen']['spill_load']:g}**. "
         "Frozen in `aro_jax/envs/heuristics.py` (`SPILL_LOAD`) and used for every `+spill` baseline on every scenario.", "",
-        "| policy | spill load | " + " | ".join(f"{k} ({evaluation.KPIS[k][0]})" if evaluation.KPIS[k][0] else k for k in SHOWN) + " |",
-        "|---" * (len(SHOWN) + 2) + "|",
+        *grid_table(data["rows"], [("spill load", "spill_load")], SHOWN),
     ]
-    for r in data["rows"]:
-        load = "-" if r["spill_load"] is None else f"{r['spill_load']:g}"
-        lines.append(f"| {r['policy']} | {load} | " + " | ".join(evaluation.format_value(r[k]) for k in SHOWN) + " |")
     return "\n".join(lines) + "\n"
 
 

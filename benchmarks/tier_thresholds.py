@@ -22,7 +22,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_common import run_report  # noqa: E402
+from bench_common import grid_table, run_report  # noqa: E402
 
 from aro_jax.config import load_config  # noqa: E402
 from aro_jax.envs import heuristics  # noqa: E402
@@ -79,13 +79,8 @@ def render(data: dict) -> str:
         f"is within 0.1 percentage points of Reactive's without the tier{'' if data['constraint_met'] else ' (none was; the best goodput per dollar overall)'}: "
         f"**degrade above load {c['degrade_load']:g}, restore below {c['restore_load']:g}**. Frozen in "
         "`aro_jax/envs/heuristics.py` and used for every `+tier` baseline on every scenario.", "",
-        "| policy | degrade load | restore load | " + " | ".join(f"{k} ({evaluation.KPIS[k][0]})" if evaluation.KPIS[k][0] else k for k in SHOWN) + " |",
-        "|---" * (len(SHOWN) + 3) + "|",
+        *grid_table(data["rows"], [("degrade load", "degrade_load"), ("restore load", "restore_load")], SHOWN),
     ]
-    for r in data["rows"]:
-        dl = "-" if r["degrade_load"] is None else f"{r['degrade_load']:g}"
-        rl = "-" if r["restore_load"] is None else f"{r['restore_load']:g}"
-        lines.append(f"| {r['policy']} | {dl} | {rl} | " + " | ".join(evaluation.format_value(r[k]) for k in SHOWN) + " |")
     return "\n".join(lines) + "\n"
 
 
