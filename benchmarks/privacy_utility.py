@@ -151,8 +151,9 @@ GROUPS = {
                        variants={"vf_coef 0.05": ["ppo.vf_coef=0.05"], "vf_coef 2": ["ppo.vf_coef=2.0"], "gae lambda 1": ["ppo.gae_lambda=1.0"]}),
         "note": ("At the default weighting (vf_coef 0.5, lambda 0.95) the noise-2.4 row and both references reproduce "
                  "segment-lr's to the last digit at a later commit. Neither a lighter nor a heavier critic in the shared clip "
-                 "norm, nor Monte-Carlo advantages, helps: each keeps 0.75-0.77 of the yardstick against 0.86 (one seed's "
-                 "spread spans most of that gap, and the greedy policies stay at 87-89 % of ticks on one action)."),
+                 "norm, nor Monte-Carlo advantages, helps: each keeps 0.75-0.77 of the yardstick against 0.86 (the seeds' sd "
+                 "of 0.15-0.48 in reward is as large as most of that gap; the greedy policies stay at 87-89 % of ticks on one "
+                 "action)."),
     },
     # The same at lower learning rates: with a quarter of the noise, Adam's step along the
     # signal (about lr x the signal-to-noise ratio) is four times segment-lr's at 3e-3.
