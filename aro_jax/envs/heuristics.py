@@ -164,21 +164,20 @@ def with_quality_tier(base: Policy, degrade_load: float = TIER_DEGRADE_LOAD, res
 
 
 # The spill-over rule's threshold, tuned once on the training scenario like the tier's and
-# frozen: benchmarks/tier_thresholds.md.
+# frozen: benchmarks/spill_threshold.md.
 SPILL_LOAD = 1.0
 
 
 def with_spillover(base: Policy, spill_load: float = SPILL_LOAD) -> Policy:
     """`base` plus capacity-based spill-over routing, the rule of a global load balancer
     that fills the nearest region up to a capacity share and sends the excess to the next
-    (e.g. Google Cloud's regional "waterfall" overflow): serve up to `spill_load` of the
-    region's capacity locally and forward the excess to peers of the same model, moving one
-    forward step per tick toward that share. `base`
-    sizes the region for what it serves (its observed and forecast rates scaled by the
-    share kept), so below its own target load forwarding replaces replicas, paid at the
-    peer's price plus egress. It replaces base's at-limit overflow rule, so forwarding starts
-    below the replica limit. The threshold lives in the policy state, so a sweep over it
-    compiles once."""
+    (Google Cloud's WATERFALL_BY_REGION): serve up to `spill_load` of the region's capacity
+    locally and forward the excess to peers of the same model, one forward step per tick
+    toward that share. `base` sizes the region for what it serves (its observed and
+    forecast rates scaled by the share kept), so below its own target load forwarding
+    replaces replicas, paid at the peer's price plus egress. It replaces base's at-limit
+    overflow rule, so forwarding starts below the replica limit. The threshold lives in
+    the policy state, so a sweep over it compiles once."""
     rates = jnp.array([_F["request_rate_rps"], _F["forecast_rate_rps"]])
 
     def init(params):
