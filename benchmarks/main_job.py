@@ -76,14 +76,13 @@ def overload(run_dir: Path) -> dict:
     import numpy as np
 
     from aro_jax.envs import heuristics
-    from aro_jax.envs.heuristics import HEURISTICS
     from aro_jax.envs.scenarios import cluster_params
     from aro_jax.training import checkpointing, evaluation
 
     cfg, policy, weights, per_node = checkpointing.load_trained_policy(run_dir)
     params = cluster_params(cfg, OVERLOAD_SCENARIO)
     env, eparams = evaluation.eval_env(cfg, params)
-    policies = {"learned": (policy, weights, per_node), **{n: (HEURISTICS[n](cfg.env.tick_s), None, False) for n in OVERLOAD_BASELINES},
+    policies = {"learned": (policy, weights, per_node), **{n: (heuristics.HEURISTICS[n](cfg.env.tick_s), None, False) for n in OVERLOAD_BASELINES},
                 CEILING: (heuristics.with_quality_tier(heuristics.with_spillover(heuristics.static_policy("peak", 1e-6))), None, False)}
     out = {}
     for name, (pol, state, per) in policies.items():
