@@ -72,11 +72,18 @@ ATTACKS = list(STRENGTHS)
 F_FREE = {"geometric_median", "centered_clipping"}
 # Regions evaluated in every row: those honest under the largest f of the study.
 EVAL_FROM = 3
-# "personal" as its recorded runs were made: a pull of 1 %. "momentum": the shared policy,
-# each region sending the momentum of its deltas (federated.worker_momentum).
+# "personal" as its recorded runs were made: a pull of 1 %; "personal-pullP": the same
+# with a pull of P per round (Ditto's lambda, swept). "momentum": the shared policy, each
+# region sending the momentum of its deltas (federated.worker_momentum).
 WORKER_MOMENTUM = 0.9
+PERSONAL_PULLS = (0.003, 0.03)
 METHODS = {"shared": ["federated.personal_mix=1.0"], "personal": ["federated.personal_mix=0.01"],
+           **{f"personal-pull{p}": [f"federated.personal_mix={p}"] for p in PERSONAL_PULLS},
            "momentum": ["federated.personal_mix=1.0", f"federated.worker_momentum={WORKER_MOMENTUM}"]}
+
+
+def is_personal(method: str) -> bool:
+    return method.startswith("personal")
 
 
 def study_config(steps: int, extra: list[str] = ()):
@@ -131,7 +138,7 @@ class Study:
         self.attacks = attack_names
         params = cluster_params(self.cfg, "train")
         init, chunk, learner = trainers.make_federated(self.cfg, params, attack_names, self.defences)
-        personal = method == "personal"
+        personal = is_personal(method)
         hp = trainers.hyperparams(self.cfg)
         rounds = trainers.num_rounds(self.cfg)
 
@@ -260,8 +267,9 @@ def cell(records: list[dict], method: str, defence: tuple, f: int, attack: str) 
 
 def rows(method: str, args) -> list[str]:
     """The aggregator rows (nnm+X included) the grid runs for `method`."""
-    return {"shared": [*args.aggregators, *args.pre], "personal": args.personal_aggregators,
-            "momentum": args.momentum_aggregators}[method]
+    if is_personal(method):
+        return args.personal_aggregators if method == "personal" else getattr(args, "pull_aggregators", [])
+    return {"shared": [*args.aggregators, *args.pre], "momentum": args.momentum_aggregators}[method]
 
 
 def done(records: list[dict], method: str, defence: tuple, f: int, attack: str, strength: float, seeds: int) -> bool:
@@ -279,6 +287,8 @@ def main():
                     help="rows with pre-aggregators: PRE[+PRE...]+AGGREGATOR")
     ap.add_argument("--personal-aggregators", nargs="+", default=["mean", "multi_krum"],
                     help="the rows (aggregator names, nnm+X included) run for the personal method")
+    ap.add_argument("--pull-aggregators", nargs="+", default=["nnm+multi_krum"],
+                    help="the rows run for each personal-pullP method")
     ap.add_argument("--momentum-aggregators", nargs="+", default=["mean", "nnm+multi_krum"],
                     help="the rows run for the momentum method")
     ap.add_argument("--attacks", nargs="+", default=["none", "sign_flip", "alie", "ipm", "nan", "huge", "normaliser_poisoning"],
@@ -448,6 +458,7 @@ def render(records: list[dict], args) -> None:
         f"Command: `python benchmarks/robustness.py --method {' '.join(args.method)} --f {' '.join(map(str, args.f))} --seeds {args.seeds} "
         f"--steps {args.steps} --aggregators {' '.join(args.aggregators)} --pre {' '.join(args.pre)} "
         f"--personal-aggregators {' '.join(args.personal_aggregators)} "
+        + (f"--pull-aggregators {' '.join(args.pull_aggregators)} " if any(m.startswith("personal-pull") for m in args.method) else "")
         + (f"--momentum-aggregators {' '.join(args.momentum_aggregators)} " if "momentum" in args.method else "")
         + f"--attacks {' '.join(args.attacks)}"
         f"{' --local' if args.local else ''}` (results accumulate in robustness_runs/; `--part k/P` splits the grid over P processes; "
