@@ -525,6 +525,9 @@ def _validate_federated(cfg: ExperimentConfig, require) -> None:
     require(fed.mode in ("centralized", "federated", "local"), "federated.mode", f"must be centralized, federated or local, got {fed.mode!r}")
     require(0 < fed.dp_delta < 1, "federated.dp_delta", f"must be in (0, 1), got {fed.dp_delta}")
     _validate_segment_dp(cfg, require)
+    require(0 <= fed.global_ema < 1, "federated.global_ema", f"must be a decay in [0, 1) (0: deploy the last global), got {fed.global_ema}")
+    require(fed.global_ema == 0 or (fed.mode == "federated" and fed.personal_mix == 1), "federated.global_ema",
+            "averages the one shared global policy: needs federated.mode=federated and federated.personal_mix=1")
     if fed.mode == "centralized":
         return  # the other federated settings do not apply
     from aro_jax.federated import aggregators, attacks

@@ -63,11 +63,14 @@ def dp_sgd_settings(minibatches: int, lr: float | None = None) -> list[str]:
 
 
 def dp_sgd_group(settings: list[str], minibatches: int, label: str, sigmas, extra_private=(), lr: float | None = None,
-                 clip_only: bool = False, variants: dict[str, list[str]] | None = None) -> dict:
+                 clip_only: bool = False, variants: dict[str, list[str]] | None = None, plain: bool = True,
+                 variant_references: bool = False) -> dict:
     """A segment group: the two non-private references (with `clip_only` a third: DP-SGD's
     per-segment clipping and Poisson sampling without noise) and DP-SGD at each noise level
-    (sampling rate 1 / minibatches, clip 0.5, below the logged pre-clip per-segment norms),
-    also with each of `variants` (label suffix: extra overrides) at each noise level."""
+    (sampling rate 1 / minibatches, clip 0.5, below the logged pre-clip per-segment norms;
+    not with `plain=False`), also with each of `variants` (label suffix: extra overrides)
+    at each noise level; with `variant_references` the full non-private reference runs with
+    each variant too, so the yardstick is the best non-private run."""
     rate = 1.0 / minibatches
     at_lr = f", lr {lr:g}" if lr else ""
     dp = lambda sigma: [*dp_sgd_settings(minibatches, lr), f"federated.segment_dp_sampling_rate={rate}",  # noqa: E731
@@ -77,7 +80,10 @@ def dp_sgd_group(settings: list[str], minibatches: int, label: str, sigmas, extr
     if clip_only:
         references[f"non-private, DP-SGD's per-segment clipping and sampling without noise{at_lr}"] = dp(0.0)
     varied = [(f"{label}, {suffix}", s, [*dp(s), *extra]) for suffix, extra in (variants or {}).items() for s in sigmas]
-    return {"settings": settings, "references": references, "private": [(label, s, dp(s)) for s in sigmas] + varied + list(extra_private)}
+    if variant_references:
+        references |= {f"{FULL_PPO}, {suffix}": extra for suffix, extra in variants.items()}
+    plain_rows = [(label, s, dp(s)) for s in sigmas] if plain else []
+    return {"settings": settings, "references": references, "private": plain_rows + varied + list(extra_private)}
 
 
 # Per group: the shared settings, the non-private references, and the private rows
@@ -155,6 +161,16 @@ GROUPS = {
                  "of 0.15-0.48 in reward is as large as most of that gap; the greedy policies stay at 87-89 % of ticks on one "
                  "action)."),
     },
+    # segment-lr's DP-SGD at noise 2.4 and 3 (its plain rows are segment-lr's) with the
+    # deployed policy averaged over rounds (federated.global_ema 0.9: about the last 10 of
+    # 122 rounds; under DP-Adam every coordinate random-walks about lr per step whatever
+    # the noise level, and the average cancels the walk of the averaged rounds), and with
+    # a smaller network (32 x 32: a quarter of the weights walking). The non-private
+    # references run with each, so the yardstick is the best non-private run.
+    "segment-average": dp_sgd_group(
+        ["env.num_clusters=128", "train.total_env_steps=8000000"], 4, "DP-SGD, 4 Poisson steps per rollout (q = 0.25), lr 3e-3",
+        (2.4, 3.0), lr=3e-3, variants={"average 0.9": ["federated.global_ema=0.9"], "32 x 32": ["ppo.hidden_sizes=[32,32]"]},
+        plain=False, variant_references=True),
     # The same at lower learning rates: with a quarter of the noise, Adam's step along the
     # signal (about lr x the signal-to-noise ratio) is four times segment-lr's at 3e-3.
     **{f"segment-wide-lr{lr:g}": {

@@ -515,3 +515,32 @@ def test_reported_epsilon_with_the_private_normaliser_equals_dp_accounting(tiny_
     assert report["epsilon"] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
     assert report["epsilon"] > rdp_epsilon_directly(1.3, 0.5, 4, 1e-5)  # the normaliser costs privacy
     assert "normaliser" in report["mechanism"]
+
+
+@pytest.mark.timeout(300)
+def test_deployed_policy_is_the_average_of_the_released_globals(tiny_config):
+    """federated.global_ema: the deployed weights are the exponential moving average, over
+    rounds, of the global parameters every round released (post-processing only), and
+    not the last global."""
+    decay = 0.6
+    cfg = load_config(tiny_config, [*SEGMENT_DP, f"federated.global_ema={decay}"])
+    trainer = trainers.make_trainer(cfg)
+    hp = trainers.hyperparams(cfg)
+    flat = lambda p: np.asarray(jax.flatten_util.ravel_pytree(p)[0], np.float64)  # noqa: E731
+    state = jax.jit(trainer.init)(jax.random.PRNGKey(0), hp)
+    one_round = jax.jit(lambda s: trainer.chunk(s, hp, 1)[0])
+    average = flat(state.global_params)
+    for _ in range(3):
+        state = one_round(state)
+        average = decay * average + (1 - decay) * flat(state.global_params)
+    deployed = flat(trainer.weights(state).params)
+    np.testing.assert_allclose(deployed, average, rtol=1e-5, atol=1e-6)
+    assert np.abs(deployed - flat(state.global_params)).max() > 1e-4  # not the last global
+
+
+@pytest.mark.parametrize("overrides", [["federated.global_ema=1.0"], ["federated.global_ema=0.9", "federated.personal_mix=0.5"],
+                                       ["federated.global_ema=0.9", "federated.mode=local"]],
+                         ids=["decay-one", "personal", "local"])
+def test_global_average_config_errors_name_their_key(tiny_config, overrides):
+    with pytest.raises(ConfigError, match=r"federated\.global_ema"):
+        load_config(tiny_config, overrides)

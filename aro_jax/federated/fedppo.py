@@ -117,6 +117,12 @@ class FederatedConfig:
     # the global, and sends its own round's delta. A Byzantine region reaches an honest one
     # only through the robust aggregate, scaled by it.
     personal_mix: float = 1.0
+    # Iterate averaging (federated mode, one shared policy): the deployed policy is an
+    # exponential moving average of the global parameters over rounds with this decay per
+    # round (0: the last global). Under DP noise each step's noise is a random walk that the
+    # average cancels while the signal's drift stays (De et al. 2022 average DP-SGD's
+    # iterates the same way). Post-processing of the released globals: no privacy cost.
+    global_ema: float = 0.0
     # Devices the node axis is sharded over (must divide the node count); in the cluster env
     # (coupled regions) the devices split the clusters instead (must divide env.num_clusters).
     devices: int = 1
@@ -144,6 +150,7 @@ class FedState:
     key: jax.Array
     round: jax.Array
     threat: Threat
+    global_average: Any = None  # the deployed average of global_params (global_ema > 0), else None
 
 
 def node_map(fn, devices: int):
@@ -308,6 +315,7 @@ def make_federated_train(
                 byzantine=jnp.isin(jnp.arange(n_nodes), jnp.asarray(fed.byzantine_nodes, jnp.int32)),
                 defence=jnp.zeros((), jnp.int32),
             ),
+            global_average=global_params if fed.global_ema > 0 else None,
         )
 
     def round_step(state: FedState, hp):
@@ -389,6 +397,8 @@ def make_federated_train(
             key=key,
             round=state.round + 1,
             threat=threat,
+            global_average=None if state.global_average is None else jax.tree.map(
+                lambda avg, new: fed.global_ema * avg + (1.0 - fed.global_ema) * new, state.global_average, new_global),
         )
         metrics["delta_norm"] = jnp.linalg.norm(deltas, axis=1).mean()
         return new_state, metrics

@@ -261,7 +261,7 @@ def make_trainer(cfg: config_lib.ExperimentConfig) -> Trainer:
         init=init, chunk=chunk, units_total=num_rounds(cfg),
         env_steps_per_unit=steps_per_update * cfg.federated.local_updates, units_done=lambda s: int(s.round),
         weights=(lambda s: learned_policy.PolicyWeights(s.nodes.params, s.nodes.obs_stats)) if per_node
-        else (lambda s: learned_policy.PolicyWeights(s.global_params, s.global_stats)),
+        else (lambda s: learned_policy.PolicyWeights(s.global_params if s.global_average is None else s.global_average, s.global_stats)),
         per_node=per_node, network=learner.network,
     )
 
@@ -274,7 +274,8 @@ def start_from(trainer: Trainer, state, weights: learned_policy.PolicyWeights):
     PPO. Optimiser state and Lagrange multipliers start fresh."""
     if not isinstance(state, fedppo.FedState):
         return state.replace(params=weights.params, obs_stats=weights.obs_stats)
-    state = state.replace(global_params=weights.params, global_stats=weights.obs_stats)
+    state = state.replace(global_params=weights.params, global_stats=weights.obs_stats,
+                          global_average=None if state.global_average is None else weights.params)
     if not trainer.per_node:
         return state
     regions = jax.tree.leaves(state.nodes.params)[0].shape[0]
