@@ -81,6 +81,11 @@ class EnvConfig:
     # the other regions, at their load and price); "node": each region is its own
     # ServingNode-v0 with a modelled peer region (envs/cluster.py, docs/simulator.md).
     kind: str = "node"
+    # Training surges: this share of training episodes carries one flash crowd of 1.5x to
+    # surge_max_multiplier x demand for 10-60 minutes at a random time, so a policy meets
+    # its replica limit in training (envs.serving.draw_surge); evaluation scenarios carry none.
+    surge_prob: float = 0.0
+    surge_max_multiplier: float = 3.0
     reward: RewardWeights = field(default_factory=RewardWeights)
 
 
@@ -378,6 +383,10 @@ def validate(cfg: ExperimentConfig) -> None:
     require(e.prices in hardware.PRICE_SETS, "env.prices", f"must be one of {list(hardware.PRICE_SETS)}, got {e.prices!r}")
     require(e.tick_s > 0, "env.tick_s", f"must be > 0, got {e.tick_s}")
     require(e.episode_ticks >= 1, "env.episode_ticks", f"must be >= 1, got {e.episode_ticks}")
+    require(0 <= e.surge_prob <= 1, "env.surge_prob", f"must be a share of episodes in [0, 1], got {e.surge_prob}")
+    # Below the held-out flash crowd's 5x, which must stay heavier than anything trained on.
+    require(1.5 <= e.surge_max_multiplier < 5, "env.surge_max_multiplier",
+            f"must be in [1.5, 5) (1.5x is the smallest surge; the held-out flash crowd is 5x), got {e.surge_max_multiplier}")
     require(e.num_clusters >= 1, "env.num_clusters", f"must be >= 1, got {e.num_clusters}")
     require(e.scenario in scenarios.TRAINING_SCENARIOS, "env.scenario",
             f"{e.scenario!r} is not a training scenario (held-out scenarios {list(scenarios.HELD_OUT_SCENARIOS)} are for evaluation only); choose one of {list(scenarios.TRAINING_SCENARIOS)}")

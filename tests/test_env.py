@@ -408,3 +408,60 @@ def test_masked_actions_change_no_allocation(env, invariant_rollout, params, sma
         masks, same = np.asarray(masks), np.asarray(same)
         assert (~masks).any()  # the trajectories did hit some limits
         assert same[~masks].all()
+
+
+# --------------------------------------------------------------------------------------
+# Training surges
+# --------------------------------------------------------------------------------------
+
+
+def test_surges_are_drawn_per_episode_within_their_bounds(params):
+    """One episode in surge_prob carries a surge of 1.5x to the configured maximum, 10-60
+    minutes long, ending within the episode; the others carry none."""
+    surging = params.replace(surge_prob=0.3, surge_max_multiplier=2.5, random_start=1.0, max_steps_in_episode=2880)
+    env = serving.ServingNodeEnv()
+    states = jax.vmap(lambda k: env.reset_state(k, surging))(jax.random.split(jax.random.key(3), 4000))
+    start, end, size = (np.asarray(states.surge[:, i], np.float64) for i in range(3))
+    on = size > 1.0
+    assert on.mean() == pytest.approx(0.3, abs=0.03)
+    assert size[on].min() >= serving.SURGE_MIN_MULTIPLIER and size[on].max() <= 2.5 and (size[~on] == 1.0).all()
+    assert size[on].max() > 2.4 and size[on].min() < 1.6  # the whole range is drawn
+    length = end - start
+    assert length.min() >= serving.SURGE_DURATION_S[0] - 1 and length.max() <= serving.SURGE_DURATION_S[1] + 1
+    clock = np.asarray(states.clock_s, np.float64)
+    assert (start >= clock).all() and (end <= clock + surging.max_steps_in_episode * surging.tick_s + 1).all()
+    # Without surges the episode's start is drawn as it always was.
+    plain = jax.vmap(lambda k: env.reset_state(k, params.replace(random_start=1.0)))(jax.random.split(jax.random.key(3), 4000))
+    np.testing.assert_array_equal(np.asarray(plain.clock_s), clock)
+    assert (np.asarray(plain.surge[:, 2]) == 1.0).all()
+
+
+def test_a_surge_multiplies_the_demand_of_its_ticks_only(env, params):
+    """The same episode and keys with and without a 2.5x surge: arrivals inside the surge
+    are 2.5 times as many in expectation, outside it the same draws."""
+    base = params.replace(random_start=0.0, start_time_s=10 * 3600.0, traffic=params.traffic.replace(burst_cv=0.0))
+    _, state = env.reset(jax.random.key(0), base)
+    tick = float(base.tick_s)
+    window = (state.clock_s + 20 * tick, state.clock_s + 40 * tick)
+    with_surge = state.replace(surge=jnp.asarray([window[0], window[1], 2.5], jnp.float32))
+
+    def arrivals(s):
+        def tick_fn(s, k):
+            _, s, _, _, _, info = env.step(k, s, 0, base)
+            return s, info["metrics"]["arrivals"]
+        return np.asarray(jax.lax.scan(tick_fn, s, jax.random.split(jax.random.key(1), 60))[1], np.float64)
+
+    plain, surged = arrivals(state), arrivals(with_surge)
+    np.testing.assert_allclose(surged[:20], plain[:20], rtol=1e-5)
+    np.testing.assert_allclose(surged[40:], plain[40:], rtol=1e-5)
+    assert surged[20:40].sum() / plain[20:40].sum() == pytest.approx(2.5, rel=0.05)
+
+
+def test_evaluated_scenarios_carry_no_surge():
+    from aro_jax.config import load_config
+
+    cfg = load_config(None, ["env.surge_prob=0.5", "env.surge_max_multiplier=4"])
+    assert (np.asarray(scenarios.cluster_params(cfg, "train").surge_prob) == 0.5).all()
+    for scenario in scenarios.SCENARIOS:
+        if not scenario.startswith("trace-"):
+            assert (np.asarray(scenarios.cluster_params(cfg, scenario).surge_prob) == 0.0).all(), scenario

@@ -148,6 +148,13 @@ class EnvParams(environment.EnvParams):
     outage_capacity_loss: float = 0.0  # fraction of ready replicas lost during the outage
     start_time_s: float = 0.0
     random_start: float = 1.0  # 1: each episode starts at a random time of the week
+    # Training surges (domain randomisation, Tobin et al. 2017): with this probability an
+    # episode carries one flash crowd of a random size in [SURGE_MIN_MULTIPLIER,
+    # surge_max_multiplier] x demand, lasting SURGE_DURATION_S, at a random time of the
+    # episode (serving.draw_surge), so a policy meets its replica limit in training. The
+    # scenarios evaluated (apply_scenario) carry none.
+    surge_prob: float = 0.0
+    surge_max_multiplier: float = 3.0
     forecast_horizon_s: float = 300.0  # covers the cold start plus one tick
 
 

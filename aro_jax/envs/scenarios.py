@@ -205,6 +205,9 @@ def cluster_params(cfg, scenario: str = "train") -> EnvParams:
             p = p.replace(max_small_model_fraction=0.0)
         if hasattr(cfg, "objective"):
             p = p.replace(slo_target=float(cfg.objective.target(n.traffic_mix)))
+        if scenario == "train":
+            p = p.replace(surge_prob=float(getattr(cfg.env, "surge_prob", 0.0)),
+                          surge_max_multiplier=float(getattr(cfg.env, "surge_max_multiplier", 3.0)))
         nodes.append(p if scenario == "train" else apply_scenario(p, scenario, cfg.env.data_dir))
     models = [hardware.get_profile(n.profile).model for n in cfg.cluster.nodes]
     return stack_params(with_cluster_peers(nodes, [n.name for n in cfg.cluster.nodes], models))
@@ -231,7 +234,7 @@ def apply_scenario(params: EnvParams, scenario: str, data_dir: str | Path | None
     Monday 00:00 UTC, deterministic start so every policy sees the same day)."""
     if scenario not in SCENARIOS:
         raise ValueError(f"unknown scenario {scenario!r}; choose one of {list(SCENARIOS)}")
-    params = params.replace(random_start=0.0, start_time_s=0.0)
+    params = params.replace(random_start=0.0, start_time_s=0.0, surge_prob=0.0)
     t = params.traffic
     if scenario == "flash-crowd":
         # 5x demand for 30 minutes at 10:00 UTC.

@@ -46,6 +46,7 @@ class EnvState(environment.EnvState):
     small_active_fraction: jax.Array  # the share the GPUs are split for now
     tier_switch_left_s: jax.Array  # time until the GPUs moving to the target share serve
     burst_z: jax.Array  # log-AR(1) burst state of the arrivals
+    surge: jax.Array  # (start s, end s, demand multiplier) of the episode's surge; multiplier 1: none
     queue_requests: jax.Array
     forecast: fc.ForecastState
     last: dict[str, jax.Array]  # the previous tick's metrics (what an operator observes)
@@ -137,6 +138,8 @@ class ServingNodeEnv(StateObservedEnv):
             small_active_fraction=zeros,
             tier_switch_left_s=zeros,
             burst_z=zeros,  # the burst process starts at its median level
+            # Its own stream, so the start time's draw is what it was without surges.
+            surge=draw_surge(jax.random.fold_in(key, 1), clock_s, params),
             queue_requests=zeros,
             forecast=fc.init(params.traffic.mean_rate_rps),
             last=last,
@@ -170,6 +173,36 @@ class ServingNodeEnv(StateObservedEnv):
         """Feasible actions from (a batch of) this env's observations."""
         return feasible_actions(obs[..., : len(OBS_FIELDS)] * observation_scale(params), params)[..., : self.num_actions]
 
+
+
+# Training surges (EnvParams.surge_prob): from half again the demand to the configured
+# maximum, which config validation keeps below the held-out flash crowd's 5x (so that
+# scenario stays heavier than anything trained on); 10 to 60 minutes, the held-out crowd's
+# 30 minutes inside.
+SURGE_MIN_MULTIPLIER = 1.5
+SURGE_DURATION_S = (600.0, 3600.0)
+
+
+def draw_surge(key, clock_s, params: EnvParams) -> jax.Array:
+    """(start s, end s, multiplier) of an episode's surge, starting at `clock_s`: one in
+    `params.surge_prob` episodes has one (multiplier 1 otherwise), placed uniformly so it
+    ends within the episode."""
+    u_on, u_size, u_length, u_at = jax.random.uniform(key, (4,))
+    duration = SURGE_DURATION_S[0] + u_length * (SURGE_DURATION_S[1] - SURGE_DURATION_S[0])
+    start = clock_s + u_at * jnp.maximum(params.max_steps_in_episode * params.tick_s - duration, 0.0)
+    size = SURGE_MIN_MULTIPLIER + u_size * (params.surge_max_multiplier - SURGE_MIN_MULTIPLIER)
+    return jnp.stack([start, start + duration, jnp.where(u_on < params.surge_prob, size, 1.0)]).astype(jnp.float32)
+
+
+def surged(traffic, surge):
+    """The node's traffic with the episode's surge as its flash crowd (where it has one)."""
+    start, end, multiplier = surge[0], surge[1], surge[2]
+    on = multiplier > 1.0
+    return traffic.replace(
+        flash_start_s=jnp.where(on, start, traffic.flash_start_s),
+        flash_duration_s=jnp.where(on, end - start, traffic.flash_duration_s),
+        flash_multiplier=jnp.where(on, multiplier, traffic.flash_multiplier),
+    )
 
 
 def begin_tick(key, state: EnvState, action, params: EnvParams) -> dict:
@@ -217,7 +250,7 @@ def begin_tick(key, state: EnvState, action, params: EnvParams) -> dict:
     offline = jnp.where(switching, jnp.abs(small_gpu_share(params, small) - small_gpu_share(params, state.small_active_fraction)), 0.0)
 
     # 2. This tick's traffic.
-    arrivals, burst_z = arrivals_ar(e_burst, z_count, state.clock_s, tick, params.traffic, state.burst_z)
+    arrivals, burst_z = arrivals_ar(e_burst, z_count, state.clock_s, tick, surged(params.traffic, state.surge), state.burst_z)
     # Prompts over the context window are rejected at admission (counted, never capped);
     # the fluid model serves the admitted ones with this tick's token mix.
     rejected = arrivals * rejected_share(state.clock_s, params.traffic)
@@ -279,6 +312,7 @@ def end_tick(state: EnvState, plan: dict, core: dict, queue, forwarded, peer: di
         small_active_fraction=small_active,
         tier_switch_left_s=left,
         burst_z=plan["burst_z"],
+        surge=state.surge,
         queue_requests=queue,
         forecast=forecast,
         last=_observed(metrics),
