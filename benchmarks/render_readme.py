@@ -316,7 +316,7 @@ def robustness() -> list[str]:
             f"{np.mean(cell[(m, a, k)]):.2f} / {np.min(cell[(m, a, k)]):.2f}" if (m, a, k) in cell else "—" for k in attacks) + " |")
     local = cell.get(("local", "local-only", "none"))
     out += ["", "Methods: *shared*, one robust global policy; *personal*, each region's own policy pulled 1 % of the way to the robust "
-            f"global per round; *momentum*, the shared policy with each region sending the momentum of its deltas (beta {study.WORKER_MOMENTUM:g}, "
+            f"global per round (*personal-pullP*: P of the way); *momentum*, the shared policy with each region sending the momentum of its deltas (beta {study.WORKER_MOMENTUM:g}, "
             "`federated.worker_momentum`).", ""]
     if local:
         out.append(f"Local-only (no federation): {np.mean(local):.2f} / {np.min(local):.2f}.")
