@@ -68,10 +68,10 @@ OVERLOAD_BASELINES = ("reactive+tier", "predictive+tier", "reactive+spill+tier",
 CEILING = "capacity ceiling (max replicas + spill + tier)"
 
 
-def overload(run_dir: Path) -> dict:
-    """The trained policy and OVERLOAD_BASELINES on OVERLOAD_SCENARIO (the main job's
-    evaluation seeds, one day): whether a policy scales out or drops when demand jumps
-    past its training, cluster-wide and in the region where the policy drops most."""
+def overload(run_dir: Path, baselines: tuple[str, ...] = OVERLOAD_BASELINES, ceiling: bool = True) -> dict:
+    """The trained policy and `baselines` (and the capacity ceiling) on OVERLOAD_SCENARIO
+    (the main job's evaluation seeds, one day): whether a policy scales out or drops when
+    demand jumps past its training, cluster-wide and in the region where it drops most."""
     import jax
     import numpy as np
 
@@ -82,8 +82,9 @@ def overload(run_dir: Path) -> dict:
     cfg, policy, weights, per_node = checkpointing.load_trained_policy(run_dir)
     params = cluster_params(cfg, OVERLOAD_SCENARIO)
     env, eparams = evaluation.eval_env(cfg, params)
-    policies = {"learned": (policy, weights, per_node), **{n: (heuristics.HEURISTICS[n](cfg.env.tick_s), None, False) for n in OVERLOAD_BASELINES},
-                CEILING: (heuristics.with_quality_tier(heuristics.with_spillover(heuristics.static_policy("peak", 1e-6))), None, False)}
+    policies = {"learned": (policy, weights, per_node), **{n: (heuristics.HEURISTICS[n](cfg.env.tick_s), None, False) for n in baselines}}
+    if ceiling:
+        policies[CEILING] = (heuristics.with_quality_tier(heuristics.with_spillover(heuristics.static_policy("peak", 1e-6))), None, False)
     out = {}
     for name, (pol, state, per) in policies.items():
         m = jax.tree.map(np.asarray, evaluation.run_episodes(env, pol, eparams, jax.random.PRNGKey(0), cfg.eval.num_seeds,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_common import code_commit, machine, write_report  # noqa: E402
-from main_job import week_by_region  # noqa: E402
+from main_job import OVERLOAD_SCENARIO, overload, week_by_region  # noqa: E402
 
 OUT = Path(__file__).parent / "main_job_variants.json"
 DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
@@ -60,6 +60,7 @@ def collect(name: str, overrides: str, run_dir: Path, train_s: float | None) -> 
         "train_cost_usd_per_h": final["cost_usd_per_h"],
         "final_multipliers": final_multipliers(run_dir),
         "week": week_by_region(run_dir),
+        "overload": overload(run_dir, baselines=(), ceiling=False)["policies"]["learned"],
     }
 
 
@@ -89,6 +90,22 @@ def render(data: dict) -> str:
         c = counts(v)
         out.append(f"| {v['name']} | {c['monday']} of {c['regions']} | {c['week']} of {c['regions']} | {len(c['drops_over'])} | {v['train_cost_usd_per_h']:.1f} |")
     out.append("")
+    heavy = [v for v in data["variants"] if "overload" in v]
+    summary = Path(__file__).parent / "main_job" / "summary.json"
+    if heavy and summary.is_file():  # the main job's own figures, for comparison
+        main = json.loads(summary.read_text())
+        heavy = [{"name": f"the main job (`{main['command']}`, main_job/summary.json)", "overload": main["overload"]["policies"]["learned"]}, *heavy]
+    if heavy:
+        out += [f"On the held-out {OVERLOAD_SCENARIO} (5x demand for 30 min, heavier than anything trained on; the main job's "
+                "evaluation seeds, one day), for the variants collected with it. *At the limit*: the region-ticks at their replica "
+                "limit, the shares of their arrivals forwarded and dropped and the quality served.", "",
+                "| variant | attainment (%) | dropped (%) | worst region's dropped (%) | at the limit: forwarded / dropped (%) / quality | cost ($/h) |",
+                "|---|---|---|---|---|---|"]
+        for v in heavy:
+            o = v["overload"]
+            out.append(f"| {v['name']} | {o['slo_attainment_pct']:.1f} | {o['dropped_pct']:.2f} | {o['worst_drop_pct']:.2f} ({o['worst_drop_region']}) "
+                       f"| {o['at_max_forwarded_pct']:.1f} / {o['at_max_dropped_pct']:.1f} / {o['at_max_quality']:.3f} | {o['cost_usd_per_h']:,.0f} |")
+        out.append("")
     for v in data["variants"]:
         targets, week = v["targets"], v["week"]
         c = counts(v)
