@@ -327,7 +327,7 @@ def robustness() -> list[str]:
         if (m, a, "none") in cell and attacked:
             worst = min(attacked, key=attacked.get)
             summary[f"{m} {a}"] = (float(np.mean(cell[(m, a, "none")])), float(attacked[worst]), worst)
-    out += ["", study.aim_statement(summary, 3, float(np.mean(local)) if local else None)]
+    out += ["", study.aim_statement(summary, 3, float(np.mean(local)) if local else None, study.load_curve())]
     return out
 
 

@@ -387,7 +387,7 @@ def curve_table(data: dict) -> list[str]:
                      + " | ".join(f"{mean(key, n):.3f}" for n in steps) + " |")
         if attack != "none":
             base = (method, agg, 0, "none")
-            kept = [1.0 - max(mean(base, n) - mean(key, n), 0.0) / max(abs(mean(base, n)), 1e-9) for n in steps]
+            kept = [kept_share(mean(base, n), mean(key, n)) for n in steps]
             lines.append("| | | kept | " + " | ".join(f"{100 * k:.0f} %" for k in kept) + " |")
     return lines
 
@@ -426,17 +426,42 @@ def summarise(records: list[dict], method: str, defence: tuple, f: int, attack: 
     return float(np.mean(rewards)), float(np.min(rewards)), strength
 
 
-def aim_statement(summary: dict[str, tuple[float, float, str]], f: int, local: float | None) -> str:
+def kept_share(base: float, worst: float) -> float:
+    """Scores are negative (costs, penalties): "keeps 90 %" reads as losing at most 10 % of
+    the no-attack score's distance to zero."""
+    return 1.0 - max(base - worst, 0.0) / max(abs(base), 1e-9)
+
+
+def curve_statement(row: str, curve: dict | None) -> str:
+    """The grid's best row at the largest budget its learning curve reached: the share of
+    its no-attack score it keeps under the worst attack run there (the grid's budget is
+    short of convergence, so the aim must also hold there)."""
+    method, agg = row.split(" ", 1)
+    recs = [r for r in (curve or {}).get("records", []) if (r["method"], r["aggregator"]) == (method, agg)]
+    if not recs:
+        return f" The curve has no runs of {row} at a longer budget: the aim is checked at the grid's budget only."
+    n = max(r["env_steps"] for r in recs)
+    mean = {a: float(np.mean([r["score"] for r in recs if r["attack"] == a and r["env_steps"] == n])) for a in {r["attack"] for r in recs}}
+    attacked = {a: v for a, v in mean.items() if a != "none"}
+    if "none" not in mean or not attacked:
+        return ""
+    worst = min(attacked, key=attacked.get)
+    kept = kept_share(mean["none"], attacked[worst])
+    return (f" At {n / 1e6:.3g}M env steps (its learning curve below, attacks {', '.join(sorted(attacked))}), {row} keeps "
+            f"{100 * kept:.0f} % under {worst} ({attacked[worst]:.3f} against {mean['none']:.3f}): keeps >= 90 % at that budget "
+            f"**{'met' if kept >= 0.9 else 'not met'}**.")
+
+
+def aim_statement(summary: dict[str, tuple[float, float, str]], f: int, local: float | None, curve: dict | None = None) -> str:
     """The issue's aim, checked on the table: the best robust method keeps >= 90 % of its
     own no-attack return under every attack, FedAvg collapses under at least one, and the
-    best robust method's no-attack return is at least Local-only's."""
+    best robust method's no-attack return is at least Local-only's; then the same row at
+    its learning curve's longest budget (`curve_statement`)."""
     robust = {k: v for k, v in summary.items() if label(k.split(" ")[-1])[0] != "mean"}
     fedavg = [v for k, v in summary.items() if label(k.split(" ")[-1])[0] == "mean"]
     if not robust or not fedavg:
         return ""
-    # Scores are negative (costs, penalties): "keeps 90 %" reads as losing at most 10 % of
-    # the no-attack score's distance to zero.
-    kept = lambda base, worst: 1.0 - max(base - worst, 0.0) / max(abs(base), 1e-9)  # noqa: E731
+    kept = kept_share
     best = max(robust, key=lambda k: robust[k][1])
     base, worst, attack = robust[best]
     collapsed = min(kept(b, w) for b, w, _ in fedavg) < 0.5
@@ -446,7 +471,7 @@ def aim_statement(summary: dict[str, tuple[float, float, str]], f: int, local: f
             f"{100 * kept(base, worst):.0f} % kept); FedAvg keeps {100 * min(kept(b, w) for b, w, _ in fedavg):.0f} % at worst; "
             f"Local-only {local if local is None else round(local, 3)}. Aims: keeps >= 90 % **{'met' if met_keep else 'not met'}**; "
             f"FedAvg collapses (keeps < 50 %) **{'yes' if collapsed else 'no'}**; no-attack return >= Local-only's "
-            f"**{'met' if met_local else 'not met'}**.")
+            f"**{'met' if met_local else 'not met'}**." + curve_statement(best, curve))
 
 
 def render(records: list[dict], args) -> None:
@@ -503,12 +528,12 @@ def render(records: list[dict], args) -> None:
                     continue
                 fmt = lambda c: "-" if c is None else f"{c[0]:.3f} / {c[1]:.3f}"  # noqa: E731
                 worst = min((c[0] for c in cells.values() if c is not None), default=np.nan)
-                kept = 1.0 - max(base[0] - worst, 0.0) / max(abs(base[0]), 1e-9)
+                kept = kept_share(base[0], worst)
                 shown = "mean (FedAvg)" if name == "mean" else name
                 lines.append(f"| {method} | {shown} | {fmt(base)} | " + " | ".join(fmt(cells[a]) for a in present)
                              + f" | {worst - base[0]:+.3f} | {100 * kept:.0f} % |")
                 summary[f"{method} {name}"] = (base[0], worst, min(present, key=lambda a: (cells[a] or (np.inf,))[0]))
-        lines += ["", aim_statement(summary, f, local), ""]
+        lines += ["", aim_statement(summary, f, local, load_curve()), ""]
     curve = load_curve()
     if curve["records"]:
         lines += ["## Learning curves", "",
