@@ -171,6 +171,14 @@ GROUPS = {
         ["env.num_clusters=128", "train.total_env_steps=8000000"], 4, "DP-SGD, 4 Poisson steps per rollout (q = 0.25), lr 3e-3",
         (2.4, 3.0), lr=3e-3, variants={"average 0.9": ["federated.global_ema=0.9"], "32 x 32": ["ppo.hidden_sizes=[32,32]"]},
         plain=False, variant_references=True),
+    # The average at a constant learning rate: under the linear annealing of every other
+    # group the last rounds hardly move, so an average over them is the last global; at a
+    # constant rate the walk goes on to the end and the average has something to cancel.
+    "segment-average-constant-lr": dp_sgd_group(
+        ["env.num_clusters=128", "train.total_env_steps=8000000"], 4, "DP-SGD, 4 Poisson steps per rollout (q = 0.25), lr 3e-3",
+        (2.4,), lr=3e-3, variants={"constant lr": ["ppo.anneal_lr=false"],
+                                   "constant lr, average 0.95": ["ppo.anneal_lr=false", "federated.global_ema=0.95"]},
+        plain=False, variant_references=True),
     # The same at lower learning rates: with a quarter of the noise, Adam's step along the
     # signal (about lr x the signal-to-noise ratio) is four times segment-lr's at 3e-3.
     **{f"segment-wide-lr{lr:g}": {
