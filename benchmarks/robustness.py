@@ -14,17 +14,17 @@ printed in robustness.md). This is a fraction of the main job's budget and the
 no-attack runs have not converged at it; robustness.md reports the no-attack return
 next to the attacked ones, so the comparison is at equal budget, not at a plateau.
 
-Two federated methods: "shared" (every region runs the robust global policy, which
+Federated methods: "shared" (every region runs the robust global policy, which
 conditions on the region through the node descriptor in its input), "momentum" (the same,
-each region sending the momentum of its deltas over rounds) and "personal" (the
-main job's at the time of the recorded runs: each region keeps its own policy, pulled 1 %
-of the way to the robust global each round). The return of a run is the constrained objective's score of the policies
+each region sending the momentum of its deltas over rounds), "personal" (the main job's at
+the time of the recorded runs: each region keeps its own policy, pulled 1 % of the way to
+the robust global each round) and "personal-pullP" (the same with a pull of P). The return of a run is the constrained objective's score of the policies
 the honest regions deploy (regions 3..9 in every row, the attacked and the unattacked
 alike, so the rows compare the same regions): mean reward minus 10 x each region's
 violated share, so a policy that saves by serving users worse scores lower.
 
-usage: python benchmarks/robustness.py [--method shared personal momentum] [--f 1 2 3] [--seeds 3]
-           [--steps 2500000] [--aggregators ...] [--pre nnm+multi_krum ...] [--attacks ...] [--local]
+usage: python benchmarks/robustness.py [--method shared personal personal-pull0.03 momentum] [--f 1 2 3] [--seeds 3]
+           [--steps 2500000] [--aggregators ...] [--pre nnm+multi_krum ...] [--pull-aggregators ...] [--attacks ...] [--local]
 """
 
 from __future__ import annotations
