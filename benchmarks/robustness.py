@@ -441,7 +441,7 @@ def curve_statement(row: str, curve: dict | None) -> str:
     if not recs:
         return f" The curve has no runs of {row} at a longer budget: the aim is checked at the grid's budget only."
     n = max(r["env_steps"] for r in recs)
-    mean = {a: float(np.mean([r["score"] for r in recs if r["attack"] == a and r["env_steps"] == n])) for a in {r["attack"] for r in recs}}
+    mean = {a: float(np.mean([r["score"] for r in recs if r["attack"] == a and r["env_steps"] == n])) for a in {r["attack"] for r in recs if r["env_steps"] == n}}
     attacked = {a: v for a, v in mean.items() if a != "none"}
     if "none" not in mean or not attacked:
         return ""
@@ -461,14 +461,13 @@ def aim_statement(summary: dict[str, tuple[float, float, str]], f: int, local: f
     fedavg = [v for k, v in summary.items() if label(k.split(" ")[-1])[0] == "mean"]
     if not robust or not fedavg:
         return ""
-    kept = kept_share
     best = max(robust, key=lambda k: robust[k][1])
     base, worst, attack = robust[best]
-    collapsed = min(kept(b, w) for b, w, _ in fedavg) < 0.5
-    met_keep = kept(base, worst) >= 0.9
+    collapsed = min(kept_share(b, w) for b, w, _ in fedavg) < 0.5
+    met_keep = kept_share(base, worst) >= 0.9
     met_local = local is not None and base >= local
     return (f"Best robust method at f = {f} by its worst attack: **{best}**, {worst:.3f} under {attack} ({base:.3f} without attack, "
-            f"{100 * kept(base, worst):.0f} % kept); FedAvg keeps {100 * min(kept(b, w) for b, w, _ in fedavg):.0f} % at worst; "
+            f"{100 * kept_share(base, worst):.0f} % kept); FedAvg keeps {100 * min(kept_share(b, w) for b, w, _ in fedavg):.0f} % at worst; "
             f"Local-only {local if local is None else round(local, 3)}. Aims: keeps >= 90 % **{'met' if met_keep else 'not met'}**; "
             f"FedAvg collapses (keeps < 50 %) **{'yes' if collapsed else 'no'}**; no-attack return >= Local-only's "
             f"**{'met' if met_local else 'not met'}**." + curve_statement(best, curve))
