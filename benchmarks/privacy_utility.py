@@ -34,6 +34,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_sched
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import yaml  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_common import code_commit, machine, write_report  # noqa: E402
@@ -54,6 +55,21 @@ BASE = [f"cluster.nodes={NODES}", "federated.mode=federated", "federated.aggrega
         "federated.personal_mix=1.0", "objective.kind=paper", "train.num_chunks=1", f"federated.dp_delta={DELTA}"]
 
 FULL_PPO = "non-private (normaliser, PPO 4 epochs x 4 minibatches)"
+
+# Public pretraining: the ten-region cluster's eight other regions (other models, GPUs,
+# traffic mixes, sizes and time zones), none of the two protected regions' configuration
+# or traffic. Their cluster-days stand for public data whose distribution is not the
+# protected one (as a public simulator's would not be a region's real traffic); a run whose
+# overrides carry PRETRAINED starts every seed from this run's same seed, and a run that
+# also carries ZERO_SHOT is that policy evaluated untouched (no private data at all).
+PROTECTED = ("us-east", "eu-central")
+CLUSTER10 = Path(__file__).parents[1] / "aro_jax" / "configs" / "cluster10.yaml"
+PRETRAINED, ZERO_SHOT = "+start=public-pretraining", "+evaluate-only"
+
+
+def public_nodes() -> str:
+    nodes = yaml.safe_load(CLUSTER10.read_text())["cluster"]["nodes"]
+    return "cluster.nodes=" + json.dumps([n for n in nodes if n["name"] not in PROTECTED])
 
 
 def dp_sgd_settings(minibatches: int, lr: float | None = None) -> list[str]:
@@ -84,6 +100,18 @@ def dp_sgd_group(settings: list[str], minibatches: int, label: str, sigmas, extr
         references |= {f"{FULL_PPO}, {suffix}": extra for suffix, extra in variants.items()}
     plain_rows = [(label, s, dp(s)) for s in sigmas] if plain else []
     return {"settings": settings, "references": references, "private": plain_rows + varied + list(extra_private)}
+
+
+def from_public(groups: list[dict], pretrain: list[str], note: str) -> dict:
+    """`groups` merged, with every run but the from-scratch yardstick (FULL_PPO) starting
+    from the public pretraining (trained with `pretrain`), and that policy evaluated
+    zero-shot as one more reference."""
+    suffix = ", from public pretraining"
+    refs = {label if label == FULL_PPO else label + suffix: o if label == FULL_PPO else [*o, PRETRAINED]
+            for g in groups for label, o in g["references"].items()}
+    refs["public pretraining only (zero-shot: no protected data)"] = ["ppo.normalize_obs=false", PRETRAINED, ZERO_SHOT]
+    private = [(label + suffix, sigma, [*o, PRETRAINED]) for g in groups for label, sigma, o in g["private"]]
+    return {"settings": groups[0]["settings"], "references": refs, "private": private, "pretrain": pretrain, "note": note}
 
 
 # Per group: the shared settings, the non-private references, and the private rows
@@ -193,6 +221,15 @@ GROUPS = {
                  "rounds, which an average cancels, is not what holds the private rows back. The non-private run gains from the "
                  "constant rate (-0.090 +- 0.001 against -0.140 +- 0.076 annealed, 3 seeds) and becomes the yardstick."),
     },
+    # segment-lr's DP-SGD fine-tuning a policy pretrained on public data (the eight other
+    # regions' cluster-days, non-private PPO without the normaliser, whose statistics would
+    # not carry over), at segment-lr's rate and a third of it. Only the fine-tuning touches
+    # the protected regions' segments, so epsilon is segment-lr's.
+    "segment-public-pretrain": from_public(
+        [dp_sgd_group(["env.num_clusters=128", "train.total_env_steps=8000000"], 4,
+                      f"DP-SGD, 4 Poisson steps per rollout (q = 0.25), lr {lr:g}", (2.4, 6.0), lr=lr) for lr in (3e-3, 1e-3)],
+        [public_nodes(), "env.num_clusters=64", "train.total_env_steps=16000000", "ppo.normalize_obs=false"],
+        ""),
     # The same at lower learning rates: with a quarter of the noise, Adam's step along the
     # signal (about lr x the signal-to-noise ratio) is four times segment-lr's at 3e-3.
     **{f"segment-wide-lr{lr:g}": {
@@ -232,10 +269,16 @@ def _kpis(m, tick_s):
             "cost_usd_per_h": jnp.mean(m["cost_usd"]) * 3600.0 / tick_s}
 
 
-def train_and_score(overrides: list[str], seeds: int) -> dict:
-    cfg = load_config(None, BASE + overrides)
+def train_and_score(overrides: list[str], seeds: int, start=None) -> dict:
+    """Train `seeds` seeds (from `start`'s weights where the overrides carry PRETRAINED;
+    not at all with ZERO_SHOT) and score them on the protected cluster."""
+    cfg = load_config(None, BASE + [o for o in overrides if o not in (PRETRAINED, ZERO_SHOT)])
     t0 = time.perf_counter()
-    trainer, weights = trainers.train_seeds(cfg, seeds)
+    start = start() if PRETRAINED in overrides else None
+    if ZERO_SHOT in overrides:
+        trainer, weights = trainers.make_trainer(cfg), start
+    else:
+        trainer, weights = trainers.train_seeds(cfg, seeds, start)
     jax.block_until_ready(weights)
     wall = time.perf_counter() - t0
     ev = _eval_fn(cfg, trainer.network, cfg.ppo.normalize_obs)
@@ -265,9 +308,22 @@ def run_group(unit: str, seeds: int, previous: dict | None = None, save=lambda g
         if len(r["reward_seeds"]) == seeds and r.get("commit") == commit:
             done[json.dumps(r["overrides"])] = r
 
+    pretrained = {}
+
+    def public_policy():
+        """The group's public pretraining, trained once on first use (seeds stacked)."""
+        if not pretrained:
+            t0 = time.perf_counter()
+            cfg = load_config(None, BASE + g["pretrain"])
+            trainer, pretrained["weights"] = trainers.train_seeds(cfg, seeds)
+            out["pretrain"] = {"overrides": g["pretrain"], "train_wall_s": time.perf_counter() - t0,
+                               "env_steps": trainer.units_total * trainer.env_steps_per_unit, "commit": code_commit()}
+            print(json.dumps({"pretrain": out["pretrain"]["train_wall_s"]}), flush=True)
+        return pretrained["weights"]
+
     def run(overrides):
         kept = done.get(json.dumps(overrides))
-        return dict(kept) if kept is not None else train_and_score(overrides, seeds)
+        return dict(kept) if kept is not None else train_and_score(overrides, seeds, public_policy)
 
     def reference(label):
         r = run(g["settings"] + g["references"][label])
@@ -366,6 +422,12 @@ def _commits(group) -> str:
     return ", ".join(found + ([f"not recorded for {missing} runs (run on an earlier version of the env, so stale)"] if missing else []))
 
 
+def _short(override: str) -> str:
+    """A cluster.nodes override named by its regions."""
+    key, value = override.split("=", 1)
+    return f"{key}=[{', '.join(n['name'] for n in json.loads(value))}]" if key == "cluster.nodes" else override
+
+
 def refs_of(group):
     return list(group["references"].items())
 
@@ -396,6 +458,9 @@ def render(data: dict) -> str:
                   f"Settings: `{' '.join(group['settings'])}` (the cluster's two regions share the env steps)."
                   + (f" Machine: {group['machine']}." if group.get("machine", data["machine"]) != data["machine"] else ""), "",
                   f"Code commit: {_commits(group)}.", "",
+                  *([f"Public pretraining (every run but the from-scratch reference starts each seed from its own): "
+                     f"`{' '.join(_short(o) for o in group['pretrain']['overrides'])}`, {group['pretrain']['env_steps'] / 1e6:.0f}M env steps, "
+                     f"{group['pretrain']['train_wall_s'] / 60:.1f} min.", ""] if group.get("pretrain") else []),
                   "| run | unit | mechanism | noise multiplier | sampling rate | accounted steps | epsilon | delta | reward (mean +- sd over seeds) | utility share | SLO (%) | $/h per region | modal action share |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for label, r in group["references"].items():

@@ -284,15 +284,19 @@ def start_from(trainer: Trainer, state, weights: learned_policy.PolicyWeights):
                                                    obs_stats=jax.tree.map(per_region, weights.obs_stats)))
 
 
-def train_seeds(cfg: config_lib.ExperimentConfig, seeds: int):
+def train_seeds(cfg: config_lib.ExperimentConfig, seeds: int, start: learned_policy.PolicyWeights | None = None):
     """Train seeds 0..seeds-1 of `cfg` in one vmapped program, with no logging; returns
-    (trainer, final policy weights stacked over seeds). For benchmarks and studies."""
+    (trainer, final policy weights stacked over seeds). With `start` (weights stacked over
+    the same seeds) seed s fine-tunes start's seed s (`start_from`). For benchmarks and
+    studies."""
     trainer = make_trainer(cfg)
     hp = hyperparams(cfg)
 
-    def one(key):
-        state, _ = trainer.chunk(trainer.init(key, hp), hp, trainer.units_total)
+    def one(key, start):
+        state = trainer.init(key, hp)
+        state = state if start is None else start_from(trainer, state, start)
+        state, _ = trainer.chunk(state, hp, trainer.units_total)
         return trainer.weights(state)
 
     keys = jnp.stack([jax.random.PRNGKey(s) for s in range(seeds)])
-    return trainer, jax.jit(jax.vmap(one))(keys)
+    return trainer, jax.jit(jax.vmap(one))(keys, start)
