@@ -107,6 +107,9 @@ class PPOSection:
     hidden_sizes: list[int] = field(default_factory=lambda: [64, 64])
     normalize_obs: bool = True
     action_masking: bool = True
+    # Train the output layers only, the hidden layers kept as they start (fine-tuning a
+    # pretrained policy: trainers.start_from); under DP-SGD the noise covers the heads only.
+    frozen_trunk: bool = False
     # PID gains of the constrained objective's multipliers (objective.kind: slo; Stooke et
     # al. 2020): the integral gain is the multipliers' learning rate per update.
     lagrange_ki: float = 0.05

@@ -114,6 +114,15 @@ def from_public(groups: list[dict], pretrain: list[str], note: str) -> dict:
     return {"settings": groups[0]["settings"], "references": refs, "private": private, "pretrain": pretrain, "note": note}
 
 
+def output_layers_only(group: dict) -> dict:
+    """`group` with every run but the from-scratch yardstick (FULL_PPO) training the output
+    layers only (ppo.frozen_trunk)."""
+    frozen, suffix = "ppo.frozen_trunk=true", ", output layers only"
+    return {**group, "references": {label if label == FULL_PPO else label + suffix: o if label == FULL_PPO else [*o, frozen]
+                                    for label, o in group["references"].items()},
+            "private": [(label + suffix, sigma, [*o, frozen]) for label, sigma, o in group["private"]]}
+
+
 # Per group: the shared settings, the non-private references, and the private rows
 # (label, mechanism, noise multiplier, overrides).
 GROUPS = {
@@ -230,6 +239,15 @@ GROUPS = {
                       f"DP-SGD, 4 Poisson steps per rollout (q = 0.25), lr {lr:g}", (2.4, 6.0), lr=lr) for lr in (3e-3, 1e-3)],
         [public_nodes(), "env.num_clusters=64", "train.total_env_steps=16000000", "ppo.normalize_obs=false"],
         ""),
+    # The same DP-SGD fine-tuning the output layers only: the pretrained hidden layers are
+    # public features, the clip and the noise cover the heads' 780 of 11.8k coordinates
+    # (a linear model on public features, Tramer & Boneh, ICLR 2021).
+    "segment-public-pretrain-heads": from_public(
+        [output_layers_only(dp_sgd_group(["env.num_clusters=128", "train.total_env_steps=8000000"], 4,
+                                         f"DP-SGD, 4 Poisson steps per rollout (q = 0.25), lr {lr:g}", sigmas, lr=lr))
+         for lr, sigmas in ((3e-3, (2.4, 3.0, 4.0, 6.0)), (1e-3, (2.4, 6.0)))],
+        [public_nodes(), "env.num_clusters=64", "train.total_env_steps=16000000", "ppo.normalize_obs=false"],
+        ""),
     # The same at lower learning rates: with a quarter of the noise, Adam's step along the
     # signal (about lr x the signal-to-noise ratio) is four times segment-lr's at 3e-3.
     **{f"segment-wide-lr{lr:g}": {
@@ -315,7 +333,8 @@ def run_group(unit: str, seeds: int, previous: dict | None = None, save=lambda g
         if not pretrained:
             t0 = time.perf_counter()
             cfg = load_config(None, BASE + g["pretrain"])
-            trainer, pretrained["weights"] = trainers.train_seeds(cfg, seeds)
+            trainer, weights = trainers.train_seeds(cfg, seeds)
+            pretrained["weights"] = jax.block_until_ready(weights)
             out["pretrain"] = {"overrides": g["pretrain"], "train_wall_s": time.perf_counter() - t0,
                                "env_steps": trainer.units_total * trainer.env_steps_per_unit, "commit": code_commit()}
             print(json.dumps({"pretrain": out["pretrain"]["train_wall_s"]}), flush=True)

@@ -208,3 +208,20 @@ def test_a_run_starts_from_another_runs_policy(mode):
     to_source = np.linalg.norm(after - flat(source.params))
     to_fresh = np.linalg.norm(after - one(trainer.weights(fresh)))
     assert to_source < 0.2 * to_fresh, (to_source, to_fresh)
+
+
+def test_train_seeds_fine_tunes_each_seed_from_its_own_start():
+    """trainers.train_seeds(cfg, seeds, start): seed s starts from start's seed s (a public
+    pretraining fine-tuned per seed), so after a short run it is near its own start, not
+    the other seed's and not where training from scratch ends."""
+    cfg = load_config(TINY, ["env.kind=cluster", "federated.mode=federated", "federated.personal_mix=1.0", "federated.local_updates=1"])
+    trainer = trainers.make_trainer(cfg)
+    hp = trainers.hyperparams(cfg)
+    starts = jax.vmap(lambda k: trainer.weights(trainer.init(k, hp)))(jnp.stack([jax.random.PRNGKey(10), jax.random.PRNGKey(11)]))
+    one = lambda w, s: flat(jax.tree.map(lambda x: x[s], w.params))  # noqa: E731
+    _, tuned = trainers.train_seeds(cfg, 2, starts)
+    _, scratch = trainers.train_seeds(cfg, 2)
+    for s in (0, 1):
+        to_start = np.linalg.norm(one(tuned, s) - one(starts, s))
+        assert to_start < 0.2 * np.linalg.norm(one(tuned, s) - one(starts, 1 - s)), s
+        assert to_start < 0.2 * np.linalg.norm(one(tuned, s) - one(scratch, s)), s

@@ -334,6 +334,28 @@ def test_learner_samples_segments_at_the_configured_rate(tiny_config):
     assert np.all(np.isfinite(np.asarray(metrics["reward"])))
 
 
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("private", [False, True])
+def test_a_frozen_trunk_trains_the_output_layers_only(tiny_config, private):
+    """ppo.frozen_trunk: the hidden layers end where they started (under DP-SGD too, so no
+    noise reached them) while every output layer moves; without it the hidden layers move."""
+    base = ["env.num_clusters=8", "train.total_env_steps=10240", "federated.mode=local", *(SEGMENT_DP if private else [])]
+
+    def moved(extra):
+        cfg = load_config(tiny_config, base + extra)
+        trainer = trainers.make_trainer(cfg)
+        hp = trainers.hyperparams(cfg)
+        state = jax.jit(trainer.init)(jax.random.PRNGKey(0), hp)
+        start = trainer.weights(state).params
+        end = trainer.weights(jax.jit(trainer.chunk, static_argnums=2)(state, hp, trainer.units_total)[0]).params
+        diff = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), start, end)["params"]
+        return {layer: max(jax.tree.leaves(d)) for layer, d in diff.items()}
+
+    frozen = moved(["ppo.frozen_trunk=true"])
+    assert {layer for layer, d in frozen.items() if d > 0} == {layer for layer in frozen if layer.endswith("_out")}, frozen
+    assert all(d > 1e-6 for layer, d in moved([]).items()), "without frozen_trunk every layer trains"
+
+
 def rdp_epsilon_directly(sigma, q, steps, delta):
     import dp_accounting
     from dp_accounting import rdp

@@ -76,6 +76,10 @@ class PPOConfig:
     # would blow their float rounding up into the input.
     obs_passthrough: int = 0
     action_masking: bool = True
+    # Train the output layers only (actor, critic and cost-critic heads); the hidden layers
+    # keep their starting values, e.g. a public pretraining's features. Under DP-SGD the
+    # clip and the noise then cover the heads' few coordinates only.
+    frozen_trunk: bool = False
     num_costs: int = 0  # constraints (constrained PPO when > 0; needs make_train's cost_fn)
     # DP-SGD over segments (one env's rollout column is one segment), on when dp_clip_norm > 0:
     # each of the epochs x minibatches steps Poisson-samples segments with dp_sampling_rate
@@ -179,6 +183,14 @@ def clip_per_segment(grads, clip_norm):
     """Scale each segment's gradient (leading axis) to L2 norm at most `clip_norm`."""
     factor = jnp.minimum(1.0, clip_norm / jnp.maximum(segment_norms(grads), 1e-12))
     return jax.tree.map(lambda g: g * factor.reshape((-1,) + (1,) * (g.ndim - 1)).astype(g.dtype), grads)
+
+
+def output_layers_only(grads):
+    """`grads` with every leaf outside the networks' output layers (`*_out`) zeroed: a
+    frozen trunk's coordinates get no update, and under DP-SGD no clip share or noise."""
+    def keep(path, g):
+        return g if any(str(getattr(k, "key", "")).endswith("_out") for k in path) else jnp.zeros_like(g)
+    return jax.tree_util.tree_map_with_path(keep, grads)
 
 
 def dp_gradient(per_segment_grads, mask, key, noise_multiplier, clip_norm, expected_count):
@@ -444,6 +456,7 @@ def make_train(
             return total, {"policy_loss": pg, "value_loss": v_loss, "entropy": entropy, "approx_kl": ((ratio - 1) - jnp.log(ratio)).mean()}
 
         flat = lambda x: x.reshape((batch,) + x.shape[3:])  # noqa: E731
+        trainable = output_layers_only if config.frozen_trunk else (lambda grads: grads)
 
         def epoch(carry, _):
             params, opt_state, key = carry
@@ -454,6 +467,7 @@ def make_train(
             def minibatch(carry, mb):
                 params, opt_state = carry
                 grads, info = jax.grad(loss_fn, has_aux=True)(params, *mb)
+                grads = trainable(grads)
                 updates, opt_state = tx.update(grads, opt_state, params)
                 return (optax.apply_updates(params, updates), opt_state), info
 
@@ -466,9 +480,15 @@ def make_train(
             params, opt_state, key = carry
             key, k_mask, k_noise = jax.random.split(key, 3)
             mask = jax.random.uniform(k_mask, (segments,)) < dp_rate
-            segment_grad = lambda d: jax.vmap(jax.grad(loss_fn, has_aux=True), in_axes=(None, 0, 0, 0))(params, *d)  # noqa: E731
+            per_segment = jax.vmap(jax.grad(loss_fn, has_aux=True), in_axes=(None, 0, 0, 0))
+
+            def segment_grad(d):
+                grads, info = per_segment(params, *d)
+                return trainable(grads), info
+
             total, info_sum, count = sampled_clipped_sum(segment_grad, by_segment, mask, config.dp_clip_norm, dp_chunk)
-            grads = noisy_mean(total, k_noise, config.dp_noise_multiplier, config.dp_clip_norm, dp_rate * segments)
+            # A frozen coordinate's release is its starting value whatever the data: no noise.
+            grads = trainable(noisy_mean(total, k_noise, config.dp_noise_multiplier, config.dp_clip_norm, dp_rate * segments))
             updates, opt_state = tx.update(grads, opt_state, params)
             info = {k: v / jnp.maximum(count, 1) for k, v in info_sum.items()}  # means over the sampled segments
             info["dp_sampled"] = count.astype(jnp.float32)
