@@ -17,7 +17,12 @@ Each `--units` group runs on its own (about 10-15 minutes each here) and is merg
 privacy_utility.json; the markdown and the plot are rendered from that JSON alone
 (`--render-only`).
 
-usage: python benchmarks/privacy_utility.py --units segment   (then region, segment-wide, segment-steps, segment-steps-long, segment-lr, segment-wide-lr)
+Public pretraining (the segment-public-pretrain groups): the policy first trains on the
+ten-region cluster's eight other regions, whose cluster-days stand for public data, then
+DP-SGD fine-tunes it on the two protected regions' segments; the policy trained on public
+data alone is a reference, and a private row meets the aim only above it.
+
+usage: python benchmarks/privacy_utility.py --units segment   (then any of the groups: --help lists them)
 """
 
 from __future__ import annotations
@@ -110,6 +115,10 @@ def from_public(groups: list[dict], pretrain: list[str], note: str) -> dict:
     refs = {label if label == FULL_PPO else label + suffix: o if label == FULL_PPO else [*o, PRETRAINED]
             for g in groups for label, o in g["references"].items()}
     refs["public pretraining only (zero-shot: no protected data)"] = ["ppo.normalize_obs=false", PRETRAINED, ZERO_SHOT]
+    # Whether the protected segments can improve on the public policy at all, without DP:
+    # the pretraining's own PPO settings (4 epochs x 4 minibatches, default rate).
+    refs["non-private fine-tune at the pretraining's settings (no normaliser, 4 epochs x 4 minibatches), from public pretraining"] = [
+        "ppo.normalize_obs=false", PRETRAINED]
     private = [(label + suffix, sigma, [*o, PRETRAINED]) for g in groups for label, sigma, o in g["private"]]
     return {"settings": groups[0]["settings"], "references": refs, "private": private, "pretrain": pretrain, "note": note}
 
@@ -441,6 +450,24 @@ def _commits(group) -> str:
     return ", ".join(found + ([f"not recorded for {missing} runs (run on an earlier version of the env, so stale)"] if missing else []))
 
 
+def verdict(group, row, untrained, best, aim) -> str:
+    """'met' where a private row reaches the aim's share within its epsilon and delta, and
+    beats the group's policy pretrained on public data alone (no protected data) where it
+    has one; 'below public' where only that last part fails (the share is then the public
+    data's, not DP-SGD's); else 'not met'."""
+    if not (_share(np.mean(row["reward_seeds"]), untrained, best) >= aim["share"] and row["epsilon"] <= aim["epsilon"]
+            and row["delta"] <= aim["delta"]):
+        return "not met"
+    public = _public_only(group)
+    return "met" if public is None or np.mean(row["reward_seeds"]) > public else "below public"
+
+
+def _public_only(group) -> float | None:
+    """Mean reward of the group's policy pretrained on public data alone, if it has one."""
+    found = [r for r in group["references"].values() if ZERO_SHOT in r["overrides"]]
+    return float(np.mean(found[0]["reward_seeds"])) if found else None
+
+
 def _short(override: str) -> str:
     """A cluster.nodes override named by its regions."""
     key, value = override.split("=", 1)
@@ -485,12 +512,13 @@ def render(data: dict) -> str:
         for label, r in group["references"].items():
             lines.append(f"| {label} | - | none | - | - | - | no DP | - | {np.mean(r['reward_seeds']):.3f} +- {np.std(r['reward_seeds']):.3f} | "
                          f"{_share(np.mean(r['reward_seeds']), untrained, best):.2f} | {100 * r['slo_attainment']:.1f} | {r['cost_usd_per_h']:.1f} | {_modal(r)} |")
-        met = []
+        met, below_public = [], []
         mechanisms = list(dict.fromkeys(r["mechanism"] for r in group["rows"]))
         for r in sorted(group["rows"], key=lambda r: (mechanisms.index(r["mechanism"]), r["noise_multiplier"])):
             share = _share(np.mean(r["reward_seeds"]), untrained, best)
-            if share >= aim["share"] and r["epsilon"] <= aim["epsilon"] and r["delta"] <= aim["delta"]:
-                met.append(r)
+            outcome = verdict(group, r, untrained, best, aim)
+            if outcome != "not met":
+                (met if outcome == "met" else below_public).append(r)
             lines.append(f"| {r['mechanism']} sigma {r['noise_multiplier']:g} | {r['privacy'][0]['unit']} | {r['mechanism']} | {r['noise_multiplier']:g} | "
                          f"{r['sampling_rate']:g} | {r['steps']} | {r['epsilon']:.3g} | {r['delta']:g} | "
                          f"{np.mean(r['reward_seeds']):.3f} +- {np.std(r['reward_seeds']):.3f} | {share:.2f} | {100 * r['slo_attainment']:.1f} | {r['cost_usd_per_h']:.1f} | {_modal(r)} |")
@@ -515,11 +543,19 @@ def render(data: dict) -> str:
         if GROUPS.get(unit, {}).get("note"):
             lines.append(GROUPS[unit]["note"])
         lines.append("")
-        verdicts.append((unit, met))
+        verdicts.append((unit, met, below_public))
     lines += ["## Aim", "", f"At least one unit reaches >= {aim['share']:.0%} of the non-private utility at epsilon <= {aim['epsilon']:g}, "
               f"delta <= {aim['delta']:g}:", ""]
-    for unit, met in verdicts:
-        if met:
+    for unit, met, below_public in verdicts:
+        if below_public and not met:
+            group = data["groups"][unit]
+            _, best, untrained = _summary(group)
+            top = max(below_public, key=lambda r: np.mean(r["reward_seeds"]))
+            lines.append(f"- {unit}: **not met**. {len(below_public)} private row(s) reach the share (best: {top['mechanism']}, noise "
+                         f"{top['noise_multiplier']:g}, epsilon {top['epsilon']:.3g}, share {_share(np.mean(top['reward_seeds']), untrained, best):.2f}), "
+                         f"but none beats the policy pretrained on public data alone (share {_share(_public_only(group), untrained, best):.2f}, "
+                         "no protected data): the share is the public data's, and the private fine-tuning lowers it.")
+        elif met:
             best_row = max(met, key=lambda r: r["noise_multiplier"])
             group = data["groups"][unit]
             _, best, untrained = _summary(group)

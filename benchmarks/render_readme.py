@@ -378,6 +378,10 @@ def hyperscore() -> list[str]:
             f"result of 130.5 would need V = {v_paper:.2f}."]
 
 
+VERDICTS = {"met": "met", "not met": "not met",
+            "below public": "not met: below the policy pretrained on public data alone, which uses no protected data"}
+
+
 def privacy() -> list[str]:
     """Per privacy_utility group: its best private row within the aim's epsilon."""
     import privacy_utility as pu
@@ -396,7 +400,7 @@ def privacy() -> list[str]:
         top = max(within, key=lambda r: np.mean(r["reward_seeds"]))
         share = pu._share(np.mean(top["reward_seeds"]), untrained, best)
         lines.append(f"- Group {unit}, unit {top['privacy'][0]['unit']}: {top['mechanism']}, noise {top['noise_multiplier']:g}, "
-                     f"epsilon {top['epsilon']:.3g}: share **{share:.2f}**, {'met' if share >= aim['share'] else 'not met'}. "
+                     f"epsilon {top['epsilon']:.3g}: share **{share:.2f}**, {VERDICTS[pu.verdict(group, top, untrained, best, aim)]}. "
                      f"Code commit: {pu._commits(group)}."
                      + (f" Machine: {group['machine']}." if group.get("machine", d["machine"]) != d["machine"] else ""))
     return lines

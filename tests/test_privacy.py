@@ -8,6 +8,7 @@ directly; epsilon in the training log, the run summary and the exported policy."
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import jax
@@ -566,3 +567,21 @@ def test_deployed_policy_is_the_average_of_the_released_globals(tiny_config):
 def test_global_average_config_errors_name_their_key(tiny_config, overrides):
     with pytest.raises(ConfigError, match=r"federated\.global_ema"):
         load_config(tiny_config, overrides)
+
+
+def test_the_privacy_aim_counts_a_row_only_above_the_public_only_policy():
+    """privacy_utility.verdict: a private row that reaches the share is 'met' only if it
+    beats the group's policy pretrained on public data alone (else the share is the public
+    data's); without such a reference, reaching the share within epsilon is enough."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import privacy_utility as pu
+
+    aim = {"share": 0.9, "epsilon": 8.0, "delta": 1e-5}
+    row = lambda reward, eps=5.0: {"reward_seeds": [reward], "epsilon": eps, "delta": 1e-5}  # noqa: E731
+    public = {"references": {"public only": {"overrides": [pu.PRETRAINED, pu.ZERO_SHOT], "reward_seeds": [-0.3]}}}
+    untrained, best = -3.0, -0.1  # share 0.9 at reward -0.39
+    assert pu.verdict(public, row(-0.35), untrained, best, aim) == "below public"
+    assert pu.verdict(public, row(-0.25), untrained, best, aim) == "met"
+    assert pu.verdict(public, row(-0.25, eps=9.0), untrained, best, aim) == "not met"
+    assert pu.verdict({"references": {}}, row(-0.35), untrained, best, aim) == "met"
+    assert pu.verdict({"references": {}}, row(-0.5), untrained, best, aim) == "not met"
