@@ -110,6 +110,9 @@ class PPOSection:
     # Train the output layers only, the hidden layers kept as they start (fine-tuning a
     # pretrained policy: trainers.start_from); under DP-SGD the noise covers the heads only.
     frozen_trunk: bool = False
+    # With normalize_obs: keep the normaliser's starting statistics (a pretraining's, from
+    # public data); nothing updates or reports them, so DP-SGD needs no private statistics.
+    frozen_normalizer: bool = False
     # PID gains of the constrained objective's multipliers (objective.kind: slo; Stooke et
     # al. 2020): the integral gain is the multipliers' learning rate per update.
     lagrange_ki: float = 0.05
@@ -614,8 +617,10 @@ def _validate_segment_dp(cfg: ExperimentConfig, require) -> None:
     require(0 <= q <= 1, "federated.segment_dp_sampling_rate", f"must be a rate in (0, 1] (0: 1 / ppo.num_minibatches), got {q}")
     if c == 0:
         return
-    require(not cfg.ppo.normalize_obs or (fed.segment_dp_stats_noise_multiplier > 0 and fed.segment_dp_stats_clip_norm > 0), "ppo.normalize_obs",
-            "under DP-SGD (federated.segment_dp_clip_norm > 0) needs federated.segment_dp_stats_noise_multiplier > 0 (and its clip norm), or false: "
+    require(not cfg.ppo.normalize_obs or cfg.ppo.frozen_normalizer
+            or (fed.segment_dp_stats_noise_multiplier > 0 and fed.segment_dp_stats_clip_norm > 0), "ppo.normalize_obs",
+            "under DP-SGD (federated.segment_dp_clip_norm > 0) needs federated.segment_dp_stats_noise_multiplier > 0 (and its clip norm), "
+            "ppo.frozen_normalizer: true, or false: "
             "the running normaliser would pool every segment's observations without noise (observations are already divided by each region's public observation scale)")
     require(cfg.objective.kind == "paper", "objective.kind",
             "DP-SGD needs the paper objective: the slo objective's Lagrange multipliers are updated from every segment's costs without noise")

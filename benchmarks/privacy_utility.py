@@ -107,20 +107,35 @@ def dp_sgd_group(settings: list[str], minibatches: int, label: str, sigmas, extr
     return {"settings": settings, "references": references, "private": plain_rows + varied + list(extra_private)}
 
 
-def from_public(groups: list[dict], pretrain: list[str], note: str) -> dict:
+def from_public(groups: list[dict], pretrain: list[str], note: str, normaliser: str = "no normaliser") -> dict:
     """`groups` merged, with every run but the from-scratch yardstick (FULL_PPO) starting
     from the public pretraining (trained with `pretrain`), and that policy evaluated
-    zero-shot as one more reference."""
-    suffix = ", from public pretraining"
+    zero-shot as one more reference. `normaliser`: the runs' normaliser, as their labels
+    name it (NORMALISERS)."""
+    suffix, norm = ", from public pretraining", NORMALISERS[normaliser]
     refs = {label if label == FULL_PPO else label + suffix: o if label == FULL_PPO else [*o, PRETRAINED]
             for g in groups for label, o in g["references"].items()}
-    refs["public pretraining only (zero-shot: no protected data)"] = ["ppo.normalize_obs=false", PRETRAINED, ZERO_SHOT]
+    refs["public pretraining only (zero-shot: no protected data)"] = [norm, PRETRAINED, ZERO_SHOT]
     # Whether the protected segments can improve on the public policy at all, without DP:
     # the pretraining's own PPO settings (4 epochs x 4 minibatches, default rate).
-    refs["non-private fine-tune at the pretraining's settings (no normaliser, 4 epochs x 4 minibatches), from public pretraining"] = [
-        "ppo.normalize_obs=false", PRETRAINED]
+    refs[f"non-private fine-tune at the pretraining's settings ({normaliser}, 4 epochs x 4 minibatches), from public pretraining"] = [
+        norm, PRETRAINED]
     private = [(label + suffix, sigma, [*o, PRETRAINED]) for g in groups for label, sigma, o in g["private"]]
     return {"settings": groups[0]["settings"], "references": refs, "private": private, "pretrain": pretrain, "note": note}
+
+
+# The fine-tuning runs' normaliser: off, or the public pretraining's statistics frozen
+# (nothing of the protected segments updates them, so DP-SGD releases no statistics).
+NORMALISERS = {"no normaliser": "ppo.normalize_obs=false", "public normaliser, frozen": "ppo.frozen_normalizer=true"}
+
+
+def with_public_normaliser(group: dict) -> dict:
+    """`group` with every run but FULL_PPO normalising with the frozen public statistics
+    instead of running without the normaliser."""
+    swap = lambda o: [NORMALISERS["public normaliser, frozen"] if x == NORMALISERS["no normaliser"] else x for x in o]  # noqa: E731
+    name = lambda label: label.replace("no normaliser", "public normaliser, frozen")  # noqa: E731
+    return {**group, "references": {name(label): swap(o) for label, o in group["references"].items()},
+            "private": [(name(label) + ", public normaliser", sigma, swap(o)) for label, sigma, o in group["private"]]}
 
 
 def output_layers_only(group: dict) -> dict:
@@ -270,6 +285,15 @@ GROUPS = {
          "at 6; lr 1e-3, noise 6: -0.349): the rows that move least from the start do best. No private row learns from the "
          "protected segments here."),
     ),
+    # segment-public-pretrain with the observation normaliser: pretrained with it on the
+    # public regions (the yardstick's PPO settings), its statistics then frozen in every
+    # fine-tune, so the protected segments release none.
+    "segment-public-normaliser": from_public(
+        [with_public_normaliser(dp_sgd_group(["env.num_clusters=128", "train.total_env_steps=8000000"], 4,
+                                             f"DP-SGD, 4 Poisson steps per rollout (q = 0.25), lr {lr:g}", (2.4, 6.0), lr=lr))
+         for lr in (3e-3, 1e-3)],
+        [public_nodes(), "env.num_clusters=64", "train.total_env_steps=16000000"],
+        "", normaliser="public normaliser, frozen"),
     # The same at lower learning rates: with a quarter of the noise, Adam's step along the
     # signal (about lr x the signal-to-noise ratio) is four times segment-lr's at 3e-3.
     **{f"segment-wide-lr{lr:g}": {

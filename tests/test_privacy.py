@@ -507,6 +507,34 @@ def test_epsilon_in_the_log_the_summary_and_the_export(tiny_config, tmp_path):
     assert spec["privacy"]["guarantees"] == records[-1]["privacy"]
 
 
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("mode", ["federated", "local"])
+def test_a_frozen_normaliser_keeps_its_statistics_and_releases_none(tiny_config, mode):
+    """ppo.frozen_normalizer under DP-SGD: the normaliser a run starts from (a pretraining's)
+    is what it ends with, in every node and the federation's global, and epsilon counts no
+    statistics release (the same as with the normaliser off). Without the freeze the same
+    run is refused (its running statistics would pool every segment without noise)."""
+    over = [*SEGMENT_DP[1:], "env.num_clusters=4", "train.total_env_steps=5120", f"federated.mode={mode}"]
+    with pytest.raises(config_lib.ConfigError, match="ppo.normalize_obs"):
+        load_config(tiny_config, over)
+    cfg = load_config(tiny_config, [*over, "ppo.frozen_normalizer=true"])
+    trainer = trainers.make_trainer(cfg)
+    hp = trainers.hyperparams(cfg)
+    state = trainer.init(jax.random.PRNGKey(0), hp)
+    source = trainer.weights(state)
+    source = jax.tree.map(lambda x: x[0], source) if trainer.per_node else source
+    public = source.obs_stats.replace(mean=source.obs_stats.mean + 0.5, var=source.obs_stats.var * 3.0, count=jnp.asarray(5e4, jnp.float32))
+    state = trainers.start_from(trainer, state, source.replace(obs_stats=public))
+    end, _ = jax.jit(trainer.chunk, static_argnums=2)(state, hp, trainer.units_total)
+    stats = [end.global_stats, end.nodes.obs_stats] if mode == "federated" else [end.nodes.obs_stats]
+    for got in stats:
+        for field in ("mean", "var", "count"):
+            np.testing.assert_array_equal(np.broadcast_to(getattr(public, field), np.shape(getattr(got, field))), getattr(got, field))
+    (frozen,) = trainers.privacy_report(cfg, trainer.units_total, episode_ticks=32)
+    (off,) = trainers.privacy_report(load_config(tiny_config, [*over, "ppo.normalize_obs=false"]), trainer.units_total, episode_ticks=32)
+    assert frozen == off and "normaliser" not in frozen["mechanism"]
+
+
 def test_private_normaliser_statistics_bound_each_segment_and_noise_as_configured():
     rng = np.random.default_rng(6)
     obs = jnp.asarray(rng.normal(size=(32, 16, 5)).astype(np.float32))

@@ -80,6 +80,10 @@ class PPOConfig:
     # keep their starting values, e.g. a public pretraining's features. Under DP-SGD the
     # clip and the noise then cover the heads' few coordinates only.
     frozen_trunk: bool = False
+    # With normalize_obs: the normaliser keeps its starting statistics (a pretraining's,
+    # from public data); nothing updates it and a rollout reports none, so under DP-SGD it
+    # needs no private statistics.
+    frozen_normalizer: bool = False
     num_costs: int = 0  # constraints (constrained PPO when > 0; needs make_train's cost_fn)
     # DP-SGD over segments (one env's rollout column is one segment), on when dp_clip_norm > 0:
     # each of the epochs x minibatches steps Poisson-samples segments with dp_sampling_rate
@@ -343,7 +347,7 @@ def make_train(
     dp_rate = config.dp_sampling_rate or 1.0 / minibatches
     if dp_sgd:
         # Statistics pooled over every segment without noise would bypass the guarantee.
-        if (config.normalize_obs and not config.dp_stats_noise_multiplier > 0) or num_costs:
+        if (config.normalize_obs and not config.frozen_normalizer and not config.dp_stats_noise_multiplier > 0) or num_costs:
             raise ValueError("DP-SGD needs no constraints, and normalize_obs only with dp_stats_noise_multiplier > 0: the Lagrange "
                              "multipliers and an unprivatised normaliser would pool every segment without noise")
         if not 0 < dp_rate <= 1:
@@ -505,12 +509,18 @@ def make_train(
             losses["dp_batch_std"] = sampled.std()  # > 0: the batch size varies (no shuffle)
         else:
             (params, opt_state, key), losses = jax.lax.scan(epoch, (state.params, state.opt_state, key), None, epochs)
-        if dp_sgd:
-            seg_obs = jnp.swapaxes(env_obs[..., :stats_dim].reshape((steps, segments, stats_dim)), 0, 1)
-            private = private_statistics(seg_obs, jax.random.fold_in(key, 1), config.dp_stats_noise_multiplier, config.dp_stats_clip_norm)
-            new_stats = stats.merge(private) if config.normalize_obs else stats
+        empty = RunningStats(jnp.zeros(stats_dim), jnp.zeros(stats_dim), jnp.zeros((), jnp.float32))
+        updating = config.normalize_obs and not config.frozen_normalizer
+        if dp_sgd:  # nothing of the observations leaves the update unprotected
+            if updating:
+                seg_obs = jnp.swapaxes(env_obs[..., :stats_dim].reshape((steps, segments, stats_dim)), 0, 1)
+                rollout_stats = private_statistics(seg_obs, jax.random.fold_in(key, 1), config.dp_stats_noise_multiplier,
+                                                   config.dp_stats_clip_norm)
+            else:
+                rollout_stats = empty
         else:
-            new_stats = stats.update(env_obs[..., :stats_dim]) if config.normalize_obs else stats
+            rollout_stats = empty if config.frozen_normalizer else RunningStats.from_batch(env_obs[..., :stats_dim])
+        new_stats = stats.merge(rollout_stats) if updating else stats
         metrics = {"reward": traj.reward.mean(), **jax.tree.map(jnp.mean, losses), **jax.tree.map(jnp.mean, step_metrics)}
         if num_costs:
             mean_cost = traj.cost.reshape(-1, num_costs).mean(0)
@@ -519,11 +529,6 @@ def make_train(
                 metrics[f"cost_{i}"] = mean_cost[i]
                 metrics[f"multiplier_{i}"] = constraint.multipliers[i]
         new_state = TrainState(params, opt_state, new_stats, env_state, obs, key, state.update_step + 1, constraint)
-        if dp_sgd:  # nothing of the observations leaves the update unprotected
-            empty = RunningStats(jnp.zeros(stats_dim), jnp.zeros(stats_dim), jnp.zeros((), jnp.float32))
-            rollout_stats = private if config.normalize_obs else empty
-        else:
-            rollout_stats = RunningStats.from_batch(env_obs[..., :stats_dim])
         return new_state, metrics, rollout_stats
 
     def train_chunk(state: TrainState, hp: Hyperparams, num: int):

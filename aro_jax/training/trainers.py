@@ -90,7 +90,8 @@ def ppo_config(cfg: config_lib.ExperimentConfig) -> ppo.PPOConfig:
         num_envs=cfg.env.num_clusters, rollout_steps=p.rollout_steps, num_minibatches=p.num_minibatches,
         update_epochs=p.update_epochs, total_updates=max(config_lib.num_updates(cfg), 1), hidden_sizes=tuple(p.hidden_sizes),
         anneal_lr=p.anneal_lr, normalize_obs=p.normalize_obs, obs_passthrough=len(DESCRIPTOR_FIELDS),
-        action_masking=p.action_masking, frozen_trunk=p.frozen_trunk, num_costs=len(CONSTRAINTS) if cfg.objective.kind == "slo" else 0,
+        action_masking=p.action_masking, frozen_trunk=p.frozen_trunk,
+        frozen_normalizer=p.frozen_normalizer, num_costs=len(CONSTRAINTS) if cfg.objective.kind == "slo" else 0,
         dp_clip_norm=cfg.federated.segment_dp_clip_norm, dp_noise_multiplier=cfg.federated.segment_dp_noise_multiplier,
         dp_sampling_rate=cfg.federated.segment_dp_sampling_rate,
         dp_stats_clip_norm=cfg.federated.segment_dp_stats_clip_norm,
@@ -212,7 +213,8 @@ def privacy_report(cfg: config_lib.ExperimentConfig, units_done: int, episode_ti
         steps, sensitivity = privacy.segment_steps(updates, episode_ticks, p.rollout_steps, p.update_epochs, p.num_minibatches)
         rate = fed.segment_dp_sampling_rate or 1.0 / p.num_minibatches
         # With the normaliser on, every rollout of the day also releases its statistics.
-        stats = (fed.segment_dp_stats_noise_multiplier / sensitivity, steps // (p.update_epochs * p.num_minibatches)) if p.normalize_obs else None
+        stats = ((fed.segment_dp_stats_noise_multiplier / sensitivity, steps // (p.update_epochs * p.num_minibatches))
+                 if p.normalize_obs and not p.frozen_normalizer else None)
         out.append({
             "unit": "segment", "covers": PRIVACY_UNITS["segment"],
             "mechanism": "DP-SGD (per-segment clipping, Poisson-sampled segments" + (", private normaliser)" if stats else ")"),
