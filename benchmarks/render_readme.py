@@ -414,8 +414,8 @@ def pareto() -> list[str]:
 
     d = load("pareto.json")
     lines = ["### Cost against SLO attainment", "",
-             f"`{d['command']}` → [`benchmarks/pareto.md`](benchmarks/pareto.md) ([plot](benchmarks/pareto.png)): the constrained "
-             f"learner at targets {', '.join(f'{t:g}' for t in d['targets'])} ({d['seeds']} seeds, {d['clusters']} clusters per "
+             f"`{d['command']}` → [`benchmarks/pareto.md`](benchmarks/pareto.md) ([plot](benchmarks/pareto.png)): the main job's "
+             f"config trained to targets {', '.join(f'{t:g}' for t in d['targets'])} ({d['seeds']} seed{'s' if d['seeds'] > 1 else ''}, {d['clusters']} clusters per "
              f"region, {d['steps'] / 1e6:g}M env steps, one compiled program) against "
              + ", ".join(f"{k} at {len(v['values'])} settings" for k, v in d["settings"].items()) + ", tier off for all. Aim: the learned frontier below every heuristic's in the band (attainment >= "
              f"min(90 %, 0.9 x the ceiling that policy-independent rejects leave)), and at target {pa.MAIN_TARGET:g} >= "
