@@ -290,15 +290,37 @@ def robustness() -> list[str]:
     sys.path.insert(0, str(B))
     import robustness as study
 
-    rows = study.load()
+    every = study.load()
+
+    def grid(f):
+        """The f grid's records (robustness.md has one per f): its attacked runs and the
+        no-attack runs of the same defences (a robust aggregator's assumed f is part of
+        it), with the Local-only runs; and its cells' scores."""
+        at_f = lambda r: r["f"] == f or (r["attack"] == "none" and r["f_assumed"] == study.defence_for(r["aggregator"], f)[1])  # noqa: E731
+        rows = [r for r in every if r["aggregator"] == "local-only" or at_f(r)]
+        cell = {}
+        for r in rows:
+            cell.setdefault((r["method"], r["aggregator"], r["attack"]), []).append(r["score"])
+        return rows, cell
+
+    def aim(f, rows, cell):
+        """The aim as robustness.md states it (its aim_statement), on the same cells."""
+        attacks = [a for a in study.ATTACKS if any(r["attack"] == a for r in rows)]
+        summary = {}
+        for m, a in dict.fromkeys((r["method"], r["aggregator"]) for r in rows if r["aggregator"] != "local-only"):
+            attacked = {k: np.mean(cell[(m, a, k)]) for k in attacks if k != "none" and (m, a, k) in cell}
+            if (m, a, "none") in cell and attacked:
+                worst = min(attacked, key=attacked.get)
+                summary[f"{m} {a}"] = (float(np.mean(cell[(m, a, "none")])), float(attacked[worst]), worst)
+        local = cell.get(("local", "local-only", "none"))
+        return study.aim_statement(summary, f, float(np.mean(local)) if local else None, study.load_curve())
+
+    rows, cell = grid(3)
     if not rows:
         return []
     fed = [r for r in rows if r["aggregator"] != "local-only"]
     attacks = [a for a in study.ATTACKS if any(r["attack"] == a for r in fed)]
     strength = {r["attack"]: r["strength"] for r in fed}
-    cell = {}
-    for r in rows:
-        cell.setdefault((r["method"], r["aggregator"], r["attack"]), []).append(r["score"])
     out = [
         "`python benchmarks/robustness.py` (the command and study config are in "
         "[`benchmarks/robustness.md`](benchmarks/robustness.md)): three of the ten regions attack from round 0, each robust "
@@ -310,8 +332,7 @@ def robustness() -> list[str]:
         "| method | aggregator | " + " | ".join(f"{k} ({strength[k]:g})" if k != "none" else k for k in attacks) + " |",
         "|---|---" + "|---" * len(attacks) + "|",
     ]
-    keys = list(dict.fromkeys((r["method"], r["aggregator"]) for r in fed))
-    for m, a in keys:
+    for m, a in dict.fromkeys((r["method"], r["aggregator"]) for r in fed):
         out.append(f"| {m} | {a} | " + " | ".join(
             f"{np.mean(cell[(m, a, k)]):.2f} / {np.min(cell[(m, a, k)]):.2f}" if (m, a, k) in cell else "—" for k in attacks) + " |")
     local = cell.get(("local", "local-only", "none"))
@@ -320,14 +341,10 @@ def robustness() -> list[str]:
             "`federated.worker_momentum`).", ""]
     if local:
         out.append(f"Local-only (no federation): {np.mean(local):.2f} / {np.min(local):.2f}.")
-    # The aim as robustness.md states it (its aim_statement), on the same cells.
-    summary = {}
-    for m, a in keys:
-        attacked = {k: np.mean(cell[(m, a, k)]) for k in attacks if k != "none" and (m, a, k) in cell}
-        if (m, a, "none") in cell and attacked:
-            worst = min(attacked, key=attacked.get)
-            summary[f"{m} {a}"] = (float(np.mean(cell[(m, a, "none")])), float(attacked[worst]), worst)
-    out += ["", study.aim_statement(summary, 3, float(np.mean(local)) if local else None, study.load_curve())]
+    out += ["", aim(3, rows, cell)]
+    for f in sorted({r["f"] for r in every if 0 < r["f"] != 3}):
+        rows_f, cell_f = grid(f)
+        out += ["", f"{f} of 10 regions Byzantine (fewer rows: robustness.md). " + aim(f, rows_f, cell_f)]
     return out
 
 

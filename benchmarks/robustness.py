@@ -300,11 +300,24 @@ def main():
     ap.add_argument("--curve", type=int, default=0, metavar="POINTS",
                     help="instead of the grid: the learning curves of these rows and attacks, evaluated at POINTS budgets (robustness_curve.json)")
     args = ap.parse_args()
+    recorded = json.loads(GRID_ARGS.read_text()) if GRID_ARGS.exists() else None
+    mine = {k: v for k, v in vars(args).items() if k not in ("part", "render_only", "curve")}
     if args.curve or args.render_only:  # the grid's own command draws the grid's header
-        grid_args = argparse.Namespace(**json.loads(GRID_ARGS.read_text())) if GRID_ARGS.exists() else args
+        grid_args = argparse.Namespace(**recorded) if recorded else args
+    elif recorded and {k: v for k, v in recorded.items() if k != "later"} != mine:
+        # A later grid command adds cells to the recorded grid (finished cells are skipped):
+        # the header names the first command and then each later one, at the same budget.
+        if recorded["steps"] != args.steps:
+            ap.error(f"--steps {args.steps}: the recorded grid ran at {recorded['steps']}; move robustness_runs/ aside for a new budget")
+        argv = sys.argv[1:]
+        shown = [a for i, a in enumerate(argv) if not a.startswith("--part") and (i == 0 or argv[i - 1] != "--part")]
+        command = "python benchmarks/robustness.py " + " ".join(shown)
+        recorded["later"] = [*dict.fromkeys([*recorded.get("later", []), command])]
+        GRID_ARGS.write_text(json.dumps(recorded))
+        grid_args = argparse.Namespace(**recorded)
     else:
         RUNS.mkdir(exist_ok=True)
-        GRID_ARGS.write_text(json.dumps({k: v for k, v in vars(args).items() if k not in ("part", "render_only", "curve")}))
+        GRID_ARGS.write_text(json.dumps(mine))
         grid_args = args
     for row in args.pre:
         agg, pre = label(row)
@@ -432,13 +445,14 @@ def kept_share(base: float, worst: float) -> float:
     return 1.0 - max(base - worst, 0.0) / max(abs(base), 1e-9)
 
 
-def curve_statement(row: str, curve: dict | None) -> str:
-    """The grid's best row at the largest budget its learning curve reached: the share of
-    its no-attack score it keeps under the worst attack run there (the grid's budget is
-    short of convergence, so the aim must also hold there)."""
+def curve_statement(row: str, curve: dict | None, f: int = 3) -> str:
+    """The grid's best row at the largest budget its learning curve reached at this f: the
+    share of its no-attack score it keeps under the worst attack run there (the grid's
+    budget is short of convergence, so the aim must also hold there)."""
     method, agg = row.split(" ", 1)
-    recs = [r for r in (curve or {}).get("records", []) if (r["method"], r["aggregator"]) == (method, agg)]
-    if not recs:
+    same_defence = lambda r: r["f"] == f or (r["attack"] == "none" and r.get("f_assumed", f) == defence_for(agg, f)[1])  # noqa: E731
+    recs = [r for r in (curve or {}).get("records", []) if (r["method"], r["aggregator"]) == (method, agg) and same_defence(r)]
+    if not any(r["attack"] != "none" for r in recs):
         return f" The curve has no runs of {row} at a longer budget: the aim is checked at the grid's budget only."
     n = max(r["env_steps"] for r in recs)
     mean = {a: float(np.mean([r["score"] for r in recs if r["attack"] == a and r["env_steps"] == n])) for a in {r["attack"] for r in recs if r["env_steps"] == n}}
@@ -470,7 +484,7 @@ def aim_statement(summary: dict[str, tuple[float, float, str]], f: int, local: f
             f"{100 * kept_share(base, worst):.0f} % kept); FedAvg keeps {100 * min(kept_share(b, w) for b, w, _ in fedavg):.0f} % at worst; "
             f"Local-only {local if local is None else round(local, 3)}. Aims: keeps >= 90 % **{'met' if met_keep else 'not met'}**; "
             f"FedAvg collapses (keeps < 50 %) **{'yes' if collapsed else 'no'}**; no-attack return >= Local-only's "
-            f"**{'met' if met_local else 'not met'}**." + curve_statement(best, curve))
+            f"**{'met' if met_local else 'not met'}**." + curve_statement(best, curve, f))
 
 
 def render(records: list[dict], args) -> None:
@@ -485,7 +499,8 @@ def render(records: list[dict], args) -> None:
         + (f"--pull-aggregators {' '.join(args.pull_aggregators)} " if any(m.startswith("personal-pull") for m in args.method) else "")
         + (f"--momentum-aggregators {' '.join(args.momentum_aggregators)} " if "momentum" in args.method else "")
         + f"--attacks {' '.join(args.attacks)}"
-        f"{' --local' if args.local else ''}` (results accumulate in robustness_runs/; `--part k/P` splits the grid over P processes; "
+        f"{' --local' if args.local else ''}`" + "".join(f", then `{c}`" for c in getattr(args, "later", []))
+        + " (results accumulate in robustness_runs/; `--part k/P` splits the grid over P processes; "
         f"`--render-only` redraws this file); machine: {os.cpu_count()}-core {platform.machine()} CPU, jax {jax.__version__}; "
         f"code at commit {', '.join(sorted({r.get('commit', 'unknown') for r in records}))}.",
         "",
