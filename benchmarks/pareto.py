@@ -4,8 +4,8 @@ scenario and every held-out one, with the quality tier off for every policy.
 
 Learned: the main job's config (its budget, margins and federation) under several
 attainment targets, one run per (target, seed), all trained in one compiled program (the
-targets are hyperparameter leaves, vmapped with the seeds); the trained weights are saved,
-so `--weights` evaluates them again without training. Heuristics: Reactive (HPA) at
+targets are hyperparameter leaves, vmapped with the seeds); the trained weights are saved
+to `--weights`, and `--evaluate-only` evaluates them again without training. Heuristics: Reactive (HPA) at
 several target loads, Predictive at several headrooms, both also with spill-over routing,
 and Static sized for the peak at several utilisations; each family's settings are vmapped
 in one compiled evaluation. Every policy is evaluated on the same seeds. Writes
@@ -13,7 +13,7 @@ pareto.json, then pareto.md and pareto.png from it.
 
 usage: python benchmarks/pareto.py [--targets 0.75 0.8 0.85 0.9 0.95] [--seeds 1]
            [--steps 30000000] [--clusters 16] [--eval-seeds 4] [--scenarios ...]
-           [--weights runs/pareto/weights.msgpack] [--render-only]
+           [--weights runs/pareto/weights.msgpack] [--evaluate-only] [--render-only]
 """
 
 from __future__ import annotations
@@ -78,9 +78,9 @@ def frontier_runs(args):
     return cfg, trainer, targets, keys, hps
 
 
-def train_frontier(args, trainer, keys, hps):
+def train_frontier(path, trainer, keys, hps):
     """Every run in one compiled program; the weights, last metrics and training time are
-    saved to args.weights."""
+    saved to `path`."""
 
     def one(key, hp):
         state, metrics = trainer.chunk(trainer.init(key, hp), hp, trainer.units_total)
@@ -91,8 +91,8 @@ def train_frontier(args, trainer, keys, hps):
     train_s = time.perf_counter() - t0
     print(f"trained {len(keys)} runs in {train_s:.0f} s", flush=True)
     last = {k: np.asarray(v).tolist() for k, v in last.items()}
-    Path(args.weights).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.weights).write_bytes(serialization.msgpack_serialize(
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_bytes(serialization.msgpack_serialize(
         {"weights": serialization.to_state_dict(jax.tree.map(np.asarray, weights)), "last": last, "train_s": train_s}))
     return weights, last, train_s
 
@@ -133,7 +133,9 @@ def main() -> int:
         return 0
     t_start = time.perf_counter()
     cfg, trainer, targets, keys, hps = frontier_runs(args)
-    weights, last, train_s = (load_frontier if args.evaluate_only else train_frontier)(*([args.weights] if args.evaluate_only else [args]), trainer, keys, hps)
+    if args.evaluate_only and not Path(args.weights).is_file():
+        ap.error(f"--evaluate-only: no trained weights at {args.weights}; run once without --evaluate-only (or pass --weights PATH)")
+    weights, last, train_s = (load_frontier if args.evaluate_only else train_frontier)(args.weights, trainer, keys, hps)
     policy = learned_policy.greedy_policy(trainer.network, cfg.ppo.normalize_obs, cfg.ppo.action_masking)
     key, n, ticks = jax.random.PRNGKey(2024), args.eval_seeds, cfg.env.episode_ticks
     rows = []
