@@ -406,7 +406,7 @@ def privacy() -> list[str]:
     d = load("privacy_utility.json")
     aim = d["aim"]
     lines = [f"[`benchmarks/privacy_utility.md`](benchmarks/privacy_utility.md), {d['seeds']} training seeds per row, a two-region "
-             f"cluster; utility share = the share of the best non-private run's improvement over the untrained policy. Aim: "
+             f"cluster (us-east and eu-central unless a group names another); utility share = the share of the best non-private run's improvement over the untrained policy. Aim: "
              f"share >= {aim['share']:g} at epsilon <= {aim['epsilon']:g} (delta {aim['delta']:g}). Best row per group within "
              "that epsilon:", ""]
     for unit, group in d["groups"].items():
@@ -416,7 +416,8 @@ def privacy() -> list[str]:
             continue
         top = max(within, key=lambda r: np.mean(r["reward_seeds"]))
         share = pu._share(np.mean(top["reward_seeds"]), untrained, best)
-        lines.append(f"- Group {unit}, unit {top['privacy'][0]['unit']}: {top['mechanism']}, noise {top['noise_multiplier']:g}, "
+        cluster = [pu._short(o).split("=", 1)[1] for o in group["settings"] if o.startswith("cluster.nodes=")]
+        lines.append(f"- Group {unit}{f' (regions {cluster[0]})' if cluster else ''}, unit {top['privacy'][0]['unit']}: {top['mechanism']}, noise {top['noise_multiplier']:g}, "
                      f"epsilon {top['epsilon']:.3g}: share **{share:.2f}**, {VERDICTS[pu.verdict(group, top, untrained, best, aim)]}. "
                      f"Code commit: {pu._commits(group)}."
                      + (f" Machine: {group['machine']}." if group.get("machine", d["machine"]) != d["machine"] else ""))
@@ -424,26 +425,32 @@ def privacy() -> list[str]:
 
 
 def pareto() -> list[str]:
-    """The frontier study's aims per scenario (benchmarks/pareto.py), when it has run."""
+    """The frontier study's aims per scenario (benchmarks/pareto.py), tier off and, when it
+    has run, tier on."""
     if not (B / "pareto.json").is_file():
         return []
     import pareto as pa
 
-    d = load("pareto.json")
-    lines = ["### Cost against SLO attainment", "",
-             f"`{d['command']}` → [`benchmarks/pareto.md`](benchmarks/pareto.md) ([plot](benchmarks/pareto.png)): the main job's "
-             f"config trained to targets {', '.join(f'{t:g}' for t in d['targets'])} ({d['seeds']} seed{'s' if d['seeds'] > 1 else ''}, {d['clusters']} clusters per "
-             f"region, {d['steps'] / 1e6:g}M env steps, one compiled program) against "
-             + ", ".join(f"{k} at {len(v['values'])} settings" for k, v in d["settings"].items()) + ", tier off for all. Aim: the learned frontier below every heuristic's in the band (attainment >= "
-             f"min(90 %, 0.9 x the ceiling that policy-independent rejects leave)), and at target {pa.MAIN_TARGET:g} >= "
-             f"{pa.PAPER_COST_CLAIM_PCT:g} % cheaper than the cheapest heuristic setting reaching its attainment.", ""]
-    for a in pa.aims(d):
-        main = (f"learned at {pa.MAIN_TARGET:g}: {a['main'][1]:.1f} % at ${a['main'][2]:.3f} per 1M tokens" if a["main"] else "no learned point at the main target")
-        vs = (f", cost saving {a['saving_pct']:+.0f} % against {a['cheapest']['policy']} {a['cheapest']['setting']:g}" if a["saving_pct"] is not None
-              else ", no heuristic setting reaches that attainment")
-        lines.append(f"- {a['scenario']} (ceiling {a['ceiling']:.1f} %, band >= {a['band']:.1f} %): frontier below every heuristic in "
-                     f"the band **{'yes' if a['frontier_below'] else 'no'}**; {main}{vs if a['main'] else ''}.")
-    return [*lines, ""]
+    lines = ["### Cost against SLO attainment", ""]
+    for name in ("pareto.json", "pareto_tier.json"):
+        if not (B / name).is_file():
+            continue
+        d, stem = load(name), name.removesuffix(".json")
+        lines += [f"`{d['command']}` → [`benchmarks/{stem}.md`](benchmarks/{stem}.md) ([plot](benchmarks/{stem}.png)): the main job's "
+                  f"config trained to targets {', '.join(f'{t:g}' for t in d['targets'])} ({d['seeds']} seed{'s' if d['seeds'] > 1 else ''}, "
+                  f"{d['clusters']} clusters per region, {d['steps'] / 1e6:g}M env steps, one compiled program) against "
+                  + ", ".join(f"{k} at {len(v['values'])} settings" for k, v in d["settings"].items())
+                  + f", tier {'on' if d.get('tier') else 'off'} for all. Aim (stated with the tier off): the learned frontier below every "
+                  "heuristic's in the band (attainment >= min(90 %, 0.9 x the ceiling that policy-independent rejects leave)), and at "
+                  f"target {pa.MAIN_TARGET:g} >= {pa.PAPER_COST_CLAIM_PCT:g} % cheaper than the cheapest heuristic setting reaching its attainment.", ""]
+        for a in pa.aims(d):
+            main = (f"learned at {pa.MAIN_TARGET:g}: {a['main'][1]:.1f} % at ${a['main'][2]:.3f} per 1M tokens" if a["main"] else "no learned point at the main target")
+            vs = (f", cost saving {a['saving_pct']:+.0f} % against {a['cheapest']['policy']} {a['cheapest']['setting']:g}" if a["saving_pct"] is not None
+                  else ", no heuristic setting reaches that attainment")
+            lines.append(f"- {a['scenario']} (ceiling {a['ceiling']:.1f} %, band >= {a['band']:.1f} %): frontier below every heuristic in "
+                         f"the band **{'yes' if a['frontier_below'] else 'no'}**; {main}{vs if a['main'] else ''}.")
+        lines.append("")
+    return lines
 
 
 def variants() -> list[str]:
