@@ -448,7 +448,9 @@ def pareto() -> list[str]:
             vs = (f", cost saving {a['saving_pct']:+.0f} % against {a['cheapest']['policy']} {a['cheapest']['setting']:g}" if a["saving_pct"] is not None
                   else ", no heuristic setting reaches that attainment")
             lines.append(f"- {a['scenario']} (ceiling {a['ceiling']:.1f} %, band >= {a['band']:.1f} %): frontier below every heuristic in "
-                         f"the band **{'yes' if a['frontier_below'] else 'no'}**; {main}{vs if a['main'] else ''}.")
+                         f"the band **{'yes' if a['frontier_below'] else 'no'}**; {main}{vs if a['main'] else ''}; within the learned "
+                         f"span ({a['learned_span'][0]:.1f}-{a['learned_span'][1]:.1f} %) a learned point beats {a['covered_beaten']} of "
+                         f"{a['covered']} heuristic points.")
         lines.append("")
     return lines
 
