@@ -293,11 +293,9 @@ def robustness() -> list[str]:
     every = study.load()
 
     def grid(f):
-        """The f grid's records (robustness.md has one per f): its attacked runs and the
-        no-attack runs of the same defences (a robust aggregator's assumed f is part of
-        it), with the Local-only runs; and its cells' scores."""
-        at_f = lambda r: r["f"] == f or (r["attack"] == "none" and r["f_assumed"] == study.defence_for(r["aggregator"], f)[1])  # noqa: E731
-        rows = [r for r in every if r["aggregator"] == "local-only" or at_f(r)]
+        """The f grid's records (robustness.md has one per f) with the Local-only runs, and
+        its cells' scores."""
+        rows = [r for r in every if r["aggregator"] == "local-only" or study.in_grid(r, f)]
         cell = {}
         for r in rows:
             cell.setdefault((r["method"], r["aggregator"], r["attack"]), []).append(r["score"])

@@ -445,13 +445,19 @@ def kept_share(base: float, worst: float) -> float:
     return 1.0 - max(base - worst, 0.0) / max(abs(base), 1e-9)
 
 
+def in_grid(record: dict, f: int) -> bool:
+    """Whether a run belongs to the f grid: attacked by f regions, or a no-attack run of the
+    defence the grid uses at f (a robust aggregator's assumed f is part of it)."""
+    assumed = record.get("f_assumed", f)
+    return record["f"] == f or (record["attack"] == "none" and assumed == defence_for(record["aggregator"], f)[1])
+
+
 def curve_statement(row: str, curve: dict | None, f: int = 3) -> str:
     """The grid's best row at the largest budget its learning curve reached at this f: the
     share of its no-attack score it keeps under the worst attack run there (the grid's
     budget is short of convergence, so the aim must also hold there)."""
     method, agg = row.split(" ", 1)
-    same_defence = lambda r: r["f"] == f or (r["attack"] == "none" and r.get("f_assumed", f) == defence_for(agg, f)[1])  # noqa: E731
-    recs = [r for r in (curve or {}).get("records", []) if (r["method"], r["aggregator"]) == (method, agg) and same_defence(r)]
+    recs = [r for r in (curve or {}).get("records", []) if (r["method"], r["aggregator"]) == (method, agg) and in_grid(r, f)]
     if not any(r["attack"] != "none" for r in recs):
         return f" The curve has no runs of {row} at a longer budget: the aim is checked at the grid's budget only."
     n = max(r["env_steps"] for r in recs)
