@@ -86,6 +86,11 @@ class EnvConfig:
     # its replica limit in training (envs.serving.draw_surge); evaluation scenarios carry none.
     surge_prob: float = 0.0
     surge_max_multiplier: float = 3.0
+    # Training token lengths: in this share of training episodes the prompt and answer
+    # lengths' log-means move by uniform offsets up to the gap between the chat and code
+    # mixes (envs.serving.draw_token_shift), so a policy meets the other workload's lengths;
+    # evaluation scenarios carry none.
+    token_shift_prob: float = 0.0
     reward: RewardWeights = field(default_factory=RewardWeights)
 
 
@@ -391,6 +396,7 @@ def validate(cfg: ExperimentConfig) -> None:
     require(e.episode_ticks >= 1, "env.episode_ticks", f"must be >= 1, got {e.episode_ticks}")
     require(0 <= e.surge_prob <= 1, "env.surge_prob", f"must be a share of episodes in [0, 1], got {e.surge_prob}")
     # Below the held-out flash crowd's 5x, which must stay heavier than anything trained on.
+    require(0 <= e.token_shift_prob <= 1, "env.token_shift_prob", f"must be a share of episodes in [0, 1], got {e.token_shift_prob}")
     require(1.5 <= e.surge_max_multiplier < 5, "env.surge_max_multiplier",
             f"must be in [1.5, 5) (1.5x is the smallest surge; the held-out flash crowd is 5x), got {e.surge_max_multiplier}")
     require(e.num_clusters >= 1, "env.num_clusters", f"must be >= 1, got {e.num_clusters}")

@@ -457,11 +457,57 @@ def test_a_surge_multiplies_the_demand_of_its_ticks_only(env, params):
     assert surged[20:40].sum() / plain[20:40].sum() == pytest.approx(2.5, rel=0.05)
 
 
-def test_evaluated_scenarios_carry_no_surge():
+def test_evaluated_scenarios_carry_no_surge_and_no_token_shift():
     from aro_jax.config import load_config
 
-    cfg = load_config(None, ["env.surge_prob=0.5", "env.surge_max_multiplier=4"])
-    assert (np.asarray(scenarios.cluster_params(cfg, "train").surge_prob) == 0.5).all()
+    cfg = load_config(None, ["env.surge_prob=0.5", "env.surge_max_multiplier=4", "env.token_shift_prob=0.4"])
+    train = scenarios.cluster_params(cfg, "train")
+    assert (np.asarray(train.surge_prob) == 0.5).all() and (np.asarray(train.token_shift_prob) == 0.4).all()
     for scenario in scenarios.SCENARIOS:
         if not scenario.startswith("trace-"):
-            assert (np.asarray(scenarios.cluster_params(cfg, scenario).surge_prob) == 0.0).all(), scenario
+            p = scenarios.cluster_params(cfg, scenario)
+            assert (np.asarray(p.surge_prob) == 0.0).all() and (np.asarray(p.token_shift_prob) == 0.0).all(), scenario
+
+
+# --------------------------------------------------------------------------------------
+# Training token lengths
+# --------------------------------------------------------------------------------------
+
+
+def test_token_shifts_are_drawn_per_episode_within_their_bounds(params):
+    """One episode in token_shift_prob moves its prompt and answer log-means by uniform
+    offsets across the whole TOKEN_SHIFT_MAX_LOG range; the others keep them (zero), and
+    the episode's start is drawn as it was without shifts."""
+    env = serving.ServingNodeEnv()
+    keys = jax.random.split(jax.random.key(5), 4000)
+    shifting = jax.vmap(lambda k: env.reset_state(k, params.replace(token_shift_prob=0.4, random_start=1.0)))(keys)
+    plain = jax.vmap(lambda k: env.reset_state(k, params.replace(random_start=1.0)))(keys)
+    shift = np.asarray(shifting.token_shift, np.float64)
+    on = (shift != 0).any(axis=1)
+    assert on.mean() == pytest.approx(0.4, abs=0.03)
+    for j, bound in enumerate(serving.TOKEN_SHIFT_MAX_LOG):
+        assert np.abs(shift[:, j]).max() <= bound + 1e-6
+        assert shift[on, j].max() > 0.95 * bound and shift[on, j].min() < -0.95 * bound  # the whole range is drawn
+    assert (np.asarray(plain.token_shift) == 0).all()
+    np.testing.assert_array_equal(np.asarray(plain.clock_s), np.asarray(shifting.clock_s))
+
+
+def test_a_token_shift_changes_the_service_and_nothing_else_when_zero(env, params):
+    """Longer answers (a +1.5 output log-mean shift) cut a replica's capacity and raise
+    latency at the same arrivals; a zero shift gives exactly the unshifted episode."""
+    base = params.replace(random_start=0.0, start_time_s=10 * 3600.0)
+    _, state = env.reset(jax.random.key(0), base)
+
+    def run(s):
+        def tick_fn(s, k):
+            _, s, _, _, _, info = env.step(k, s, 0, base)
+            m = info["metrics"]
+            return s, jnp.stack([m["arrivals"], m["capacity_rps"], m["e2e_mean_s"], m["reward"]])
+        return np.asarray(jax.lax.scan(tick_fn, s, jax.random.split(jax.random.key(1), 40))[1], np.float64)
+
+    plain = run(state)
+    np.testing.assert_array_equal(run(state.replace(token_shift=jnp.zeros((2,), jnp.float32))), plain)
+    longer = run(state.replace(token_shift=jnp.asarray([0.0, 1.5], jnp.float32)))
+    np.testing.assert_allclose(longer[:, 0], plain[:, 0], rtol=1e-6)  # the same arrivals
+    assert (longer[:, 1] < 0.6 * plain[:, 1]).all()  # e^1.5 = 4.5x the answer tokens
+    assert longer[:, 2].mean() > plain[:, 2].mean()

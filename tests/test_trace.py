@@ -547,3 +547,19 @@ def test_cli_names_the_config_key_of_a_bad_trace(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert err.startswith(f"error: config key 'traces.r-burst': {bad} line 3: Timestamp '3' is earlier"), err
+
+
+def test_replayed_regions_carry_no_training_randomisation(small_cfg):
+    """A run trained with surges and token-length shifts replays its traces as recorded:
+    the training distribution's draws stay out of every evaluated region."""
+    import dataclasses
+
+    trained = dataclasses.replace(small_cfg, env=dataclasses.replace(small_cfg.env, surge_prob=0.5, token_shift_prob=0.5))
+    plan = replay_cluster_params(trained, {"r-moon": TraceReplay(str(FIXTURES / "mooncake_small.jsonl"))}, "diurnal")
+    assert plan.params.surge_prob.tolist() == [0.0] * 4
+    assert plan.params.token_shift_prob.tolist() == [0.0] * 4
+    m = _replay(plan.params, small_cfg.env.action_set, plan.num_ticks)
+    plain = _replay(replay_cluster_params(small_cfg, {"r-moon": TraceReplay(str(FIXTURES / "mooncake_small.jsonl"))}, "diurnal").params,
+                    small_cfg.env.action_set, plan.num_ticks)
+    np.testing.assert_array_equal(m["arrivals"], plain["arrivals"])
+    np.testing.assert_array_equal(m["served"], plain["served"])

@@ -155,6 +155,10 @@ class EnvParams(environment.EnvParams):
     # scenarios evaluated (apply_scenario) carry none.
     surge_prob: float = 0.0
     surge_max_multiplier: float = 3.0
+    # Training token lengths (domain randomisation): in this share of episodes the prompt
+    # and answer lengths' log-means move by uniform offsets up to the gap between the chat
+    # and code mixes (serving.draw_token_shift); the scenarios evaluated carry none.
+    token_shift_prob: float = 0.0
     forecast_horizon_s: float = 300.0  # covers the cold start plus one tick
 
 

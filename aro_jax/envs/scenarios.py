@@ -207,7 +207,8 @@ def cluster_params(cfg, scenario: str = "train") -> EnvParams:
             p = p.replace(slo_target=float(cfg.objective.target(n.traffic_mix)))
         if scenario == "train":
             p = p.replace(surge_prob=float(getattr(cfg.env, "surge_prob", 0.0)),
-                          surge_max_multiplier=float(getattr(cfg.env, "surge_max_multiplier", 3.0)))
+                          surge_max_multiplier=float(getattr(cfg.env, "surge_max_multiplier", 3.0)),
+                          token_shift_prob=float(getattr(cfg.env, "token_shift_prob", 0.0)))
         nodes.append(p if scenario == "train" else apply_scenario(p, scenario, cfg.env.data_dir))
     models = [hardware.get_profile(n.profile).model for n in cfg.cluster.nodes]
     return stack_params(with_cluster_peers(nodes, [n.name for n in cfg.cluster.nodes], models))
@@ -229,12 +230,18 @@ def with_cluster_peers(nodes: list[EnvParams], names: list[str], models: list[st
     return out
 
 
+def evaluated_day(params: EnvParams) -> EnvParams:
+    """A node's params as every evaluation runs them: from Monday 00:00 UTC, without the
+    training distribution's random start, surges or token-length shifts."""
+    return params.replace(random_start=0.0, start_time_s=0.0, surge_prob=0.0, token_shift_prob=0.0)
+
+
 def apply_scenario(params: EnvParams, scenario: str, data_dir: str | Path | None = None) -> EnvParams:
     """Turn a node's training-distribution params into a named scenario (one day from
     Monday 00:00 UTC, deterministic start so every policy sees the same day)."""
     if scenario not in SCENARIOS:
         raise ValueError(f"unknown scenario {scenario!r}; choose one of {list(SCENARIOS)}")
-    params = params.replace(random_start=0.0, start_time_s=0.0, surge_prob=0.0)
+    params = evaluated_day(params)
     t = params.traffic
     if scenario == "flash-crowd":
         # 5x demand for 30 minutes at 10:00 UTC.
@@ -364,7 +371,7 @@ def replay_cluster_params(cfg, traces: dict, scenario: str | None = None) -> Rep
                     raise
                 raise type(e)(f"{spec.origin}: {e}") from None
         trace = loaded[key]
-        p = p.replace(random_start=0.0, start_time_s=0.0)
+        p = evaluated_day(p)
         t = replay_traffic(p.traffic, trace, tick_s, spec.scale, spec.loop)
         sized = _with_static_sizing(p.replace(traffic=t))
         p = sized.replace(cost_ref_usd_per_h=p.cost_ref_usd_per_h, rate_ref_rps=p.rate_ref_rps)

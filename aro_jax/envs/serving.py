@@ -47,6 +47,7 @@ class EnvState(environment.EnvState):
     tier_switch_left_s: jax.Array  # time until the GPUs moving to the target share serve
     burst_z: jax.Array  # log-AR(1) burst state of the arrivals
     surge: jax.Array  # (start s, end s, demand multiplier) of the episode's surge; multiplier 1: none
+    token_shift: jax.Array  # (input, output) log-mean offsets of the episode's token lengths; 0: none
     queue_requests: jax.Array
     forecast: fc.ForecastState
     last: dict[str, jax.Array]  # the previous tick's metrics (what an operator observes)
@@ -114,7 +115,8 @@ class ServingNodeEnv(StateObservedEnv):
         # A reset state is computed on every step (auto-reset under vmap is a select), so
         # the first tick's metrics are cheap: the expected load against the initial
         # capacity, no latency yet.
-        capacity = replicas * fluid.replica_capacity_rps(params)
+        token_shift = draw_token_shift(jax.random.fold_in(key, 2), params)
+        capacity = replicas * fluid.replica_capacity_rps(with_token_shift(params, token_shift))
         last = {
             "arrivals": rate * tick,
             "e2e_mean_s": zeros,
@@ -140,6 +142,7 @@ class ServingNodeEnv(StateObservedEnv):
             burst_z=zeros,  # the burst process starts at its median level
             # Its own stream, so the start time's draw is what it was without surges.
             surge=draw_surge(jax.random.fold_in(key, 1), clock_s, params),
+            token_shift=token_shift,
             queue_requests=zeros,
             forecast=fc.init(params.traffic.mean_rate_rps),
             last=last,
@@ -205,10 +208,37 @@ def surged(traffic, surge):
     )
 
 
+# Training token lengths (EnvParams.token_shift_prob): offsets of the log-normal means, up
+# to the gap between the two traffic mixes measured on the Azure 2023 traces
+# (scenarios.TRAFFIC_MIXES: output log-mean 5.02 chat against 2.79 code, a 2.23 gap; input
+# 6.63 against 7.00, widened to 0.75 for the traces' hour-to-hour swings), so that a
+# region meets prompts and answers of the other workload's lengths in training.
+TOKEN_SHIFT_MAX_LOG = (0.75, 2.3)  # (input, output)
+
+
+def draw_token_shift(key, params: EnvParams) -> jax.Array:
+    """(input, output) log-mean offsets of an episode's token lengths: uniform within
+    TOKEN_SHIFT_MAX_LOG in `params.token_shift_prob` of the episodes, zero otherwise."""
+    u_on, u_in, u_out = jax.random.uniform(key, (3,))
+    offsets = (2.0 * jnp.stack([u_in, u_out]) - 1.0) * jnp.asarray(TOKEN_SHIFT_MAX_LOG)
+    return jnp.where(u_on < params.token_shift_prob, offsets, 0.0).astype(jnp.float32)
+
+
+def with_token_shift(params: EnvParams, token_shift) -> EnvParams:
+    """The node's params with the episode's token lengths (exact when the shift is zero)."""
+    t = params.traffic
+    return params.replace(traffic=t.replace(
+        input_log_mean=t.input_log_mean + token_shift[0], output_log_mean=t.output_log_mean + token_shift[1],
+        replay_input_log_mean=t.replay_input_log_mean + token_shift[0],
+        replay_output_log_mean=t.replay_output_log_mean + token_shift[1],
+    ))
+
+
 def begin_tick(key, state: EnvState, action, params: EnvParams) -> dict:
     """First half of a tick: apply the decision and draw the tick's arrivals. Returns the
     plan `serve_planned` and `end_tick` read (the cluster env routes forwarded requests
     between the halves)."""
+    params = with_token_shift(params, state.token_shift)
     # One draw for the tick: the burst innovation, the count's noise, the cold start.
     e_burst, z_count, z_cold = jax.random.normal(key, (3,))
     tick = params.tick_s
@@ -313,6 +343,7 @@ def end_tick(state: EnvState, plan: dict, core: dict, queue, forwarded, peer: di
         tier_switch_left_s=left,
         burst_z=plan["burst_z"],
         surge=state.surge,
+        token_shift=state.token_shift,
         queue_requests=queue,
         forecast=forecast,
         last=_observed(metrics),
