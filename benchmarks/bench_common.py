@@ -46,6 +46,17 @@ def machine() -> str:
     return f"{host}, jax {jax.__version__}, Python {platform.python_version()}"
 
 
+# The training distribution's randomisation (env section): results of runs that differ in
+# these are not the same config's spread.
+TRAINING_ENV_KEYS = ("surge_prob", "token_shift_prob")
+
+
+def training_env(env) -> dict:
+    """TRAINING_ENV_KEYS of a config's env section (a dataclass or a resolved YAML dict)."""
+    get = env.get if isinstance(env, dict) else lambda k, d: getattr(env, k, d)
+    return {k: float(get(k, 0.0)) for k in TRAINING_ENV_KEYS}
+
+
 def train_and_evaluate_seeds(cfg, seeds: int) -> tuple[list[dict], float]:
     """Train seeds 0..seeds-1 of `cfg` in one program (trainers.train_seeds) and evaluate
     each like the main job (its scenario and evaluation seeds, key 0, the config's env):

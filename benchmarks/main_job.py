@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_common import code_commit, scaling_kpis  # noqa: E402
+from bench_common import code_commit, scaling_kpis, training_env  # noqa: E402
 
 OUT = Path(__file__).parent / "main_job"
 
@@ -125,6 +125,7 @@ def collect(run_dir: Path, wall_s: float | None, command: str) -> dict:
         "eval_rewards": [r["eval_reward"] for r in train],
         "objective": config.get("objective"),
         "env_kind": config["env"].get("kind", "node"),
+        "training_env": training_env(config["env"]),
         "ppo": config["ppo"],
         "federated": config["federated"],
         # Each region's attainment target (its workload's, else the run's slo_target).

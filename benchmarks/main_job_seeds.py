@@ -20,7 +20,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_common import run_report, train_and_evaluate_seeds  # noqa: E402
+from bench_common import run_report, train_and_evaluate_seeds, training_env  # noqa: E402
 
 from aro_jax.config import load_config  # noqa: E402
 from aro_jax.envs.heuristics import HEURISTICS  # noqa: E402
@@ -51,7 +51,7 @@ def measure(seeds: int) -> dict:
     m = evaluation.run_episodes(env, HEURISTICS["reactive+tier"](cfg.env.tick_s), eparams, key, cfg.eval.num_seeds, cfg.env.episode_ticks)
     k = evaluation.cluster_kpis(m, cfg.env.tick_s, params)
     return {"rows": rows, "reactive_tier": {x: k[x] for x in SHOWN}, "train_s": train_s, "steps_per_seed": cfg.train.total_env_steps,
-            "env_kind": cfg.env.kind, "ppo": dataclasses.asdict(cfg.ppo),
+            "env_kind": cfg.env.kind, "training_env": training_env(cfg.env), "ppo": dataclasses.asdict(cfg.ppo),
             "objective": dataclasses.asdict(cfg.objective), "federated": dataclasses.asdict(cfg.federated)}
 
 

@@ -30,7 +30,7 @@ def same_setting(a, b, section: str) -> bool:
 
     from aro_jax.config import ExperimentConfig
 
-    default = dataclasses.asdict(ExperimentConfig())[section]
+    default = dataclasses.asdict(ExperimentConfig()).get(section, {})
     return all(a.get(k, default.get(k)) == b.get(k, default.get(k)) for k in a.keys() | b.keys())
 
 
@@ -170,7 +170,7 @@ def main_job() -> list[str]:
                      f"SLO attainment {ppo['slo_attainment_pct'] - r['slo_attainment_pct']:+.1f} points, cost {pct(ppo['cost_usd_per_h'], r['cost_usd_per_h'])}, "
                      f"replicas per region {num(ppo['replicas'])} against {num(r['replicas'])}, quality {ppo['quality']:.3f} against {r['quality']:.3f}. ")
     seeds_match = (B / "main_job_seeds.json").is_file() and all(same_setting(load("main_job_seeds.json").get(k), s.get(k), k)
-                                                                 for k in ("env_kind", "ppo", "objective", "federated"))
+                                                                 for k in ("env_kind", "training_env", "ppo", "objective", "federated"))
     if seeds_match:  # the spread of the main job's own config only
         d = load("main_job_seeds.json")
         v = {k: np.array([r[k] for r in d["rows"]]) for k in ("goodput_per_usd", "slo_attainment_pct", "dropped_pct", "cost_usd_per_h")}

@@ -11,7 +11,7 @@ import numpy as np
 
 from aro_jax.config import ExperimentConfig
 from aro_jax.envs.params import RewardWeights
-from aro_jax.envs.scenarios import cluster_params
+from aro_jax.envs.scenarios import cluster_params, scenario_plan
 from aro_jax.training import learned_policy, trainers
 from aro_jax.training.evaluation import cluster_kpis, eval_env, run_episodes
 
@@ -32,7 +32,8 @@ class SweepTrainer:
 
         self._train = jax.jit(jax.vmap(traced_train))
         self._policy = learned_policy.greedy_policy(self.learner.network, cfg.ppo.normalize_obs, cfg.ppo.action_masking)
-        self._eval_params = cluster_params(cfg, cfg.eval.scenario)
+        # A trace scenario runs for the trace's own length, the others for the configured day.
+        self._eval_params, self._eval_ticks, _ = scenario_plan(cfg, cfg.eval.scenario)
 
     def hyperparams(self, points: list[dict[str, float]], seeds: int):
         """Stack Hyperparams for every (point, seed) pair, point-major: leaves of shape (P*S,).
@@ -69,7 +70,7 @@ class SweepTrainer:
             env, params = eval_env(self.cfg, trainers.with_reward_weights(self._eval_params, hp.env))
             metrics = run_episodes(
                 env, self._policy, params, jax.random.PRNGKey(seed),
-                self.cfg.eval.num_seeds, self.cfg.env.episode_ticks, weights, False)
+                self.cfg.eval.num_seeds, self._eval_ticks, weights, False)
             rows.append(cluster_kpis(metrics, self.cfg.env.tick_s, self._eval_params))
         return rows
 
