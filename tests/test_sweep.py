@@ -227,3 +227,19 @@ def test_every_sweepable_name_is_a_config_key_that_reaches_the_hyperparameters()
         assert not np.allclose(leaves(hp), leaves(base)), key
         if name in {f.name for f in dataclasses.fields(hp)}:
             assert float(getattr(hp, name)) == pytest.approx(0.123), key
+
+
+def test_sweep_evaluates_a_trace_scenario_for_the_traces_own_length(tmp_path):
+    """A one-hour trace is evaluated over its own ticks, not a day whose other 23 hours
+    have no arrivals (which flattered every cheap policy's cost per token)."""
+    from aro_jax.config import load_config
+    from aro_jax.sweep.vectorised import SweepTrainer
+
+    traces = tmp_path / "data" / "traces"
+    traces.mkdir(parents=True)
+    rows = "".join(f"{t}.0,{100 + t},{10 + t}\n" for t in range(0, 100, 5))  # 100 s: 4 ticks of 30 s
+    (traces / "AzureLLMInferenceTrace_conv.csv").write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n" + rows)
+    cfg = load_config(None, ["eval.scenario=trace-conv", f"env.data_dir={tmp_path / 'data'}"])
+    sweep = SweepTrainer(cfg)
+    assert sweep._eval_ticks == 4 < cfg.env.episode_ticks
+    assert float(sweep._eval_params.traffic.replay_weight[0]) == 1.0
