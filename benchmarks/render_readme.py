@@ -449,6 +449,10 @@ def pareto() -> list[str]:
                          f"the band **{'yes' if a['frontier_below'] else 'no'}**; {main}{vs if a['main'] else ''}; within the learned "
                          f"span ({a['learned_span'][0]:.1f}-{a['learned_span'][1]:.1f} %) a learned point beats {a['covered_beaten']} of "
                          f"{a['covered']} heuristic points.")
+        stale = [s for s in dict.fromkeys(r["scenario"] for r in d["rows"]) if s not in pa.scenarios_measured(d)]
+        if stale:
+            lines.append(f"- {', '.join(stale)}: not shown; this run evaluated the one-hour traces over a whole day (23 hours "
+                         "without arrivals after the trace), pricing idle hours; they need a rerun.")
         lines.append("")
     return lines
 
