@@ -256,9 +256,9 @@ def render(data: dict) -> str:
         f"holds for the chat regions and t {data['code_target_offset']:+.2f} for the code regions (the main job's 0.9 and 0.6); "
         f"as in the main job, training aims {100 * data['slo_margin']:g} points above each target and keeps drops "
         f"{100 * data['drop_margin']:g} point under the bound, and the table judges the targets themselves. "
-        + (f"As in the main job, {100 * data['token_shift_prob']:g} % of the training episodes move their prompt and answer lengths "
-           "by up to the gap between the chat and code mixes (`env.token_shift_prob`), so the token-shift scenario's lengths lie "
-           "inside the training range; the traces stay held out. " if data.get("token_shift_prob") else "")
+        + (f"Training token lengths: `env.token_shift_prob={data['token_shift_prob']:g}` ({100 * data['token_shift_prob']:g} % of the "
+           "training episodes move their prompt and answer lengths by up to the gap between the chat and code mixes), so the "
+           "token-shift scenario's lengths lie inside the training range; the traces stay held out. " if data.get("token_shift_prob") else "")
         + "Heuristics: "
         + "; ".join(f"{k} at {v['parameter']} {', '.join(f'{x:g}' for x in v['values'])}" for k, v in data["settings"].items())
         + f". Evaluation: one simulated day, {data['eval_seeds']} seeds x 10 regions, the same seeds for every policy.", "",

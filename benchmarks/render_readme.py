@@ -436,7 +436,8 @@ def pareto() -> list[str]:
         d, stem = load(name), name.removesuffix(".json")
         lines += [f"`{d['command']}` → [`benchmarks/{stem}.md`](benchmarks/{stem}.md) ([plot](benchmarks/{stem}.png)): the main job's "
                   f"config trained to targets {', '.join(f'{t:g}' for t in d['targets'])} ({d['seeds']} seed{'s' if d['seeds'] > 1 else ''}, "
-                  f"{d['clusters']} clusters per region, {d['steps'] / 1e6:g}M env steps, one compiled program) against "
+                  f"{d['clusters']} clusters per region, {d['steps'] / 1e6:g}M env steps, `env.token_shift_prob={d.get('token_shift_prob', 0.0):g}`, "
+                  "one compiled program) against "
                   + ", ".join(f"{k} at {len(v['values'])} settings" for k, v in d["settings"].items())
                   + f", tier {'on' if d.get('tier') else 'off'} for all. Aim (stated with the tier off): the learned frontier below every "
                   "heuristic's in the band (attainment >= min(90 %, 0.9 x the ceiling that policy-independent rejects leave)), and at "
@@ -473,11 +474,38 @@ def variants() -> list[str]:
         c = mv.counts(v)
         out.append(f"| `{v['command']}` ({v['name']}) | {c['monday']} / {c['regions']} | {c['week']} / {c['regions']} | "
                    + (", ".join(c["drops_over"]) or "none") + " |")
+    if "training_env" not in d:
+        out += ["", "These variants were trained on each region's own token lengths (`env.token_shift_prob=0`); the main job now "
+                "shifts them in half its training episodes (below)."]
+    return out
+
+
+def token_shift() -> list[str]:
+    """What training token-length randomisation does on every scenario, from token_shift.json."""
+    if not (B / "token_shift.json").is_file():
+        return []
+    d = load("token_shift.json")
+    sys.path.insert(0, str(B))
+    import token_shift as ts
+
+    p0, p1 = d["probs"]
+    out = [f"Training token lengths (`{d['command'].strip()}`, {d['seeds']} training seeds per setting, {d['eval_seeds']} evaluation "
+           f"seeds, code at commit {d.get('commit', 'unknown')}: [`benchmarks/token_shift.md`](benchmarks/token_shift.md)): the main "
+           f"job's config with `env.token_shift_prob` {p1:g} against {p0:g}, mean over training seeds. With shifts on, the "
+           "token-shift scenario's lengths lie inside the training range; the traces stay held out.", "",
+           "| scenario | SLO attainment (points) | dropped (points) | cost | regions at target, per seed |", "|---|---|---|---|---|"]
+    for scen in dict.fromkeys(r["scenario"] for r in d["rows"]):
+        a, b = (ts.learned_mean(d["rows"], scen, p) for p in (p0, p1))
+        met = lambda p: ", ".join(str(r["regions_at_target"]) for r in d["rows"]  # noqa: E731
+                                  if r["scenario"] == scen and r["policy"] == "learned" and r["token_shift_prob"] == p)
+        out.append(f"| {scen} | {b['slo_attainment_pct'][0] - a['slo_attainment_pct'][0]:+.1f} | "
+                   f"{b['dropped_pct'][0] - a['dropped_pct'][0]:+.2f} | {pct(b['cost_usd_per_h'][0], a['cost_usd_per_h'][0])} | "
+                   f"{met(p1)} against {met(p0)} |")
     return out
 
 
 def render() -> str:
-    parts = ["### Main job", "", *main_job(), "", *variants(), "", "### Speed and model checks", "", *speed(), "",
+    parts = ["### Main job", "", *main_job(), "", *variants(), "", *token_shift(), "", "### Speed and model checks", "", *speed(), "",
              "### Against the paper, on held-out traffic", "", *paper(), "", *hyperscore(), "",
              "### Federated against Local-only", "", *federation(), "", "### An unseen region", "", *unseen_region(), "",
              "### Byzantine regions", "", *robustness(), "", *pareto(), "### Differential privacy", "", *privacy()]

@@ -43,9 +43,9 @@ def measure(probs: list[float], seeds: int, steps: int | None, scenarios: list[s
                                  *([f"train.total_env_steps={steps}"] if steps else [])])
         t0 = time.perf_counter()
         trainer, weights = trainers.train_seeds(cfg, seeds)
+        learned[p] = (cfg, trainer, jax.block_until_ready(weights))
         train_s[p] = time.perf_counter() - t0
         print(f"token_shift_prob {p:g}: trained {seeds} seeds in {train_s[p]:.0f} s", flush=True)
-        learned[p] = (cfg, trainer, jax.block_until_ready(weights))
     rows = []
     for scen in scenarios:
         t0 = time.perf_counter()
@@ -55,9 +55,15 @@ def measure(probs: list[float], seeds: int, steps: int | None, scenarios: list[s
             policy = learned_policy.greedy_policy(trainer.network, cfg.ppo.normalize_obs, cfg.ppo.action_masking)
             m = jax.jit(jax.vmap(lambda w: evaluation.run_episodes(  # noqa: B023
                 env, policy, eparams, jax.random.PRNGKey(0), EVAL_SEEDS, ticks, w, trainer.per_node)))(weights)  # noqa: B023
+            names = [n.name for n in cfg.cluster.nodes]
+            targets = [100 * cfg.objective.target(n.traffic_mix) for n in cfg.cluster.nodes]
             for s in range(seeds):
-                k = evaluation.cluster_kpis(jax.tree.map(lambda x: np.asarray(x[s]), m), cfg.env.tick_s, params)  # noqa: B023
-                rows.append({"scenario": scen, "policy": "learned", "token_shift_prob": p, "seed": s, **{x: k[x] for x in SHOWN}})
+                ms = jax.tree.map(lambda x: np.asarray(x[s]), m)  # noqa: B023
+                k = evaluation.cluster_kpis(ms, cfg.env.tick_s, params)
+                regions = evaluation.region_kpis(ms, cfg.env.tick_s, params, names)
+                met = sum(regions[n]["slo_attainment_pct"] >= t for n, t in zip(names, targets, strict=True))
+                rows.append({"scenario": scen, "policy": "learned", "token_shift_prob": p, "seed": s, **{x: k[x] for x in SHOWN},
+                             "regions_at_target": met, "regions_over_drop_bound": sum(regions[n]["dropped_pct"] > 100 * cfg.objective.max_drop for n in names)})
         for name in BASELINES:  # the heuristics do not depend on the training setting
             m = evaluation.run_episodes(env, HEURISTICS[name](cfg.env.tick_s), eparams, jax.random.PRNGKey(0), EVAL_SEEDS, ticks)
             k = evaluation.cluster_kpis(m, cfg.env.tick_s, params)
@@ -89,14 +95,17 @@ def render(d: dict) -> str:
     head = " | ".join(f"{k} ({evaluation.KPIS[k][0]})" if evaluation.KPIS[k][0] else k for k in SHOWN)
     verdicts = []
     for scen in dict.fromkeys(r["scenario"] for r in rows):
-        lines += [f"## {scen}", "", f"| policy | {head} |", "|---" * (len(SHOWN) + 1) + "|"]
+        lines += [f"## {scen}", "", f"| policy | {head} | regions at their attainment target, per seed | regions over the drop bound, per seed |",
+                  "|---" * (len(SHOWN) + 3) + "|"]
         means = {p: learned_mean(rows, scen, p) for p in probs}
         for p in probs:
+            per_seed = [r for r in rows if r["scenario"] == scen and r["policy"] == "learned" and r["token_shift_prob"] == p]
             lines.append(f"| learned, token_shift_prob {p:g} | " + " | ".join(
-                f"{evaluation.format_value(m)} ± {evaluation.format_value(s)}" for m, s in means[p].values()) + " |")
+                f"{evaluation.format_value(m)} ± {evaluation.format_value(s if s > 1e-6 else 0.0)}" for m, s in means[p].values()) + " | "
+                + ", ".join(str(r["regions_at_target"]) for r in per_seed) + " | " + ", ".join(str(r["regions_over_drop_bound"]) for r in per_seed) + " |")
         for r in rows:
             if r["scenario"] == scen and r["policy"] != "learned":
-                lines.append(f"| {r['policy']} | " + " | ".join(evaluation.format_value(r[k]) for k in SHOWN) + " |")
+                lines.append(f"| {r['policy']} | " + " | ".join(evaluation.format_value(r[k]) for k in SHOWN) + " | | |")
         lines.append("")
         if len(probs) == 2:
             (a, b) = (means[p] for p in probs)
