@@ -63,16 +63,17 @@ def train_and_evaluate_seeds(cfg, seeds: int) -> tuple[list[dict], float]:
     (metrics per seed, training seconds)."""
     import jax
 
-    from aro_jax.envs.scenarios import cluster_params
+    from aro_jax.envs.scenarios import scenario_plan
     from aro_jax.training import evaluation, learned_policy, trainers
 
     t0 = time.perf_counter()
     trainer, weights = trainers.train_seeds(cfg, seeds)
     jax.block_until_ready(weights)
     train_s = time.perf_counter() - t0
-    env, eparams = evaluation.eval_env(cfg, cluster_params(cfg, cfg.eval.scenario))
+    params, ticks, _ = scenario_plan(cfg, cfg.eval.scenario)
+    env, eparams = evaluation.eval_env(cfg, params)
     policy = learned_policy.greedy_policy(trainer.network, cfg.ppo.normalize_obs, cfg.ppo.action_masking)
-    return [evaluation.run_episodes(env, policy, eparams, jax.random.PRNGKey(0), cfg.eval.num_seeds, cfg.env.episode_ticks,
+    return [evaluation.run_episodes(env, policy, eparams, jax.random.PRNGKey(0), cfg.eval.num_seeds, ticks,
                                     jax.tree.map(lambda x: x[s], weights), trainer.per_node) for s in range(seeds)], train_s
 
 

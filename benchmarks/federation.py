@@ -32,7 +32,7 @@ from bench_common import run_report, train_and_evaluate_seeds  # noqa: E402
 
 from aro_jax.config import load_config  # noqa: E402
 from aro_jax.envs.heuristics import HEURISTICS  # noqa: E402
-from aro_jax.envs.scenarios import cluster_params  # noqa: E402
+from aro_jax.envs.scenarios import scenario_plan  # noqa: E402
 from aro_jax.training import evaluation, trainers  # noqa: E402
 
 OUT = Path(__file__).with_name("federation.json")
@@ -79,14 +79,14 @@ def same_budget(steps: int, seeds: int, learners: list[str]) -> dict:
         extra = LEARNERS[label]
         cfg = config(steps, extra)
         per_seed, train_s = train_and_evaluate_seeds(cfg, seeds)
-        params = cluster_params(cfg, cfg.eval.scenario)
+        params = scenario_plan(cfg, cfg.eval.scenario).params
         rows = [score_row(cfg, m, params) for m in per_seed]
         out[label] = {"rows": rows, "train_s": train_s}
         print(label, rows, f"{train_s:.0f} s", flush=True)
     cfg = config(steps, [])
-    params = cluster_params(cfg, cfg.eval.scenario)
+    params, ticks, _ = scenario_plan(cfg, cfg.eval.scenario)
     env, eparams = evaluation.eval_env(cfg, params)
-    m = evaluation.run_episodes(env, HEURISTICS["reactive+tier"](cfg.env.tick_s), eparams, jax.random.PRNGKey(0), cfg.eval.num_seeds, cfg.env.episode_ticks)
+    m = evaluation.run_episodes(env, HEURISTICS["reactive+tier"](cfg.env.tick_s), eparams, jax.random.PRNGKey(0), cfg.eval.num_seeds, ticks)
     out["Reactive + tier"] = {"rows": [score_row(cfg, m, params)], "train_s": 0.0}
     return out
 

@@ -24,7 +24,7 @@ from bench_common import run_report, train_and_evaluate_seeds, training_env  # n
 
 from aro_jax.config import load_config  # noqa: E402
 from aro_jax.envs.heuristics import HEURISTICS  # noqa: E402
-from aro_jax.envs.scenarios import cluster_params  # noqa: E402
+from aro_jax.envs.scenarios import scenario_plan  # noqa: E402
 from aro_jax.training import evaluation  # noqa: E402
 
 OUT = Path(__file__).with_name("main_job_seeds.json")
@@ -34,7 +34,7 @@ SHOWN = ("goodput_per_usd", "goodput_rps", "slo_attainment_pct", "dropped_pct", 
 def measure(seeds: int) -> dict:
     cfg = load_config()
     per_seed, train_s = train_and_evaluate_seeds(cfg, seeds)
-    params = cluster_params(cfg, cfg.eval.scenario)
+    params, ticks, _ = scenario_plan(cfg, cfg.eval.scenario)
     env, eparams = evaluation.eval_env(cfg, params)
     key = jax.random.PRNGKey(0)  # the main job's evaluation key
     names = [n.name for n in cfg.cluster.nodes]
@@ -48,7 +48,7 @@ def measure(seeds: int) -> dict:
         drops_over = sum(regions[n]["dropped_pct"] > 100 * cfg.objective.max_drop for n in names)
         rows.append({"seed": s, **{x: k[x] for x in SHOWN}, "targets_met": met, "drops_over": drops_over, "regions": len(names)})
         print(rows[-1], flush=True)
-    m = evaluation.run_episodes(env, HEURISTICS["reactive+tier"](cfg.env.tick_s), eparams, key, cfg.eval.num_seeds, cfg.env.episode_ticks)
+    m = evaluation.run_episodes(env, HEURISTICS["reactive+tier"](cfg.env.tick_s), eparams, key, cfg.eval.num_seeds, ticks)
     k = evaluation.cluster_kpis(m, cfg.env.tick_s, params)
     return {"rows": rows, "reactive_tier": {x: k[x] for x in SHOWN}, "train_s": train_s, "steps_per_seed": cfg.train.total_env_steps,
             "env_kind": cfg.env.kind, "training_env": training_env(cfg.env), "ppo": dataclasses.asdict(cfg.ppo),

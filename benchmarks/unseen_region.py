@@ -41,7 +41,7 @@ from bench_common import run_report  # noqa: E402
 from federation import config, score_row  # noqa: E402
 
 from aro_jax.envs.heuristics import HEURISTICS, Policy  # noqa: E402
-from aro_jax.envs.scenarios import cluster_params  # noqa: E402
+from aro_jax.envs.scenarios import scenario_plan  # noqa: E402
 from aro_jax.training import evaluation, learned_policy, trainers  # noqa: E402
 
 OUT = Path(__file__).with_name("unseen_region.json")
@@ -97,7 +97,7 @@ def held_out_region(steps: int, held_out: str, after_steps: int) -> dict:
         trained[label] = (trainer, jax.block_until_ready(jax.tree.map(lambda x: x[0], weights)))
         train_s[label] = time.perf_counter() - t0
     network = trained["federated"][0].network
-    params = cluster_params(full, full.eval.scenario)
+    params, ticks, _ = scenario_plan(full, full.eval.scenario)
     env, eparams = evaluation.eval_env(full, params)
     heuristic = HEURISTICS["reactive+tier"](full.env.tick_s)
     policy = mixed_policy(network, heuristic, full)
@@ -109,7 +109,7 @@ def held_out_region(steps: int, held_out: str, after_steps: int) -> dict:
         """The held-out region runs `weights` (one policy) or the heuristic; the others the heuristic."""
         stacked = jax.tree.map(lambda x: jnp.broadcast_to(x, (len(names),) + x.shape), weights)
         use_heuristic = jnp.arange(len(names)) != h if held_out_learned else jnp.ones(len(names), bool)
-        m = evaluation.run_episodes(env, policy, eparams, jax.random.PRNGKey(0), full.eval.num_seeds, full.env.episode_ticks,
+        m = evaluation.run_episodes(env, policy, eparams, jax.random.PRNGKey(0), full.eval.num_seeds, ticks,
                                     (stacked, h_state, use_heuristic), True)
         return score_row(one_node, {k: np.asarray(v)[h: h + 1] for k, v in m.items()}, row_params)
 

@@ -311,7 +311,7 @@ def test_observation_from_emulated_vllm_matches_the_simulator():
     from aro_jax.deploy.emulator import ServingEmulator, make_server, node_params_from_run
 
     run_dir, export_dir = trained()
-    cfg, params = node_params_from_run(run_dir, "solo")
+    cfg, params, _ = node_params_from_run(run_dir, "solo")
     ticks = 150
     em = ServingEmulator(params, cfg.env.action_set, seed=3, num_ticks=ticks)
     server = make_server(em)

@@ -188,7 +188,7 @@ def test_closed_loop_through_prometheus(tmp_path):
 
     # The same policy in the simulator, same node, scenario, seed and ticks.
     cfg, policy, weights, _ = load_trained_policy(run_dir)
-    _, params = node_params_from_run(run_dir, "solo")
+    _, params, _ = node_params_from_run(run_dir, "solo")
     ref = jax.jit(lambda key: ev.rollout(ServingNodeEnv(cfg.env.action_set), policy, params, key, TICKS, weights))(jax.random.PRNGKey(0))
     got = {k: np.array([h[k] for h in history]) for k in history[0]}
     kpi_ref, kpi_got = ev.kpis({k: np.asarray(v) for k, v in ref.items()}, cfg.env.tick_s, params), ev.kpis(got, cfg.env.tick_s, params)

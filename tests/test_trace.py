@@ -563,3 +563,21 @@ def test_replayed_regions_carry_no_training_randomisation(small_cfg):
                     small_cfg.env.action_set, plan.num_ticks)
     np.testing.assert_array_equal(m["arrivals"], plain["arrivals"])
     np.testing.assert_array_equal(m["served"], plain["served"])
+
+
+def test_a_trace_scenario_is_built_only_with_its_own_length(tmp_path):
+    """A trace scenario lasts its trace: cluster_params (whose callers run env.episode_ticks)
+    refuses it, and scenario_plan, which every evaluation uses, carries the trace's ticks."""
+    from aro_jax.config import load_config
+    from aro_jax.envs.scenarios import cluster_params, scenario_plan
+
+    traces = tmp_path / "data" / "traces"
+    traces.mkdir(parents=True)
+    rows = "".join(f"{t}.0,{100 + t},{10 + t}\n" for t in range(0, 100, 5))  # 100 s: 4 ticks of 30 s
+    (traces / "AzureLLMInferenceTrace_code.csv").write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n" + rows)
+    cfg = load_config(None, [f"env.data_dir={tmp_path / 'data'}"])
+    with pytest.raises(ValueError, match="trace's own length.*scenario_plan"):
+        cluster_params(cfg, "trace-code")
+    plan = scenario_plan(cfg, "trace-code")
+    assert plan.num_ticks == 4 < cfg.env.episode_ticks
+    assert scenario_plan(cfg, "diurnal").num_ticks == cfg.env.episode_ticks

@@ -384,18 +384,19 @@ def make_server(emulator: ServingEmulator, host: str = "127.0.0.1", port: int = 
 
 
 def node_params_from_run(run_dir: Path, node: str, scenario: str = "diurnal"):
-    """One node's EnvParams from a training run's config (the scenario's, start time fixed)."""
+    """One node's EnvParams from a training run's config (the scenario's, start time fixed)
+    and the scenario's length in ticks (a day, or a trace's own length)."""
     import jax
 
     from aro_jax.config import load_config
-    from aro_jax.envs.scenarios import cluster_params
+    from aro_jax.envs.scenarios import scenario_plan
 
     cfg = load_config(Path(run_dir) / "config.yaml")
     names = [n.name for n in cfg.cluster.nodes]
     if node not in names:
         raise ValueError(f"unknown node {node!r}; the run's cluster has {names}")
-    params = cluster_params(cfg, scenario)
-    return cfg, jax.tree.map(lambda x: x[names.index(node)], params)
+    plan = scenario_plan(cfg, scenario)
+    return cfg, jax.tree.map(lambda x: x[names.index(node)], plan.params), plan.num_ticks
 
 
 def main(argv=None) -> int:
@@ -404,15 +405,15 @@ def main(argv=None) -> int:
     ap.add_argument("--node", required=True, help="the node to emulate")
     ap.add_argument("--scenario", default="diurnal", help="scenario of the simulated traffic (default diurnal)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--ticks", type=int, default=2880, help="episode length in ticks (default one day of 30 s ticks)")
+    ap.add_argument("--ticks", type=int, help="episode length in ticks (default the scenario's: a day, or a trace's own length)")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=9400)
     ap.add_argument("--namespace", default="default", help="namespace label of the emulated Deployment's kube-state-metrics series")
     ap.add_argument("--deployment", default="vllm", help="name of the emulated Deployment (its pods are named after it)")
     ap.add_argument("--warmup", action="store_true", help="start with one tick before the day whose counts are the simulator's reset observation")
     args = ap.parse_args(argv)
-    cfg, params = node_params_from_run(Path(args.run_dir), args.node, args.scenario)
-    emulator = ServingEmulator(params, cfg.env.action_set, args.seed, args.ticks, args.namespace, args.deployment, args.warmup)
+    cfg, params, scenario_ticks = node_params_from_run(Path(args.run_dir), args.node, args.scenario)
+    emulator = ServingEmulator(params, cfg.env.action_set, args.seed, args.ticks or scenario_ticks, args.namespace, args.deployment, args.warmup)
     server = make_server(emulator, args.host, args.port)
     print(f"emulator: node {args.node} ({args.scenario}) on http://{args.host}:{server.server_port}/metrics", file=sys.stderr, flush=True)
     try:

@@ -92,12 +92,6 @@ def make_cluster_params(nodes: EnvParams, names, models, rtt_s=None, forwarding:
     )
 
 
-def cluster_env_params(cfg, scenario: str = "train", forwarding: bool = True) -> ClusterParams:
-    """ClusterParams for an ExperimentConfig's cluster (its nodes as scenarios.cluster_params
-    builds them; RTTs from the regions' sites)."""
-    return cluster_links(cfg, scenarios.cluster_params(cfg, scenario), forwarding)
-
-
 def cluster_links(cfg, nodes: EnvParams, forwarding: bool = True) -> ClusterParams:
     """ClusterParams joining stacked node params of `cfg`'s regions (any scenario's, or
     replayed traces) by the regions' sites and models."""
@@ -336,4 +330,4 @@ def conservation_gap(metrics: dict, queue_before, in_flight_before) -> jax.Array
 
 
 __all__ = ["ServingCluster", "RegionGrid", "ClusterParams", "ClusterState", "CLUSTER_OBS_FIELDS", "make_cluster_params",
-           "cluster_env_params", "cluster_links", "file_cluster_params", "specs_cluster_params", "route", "rtt_matrix_s", "conservation_gap"]
+           "cluster_links", "file_cluster_params", "specs_cluster_params", "route", "rtt_matrix_s", "conservation_gap"]

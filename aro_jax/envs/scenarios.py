@@ -195,7 +195,12 @@ def stack_params(params_list: list[EnvParams]) -> EnvParams:
 
 def cluster_params(cfg, scenario: str = "train") -> EnvParams:
     """Stacked EnvParams (leading node axis) for an ExperimentConfig's cluster, with its
-    reward weights; `scenario="train"` is the training distribution (random start times)."""
+    reward weights; `scenario="train"` is the training distribution (random start times).
+    A trace scenario lasts its trace's length, not env.episode_ticks: scenario_plan gives
+    its params with that length."""
+    if scenario.startswith("trace-"):
+        raise ValueError(f"scenario {scenario!r} replays a trace for the trace's own length; "
+                         "build it with scenarios.scenario_plan(cfg, scenario), which returns the episode length with the params")
     nodes = []
     for n in cfg.cluster.nodes:
         prices = getattr(cfg.env, "prices", hardware.DEFAULT_PRICE_SET)
