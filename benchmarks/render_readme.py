@@ -58,6 +58,15 @@ def targets_met(regions: dict, targets: dict, policy: str) -> list[str]:
     return [r for r, t in targets.items() if regions[f"{r} / {policy}"]["slo_attainment_pct"] >= 100 * t]
 
 
+def missed_regions(regions: dict, targets: dict, policy: str, met: list) -> str:
+    """' (not in A, B; n of them within 1 point of it)' for the regions below target."""
+    missed = [r for r in targets if r not in met]
+    if not missed:
+        return ""
+    near = len(near_target(regions, targets, policy))
+    return f" (not in {', '.join(missed)}" + (f"; {near} of them within 1 point of it)" if near else "; none within 1 point of it)")
+
+
 def near_target(regions: dict, targets: dict, policy: str) -> list[str]:
     """The regions where `policy` misses its target by at most one point."""
     return [r for r, t in targets.items() if 100 * t - 1 <= regions[f"{r} / {policy}"]["slo_attainment_pct"] < 100 * t]
@@ -113,8 +122,7 @@ def main_job() -> list[str]:
                  f"regions meet their SLO attainment targets ({100 * cfg['slo_target']:.0f} %" + (f"; per workload {per_mix}" if per_mix else "")
                  + f"), with at most {100 * cfg['max_drop']:g} % dropped and served quality >= {cfg.get('min_quality', 0):g} of the large "
                  f"model's. On the training day it meets its target in **{len(met)} of {len(targets)} regions**"
-                 + (f" (not in {', '.join(r for r in targets if r not in met)}; {len(near_target(regions, targets, learned))} of them "
-                    "within 1 point of it)" if len(met) < len(targets) else "")
+                 + missed_regions(regions, targets, learned, met)
                  + f"; drops {ppo['dropped_pct']:.3g} % ({'within' if drop_ok else '**over**'} the bound cluster-wide"
                  + (f"; **over** it in {len(drops_over)} region{'s' if len(drops_over) > 1 else ''}: " + ", ".join(f"{r} {regions[f'{r} / {learned}']['dropped_pct']:.2f} %" for r in drops_over)
                     if drops_over else "; within it in every region")
