@@ -449,6 +449,7 @@ def pareto() -> list[str]:
         lines += [f"`{d['command']}` → [`benchmarks/{stem}.md`](benchmarks/{stem}.md) ([plot](benchmarks/{stem}.png)): the main job's "
                   f"config trained to targets {', '.join(f'{t:g}' for t in d['targets'])} ({d['seeds']} seed{'s' if d['seeds'] > 1 else ''}, "
                   f"{d['clusters']} clusters per region, {d['steps'] / 1e6:g}M env steps, `env.token_shift_prob={d.get('token_shift_prob', 0.0):g}`, "
+                  f"`objective.slo_margin={d['slo_margin']:g}`, "
                   "one compiled program) against "
                   + ", ".join(f"{k} at {len(v['values'])} settings" for k, v in d["settings"].items())
                   + f", tier {'on' if d.get('tier') else 'off'} for all. Aim (stated with the tier off): the learned frontier below every "
