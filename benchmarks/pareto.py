@@ -253,10 +253,11 @@ def margins_now(data: dict) -> str:
 
 def render(data: dict) -> str:
     tier = "on" if data.get("tier") else "off"
+    stem = "pareto_tier" if data.get("tier") else "pareto"
     lines = [
         f"# Cost / SLO-attainment frontiers (quality tier {tier} for every policy)", "",
-        f"Command: `{data['command']}`; machine: {data['machine']}; {data['wall_s'] / 60:.0f} min; figures from pareto.json, "
-        "plot [`pareto.png`](pareto.png).", "",
+        f"Command: `{data['command']}`; machine: {data['machine']}; {data['wall_s'] / 60:.0f} min; figures from {stem}.json, "
+        f"plot [`{stem}.png`]({stem}.png).", "",
         f"Learned: the main job's config (ten regions, multi-Krum, each region's own policy pulled toward the robust global) "
         f"with the tier {tier}, under `objective.kind=slo` (cost minimised subject to SLO attainment >= target and dropped share "
         f"<= {data['max_drop']:g}), {data['clusters']} clusters per region, {data['steps']:,} env steps ({data['rounds']} rounds), "
