@@ -91,6 +91,11 @@ class EnvConfig:
     # mixes (envs.serving.draw_token_shift), so a policy meets the other workload's lengths;
     # evaluation scenarios carry none.
     token_shift_prob: float = 0.0
+    # Training starting fleets: this share of training episodes starts from a fleet drawn
+    # uniformly between the region's replica limits (envs.serving.draw_start_fleet) instead
+    # of the one sized for its mean rate, so holding the starting fleet is no safe habit;
+    # evaluation scenarios carry none.
+    random_fleet_prob: float = 0.0
     reward: RewardWeights = field(default_factory=RewardWeights)
 
 
@@ -397,6 +402,7 @@ def validate(cfg: ExperimentConfig) -> None:
     require(0 <= e.surge_prob <= 1, "env.surge_prob", f"must be a share of episodes in [0, 1], got {e.surge_prob}")
     # Below the held-out flash crowd's 5x, which must stay heavier than anything trained on.
     require(0 <= e.token_shift_prob <= 1, "env.token_shift_prob", f"must be a share of episodes in [0, 1], got {e.token_shift_prob}")
+    require(0 <= e.random_fleet_prob <= 1, "env.random_fleet_prob", f"must be a share of episodes in [0, 1], got {e.random_fleet_prob}")
     require(1.5 <= e.surge_max_multiplier < 5, "env.surge_max_multiplier",
             f"must be in [1.5, 5) (1.5x is the smallest surge; the held-out flash crowd is 5x), got {e.surge_max_multiplier}")
     require(e.num_clusters >= 1, "env.num_clusters", f"must be >= 1, got {e.num_clusters}")

@@ -30,7 +30,7 @@ def same_setting(a, b, section: str) -> bool:
 
     from aro_jax.config import ExperimentConfig
 
-    default = dataclasses.asdict(ExperimentConfig()).get(section, {})
+    default = dataclasses.asdict(ExperimentConfig()).get("env" if section == "training_env" else section, {})  # training_env: env keys
     return all(a.get(k, default.get(k)) == b.get(k, default.get(k)) for k in a.keys() | b.keys())
 
 

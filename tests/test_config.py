@@ -22,8 +22,9 @@ from aro_jax.config import DEFAULT_CONFIG, ConfigError, ExperimentConfig, load_c
         (["env.surge_max_multiplier=5"], "config key 'env.surge_max_multiplier'"),  # as heavy as the held-out crowd
         (["env.surge_prob=1.5"], "config key 'env.surge_prob'"),
         (["env.token_shift_prob=-0.1"], "config key 'env.token_shift_prob'"),
+        (["env.random_fleet_prob=1.5"], "config key 'env.random_fleet_prob'"),
     ],
-    ids=["unknown-key", "wrong-type", "minibatches-not-dividing", "unknown-profile", "held-out-scenario", "negative-rate", "override-syntax", "margin-past-one", "drop-margin-past-zero", "surge-as-heavy-as-held-out", "surge-prob-past-one", "token-shift-prob-negative"],
+    ids=["unknown-key", "wrong-type", "minibatches-not-dividing", "unknown-profile", "held-out-scenario", "negative-rate", "override-syntax", "margin-past-one", "drop-margin-past-zero", "surge-as-heavy-as-held-out", "surge-prob-past-one", "token-shift-prob-negative", "random-fleet-prob-past-one"],
 )
 def test_invalid_override_names_the_key(overrides, expected):
     with pytest.raises(ConfigError) as err:

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import aro_jax.envs  # noqa: F401  (registers ServingNode-v0)
-from aro_jax.envs import fluid, scenarios, serving
+from aro_jax.envs import fluid, scenarios, serving, sizing
 from aro_jax.envs.serving import (
     DEC_CPU,
     DEC_GPU,
@@ -460,13 +460,15 @@ def test_a_surge_multiplies_the_demand_of_its_ticks_only(env, params):
 def test_evaluated_scenarios_carry_no_surge_and_no_token_shift():
     from aro_jax.config import load_config
 
-    cfg = load_config(None, ["env.surge_prob=0.5", "env.surge_max_multiplier=4", "env.token_shift_prob=0.4"])
+    cfg = load_config(None, ["env.surge_prob=0.5", "env.surge_max_multiplier=4", "env.token_shift_prob=0.4", "env.random_fleet_prob=0.3"])
     train = scenarios.cluster_params(cfg, "train")
     assert (np.asarray(train.surge_prob) == 0.5).all() and (np.asarray(train.token_shift_prob) == 0.4).all()
+    assert (np.asarray(train.random_fleet_prob) == 0.3).all()
     for scenario in scenarios.SCENARIOS:
         if not scenario.startswith("trace-"):
             p = scenarios.cluster_params(cfg, scenario)
             assert (np.asarray(p.surge_prob) == 0.0).all() and (np.asarray(p.token_shift_prob) == 0.0).all(), scenario
+            assert (np.asarray(p.random_fleet_prob) == 0.0).all(), scenario
 
 
 # --------------------------------------------------------------------------------------
@@ -511,3 +513,31 @@ def test_a_token_shift_changes_the_service_and_nothing_else_when_zero(env, param
     np.testing.assert_allclose(longer[:, 0], plain[:, 0], rtol=1e-6)  # the same arrivals
     assert (longer[:, 1] < 0.6 * plain[:, 1]).all()  # e^1.5 = 4.5x the answer tokens
     assert longer[:, 2].mean() > plain[:, 2].mean()
+
+
+# --------------------------------------------------------------------------------------
+# Training starting fleets
+# --------------------------------------------------------------------------------------
+
+
+def test_starting_fleets_are_drawn_across_the_replica_limits_and_sized(params):
+    """In random_fleet_prob of the episodes the fleet starts at a whole number of replicas,
+    every size from min_replicas to max_replicas about equally often, with the CPU and memory
+    that size it; the other episodes start from the node's initial allocation, and at 0 every
+    episode does, with the start time drawn as before."""
+    env = serving.ServingNodeEnv()
+    p = params.replace(min_replicas=1.0, max_replicas=12.0, random_start=1.0)
+    keys = jax.random.split(jax.random.key(7), 6000)
+    drawn = jax.vmap(lambda k: env.reset_state(k, p.replace(random_fleet_prob=0.5)))(keys)
+    plain = jax.vmap(lambda k: env.reset_state(k, p))(keys)
+    replicas = np.asarray(drawn.replicas_ready)
+    changed = (replicas != np.asarray(plain.replicas_ready)) | (np.asarray(drawn.cpu_cores) != np.asarray(plain.cpu_cores))
+    assert changed.mean() == pytest.approx(0.5 * (1 - 1 / 12), abs=0.03)  # a draw of the initial size changes nothing
+    sizes, counts = np.unique(replicas[changed], return_counts=True)
+    assert sizes.tolist() == [float(n) for n in range(1, 13) if n != float(p.initial_replicas)]
+    assert counts.min() > 0.6 * counts.mean()
+    np.testing.assert_array_equal(np.asarray(drawn.cpu_cores)[changed], np.asarray(sizing.cores_for(p, replicas[changed])))
+    np.testing.assert_array_equal(np.asarray(drawn.host_memory_gb)[changed], np.asarray(sizing.memory_for(p, replicas[changed])))
+    assert (np.asarray(plain.replicas_ready) == float(p.initial_replicas)).all()
+    assert (np.asarray(plain.cpu_cores) == float(p.initial_cpu_cores)).all()
+    np.testing.assert_array_equal(np.asarray(drawn.clock_s), np.asarray(plain.clock_s))

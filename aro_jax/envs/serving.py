@@ -20,7 +20,7 @@ from aro_jax.contract import (  # noqa: F401  (the env's contract, also importab
     ACTION_SETS, DEC_CPU, DEC_GPU, DEC_MEM, DEGRADE, ENV_VERSION, EXTENDED_ACTIONS, INC_CPU, INC_GPU, INC_MEM,
     DESCRIPTOR_NAMES, MAINTAIN, OBS_FIELDS, PAPER_ACTIONS, POLICY_INPUT_DIM, PULL_BACK, REBALANCE, RESTORE,
 )
-from aro_jax.envs import fluid, scenarios
+from aro_jax.envs import fluid, scenarios, sizing
 from aro_jax.envs.autoreset import StateObservedEnv
 from aro_jax.envs import forecast as fc
 from aro_jax.envs.params import EnvParams, e2e_budget
@@ -108,9 +108,7 @@ class ServingNodeEnv(StateObservedEnv):
         rate = expected_rate_rps(clock_s, params.traffic)
         # Strong float32 (not weakly typed Python floats from params), so a reset state and
         # a stepped state have the same types and a jitted step does not retrace.
-        replicas = jnp.asarray(params.initial_replicas, jnp.float32)
-        cpu_cores = jnp.asarray(params.initial_cpu_cores, jnp.float32)
-        host_memory_gb = jnp.asarray(params.initial_host_memory_gb, jnp.float32)
+        replicas, cpu_cores, host_memory_gb = draw_start_fleet(jax.random.fold_in(key, 3), params)
         zeros = jnp.zeros(())
         # A reset state is computed on every step (auto-reset under vmap is a select), so
         # the first tick's metrics are cheap: the expected load against the initial
@@ -206,6 +204,19 @@ def surged(traffic, surge):
         flash_duration_s=jnp.where(on, end - start, traffic.flash_duration_s),
         flash_multiplier=jnp.where(on, multiplier, traffic.flash_multiplier),
     )
+
+
+def draw_start_fleet(key, params: EnvParams) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(replicas, CPU cores, host memory GB) an episode starts with: the node's initial
+    allocation, or in `params.random_fleet_prob` of the episodes a whole number of replicas
+    uniform in [min_replicas, max_replicas] with the CPU and memory that size it."""
+    u_on, u_size = jax.random.uniform(key, (2,))
+    on = u_on < params.random_fleet_prob
+    # floor over max - min + 1 equal bins: every whole fleet size equally likely
+    drawn = jnp.minimum(params.min_replicas + jnp.floor(u_size * (params.max_replicas - params.min_replicas + 1.0)), params.max_replicas)
+    f32 = lambda initial, sized: jnp.where(on, sized, initial).astype(jnp.float32)  # noqa: E731
+    return (f32(params.initial_replicas, drawn), f32(params.initial_cpu_cores, sizing.cores_for(params, drawn)),
+            f32(params.initial_host_memory_gb, sizing.memory_for(params, drawn)))
 
 
 # Training token lengths (EnvParams.token_shift_prob): offsets of the log-normal means, up
