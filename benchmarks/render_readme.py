@@ -487,10 +487,14 @@ def variants() -> list[str]:
         c = mv.counts(v)
         out.append(f"| `{v['command']}` ({v['name']}) | {c['monday']} / {c['regions']} | {c['week']} / {c['regions']} | "
                    + (", ".join(c["drops_over"]) or "none") + " |")
-    if "training_env" not in d:
+    if "training_env" not in d:  # variants from before the token shifts: name the default they override, and today's
+        from aro_jax.config import load_config
+
+        now = load_config()
         out += ["", "These variants are overrides of an earlier default, which trained on each region's own token lengths "
                 "(`env.token_shift_prob=0`) and aimed 2 points above each target (`objective.slo_margin=0.02`); the main job now "
-                "shifts the lengths in half its training episodes (below) and aims 3 points above."]
+                f"shifts the lengths in {100 * now.env.token_shift_prob:g} % of its training episodes (below) and aims "
+                f"{100 * now.objective.slo_margin:g} points above."]
     return out
 
 
