@@ -96,6 +96,11 @@ class EnvConfig:
     # of the one sized for its mean rate, so holding the starting fleet is no safe habit;
     # evaluation scenarios carry none.
     random_fleet_prob: float = 0.0
+    # Training demand phases: in this share of training episodes the region's demand runs
+    # a uniform 0-24 h ahead of its usual daily shape while its clock still reads local time
+    # (envs.serving.draw_demand_phase), so the hour is no safe guide to the load and a policy
+    # meets daytime demand at night; evaluation scenarios carry none.
+    demand_phase_prob: float = 0.0
     reward: RewardWeights = field(default_factory=RewardWeights)
 
 
@@ -403,6 +408,7 @@ def validate(cfg: ExperimentConfig) -> None:
     # Below the held-out flash crowd's 5x, which must stay heavier than anything trained on.
     require(0 <= e.token_shift_prob <= 1, "env.token_shift_prob", f"must be a share of episodes in [0, 1], got {e.token_shift_prob}")
     require(0 <= e.random_fleet_prob <= 1, "env.random_fleet_prob", f"must be a share of episodes in [0, 1], got {e.random_fleet_prob}")
+    require(0 <= e.demand_phase_prob <= 1, "env.demand_phase_prob", f"must be a share of episodes in [0, 1], got {e.demand_phase_prob}")
     require(1.5 <= e.surge_max_multiplier < 5, "env.surge_max_multiplier",
             f"must be in [1.5, 5) (1.5x is the smallest surge; the held-out flash crowd is 5x), got {e.surge_max_multiplier}")
     require(e.num_clusters >= 1, "env.num_clusters", f"must be >= 1, got {e.num_clusters}")

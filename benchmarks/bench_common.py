@@ -48,7 +48,7 @@ def machine() -> str:
 
 # The training distribution's randomisation (env section): results of runs that differ in
 # these are not the same config's spread.
-TRAINING_ENV_KEYS = ("surge_prob", "token_shift_prob", "random_fleet_prob")
+TRAINING_ENV_KEYS = ("surge_prob", "token_shift_prob", "random_fleet_prob", "demand_phase_prob")
 
 
 def training_env(env) -> dict:

@@ -26,7 +26,7 @@ from aro_jax.envs.serving import (
     RESTORE,
     ServingNodeEnv,
 )
-from aro_jax.contract import DESCRIPTOR_FIELDS
+from aro_jax.contract import DESCRIPTOR_FIELDS, FIELD_INDEX
 from aro_jax.envs.params import EnvParams
 
 ALLOCATION_FIELDS = ("replicas_ready", "cpu_cores", "host_memory_gb", "forward_fraction", "small_model_fraction")
@@ -460,15 +460,63 @@ def test_a_surge_multiplies_the_demand_of_its_ticks_only(env, params):
 def test_evaluated_scenarios_carry_no_surge_and_no_token_shift():
     from aro_jax.config import load_config
 
-    cfg = load_config(None, ["env.surge_prob=0.5", "env.surge_max_multiplier=4", "env.token_shift_prob=0.4", "env.random_fleet_prob=0.3"])
+    cfg = load_config(None, ["env.surge_prob=0.5", "env.surge_max_multiplier=4", "env.token_shift_prob=0.4", "env.random_fleet_prob=0.3",
+                             "env.demand_phase_prob=0.2"])
     train = scenarios.cluster_params(cfg, "train")
     assert (np.asarray(train.surge_prob) == 0.5).all() and (np.asarray(train.token_shift_prob) == 0.4).all()
-    assert (np.asarray(train.random_fleet_prob) == 0.3).all()
+    assert (np.asarray(train.random_fleet_prob) == 0.3).all() and (np.asarray(train.demand_phase_prob) == 0.2).all()
     for scenario in scenarios.SCENARIOS:
         if not scenario.startswith("trace-"):
             p = scenarios.cluster_params(cfg, scenario)
             assert (np.asarray(p.surge_prob) == 0.0).all() and (np.asarray(p.token_shift_prob) == 0.0).all(), scenario
-            assert (np.asarray(p.random_fleet_prob) == 0.0).all(), scenario
+            assert (np.asarray(p.random_fleet_prob) == 0.0).all() and (np.asarray(p.demand_phase_prob) == 0.0).all(), scenario
+
+
+# --------------------------------------------------------------------------------------
+# Training demand phases
+# --------------------------------------------------------------------------------------
+
+
+def test_demand_phases_are_drawn_per_episode_over_the_whole_day(params):
+    """One episode in demand_phase_prob runs its demand a uniform 0-24 h ahead; the others
+    not at all, and the episode's start is drawn as it was without phases."""
+    env = serving.ServingNodeEnv()
+    keys = jax.random.split(jax.random.key(5), 4000)
+    states = jax.vmap(lambda k: env.reset_state(k, params.replace(demand_phase_prob=0.4, random_start=1.0)))(keys)
+    phase = np.asarray(states.demand_phase_s, np.float64)
+    on = phase > 0
+    assert on.mean() == pytest.approx(0.4, abs=0.03)
+    assert phase.max() < 86_400.0 and phase[on].max() > 0.95 * 86_400.0 and phase[on].min() < 0.05 * 86_400.0
+    plain = jax.vmap(lambda k: env.reset_state(k, params.replace(random_start=1.0)))(keys)
+    np.testing.assert_array_equal(np.asarray(plain.clock_s), np.asarray(states.clock_s))
+    assert (np.asarray(plain.demand_phase_s) == 0.0).all()
+
+
+def test_a_demand_phase_moves_the_load_and_not_the_clock(env, params):
+    """At 03:00 local with the demand 12 h ahead the node gets the afternoon's load (as
+    many arrivals as the same node at 15:00 without a phase), while its observed clock
+    still reads 03:00."""
+    base = params.replace(random_start=0.0, traffic=params.traffic.replace(burst_cv=0.0, tz_offset_h=0.0))
+    night, afternoon = base.replace(start_time_s=3 * 3600.0), base.replace(start_time_s=15 * 3600.0)
+
+    def run(p, phase_s):
+        obs, state = env.reset(jax.random.key(0), p)
+        state = state.replace(demand_phase_s=jnp.asarray(phase_s, jnp.float32))
+
+        def tick_fn(s, k):
+            o, s, _, _, _, info = env.step(k, s, 0, p)
+            return s, (info["metrics"]["arrivals"], o)
+        _, (arrivals, o) = jax.lax.scan(tick_fn, state, jax.random.split(jax.random.key(1), 30))
+        return np.asarray(arrivals, np.float64), np.asarray(o, np.float64)
+
+    plain, plain_obs = run(night, 0.0)
+    ahead, ahead_obs = run(night, 12 * 3600.0)
+    day, day_obs = run(afternoon, 0.0)
+    assert ahead.sum() / plain.sum() > 1.5  # the diurnal peak against the trough
+    np.testing.assert_allclose(ahead.sum(), day.sum(), rtol=0.05)
+    clock = [FIELD_INDEX[f] for f in ("time_of_day_sin", "time_of_day_cos", "day_of_week_sin", "day_of_week_cos")]
+    np.testing.assert_array_equal(ahead_obs[:, clock], plain_obs[:, clock])
+    assert np.abs(day_obs[:, clock] - plain_obs[:, clock]).max() > 1.0
 
 
 # --------------------------------------------------------------------------------------

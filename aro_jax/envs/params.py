@@ -164,6 +164,11 @@ class EnvParams(environment.EnvParams):
     # with the CPU and memory that size it (serving.draw_start_fleet), instead of
     # initial_replicas; the scenarios evaluated carry none.
     random_fleet_prob: float = 0.0
+    # Training demand phases (domain randomisation): in this share of episodes the demand
+    # runs a uniform 0-24 h ahead of the daily shape the clock would predict
+    # (serving.draw_demand_phase); the observed clock and the forecaster keep local time.
+    # The scenarios evaluated carry none.
+    demand_phase_prob: float = 0.0
     forecast_horizon_s: float = 300.0  # covers the cold start plus one tick
 
 

@@ -48,6 +48,7 @@ class EnvState(environment.EnvState):
     burst_z: jax.Array  # log-AR(1) burst state of the arrivals
     surge: jax.Array  # (start s, end s, demand multiplier) of the episode's surge; multiplier 1: none
     token_shift: jax.Array  # (input, output) log-mean offsets of the episode's token lengths; 0: none
+    demand_phase_s: jax.Array  # how far the episode's demand runs ahead of its daily shape; 0: none
     queue_requests: jax.Array
     forecast: fc.ForecastState
     last: dict[str, jax.Array]  # the previous tick's metrics (what an operator observes)
@@ -105,7 +106,8 @@ class ServingNodeEnv(StateObservedEnv):
         tick = params.tick_s
         random_start = jnp.floor(jax.random.uniform(key, (), maxval=week_s) / tick) * tick
         clock_s = jnp.where(params.random_start > 0.5, random_start, params.start_time_s)
-        rate = expected_rate_rps(clock_s, params.traffic)
+        demand_phase_s = draw_demand_phase(jax.random.fold_in(key, 4), params)
+        rate = expected_rate_rps(clock_s, phased(params.traffic, demand_phase_s))
         # Strong float32 (not weakly typed Python floats from params), so a reset state and
         # a stepped state have the same types and a jitted step does not retrace.
         replicas, cpu_cores, host_memory_gb = draw_start_fleet(jax.random.fold_in(key, 3), params)
@@ -141,6 +143,7 @@ class ServingNodeEnv(StateObservedEnv):
             # Its own stream, so the start time's draw is what it was without surges.
             surge=draw_surge(jax.random.fold_in(key, 1), clock_s, params),
             token_shift=token_shift,
+            demand_phase_s=demand_phase_s,
             queue_requests=zeros,
             forecast=fc.init(params.traffic.mean_rate_rps),
             last=last,
@@ -204,6 +207,22 @@ def surged(traffic, surge):
         flash_duration_s=jnp.where(on, end - start, traffic.flash_duration_s),
         flash_multiplier=jnp.where(on, multiplier, traffic.flash_multiplier),
     )
+
+
+def draw_demand_phase(key, params: EnvParams) -> jax.Array:
+    """Seconds an episode's demand runs ahead of its daily and weekly shape: uniform in
+    [0, 24 h) in `params.demand_phase_prob` of the episodes, 0 otherwise. A held-out trace
+    replayed from Monday 00:00 UTC puts its mean rate on 1-4 am local time in eu-central
+    and me-central; trained only on demand that follows the clock, the policy held those
+    regions' night-time fleets under it."""
+    u_on, u_phase = jax.random.uniform(key, (2,))
+    return jnp.where(u_on < params.demand_phase_prob, u_phase * 86_400.0, 0.0).astype(jnp.float32)
+
+
+def phased(traffic, demand_phase_s):
+    """The node's traffic with its daily and weekly shape `demand_phase_s` ahead (exact when
+    it is zero; a trace replay follows its own timeline whatever the phase)."""
+    return traffic.replace(tz_offset_h=traffic.tz_offset_h + demand_phase_s / 3600.0)
 
 
 def draw_start_fleet(key, params: EnvParams) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -291,7 +310,8 @@ def begin_tick(key, state: EnvState, action, params: EnvParams) -> dict:
     offline = jnp.where(switching, jnp.abs(small_gpu_share(params, small) - small_gpu_share(params, state.small_active_fraction)), 0.0)
 
     # 2. This tick's traffic.
-    arrivals, burst_z = arrivals_ar(e_burst, z_count, state.clock_s, tick, surged(params.traffic, state.surge), state.burst_z)
+    arrivals, burst_z = arrivals_ar(e_burst, z_count, state.clock_s, tick, surged(phased(params.traffic, state.demand_phase_s), state.surge),
+                                    state.burst_z)
     # Prompts over the context window are rejected at admission (counted, never capped);
     # the fluid model serves the admitted ones with this tick's token mix.
     rejected = arrivals * rejected_share(state.clock_s, params.traffic)
@@ -355,6 +375,7 @@ def end_tick(state: EnvState, plan: dict, core: dict, queue, forwarded, peer: di
         burst_z=plan["burst_z"],
         surge=state.surge,
         token_shift=state.token_shift,
+        demand_phase_s=state.demand_phase_s,
         queue_requests=queue,
         forecast=forecast,
         last=_observed(metrics),
