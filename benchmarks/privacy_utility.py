@@ -56,8 +56,13 @@ AIM_SHARE, AIM_EPSILON = 0.9, 8.0
 NODES = ("[{name: us-east, profile: llama2-70b-h100-tp4, traffic_mix: conversation, mean_rate_rps: 18.0, tz_offset_h: -5.0, "
          "max_replicas: 16, peer_rtt_ms: 20.0, peer_spare_rps: 3.0}, {name: eu-central, profile: llama2-7b-a100-tp1, "
          "traffic_mix: code, mean_rate_rps: 20.0, tz_offset_h: 1.0, max_replicas: 24, peer_rtt_ms: 15.0, peer_spare_rps: 4.0}]")
+# The study's own training distribution, pinned against the main job's default: no
+# surges and no token-length shifts (the groups recorded before the main job trained with
+# them ran so); a group that trains with the main job's names them in its settings.
 BASE = [f"cluster.nodes={NODES}", "federated.mode=federated", "federated.aggregator=mean", "federated.num_byzantine=0",
-        "federated.personal_mix=1.0", "objective.kind=paper", "train.num_chunks=1", f"federated.dp_delta={DELTA}"]
+        "federated.personal_mix=1.0", "objective.kind=paper", "train.num_chunks=1", f"federated.dp_delta={DELTA}",
+        "env.surge_prob=0", "env.token_shift_prob=0"]
+MAIN_JOB_TRAINING = ["env.surge_prob=0.25", "env.token_shift_prob=0.5"]
 
 FULL_PPO = "non-private (normaliser, PPO 4 epochs x 4 minibatches)"
 
@@ -335,12 +340,14 @@ GROUPS = {
     # coordinate is about 4x the full network's (sqrt(12.8k / 780)), as if each step
     # averaged 16x the segments. With the frozen public normaliser, which the earlier
     # heads-only group lacked.
+    # Pretrained and fine-tuned on the main job's training distribution (surges and token
+    # shifts in training; the diurnal evaluation carries neither).
     "segment-public-far-heads": from_public(
         [output_layers_only(with_public_normaliser(dp_sgd_group(
-            [protected_nodes(FAR), "env.num_clusters=128", "train.total_env_steps=8000000"], 4,
+            [protected_nodes(FAR), "env.num_clusters=128", "train.total_env_steps=8000000", *MAIN_JOB_TRAINING], 4,
             f"DP-SGD, 4 Poisson steps per rollout (q = 0.25), lr {lr:g}", sigmas, lr=lr)))
-         for lr, sigmas in ((1e-3, (2.4, 6.0)), (3e-3, (6.0,)))],
-        [public_nodes(FAR), "env.num_clusters=64", "train.total_env_steps=16000000"],
+         for lr, sigmas in ((1e-3, (2.4, 6.0)), (3e-3, (2.4, 3.0, 6.0)))],
+        [public_nodes(FAR), "env.num_clusters=64", "train.total_env_steps=16000000", *MAIN_JOB_TRAINING],
         "", normaliser="public normaliser, frozen"),
     # The same at lower learning rates: with a quarter of the noise, Adam's step along the
     # signal (about lr x the signal-to-noise ratio) is four times segment-lr's at 3e-3.
@@ -573,7 +580,8 @@ def render(data: dict) -> str:
         "",
         "Setting: a two-region cluster (us-east Llama-2-70B on H100 TP4, conversation; eu-central Llama-2-7B on A100, code; "
         "a group whose settings name other regions replaces them), "
-        "federated FedAvg (local updates K = 4 per round), the paper's reward. Utility = the share of the best non-private run's "
+        "federated FedAvg (local updates K = 4 per round), the paper's reward, training without surges or token-length shifts "
+        "unless a group's settings name them (the main job's `env.surge_prob=0.25 env.token_shift_prob=0.5`). Utility = the share of the best non-private run's "
         "improvement over the untrained policy, (R - R_untrained) / (R_best non-private - R_untrained), R_untrained being the default network "
         "untrained under the full non-private reference's settings (the same seeds): rewards are negative, so a ratio of returns "
         "would mean nothing. What each unit protects: *segment* = one simulated cluster-day of one region's traffic "

@@ -76,7 +76,7 @@ EVAL_FROM = 3
 # with a pull of P per round (Ditto's lambda, swept). "momentum": the shared policy, each
 # region sending the momentum of its deltas (federated.worker_momentum).
 WORKER_MOMENTUM = 0.9
-PERSONAL_PULLS = (0.003, 0.03)
+PERSONAL_PULLS = (0.003, 0.0075, 0.03)
 METHODS = {"shared": ["federated.personal_mix=1.0"], "personal": ["federated.personal_mix=0.01"],
            **{f"personal-pull{p}": [f"federated.personal_mix={p}"] for p in PERSONAL_PULLS},
            "momentum": ["federated.personal_mix=1.0", f"federated.worker_momentum={WORKER_MOMENTUM}"]}
