@@ -161,7 +161,8 @@ def main_job() -> list[str]:
             v = over["policies"]["learned"]
             overload_table += ["", f"The capacity ceiling (every region at its replica limit all day) still drops {ceiling['dropped_pct']:.2f} %: "
                                f"that much the replica limits force on this crowd. The learned policy drops {v['dropped_pct']:.2f} %, "
-                               f"{v['dropped_pct'] - ceiling['dropped_pct']:.2f} points above it, at "
+                               f"{abs(v['dropped_pct'] - ceiling['dropped_pct']):.2f} points "
+                               f"{'above' if v['dropped_pct'] > ceiling['dropped_pct'] else 'below'} it, at "
                                f"{100 * v['cost_usd_per_h'] / ceiling['cost_usd_per_h']:.0f} % of its cost; at the limit it serves "
                                f"{'none' if v['at_max_quality'] >= 0.9995 else 'part'} of the crowd with the small model."]
     mix = s.get("region_mix") or {}
@@ -295,6 +296,11 @@ def paper() -> list[str]:
         f"{avail(pt.LEARNED)}, Reactive + tier {avail('Reactive + tier')}, Reactive {avail('Reactive')}. The learned rows are "
         "one training seed each (intervals in the markdown are over evaluation seeds).",
     ]
+    if "trace-conv" in on and not pt.verdict(on["trace-conv"]["rows"], "Reactive + tier")[1]:
+        out[-1] += (" On the conversation trace the replay starts at Monday 00:00 UTC, 1-4 am local in eu-central and "
+                    "me-central, where the policy holds its night fleet under daytime load; with the replay at 14:00 local in "
+                    "every region it beats Reactive + tier ([`benchmarks/trace_clock.md`](benchmarks/trace_clock.md); docs/simulator.md, "
+                    "*Training demand phases*).")
     return out
 
 
@@ -491,10 +497,10 @@ def variants() -> list[str]:
         from aro_jax.config import load_config
 
         now = load_config()
-        out += ["", "These variants are overrides of an earlier default, which trained on each region's own token lengths "
-                "(`env.token_shift_prob=0`) and aimed 2 points above each target (`objective.slo_margin=0.02`); the main job now "
-                f"shifts the lengths in {100 * now.env.token_shift_prob:g} % of its training episodes (below) and aims "
-                f"{100 * now.objective.slo_margin:g} points above."]
+        out += ["", "Variants whose name does not say otherwise override an earlier default, which trained on each region's own "
+                "token lengths (`env.token_shift_prob=0`) and aimed 2 points above each target (`objective.slo_margin=0.02`); the "
+                f"main job now shifts the lengths in {100 * now.env.token_shift_prob:g} % of its training episodes (below), aims "
+                f"{100 * now.objective.slo_margin:g} points above and surges in {100 * now.env.surge_prob:g} % of its episodes."]
     return out
 
 
