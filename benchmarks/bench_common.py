@@ -57,10 +57,10 @@ def training_env(env) -> dict:
     return {k: float(get(k, 0.0)) for k in TRAINING_ENV_KEYS}
 
 
-def train_and_evaluate_seeds(cfg, seeds: int) -> tuple[list[dict], float]:
+def train_and_evaluate_seeds(cfg, seeds: int, scenarios: tuple[str, ...] = ()) -> tuple[dict[str, list[dict]], float]:
     """Train seeds 0..seeds-1 of `cfg` in one program (trainers.train_seeds) and evaluate
-    each like the main job (its scenario and evaluation seeds, key 0, the config's env):
-    (metrics per seed, training seconds)."""
+    each like the main job (evaluation seeds, key 0, the config's env) on its scenario and
+    on each of `scenarios`: ({scenario: metrics per seed}, training seconds)."""
     import jax
 
     from aro_jax.envs.scenarios import scenario_plan
@@ -70,11 +70,14 @@ def train_and_evaluate_seeds(cfg, seeds: int) -> tuple[list[dict], float]:
     trainer, weights = trainers.train_seeds(cfg, seeds)
     jax.block_until_ready(weights)
     train_s = time.perf_counter() - t0
-    params, ticks, _ = scenario_plan(cfg, cfg.eval.scenario)
-    env, eparams = evaluation.eval_env(cfg, params)
     policy = learned_policy.greedy_policy(trainer.network, cfg.ppo.normalize_obs, cfg.ppo.action_masking)
-    return [evaluation.run_episodes(env, policy, eparams, jax.random.PRNGKey(0), cfg.eval.num_seeds, ticks,
-                                    jax.tree.map(lambda x: x[s], weights), trainer.per_node) for s in range(seeds)], train_s
+    out = {}
+    for scenario in dict.fromkeys((cfg.eval.scenario, *scenarios)):
+        params, ticks, _ = scenario_plan(cfg, scenario)
+        env, eparams = evaluation.eval_env(cfg, params)
+        out[scenario] = [evaluation.run_episodes(env, policy, eparams, jax.random.PRNGKey(0), cfg.eval.num_seeds, ticks,
+                                                 jax.tree.map(lambda x: x[s], weights), trainer.per_node) for s in range(seeds)]
+    return out, train_s
 
 
 def scaling_kpis(m, params) -> dict:

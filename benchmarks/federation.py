@@ -78,7 +78,8 @@ def same_budget(steps: int, seeds: int, learners: list[str]) -> dict:
     for label in learners:
         extra = LEARNERS[label]
         cfg = config(steps, extra)
-        per_seed, train_s = train_and_evaluate_seeds(cfg, seeds)
+        by_scenario, train_s = train_and_evaluate_seeds(cfg, seeds)
+        per_seed = by_scenario[cfg.eval.scenario]
         params = scenario_plan(cfg, cfg.eval.scenario).params
         rows = [score_row(cfg, m, params) for m in per_seed]
         out[label] = {"rows": rows, "train_s": train_s}
