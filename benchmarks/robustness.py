@@ -89,8 +89,10 @@ def is_personal(method: str) -> bool:
 def study_config(steps: int, extra: list[str] = ()):
     # One XLA device per process: vmap over runs of a program sharded over fake CPU devices
     # can hang XLA's CPU runtime (DESIGN "Speed"); run two processes (--part) to use 2 cores.
-    # Trained to the targets and the drop bound themselves (no margins), as the recorded runs were.
-    return load_config(None, ["objective.slo_margin=0", "objective.drop_margin=0", "env.num_clusters=4", f"train.total_env_steps={steps}", "train.num_chunks=1", *extra])
+    # Trained to the targets and the drop bound themselves (no margins), without surges or
+    # token-length shifts, as the recorded runs were.
+    return load_config(None, ["objective.slo_margin=0", "objective.drop_margin=0", "env.surge_prob=0", "env.token_shift_prob=0",
+                              "env.num_clusters=4", f"train.total_env_steps={steps}", "train.num_chunks=1", *extra])
 
 
 def allowed(name: str, f: int) -> bool:
