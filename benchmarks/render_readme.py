@@ -434,7 +434,9 @@ def privacy() -> list[str]:
         share = pu._share(np.mean(top["reward_seeds"]), untrained, best)
         cluster = [pu._short(o).split("=", 1)[1] for o in group["settings"] if o.startswith("cluster.nodes=")]
         lines.append(f"- Group {unit}{f' (regions {cluster[0]})' if cluster else ''}, unit {top['privacy'][0]['unit']}: {top['mechanism']}, noise {top['noise_multiplier']:g}, "
-                     f"epsilon {top['epsilon']:.3g}: share **{share:.2f}**, {VERDICTS[pu.verdict(group, top, untrained, best, aim)]}. "
+                     f"epsilon {top['epsilon']:.3g}: share **{share:.2f}**, {VERDICTS[pu.verdict(group, top, untrained, best, aim)]}"
+                     + (" (the group's note says what its epsilon does not count)" if "does not count" in pu.GROUPS.get(unit, {}).get("note", "") else "")
+                     + ". "
                      f"Code commit: {pu._commits(group)}."
                      + (f" Machine: {group['machine']}." if group.get("machine", d["machine"]) != d["machine"] else ""))
     return lines
