@@ -76,6 +76,8 @@ PROTECTED = ("us-east", "eu-central")
 # A protected pair whose public data transfers badly: trained on the other nine regions,
 # the federated policy lost zero-shot on each of these two (benchmarks/unseen_region.md).
 FAR = ("us-west", "asia-south")
+# A pair no privacy group had used before segment-public-confirm ran the far pair's recipe on it.
+CONFIRM = ("eu-west", "me-central")
 CLUSTER10 = Path(__file__).parents[1] / "aro_jax" / "configs" / "cluster10.yaml"
 PRETRAINED, ZERO_SHOT = "+start=public-pretraining", "+evaluate-only"
 
@@ -359,6 +361,15 @@ GROUPS = {
          "demand-phase code, which moved its pretraining: lr 1e-3 rows -0.284 and -0.983, the public policy -1.516), so that "
          "choice was made on the protected data (Papernot & Steinke, ICLR 2022, bound what such selection costs)."),
         normaliser="public normaliser, frozen"),
+    # segment-public-far-heads' recipe at lr 3e-3, fixed before this pair was run, on a
+    # protected pair no other group has used: a confirmation, whose choices owe nothing
+    # to the pair's own data.
+    "segment-public-confirm": from_public(
+        [output_layers_only(with_public_normaliser(dp_sgd_group(
+            [protected_nodes(CONFIRM), "env.num_clusters=128", "train.total_env_steps=8000000", *MAIN_JOB_TRAINING], 4,
+            "DP-SGD, 4 Poisson steps per rollout (q = 0.25), lr 0.003", (2.4, 3.0), lr=3e-3)))],
+        [public_nodes(CONFIRM), "env.num_clusters=64", "train.total_env_steps=16000000", *MAIN_JOB_TRAINING],
+        "", normaliser="public normaliser, frozen"),
     # The same at lower learning rates: with a quarter of the noise, Adam's step along the
     # signal (about lr x the signal-to-noise ratio) is four times segment-lr's at 3e-3.
     **{f"segment-wide-lr{lr:g}": {
