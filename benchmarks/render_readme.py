@@ -193,10 +193,10 @@ def main_job() -> list[str]:
                  + (f"; regions at their attainment target per seed: {', '.join(str(r['targets_met']) for r in d['rows'])} of "
                     f"{d['rows'][0]['regions']}, over the drop bound: {', '.join(str(r['drops_over']) for r in d['rows'])}"
                     if all("targets_met" in r for r in d["rows"]) else "") + ". ")
-        att = v["slo_attainment_pct"]
-        if not att.min() <= ppo["slo_attainment_pct"] <= att.max():  # the headline run is not a typical seed: say so
-            text += (f"The run above ({ppo['slo_attainment_pct']:.1f} % attainment) lies {'below' if ppo['slo_attainment_pct'] < att.min() else 'above'} "
-                     "every one of these seeds (trained in one vmapped program, which need not be bit-equal to the driver's chunked run). ")
+        for key, what in (("slo_attainment_pct", "{:.1f} % attainment"), ("goodput_per_usd", "{:,.0f} goodput per dollar")):
+            if not v[key].min() <= ppo[key] <= v[key].max():  # the headline run is not a typical seed: say so
+                text += (f"The run above ({what.format(ppo[key])}) lies {'below' if ppo[key] < v[key].min() else 'above'} every one "
+                         "of these seeds (trained in one vmapped program, which need not be bit-equal to the driver's chunked run). ")
     out += [
         "",
         text + "Every baseline also runs with the quality-tier rule (`+tier`, thresholds tuned once on the training scenario: "
