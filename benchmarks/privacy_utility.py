@@ -167,6 +167,19 @@ def output_layers_only(group: dict) -> dict:
             "private": [(label + suffix, sigma, [*o, frozen]) for label, sigma, o in group["private"]]}
 
 
+def public_heads_group(protected, rows, note: str = "") -> dict:
+    """DP-SGD on the output layers of the public pretraining, with its normaliser frozen,
+    on the `protected` pair, at each (lr, noise multipliers) of `rows`; pretrained and
+    fine-tuned on the main job's training distribution (surges and token shifts in
+    training; the diurnal evaluation carries neither)."""
+    return from_public(
+        [output_layers_only(with_public_normaliser(dp_sgd_group(
+            [protected_nodes(protected), "env.num_clusters=128", "train.total_env_steps=8000000", *MAIN_JOB_TRAINING], 4,
+            f"DP-SGD, 4 Poisson steps per rollout (q = 0.25), lr {lr:g}", sigmas, lr=lr))) for lr, sigmas in rows],
+        [public_nodes(protected), "env.num_clusters=64", "train.total_env_steps=16000000", *MAIN_JOB_TRAINING],
+        note, normaliser="public normaliser, frozen")
+
+
 # Per group: the shared settings, the non-private references, and the private rows
 # (label, mechanism, noise multiplier, overrides).
 GROUPS = {
@@ -342,14 +355,8 @@ GROUPS = {
     # coordinate is about 4x the full network's (sqrt(12.8k / 780)), as if each step
     # averaged 16x the segments. With the frozen public normaliser, which the earlier
     # heads-only group lacked.
-    # Pretrained and fine-tuned on the main job's training distribution (surges and token
-    # shifts in training; the diurnal evaluation carries neither).
-    "segment-public-far-heads": from_public(
-        [output_layers_only(with_public_normaliser(dp_sgd_group(
-            [protected_nodes(FAR), "env.num_clusters=128", "train.total_env_steps=8000000", *MAIN_JOB_TRAINING], 4,
-            f"DP-SGD, 4 Poisson steps per rollout (q = 0.25), lr {lr:g}", sigmas, lr=lr)))
-         for lr, sigmas in ((1e-3, (2.4, 6.0)), (3e-3, (2.4, 3.0, 6.0)))],
-        [public_nodes(FAR), "env.num_clusters=64", "train.total_env_steps=16000000", *MAIN_JOB_TRAINING],
+    "segment-public-far-heads": public_heads_group(
+        FAR, ((1e-3, (2.4, 6.0)), (3e-3, (2.4, 3.0, 6.0))),
         ("Trained on the main job's distribution, the public policy transfers badly to this pair: -1.506 +- 0.019 (42.8 % SLO, "
          "share 0.27), where segment-public-far's, trained without surges or token shifts, scored -0.022. The protected "
          "segments then carry most of the utility, and DP-SGD on the output layers captures it at lr 3e-3: -0.099 at epsilon "
@@ -359,17 +366,11 @@ GROUPS = {
          "3e-3 comes from segment-lr, run on us-east and eu-central, which are public data in this group; but the rows at lr "
          "3e-3 and noise 2.4 and 3 were added after a first run of this group on the same protected pair (before the "
          "demand-phase code, which moved its pretraining: lr 1e-3 rows -0.284 and -0.983, the public policy -1.516), so that "
-         "choice was made on the protected data (Papernot & Steinke, ICLR 2022, bound what such selection costs)."),
-        normaliser="public normaliser, frozen"),
+         "choice was made on the protected data (Papernot & Steinke, ICLR 2022, bound what such selection costs).")),
     # segment-public-far-heads' recipe at lr 3e-3, fixed before this pair was run, on a
     # protected pair no other group has used: a confirmation, whose choices owe nothing
     # to the pair's own data.
-    "segment-public-confirm": from_public(
-        [output_layers_only(with_public_normaliser(dp_sgd_group(
-            [protected_nodes(CONFIRM), "env.num_clusters=128", "train.total_env_steps=8000000", *MAIN_JOB_TRAINING], 4,
-            "DP-SGD, 4 Poisson steps per rollout (q = 0.25), lr 0.003", (2.4, 3.0), lr=3e-3)))],
-        [public_nodes(CONFIRM), "env.num_clusters=64", "train.total_env_steps=16000000", *MAIN_JOB_TRAINING],
-        "", normaliser="public normaliser, frozen"),
+    "segment-public-confirm": public_heads_group(CONFIRM, ((3e-3, (2.4, 3.0)),)),
     # The same at lower learning rates: with a quarter of the noise, Adam's step along the
     # signal (about lr x the signal-to-noise ratio) is four times segment-lr's at 3e-3.
     **{f"segment-wide-lr{lr:g}": {
