@@ -28,8 +28,8 @@ def measure(run_dir: Path, hours: list[float], seeds: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from aro_jax.cli import _heuristic_policies
     from aro_jax.config import load_config
+    from aro_jax.envs.heuristics import HEURISTICS
     from aro_jax.envs.scenarios import scenario_plan
     from aro_jax.training import evaluation
     from aro_jax.training.checkpointing import load_trained_policy
@@ -38,7 +38,7 @@ def measure(run_dir: Path, hours: list[float], seeds: int) -> dict:
     cfg = load_config(run_dir / "config.yaml", [f"eval.num_seeds={seeds}"])
     plan = scenario_plan(cfg, SCENARIO)
     names = [n.name for n in cfg.cluster.nodes]
-    policies = {"learned": (policy, weights, per_node), **_heuristic_policies(cfg, [BASELINE])}
+    policies = {"learned": (policy, weights, per_node), BASELINE: (HEURISTICS[BASELINE](cfg.env.tick_s), None, False)}
     tz = {n.name: float(n.tz_offset_h) for n in cfg.cluster.nodes}
 
     def at(local_h):
