@@ -175,7 +175,7 @@ def main() -> int:
         "targets": args.targets, "seeds": args.seeds, "steps": args.steps, "clusters": args.clusters, "eval_seeds": args.eval_seeds,
         "max_drop": cfg.objective.max_drop, "slo_margin": cfg.objective.slo_margin, "drop_margin": cfg.objective.drop_margin,
         "code_target_offset": cfg.objective.target("code") - cfg.objective.slo_target,
-        "rounds": trainers.num_rounds(cfg), "tier": args.tier, "token_shift_prob": cfg.env.token_shift_prob,
+        "rounds": trainers.num_rounds(cfg), "tier": args.tier, "token_shift_prob": cfg.env.token_shift_prob, "surge_prob": cfg.env.surge_prob,
         "settings": {k: {"parameter": v[0], "values": v[1]} for k, v in families(args.tier).items()},
         "train_last": last, "rows": rows, "episode_ticks": episode_ticks,
     }

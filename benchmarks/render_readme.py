@@ -455,8 +455,9 @@ def pareto() -> list[str]:
             continue
         d, stem = load(name), name.removesuffix(".json")
         lines += [f"`{d['command']}` → [`benchmarks/{stem}.md`](benchmarks/{stem}.md) ([plot](benchmarks/{stem}.png)): the main job's "
-                  f"config trained to targets {', '.join(f'{t:g}' for t in d['targets'])} ({d['seeds']} seed{'s' if d['seeds'] > 1 else ''}, "
+                  f"config (at the study's commit) trained to targets {', '.join(f'{t:g}' for t in d['targets'])} ({d['seeds']} seed{'s' if d['seeds'] > 1 else ''}, "
                   f"{d['clusters']} clusters per region, {d['steps'] / 1e6:g}M env steps, `env.token_shift_prob={d.get('token_shift_prob', 0.0):g}`, "
+                  f"`env.surge_prob={d.get('surge_prob', 0.0):g}`, "
                   f"`objective.slo_margin={d['slo_margin']:g}`, "
                   "one compiled program) against "
                   + ", ".join(f"{k} at {len(v['values'])} settings" for k, v in d["settings"].items())
