@@ -568,6 +568,11 @@ def _validate_federated(cfg: ExperimentConfig, require) -> None:
     require(fed.local_updates >= 1, "federated.local_updates", f"must be >= 1, got {fed.local_updates}")
     require(fed.server_lr > 0, "federated.server_lr", f"must be > 0, got {fed.server_lr}")
     require(0 < fed.personal_mix <= 1, "federated.personal_mix", f"must be a share in (0, 1] (1: every region runs the global policy), got {fed.personal_mix}")
+    require(fed.personal_sends in ("delta", "offset"), "federated.personal_sends", f"must be delta or offset, got {fed.personal_sends!r}")
+    require(fed.personal_sends == "delta" or (fed.mode == "federated" and fed.personal_mix < 1), "federated.personal_sends",
+            "offset is what a personalised region sends: needs federated.mode=federated and federated.personal_mix < 1")
+    require(fed.personal_sends == "delta" or (fed.server_momentum == 0 and fed.worker_momentum == 0), "federated.personal_sends",
+            "offset messages are positions, not steps: momentum over them would overshoot the centre; set server_momentum and worker_momentum to 0")
     require(0 <= fed.server_momentum < 1, "federated.server_momentum", f"must be in [0, 1), got {fed.server_momentum}")
     require(0 <= fed.worker_momentum < 1, "federated.worker_momentum", f"must be in [0, 1), got {fed.worker_momentum}")
     require(fed.num_byzantine >= 0, "federated.num_byzantine", f"must be >= 0, got {fed.num_byzantine}")

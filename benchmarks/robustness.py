@@ -77,8 +77,12 @@ EVAL_FROM = 3
 # region sending the momentum of its deltas (federated.worker_momentum).
 WORKER_MOMENTUM = 0.9
 PERSONAL_PULLS = (0.003, 0.0075, 0.03)
+# "personal-offsetP": a pull of P, each region sending its model's offset from the global
+# (federated.personal_sends), so the global is the robust centre of the regions' models.
+OFFSET_PULLS = (0.03, 0.1)
 METHODS = {"shared": ["federated.personal_mix=1.0"], "personal": ["federated.personal_mix=0.01"],
            **{f"personal-pull{p}": [f"federated.personal_mix={p}"] for p in PERSONAL_PULLS},
+           **{f"personal-offset{p}": [f"federated.personal_mix={p}", "federated.personal_sends=offset"] for p in OFFSET_PULLS},
            "momentum": ["federated.personal_mix=1.0", f"federated.worker_momentum={WORKER_MOMENTUM}"]}
 
 
@@ -504,7 +508,7 @@ def render(records: list[dict], args) -> None:
         f"Command: `python benchmarks/robustness.py --method {' '.join(args.method)} --f {' '.join(map(str, args.f))} --seeds {args.seeds} "
         f"--steps {args.steps} --aggregators {' '.join(args.aggregators)} --pre {' '.join(args.pre)} "
         f"--personal-aggregators {' '.join(args.personal_aggregators)} "
-        + (f"--pull-aggregators {' '.join(args.pull_aggregators)} " if any(m.startswith("personal-pull") for m in args.method) else "")
+        + (f"--pull-aggregators {' '.join(args.pull_aggregators)} " if any(m.startswith(("personal-pull", "personal-offset")) for m in args.method) else "")
         + (f"--momentum-aggregators {' '.join(args.momentum_aggregators)} " if "momentum" in args.method else "")
         + f"--attacks {' '.join(args.attacks)}"
         f"{' --local' if args.local else ''}`" + "".join(f", then `{c}`" for c in getattr(args, "later", []))

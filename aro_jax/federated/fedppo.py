@@ -117,6 +117,14 @@ class FederatedConfig:
     # the global, and sends its own round's delta. A Byzantine region reaches an honest one
     # only through the robust aggregate, scaled by it.
     personal_mix: float = 1.0
+    # What a personalised region sends each round: "delta", its round's update (the global
+    # integrates the aggregated updates), or "offset", its model minus the global (the
+    # global becomes the robust centre of the regions' models: the mean-regularised
+    # objective of Hanzely & Richtarik 2020 with a robust centre). Under "delta" nothing
+    # anchors the global, so an in-distribution bias (ALIE) adds up over rounds and the
+    # pull drags every region after it; under "offset" each round's bias is measured from
+    # the honest models again and does not accumulate.
+    personal_sends: str = "delta"
     # Iterate averaging (federated mode, one shared policy): the deployed policy is an
     # exponential moving average of the global parameters over rounds with this decay per
     # round (0: the last global). Under DP noise each step's noise is a random walk that the
@@ -333,7 +341,10 @@ def make_federated_train(
         flat_nodes = flat_of(nodes.params)
         deltas = flat_nodes - flat_start
         beta = fed.worker_momentum
-        messages = beta * state.previous_deltas + (1.0 - beta) * deltas if beta > 0 else deltas
+        if personal and fed.personal_sends == "offset":
+            messages = flat_nodes - flat_global
+        else:
+            messages = beta * state.previous_deltas + (1.0 - beta) * deltas if beta > 0 else deltas
 
         # Each region has its own constraints: their costs and multipliers are also kept
         # per region, since a mean over regions hides the regions that violate theirs.
