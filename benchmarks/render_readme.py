@@ -314,9 +314,11 @@ def robustness() -> list[str]:
         """The f grid's records (robustness.md has one per f) with the Local-only runs, and
         its cells' scores."""
         rows = [r for r in every if r["aggregator"] == "local-only" or study.in_grid(r, f)]
-        cell = {}
+        by_strength = {}
         for r in rows:
-            cell.setdefault((r["method"], r["aggregator"], r["attack"]), []).append(r["score"])
+            by_strength.setdefault((r["method"], r["aggregator"], r["attack"]), {}).setdefault(round(r["strength"], 4), []).append(r["score"])
+        # a swept cell stands at its most damaging strength (mean over seeds), as in robustness.md
+        cell = {key: min(scores.values(), key=np.mean) for key, scores in by_strength.items()}
         return rows, cell
 
     def aim(f, rows, cell):
@@ -336,14 +338,15 @@ def robustness() -> list[str]:
         return []
     fed = [r for r in rows if r["aggregator"] != "local-only"]
     attacks = [a for a in study.ATTACKS if any(r["attack"] == a for r in fed)]
-    strength = {r["attack"]: r["strength"] for r in fed}
+    strength = {a: study.strength_value(study.STRENGTHS[a][0], 3) for a in attacks}  # the first listed of each
     out = [
         "`python benchmarks/robustness.py` (the command and study config are in "
         "[`benchmarks/robustness.md`](benchmarks/robustness.md)): three of the ten regions attack from round 0, each robust "
         f"aggregator assumes f = 3, in the cluster env at a small budget (4 clusters per region; not converged); code at commit "
         f"{', '.join(sorted({r.get('commit', 'unknown') for r in rows}))}. Score: the "
         "constrained objective of the policies regions 3..9 deploy (mean reward minus 10 x each region's violated share; "
-        "higher is better), mean over seeds / worst seed:",
+        "higher is better), mean over seeds / worst seed; a row whose attacks were swept over strengths (robustness.md) "
+        "shows each at its most damaging:",
         "",
         "| method | aggregator | " + " | ".join(f"{k} ({strength[k]:g})" if k != "none" else k for k in attacks) + " |",
         "|---|---" + "|---" * len(attacks) + "|",
@@ -353,7 +356,8 @@ def robustness() -> list[str]:
             f"{np.mean(cell[(m, a, k)]):.2f} / {np.min(cell[(m, a, k)]):.2f}" if (m, a, k) in cell else "—" for k in attacks) + " |")
     local = cell.get(("local", "local-only", "none"))
     out += ["", "Methods: *shared*, one robust global policy; *personal*, each region's own policy pulled 1 % of the way to the robust "
-            f"global per round (*personal-pullP*: P of the way); *momentum*, the shared policy with each region sending the momentum of its deltas (beta {study.WORKER_MOMENTUM:g}, "
+            f"global per round (*personal-pullP*: P of the way; *personal-offsetP*: the same, each region sending its model's offset "
+            "from the global instead of its round's delta, `federated.personal_sends`); *momentum*, the shared policy with each region sending the momentum of its deltas (beta {study.WORKER_MOMENTUM:g}, "
             "`federated.worker_momentum`).", ""]
     if local:
         out.append(f"Local-only (no federation): {np.mean(local):.2f} / {np.min(local):.2f}.")

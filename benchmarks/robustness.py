@@ -18,7 +18,9 @@ Federated methods: "shared" (every region runs the robust global policy, which
 conditions on the region through the node descriptor in its input), "momentum" (the same,
 each region sending the momentum of its deltas over rounds), "personal" (the main job's at
 the time of the recorded runs: each region keeps its own policy, pulled 1 % of the way to
-the robust global each round) and "personal-pullP" (the same with a pull of P). The return of a run is the constrained objective's score of the policies
+the robust global each round), "personal-pullP" (the same with a pull of P) and
+"personal-offsetP" (a pull of P, each region sending its model's offset from the global).
+The return of a run is the constrained objective's score of the policies
 the honest regions deploy (regions 3..9 in every row, the attacked and the unattacked
 alike, so the rows compare the same regions): mean reward minus 10 x each region's
 violated share, so a policy that saves by serving users worse scores lower.
@@ -79,7 +81,7 @@ WORKER_MOMENTUM = 0.9
 PERSONAL_PULLS = (0.003, 0.0075, 0.03)
 # "personal-offsetP": a pull of P, each region sending its model's offset from the global
 # (federated.personal_sends), so the global is the robust centre of the regions' models.
-OFFSET_PULLS = (0.03, 0.1)
+OFFSET_PULLS = (0.0075, 0.03)
 METHODS = {"shared": ["federated.personal_mix=1.0"], "personal": ["federated.personal_mix=0.01"],
            **{f"personal-pull{p}": [f"federated.personal_mix={p}"] for p in PERSONAL_PULLS},
            **{f"personal-offset{p}": [f"federated.personal_mix={p}", "federated.personal_sends=offset"] for p in OFFSET_PULLS},
@@ -243,8 +245,10 @@ def local_only(steps: int, seeds: int) -> list[dict]:
     cfg = study_config(steps, ["federated.mode=local"])
     trainer, weights = trainers.train_seeds(cfg, seeds)
     scores = evaluated(cfg, make_evaluator(cfg, trainer.network, per_node=True)(weights))
+    rounds = trainers.num_rounds(cfg)
+    env_steps = rounds * cfg.ppo.rollout_steps * cfg.env.num_clusters * N_NODES * cfg.federated.local_updates
     return [{"method": "local", "aggregator": "local-only", "f_assumed": 0, "f": 0, "attack": "none", "strength": 0.0, "seed": s,
-             **score, "skipped_rounds": 0.0, "commit": COMMIT} for s, score in enumerate(scores)]
+             "rounds": rounds, "env_steps": env_steps, **score, "skipped_rounds": 0.0, "commit": COMMIT} for s, score in enumerate(scores)]
 
 
 def strength_value(s, f: int) -> float:
@@ -387,6 +391,13 @@ def run_curves(args) -> None:
                 data["machine"] = f"{os.cpu_count()}-core {platform.machine()} CPU, jax {jax.__version__}"
                 CURVE.write_text(json.dumps(data, indent=0))
                 jax.clear_caches()
+    if args.local and not any(r["aggregator"] == "local-only" and r["env_steps"] >= 0.99 * args.steps for r in data["records"]):
+        t0 = time.perf_counter()
+        print(f"local-only: {args.seeds} runs at the curve's last budget", flush=True)
+        data["records"] += local_only(args.steps, args.seeds)
+        data["commands"] = [*dict.fromkeys([*data["commands"], command])]
+        data["seconds"] = data.get("seconds", 0.0) + time.perf_counter() - t0
+        CURVE.write_text(json.dumps(data, indent=0))
     plot_curves(data)
 
 
@@ -403,7 +414,7 @@ def curve_table(data: dict) -> list[str]:
     for key in rows:
         method, agg, f, attack = key
         lines.append(f"| {method} | {agg} | {attack if attack == 'none' else f'{attack} (f = {f})'} | "
-                     + " | ".join(f"{mean(key, n):.3f}" for n in steps) + " |")
+                     + " | ".join("-" if np.isnan(mean(key, n)) else f"{mean(key, n):.3f}" for n in steps) + " |")
         if attack != "none":
             base = (method, agg, 0, "none")
             kept = [kept_share(mean(base, n), mean(key, n)) for n in steps]
@@ -473,9 +484,12 @@ def curve_statement(row: str, curve: dict | None, f: int = 3) -> str:
         return ""
     worst = min(attacked, key=attacked.get)
     kept = kept_share(mean["none"], attacked[worst])
+    local = [r["score"] for r in curve["records"] if r["aggregator"] == "local-only" and abs(r["env_steps"] - n) <= 0.01 * n]
+    versus_local = ("" if not local else f"; its no-attack score against Local-only's at that budget ({np.mean(local):.3f}, "
+                    f"{len(local)} seeds) **{'met' if mean['none'] >= np.mean(local) else 'not met'}**")
     return (f" At {n / 1e6:.3g}M env steps (its learning curve below, attacks {', '.join(sorted(attacked))}), {row} keeps "
             f"{100 * kept:.0f} % under {worst} ({attacked[worst]:.3f} against {mean['none']:.3f}): keeps >= 90 % at that budget "
-            f"**{'met' if kept >= 0.9 else 'not met'}**.")
+            f"**{'met' if kept >= 0.9 else 'not met'}**{versus_local}.")
 
 
 def aim_statement(summary: dict[str, tuple[float, float, str]], f: int, local: float | None, curve: dict | None = None) -> str:
@@ -524,9 +538,12 @@ def render(records: list[dict], args) -> None:
         f"quality limits, trainers.eval_score; greedy, diurnal training scenario, {EVAL_SEEDS} evaluation seeds x 1 day, common seeds for every run); "
         f"{seeds} training seeds per cell. Methods: *shared* (one robust global policy), *momentum* (the same, each region sending the "
         f"momentum of its deltas, beta = {WORKER_MOMENTUM}, Karimireddy et al. 2021) and *personal* (each region's own policy pulled "
-        "1 % of the way to the robust global per round, the main job's at the time). nnm+X: nearest-neighbour mixing before X; arc+X: adaptive robust clipping before X.",
+        "1 % of the way to the robust global per round, the main job's at the time; *personal-pullP*: P of the way; *personal-offsetP*: "
+        "the same, each region sending its model's offset from the global instead of its round's delta, so the global is the robust "
+        "centre of the regions' models, federated.personal_sends). nnm+X: nearest-neighbour mixing before X; arc+X: adaptive robust clipping before X.",
         "",
-        f"Attack strengths ({'swept; the worst, by mean over seeds, is reported' if args.sweep else 'the first of each list'}): "
+        f"Attack strengths ({'swept; the worst, by mean over seeds, is reported' if args.sweep else 'the first of each list'}"
+        f"{'' if args.sweep or not any('--sweep' in c for c in getattr(args, 'later', [])) else '; every one of each list for the rows of the later commands run with --sweep, each cell at its most damaging'}): "
         f"{STRENGTHS} (None: ALIE's z_max(n, f)). Each cell: mean over seeds / worst seed, at the worst strength. *worst attack*: the "
         "lowest cell mean minus the same row's no-attack mean. *kept*: 1 - (no-attack mean - lowest cell mean) / |no-attack mean| "
         "(scores are negative: costs and penalties).",

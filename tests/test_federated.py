@@ -403,3 +403,25 @@ def test_personal_policies_move_a_share_of_the_way_to_the_robust_global(tiny_con
         after[d] = np.stack([flat(jax.tree.map(lambda x: x[i], s.nodes.params)) for i in range(1, N_NODES)])
     assert np.isfinite(after[0]).all() and np.abs(after[0]).max() < 1e3  # Krum: honest nodes unharmed
     assert np.abs(after[1]).max() > 1e28  # the plain mean carries the attack into them
+
+
+@pytest.mark.timeout(300)
+def test_offset_messages_make_the_global_the_robust_centre_of_the_models(tiny_config):
+    """personal_sends=offset: each round a node sends its model minus the global, so the
+    global becomes the coordinate-wise median of that round's models, whatever it was
+    before (a Byzantine bias is measured from the honest models again each round, and does
+    not add up); sending deltas, the global keeps its history (the median of the deltas
+    added to it), which is not the median of the models. Either way each node then moves
+    half of the way to the new global."""
+    common = ["federated.aggregator=median", "federated.num_byzantine=1", "federated.personal_mix=0.5", "ppo.anneal_lr=false", "ppo.lr=3e-3"]
+    centre_error = {}
+    for sends in ("offset", "delta"):
+        _, s0, one_round = _program(tiny_config, [*common, f"federated.personal_sends={sends}"])
+        s1, _ = one_round(s0)
+        s2, _ = one_round(s1)
+        start = flat(s1.global_params) if sends == "offset" else flat_nodes(s1.nodes.params)
+        models = start + np.asarray(s2.previous_deltas, np.float64)  # each node's model after round two's local training
+        g2 = flat(s2.global_params)
+        np.testing.assert_allclose(flat_nodes(s2.nodes.params), models + 0.5 * (g2 - models), atol=1e-5)
+        centre_error[sends] = np.abs(g2 - np.median(models, axis=0)).max()
+    assert centre_error["offset"] < 1e-6 < 1e-3 < centre_error["delta"], centre_error
