@@ -422,6 +422,26 @@ def curve_table(data: dict) -> list[str]:
     return lines
 
 
+def noise_floor(data: dict) -> list[str]:
+    """A personal policy keeps its own normaliser, so normaliser poisoning cannot reach it:
+    a personal row's poisoned runs differ from its no-attack runs only by run-to-run noise
+    where the two ran in different batches (float reductions reorder). Their lowest kept
+    share over the budgets is the floor above which "kept" cannot be told from no harm."""
+    recs = data["records"]
+    out = []
+    for method, agg in dict.fromkeys((r["method"], r["aggregator"]) for r in recs if is_personal(r["method"])):
+        runs = lambda a, n: [r["score"] for r in recs if (r["method"], r["aggregator"], r["attack"], r["env_steps"]) == (method, agg, a, n)]  # noqa: E731
+        steps = sorted({r["env_steps"] for r in recs if (r["method"], r["aggregator"], r["attack"]) == (method, agg, "normaliser_poisoning")})
+        kept = {n: kept_share(np.mean(runs("none", n)), np.mean(runs("normaliser_poisoning", n))) for n in steps if runs("none", n)}
+        if kept:
+            n = min(kept, key=kept.get)
+            out.append(f"Noise floor: {method} {agg} keeps {100 * kept[n]:.0f} % of its no-attack score under normaliser poisoning at "
+                       f"{n / 1e6:.3g}M env steps, an attack that cannot reach its policies (each keeps its own normaliser): the two "
+                       "cells ran in different batches, so that gap is run-to-run noise: a kept share between it and 100 % cannot be told "
+                       "from no harm at 3 seeds.")
+    return out + [""] if out else []
+
+
 def plot_curves(data: dict) -> None:
     import matplotlib
 
@@ -584,7 +604,7 @@ def render(records: list[dict], args) -> None:
                   f"code at commit {', '.join(sorted({r['commit'] for r in curve['records']}))}. The same study config, one run per "
                   "seed evaluated along the way (so the learning-rate schedule is the whole budget's), "
                   f"{max(r['seed'] for r in curve['records']) + 1} seeds; mean score over seeds. "
-                  "[Plot](robustness_curve.png).", "", *curve_table(curve), ""]
+                  "[Plot](robustness_curve.png).", "", *curve_table(curve), "", *noise_floor(curve)]
     (HERE / "robustness.md").write_text("\n".join(lines) + "\n")
 
 
