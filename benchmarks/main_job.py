@@ -68,6 +68,17 @@ OVERLOAD_BASELINES = ("reactive+tier", "predictive+tier", "reactive+spill+tier",
 CEILING = "capacity ceiling (max replicas + spill + tier)"
 
 
+def overload_kpis(cfg, m, params, shown=("slo_attainment_pct", "dropped_pct", "cost_usd_per_h")) -> dict:
+    """One policy's cluster-wide `shown` KPIs on OVERLOAD_SCENARIO (evaluation metrics `m`),
+    and the region that drops most."""
+    from aro_jax.training import evaluation
+
+    k = evaluation.cluster_kpis(m, cfg.env.tick_s, params)
+    regions = evaluation.region_kpis(m, cfg.env.tick_s, params, [n.name for n in cfg.cluster.nodes])
+    worst = max(regions, key=lambda r: regions[r]["dropped_pct"])
+    return {**{x: k[x] for x in shown}, "worst_drop_region": worst, "worst_drop_pct": regions[worst]["dropped_pct"]}
+
+
 def overload(run_dir: Path, baselines: tuple[str, ...] = OVERLOAD_BASELINES, ceiling: bool = True) -> dict:
     """The trained policy and `baselines` (and the capacity ceiling) on OVERLOAD_SCENARIO
     (the main job's evaluation seeds, one day): whether a policy scales out or drops when
@@ -89,11 +100,8 @@ def overload(run_dir: Path, baselines: tuple[str, ...] = OVERLOAD_BASELINES, cei
     for name, (pol, state, per) in policies.items():
         m = jax.tree.map(np.asarray, evaluation.run_episodes(env, pol, eparams, jax.random.PRNGKey(0), cfg.eval.num_seeds,
                                                              cfg.env.episode_ticks, state, per))
-        k = evaluation.cluster_kpis(m, cfg.env.tick_s, params)
-        regions = evaluation.region_kpis(m, cfg.env.tick_s, params, [n.name for n in cfg.cluster.nodes])
-        worst = max(regions, key=lambda r: regions[r]["dropped_pct"])  # noqa: B023
-        out[name] = {**{x: k[x] for x in ("slo_attainment_pct", "dropped_pct", "cost_usd_per_h", "goodput_per_usd")},
-                     **scaling_kpis(m, params), "worst_drop_region": worst, "worst_drop_pct": regions[worst]["dropped_pct"]}
+        out[name] = {**overload_kpis(cfg, m, params, ("slo_attainment_pct", "dropped_pct", "cost_usd_per_h", "goodput_per_usd")),
+                     **scaling_kpis(m, params)}
     return {"scenario": OVERLOAD_SCENARIO, "policies": out}
 
 
