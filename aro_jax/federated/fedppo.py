@@ -9,7 +9,9 @@ optional momentum) and broadcasts. "local" mode skips the aggregation (Local-onl
 baseline): every node keeps its own parameters and its own normaliser. Under
 `dp_mechanism: central` the server instead Poisson-samples the regions, clips each
 participant's delta and statistics, and noises their sum once (DP-FedAvg,
-privacy.central_mean); only the mean has the bounded sensitivity that needs.
+privacy.central_mean); only the mean has the bounded sensitivity that needs. With
+personal policies (`personal_mix` < 1) a node starts from its own policy instead and
+sends its delta, or its policy's offset from the global (`personal_sends`).
 
 The shared observation normaliser is defended like the parameters. Every node sends the
 mean and variance of the observations of its round with its delta; Byzantine nodes may
