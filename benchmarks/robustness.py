@@ -167,8 +167,7 @@ class Study:
         self.deployed = jax.jit(jax.vmap(deployed))
         self.evaluate = make_evaluator(self.cfg, learner.network, per_node=personal)
         self.rounds = rounds
-        c = self.cfg
-        self.steps_per_round = c.ppo.rollout_steps * c.env.num_clusters * N_NODES * c.federated.local_updates
+        self.steps_per_round = steps_per_round(self.cfg)
 
     def threats(self, f: int, cells: list[tuple[str, float]], seeds: int):
         runs = [(a, s, seed) for a, s in cells for seed in range(seeds)]
@@ -240,13 +239,18 @@ def evaluated(cfg, metrics) -> list[dict]:
              "reward": float(metrics["reward"][i].mean())} for i in range(runs)]
 
 
+def steps_per_round(cfg) -> int:
+    """Env steps one round takes over every region."""
+    return cfg.ppo.rollout_steps * cfg.env.num_clusters * N_NODES * cfg.federated.local_updates
+
+
 def local_only(steps: int, seeds: int) -> list[dict]:
     """Local-only reference: each region trains alone (no aggregation, so no attack)."""
     cfg = study_config(steps, ["federated.mode=local"])
     trainer, weights = trainers.train_seeds(cfg, seeds)
     scores = evaluated(cfg, make_evaluator(cfg, trainer.network, per_node=True)(weights))
     rounds = trainers.num_rounds(cfg)
-    env_steps = rounds * cfg.ppo.rollout_steps * cfg.env.num_clusters * N_NODES * cfg.federated.local_updates
+    env_steps = rounds * steps_per_round(cfg)
     return [{"method": "local", "aggregator": "local-only", "f_assumed": 0, "f": 0, "attack": "none", "strength": 0.0, "seed": s,
              "rounds": rounds, "env_steps": env_steps, **score, "skipped_rounds": 0.0, "commit": COMMIT} for s, score in enumerate(scores)]
 
