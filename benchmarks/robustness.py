@@ -87,6 +87,10 @@ METHODS = {"shared": ["federated.personal_mix=1.0"], "personal": ["federated.per
            **{f"personal-offset{p}": [f"federated.personal_mix={p}", "federated.personal_sends=offset"] for p in OFFSET_PULLS},
            "momentum": ["federated.personal_mix=1.0", f"federated.worker_momentum={WORKER_MOMENTUM}"]}
 
+# The Local-only reference row's method: every region trains alone.
+LOCAL = "local"
+NO_DEFENCE = ("mean", 0, ())
+
 
 def is_personal(method: str) -> bool:
     return method.startswith("personal")
@@ -140,13 +144,15 @@ class Study:
     """The compiled grid program and evaluator, built once."""
 
     def __init__(self, steps: int, attack_names: list[str], method: str, pre_rows: list[str]):
-        self.cfg = study_config(steps, ["federated.mode=federated", *METHODS[method]])
+        # "local": the Local-only reference, each region training alone (nothing is
+        # aggregated, so the attack and the defence pass through unused).
+        self.cfg = study_config(steps, ["federated.mode=local"] if method == LOCAL else ["federated.mode=federated", *METHODS[method]])
         self.method = method
         self.defences = defences(pre_rows)
         self.attacks = attack_names
         params = cluster_params(self.cfg, "train")
         init, chunk, learner = trainers.make_federated(self.cfg, params, attack_names, self.defences)
-        personal = is_personal(method)
+        personal = is_personal(method) or method == LOCAL
         hp = trainers.hyperparams(self.cfg)
         rounds = trainers.num_rounds(self.cfg)
 
@@ -169,38 +175,41 @@ class Study:
         self.rounds = rounds
         self.steps_per_round = steps_per_round(self.cfg)
 
-    def threats(self, f: int, cells: list[tuple[str, float]], seeds: int):
-        runs = [(a, s, seed) for a, s in cells for seed in range(seeds)]
+    def row_name(self, defence: tuple[str, int, tuple]) -> str:
+        return "local-only" if self.method == LOCAL else defence_name(defence)
+
+    def threats(self, f: int, runs: list[tuple[str, float, int]]):
+        """runs: (attack, strength, seed) each."""
         keys = jnp.stack([jax.random.PRNGKey(seed) for _, _, seed in runs])
         attack = jnp.asarray([self.attacks.index(a) for a, _, _ in runs], jnp.int32)
         strength = jnp.asarray([s for _, s, _ in runs], jnp.float32)
         byz = jnp.asarray([[i < (0 if a == "none" else f) for i in range(N_NODES)] for a, _, _ in runs])
-        return runs, (keys, attack, strength, byz)
+        return keys, attack, strength, byz
 
-    def curve(self, defence: tuple[str, int, tuple], f: int, cells: list[tuple[str, float]], seeds: int, points: int) -> list[dict]:
-        """The runs' scores after each of `points` equal shares of the rounds: one run per
-        cell and seed, evaluated along the way (the learning-rate schedule is the whole
-        budget's, as in the grid)."""
-        runs, threat = self.threats(f, cells, seeds)
+    def curve(self, defence: tuple[str, int, tuple], f: int, runs: list[tuple[str, float, int]], points: int) -> list[dict]:
+        """The scores of `runs` ((attack, strength, seed) each) after each of `points` equal
+        shares of the rounds, evaluated along the way (the learning-rate schedule is the
+        whole budget's, as in the grid)."""
+        threat = self.threats(f, runs)
         state = self.start(*threat, jnp.int32(self.defences.index(defence)))
         out, done_rounds = [], 0
         for p in range(1, points + 1):
             n = self.rounds * p // points - done_rounds
             state, done_rounds = self.advance(state, n), done_rounds + n
             scores = evaluated(self.cfg, self.evaluate(self.deployed(state)))
-            out += [{"method": self.method, "aggregator": defence_name(defence), "f": 0 if a == "none" else f, "attack": a,
+            out += [{"method": self.method, "aggregator": self.row_name(defence), "f": 0 if a == "none" else f, "attack": a,
                      "strength": s, "seed": seed, "rounds": done_rounds, "env_steps": done_rounds * self.steps_per_round,
                      **score, "commit": COMMIT} for (a, s, seed), score in zip(runs, scores)]
             print(f"  {done_rounds} rounds: " + ", ".join(f"{a} {np.mean([r['score'] for r in out[-len(runs):] if r['attack'] == a]):.3f}"
-                                                      for a, _ in cells), flush=True)
+                                                      for a in dict.fromkeys(a for a, _, _ in runs)), flush=True)
         return out
 
     def run(self, defence: tuple[str, int, tuple], f: int, cells: list[tuple[str, float]], seeds: int) -> list[dict]:
-        runs, threat = self.threats(f, cells, seeds)
-        weights, skipped = self.train(*threat, jnp.int32(self.defences.index(defence)))
+        runs = [(a, s, seed) for a, s in cells for seed in range(seeds)]
+        weights, skipped = self.train(*self.threats(f, runs), jnp.int32(self.defences.index(defence)))
         scores = evaluated(self.cfg, self.evaluate(weights))
         return [
-            {"method": self.method, "aggregator": defence_name(defence), "f_assumed": defence[1], "f": 0 if a == "none" else f,
+            {"method": self.method, "aggregator": self.row_name(defence), "f_assumed": defence[1], "f": 0 if a == "none" else f,
              "attack": a, "strength": s, "seed": seed, **score, "skipped_rounds": float(k), "commit": COMMIT}
             for (a, s, seed), score, k in zip(runs, scores, np.asarray(skipped))
         ]
@@ -242,17 +251,6 @@ def evaluated(cfg, metrics) -> list[dict]:
 def steps_per_round(cfg) -> int:
     """Env steps one round takes over every region."""
     return cfg.ppo.rollout_steps * cfg.env.num_clusters * N_NODES * cfg.federated.local_updates
-
-
-def local_only(steps: int, seeds: int) -> list[dict]:
-    """Local-only reference: each region trains alone (no aggregation, so no attack)."""
-    cfg = study_config(steps, ["federated.mode=local"])
-    trainer, weights = trainers.train_seeds(cfg, seeds)
-    scores = evaluated(cfg, make_evaluator(cfg, trainer.network, per_node=True)(weights))
-    rounds = trainers.num_rounds(cfg)
-    env_steps = rounds * steps_per_round(cfg)
-    return [{"method": "local", "aggregator": "local-only", "f_assumed": 0, "f": 0, "attack": "none", "strength": 0.0, "seed": s,
-             "rounds": rounds, "env_steps": env_steps, **score, "skipped_rounds": 0.0, "commit": COMMIT} for s, score in enumerate(scores)]
 
 
 def strength_value(s, f: int) -> float:
@@ -344,7 +342,7 @@ def main():
     elif not args.render_only:
         if args.local and part == 0 and not any(r["aggregator"] == "local-only" for r in records):
             t0 = time.perf_counter()
-            save("local-only", local_only(args.steps, args.seeds))
+            save("local-only", Study(args.steps, args.attacks, LOCAL, args.pre).run(NO_DEFENCE, 0, [("none", 0.0)], args.seeds))
             print(f"local-only: {time.perf_counter() - t0:.0f} s", flush=True)
         batches = [(m, f, name) for m in args.method for f in args.f for name in rows(m, args) if allowed(label(name)[0], f)]
         studies = {}
@@ -374,34 +372,25 @@ def run_curves(args) -> None:
     added to robustness_curve.json (a row already there at the same budget is not re-run)."""
     data = load_curve()
     command = "python benchmarks/robustness.py " + " ".join(sys.argv[1:])
-    for method in args.method:
-        for f in args.f:
-            for name in rows(method, args):
-                if not allowed(label(name)[0], f):
-                    continue
-                defence = defence_for(name, f)
-                have = {(r["attack"], r["seed"]) for r in data["records"] if (r["method"], r["aggregator"]) == (method, defence_name(defence))
-                        and r["f"] in (0, f) and r["env_steps"] >= 0.99 * args.steps}
-                cells = [(a, strength_value(STRENGTHS[a][0], f)) for a in args.attacks
-                         if any((a, seed) not in have for seed in range(args.seeds))]
-                if not cells:
-                    continue
-                study = Study(args.steps, args.attacks, method, args.pre)
-                t0 = time.perf_counter()
-                print(f"{method} {name} f={f}: curve of {len(cells) * args.seeds} runs", flush=True)
-                data["records"] += study.curve(defence, f, cells, args.seeds, args.curve)
-                data["commands"] = [*dict.fromkeys([*data["commands"], command])]
-                data["seconds"] = data.get("seconds", 0.0) + time.perf_counter() - t0
-                data["machine"] = f"{os.cpu_count()}-core {platform.machine()} CPU, jax {jax.__version__}"
-                CURVE.write_text(json.dumps(data, indent=0))
-                jax.clear_caches()
-    if args.local and not any(r["aggregator"] == "local-only" and r["env_steps"] >= 0.99 * args.steps for r in data["records"]):
+    batches = [(method, f, defence_for(name, f)) for method in args.method for f in args.f for name in rows(method, args)
+               if allowed(label(name)[0], f)]
+    for method, f, defence in batches + ([(LOCAL, 3, NO_DEFENCE)] if args.local else []):
+        aggregator = "local-only" if method == LOCAL else defence_name(defence)
+        have = {(r["attack"], r["seed"]) for r in data["records"] if (r["method"], r["aggregator"]) == (method, aggregator)
+                and r["f"] in (0, f) and r["env_steps"] >= 0.99 * args.steps}
+        runs = [(a, strength_value(STRENGTHS[a][0], f), seed) for a in (["none"] if method == LOCAL else args.attacks)
+                for seed in range(args.seeds) if (a, seed) not in have]
+        if not runs:
+            continue
+        study = Study(args.steps, args.attacks, method, args.pre)
         t0 = time.perf_counter()
-        print(f"local-only: {args.seeds} runs at the curve's last budget", flush=True)
-        data["records"] += local_only(args.steps, args.seeds)
+        print(f"{method} {aggregator} f={f}: curve of {len(runs)} runs", flush=True)
+        data["records"] += study.curve(defence, f, runs, args.curve)
         data["commands"] = [*dict.fromkeys([*data["commands"], command])]
         data["seconds"] = data.get("seconds", 0.0) + time.perf_counter() - t0
+        data["machine"] = f"{os.cpu_count()}-core {platform.machine()} CPU, jax {jax.__version__}"
         CURVE.write_text(json.dumps(data, indent=0))
+        jax.clear_caches()
     plot_curves(data)
 
 
