@@ -569,6 +569,8 @@ def _validate_federated(cfg: ExperimentConfig, require) -> None:
     require(fed.server_lr > 0, "federated.server_lr", f"must be > 0, got {fed.server_lr}")
     require(0 < fed.personal_mix <= 1, "federated.personal_mix", f"must be a share in (0, 1] (1: every region runs the global policy), got {fed.personal_mix}")
     require(fed.personal_sends in ("delta", "offset"), "federated.personal_sends", f"must be delta or offset, got {fed.personal_sends!r}")
+    require(not fed.personal_mix_anneal or (fed.mode == "federated" and fed.personal_mix < 1), "federated.personal_mix_anneal",
+            "anneals the pull of personal policies: needs federated.mode=federated and federated.personal_mix < 1")
     require(fed.personal_sends == "delta" or (fed.mode == "federated" and fed.personal_mix < 1), "federated.personal_sends",
             "offset is what a personalised region sends: needs federated.mode=federated and federated.personal_mix < 1")
     require(fed.personal_sends == "delta" or (fed.server_momentum == 0 and fed.worker_momentum == 0), "federated.personal_sends",

@@ -357,7 +357,7 @@ def robustness() -> list[str]:
     local = cell.get(("local", "local-only", "none"))
     out += ["", "Methods: *shared*, one robust global policy; *personal*, each region's own policy pulled 1 % of the way to the robust "
             f"global per round (*personal-pullP*: P of the way; *personal-offsetP*: the same, each region sending its model's offset "
-            f"from the global instead of its round's delta, `federated.personal_sends`); *momentum*, the shared policy with each region sending the momentum of its deltas (beta {study.WORKER_MOMENTUM:g}, "
+            f"from the global instead of its round's delta, `federated.personal_sends`; *-annealed*: the pull fades with the learning rate, `federated.personal_mix_anneal`); *momentum*, the shared policy with each region sending the momentum of its deltas (beta {study.WORKER_MOMENTUM:g}, "
             "`federated.worker_momentum`).", ""]
     if local:
         out.append(f"Local-only (no federation): {np.mean(local):.2f} / {np.min(local):.2f}.")

@@ -19,7 +19,8 @@ conditions on the region through the node descriptor in its input), "momentum" (
 each region sending the momentum of its deltas over rounds), "personal" (the main job's at
 the time of the recorded runs: each region keeps its own policy, pulled 1 % of the way to
 the robust global each round), "personal-pullP" (the same with a pull of P) and
-"personal-offsetP" (a pull of P, each region sending its model's offset from the global).
+"personal-offsetP" (a pull of P, each region sending its model's offset from the global;
+"-annealed": the pull fades with the learning rate).
 The return of a run is the constrained objective's score of the policies
 the honest regions deploy (regions 3..9 in every row, the attacked and the unattacked
 alike, so the rows compare the same regions): mean reward minus 10 x each region's
@@ -80,11 +81,14 @@ EVAL_FROM = 3
 WORKER_MOMENTUM = 0.9
 PERSONAL_PULLS = (0.003, 0.0075, 0.03)
 # "personal-offsetP": a pull of P, each region sending its model's offset from the global
-# (federated.personal_sends), so the global is the robust centre of the regions' models.
+# (federated.personal_sends), so the global is the robust centre of the regions' models;
+# "-annealed": the pull fades with the learning rate (federated.personal_mix_anneal).
 OFFSET_PULLS = (0.0075, 0.03)
 METHODS = {"shared": ["federated.personal_mix=1.0"], "personal": ["federated.personal_mix=0.01"],
            **{f"personal-pull{p}": [f"federated.personal_mix={p}"] for p in PERSONAL_PULLS},
            **{f"personal-offset{p}": [f"federated.personal_mix={p}", "federated.personal_sends=offset"] for p in OFFSET_PULLS},
+           **{f"personal-offset{p}-annealed": [f"federated.personal_mix={p}", "federated.personal_sends=offset",
+                                                "federated.personal_mix_anneal=true"] for p in OFFSET_PULLS},
            "momentum": ["federated.personal_mix=1.0", f"federated.worker_momentum={WORKER_MOMENTUM}"]}
 
 # The Local-only reference row's method: every region trains alone.
@@ -400,19 +404,47 @@ def curve_table(data: dict) -> list[str]:
     recs = data["records"]
     steps = sorted({r["env_steps"] for r in recs})
     rows = list(dict.fromkeys((r["method"], r["aggregator"], r["f"], r["attack"]) for r in recs))
-    mean = lambda key, n: np.mean([r["score"] for r in recs if (r["method"], r["aggregator"], r["f"], r["attack"]) == key  # noqa: E731
-                                   and r["env_steps"] == n] or [np.nan])
-    lines = ["| method | aggregator | attack | " + " | ".join(f"{n / 1e6:.3g}M" for n in steps) + " |",
-             "|---|---|---|" + "---|" * len(steps)]
+    runs = lambda key, n: [r["score"] for r in recs if (r["method"], r["aggregator"], r["f"], r["attack"]) == key  # noqa: E731
+                           and r["env_steps"] == n]
+    mean = lambda key, n: np.mean(runs(key, n) or [np.nan])  # noqa: E731
+    lines = ["| method | aggregator | attack | seeds | " + " | ".join(f"{n / 1e6:.3g}M" for n in steps) + " |",
+             "|---|---|---|---|" + "---|" * len(steps)]
     for key in rows:
         method, agg, f, attack = key
-        lines.append(f"| {method} | {agg} | {attack if attack == 'none' else f'{attack} (f = {f})'} | "
+        lines.append(f"| {method} | {agg} | {attack if attack == 'none' else f'{attack} (f = {f})'} | {max(len(runs(key, n)) for n in steps)} | "
                      + " | ".join("-" if np.isnan(mean(key, n)) else f"{mean(key, n):.3f}" for n in steps) + " |")
         if attack != "none":
             base = (method, agg, 0, "none")
             kept = [kept_share(mean(base, n), mean(key, n)) for n in steps]
-            lines.append("| | | kept | " + " | ".join(f"{100 * k:.0f} %" for k in kept) + " |")
+            lines.append("| | | kept | | " + " | ".join(f"{100 * k:.0f} %" for k in kept) + " |")
     return lines
+
+
+def versus_local(data: dict) -> list[str]:
+    """Each federated row's no-attack score minus Local-only's at every budget where both
+    have runs, with the standard error of that difference over training seeds (Welch): a
+    lead within about two standard errors cannot be told from a tie."""
+    recs = data["records"]
+    runs = lambda m, a, n: [r["score"] for r in recs if (r["method"], r["aggregator"], r["attack"], r["env_steps"]) == (m, a, "none", n)]  # noqa: E731
+    steps = sorted({r["env_steps"] for r in recs if r["aggregator"] == "local-only"})
+    fed = [(m, a) for m, a in dict.fromkeys((r["method"], r["aggregator"]) for r in recs if r["aggregator"] != "local-only")
+           if any(len(runs(m, a, n)) >= 2 for n in steps)]
+    if len(steps) < 2 or not fed:
+        return []
+    lines = ["Federation against Local-only, no attack: each row's mean score minus Local-only's at the same budget, +- the standard "
+             "error of the difference over training seeds (seeds of the row / of Local-only); positive: federation leads.", "",
+             "| method | aggregator | " + " | ".join(f"{n / 1e6:.3g}M" for n in steps) + " |", "|---|---|" + "---|" * len(steps)]
+    for m, a in fed:
+        cells = []
+        for n in steps:
+            x, y = runs(m, a, n), runs(LOCAL, "local-only", n)
+            if len(x) < 2 or len(y) < 2:
+                cells.append("-")
+                continue
+            se = np.sqrt(np.var(x, ddof=1) / len(x) + np.var(y, ddof=1) / len(y))
+            cells.append(f"{np.mean(x) - np.mean(y):+.3f} +- {se:.3f} ({len(x)} / {len(y)})")
+        lines.append(f"| {m} | {a} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def noise_floor(data: dict) -> list[str]:
@@ -431,7 +463,7 @@ def noise_floor(data: dict) -> list[str]:
             out.append(f"Noise floor: {method} {agg} keeps {100 * kept[n]:.0f} % of its no-attack score under normaliser poisoning at "
                        f"{n / 1e6:.3g}M env steps, an attack that cannot reach its policies (each keeps its own normaliser): the two "
                        "cells ran in different batches, so that gap is run-to-run noise: a kept share between it and 100 % cannot be told "
-                       "from no harm at 3 seeds.")
+                       f"from no harm at {len(runs('normaliser_poisoning', n))} seeds.")
     return out + [""] if out else []
 
 
@@ -553,7 +585,8 @@ def render(records: list[dict], args) -> None:
         f"momentum of its deltas, beta = {WORKER_MOMENTUM}, Karimireddy et al. 2021) and *personal* (each region's own policy pulled "
         "1 % of the way to the robust global per round, the main job's at the time; *personal-pullP*: P of the way; *personal-offsetP*: "
         "the same, each region sending its model's offset from the global instead of its round's delta, so the global is the robust "
-        "centre of the regions' models, federated.personal_sends). nnm+X: nearest-neighbour mixing before X; arc+X: adaptive robust clipping before X.",
+        "centre of the regions' models, federated.personal_sends; *-annealed*: the pull fades with the learning rate, "
+        "federated.personal_mix_anneal). nnm+X: nearest-neighbour mixing before X; arc+X: adaptive robust clipping before X.",
         "",
         f"Attack strengths ({'swept; the worst, by mean over seeds, is reported' if args.sweep else 'the first of each list'}"
         f"{'' if args.sweep or not any('--sweep' in c for c in getattr(args, 'later', [])) else '; every one of each list for the rows of the later commands run with --sweep, each cell at its most damaging'}): "
@@ -596,8 +629,8 @@ def render(records: list[dict], args) -> None:
                   f"Command: {', then '.join(f'`{c}`' for c in curve['commands'])}; {curve['machine']}, {curve['seconds'] / 60:.0f} min; "
                   f"code at commit {', '.join(sorted({r['commit'] for r in curve['records']}))}. The same study config, one run per "
                   "seed evaluated along the way (so the learning-rate schedule is the whole budget's), "
-                  f"{max(r['seed'] for r in curve['records']) + 1} seeds; mean score over seeds. "
-                  "[Plot](robustness_curve.png).", "", *curve_table(curve), "", *noise_floor(curve)]
+                  "mean score over the seeds in the *seeds* column. "
+                  "[Plot](robustness_curve.png).", "", *curve_table(curve), "", *versus_local(curve), *noise_floor(curve)]
     (HERE / "robustness.md").write_text("\n".join(lines) + "\n")
 
 

@@ -27,8 +27,9 @@ from aro_jax.config import DEFAULT_CONFIG, ConfigError, ExperimentConfig, load_c
         (["federated.personal_sends=model"], "config key 'federated.personal_sends'"),
         (["federated.personal_sends=offset", "federated.personal_mix=1.0"], "config key 'federated.personal_sends'"),  # no personal policy
         (["federated.personal_sends=offset", "federated.server_momentum=0.5"], "config key 'federated.personal_sends'"),
+        (["federated.personal_mix_anneal=true", "federated.personal_mix=1.0"], "config key 'federated.personal_mix_anneal'"),  # no personal policy
     ],
-    ids=["unknown-key", "wrong-type", "minibatches-not-dividing", "unknown-profile", "held-out-scenario", "negative-rate", "override-syntax", "margin-past-one", "drop-margin-past-zero", "surge-as-heavy-as-held-out", "surge-prob-past-one", "token-shift-prob-negative", "random-fleet-prob-past-one", "demand-phase-prob-negative", "unknown-message", "offset-without-personal", "offset-with-momentum"],
+    ids=["unknown-key", "wrong-type", "minibatches-not-dividing", "unknown-profile", "held-out-scenario", "negative-rate", "override-syntax", "margin-past-one", "drop-margin-past-zero", "surge-as-heavy-as-held-out", "surge-prob-past-one", "token-shift-prob-negative", "random-fleet-prob-past-one", "demand-phase-prob-negative", "unknown-message", "offset-without-personal", "offset-with-momentum", "anneal-without-personal"],
 )
 def test_invalid_override_names_the_key(overrides, expected):
     with pytest.raises(ConfigError) as err:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from aro_jax.training import trainers
-from aro_jax.config import load_config
+from aro_jax.config import load_config, num_updates
 from aro_jax.envs.scenarios import cluster_params
 from aro_jax.federated import aggregators, fedppo
 
@@ -425,3 +425,25 @@ def test_offset_messages_make_the_global_the_robust_centre_of_the_models(tiny_co
         np.testing.assert_allclose(flat_nodes(s2.nodes.params), models + 0.5 * (g2 - models), atol=1e-5)
         centre_error[sends] = np.abs(g2 - np.median(models, axis=0)).max()
     assert centre_error["offset"] < 1e-6 < 1e-3 < centre_error["delta"], centre_error
+
+
+@pytest.mark.timeout(300)
+def test_annealed_pull_follows_the_learning_rate(tiny_config):
+    """personal_mix_anneal: after round r a node moves m (1 - (r + 1) K / total updates) of
+    the way to the global, the share of the learning rate left, so in the last round it
+    keeps its own model (a constant pull would still move it m of the way)."""
+    mix = 0.5
+    cfg, s, one_round = _program(tiny_config, ["federated.aggregator=median", "federated.num_byzantine=1", f"federated.personal_mix={mix}",
+                                               "federated.personal_sends=offset", "federated.personal_mix_anneal=true"])
+    rounds = trainers.num_rounds(cfg)
+    total = num_updates(cfg)
+    assert rounds >= 2
+    for r in range(rounds):
+        before = flat(s.global_params)
+        s, _ = one_round(s)
+        models = before + np.asarray(s.previous_deltas, np.float64)  # offsets: each node's model before the pull
+        pull = mix * (1 - (r + 1) * cfg.federated.local_updates / total)
+        moved = flat_nodes(s.nodes.params) - models
+        np.testing.assert_allclose(moved, pull * (flat(s.global_params) - models), atol=1e-5)
+        assert np.abs(flat(s.global_params) - models).max() > 1e-3  # the nodes stand apart from the global: the pull is visible
+    assert pull == 0.0

@@ -127,6 +127,12 @@ class FederatedConfig:
     # pull drags every region after it; under "offset" each round's bias is measured from
     # the honest models again and does not accumulate.
     personal_sends: str = "delta"
+    # The pull follows the learning-rate schedule (ppo.anneal_lr): Ditto's pull toward the
+    # global is a gradient step of the proximal term, lr x lambda, so it fades with the lr.
+    # A constant pull outlasts the annealed local learning: over the last rounds, where the
+    # lr is near 0, it draws every region's policy onto the global (at a pull of 3 % per
+    # round the last 150 rounds keep 1 % of a region's own offset).
+    personal_mix_anneal: bool = False
     # Iterate averaging (federated mode, one shared policy): the deployed policy is an
     # exponential moving average of the global parameters over rounds with this decay per
     # round (0: the last global). Under DP noise each step's noise is a random walk that the
@@ -390,7 +396,11 @@ def make_federated_train(
             flat_new_global = flat_global + fed.server_lr * velocity
             new_global = unravel(flat_new_global)
             if personal:
-                mixed = flat_nodes + fed.personal_mix * (flat_new_global - flat_nodes)
+                pull = fed.personal_mix
+                if fed.personal_mix_anneal and learner.config.anneal_lr:  # the lr's share left after this round's updates
+                    updates_done = (state.round + 1) * fed.local_updates
+                    pull = pull * (1.0 - jnp.minimum(updates_done, learner.config.total_updates) / learner.config.total_updates)
+                mixed = flat_nodes + pull * (flat_new_global - flat_nodes)
                 nodes = nodes.replace(params=jax.vmap(unravel)(mixed))
             # Every node reports the same count (K rollouts of a static size); the server
             # does not trust the numbers: the round counts n_nodes x the median report.
