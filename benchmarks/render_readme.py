@@ -365,6 +365,10 @@ def robustness() -> list[str]:
     for f in sorted({r["f"] for r in every if 0 < r["f"] != 3}):
         rows_f, cell_f = grid(f)
         out += ["", f"{f} of 10 regions Byzantine (fewer rows: robustness.md). " + aim(f, rows_f, cell_f)]
+    versus = study.versus_local(study.load_curve())
+    if versus:
+        out += ["", "From the learning curves (robustness.md, *Learning curves*: the same study config run to 6M env steps, "
+                "evaluated along the way). " + versus[0], *versus[1:]]
     return out
 
 

@@ -420,30 +420,32 @@ def curve_table(data: dict) -> list[str]:
     return lines
 
 
+def lead_over_local(recs: list[dict], method: str, aggregator: str, env_steps: int) -> tuple[float, float, int, int] | None:
+    """A row's no-attack mean score minus Local-only's at `env_steps`, the standard error of
+    that difference over training seeds (Welch), and the two seed counts; None below 2
+    seeds each. A lead within about two standard errors cannot be told from a tie."""
+    runs = lambda m, a: [r["score"] for r in recs if (r["method"], r["aggregator"], r["attack"]) == (m, a, "none")  # noqa: E731
+                         and abs(r["env_steps"] - env_steps) <= 0.01 * env_steps]
+    x, y = runs(method, aggregator), runs(LOCAL, "local-only")
+    if len(x) < 2 or len(y) < 2:
+        return None
+    return float(np.mean(x) - np.mean(y)), float(np.sqrt(np.var(x, ddof=1) / len(x) + np.var(y, ddof=1) / len(y))), len(x), len(y)
+
+
 def versus_local(data: dict) -> list[str]:
-    """Each federated row's no-attack score minus Local-only's at every budget where both
-    have runs, with the standard error of that difference over training seeds (Welch): a
-    lead within about two standard errors cannot be told from a tie."""
+    """Each federated row's lead over Local-only (lead_over_local) at every budget of the curves."""
     recs = data["records"]
-    runs = lambda m, a, n: [r["score"] for r in recs if (r["method"], r["aggregator"], r["attack"], r["env_steps"]) == (m, a, "none", n)]  # noqa: E731
     steps = sorted({r["env_steps"] for r in recs if r["aggregator"] == "local-only"})
     fed = [(m, a) for m, a in dict.fromkeys((r["method"], r["aggregator"]) for r in recs if r["aggregator"] != "local-only")
-           if any(len(runs(m, a, n)) >= 2 for n in steps)]
+           if any(lead_over_local(recs, m, a, n) for n in steps)]
     if len(steps) < 2 or not fed:
         return []
     lines = ["Federation against Local-only, no attack: each row's mean score minus Local-only's at the same budget, +- the standard "
              "error of the difference over training seeds (seeds of the row / of Local-only); positive: federation leads.", "",
              "| method | aggregator | " + " | ".join(f"{n / 1e6:.3g}M" for n in steps) + " |", "|---|---|" + "---|" * len(steps)]
     for m, a in fed:
-        cells = []
-        for n in steps:
-            x, y = runs(m, a, n), runs(LOCAL, "local-only", n)
-            if len(x) < 2 or len(y) < 2:
-                cells.append("-")
-                continue
-            se = np.sqrt(np.var(x, ddof=1) / len(x) + np.var(y, ddof=1) / len(y))
-            cells.append(f"{np.mean(x) - np.mean(y):+.3f} +- {se:.3f} ({len(x)} / {len(y)})")
-        lines.append(f"| {m} | {a} | " + " | ".join(cells) + " |")
+        leads = [lead_over_local(recs, m, a, n) for n in steps]
+        lines.append(f"| {m} | {a} | " + " | ".join("-" if c is None else f"{c[0]:+.3f} +- {c[1]:.3f} ({c[2]} / {c[3]})" for c in leads) + " |")
     return lines + [""]
 
 
@@ -524,17 +526,23 @@ def curve_statement(row: str, curve: dict | None, f: int = 3) -> str:
         return f" The curve has no runs of {row} at a longer budget: the aim is checked at the grid's budget only."
     n = max(r["env_steps"] for r in recs)
     mean = {a: float(np.mean([r["score"] for r in recs if r["attack"] == a and r["env_steps"] == n])) for a in {r["attack"] for r in recs if r["env_steps"] == n}}
-    attacked = {a: v for a, v in mean.items() if a != "none"}
+    # Personal policies keep their own normaliser: normaliser poisoning cannot reach them,
+    # so its cell is the same run as the no-attack one up to run-to-run noise, not an attack.
+    unreachable = {"normaliser_poisoning"} & set(mean) if is_personal(method) else set()
+    attacked = {a: v for a, v in mean.items() if a != "none" and a not in unreachable}
     if "none" not in mean or not attacked:
         return ""
     worst = min(attacked, key=attacked.get)
     kept = kept_share(mean["none"], attacked[worst])
-    local = [r["score"] for r in curve["records"] if r["aggregator"] == "local-only" and abs(r["env_steps"] - n) <= 0.01 * n]
-    versus_local = ("" if not local else f"; its no-attack score against Local-only's at that budget ({np.mean(local):.3f}, "
-                    f"{len(local)} seeds) **{'met' if mean['none'] >= np.mean(local) else 'not met'}**")
+    noise = "".join(f" (normaliser poisoning, which cannot reach its policies, reads {100 * kept_share(mean['none'], mean[a]):.0f} % "
+                    "kept: run-to-run noise, see the noise floor under the curves)" for a in unreachable)
+    lead = lead_over_local(curve["records"], method, agg, n)
+    versus_local = ("" if lead is None else f"; its no-attack score against Local-only's at that budget (lead {lead[0]:+.3f} +- "
+                    f"{lead[1]:.3f}, {lead[2]} / {lead[3]} seeds) **{'met' if lead[0] >= 0 else 'not met'}**"
+                    f"{' (within two standard errors of a tie)' if abs(lead[0]) < 2 * lead[1] else ''}")
     return (f" At {n / 1e6:.3g}M env steps (its learning curve below, attacks {', '.join(sorted(attacked))}), {row} keeps "
             f"{100 * kept:.0f} % under {worst} ({attacked[worst]:.3f} against {mean['none']:.3f}): keeps >= 90 % at that budget "
-            f"**{'met' if kept >= 0.9 else 'not met'}**{versus_local}.")
+            f"**{'met' if kept >= 0.9 else 'not met'}**{noise}{versus_local}.")
 
 
 def aim_statement(summary: dict[str, tuple[float, float, str]], f: int, local: float | None, curve: dict | None = None) -> str:
