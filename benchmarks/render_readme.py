@@ -331,7 +331,7 @@ def robustness() -> list[str]:
                 worst = min(attacked, key=attacked.get)
                 summary[f"{m} {a}"] = (float(np.mean(cell[(m, a, "none")])), float(attacked[worst]), worst)
         local = cell.get(("local", "local-only", "none"))
-        return study.aim_statement(summary, f, float(np.mean(local)) if local else None, study.load_curve())
+        return study.aim_statement(summary, f, float(np.mean(local)) if local else None)
 
     rows, cell = grid(3)
     if not rows:
@@ -368,7 +368,7 @@ def robustness() -> list[str]:
     versus = study.versus_local(study.load_curve())
     if versus:
         out += ["", "From the learning curves (robustness.md, *Learning curves*: the same study config run to 6M env steps, "
-                "evaluated along the way). " + versus[0], *versus[1:]]
+                "evaluated along the way). " + versus[0], *versus[1:], *study.curve_aim(study.load_curve())]
     return out
 
 

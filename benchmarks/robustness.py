@@ -372,18 +372,20 @@ def load_curve() -> dict:
 
 
 def run_curves(args) -> None:
-    """Learning curves of the requested rows under the requested attacks (first strength),
-    added to robustness_curve.json (a row already there at the same budget is not re-run)."""
+    """Learning curves of the requested rows under the requested attacks (first strength;
+    every one with --sweep), added to robustness_curve.json (a run already there at the
+    same budget is not re-run)."""
     data = load_curve()
     command = "python benchmarks/robustness.py " + " ".join(sys.argv[1:])
     batches = [(method, f, defence_for(name, f)) for method in args.method for f in args.f for name in rows(method, args)
                if allowed(label(name)[0], f)]
     for method, f, defence in batches + ([(LOCAL, 3, NO_DEFENCE)] if args.local else []):
         aggregator = "local-only" if method == LOCAL else defence_name(defence)
-        have = {(r["attack"], r["seed"]) for r in data["records"] if (r["method"], r["aggregator"]) == (method, aggregator)
-                and r["f"] in (0, f) and r["env_steps"] >= 0.99 * args.steps}
-        runs = [(a, strength_value(STRENGTHS[a][0], f), seed) for a in (["none"] if method == LOCAL else args.attacks)
-                for seed in range(args.seeds) if (a, seed) not in have]
+        have = {(r["attack"], round(r["strength"], 4), r["seed"]) for r in data["records"]
+                if (r["method"], r["aggregator"]) == (method, aggregator) and r["f"] in (0, f) and r["env_steps"] >= 0.99 * args.steps}
+        cells = [(a, strength_value(x, f)) for a in (["none"] if method == LOCAL else args.attacks)
+                 for x in STRENGTHS[a][: None if args.sweep else 1]]
+        runs = [(a, x, seed) for a, x in cells for seed in range(args.seeds) if (a, round(x, 4), seed) not in have]
         if not runs:
             continue
         study = Study(args.steps, args.attacks, method, args.pre)
@@ -398,25 +400,40 @@ def run_curves(args) -> None:
     plot_curves(data)
 
 
+def curve_key(r: dict) -> tuple:
+    """A curve: one row under one attack at one strength."""
+    return r["method"], r["aggregator"], r["f"], r["attack"], round(r["strength"], 4)
+
+
+def attack_label(key: tuple) -> str:
+    _, _, f, attack, strength = key
+    return attack if attack == "none" else f"{attack} {strength:g} (f = {f})"
+
+
+def cell_means(recs: list[dict], method: str, aggregator: str, env_steps: int) -> dict[tuple[str, float], float]:
+    """(attack, strength) -> mean score over seeds of a row's runs at `env_steps`."""
+    out = {}
+    for r in recs:
+        if (r["method"], r["aggregator"]) == (method, aggregator) and abs(r["env_steps"] - env_steps) <= 0.01 * env_steps:
+            out.setdefault((r["attack"], round(r["strength"], 4)), []).append(r["score"])
+    return {k: float(np.mean(v)) for k, v in out.items()}
+
+
 def curve_table(data: dict) -> list[str]:
     """Score (mean over seeds) of each curve at each budget, and for each attack the share
     of the same row's no-attack score it keeps there."""
     recs = data["records"]
     steps = sorted({r["env_steps"] for r in recs})
-    rows = list(dict.fromkeys((r["method"], r["aggregator"], r["f"], r["attack"]) for r in recs))
-    runs = lambda key, n: [r["score"] for r in recs if (r["method"], r["aggregator"], r["f"], r["attack"]) == key  # noqa: E731
-                           and r["env_steps"] == n]
+    runs = lambda key, n: [r["score"] for r in recs if curve_key(r) == key and r["env_steps"] == n]  # noqa: E731
     mean = lambda key, n: np.mean(runs(key, n) or [np.nan])  # noqa: E731
     lines = ["| method | aggregator | attack | seeds | " + " | ".join(f"{n / 1e6:.3g}M" for n in steps) + " |",
              "|---|---|---|---|" + "---|" * len(steps)]
-    for key in rows:
-        method, agg, f, attack = key
-        lines.append(f"| {method} | {agg} | {attack if attack == 'none' else f'{attack} (f = {f})'} | {max(len(runs(key, n)) for n in steps)} | "
+    for key in dict.fromkeys(curve_key(r) for r in recs):
+        lines.append(f"| {key[0]} | {key[1]} | {attack_label(key)} | {max(len(runs(key, n)) for n in steps)} | "
                      + " | ".join("-" if np.isnan(mean(key, n)) else f"{mean(key, n):.3f}" for n in steps) + " |")
-        if attack != "none":
-            base = (method, agg, 0, "none")
-            kept = [kept_share(mean(base, n), mean(key, n)) for n in steps]
-            lines.append("| | | kept | | " + " | ".join(f"{100 * k:.0f} %" for k in kept) + " |")
+        if key[3] != "none":
+            base = (key[0], key[1], 0, "none", 0.0)
+            lines.append("| | | kept | | " + " | ".join(f"{100 * kept_share(mean(base, n), mean(key, n)):.0f} %" for n in steps) + " |")
     return lines
 
 
@@ -449,6 +466,39 @@ def versus_local(data: dict) -> list[str]:
     return lines + [""]
 
 
+def curve_aim(data: dict) -> list[str]:
+    """The aim at the curves' last budget, where the no-attack runs have levelled off: of
+    the rows run there under every attack any row met there, the one with the best worst
+    cell (attack at its most damaging strength; an attack that cannot reach a row,
+    normaliser poisoning for personal policies, is its noise, not an attack on it), its
+    kept share and its lead over Local-only."""
+    recs = data["records"]
+    n = max((r["env_steps"] for r in recs), default=0)
+    every = {r["attack"] for r in recs if abs(r["env_steps"] - n) <= 0.01 * n} - {"none"}
+    worst, cells = {}, {}
+    for m, a in dict.fromkeys((r["method"], r["aggregator"]) for r in recs if r["aggregator"] != "local-only"):
+        cells[(m, a)] = cell_means(recs, m, a, n)
+        ran = {k for k, _ in cells[(m, a)]}
+        if "none" in ran and every <= ran:
+            reach = every - ({"normaliser_poisoning"} if is_personal(m) else set())
+            worst[(m, a)] = min((v, k) for k, v in cells[(m, a)].items() if k[0] in reach)
+    if not worst:
+        return []
+    (m, a), (score, (attack, strength)) = max(worst.items(), key=lambda kv: kv[1][0])
+    base = cells[(m, a)][("none", 0.0)]
+    kept = kept_share(base, score)
+    swept = sorted(k for k, _ in cells[(m, a)] if sum(j == k for j, _ in cells[(m, a)]) > 1)
+    lead = lead_over_local(recs, m, a, n)
+    return [f"Aim at {n / 1e6:.3g}M env steps (3 of 10 regions Byzantine from round 0; rows run there under every attack: "
+            f"{', '.join(f'{x} {y}' for x, y in worst)}; attacks {', '.join(sorted(every))}; "
+            f"{'strengths swept for ' + ', '.join(swept) if swept else 'first strength each'}): the best by its worst "
+            f"cell is **{m} {a}**, {score:.3f} under {attack} ({strength:g}) against {base:.3f} with no attack: keeps "
+            f"{100 * kept:.0f} %, >= 90 % **{'met' if kept >= 0.9 else 'not met'}**"
+            + ("" if lead is None else f"; its no-attack lead over Local-only {lead[0]:+.3f} +- {lead[1]:.3f} ({lead[2]} / {lead[3]} seeds): "
+               f">= Local-only **{'met' if lead[0] >= 0 else 'not met'}**{', within two standard errors of a tie' if abs(lead[0]) < 2 * lead[1] else ''}")
+            + ". FedAvg's collapse is shown at the grid's budget above.", ""]
+
+
 def noise_floor(data: dict) -> list[str]:
     """A personal policy keeps its own normaliser, so normaliser poisoning cannot reach it:
     a personal row's poisoned runs differ from its no-attack runs only by run-to-run noise
@@ -457,15 +507,15 @@ def noise_floor(data: dict) -> list[str]:
     recs = data["records"]
     out = []
     for method, agg in dict.fromkeys((r["method"], r["aggregator"]) for r in recs if is_personal(r["method"])):
-        runs = lambda a, n: [r["score"] for r in recs if (r["method"], r["aggregator"], r["attack"], r["env_steps"]) == (method, agg, a, n)]  # noqa: E731
         steps = sorted({r["env_steps"] for r in recs if (r["method"], r["aggregator"], r["attack"]) == (method, agg, "normaliser_poisoning")})
-        kept = {n: kept_share(np.mean(runs("none", n)), np.mean(runs("normaliser_poisoning", n))) for n in steps if runs("none", n)}
+        kept = {(n, k): kept_share(cells[("none", 0.0)], v) for n in steps for cells in [cell_means(recs, method, agg, n)]
+                for k, v in cells.items() if k[0] == "normaliser_poisoning" and ("none", 0.0) in cells}
         if kept:
-            n = min(kept, key=kept.get)
-            out.append(f"Noise floor: {method} {agg} keeps {100 * kept[n]:.0f} % of its no-attack score under normaliser poisoning at "
-                       f"{n / 1e6:.3g}M env steps, an attack that cannot reach its policies (each keeps its own normaliser): the two "
-                       "cells ran in different batches, so that gap is run-to-run noise: a kept share between it and 100 % cannot be told "
-                       f"from no harm at {len(runs('normaliser_poisoning', n))} seeds.")
+            n, k = min(kept, key=kept.get)
+            out.append(f"Noise floor: {method} {agg} keeps {100 * kept[(n, k)]:.0f} % of its no-attack score under normaliser poisoning "
+                       f"({k[1]:g}) at {n / 1e6:.3g}M env steps, an attack that cannot reach its policies (each keeps its own normaliser): "
+                       "the two cells ran in different batches, so that gap is run-to-run noise: a kept share between it and 100 % cannot "
+                       "be told from no harm at these seed counts.")
     return out + [""] if out else []
 
 
@@ -477,11 +527,11 @@ def plot_curves(data: dict) -> None:
 
     recs = data["records"]
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for key in dict.fromkeys((r["method"], r["aggregator"], r["f"], r["attack"]) for r in recs):
-        steps = sorted({r["env_steps"] for r in recs if (r["method"], r["aggregator"], r["f"], r["attack"]) == key})
-        scores = [[r["score"] for r in recs if (r["method"], r["aggregator"], r["f"], r["attack"]) == key and r["env_steps"] == n] for n in steps]
+    for key in dict.fromkeys(curve_key(r) for r in recs):
+        steps = sorted({r["env_steps"] for r in recs if curve_key(r) == key})
+        scores = [[r["score"] for r in recs if curve_key(r) == key and r["env_steps"] == n] for n in steps]
         x = np.asarray(steps) / 1e6
-        line, = ax.plot(x, [np.mean(s) for s in scores], marker="o", label=f"{key[0]} {key[1]}: {key[3]}")
+        line, = ax.plot(x, [np.mean(s) for s in scores], marker="o", label=f"{key[0]} {key[1]}: {attack_label(key)}")
         ax.fill_between(x, [min(s) for s in scores], [max(s) for s in scores], color=line.get_color(), alpha=0.15)
     ax.set_xlabel("env steps (millions)")
     ax.set_ylabel("constrained objective of regions 3..9 (higher is better)")
@@ -516,40 +566,11 @@ def in_grid(record: dict, f: int) -> bool:
     return record["f"] == f or (record["attack"] == "none" and assumed == defence_for(record["aggregator"], f)[1])
 
 
-def curve_statement(row: str, curve: dict | None, f: int = 3) -> str:
-    """The grid's best row at the largest budget its learning curve reached at this f: the
-    share of its no-attack score it keeps under the worst attack run there (the grid's
-    budget is short of convergence, so the aim must also hold there)."""
-    method, agg = row.split(" ", 1)
-    recs = [r for r in (curve or {}).get("records", []) if (r["method"], r["aggregator"]) == (method, agg) and in_grid(r, f)]
-    if not any(r["attack"] != "none" for r in recs):
-        return f" The curve has no runs of {row} at a longer budget: the aim is checked at the grid's budget only."
-    n = max(r["env_steps"] for r in recs)
-    mean = {a: float(np.mean([r["score"] for r in recs if r["attack"] == a and r["env_steps"] == n])) for a in {r["attack"] for r in recs if r["env_steps"] == n}}
-    # Personal policies keep their own normaliser: normaliser poisoning cannot reach them,
-    # so its cell is the same run as the no-attack one up to run-to-run noise, not an attack.
-    unreachable = {"normaliser_poisoning"} & set(mean) if is_personal(method) else set()
-    attacked = {a: v for a, v in mean.items() if a != "none" and a not in unreachable}
-    if "none" not in mean or not attacked:
-        return ""
-    worst = min(attacked, key=attacked.get)
-    kept = kept_share(mean["none"], attacked[worst])
-    noise = "".join(f" (normaliser poisoning, which cannot reach its policies, reads {100 * kept_share(mean['none'], mean[a]):.0f} % "
-                    "kept: run-to-run noise, see the noise floor under the curves)" for a in unreachable)
-    lead = lead_over_local(curve["records"], method, agg, n)
-    versus_local = ("" if lead is None else f"; its no-attack score against Local-only's at that budget (lead {lead[0]:+.3f} +- "
-                    f"{lead[1]:.3f}, {lead[2]} / {lead[3]} seeds) **{'met' if lead[0] >= 0 else 'not met'}**"
-                    f"{' (within two standard errors of a tie)' if abs(lead[0]) < 2 * lead[1] else ''}")
-    return (f" At {n / 1e6:.3g}M env steps (its learning curve below, attacks {', '.join(sorted(attacked))}), {row} keeps "
-            f"{100 * kept:.0f} % under {worst} ({attacked[worst]:.3f} against {mean['none']:.3f}): keeps >= 90 % at that budget "
-            f"**{'met' if kept >= 0.9 else 'not met'}**{noise}{versus_local}.")
-
-
-def aim_statement(summary: dict[str, tuple[float, float, str]], f: int, local: float | None, curve: dict | None = None) -> str:
+def aim_statement(summary: dict[str, tuple[float, float, str]], f: int, local: float | None) -> str:
     """The issue's aim, checked on the table: the best robust method keeps >= 90 % of its
     own no-attack return under every attack, FedAvg collapses under at least one, and the
-    best robust method's no-attack return is at least Local-only's; then the same row at
-    its learning curve's longest budget (`curve_statement`)."""
+    best robust method's no-attack return is at least Local-only's. The grid's budget is
+    short of convergence: `curve_aim` checks the aim again where the curves level off."""
     robust = {k: v for k, v in summary.items() if label(k.split(" ")[-1])[0] != "mean"}
     fedavg = [v for k, v in summary.items() if label(k.split(" ")[-1])[0] == "mean"]
     if not robust or not fedavg:
@@ -563,7 +584,8 @@ def aim_statement(summary: dict[str, tuple[float, float, str]], f: int, local: f
             f"{100 * kept_share(base, worst):.0f} % kept); FedAvg keeps {100 * min(kept_share(b, w) for b, w, _ in fedavg):.0f} % at worst; "
             f"Local-only {local if local is None else round(local, 3)}. Aims: keeps >= 90 % **{'met' if met_keep else 'not met'}**; "
             f"FedAvg collapses (keeps < 50 %) **{'yes' if collapsed else 'no'}**; no-attack return >= Local-only's "
-            f"**{'met' if met_local else 'not met'}**." + curve_statement(best, curve, f))
+            f"**{'met' if met_local else 'not met'}**. At this budget the no-attack runs have not levelled off: the aim at the "
+            "learning curves' budget is under *Learning curves*.")
 
 
 def render(records: list[dict], args) -> None:
@@ -630,7 +652,7 @@ def render(records: list[dict], args) -> None:
                 lines.append(f"| {method} | {shown} | {fmt(base)} | " + " | ".join(fmt(cells[a]) for a in present)
                              + f" | {worst - base[0]:+.3f} | {100 * kept:.0f} % |")
                 summary[f"{method} {name}"] = (base[0], worst, min(present, key=lambda a: (cells[a] or (np.inf,))[0]))
-        lines += ["", aim_statement(summary, f, local, load_curve()), ""]
+        lines += ["", aim_statement(summary, f, local), ""]
     curve = load_curve()
     if curve["records"]:
         lines += ["## Learning curves", "",
@@ -638,7 +660,7 @@ def render(records: list[dict], args) -> None:
                   f"code at commit {', '.join(sorted({r['commit'] for r in curve['records']}))}. The same study config, one run per "
                   "seed evaluated along the way (so the learning-rate schedule is the whole budget's), "
                   "mean score over the seeds in the *seeds* column. "
-                  "[Plot](robustness_curve.png).", "", *curve_table(curve), "", *versus_local(curve), *noise_floor(curve)]
+                  "[Plot](robustness_curve.png).", "", *curve_table(curve), "", *versus_local(curve), *curve_aim(curve), *noise_floor(curve)]
     (HERE / "robustness.md").write_text("\n".join(lines) + "\n")
 
 
