@@ -466,12 +466,12 @@ def versus_local(data: dict) -> list[str]:
     return lines + [""]
 
 
-def curve_aim(data: dict) -> list[str]:
-    """The aim at the curves' last budget, where the no-attack runs have levelled off: of
-    the rows run there under every attack any row met there, the one with the best worst
-    cell (attack at its most damaging strength; an attack that cannot reach a row,
-    normaliser poisoning for personal policies, is its noise, not an attack on it), its
-    kept share and its lead over Local-only."""
+def best_curve_row(data: dict):
+    """At the curves' last budget n, of the rows run there under every attack any row met
+    there: the one with the best worst cell (attack at its most damaging strength; an
+    attack that cannot reach a row, normaliser poisoning for personal policies, is its
+    noise, not an attack on it). -> ((method, aggregator), (worst score, (attack,
+    strength))), the rows compared, the attacks, n, the rows' cells; None without one."""
     recs = data["records"]
     n = max((r["env_steps"] for r in recs), default=0)
     every = {r["attack"] for r in recs if abs(r["env_steps"] - n) <= 0.01 * n} - {"none"}
@@ -483,14 +483,23 @@ def curve_aim(data: dict) -> list[str]:
             reach = every - ({"normaliser_poisoning"} if is_personal(m) else set())
             worst[(m, a)] = min((v, k) for k, v in cells[(m, a)].items() if k[0] in reach)
     if not worst:
+        return None
+    return max(worst.items(), key=lambda kv: kv[1][0]), list(worst), every, n, cells
+
+
+def curve_aim(data: dict) -> list[str]:
+    """The aim at the curves' last budget, where the no-attack runs have levelled off, for
+    the best row there (best_curve_row): its kept share and its lead over Local-only."""
+    best = best_curve_row(data)
+    if best is None:
         return []
-    (m, a), (score, (attack, strength)) = max(worst.items(), key=lambda kv: kv[1][0])
+    ((m, a), (score, (attack, strength))), compared, every, n, cells = best
     base = cells[(m, a)][("none", 0.0)]
     kept = kept_share(base, score)
     swept = sorted(k for k, _ in cells[(m, a)] if sum(j == k for j, _ in cells[(m, a)]) > 1)
-    lead = lead_over_local(recs, m, a, n)
+    lead = lead_over_local(data["records"], m, a, n)
     return [f"Aim at {n / 1e6:.3g}M env steps (3 of 10 regions Byzantine from round 0; rows run there under every attack: "
-            f"{', '.join(f'{x} {y}' for x, y in worst)}; attacks {', '.join(sorted(every))}; "
+            f"{', '.join(f'{x} {y}' for x, y in compared)}; attacks {', '.join(sorted(every))}; "
             f"{'strengths swept for ' + ', '.join(swept) if swept else 'first strength each'}): the best by its worst "
             f"cell is **{m} {a}**, {score:.3f} under {attack} ({strength:g}) against {base:.3f} with no attack: keeps "
             f"{100 * kept:.0f} %, >= 90 % **{'met' if kept >= 0.9 else 'not met'}**"
@@ -520,23 +529,31 @@ def noise_floor(data: dict) -> list[str]:
 
 
 def plot_curves(data: dict) -> None:
+    """Left: every row's no-attack curve and Local-only's; right: the best row at the last
+    budget (best_curve_row) under each attack and strength. Mean +- standard error over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     recs = data["records"]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
+    best = best_curve_row(data)
     for key in dict.fromkeys(curve_key(r) for r in recs):
-        steps = sorted({r["env_steps"] for r in recs if curve_key(r) == key})
-        scores = [[r["score"] for r in recs if curve_key(r) == key and r["env_steps"] == n] for n in steps]
-        x = np.asarray(steps) / 1e6
-        line, = ax.plot(x, [np.mean(s) for s in scores], marker="o", label=f"{key[0]} {key[1]}: {attack_label(key)}")
-        ax.fill_between(x, [min(s) for s in scores], [max(s) for s in scores], color=line.get_color(), alpha=0.15)
-    ax.set_xlabel("env steps (millions)")
-    ax.set_ylabel("constrained objective of regions 3..9 (higher is better)")
-    ax.set_title("Learning curves: mean over seeds, band = min..max")
-    ax.legend(fontsize=7)
+        on_left, on_right = key[3] == "none", best is not None and key[:2] == best[0][0]
+        for ax in [ax for ax, on in ((left, on_left), (right, on_right)) if on]:
+            steps = sorted({r["env_steps"] for r in recs if curve_key(r) == key})
+            scores = [[r["score"] for r in recs if curve_key(r) == key and r["env_steps"] == n] for n in steps]
+            se = [np.std(s, ddof=1) / np.sqrt(len(s)) if len(s) > 1 else 0.0 for s in scores]
+            style = {"color": "black", "linestyle": "--"} if key[0] == LOCAL else {}
+            ax.errorbar(np.asarray(steps) / 1e6, [np.mean(s) for s in scores], yerr=se, marker="o", capsize=3,
+                        label=f"{key[0]} {key[1]}" if ax is left else attack_label(key), **style)
+    left.set_title("No attack: every row and Local-only", fontsize=10)
+    right.set_title("" if best is None else f"{' '.join(best[0][0])} under attack", fontsize=10)
+    left.set_ylabel("constrained objective of regions 3..9 (higher is better)")
+    for ax in (left, right):
+        ax.set_xlabel("env steps (millions); mean +- s.e. over seeds")
+        ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(CURVE.with_suffix(".png"), dpi=110)
     plt.close(fig)
