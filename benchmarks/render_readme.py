@@ -316,7 +316,7 @@ def robustness() -> list[str]:
         rows = [r for r in every if r["aggregator"] == "local-only" or study.in_grid(r, f)]
         by_strength = {}
         for r in rows:
-            by_strength.setdefault((r["method"], r["aggregator"], r["attack"]), {}).setdefault(round(r["strength"], 4), []).append(r["score"])
+            by_strength.setdefault((r["method"], r["aggregator"], r["attack"]), {}).setdefault(study.strength_key(r["strength"]), []).append(r["score"])
         # a swept cell stands at its most damaging strength (mean over seeds), as in robustness.md
         cell = {key: min(scores.values(), key=np.mean) for key, scores in by_strength.items()}
         return rows, cell

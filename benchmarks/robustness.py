@@ -257,6 +257,11 @@ def steps_per_round(cfg) -> int:
     return cfg.ppo.rollout_steps * cfg.env.num_clusters * N_NODES * cfg.federated.local_updates
 
 
+def strength_key(x: float) -> float:
+    """A strength to 4 significant digits, to group runs by (1e-12 stays 1e-12)."""
+    return float(f"{x:.4g}")
+
+
 def strength_value(s, f: int) -> float:
     return attacks.alie_z_max(N_NODES, f) if s is None else float(s)
 
@@ -381,11 +386,11 @@ def run_curves(args) -> None:
                if allowed(label(name)[0], f)]
     for method, f, defence in batches + ([(LOCAL, 3, NO_DEFENCE)] if args.local else []):
         aggregator = "local-only" if method == LOCAL else defence_name(defence)
-        have = {(r["attack"], round(r["strength"], 4), r["seed"]) for r in data["records"]
+        have = {(r["attack"], strength_key(r["strength"]), r["seed"]) for r in data["records"]
                 if (r["method"], r["aggregator"]) == (method, aggregator) and r["f"] in (0, f) and r["env_steps"] >= 0.99 * args.steps}
         cells = [(a, strength_value(x, f)) for a in (["none"] if method == LOCAL else args.attacks)
                  for x in STRENGTHS[a][: None if args.sweep else 1]]
-        runs = [(a, x, seed) for a, x in cells for seed in range(args.seeds) if (a, round(x, 4), seed) not in have]
+        runs = [(a, x, seed) for a, x in cells for seed in range(args.seeds) if (a, strength_key(x), seed) not in have]
         if not runs:
             continue
         study = Study(args.steps, args.attacks, method, args.pre)
@@ -402,7 +407,7 @@ def run_curves(args) -> None:
 
 def curve_key(r: dict) -> tuple:
     """A curve: one row under one attack at one strength."""
-    return r["method"], r["aggregator"], r["f"], r["attack"], round(r["strength"], 4)
+    return r["method"], r["aggregator"], r["f"], r["attack"], strength_key(r["strength"])
 
 
 def attack_label(key: tuple) -> str:
@@ -415,7 +420,7 @@ def cell_means(recs: list[dict], method: str, aggregator: str, env_steps: int) -
     out = {}
     for r in recs:
         if (r["method"], r["aggregator"]) == (method, aggregator) and abs(r["env_steps"] - env_steps) <= 0.01 * env_steps:
-            out.setdefault((r["attack"], round(r["strength"], 4)), []).append(r["score"])
+            out.setdefault((r["attack"], strength_key(r["strength"])), []).append(r["score"])
     return {k: float(np.mean(v)) for k, v in out.items()}
 
 
@@ -496,7 +501,7 @@ def curve_aim(data: dict) -> list[str]:
     ((m, a), (score, (attack, strength))), compared, every, n, cells = best
     base = cells[(m, a)][("none", 0.0)]
     kept = kept_share(base, score)
-    swept = sorted(k for k, _ in cells[(m, a)] if sum(j == k for j, _ in cells[(m, a)]) > 1)
+    swept = sorted({k for k, _ in cells[(m, a)] if sum(j == k for j, _ in cells[(m, a)]) > 1})
     lead = lead_over_local(data["records"], m, a, n)
     return [f"Aim at {n / 1e6:.3g}M env steps (3 of 10 regions Byzantine from round 0; rows run there under every attack: "
             f"{', '.join(f'{x} {y}' for x, y in compared)}; attacks {', '.join(sorted(every))}; "
@@ -505,6 +510,8 @@ def curve_aim(data: dict) -> list[str]:
             f"{100 * kept:.0f} %, >= 90 % **{'met' if kept >= 0.9 else 'not met'}**"
             + ("" if lead is None else f"; its no-attack lead over Local-only {lead[0]:+.3f} +- {lead[1]:.3f} ({lead[2]} / {lead[3]} seeds): "
                f">= Local-only **{'met' if lead[0] >= 0 else 'not met'}**{', within two standard errors of a tie' if abs(lead[0]) < 2 * lead[1] else ''}")
+            + "".join(f". Noise at this budget: normaliser poisoning ({k[1]:g}), which cannot reach this row's policies, reads "
+                      f"{100 * kept_share(base, v):.0f} % kept" for k, v in cells[(m, a)].items() if is_personal(m) and k[0] == "normaliser_poisoning")
             + ". FedAvg's collapse is shown at the grid's budget above.", ""]
 
 
@@ -563,7 +570,7 @@ def summarise(records: list[dict], method: str, defence: tuple, f: int, attack: 
     """(mean over seeds, worst seed, strength) at the attack's most damaging strength."""
     by_strength: dict[float, list[float]] = {}
     for r in cell(records, method, defence, f, attack):
-        by_strength.setdefault(round(r["strength"], 4), []).append(r["score"])
+        by_strength.setdefault(strength_key(r["strength"]), []).append(r["score"])
     if not by_strength:
         return None
     strength, rewards = min(by_strength.items(), key=lambda kv: np.mean(kv[1]))
