@@ -395,17 +395,20 @@ def unseen_region() -> list[str]:
     import unseen_region as ur
 
     d = load("unseen_region.json")
+    seeds = d.get("seeds", 1)
     out = [f"`{d['command']}` → [`benchmarks/unseen_region.md`](benchmarks/unseen_region.md): trained on nine regions for "
-           f"{d['steps'] / 1e6:g}M env steps (one seed), the tenth region's own objective, the others on Reactive + tier; code at "
-           f"commit {d.get('commit', 'unknown')}.", ""]
+           f"{d['steps'] / 1e6:g}M env steps ({seeds} training seed{'s' if seeds > 1 else ''}, learned rows their mean), the "
+           f"tenth region's own objective, the others on Reactive + tier; code at commit {d.get('commit', 'unknown')}.", ""]
     for u in d["regions"]:
         rows = u["rows"]
-        rival, won = ur.zero_shot_verdict(rows)
         later = [k for k in ur.AFTER if k in rows]
         more = (f"; with {d['after_steps'] / 1e6:g}M more steps: " + ", ".join(f"{k} {rows[k]['objective']:.3f}" for k in later)) if later else ""
-        out.append(f"- {u['held_out']} ({u['traffic_mix']}), zero-shot: federated {rows[ur.ZERO_SHOT]['objective']:.3f} "
-                   f"({rows[ur.ZERO_SHOT]['slo_attainment_pct']:.1f} % attainment), best rival {rival} {rows[rival]['objective']:.3f}: "
-                   f"aim **{'met' if won else 'not met'}**{more}.")
+        verdicts = []
+        for k in (k for k in ur.FEDERATED if k in rows):
+            rival, won = ur.zero_shot_verdict(rows, k)
+            verdicts.append(f"{k.removesuffix(' (zero-shot)')} {rows[k]['objective']:.3f} ({rows[k]['slo_attainment_pct']:.1f} % "
+                            f"attainment) against {rival} {rows[rival]['objective']:.3f}: aim **{'met' if won else 'not met'}**")
+        out.append(f"- {u['held_out']} ({u['traffic_mix']}), zero-shot: " + "; ".join(verdicts) + f"{more}.")
     return out
 
 
