@@ -503,6 +503,7 @@ def curve_aim(data: dict) -> list[str]:
     kept = kept_share(base, score)
     swept = sorted({k for k, _ in cells[(m, a)] if sum(j == k for j, _ in cells[(m, a)]) > 1})
     lead = lead_over_local(data["records"], m, a, n)
+    poison = [(k[1], kept_share(base, v)) for k, v in cells[(m, a)].items() if is_personal(m) and k[0] == "normaliser_poisoning"]
     return [f"Aim at {n / 1e6:.3g}M env steps (3 of 10 regions Byzantine from round 0; rows run there under every attack: "
             f"{', '.join(f'{x} {y}' for x, y in compared)}; attacks {', '.join(sorted(every))}; "
             f"{'strengths swept for ' + ', '.join(swept) if swept else 'first strength each'}): the best by its worst "
@@ -510,8 +511,8 @@ def curve_aim(data: dict) -> list[str]:
             f"{100 * kept:.0f} %, >= 90 % **{'met' if kept >= 0.9 else 'not met'}**"
             + ("" if lead is None else f"; its no-attack lead over Local-only {lead[0]:+.3f} +- {lead[1]:.3f} ({lead[2]} / {lead[3]} seeds): "
                f">= Local-only **{'met' if lead[0] >= 0 else 'not met'}**{', within two standard errors of a tie' if abs(lead[0]) < 2 * lead[1] else ''}")
-            + "".join(f". Noise at this budget: normaliser poisoning ({k[1]:g}), which cannot reach this row's policies, reads "
-                      f"{100 * kept_share(base, v):.0f} % kept" for k, v in cells[(m, a)].items() if is_personal(m) and k[0] == "normaliser_poisoning")
+            + (f". Noise at this budget: normaliser poisoning ({', '.join(f'{k:g}' for k, _ in poison)}), which cannot reach this "
+               f"row's policies, reads {' / '.join(f'{100 * q:.0f} %' for _, q in poison)} kept" if poison else "")
             + ". FedAvg's collapse is shown at the grid's budget above.", ""]
 
 
