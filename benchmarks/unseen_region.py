@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -130,8 +131,16 @@ def held_out_region(steps: int, held_out: str, after_steps: int, seeds: int) -> 
 
 
 def measure(steps: int, held_out: list[str], after_steps: int, seeds: int) -> dict:
-    return {"steps": steps, "after_steps": after_steps, "seeds": seeds, "eval_seeds": config(steps, []).eval.num_seeds,
+    """The held-out regions' runs; the other regions already in unseen_region.json at the
+    same budgets and seeds are kept (with the command and commit that measured them)."""
+    data = {"steps": steps, "after_steps": after_steps, "seeds": seeds, "eval_seeds": config(steps, []).eval.num_seeds,
             "regions": [held_out_region(steps, name, after_steps, seeds) for name in held_out]}
+    old = json.loads(OUT.read_text()) if OUT.exists() else {}
+    kept = [u for u in old.get("regions", []) if u["held_out"] not in held_out]
+    if kept and all(old.get(k) == data[k] for k in ("steps", "after_steps", "seeds")):
+        data["regions"] = kept + data["regions"]
+        data["earlier"] = [*old.get("earlier", []), {"command": old["command"], "commit": old.get("commit", "unknown")}]
+    return data
 
 
 def zero_shot_verdict(rows: dict, federated: str = ZERO_SHOT) -> tuple[str, bool]:
@@ -151,8 +160,10 @@ def render(d: dict) -> str:
     federated = [k for k in FEDERATED if k in d["regions"][0]["rows"]]
     seed_note = (f"({seeds} training seeds: every learned row is the mean over them, the objective ± its sd)."
                  if seeds > 1 else "(one training seed).")
-    lines = ["# An unseen region", "", f"Command: `{d['command']}`  ",
-             f"Machine: {d['machine']}, {d['wall_s'] / 60:.0f} min; code at commit {d.get('commit', 'unknown')}.", "",
+    runs = [*d.get("earlier", []), d]
+    lines = ["# An unseen region", "", "Command: " + ", then ".join(f"`{r['command']}`" for r in runs) + "  ",
+             f"Machine: {d['machine']}, {d['wall_s'] / 60:.0f} min (the last command); code at commit "
+             f"{', '.join(r.get('commit', 'unknown') for r in runs)}.", "",
              f"Leave one region out: federated PPO (one shared policy, the main job's multi-Krum f = 3; *NNM*: nearest-neighbour "
              f"mixing before it) and Local-only train on the other nine regions for {d['steps'] / 1e6:g}M env steps "
              f"{seed_note} "
