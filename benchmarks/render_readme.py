@@ -409,7 +409,8 @@ def unseen_region() -> list[str]:
         for k in (k for k in ur.FEDERATED if k in rows):
             rival, won = ur.zero_shot_verdict(rows, k)
             verdicts.append(f"{k.removesuffix(' (zero-shot)')} {rows[k]['objective']:.3f} ({rows[k]['slo_attainment_pct']:.1f} % "
-                            f"attainment) against {rival} {rows[rival]['objective']:.3f}: aim **{'met' if won else 'not met'}**")
+                            f"attainment) against {rival} {rows[rival]['objective']:.3f}: aim **{'met' if won else 'not met'}**, "
+                            f"beats {ur.beaten(rows, k)} of {len(ur.rivals(rows))} rivals")
         out.append(f"- {u['held_out']} ({u['traffic_mix']}), zero-shot: " + "; ".join(verdicts) + f"{more}.")
     return out
 

@@ -143,12 +143,20 @@ def measure(steps: int, held_out: list[str], after_steps: int, seeds: int) -> di
     return data
 
 
+def rivals(rows: dict) -> dict:
+    """The zero-shot rivals: every transferred Local-only policy and Reactive + tier."""
+    return {k: v for k, v in rows.items() if k.startswith("Local-only of") or k == REACTIVE}
+
+
 def zero_shot_verdict(rows: dict, federated: str = ZERO_SHOT) -> tuple[str, bool]:
-    """The best rival of a zero-shot federated row (a transferred Local-only policy or
-    Reactive + tier) and whether the federated row beats it on the objective."""
-    rivals = {k: v for k, v in rows.items() if k.startswith("Local-only of") or k == REACTIVE}
-    best = max(rivals, key=lambda k: rivals[k]["objective"])
-    return best, rows[federated]["objective"] > rivals[best]["objective"]
+    """The best rival of a zero-shot federated row and whether the row beats it on the objective."""
+    best = max(rivals(rows), key=lambda k: rows[k]["objective"])
+    return best, rows[federated]["objective"] > rows[best]["objective"]
+
+
+def beaten(rows: dict, federated: str) -> int:
+    """How many rivals the zero-shot federated row beats on the objective."""
+    return sum(rows[federated]["objective"] > r["objective"] for r in rivals(rows).values())
 
 
 def objective(r: dict) -> str:
@@ -195,7 +203,8 @@ def render(d: dict) -> str:
             rival, won = zero_shot_verdict(rows, k)
             met[k].append(won)
             lines.append(f"Zero-shot: {k.removesuffix(' (zero-shot)')} {rows[k]['objective']:.3f} against the best rival, "
-                         f"{rival} ({rows[rival]['objective']:.3f}): aim **{'met' if won else 'not met'}**.")
+                         f"{rival} ({rows[rival]['objective']:.3f}): aim **{'met' if won else 'not met'}** (it beats "
+                         f"{beaten(rows, k)} of the {len(rivals(rows))} rivals).")
         later = [k for k in AFTER if k in rows]
         if later:
             best = max(later, key=lambda k: rows[k]["objective"])
