@@ -101,6 +101,11 @@ class EnvConfig:
     # (envs.serving.draw_demand_phase), so the hour is no safe guide to the load and a policy
     # meets daytime demand at night; evaluation scenarios carry none.
     demand_phase_prob: float = 0.0
+    # Training demand levels: each training episode's demand is the region's times a
+    # log-uniform factor in [1 / demand_scale_max, demand_scale_max] while the node
+    # descriptor keeps the planned rate (envs.serving.draw_demand_scale), so a region busier
+    # or quieter than planned is no surprise; 1: none; evaluation scenarios carry none.
+    demand_scale_max: float = 1.0
     reward: RewardWeights = field(default_factory=RewardWeights)
 
 
@@ -409,6 +414,8 @@ def validate(cfg: ExperimentConfig) -> None:
     require(0 <= e.token_shift_prob <= 1, "env.token_shift_prob", f"must be a share of episodes in [0, 1], got {e.token_shift_prob}")
     require(0 <= e.random_fleet_prob <= 1, "env.random_fleet_prob", f"must be a share of episodes in [0, 1], got {e.random_fleet_prob}")
     require(0 <= e.demand_phase_prob <= 1, "env.demand_phase_prob", f"must be a share of episodes in [0, 1], got {e.demand_phase_prob}")
+    require(1 <= e.demand_scale_max <= 4, "env.demand_scale_max",
+            f"must be in [1, 4] (a factor on the demand; 1: none), got {e.demand_scale_max}")
     require(1.5 <= e.surge_max_multiplier < 5, "env.surge_max_multiplier",
             f"must be in [1.5, 5) (1.5x is the smallest surge; the held-out flash crowd is 5x), got {e.surge_max_multiplier}")
     require(e.num_clusters >= 1, "env.num_clusters", f"must be >= 1, got {e.num_clusters}")

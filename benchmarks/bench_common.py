@@ -47,14 +47,16 @@ def machine() -> str:
 
 
 # The training distribution's randomisation (env section): results of runs that differ in
-# these are not the same config's spread.
-TRAINING_ENV_KEYS = ("surge_prob", "token_shift_prob", "random_fleet_prob", "demand_phase_prob")
+# these are not the same config's spread. Each with its value when off.
+TRAINING_ENV_OFF = {"surge_prob": 0.0, "token_shift_prob": 0.0, "random_fleet_prob": 0.0, "demand_phase_prob": 0.0,
+                    "demand_scale_max": 1.0}
+TRAINING_ENV_KEYS = tuple(TRAINING_ENV_OFF)
 
 
 def training_env(env) -> dict:
     """TRAINING_ENV_KEYS of a config's env section (a dataclass or a resolved YAML dict)."""
     get = env.get if isinstance(env, dict) else lambda k, d: getattr(env, k, d)
-    return {k: float(get(k, 0.0)) for k in TRAINING_ENV_KEYS}
+    return {k: float(get(k, off)) for k, off in TRAINING_ENV_OFF.items()}
 
 
 def train_and_evaluate_seeds(cfg, seeds: int, scenarios: tuple[str, ...] = ()) -> tuple[dict[str, list[dict]], float]:

@@ -396,11 +396,11 @@ def unseen_region() -> list[str]:
 
     d = load("unseen_region.json")
     seeds = d.get("seeds", 1)
-    commands = ", then ".join(f"`{r['command']}`" for r in [*d.get("earlier", []), d])
+    commands = ", then ".join(f"`{r['command']}`" for r in ur.runs(d))
     out = [f"{commands} → [`benchmarks/unseen_region.md`](benchmarks/unseen_region.md): trained on nine regions for "
            f"{d['steps'] / 1e6:g}M env steps ({seeds} training seed{'s' if seeds > 1 else ''}, learned rows their mean), the "
            f"tenth region's own objective, the others on Reactive + tier; code at commit "
-           f"{', '.join(r.get('commit', 'unknown') for r in [*d.get('earlier', []), d])}.", ""]
+           f"{', '.join(r['commit'] for r in ur.runs(d))}.", ""]
     for u in d["regions"]:
         rows = u["rows"]
         later = [k for k in ur.AFTER if k in rows]

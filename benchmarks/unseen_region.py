@@ -49,10 +49,13 @@ from aro_jax.training import evaluation, learned_policy, trainers  # noqa: E402
 
 OUT = Path(__file__).with_name("unseen_region.json")
 SHARED = ["federated.personal_mix=1.0"]  # the main job's federation, one shared policy
-# The federated zero-shot rows: the main job's multi-Krum, and nearest-neighbour mixing
-# before it (Allouah et al., AISTATS 2023), which lets multi-Krum keep the outlying honest
-# regions' learning (the 7B and code regions) instead of discarding it each round.
-FEDERATED = {"federated (zero-shot)": SHARED, "federated, NNM (zero-shot)": [*SHARED, "federated.pre_aggregators=[nnm]"]}
+# The federated zero-shot rows: the main job's multi-Krum; nearest-neighbour mixing before
+# it (Allouah et al., AISTATS 2023), which lets multi-Krum keep the outlying honest
+# regions' learning (the 7B and code regions) instead of discarding it each round; and
+# training demand levels randomised (envs.serving.draw_demand_scale), so the policy meets
+# regions busier and quieter than their plan, as an unseen region may be.
+FEDERATED = {"federated (zero-shot)": SHARED, "federated, NNM (zero-shot)": [*SHARED, "federated.pre_aggregators=[nnm]"],
+             "federated, demand 1.5x (zero-shot)": [*SHARED, "env.demand_scale_max=1.5"]}
 ZERO_SHOT = "federated (zero-shot)"
 REACTIVE = "Reactive + tier"
 AFTER = ("joins the federation", "federated + local fine-tune", "Local-only from scratch")  # the budget rows
@@ -85,13 +88,16 @@ def mean_row(per_seed: list[dict]) -> dict:
     return {**row, "objective_sd": float(np.std([r["objective"] for r in per_seed])), "seeds": len(per_seed)}
 
 
-def held_out_region(steps: int, held_out: str, after_steps: int, seeds: int) -> dict:
+def held_out_region(steps: int, held_out: str, after_steps: int, seeds: int, labels: tuple[str, ...] = tuple(FEDERATED)) -> dict:
+    """Every row of one held-out region; with some of the FEDERATED `labels` only, those
+    rows (no Local-only, Reactive or budget rows)."""
+    whole = labels == tuple(FEDERATED)
     full = config(steps, [])
     names = [n.name for n in full.cluster.nodes]
     h = names.index(held_out)
     nine = [n for n in full.cluster.nodes if n.name != held_out]
     runs, train_s = {}, {}
-    for label, extra in (*FEDERATED.items(), ("local", LOCAL)):
+    for label, extra in (*((k, FEDERATED[k]) for k in labels), *((("local", LOCAL),) if whole else ())):
         trainer, weights, train_s[label] = trained(config(steps, extra, nine), seeds)
         runs[label] = weights
     network = trainer.network
@@ -116,7 +122,10 @@ def held_out_region(steps: int, held_out: str, after_steps: int, seeds: int) -> 
         pick = (lambda s: lambda x: x[s]) if region is None else (lambda s: lambda x: x[s, region])
         return mean_row([evaluate(jax.tree.map(pick(s), weights)) for s in range(seeds)])
 
-    rows = {label: over_seeds(runs[label]) for label in FEDERATED}
+    rows = {label: over_seeds(runs[label]) for label in labels}
+    if not whole:
+        print(held_out, rows, flush=True)
+        return {"rows": rows, "train_s": train_s}
     for i, n in enumerate(nine):
         rows[f"Local-only of {n.name}"] = over_seeds(runs["local"], i)
     rows[REACTIVE] = evaluate(jax.tree.map(lambda x: x[0], runs[ZERO_SHOT]), held_out_learned=False) | {"seeds": 0}
@@ -130,16 +139,36 @@ def held_out_region(steps: int, held_out: str, after_steps: int, seeds: int) -> 
     return {"held_out": held_out, "traffic_mix": full.cluster.nodes[h].traffic_mix, "rows": rows, "train_s": train_s}
 
 
-def measure(steps: int, held_out: list[str], after_steps: int, seeds: int) -> dict:
+def runs(d: dict) -> list[dict]:
+    """The commands that measured `d`, earliest first ({command, commit})."""
+    return [*d.get("earlier", []), {"command": d["command"], "commit": d.get("commit", "unknown")}]
+
+
+def measure(steps: int, held_out: list[str], after_steps: int, seeds: int, add_rows: bool) -> dict:
     """The held-out regions' runs; the other regions already in unseen_region.json at the
-    same budgets and seeds are kept (with the command and commit that measured them)."""
-    data = {"steps": steps, "after_steps": after_steps, "seeds": seeds, "eval_seeds": config(steps, []).eval.num_seeds,
-            "regions": [held_out_region(steps, name, after_steps, seeds) for name in held_out]}
+    same budgets and seeds are kept (with the command and commit that measured them).
+    `add_rows`: only the FEDERATED rows that those regions lack, added to them."""
+    budgets = {"steps": steps, "after_steps": after_steps, "seeds": seeds}
     old = json.loads(OUT.read_text()) if OUT.exists() else {}
+    same = bool(old) and all(old.get(k) == v for k, v in budgets.items())
+    if add_rows:
+        if not same:
+            sys.exit(f"error: {OUT} holds no run at --steps {steps} --after-steps {after_steps} --seeds {seeds} to add rows to; "
+                     "measure its regions first")
+        for u in old["regions"]:
+            missing = tuple(k for k in FEDERATED if k not in u["rows"])
+            if missing and u["held_out"] in held_out:
+                new = held_out_region(steps, u["held_out"], after_steps, seeds, missing)
+                federated = {k: u["rows"].get(k) or new["rows"][k] for k in FEDERATED}
+                u["rows"] = federated | {k: v for k, v in u["rows"].items() if k not in federated}
+                u["train_s"].update(new["train_s"])
+        return {**old, "earlier": runs(old)}
+    data = {**budgets, "eval_seeds": config(steps, []).eval.num_seeds,
+            "regions": [held_out_region(steps, name, after_steps, seeds) for name in held_out]}
     kept = [u for u in old.get("regions", []) if u["held_out"] not in held_out]
-    if kept and all(old.get(k) == data[k] for k in ("steps", "after_steps", "seeds")):
+    if kept and same:
         data["regions"] = kept + data["regions"]
-        data["earlier"] = [*old.get("earlier", []), {"command": old["command"], "commit": old.get("commit", "unknown")}]
+        data["earlier"] = runs(old)
     return data
 
 
@@ -165,15 +194,15 @@ def objective(r: dict) -> str:
 
 def render(d: dict) -> str:
     seeds = d.get("seeds", 1)
-    federated = [k for k in FEDERATED if k in d["regions"][0]["rows"]]
+    federated = [k for k in FEDERATED if all(k in u["rows"] for u in d["regions"])]
     seed_note = (f"({seeds} training seeds: every learned row is the mean over them, the objective ± its sd)."
                  if seeds > 1 else "(one training seed).")
-    runs = [*d.get("earlier", []), d]
-    lines = ["# An unseen region", "", "Command: " + ", then ".join(f"`{r['command']}`" for r in runs) + "  ",
+    lines = ["# An unseen region", "", "Command: " + ", then ".join(f"`{r['command']}`" for r in runs(d)) + "  ",
              f"Machine: {d['machine']}, {d['wall_s'] / 60:.0f} min (the last command); code at commit "
-             f"{', '.join(r.get('commit', 'unknown') for r in runs)}.", "",
+             f"{', '.join(r['commit'] for r in runs(d))}.", "",
              f"Leave one region out: federated PPO (one shared policy, the main job's multi-Krum f = 3; *NNM*: nearest-neighbour "
-             f"mixing before it) and Local-only train on the other nine regions for {d['steps'] / 1e6:g}M env steps "
+             f"mixing before it; *demand 1.5x*: each training episode's demand a log-uniform 1/1.5 to 1.5 times the region's "
+             f"plan, its descriptor unchanged) and Local-only train on the other nine regions for {d['steps'] / 1e6:g}M env steps "
              f"{seed_note} "
              f"Evaluated on the ten-region cluster, diurnal day, {d['eval_seeds']} evaluation seeds common to every row; the other "
              "nine regions run Reactive + tier in every row. The held-out region's own KPIs; *objective*: the constrained "
@@ -221,9 +250,10 @@ def main():
     ap.add_argument("--after-steps", type=int, default=2_000_000, help="the budget with the region present (0: zero-shot only)")
     ap.add_argument("--held-out", nargs="+", default=["us-west", "eu-west"])
     ap.add_argument("--seeds", type=int, default=2, help="training seeds, one vmapped program per learner")
+    ap.add_argument("--add-rows", action="store_true", help="train only the federated rows the measured regions lack")
     ap.add_argument("--render-only", action="store_true")
     args = ap.parse_args()
-    run_report(OUT, render, lambda: measure(args.steps, args.held_out, args.after_steps, args.seeds), args.render_only)
+    run_report(OUT, render, lambda: measure(args.steps, args.held_out, args.after_steps, args.seeds, args.add_rows), args.render_only)
 
 
 if __name__ == "__main__":

@@ -461,8 +461,9 @@ def test_evaluated_scenarios_carry_no_surge_and_no_token_shift():
     from aro_jax.config import load_config
 
     cfg = load_config(None, ["env.surge_prob=0.5", "env.surge_max_multiplier=4", "env.token_shift_prob=0.4", "env.random_fleet_prob=0.3",
-                             "env.demand_phase_prob=0.2"])
+                             "env.demand_phase_prob=0.2", "env.demand_scale_max=2"])
     train = scenarios.cluster_params(cfg, "train")
+    assert (np.asarray(train.demand_scale_max) == 2.0).all()
     assert (np.asarray(train.surge_prob) == 0.5).all() and (np.asarray(train.token_shift_prob) == 0.4).all()
     assert (np.asarray(train.random_fleet_prob) == 0.3).all() and (np.asarray(train.demand_phase_prob) == 0.2).all()
     for scenario in scenarios.SCENARIOS:
@@ -470,6 +471,7 @@ def test_evaluated_scenarios_carry_no_surge_and_no_token_shift():
             p = scenarios.cluster_params(cfg, scenario)
             assert (np.asarray(p.surge_prob) == 0.0).all() and (np.asarray(p.token_shift_prob) == 0.0).all(), scenario
             assert (np.asarray(p.random_fleet_prob) == 0.0).all() and (np.asarray(p.demand_phase_prob) == 0.0).all(), scenario
+            assert (np.asarray(p.demand_scale_max) == 1.0).all(), scenario
 
 
 # --------------------------------------------------------------------------------------
@@ -517,6 +519,50 @@ def test_a_demand_phase_moves_the_load_and_not_the_clock(env, params):
     clock = [FIELD_INDEX[f] for f in ("time_of_day_sin", "time_of_day_cos", "day_of_week_sin", "day_of_week_cos")]
     np.testing.assert_array_equal(ahead_obs[:, clock], plain_obs[:, clock])
     assert np.abs(day_obs[:, clock] - plain_obs[:, clock]).max() > 1.0
+
+
+# --------------------------------------------------------------------------------------
+# Training demand levels
+# --------------------------------------------------------------------------------------
+
+
+def test_demand_scales_are_log_uniform_per_episode_and_off_by_default(params):
+    """Each episode's demand factor is log-uniform in [1/2, 2] at demand_scale_max = 2
+    (its log symmetric about 0, reaching both ends); exactly 1 at the default, and the
+    start is drawn as it was without it."""
+    env = serving.ServingNodeEnv()
+    keys = jax.random.split(jax.random.key(6), 4000)
+    states = jax.vmap(lambda k: env.reset_state(k, params.replace(demand_scale_max=2.0, random_start=1.0)))(keys)
+    log_scale = np.log(np.asarray(states.demand_scale, np.float64))
+    assert np.abs(log_scale).max() <= np.log(2.0) + 1e-6
+    assert log_scale.min() < -0.95 * np.log(2.0) and log_scale.max() > 0.95 * np.log(2.0)
+    assert np.mean(log_scale) == pytest.approx(0.0, abs=0.03)
+    assert np.mean(np.abs(log_scale) < 0.5 * np.log(2.0)) == pytest.approx(0.5, abs=0.03)  # uniform in log
+    plain = jax.vmap(lambda k: env.reset_state(k, params.replace(random_start=1.0)))(keys)
+    np.testing.assert_array_equal(np.asarray(plain.clock_s), np.asarray(states.clock_s))
+    assert (np.asarray(plain.demand_scale) == 1.0).all()
+
+
+def test_a_demand_scale_multiplies_the_arrivals_and_not_the_descriptor(env, params):
+    """Twice the demand is twice the arrivals, while the observation's descriptor (the
+    planned rate the rates are scaled by) stays the region's."""
+    base = params.replace(random_start=0.0, traffic=params.traffic.replace(burst_cv=0.0))
+
+    def run(scale):
+        obs, state = env.reset(jax.random.key(0), base)
+        state = state.replace(demand_scale=jnp.asarray(scale, jnp.float32))
+
+        def tick_fn(s, k):
+            o, s, _, _, _, info = env.step(k, s, 0, base)
+            return s, (info["metrics"]["arrivals"], o)
+        _, (arrivals, o) = jax.lax.scan(tick_fn, state, jax.random.split(jax.random.key(1), 30))
+        return np.asarray(arrivals, np.float64), np.asarray(o, np.float64)
+
+    plain, plain_obs = run(1.0)
+    double, double_obs = run(2.0)
+    assert double.sum() / plain.sum() == pytest.approx(2.0, rel=0.02)
+    descriptor = slice(len(OBS_FIELDS), None)
+    np.testing.assert_array_equal(double_obs[:, descriptor], plain_obs[:, descriptor])
 
 
 # --------------------------------------------------------------------------------------

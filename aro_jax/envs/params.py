@@ -169,6 +169,12 @@ class EnvParams(environment.EnvParams):
     # (serving.draw_demand_phase); the observed clock and the forecaster keep local time.
     # The scenarios evaluated carry none.
     demand_phase_prob: float = 0.0
+    # Training demand levels (domain randomisation): each episode's demand is the region's
+    # times a log-uniform factor in [1 / demand_scale_max, demand_scale_max]
+    # (serving.draw_demand_scale), while its descriptor keeps the planned rate, so the
+    # observed load, not the plan, says how much fleet it needs; 1: none. The scenarios
+    # evaluated carry none.
+    demand_scale_max: float = 1.0
     forecast_horizon_s: float = 300.0  # covers the cold start plus one tick
 
 

@@ -215,7 +215,8 @@ def cluster_params(cfg, scenario: str = "train") -> EnvParams:
                           surge_max_multiplier=float(getattr(cfg.env, "surge_max_multiplier", 3.0)),
                           token_shift_prob=float(getattr(cfg.env, "token_shift_prob", 0.0)),
                           random_fleet_prob=float(getattr(cfg.env, "random_fleet_prob", 0.0)),
-                          demand_phase_prob=float(getattr(cfg.env, "demand_phase_prob", 0.0)))
+                          demand_phase_prob=float(getattr(cfg.env, "demand_phase_prob", 0.0)),
+                          demand_scale_max=float(getattr(cfg.env, "demand_scale_max", 1.0)))
         nodes.append(p if scenario == "train" else apply_scenario(p, scenario, cfg.env.data_dir))
     models = [hardware.get_profile(n.profile).model for n in cfg.cluster.nodes]
     return stack_params(with_cluster_peers(nodes, [n.name for n in cfg.cluster.nodes], models))
@@ -239,10 +240,10 @@ def with_cluster_peers(nodes: list[EnvParams], names: list[str], models: list[st
 
 def evaluated_day(params: EnvParams) -> EnvParams:
     """A node's params as every evaluation runs them: from Monday 00:00 UTC, without the
-    training distribution's random start, surges, token-length shifts, starting fleets or
-    demand phases."""
+    training distribution's random start, surges, token-length shifts, starting fleets,
+    demand phases or demand levels."""
     return params.replace(random_start=0.0, start_time_s=0.0, surge_prob=0.0, token_shift_prob=0.0, random_fleet_prob=0.0,
-                          demand_phase_prob=0.0)
+                          demand_phase_prob=0.0, demand_scale_max=1.0)
 
 
 def apply_scenario(params: EnvParams, scenario: str, data_dir: str | Path | None = None) -> EnvParams:

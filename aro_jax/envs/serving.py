@@ -49,6 +49,7 @@ class EnvState(environment.EnvState):
     surge: jax.Array  # (start s, end s, demand multiplier) of the episode's surge; multiplier 1: none
     token_shift: jax.Array  # (input, output) log-mean offsets of the episode's token lengths; 0: none
     demand_phase_s: jax.Array  # how far the episode's demand runs ahead of its daily shape; 0: none
+    demand_scale: jax.Array  # the episode's demand over the region's planned demand; 1: as planned
     queue_requests: jax.Array
     forecast: fc.ForecastState
     last: dict[str, jax.Array]  # the previous tick's metrics (what an operator observes)
@@ -107,7 +108,8 @@ class ServingNodeEnv(StateObservedEnv):
         random_start = jnp.floor(jax.random.uniform(key, (), maxval=week_s) / tick) * tick
         clock_s = jnp.where(params.random_start > 0.5, random_start, params.start_time_s)
         demand_phase_s = draw_demand_phase(jax.random.fold_in(key, 4), params)
-        rate = expected_rate_rps(clock_s, phased(params.traffic, demand_phase_s))
+        demand_scale = draw_demand_scale(jax.random.fold_in(key, 5), params)
+        rate = expected_rate_rps(clock_s, episode_demand(params.traffic, demand_phase_s, demand_scale))
         # Strong float32 (not weakly typed Python floats from params), so a reset state and
         # a stepped state have the same types and a jitted step does not retrace.
         replicas, cpu_cores, host_memory_gb = draw_start_fleet(jax.random.fold_in(key, 3), params)
@@ -144,6 +146,7 @@ class ServingNodeEnv(StateObservedEnv):
             surge=draw_surge(jax.random.fold_in(key, 1), clock_s, params),
             token_shift=token_shift,
             demand_phase_s=demand_phase_s,
+            demand_scale=demand_scale,
             queue_requests=zeros,
             forecast=fc.init(params.traffic.mean_rate_rps),
             last=last,
@@ -219,10 +222,22 @@ def draw_demand_phase(key, params: EnvParams) -> jax.Array:
     return jnp.where(u_on < params.demand_phase_prob, u_phase * 86_400.0, 0.0).astype(jnp.float32)
 
 
-def phased(traffic, demand_phase_s):
-    """The node's traffic with its daily and weekly shape `demand_phase_s` ahead (exact when
-    it is zero; a trace replay follows its own timeline whatever the phase)."""
-    return traffic.replace(tz_offset_h=traffic.tz_offset_h + demand_phase_s / 3600.0)
+def draw_demand_scale(key, params: EnvParams) -> jax.Array:
+    """An episode's demand over the region's planned demand: log-uniform in
+    [1 / demand_scale_max, demand_scale_max] (exactly 1 when that is 1). Trained at its
+    planned load only, a shared policy read the load from the node descriptor's planned
+    rate and under-provisioned a held-out region busier than any it trained on
+    (benchmarks/unseen_region.md, me-central)."""
+    u = jax.random.uniform(key, ())
+    return jnp.exp((2.0 * u - 1.0) * jnp.log(params.demand_scale_max)).astype(jnp.float32)
+
+
+def episode_demand(traffic, demand_phase_s, demand_scale):
+    """The node's traffic as this episode runs it: its daily and weekly shape
+    `demand_phase_s` ahead and its mean rate times `demand_scale` (exact at 0 and 1; a
+    trace replay follows its own timeline and counts whatever the phase and scale)."""
+    return traffic.replace(tz_offset_h=traffic.tz_offset_h + demand_phase_s / 3600.0,
+                           mean_rate_rps=traffic.mean_rate_rps * demand_scale)
 
 
 def draw_start_fleet(key, params: EnvParams) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -310,8 +325,8 @@ def begin_tick(key, state: EnvState, action, params: EnvParams) -> dict:
     offline = jnp.where(switching, jnp.abs(small_gpu_share(params, small) - small_gpu_share(params, state.small_active_fraction)), 0.0)
 
     # 2. This tick's traffic.
-    arrivals, burst_z = arrivals_ar(e_burst, z_count, state.clock_s, tick, surged(phased(params.traffic, state.demand_phase_s), state.surge),
-                                    state.burst_z)
+    demand = surged(episode_demand(params.traffic, state.demand_phase_s, state.demand_scale), state.surge)
+    arrivals, burst_z = arrivals_ar(e_burst, z_count, state.clock_s, tick, demand, state.burst_z)
     # Prompts over the context window are rejected at admission (counted, never capped);
     # the fluid model serves the admitted ones with this tick's token mix.
     rejected = arrivals * rejected_share(state.clock_s, params.traffic)
@@ -376,6 +391,7 @@ def end_tick(state: EnvState, plan: dict, core: dict, queue, forwarded, peer: di
         surge=state.surge,
         token_shift=state.token_shift,
         demand_phase_s=state.demand_phase_s,
+        demand_scale=state.demand_scale,
         queue_requests=queue,
         forecast=forecast,
         last=_observed(metrics),
