@@ -43,8 +43,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_common import run_report  # noqa: E402
 from federation import config, score_row  # noqa: E402
 
+from aro_jax import contract  # noqa: E402
 from aro_jax.envs.heuristics import HEURISTICS, Policy  # noqa: E402
 from aro_jax.envs.scenarios import scenario_plan  # noqa: E402
+from aro_jax.envs.serving import node_descriptor  # noqa: E402
 from aro_jax.training import evaluation, learned_policy, trainers  # noqa: E402
 
 OUT = Path(__file__).with_name("unseen_region.json")
@@ -54,8 +56,13 @@ SHARED = ["federated.personal_mix=1.0"]  # the main job's federation, one shared
 # regions' learning (the 7B and code regions) instead of discarding it each round; and
 # training demand levels randomised (envs.serving.draw_demand_scale), so the policy meets
 # regions busier and quieter than their plan, as an unseen region may be.
+# The last row is the main job itself (one personal policy per region, each pulled toward
+# the robust global): the unseen region runs the personal policy of the member region whose
+# node descriptor is nearest to its own (nearest_member), a choice made from descriptors
+# alone, before any of its traffic is seen.
 FEDERATED = {"federated (zero-shot)": SHARED, "federated, NNM (zero-shot)": [*SHARED, "federated.pre_aggregators=[nnm]"],
-             "federated, demand 1.5x (zero-shot)": [*SHARED, "env.demand_scale_max=1.5"]}
+             "federated, demand 1.5x (zero-shot)": [*SHARED, "env.demand_scale_max=1.5"],
+             "federated, nearest member's own (zero-shot)": []}
 ZERO_SHOT = "federated (zero-shot)"
 REACTIVE = "Reactive + tier"
 AFTER = ("joins the federation", "federated + local fine-tune", "Local-only from scratch")  # the budget rows
@@ -88,6 +95,15 @@ def mean_row(per_seed: list[dict]) -> dict:
     return {**row, "objective_sd": float(np.std([r["objective"] for r in per_seed])), "seeds": len(per_seed)}
 
 
+def nearest_member(params, h: int) -> int:
+    """The index of the region (not `h`) whose descriptor features lie nearest to region
+    `h`'s (Euclidean, in the O(1) features the policy sees)."""
+    features = np.asarray(contract.descriptor_features(np.asarray(jax.vmap(node_descriptor)(params), np.float64)))
+    distance = np.linalg.norm(features - features[h], axis=1)
+    distance[h] = np.inf
+    return int(np.argmin(distance))
+
+
 def held_out_region(steps: int, held_out: str, after_steps: int, seeds: int, labels: tuple[str, ...] = tuple(FEDERATED)) -> dict:
     """Every row of one held-out region; with some of the FEDERATED `labels` only, those
     rows (no Local-only, Reactive or budget rows)."""
@@ -96,12 +112,13 @@ def held_out_region(steps: int, held_out: str, after_steps: int, seeds: int, lab
     names = [n.name for n in full.cluster.nodes]
     h = names.index(held_out)
     nine = [n for n in full.cluster.nodes if n.name != held_out]
+    params, ticks, _ = scenario_plan(full, full.eval.scenario)
+    twin = nearest_member(params, h)
     runs, train_s = {}, {}
     for label, extra in (*((k, FEDERATED[k]) for k in labels), *((("local", LOCAL),) if whole else ())):
         trainer, weights, train_s[label] = trained(config(steps, extra, nine), seeds)
-        runs[label] = weights
+        runs[label] = weights if label == "local" or not trainer.per_node else jax.tree.map(lambda x: x[:, twin - (twin > h)], weights)
     network = trainer.network
-    params, ticks, _ = scenario_plan(full, full.eval.scenario)
     env, eparams = evaluation.eval_env(full, params)
     heuristic = HEURISTICS["reactive+tier"](full.env.tick_s)
     policy = mixed_policy(network, heuristic, full)
@@ -125,7 +142,7 @@ def held_out_region(steps: int, held_out: str, after_steps: int, seeds: int, lab
     rows = {label: over_seeds(runs[label]) for label in labels}
     if not whole:
         print(held_out, rows, flush=True)
-        return {"rows": rows, "train_s": train_s}
+        return {"rows": rows, "train_s": train_s, "nearest_member": names[twin]}
     for i, n in enumerate(nine):
         rows[f"Local-only of {n.name}"] = over_seeds(runs["local"], i)
     rows[REACTIVE] = evaluate(jax.tree.map(lambda x: x[0], runs[ZERO_SHOT]), held_out_learned=False) | {"seeds": 0}
@@ -136,7 +153,8 @@ def held_out_region(steps: int, held_out: str, after_steps: int, seeds: int, lab
             trainer, weights, train_s[label] = trained(ten(mode), seeds, start)
             rows[label] = over_seeds(weights, h if trainer.per_node else None)
     print(held_out, rows, flush=True)
-    return {"held_out": held_out, "traffic_mix": full.cluster.nodes[h].traffic_mix, "rows": rows, "train_s": train_s}
+    return {"held_out": held_out, "traffic_mix": full.cluster.nodes[h].traffic_mix, "nearest_member": names[twin], "rows": rows,
+            "train_s": train_s}
 
 
 def runs(d: dict) -> list[dict]:
@@ -162,6 +180,7 @@ def measure(steps: int, held_out: list[str], after_steps: int, seeds: int, add_r
                 federated = {k: u["rows"].get(k) or new["rows"][k] for k in FEDERATED}
                 u["rows"] = federated | {k: v for k, v in u["rows"].items() if k not in federated}
                 u["train_s"].update(new["train_s"])
+                u["nearest_member"] = new["nearest_member"]
         return {**old, "earlier": runs(old)}
     data = {**budgets, "eval_seeds": config(steps, []).eval.num_seeds,
             "regions": [held_out_region(steps, name, after_steps, seeds) for name in held_out]}
@@ -202,7 +221,9 @@ def render(d: dict) -> str:
              f"{', '.join(r['commit'] for r in runs(d))}.", "",
              f"Leave one region out: federated PPO (one shared policy, the main job's multi-Krum f = 3; *NNM*: nearest-neighbour "
              f"mixing before it; *demand 1.5x*: each training episode's demand a log-uniform 1/1.5 to 1.5 times the region's "
-             f"plan, its descriptor unchanged) and Local-only train on the other nine regions for {d['steps'] / 1e6:g}M env steps "
+             f"plan, its descriptor unchanged; *nearest member's own*: the main job, one policy per region pulled toward the "
+             f"robust global, the held-out region running the policy of the member whose node descriptor features lie nearest "
+             f"to its own) and Local-only train on the other nine regions for {d['steps'] / 1e6:g}M env steps "
              f"{seed_note} "
              f"Evaluated on the ten-region cluster, diurnal day, {d['eval_seeds']} evaluation seeds common to every row; the other "
              "nine regions run Reactive + tier in every row. The held-out region's own KPIs; *objective*: the constrained "
@@ -217,7 +238,8 @@ def render(d: dict) -> str:
     met = {k: [] for k in federated}
     for u in d["regions"]:
         rows = u["rows"]
-        lines += [f"## {u['held_out']} ({u['traffic_mix']})", "",
+        twin = f"; nearest member: {u['nearest_member']}" if "nearest_member" in u else ""
+        lines += [f"## {u['held_out']} ({u['traffic_mix']}{twin})", "",
                   "| policy on the held-out region | objective | reward | goodput/$ | attainment (%) | dropped (%) | cost ($/h) | train (s) |",
                   "|---|---|---|---|---|---|---|---|"]
         seconds = u.get("train_s", {})
