@@ -494,6 +494,19 @@ def test_demand_phases_are_drawn_per_episode_over_the_whole_day(params):
     assert (np.asarray(plain.demand_phase_s) == 0.0).all()
 
 
+def arrivals_and_obs(env, p, ticks: int = 30, **episode):
+    """(arrivals, observations) of `ticks` ticks holding the fleet, from a reset state
+    whose episode draws (e.g. demand_phase_s) are replaced by `episode`."""
+    _, state = env.reset(jax.random.key(0), p)
+    state = state.replace(**{k: jnp.asarray(v, jnp.float32) for k, v in episode.items()})
+
+    def tick_fn(s, k):
+        o, s, _, _, _, info = env.step(k, s, 0, p)
+        return s, (info["metrics"]["arrivals"], o)
+    _, (arrivals, o) = jax.lax.scan(tick_fn, state, jax.random.split(jax.random.key(1), ticks))
+    return np.asarray(arrivals, np.float64), np.asarray(o, np.float64)
+
+
 def test_a_demand_phase_moves_the_load_and_not_the_clock(env, params):
     """At 03:00 local with the demand 12 h ahead the node gets the afternoon's load (as
     many arrivals as the same node at 15:00 without a phase), while its observed clock
@@ -501,19 +514,9 @@ def test_a_demand_phase_moves_the_load_and_not_the_clock(env, params):
     base = params.replace(random_start=0.0, traffic=params.traffic.replace(burst_cv=0.0, tz_offset_h=0.0))
     night, afternoon = base.replace(start_time_s=3 * 3600.0), base.replace(start_time_s=15 * 3600.0)
 
-    def run(p, phase_s):
-        obs, state = env.reset(jax.random.key(0), p)
-        state = state.replace(demand_phase_s=jnp.asarray(phase_s, jnp.float32))
-
-        def tick_fn(s, k):
-            o, s, _, _, _, info = env.step(k, s, 0, p)
-            return s, (info["metrics"]["arrivals"], o)
-        _, (arrivals, o) = jax.lax.scan(tick_fn, state, jax.random.split(jax.random.key(1), 30))
-        return np.asarray(arrivals, np.float64), np.asarray(o, np.float64)
-
-    plain, plain_obs = run(night, 0.0)
-    ahead, ahead_obs = run(night, 12 * 3600.0)
-    day, day_obs = run(afternoon, 0.0)
+    plain, plain_obs = arrivals_and_obs(env, night, demand_phase_s=0.0)
+    ahead, ahead_obs = arrivals_and_obs(env, night, demand_phase_s=12 * 3600.0)
+    day, day_obs = arrivals_and_obs(env, afternoon, demand_phase_s=0.0)
     assert ahead.sum() / plain.sum() > 1.5  # the diurnal peak against the trough
     np.testing.assert_allclose(ahead.sum(), day.sum(), rtol=0.05)
     clock = [FIELD_INDEX[f] for f in ("time_of_day_sin", "time_of_day_cos", "day_of_week_sin", "day_of_week_cos")]
@@ -548,18 +551,8 @@ def test_a_demand_scale_multiplies_the_arrivals_and_not_the_descriptor(env, para
     planned rate the rates are scaled by) stays the region's."""
     base = params.replace(random_start=0.0, traffic=params.traffic.replace(burst_cv=0.0))
 
-    def run(scale):
-        obs, state = env.reset(jax.random.key(0), base)
-        state = state.replace(demand_scale=jnp.asarray(scale, jnp.float32))
-
-        def tick_fn(s, k):
-            o, s, _, _, _, info = env.step(k, s, 0, base)
-            return s, (info["metrics"]["arrivals"], o)
-        _, (arrivals, o) = jax.lax.scan(tick_fn, state, jax.random.split(jax.random.key(1), 30))
-        return np.asarray(arrivals, np.float64), np.asarray(o, np.float64)
-
-    plain, plain_obs = run(1.0)
-    double, double_obs = run(2.0)
+    plain, plain_obs = arrivals_and_obs(env, base, demand_scale=1.0)
+    double, double_obs = arrivals_and_obs(env, base, demand_scale=2.0)
     assert double.sum() / plain.sum() == pytest.approx(2.0, rel=0.02)
     descriptor = slice(len(OBS_FIELDS), None)
     np.testing.assert_array_equal(double_obs[:, descriptor], plain_obs[:, descriptor])
