@@ -454,6 +454,22 @@ def lead_over_local(recs: list[dict], method: str, aggregator: str, env_steps: i
     return float(np.mean(x) - np.mean(y)), float(np.sqrt(np.var(x, ddof=1) / len(x) + np.var(y, ddof=1) / len(y))), len(x), len(y)
 
 
+def paired_with_local(recs: list[dict], method: str, aggregator: str, env_steps: int) -> tuple[int, int, float] | None:
+    """Seed by seed (the seeds both a row's no-attack runs and Local-only ran at
+    `env_steps`): in how many the row scores higher, of how many, and the median of the
+    differences; None without a common seed. A mean lead that one Local-only seed's
+    collapse makes shows here as a minority of seeds."""
+    def by_seed(m, a):
+        return {r["seed"]: r["score"] for r in recs if (r["method"], r["aggregator"], r["attack"]) == (m, a, "none")
+                and abs(r["env_steps"] - env_steps) <= 0.01 * env_steps}
+    x, y = by_seed(method, aggregator), by_seed(LOCAL, "local-only")
+    common = sorted(x.keys() & y.keys())
+    if not common:
+        return None
+    diff = np.array([x[k] - y[k] for k in common])
+    return int((diff > 0).sum()), len(common), float(np.median(diff))
+
+
 def versus_local(data: dict) -> list[str]:
     """Each federated row's lead over Local-only (lead_over_local) at every budget of the curves."""
     recs = data["records"]
@@ -503,6 +519,7 @@ def curve_aim(data: dict) -> list[str]:
     kept = kept_share(base, score)
     swept = sorted({k for k, _ in cells[(m, a)] if sum(j == k for j, _ in cells[(m, a)]) > 1})
     lead = lead_over_local(data["records"], m, a, n)
+    paired = paired_with_local(data["records"], m, a, n)
     poison = [(k[1], kept_share(base, v)) for k, v in cells[(m, a)].items() if is_personal(m) and k[0] == "normaliser_poisoning"]
     return [f"Aim at {n / 1e6:.3g}M env steps (3 of 10 regions Byzantine from round 0; rows run there under every attack: "
             f"{', '.join(f'{x} {y}' for x, y in compared)}; attacks {', '.join(sorted(every))}; "
@@ -511,6 +528,8 @@ def curve_aim(data: dict) -> list[str]:
             f"{100 * kept:.0f} %, >= 90 % **{'met' if kept >= 0.9 else 'not met'}**"
             + ("" if lead is None else f"; its no-attack lead over Local-only {lead[0]:+.3f} +- {lead[1]:.3f} ({lead[2]} / {lead[3]} seeds): "
                f">= Local-only **{'met' if lead[0] >= 0 else 'not met'}**{', within two standard errors of a tie' if abs(lead[0]) < 2 * lead[1] else ''}")
+            + ("" if paired is None else f"; seed by seed it scores higher than Local-only in {paired[0]} of {paired[1]} seeds "
+               f"(median difference {paired[2]:+.3f})")
             + (f". Noise at this budget: normaliser poisoning ({', '.join(f'{k:g}' for k, _ in poison)}), which cannot reach this "
                f"row's policies, reads {' / '.join(f'{100 * q:.0f} %' for _, q in poison)} kept" if poison else "")
             + ". FedAvg's collapse is shown at the grid's budget above.", ""]
