@@ -510,7 +510,8 @@ def best_curve_row(data: dict):
 
 def curve_aim(data: dict) -> list[str]:
     """The aim at the curves' last budget, where the no-attack runs have levelled off, for
-    the best row there (best_curve_row): its kept share and its lead over Local-only."""
+    the best row there (best_curve_row): its kept share and its lead over Local-only; and
+    FedAvg's worst cell there where it ran."""
     best = best_curve_row(data)
     if best is None:
         return []
@@ -532,7 +533,19 @@ def curve_aim(data: dict) -> list[str]:
                f"(median difference {paired[2]:+.3f})")
             + (f". Noise at this budget: normaliser poisoning ({', '.join(f'{k:g}' for k, _ in poison)}), which cannot reach this "
                f"row's policies, reads {' / '.join(f'{100 * q:.0f} %' for _, q in poison)} kept" if poison else "")
-            + ". FedAvg's collapse is shown at the grid's budget above.", ""]
+            + f". {fedavg_at(cell_means(data['records'], 'shared', NO_DEFENCE[0], n))}.", ""]
+
+
+def fedavg_at(cells: dict[tuple[str, float], float]) -> str:
+    """FedAvg's (one shared policy, plain mean) worst attack cell against its no-attack
+    score at one budget, and whether it collapses (keeps < 50 %)."""
+    if ("none", 0.0) not in cells or len(cells) < 2:
+        return "FedAvg did not run at this budget; its collapse is shown at the grid's budget above"
+    base = cells[("none", 0.0)]
+    score, (attack, strength) = min((v, k) for k, v in cells.items() if k[0] != "none")
+    kept = kept_share(base, score)
+    return (f"FedAvg at this budget: {score:.3g} under {attack} ({strength:g}) against {base:.3f} with no attack, keeps "
+            f"{100 * kept:.0f} %: collapses (keeps < 50 %) **{'yes' if kept < 0.5 else 'no'}**")
 
 
 def noise_floor(data: dict) -> list[str]:
