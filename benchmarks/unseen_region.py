@@ -1,9 +1,11 @@
 """A region the federation never trained on (leave one region out), zero-shot and after a
 short budget on the region itself.
 
-Federated PPO (one shared policy: the main job's multi-Krum f=3, and the same after
-nearest-neighbour mixing) and Local-only train on the other nine regions, each over
-`--seeds` training seeds in one vmapped program; every learned row is their mean. On the
+Federated PPO (the FEDERATED rows: one shared policy under the main job's multi-Krum f=3,
+after nearest-neighbour mixing, or with randomised training demand; and the main job's
+personal policies, the held-out region running its nearest member's) and Local-only train
+on the other nine regions, each over `--seeds` training seeds in one vmapped program;
+every learned row is their mean. On the
 ten-region cluster the held-out region then runs, zero-shot, a federated policy, each of
 the nine Local-only policies, or Reactive + tier,
 while the other nine regions run Reactive + tier in every row (so only the held-out
@@ -20,7 +22,7 @@ evaluation seeds): the constrained objective of the held-out region alone.
 Writes unseen_region.json, and unseen_region.md rendered from it.
 
 usage: python benchmarks/unseen_region.py [--steps 10000000] [--after-steps 2000000]
-           [--held-out us-west eu-west] [--seeds 2] [--render-only]
+           [--held-out us-west eu-west] [--seeds 2] [--add-rows] [--render-only]
 """
 
 from __future__ import annotations

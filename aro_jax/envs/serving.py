@@ -224,10 +224,9 @@ def draw_demand_phase(key, params: EnvParams) -> jax.Array:
 
 def draw_demand_scale(key, params: EnvParams) -> jax.Array:
     """An episode's demand over the region's planned demand: log-uniform in
-    [1 / demand_scale_max, demand_scale_max] (exactly 1 when that is 1). Trained at its
-    planned load only, a shared policy read the load from the node descriptor's planned
-    rate and under-provisioned a held-out region busier than any it trained on
-    (benchmarks/unseen_region.md, me-central)."""
+    [1 / demand_scale_max, demand_scale_max] (exactly 1 when that is 1), so a policy sees
+    loads off its region's plan while the descriptor still states the plan
+    (benchmarks/unseen_region.md measures it on held-out regions)."""
     u = jax.random.uniform(key, ())
     return jnp.exp((2.0 * u - 1.0) * jnp.log(params.demand_scale_max)).astype(jnp.float32)
 
