@@ -122,9 +122,9 @@ def verdict(sb: dict) -> list[str]:
     noise = max(spread[best], spread["Local-only"])
     return ["", f"Best federated learner on the objective: **{best}** ({scores[best].mean():.3f}) against Local-only's "
             f"{scores['Local-only'].mean():.3f}. Aim (the best federated method >= Local-only at the same budget): "
-            f"**{'met' if gap >= 0 else 'not met'}**"
-            + (f", by {gap:+.3f}, inside the spread between training seeds (standard deviation up to {noise:.3f}): not a "
-               "difference these seeds resolve." if abs(gap) < noise else "."), ""]
+            + (f"**not shown**: {'ahead' if gap >= 0 else 'behind'} by {gap:+.3f}, inside the spread between training seeds "
+               f"(standard deviation up to {noise:.3f}), not a difference these seeds resolve."
+               if abs(gap) < noise else f"**{'met' if gap >= 0 else 'not met'}**."), ""]
 
 
 def render(d: dict) -> str:

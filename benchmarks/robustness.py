@@ -528,12 +528,20 @@ def curve_aim(data: dict) -> list[str]:
             f"cell is **{m} {a}**, {score:.3f} under {attack} ({strength:g}) against {base:.3f} with no attack: keeps "
             f"{100 * kept:.0f} %, >= 90 % **{'met' if kept >= 0.9 else 'not met'}**"
             + ("" if lead is None else f"; its no-attack lead over Local-only {lead[0]:+.3f} +- {lead[1]:.3f} ({lead[2]} / {lead[3]} seeds): "
-               f">= Local-only **{'met' if lead[0] >= 0 else 'not met'}**{', within two standard errors of a tie' if abs(lead[0]) < 2 * lead[1] else ''}")
+               f">= Local-only **{versus_local_verdict(*lead[:2])}**")
             + ("" if paired is None else f"; seed by seed it scores higher than Local-only in {paired[0]} of {paired[1]} seeds "
                f"(median difference {paired[2]:+.3f})")
             + (f". Noise at this budget: normaliser poisoning ({', '.join(f'{k:g}' for k, _ in poison)}), which cannot reach this "
                f"row's policies, reads {' / '.join(f'{100 * q:.0f} %' for _, q in poison)} kept" if poison else "")
             + f". {fedavg_at(cell_means(data['records'], 'shared', NO_DEFENCE[0], n))}.", ""]
+
+
+def versus_local_verdict(lead: float, stderr: float) -> str:
+    """A lead over Local-only counts as met where it is at least two standard errors above
+    a tie: a mean lead inside that band is a tie, not shown either way."""
+    if abs(lead) < 2 * stderr:
+        return f"not shown: {'ahead' if lead >= 0 else 'behind'} on the mean, within two standard errors of a tie"
+    return "met" if lead > 0 else "not met"
 
 
 def fedavg_at(cells: dict[tuple[str, float], float]) -> str:
