@@ -116,10 +116,12 @@ def held_out_region(steps: int, held_out: str, after_steps: int, seeds: int, lab
     nine = [n for n in full.cluster.nodes if n.name != held_out]
     params, ticks, _ = scenario_plan(full, full.eval.scenario)
     twin = nearest_member(params, h)
-    runs, train_s = {}, {}
+    twin_of_nine = [n.name for n in nine].index(names[twin])
+    trained_weights, train_s = {}, {}
     for label, extra in (*((k, FEDERATED[k]) for k in labels), *((("local", LOCAL),) if whole else ())):
         trainer, weights, train_s[label] = trained(config(steps, extra, nine), seeds)
-        runs[label] = weights if label == "local" or not trainer.per_node else jax.tree.map(lambda x: x[:, twin - (twin > h)], weights)
+        personal = label != "local" and trainer.per_node  # the held-out region runs its nearest member's policy
+        trained_weights[label] = jax.tree.map(lambda x: x[:, twin_of_nine], weights) if personal else weights
     network = trainer.network
     env, eparams = evaluation.eval_env(full, params)
     heuristic = HEURISTICS["reactive+tier"](full.env.tick_s)
@@ -141,16 +143,16 @@ def held_out_region(steps: int, held_out: str, after_steps: int, seeds: int, lab
         pick = (lambda s: lambda x: x[s]) if region is None else (lambda s: lambda x: x[s, region])
         return mean_row([evaluate(jax.tree.map(pick(s), weights)) for s in range(seeds)])
 
-    rows = {label: over_seeds(runs[label]) for label in labels}
+    rows = {label: over_seeds(trained_weights[label]) for label in labels}
     if not whole:
         print(held_out, rows, flush=True)
         return {"rows": rows, "train_s": train_s, "nearest_member": names[twin]}
     for i, n in enumerate(nine):
-        rows[f"Local-only of {n.name}"] = over_seeds(runs["local"], i)
-    rows[REACTIVE] = evaluate(jax.tree.map(lambda x: x[0], runs[ZERO_SHOT]), held_out_learned=False) | {"seeds": 0}
+        rows[f"Local-only of {n.name}"] = over_seeds(trained_weights["local"], i)
+    rows[REACTIVE] = evaluate(jax.tree.map(lambda x: x[0], trained_weights[ZERO_SHOT]), held_out_learned=False) | {"seeds": 0}
     if after_steps:  # from the main job's federated policy of each seed
         ten = lambda mode: config(after_steps, mode, full.cluster.nodes)  # noqa: E731
-        fed = runs[ZERO_SHOT]
+        fed = trained_weights[ZERO_SHOT]
         for label, mode, start in zip(AFTER, (SHARED, LOCAL, LOCAL), (fed, fed, None)):
             trainer, weights, train_s[label] = trained(ten(mode), seeds, start)
             rows[label] = over_seeds(weights, h if trainer.per_node else None)
