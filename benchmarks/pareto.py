@@ -6,7 +6,11 @@ scenario and every held-out one, with the quality tier off for every policy (wit
 Learned: the main job's config (its budget, margins and federation) under several
 attainment targets, one run per (target, seed), all trained in one compiled program (the
 targets are hyperparameter leaves, vmapped with the seeds); the trained weights are saved
-to `--weights`, and `--evaluate-only` evaluates them again without training. Heuristics: Reactive (HPA) at
+to `--weights`, and `--evaluate-only` evaluates them again without training. The code
+regions' target keeps an offset from the chat regions' (the main job's by default,
+`--code-target-offset` to move it); `--add` trains further targets (at another offset,
+say) and merges them, with any heuristic setting the JSON lacks, into the JSON already
+there. Heuristics: Reactive (HPA) at
 several target loads, Predictive at several headrooms, both also with spill-over routing,
 and Static sized for the peak at several utilisations; each family's settings are vmapped
 in one compiled evaluation. Every policy is evaluated on the same seeds. Writes
@@ -14,12 +18,14 @@ pareto.json, then pareto.md and pareto.png from it.
 
 usage: python benchmarks/pareto.py [--targets 0.75 0.8 0.85 0.9 0.95] [--seeds 1]
            [--steps 30000000] [--clusters 16] [--eval-seeds 4] [--scenarios ...]
-           [--tier] [--weights PATH] [--evaluate-only] [--render-only]
+           [--tier] [--code-target-offset D] [--add] [--weights PATH]
+           [--evaluate-only] [--render-only]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -47,14 +53,16 @@ OUT = Path(__file__).with_name("pareto.json")
 MAIN_TARGET = 0.9
 PAPER_COST_CLAIM_PCT = 18.0  # the paper: -18 % cost against Static
 # Each family's settings reach from cheap to beyond the learned frontier's attainment, so
-# the cheapest heuristic that matches a learned point exists to compare with.
-_REACTIVE, _HEADROOM = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], [0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0]
+# the cheapest heuristic that matches a learned point exists to compare with, and to the
+# most generous a family can be (a fifth of a GPU's load, three times the forecast), so a
+# band no heuristic reaches is out of the family's reach, not of its settings'.
+_REACTIVE, _HEADROOM = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], [0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0]
 SETTINGS = {
     "reactive": ("target load", _REACTIVE, lambda tick, v: heuristics.reactive_policy(tick, target_load=v)),
     "predictive": ("headroom", _HEADROOM, lambda tick, v: heuristics.predictive_policy(tick, headroom=v)),
     "reactive+spill": ("target load", _REACTIVE, lambda tick, v: heuristics.with_spillover(heuristics.reactive_policy(tick, target_load=v))),
     "predictive+spill": ("headroom", _HEADROOM, lambda tick, v: heuristics.with_spillover(heuristics.predictive_policy(tick, headroom=v))),
-    "static-peak": ("utilisation", [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], lambda tick, v: heuristics.static_policy("peak", utilisation=v)),
+    "static-peak": ("utilisation", [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], lambda tick, v: heuristics.static_policy("peak", utilisation=v)),
 }
 
 
@@ -69,10 +77,22 @@ def families(tier: bool) -> dict:
 KPIS = ("goodput_per_usd", "goodput_rps", "slo_attainment_pct", "rejected_pct", "cost_usd_per_mtok", "cost_usd_per_h", "throughput_rps", "dropped_pct", "e2e_mean_ms", "quality")
 
 
-def study_config(args, extra=()):
-    # The main job's config (tier off unless --tier); training aims its margins above each swept target.
-    return load_config(None, [f"env.quality_tier={str(args.tier).lower()}", f"env.num_clusters={args.clusters}", f"train.total_env_steps={args.steps}",
-                              "train.num_chunks=1", f"eval.num_seeds={args.eval_seeds}", *extra])
+def study_config(args):
+    """The main job's config (tier off unless --tier), the code regions' target at
+    `--code-target-offset` from the chat regions' where given; training aims its margins
+    above each swept target."""
+    overrides = [f"env.quality_tier={str(args.tier).lower()}", f"env.num_clusters={args.clusters}", f"train.total_env_steps={args.steps}",
+                 "train.num_chunks=1", f"eval.num_seeds={args.eval_seeds}"]
+    cfg = load_config(None, overrides)
+    if args.code_target_offset is None:
+        return cfg
+    return load_config(None, [*overrides, f"objective.slo_targets.code={cfg.objective.slo_target + args.code_target_offset:.6g}"])
+
+
+def code_offset(cfg) -> float:
+    """The code regions' target minus the chat regions' (serving_costs shifts their miss
+    cost by it, whatever the swept target)."""
+    return round(cfg.objective.target("code") - cfg.objective.slo_target, 6)
 
 
 def frontier_runs(args):
@@ -135,6 +155,8 @@ def main() -> int:
     ap.add_argument("--eval-seeds", type=int, default=4)
     ap.add_argument("--scenarios", nargs="+", default=list(SCENARIOS))
     ap.add_argument("--tier", action="store_true", help="the quality tier on for every policy (learned and heuristics)")
+    ap.add_argument("--code-target-offset", type=float, help="the code regions' target minus the chat regions' (default: the main job's)")
+    ap.add_argument("--add", action="store_true", help="merge these runs, and the heuristic settings the JSON lacks, into the JSON already there")
     ap.add_argument("--weights", help="where the trained weights go (or come from, with --evaluate-only); default runs/pareto/weights[_tier].msgpack")
     ap.add_argument("--evaluate-only", action="store_true", help="evaluate the weights saved by an earlier run of the same arguments")
     ap.add_argument("--render-only", action="store_true")
@@ -147,6 +169,16 @@ def main() -> int:
         return 0
     t_start = time.perf_counter()
     cfg, trainer, targets, keys, hps = frontier_runs(args)
+    offset = code_offset(cfg)
+    before = json.loads(out.read_text()) if args.add else None
+    if args.add:
+        differ = [k for k in ("steps", "clusters", "eval_seeds") if before[k] != getattr(args, k)]
+        if differ:
+            ap.error(f"--add: {out} was measured with other {', '.join(differ)} ({', '.join(f'{before[k]}' for k in differ)}); pass the same to add to it")
+        clash = {(t, offset) for t in targets} & {(r["setting"], row_offset(r, before)) for r in before["rows"] if r["policy"].startswith("learned")}
+        if clash:
+            ap.error(f"--add: {out} already has learned runs at target(s) {sorted(t for t, _ in clash)} with the code offset {offset:+g}; "
+                     "drop --add to measure the study afresh")
     if args.evaluate_only and not Path(args.weights).is_file():
         ap.error(f"--evaluate-only: no trained weights at {args.weights}; run once without --evaluate-only (or pass --weights PATH)")
     weights, last, train_s = (load_frontier if args.evaluate_only else train_frontier)(args.weights, trainer, keys, hps)
@@ -162,19 +194,33 @@ def main() -> int:
         env, eparams = evaluation.eval_env(cfg, params)
         m = jax.jit(jax.vmap(lambda w: evaluation.run_episodes(env, policy, eparams, key, n, ticks, w, trainer.per_node)))(weights)
         rows += kpi_rows(m, params, cfg.env.tick_s, policy=["learned (slo)"] * len(targets), setting=targets,
-                         seed=[i % args.seeds for i in range(len(targets))], scenario=[scen] * len(targets))
+                         seed=[i % args.seeds for i in range(len(targets))], scenario=[scen] * len(targets), code_offset=[offset] * len(targets))
         for name, (_, values, make) in families(args.tier).items():
+            if before:
+                have = {r["setting"] for r in before["rows"] if r["policy"] == name and r["scenario"] == scen}
+                values = [v for v in values if v not in have]
+                if not values:
+                    continue
             # One compiled program per family: the setting is a traced scalar of the policy.
             m = jax.jit(jax.vmap(lambda v: evaluation.run_episodes(env, make(cfg.env.tick_s, v), eparams, key, n, ticks)))(jnp.asarray(values, jnp.float32))
             rows += kpi_rows(m, params, cfg.env.tick_s, policy=[name] * len(values), setting=values, seed=[0] * len(values), scenario=[scen] * len(values))
         print(f"{scen}: evaluated in {time.perf_counter() - t0:.0f} s", flush=True)
         jax.clear_caches()  # keeps the JIT's code memory bounded over many scenarios
+    command, wall_s = " ".join(["python benchmarks/pareto.py", *sys.argv[1:]]), time.perf_counter() - t_start + (train_s if args.evaluate_only else 0.0)
+    if before:
+        addition = {"command": command, "machine": machine(), "wall_s": wall_s, "train_s": train_s, "targets": args.targets, "seeds": args.seeds,
+                    "code_target_offset": offset, "train_last": last}
+        data = {**before, "settings": {k: {"parameter": v[0], "values": v[1]} for k, v in families(args.tier).items()},
+                "rows": before["rows"] + rows, "additions": before.get("additions", []) + [addition]}
+        write_report(out, data, render)
+        plot(out)
+        print(out.with_suffix(".md").read_text())
+        return 0
     data = {
-        "command": " ".join(["python benchmarks/pareto.py", *sys.argv[1:]]), "machine": machine(),
-        "wall_s": time.perf_counter() - t_start + (train_s if args.evaluate_only else 0.0), "train_s": train_s,
+        "command": command, "machine": machine(), "wall_s": wall_s, "train_s": train_s,
         "targets": args.targets, "seeds": args.seeds, "steps": args.steps, "clusters": args.clusters, "eval_seeds": args.eval_seeds,
         "max_drop": cfg.objective.max_drop, "slo_margin": cfg.objective.slo_margin, "drop_margin": cfg.objective.drop_margin,
-        "code_target_offset": cfg.objective.target("code") - cfg.objective.slo_target,
+        "code_target_offset": offset,
         "rounds": trainers.num_rounds(cfg), "tier": args.tier, "token_shift_prob": cfg.env.token_shift_prob, "surge_prob": cfg.env.surge_prob,
         "settings": {k: {"parameter": v[0], "values": v[1]} for k, v in families(args.tier).items()},
         "train_last": last, "rows": rows, "episode_ticks": episode_ticks,
@@ -193,14 +239,26 @@ def scenarios_measured(data) -> list[str]:
             if not s.startswith("trace-") or s in data.get("episode_ticks", {})]
 
 
-def learned_points(rows, scen):
-    """(setting, mean attainment, mean $/1M tok, mean goodput/$) per target, over seeds."""
-    out = []
-    for t in sorted({r["setting"] for r in rows if r["policy"].startswith("learned")}):
-        group = [r for r in rows if r["policy"].startswith("learned") and r["scenario"] == scen and r["setting"] == t]
-        if group:
-            out.append((t, *(float(np.mean([r[k] for r in group])) for k in ("slo_attainment_pct", "cost_usd_per_mtok", "goodput_per_usd"))))
-    return out
+def row_offset(row, data) -> float:
+    """A learned row's code-target offset (rows of runs that predate `--add` carry none:
+    the study's own)."""
+    return round(row.get("code_offset", data["code_target_offset"]), 6)
+
+
+def learned_groups(data, scen) -> list[tuple[float, float, list[dict]]]:
+    """(target, code offset, the seeds' rows) per learned point, the study's own offset
+    first, each offset in target order."""
+    rows = [r for r in data["rows"] if r["policy"].startswith("learned") and r["scenario"] == scen]
+    own = round(data["code_target_offset"], 6)
+    keys = sorted({(row_offset(r, data), r["setting"]) for r in rows}, key=lambda k: (k[0] != own, k[0], k[1]))
+    return [(t, d, [r for r in rows if (row_offset(r, data), r["setting"]) == (d, t)]) for d, t in keys]
+
+
+def learned_points(data, scen):
+    """(target, code offset, mean attainment, mean $/1M tok, mean goodput/$) per learned
+    point, over its seeds."""
+    return [(t, d, *(float(np.mean([r[k] for r in group])) for k in ("slo_attainment_pct", "cost_usd_per_mtok", "goodput_per_usd")))
+            for t, d, group in learned_groups(data, scen)]
 
 
 def band(rows, scen) -> tuple[float, float]:
@@ -220,26 +278,27 @@ def aims(data) -> list[dict]:
     rows = data["rows"]
     for scen in scenarios_measured(data):
         ceiling, lo = band(rows, scen)
-        learned = learned_points(rows, scen)
+        learned = learned_points(data, scen)
         heur = [r for r in rows if r["scenario"] == scen and not r["policy"].startswith("learned")]
         contenders = [h for h in heur if h["slo_attainment_pct"] >= lo]
-        beaten = lambda h: any(a >= h["slo_attainment_pct"] and c < h["cost_usd_per_mtok"] for _, a, c, _ in learned)  # noqa: E731
+        beaten = lambda h: any(a >= h["slo_attainment_pct"] and c < h["cost_usd_per_mtok"] for _, _, a, c, _ in learned)  # noqa: E731
         unbeaten = [h for h in contenders if not beaten(h)]
         # Descriptive, not the aim: the heuristic points the learned frontier beats over the
         # attainment range its targets span, wherever that range ends.
-        span = (min((a for _, a, _, _ in learned), default=0.0), max((a for _, a, _, _ in learned), default=0.0))
+        span = (min((a for _, _, a, _, _ in learned), default=0.0), max((a for _, _, a, _, _ in learned), default=0.0))
         covered = [h for h in heur if span[0] <= h["slo_attainment_pct"] <= span[1]]
-        main = next((p for p in learned if abs(p[0] - MAIN_TARGET) < 1e-9), None)
+        # The main job's point: its target at the study's own code offset (the main job's).
+        main = next(((att, cost) for t, d, att, cost, _ in learned if abs(t - MAIN_TARGET) < 1e-9 and d == round(data["code_target_offset"], 6)), None)
         saving = cheapest = None
         if main:
-            reach = [h for h in heur if h["slo_attainment_pct"] >= main[1]]
+            reach = [h for h in heur if h["slo_attainment_pct"] >= main[0]]
             if reach:
                 cheapest = min(reach, key=lambda h: h["cost_usd_per_mtok"])
-                saving = 100.0 * (1.0 - main[2] / cheapest["cost_usd_per_mtok"])
+                saving = 100.0 * (1.0 - main[1] / cheapest["cost_usd_per_mtok"])
         out.append({"scenario": scen, "ceiling": ceiling, "band": lo, "contenders": len(contenders), "unbeaten": unbeaten, "main": main,
                     "learned_span": span, "covered": len(covered), "covered_beaten": sum(map(beaten, covered)),
                     "cheapest": cheapest, "saving_pct": saving,
-                    "frontier_below": bool(learned) and not unbeaten and any(a >= lo for _, a, _, _ in learned)})
+                    "frontier_below": bool(learned) and not unbeaten and any(a >= lo for _, _, a, _, _ in learned)})
     return out
 
 
@@ -271,6 +330,12 @@ def render(data: dict) -> str:
         + "Heuristics: "
         + "; ".join(f"{k} at {v['parameter']} {', '.join(f'{x:g}' for x in v['values'])}" for k, v in data["settings"].items())
         + f". Evaluation: one simulated day, {data['eval_seeds']} seeds x 10 regions, the same seeds for every policy.", "",
+        *[line for add in data.get("additions", []) for line in (
+            f"Added: `{add['command']}` ({add['wall_s'] / 60:.0f} min{'' if add['machine'] == data['machine'] else ', ' + add['machine']}): "
+            f"targets {', '.join(f'{t:g}' for t in add['targets'])} x {add['seeds']} seed{'s' if add['seeds'] > 1 else ''} with the code "
+            f"regions at t {add['code_target_offset']:+.2f}, evaluated on the same seeds, and every heuristic setting the study lacked. "
+            "These points join the learned frontier; the main job's point stays target "
+            f"{MAIN_TARGET:g} at t {data['code_target_offset']:+.2f}.", "")],
         *([] if tier == "off" else ["The issue's aim is stated with the tier off ([`pareto.md`](pareto.md)); this is the same study "
                                     "with the small-model tier available to every policy (the heuristics through the tier rule, "
                                     "`+tier`), checked by the same rule.", ""]),
@@ -285,11 +350,11 @@ def render(data: dict) -> str:
     ]
     results = aims(data)
     for a in results:
-        main = f"{a['main'][1]:.1f} % / {a['main'][2]:.3f}" if a["main"] else "—"
+        main = f"{a['main'][0]:.1f} % / {a['main'][1]:.3f}" if a["main"] else "—"
         cheap = (f"{a['cheapest']['policy']} ({a['cheapest']['setting']:g}): {a['cheapest']['slo_attainment_pct']:.1f} % / "
                  f"{a['cheapest']['cost_usd_per_mtok']:.3f}") if a["cheapest"] else "none reaches it"
         saving = f"{a['saving_pct']:+.0f} %" if a["saving_pct"] is not None else "—"
-        below = "yes" if a["frontier_below"] else (
+        below = ("yes" + ("" if a["contenders"] else " (no heuristic setting reaches the band)")) if a["frontier_below"] else (
             f"no ({len(a['unbeaten'])} of {a['contenders']} unbeaten: " + ", ".join(f"{h['policy']} {h['setting']:g}" for h in a["unbeaten"][:4]) + ")"
             if a["unbeaten"] else "no (no learned point reaches the band)")
         lines.append(f"| {a['scenario']} | {a['ceiling']:.1f} / {a['band']:.1f} | {below} | {main} | {cheap} | {saving} | "
@@ -314,11 +379,12 @@ def render(data: dict) -> str:
     for scen in scenarios_measured(data):
         lines += [f"## {scen}", "", "| policy | setting | SLO attainment (%) | $ / 1M tok | goodput per $ (req) | dropped (%) | mean e2e (ms) | quality |",
                   "|---|---|---|---|---|---|---|---|"]
-        seeds = f" (mean of {data['seeds']} seeds)" if data["seeds"] > 1 else ""
-        for t, att, cost, gp in learned_points(data["rows"], scen):
-            mean = lambda k: np.mean([r[k] for r in data["rows"] if r["scenario"] == scen and r["setting"] == t and r["policy"].startswith("learned")])  # noqa: E731
-            lines.append(f"| learned (slo) | target {t:g}{seeds} | {att:.1f} | {cost:.3f} | {gp:,.0f} | {mean('dropped_pct'):.2f} | "
-                         f"{mean('e2e_mean_ms'):,.0f} | {mean('quality'):.3f} |")
+        for t, d, group in learned_groups(data, scen):
+            mean = lambda k: np.mean([r[k] for r in group])  # noqa: E731
+            code = "" if d == round(data["code_target_offset"], 6) else f", code t {d:+.2f}"
+            seeds = f" (mean of {len(group)} seeds)" if len(group) > 1 else ""
+            lines.append(f"| learned (slo) | target {t:g}{code}{seeds} | {mean('slo_attainment_pct'):.1f} | {mean('cost_usd_per_mtok'):.3f} | "
+                         f"{mean('goodput_per_usd'):,.0f} | {mean('dropped_pct'):.2f} | {mean('e2e_mean_ms'):,.0f} | {mean('quality'):.3f} |")
         for r in sorted((r for r in data["rows"] if r["scenario"] == scen and not r["policy"].startswith("learned")), key=lambda r: (r["policy"], r["setting"])):
             lines.append(f"| {r['policy']} | {r['setting']:g} | {r['slo_attainment_pct']:.1f} | {r['cost_usd_per_mtok']:.3f} | "
                          f"{r['goodput_per_usd']:,.0f} | {r['dropped_pct']:.2f} | {r['e2e_mean_ms']:,.0f} | {r['quality']:.3f} |")
@@ -339,8 +405,10 @@ def plot(json_path: Path) -> None:
     cols = min(3, len(scens))
     fig, axes = plt.subplots((len(scens) + cols - 1) // cols, cols, figsize=(5 * cols, 3.8 * ((len(scens) + cols - 1) // cols)), squeeze=False)
     for ax, scen in zip(axes.flat, scens):
-        pts = learned_points(data["rows"], scen)
-        ax.plot([p[1] for p in pts], [p[2] for p in pts], "o-", color="black", label="learned (slo targets, in target order)")
+        pts = learned_points(data, scen)
+        for d, style in zip(dict.fromkeys(p[1] for p in pts), ("o-", "D-")):
+            ax.plot([p[2] for p in pts if p[1] == d], [p[3] for p in pts if p[1] == d], style, color="black",
+                    label=f"learned (slo targets t, code t {d:+.2f})")
         for name, marker in zip(data["settings"], "s^<v>"):
             hs = sorted((r for r in data["rows"] if r["scenario"] == scen and r["policy"] == name), key=lambda r: r["setting"])
             ax.plot([r["slo_attainment_pct"] for r in hs], [r["cost_usd_per_mtok"] for r in hs], marker + "--", label=name, alpha=0.8)

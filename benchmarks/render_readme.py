@@ -479,7 +479,7 @@ def pareto() -> list[str]:
                   "heuristic's in the band (attainment >= min(90 %, 0.9 x the ceiling that policy-independent rejects leave)), and at "
                   f"target {pa.MAIN_TARGET:g} >= {pa.PAPER_COST_CLAIM_PCT:g} % cheaper than the cheapest heuristic setting reaching its attainment.", ""]
         for a in pa.aims(d):
-            main = (f"learned at {pa.MAIN_TARGET:g}: {a['main'][1]:.1f} % at ${a['main'][2]:.3f} per 1M tokens" if a["main"] else "no learned point at the main target")
+            main = (f"learned at {pa.MAIN_TARGET:g}: {a['main'][0]:.1f} % at ${a['main'][1]:.3f} per 1M tokens" if a["main"] else "no learned point at the main target")
             vs = (f", cost saving {a['saving_pct']:+.0f} % against {a['cheapest']['policy']} {a['cheapest']['setting']:g}" if a["saving_pct"] is not None
                   else ", no heuristic setting reaches that attainment")
             lines.append(f"- {a['scenario']} (ceiling {a['ceiling']:.1f} %, band >= {a['band']:.1f} %): frontier below every heuristic in "
