@@ -57,6 +57,7 @@ from aro_jax.federated import aggregators, attacks, fedppo  # noqa: E402
 
 HERE = Path(__file__).parent
 N_NODES = 10
+F_AIM = 3  # the issue's aim: 3 of the 10 regions Byzantine
 EVAL_SEEDS, EVAL_TICKS = 2, 2880
 # Attack strengths (attacks.py defines each): the first is the primary one, the rest are
 # run with --sweep. None is ALIE's z_max(n, f). A boosted sign flip (4x) outweighs the 7
@@ -201,7 +202,7 @@ class Study:
             n = self.rounds * p // points - done_rounds
             state, done_rounds = self.advance(state, n), done_rounds + n
             scores = evaluated(self.cfg, self.evaluate(self.deployed(state)))
-            out += [{"method": self.method, "aggregator": self.row_name(defence), "f": 0 if a == "none" else f, "attack": a,
+            out += [{"method": self.method, "aggregator": self.row_name(defence), "f_assumed": defence[1], "f": 0 if a == "none" else f, "attack": a,
                      "strength": s, "seed": seed, "rounds": done_rounds, "env_steps": done_rounds * self.steps_per_round,
                      **score, "commit": COMMIT} for (a, s, seed), score in zip(runs, scores)]
             print(f"  {done_rounds} rounds: " + ", ".join(f"{a} {np.mean([r['score'] for r in out[-len(runs):] if r['attack'] == a]):.3f}"
@@ -387,7 +388,8 @@ def run_curves(args) -> None:
     for method, f, defence in batches + ([(LOCAL, 3, NO_DEFENCE)] if args.local else []):
         aggregator = "local-only" if method == LOCAL else defence_name(defence)
         have = {(r["attack"], strength_key(r["strength"]), r["seed"]) for r in data["records"]
-                if (r["method"], r["aggregator"]) == (method, aggregator) and r["f"] in (0, f) and r["env_steps"] >= 0.99 * args.steps}
+                if (r["method"], r["aggregator"], r["f_assumed"]) == (method, aggregator, defence[1]) and r["f"] in (0, f)
+                and r["env_steps"] >= 0.99 * args.steps}
         cells = [(a, strength_value(x, f)) for a in (["none"] if method == LOCAL else args.attacks)
                  for x in STRENGTHS[a][: None if args.sweep else 1]]
         runs = [(a, x, seed) for a, x in cells for seed in range(args.seeds) if (a, strength_key(x), seed) not in have]
@@ -405,14 +407,22 @@ def run_curves(args) -> None:
     plot_curves(data)
 
 
+def curve_view(data: dict, f: int) -> dict:
+    """The curves of the f grid: runs attacked by f regions and the no-attack runs of the
+    defence each row uses at f (its assumed f is part of it); Local-only's for every f."""
+    return {**data, "records": [r for r in data["records"] if r["aggregator"] == "local-only" or in_grid(r, f)]}
+
+
 def curve_key(r: dict) -> tuple:
-    """A curve: one row under one attack at one strength."""
-    return r["method"], r["aggregator"], r["f"], r["attack"], strength_key(r["strength"])
+    """A curve: one row (with the f its defence assumes) under one attack at one strength."""
+    return r["method"], r["aggregator"], r["f_assumed"], r["f"], r["attack"], strength_key(r["strength"])
 
 
 def attack_label(key: tuple) -> str:
-    _, _, f, attack, strength = key
-    return attack if attack == "none" else f"{attack} {strength:g} (f = {f})"
+    _, _, assumed, f, attack, strength = key
+    if attack == "none":
+        return "none" if assumed in (0, F_AIM) else f"none (defence at f = {assumed})"
+    return f"{attack} {strength:g} (f = {f})"
 
 
 def cell_means(recs: list[dict], method: str, aggregator: str, env_steps: int) -> dict[tuple[str, float], float]:
@@ -436,8 +446,8 @@ def curve_table(data: dict) -> list[str]:
     for key in dict.fromkeys(curve_key(r) for r in recs):
         lines.append(f"| {key[0]} | {key[1]} | {attack_label(key)} | {max(len(runs(key, n)) for n in steps)} | "
                      + " | ".join("-" if np.isnan(mean(key, n)) else f"{mean(key, n):.3f}" for n in steps) + " |")
-        if key[3] != "none":
-            base = (key[0], key[1], 0, "none", 0.0)
+        if key[4] != "none":
+            base = (key[0], key[1], key[2], 0, "none", 0.0)
             lines.append("| | | kept | | " + " | ".join(f"{100 * kept_share(mean(base, n), mean(key, n)):.0f} %" for n in steps) + " |")
     return lines
 
@@ -471,8 +481,9 @@ def paired_with_local(recs: list[dict], method: str, aggregator: str, env_steps:
 
 
 def versus_local(data: dict) -> list[str]:
-    """Each federated row's lead over Local-only (lead_over_local) at every budget of the curves."""
-    recs = data["records"]
+    """Each federated row's lead over Local-only (lead_over_local) at every budget of the
+    curves, the rows' defences as at f = 3."""
+    recs = curve_view(data, F_AIM)["records"]
     steps = sorted({r["env_steps"] for r in recs if r["aggregator"] == "local-only"})
     fed = [(m, a) for m, a in dict.fromkeys((r["method"], r["aggregator"]) for r in recs if r["aggregator"] != "local-only")
            if any(lead_over_local(recs, m, a, n) for n in steps)]
@@ -508,10 +519,11 @@ def best_curve_row(data: dict):
     return max(worst.items(), key=lambda kv: kv[1][0]), list(worst), every, n, cells
 
 
-def curve_aim(data: dict) -> list[str]:
-    """The aim at the curves' last budget, where the no-attack runs have levelled off, for
-    the best row there (best_curve_row): its kept share and its lead over Local-only; and
-    FedAvg's worst cell there where it ran."""
+def curve_aim(data: dict, f: int = F_AIM) -> list[str]:
+    """The aim at the curves' last budget, where the no-attack runs have levelled off, with
+    f regions Byzantine, for the best row there (best_curve_row): its kept share and its
+    lead over Local-only; and FedAvg's worst cell there where it ran."""
+    data = curve_view(data, f)
     best = best_curve_row(data)
     if best is None:
         return []
@@ -522,7 +534,7 @@ def curve_aim(data: dict) -> list[str]:
     lead = lead_over_local(data["records"], m, a, n)
     paired = paired_with_local(data["records"], m, a, n)
     poison = [(k[1], kept_share(base, v)) for k, v in cells[(m, a)].items() if is_personal(m) and k[0] == "normaliser_poisoning"]
-    return [f"Aim at {n / 1e6:.3g}M env steps (3 of 10 regions Byzantine from round 0; rows run there under every attack: "
+    return [f"{'Aim' if f == F_AIM else 'The same'} at {n / 1e6:.3g}M env steps ({f} of 10 regions Byzantine from round 0; rows run there under every attack: "
             f"{', '.join(f'{x} {y}' for x, y in compared)}; attacks {', '.join(sorted(every))}; "
             f"{'strengths swept for ' + ', '.join(swept) if swept else 'first strength each'}): the best by its worst "
             f"cell is **{m} {a}**, {score:.3f} under {attack} ({strength:g}) against {base:.3f} with no attack: keeps "
@@ -561,7 +573,7 @@ def noise_floor(data: dict) -> list[str]:
     a personal row's poisoned runs differ from its no-attack runs only by run-to-run noise
     where the two ran in different batches (float reductions reorder). Their lowest kept
     share over the budgets is the floor above which "kept" cannot be told from no harm."""
-    recs = data["records"]
+    recs = curve_view(data, F_AIM)["records"]
     out = []
     for method, agg in dict.fromkeys((r["method"], r["aggregator"]) for r in recs if is_personal(r["method"])):
         steps = sorted({r["env_steps"] for r in recs if (r["method"], r["aggregator"], r["attack"]) == (method, agg, "normaliser_poisoning")})
@@ -584,11 +596,12 @@ def plot_curves(data: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    data = curve_view(data, F_AIM)
     recs = data["records"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
     best = best_curve_row(data)
     for key in dict.fromkeys(curve_key(r) for r in recs):
-        on_left, on_right = key[3] == "none", best is not None and key[:2] == best[0][0]
+        on_left, on_right = key[4] == "none", best is not None and key[:2] == best[0][0]
         for ax in [ax for ax, on in ((left, on_left), (right, on_right)) if on]:
             steps = sorted({r["env_steps"] for r in recs if curve_key(r) == key})
             scores = [[r["score"] for r in recs if curve_key(r) == key and r["env_steps"] == n] for n in steps]
@@ -725,7 +738,8 @@ def render(records: list[dict], args) -> None:
                   f"code at commit {', '.join(sorted({r['commit'] for r in curve['records']}))}. The same study config, one run per "
                   "seed evaluated along the way (so the learning-rate schedule is the whole budget's), "
                   "mean score over the seeds in the *seeds* column. "
-                  "[Plot](robustness_curve.png).", "", *curve_table(curve), "", *versus_local(curve), *curve_aim(curve), *noise_floor(curve)]
+                  "[Plot](robustness_curve.png).", "", *curve_table(curve), "", *versus_local(curve), *curve_aim(curve), *noise_floor(curve),
+                  *[line for f in sorted({r["f"] for r in curve["records"]} - {0, F_AIM}) for line in curve_aim(curve, f)]]
     (HERE / "robustness.md").write_text("\n".join(lines) + "\n")
 
 
