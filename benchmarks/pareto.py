@@ -369,7 +369,8 @@ def render(data: dict) -> str:
     if overload:
         pick = lambda pol, setting: [r for r in overload if r["policy"] == pol and abs(r["setting"] - setting) < 1e-9]  # noqa: E731
         mean = lambda rs, k: float(np.mean([r[k] for r in rs]))  # noqa: E731
-        lrn, rea = pick("learned (slo)", MAIN_TARGET), pick("reactive+tier" if data.get("tier") else "reactive", 0.7)
+        lrn = [r for r in pick("learned (slo)", MAIN_TARGET) if row_offset(r, data) == round(data["code_target_offset"], 6)]
+        rea = pick("reactive+tier" if data.get("tier") else "reactive", 0.7)
         if lrn and rea:
             lines += [f"Overload (flash crowd: 5x demand for 30 min, held out): the learned policy at target {MAIN_TARGET:g} drops "
                       f"{mean(lrn, 'dropped_pct'):.2f} % of requests with {mean(lrn, 'replicas_mean'):.1f} replicas per region on "
