@@ -476,7 +476,7 @@ def pareto() -> list[str]:
                   f"{d['clusters']} clusters per region, {d['steps'] / 1e6:g}M env steps, `env.token_shift_prob={d.get('token_shift_prob', 0.0):g}`, "
                   f"`env.surge_prob={d.get('surge_prob', 0.0):g}`, "
                   f"`objective.slo_margin={d['slo_margin']:g}`, "
-                  "one compiled program) against "
+                  f"one compiled program{' per command' if d.get('additions') else ''}) against "
                   + ", ".join(f"{k} at {len(v['values'])} settings" for k, v in d["settings"].items())
                   + f", tier {'on' if d.get('tier') else 'off'} for all. Aim (stated with the tier off): the learned frontier below every "
                   "heuristic's in the band (attainment >= min(90 %, 0.9 x the ceiling that policy-independent rejects leave)), and at "
@@ -486,7 +486,7 @@ def pareto() -> list[str]:
             vs = (f", cost saving {a['saving_pct']:+.0f} % against {a['cheapest']['policy']} {a['cheapest']['setting']:g}" if a["saving_pct"] is not None
                   else ", no heuristic setting reaches that attainment")
             lines.append(f"- {a['scenario']} (ceiling {a['ceiling']:.1f} %, band >= {a['band']:.1f} %): frontier below every heuristic in "
-                         f"the band **{'yes' if a['frontier_below'] else 'no'}**; {main}{vs if a['main'] else ''}; within the learned "
+                         f"the band **{'yes' if a['frontier_below'] else 'no'}**{'' if a['contenders'] or not a['frontier_below'] else ' (no heuristic setting reaches the band)'}; {main}{vs if a['main'] else ''}; within the learned "
                          f"span ({a['learned_span'][0]:.1f}-{a['learned_span'][1]:.1f} %) a learned point beats {a['covered_beaten']} of "
                          f"{a['covered']} heuristic points.")
         stale = [s for s in dict.fromkeys(r["scenario"] for r in d["rows"]) if s not in pa.scenarios_measured(d)]

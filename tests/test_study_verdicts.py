@@ -1,0 +1,71 @@
+"""The studies' verdicts read what they claim: the frontier aim (benchmarks/pareto.py)
+judges the main job's point, not a point added at another code target, and a band no
+heuristic reaches reads as such; the robustness curves (benchmarks/robustness.py) keep
+runs whose defence assumed another f apart."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import pareto  # noqa: E402
+import robustness  # noqa: E402
+
+OWN, ADDED = -0.3, -0.15
+
+
+def row(policy, setting, attainment, cost, **extra):
+    # 10 % of prompts rejected whatever the policy: ceiling 90 %, band 81 %.
+    return {"policy": policy, "setting": setting, "scenario": "diurnal", "slo_attainment_pct": attainment,
+            "cost_usd_per_mtok": cost, "goodput_per_usd": 1.0, "rejected_pct": 10.0, "dropped_pct": 0.0, "e2e_mean_ms": 1.0,
+            "quality": 1.0, **extra}
+
+
+def study(*heuristics):
+    rows = [row("learned (slo)", 0.9, 80.0, 1.0, seed=0),  # the main job's point (no code_offset: the study's own)
+            row("learned (slo)", 0.9, 86.0, 1.5, seed=0, code_offset=ADDED), *heuristics]
+    return {"rows": rows, "code_target_offset": OWN}
+
+
+def test_frontier_aim_judges_the_main_point_and_every_heuristic_in_the_band():
+    (a,) = pareto.aims(study(row("static-peak", 0.3, 85.0, 2.0), row("static-peak", 0.2, 88.0, 3.0)))
+    assert a["band"] == 81.0
+    # The heuristic at 88 % is beaten by no learned point: no learned point reaches 88 %.
+    assert not a["frontier_below"] and [h["setting"] for h in a["unbeaten"]] == [0.2]
+    # The saving is the main job's point (80 % at 1.0) against the cheapest heuristic reaching
+    # 80 %, not the added point's (86 % at 1.5, which only the 3.0 heuristic reaches).
+    assert a["main"] == (80.0, 1.0)
+    assert a["cheapest"]["setting"] == 0.3 and abs(a["saving_pct"] - 50.0) < 1e-9
+
+    (a,) = pareto.aims(study(row("static-peak", 0.3, 85.0, 2.0)))
+    assert a["frontier_below"] and a["contenders"] == 1
+
+
+def test_band_no_heuristic_reaches_is_met_only_by_a_learned_point_in_it():
+    (a,) = pareto.aims(study(row("static-peak", 0.3, 70.0, 2.0)))
+    assert a["frontier_below"] and a["contenders"] == 0
+    assert "(no heuristic setting reaches the band)" in pareto.render({
+        **study(row("static-peak", 0.3, 70.0, 2.0)), "tier": False, "command": "c", "machine": "m", "wall_s": 60.0, "max_drop": 0.01,
+        "clusters": 1, "steps": 1, "rounds": 1, "targets": [0.9], "seeds": 1, "slo_margin": 0.03, "drop_margin": 0.005,
+        "settings": {}, "eval_seeds": 1})
+    below = study(row("static-peak", 0.3, 70.0, 2.0))
+    below["rows"] = [r for r in below["rows"] if r.get("code_offset") is None]  # the learned points stop at 80 %
+    (a,) = pareto.aims(below)
+    assert not a["frontier_below"]
+
+
+def curve_run(aggregator, f_assumed, f, attack, score):
+    return {"method": "m", "aggregator": aggregator, "f_assumed": f_assumed, "f": f, "attack": attack, "strength": 0.0,
+            "seed": 0, "env_steps": 100, "score": score}
+
+
+def test_curves_keep_each_f_with_its_own_no_attack_runs():
+    data = {"records": [curve_run("multi_krum", 3, 0, "none", -1.0), curve_run("multi_krum", 3, 3, "alie", -1.05),
+                        curve_run("multi_krum", 1, 0, "none", -2.0), curve_run("multi_krum", 1, 1, "alie", -2.1),
+                        curve_run("local-only", 0, 0, "none", -1.5)]}
+    at = lambda f: sorted((r["f_assumed"], r["f"], r["aggregator"]) for r in robustness.curve_view(data, f)["records"])  # noqa: E731
+    assert at(3) == [(0, 0, "local-only"), (3, 0, "multi_krum"), (3, 3, "multi_krum")]
+    assert at(1) == [(0, 0, "local-only"), (1, 0, "multi_krum"), (1, 1, "multi_krum")]
+    # Each f's kept share is against its own defence's no-attack score: 95 % at f = 3 and at f = 1.
+    for f, base, worst in ((3, -1.0, -1.05), (1, -2.0, -2.1)):
+        cells = robustness.cell_means(robustness.curve_view(data, f)["records"], "m", "multi_krum", 100)
+        assert cells[("none", 0.0)] == base and cells[("alie", 0.0)] == worst
