@@ -157,12 +157,13 @@ def main() -> int:
     ap.add_argument("--tier", action="store_true", help="the quality tier on for every policy (learned and heuristics)")
     ap.add_argument("--code-target-offset", type=float, help="the code regions' target minus the chat regions' (default: the main job's)")
     ap.add_argument("--add", action="store_true", help="merge these runs, and the heuristic settings the JSON lacks, into the JSON already there")
-    ap.add_argument("--weights", help="where the trained weights go (or come from, with --evaluate-only); default runs/pareto/weights[_tier].msgpack")
+    ap.add_argument("--weights", help="where the trained weights go (or come from, with --evaluate-only); default runs/pareto/weights[_tier][_codeD].msgpack")
     ap.add_argument("--evaluate-only", action="store_true", help="evaluate the weights saved by an earlier run of the same arguments")
     ap.add_argument("--render-only", action="store_true")
     args = ap.parse_args()
     out = OUT.with_name("pareto_tier.json") if args.tier else OUT
-    args.weights = args.weights or f"runs/pareto/weights{'_tier' if args.tier else ''}.msgpack"
+    code = "" if args.code_target_offset is None else f"_code{args.code_target_offset:+g}"
+    args.weights = args.weights or f"runs/pareto/weights{'_tier' if args.tier else ''}{code}.msgpack"
     if args.render_only:
         write_report(out, None, render)
         plot(out)
