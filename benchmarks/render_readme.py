@@ -368,7 +368,7 @@ def robustness() -> list[str]:
     versus = study.versus_local(study.load_curve())
     if versus:
         out += ["", "From the learning curves (robustness.md, *Learning curves*: the same study config run to 6M env steps, "
-                "evaluated along the way). " + versus[0], *versus[1:], *study.curve_aim(study.load_curve())]
+                "evaluated along the way). " + versus[0], *versus[1:], *study.curve_aims(study.load_curve())]
     return out
 
 
