@@ -208,24 +208,20 @@ def main() -> int:
         print(f"{scen}: evaluated in {time.perf_counter() - t0:.0f} s", flush=True)
         jax.clear_caches()  # keeps the JIT's code memory bounded over many scenarios
     command, wall_s = " ".join(["python benchmarks/pareto.py", *sys.argv[1:]]), time.perf_counter() - t_start + (train_s if args.evaluate_only else 0.0)
+    settings = {k: {"parameter": v[0], "values": v[1]} for k, v in families(args.tier).items()}
     if before:
         addition = {"command": command, "machine": machine(), "wall_s": wall_s, "train_s": train_s, "targets": args.targets, "seeds": args.seeds,
                     "code_target_offset": offset, "train_last": last}
-        data = {**before, "settings": {k: {"parameter": v[0], "values": v[1]} for k, v in families(args.tier).items()},
-                "rows": before["rows"] + rows, "additions": before.get("additions", []) + [addition]}
-        write_report(out, data, render)
-        plot(out)
-        print(out.with_suffix(".md").read_text())
-        return 0
-    data = {
-        "command": command, "machine": machine(), "wall_s": wall_s, "train_s": train_s,
-        "targets": args.targets, "seeds": args.seeds, "steps": args.steps, "clusters": args.clusters, "eval_seeds": args.eval_seeds,
-        "max_drop": cfg.objective.max_drop, "slo_margin": cfg.objective.slo_margin, "drop_margin": cfg.objective.drop_margin,
-        "code_target_offset": offset,
-        "rounds": trainers.num_rounds(cfg), "tier": args.tier, "token_shift_prob": cfg.env.token_shift_prob, "surge_prob": cfg.env.surge_prob,
-        "settings": {k: {"parameter": v[0], "values": v[1]} for k, v in families(args.tier).items()},
-        "train_last": last, "rows": rows, "episode_ticks": episode_ticks,
-    }
+        data = {**before, "settings": settings, "rows": before["rows"] + rows, "additions": before.get("additions", []) + [addition]}
+    else:
+        data = {
+            "command": command, "machine": machine(), "wall_s": wall_s, "train_s": train_s,
+            "targets": args.targets, "seeds": args.seeds, "steps": args.steps, "clusters": args.clusters, "eval_seeds": args.eval_seeds,
+            "max_drop": cfg.objective.max_drop, "slo_margin": cfg.objective.slo_margin, "drop_margin": cfg.objective.drop_margin,
+            "code_target_offset": offset,
+            "rounds": trainers.num_rounds(cfg), "tier": args.tier, "token_shift_prob": cfg.env.token_shift_prob, "surge_prob": cfg.env.surge_prob,
+            "settings": settings, "train_last": last, "rows": rows, "episode_ticks": episode_ticks,
+        }
     write_report(out, data, render)
     plot(out)
     print(out.with_suffix(".md").read_text())
