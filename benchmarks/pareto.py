@@ -404,9 +404,11 @@ def plot(json_path: Path) -> None:
     fig, axes = plt.subplots((len(scens) + cols - 1) // cols, cols, figsize=(5 * cols, 3.8 * ((len(scens) + cols - 1) // cols)), squeeze=False)
     for ax, scen in zip(axes.flat, scens):
         pts = learned_points(data, scen)
-        for d, style in zip(dict.fromkeys(p[1] for p in pts), ("o-", "D-")):
-            ax.plot([p[2] for p in pts if p[1] == d], [p[3] for p in pts if p[1] == d], style, color="black",
-                    label=f"learned (slo targets t, code t {d:+.2f})")
+        # one line per code-region offset; every offset gets its own marker and shade
+        offsets = sorted(dict.fromkeys(p[1] for p in pts))
+        for i, d in enumerate(offsets):
+            ax.plot([p[2] for p in pts if p[1] == d], [p[3] for p in pts if p[1] == d], "oDPX*"[i % 5] + "-",
+                    color=str(0.6 * i / max(1, len(offsets) - 1)), label=f"learned (slo targets t, code t {d:+.2f})")
         for name, marker in zip(data["settings"], "s^<v>"):
             hs = sorted((r for r in data["rows"] if r["scenario"] == scen and r["policy"] == name), key=lambda r: r["setting"])
             ax.plot([r["slo_attainment_pct"] for r in hs], [r["cost_usd_per_mtok"] for r in hs], marker + "--", label=name, alpha=0.8)
