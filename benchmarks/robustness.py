@@ -425,18 +425,26 @@ def attack_label(key: tuple) -> str:
     return f"{attack} {strength:g} (f = {f})"
 
 
-def cell_means(recs: list[dict], method: str, aggregator: str, env_steps: int) -> dict[tuple[str, float], float]:
-    """(attack, strength) -> mean score over seeds of a row's runs at `env_steps`."""
-    out = {}
+def paired_cells(recs: list[dict], method: str, aggregator: str, env_steps: int) -> dict[tuple[str, float], tuple[float, float, int]]:
+    """(attack, strength) -> (mean score of a row's attacked runs at `env_steps`, mean of its
+    no-attack runs on the same seeds, how many seeds): an attack is compared with no attack
+    seed for seed, so a cell that ran fewer seeds is not judged against other seeds' luck."""
+    by_cell: dict[tuple[str, float], dict[int, float]] = {}
     for r in recs:
         if (r["method"], r["aggregator"]) == (method, aggregator) and abs(r["env_steps"] - env_steps) <= 0.01 * env_steps:
-            out.setdefault((r["attack"], strength_key(r["strength"])), []).append(r["score"])
-    return {k: float(np.mean(v)) for k, v in out.items()}
+            by_cell.setdefault((r["attack"], strength_key(r["strength"])), {})[r["seed"]] = r["score"]
+    none = by_cell.get(("none", 0.0), {})
+    out = {}
+    for key, runs in by_cell.items():
+        seeds = sorted(runs.keys() & none.keys())
+        if seeds:
+            out[key] = (float(np.mean([runs[k] for k in seeds])), float(np.mean([none[k] for k in seeds])), len(seeds))
+    return out
 
 
 def curve_table(data: dict) -> list[str]:
     """Score (mean over seeds) of each curve at each budget, and for each attack the share
-    of the same row's no-attack score it keeps there."""
+    of the same row's no-attack score it keeps there, on the seeds both ran."""
     recs = data["records"]
     steps = sorted({r["env_steps"] for r in recs})
     runs = lambda key, n: [r["score"] for r in recs if curve_key(r) == key and r["env_steps"] == n]  # noqa: E731
@@ -448,8 +456,18 @@ def curve_table(data: dict) -> list[str]:
                      + " | ".join("-" if np.isnan(mean(key, n)) else f"{mean(key, n):.3f}" for n in steps) + " |")
         if key[4] != "none":
             base = (key[0], key[1], key[2], 0, "none", 0.0)
-            lines.append("| | | kept | | " + " | ".join(f"{100 * kept_share(mean(base, n), mean(key, n)):.0f} %" for n in steps) + " |")
+            kept = [kept_paired([r for r in recs if curve_key(r) == base and r["env_steps"] == n],
+                                [r for r in recs if curve_key(r) == key and r["env_steps"] == n]) for n in steps]
+            lines.append("| | | kept | | " + " | ".join("-" if k is None else f"{100 * k:.0f} %" for k in kept) + " |")
     return lines
+
+
+def kept_paired(no_attack: list[dict], attacked: list[dict]) -> float | None:
+    """kept_share of the attacked runs' mean against the no-attack runs' mean on the seeds
+    both ran; None without a common seed."""
+    base, hit = ({r["seed"]: r["score"] for r in runs} for runs in (no_attack, attacked))
+    seeds = base.keys() & hit.keys()
+    return kept_share(np.mean([base[k] for k in seeds]), np.mean([hit[k] for k in seeds])) if seeds else None
 
 
 def lead_over_local(recs: list[dict], method: str, aggregator: str, env_steps: int) -> tuple[float, float, int, int] | None:
@@ -502,18 +520,21 @@ def best_curve_row(data: dict):
     """At the curves' last budget n, of the rows run there under every attack any row met
     there: the one with the best worst cell (attack at its most damaging strength; an
     attack that cannot reach a row, normaliser poisoning for personal policies, is its
-    noise, not an attack on it). -> ((method, aggregator), (worst score, (attack,
-    strength))), the rows compared, the attacks, n, the rows' cells; None without one."""
+    noise, not an attack on it). A row's worst cell is the one that keeps least of its
+    no-attack score on the seeds both ran (paired_cells). -> ((method, aggregator), (worst
+    score, (attack, strength))), the rows compared, the attacks, n, the rows' paired cells;
+    None without one."""
     recs = data["records"]
     n = max((r["env_steps"] for r in recs), default=0)
     every = {r["attack"] for r in recs if abs(r["env_steps"] - n) <= 0.01 * n} - {"none"}
     worst, cells = {}, {}
     for m, a in dict.fromkeys((r["method"], r["aggregator"]) for r in recs if r["aggregator"] != "local-only"):
-        cells[(m, a)] = cell_means(recs, m, a, n)
+        cells[(m, a)] = paired_cells(recs, m, a, n)
         ran = {k for k, _ in cells[(m, a)]}
         if "none" in ran and every <= ran:
             reach = every - ({"normaliser_poisoning"} if is_personal(m) else set())
-            worst[(m, a)] = min((v, k) for k, v in cells[(m, a)].items() if k[0] in reach)
+            key = min((k for k in cells[(m, a)] if k[0] in reach), key=lambda k: kept_share(*cells[(m, a)][k][1::-1]))
+            worst[(m, a)] = (cells[(m, a)][key][0], key)
     if not worst:
         return None
     return max(worst.items(), key=lambda kv: kv[1][0]), list(worst), every, n, cells
@@ -528,16 +549,16 @@ def curve_aim(data: dict, f: int = F_AIM) -> list[str]:
     if best is None:
         return []
     ((m, a), (score, (attack, strength))), compared, every, n, cells = best
-    base = cells[(m, a)][("none", 0.0)]
+    _, base, seeds = cells[(m, a)][(attack, strength)]
     kept = kept_share(base, score)
     swept = sorted({k for k, _ in cells[(m, a)] if sum(j == k for j, _ in cells[(m, a)]) > 1})
     lead = lead_over_local(data["records"], m, a, n)
     paired = paired_with_local(data["records"], m, a, n)
-    poison = [(k[1], kept_share(base, v)) for k, v in cells[(m, a)].items() if is_personal(m) and k[0] == "normaliser_poisoning"]
+    poison = [(k[1], kept_share(b, v)) for k, (v, b, _) in cells[(m, a)].items() if is_personal(m) and k[0] == "normaliser_poisoning"]
     return [f"{'Aim' if f == F_AIM else 'The same'} at {n / 1e6:.3g}M env steps ({f} of 10 regions Byzantine from round 0; rows run there under every attack: "
             f"{', '.join(f'{x} {y}' for x, y in compared)}; attacks {', '.join(sorted(every))}; "
             f"{'strengths swept for ' + ', '.join(swept) if swept else 'first strength each'}): the best by its worst "
-            f"cell is **{m} {a}**, {score:.3f} under {attack} ({strength:g}) against {base:.3f} with no attack: keeps "
+            f"cell is **{m} {a}**, {score:.3f} under {attack} ({strength:g}) against {base:.3f} with no attack on the same {seeds} seeds: keeps "
             f"{100 * kept:.0f} %, >= 90 % **{'met' if kept >= 0.9 else 'not met'}**"
             + ("" if lead is None else f"; its no-attack lead over Local-only {lead[0]:+.3f} +- {lead[1]:.3f} ({lead[2]} / {lead[3]} seeds): "
                f">= Local-only **{versus_local_verdict(*lead[:2])}**")
@@ -545,7 +566,7 @@ def curve_aim(data: dict, f: int = F_AIM) -> list[str]:
                f"(median difference {paired[2]:+.3f})")
             + (f". Noise at this budget: normaliser poisoning ({', '.join(f'{k:g}' for k, _ in poison)}), which cannot reach this "
                f"row's policies, reads {' / '.join(f'{100 * q:.0f} %' for _, q in poison)} kept" if poison else "")
-            + f". {fedavg_at(cell_means(data['records'], 'shared', NO_DEFENCE[0], n))}.", ""]
+            + f". {fedavg_at(paired_cells(data['records'], 'shared', NO_DEFENCE[0], n))}.", ""]
 
 
 def curve_aims(data: dict) -> list[str]:
@@ -561,13 +582,13 @@ def versus_local_verdict(lead: float, stderr: float) -> str:
     return "met" if lead > 0 else "not met"
 
 
-def fedavg_at(cells: dict[tuple[str, float], float]) -> str:
-    """FedAvg's (one shared policy, plain mean) worst attack cell against its no-attack
-    score at one budget, and whether it collapses (keeps < 50 %)."""
-    if ("none", 0.0) not in cells or len(cells) < 2:
+def fedavg_at(cells: dict[tuple[str, float], tuple[float, float, int]]) -> str:
+    """FedAvg's (one shared policy, plain mean) worst attack cell (paired_cells) against its
+    no-attack score on the same seeds at one budget, and whether it collapses (keeps < 50 %)."""
+    attacked = {k: v for k, v in cells.items() if k[0] != "none"}
+    if not attacked:
         return "FedAvg did not run at this budget; its collapse is shown at the grid's budget above"
-    base = cells[("none", 0.0)]
-    score, (attack, strength) = min((v, k) for k, v in cells.items() if k[0] != "none")
+    (attack, strength), (score, base, _) = min(attacked.items(), key=lambda kv: kept_share(kv[1][1], kv[1][0]))
     kept = kept_share(base, score)
     return (f"FedAvg at this budget: {score:.3g} under {attack} ({strength:g}) against {base:.3f} with no attack, keeps "
             f"{100 * kept:.0f} %: collapses (keeps < 50 %) **{'yes' if kept < 0.5 else 'no'}**")
@@ -582,8 +603,8 @@ def noise_floor(data: dict) -> list[str]:
     out = []
     for method, agg in dict.fromkeys((r["method"], r["aggregator"]) for r in recs if is_personal(r["method"])):
         steps = sorted({r["env_steps"] for r in recs if (r["method"], r["aggregator"], r["attack"]) == (method, agg, "normaliser_poisoning")})
-        kept = {(n, k): kept_share(cells[("none", 0.0)], v) for n in steps for cells in [cell_means(recs, method, agg, n)]
-                for k, v in cells.items() if k[0] == "normaliser_poisoning" and ("none", 0.0) in cells}
+        kept = {(n, k): kept_share(base, v) for n in steps for k, (v, base, _) in paired_cells(recs, method, agg, n).items()
+                if k[0] == "normaliser_poisoning"}
         if kept:
             n, k = min(kept, key=kept.get)
             out.append(f"Noise floor: {method} {agg} keeps {100 * kept[(n, k)]:.0f} % of its no-attack score under normaliser poisoning "

@@ -1,7 +1,8 @@
 """The studies' verdicts read what they claim: the frontier aim (benchmarks/pareto.py)
 judges the main job's point, not a point added at another code target, and a band no
 heuristic reaches reads as such; the robustness curves (benchmarks/robustness.py) keep
-runs whose defence assumed another f apart."""
+runs whose defence assumed another f apart and judge an attack against no attack on the
+same seeds."""
 
 import sys
 from pathlib import Path
@@ -67,5 +68,19 @@ def test_curves_keep_each_f_with_its_own_no_attack_runs():
     assert at(1) == [(0, 0, "local-only"), (1, 0, "multi_krum"), (1, 1, "multi_krum")]
     # Each f's kept share is against its own defence's no-attack score: 95 % at f = 3 and at f = 1.
     for f, base, worst in ((3, -1.0, -1.05), (1, -2.0, -2.1)):
-        cells = robustness.cell_means(robustness.curve_view(data, f)["records"], "m", "multi_krum", 100)
-        assert cells[("none", 0.0)] == base and cells[("alie", 0.0)] == worst
+        cells = robustness.paired_cells(robustness.curve_view(data, f)["records"], "m", "multi_krum", 100)
+        assert cells[("none", 0.0)][0] == base and cells[("alie", 0.0)] == (worst, base, 1)
+
+
+def test_an_attack_is_judged_against_no_attack_on_its_own_seeds():
+    # No attack ran seeds 0 and 1 (-1.0 and -3.0); the attack only seed 0, at -1.5. Against
+    # the two-seed mean (-2.0) it would read as harmless; on its own seed it keeps 50 %.
+    runs = [(0, "none", -1.0), (1, "none", -3.0), (0, "alie", -1.5), (0, "ipm", -1.1), (1, "ipm", -3.1)]
+    data = {"records": [{**curve_run("multi_krum", 3, 0 if a == "none" else 3, a, score), "seed": seed} for seed, a, score in runs]}
+    cells = robustness.paired_cells(data["records"], "m", "multi_krum", 100)
+    assert cells[("alie", 0.0)] == (-1.5, -1.0, 1)
+    ((_, (score, worst)), *_rest) = robustness.best_curve_row(data)
+    assert worst == ("alie", 0.0) and score == -1.5
+    kept = robustness.kept_paired([r for r in data["records"] if r["attack"] == "none"],
+                                  [r for r in data["records"] if r["attack"] == "alie"])
+    assert abs(kept - 0.5) < 1e-9
