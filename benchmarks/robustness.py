@@ -425,21 +425,24 @@ def attack_label(key: tuple) -> str:
     return f"{attack} {strength:g} (f = {f})"
 
 
+def paired_means(no_attack: dict[int, float], attacked: dict[int, float]) -> tuple[float, float, int] | None:
+    """Seed -> score of a row's no-attack and attacked runs -> (attacked mean, no-attack
+    mean, how many seeds) on the seeds both ran, so an attack run on fewer seeds is not
+    judged against other seeds' luck; None without a common seed."""
+    seeds = sorted(no_attack.keys() & attacked.keys())
+    if not seeds:
+        return None
+    return float(np.mean([attacked[k] for k in seeds])), float(np.mean([no_attack[k] for k in seeds])), len(seeds)
+
+
 def paired_cells(recs: list[dict], method: str, aggregator: str, env_steps: int) -> dict[tuple[str, float], tuple[float, float, int]]:
-    """(attack, strength) -> (mean score of a row's attacked runs at `env_steps`, mean of its
-    no-attack runs on the same seeds, how many seeds): an attack is compared with no attack
-    seed for seed, so a cell that ran fewer seeds is not judged against other seeds' luck."""
+    """(attack, strength) -> paired_means of a row's runs at `env_steps` against its no-attack runs."""
     by_cell: dict[tuple[str, float], dict[int, float]] = {}
     for r in recs:
         if (r["method"], r["aggregator"]) == (method, aggregator) and abs(r["env_steps"] - env_steps) <= 0.01 * env_steps:
             by_cell.setdefault((r["attack"], strength_key(r["strength"])), {})[r["seed"]] = r["score"]
-    none = by_cell.get(("none", 0.0), {})
-    out = {}
-    for key, runs in by_cell.items():
-        seeds = sorted(runs.keys() & none.keys())
-        if seeds:
-            out[key] = (float(np.mean([runs[k] for k in seeds])), float(np.mean([none[k] for k in seeds])), len(seeds))
-    return out
+    pairs = {k: paired_means(by_cell.get(("none", 0.0), {}), runs) for k, runs in by_cell.items()}
+    return {k: v for k, v in pairs.items() if v is not None}
 
 
 def curve_table(data: dict) -> list[str]:
@@ -456,18 +459,10 @@ def curve_table(data: dict) -> list[str]:
                      + " | ".join("-" if np.isnan(mean(key, n)) else f"{mean(key, n):.3f}" for n in steps) + " |")
         if key[4] != "none":
             base = (key[0], key[1], key[2], 0, "none", 0.0)
-            kept = [kept_paired([r for r in recs if curve_key(r) == base and r["env_steps"] == n],
-                                [r for r in recs if curve_key(r) == key and r["env_steps"] == n]) for n in steps]
-            lines.append("| | | kept | | " + " | ".join("-" if k is None else f"{100 * k:.0f} %" for k in kept) + " |")
+            by_seed = lambda k, n: {r["seed"]: r["score"] for r in recs if curve_key(r) == k and r["env_steps"] == n}  # noqa: E731
+            pairs = [paired_means(by_seed(base, n), by_seed(key, n)) for n in steps]
+            lines.append("| | | kept | | " + " | ".join("-" if p is None else f"{100 * kept_share(p[1], p[0]):.0f} %" for p in pairs) + " |")
     return lines
-
-
-def kept_paired(no_attack: list[dict], attacked: list[dict]) -> float | None:
-    """kept_share of the attacked runs' mean against the no-attack runs' mean on the seeds
-    both ran; None without a common seed."""
-    base, hit = ({r["seed"]: r["score"] for r in runs} for runs in (no_attack, attacked))
-    seeds = base.keys() & hit.keys()
-    return kept_share(np.mean([base[k] for k in seeds]), np.mean([hit[k] for k in seeds])) if seeds else None
 
 
 def lead_over_local(recs: list[dict], method: str, aggregator: str, env_steps: int) -> tuple[float, float, int, int] | None:

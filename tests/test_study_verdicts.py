@@ -81,6 +81,4 @@ def test_an_attack_is_judged_against_no_attack_on_its_own_seeds():
     assert cells[("alie", 0.0)] == (-1.5, -1.0, 1)
     ((_, (score, worst)), *_rest) = robustness.best_curve_row(data)
     assert worst == ("alie", 0.0) and score == -1.5
-    kept = robustness.kept_paired([r for r in data["records"] if r["attack"] == "none"],
-                                  [r for r in data["records"] if r["attack"] == "alie"])
-    assert abs(kept - 0.5) < 1e-9
+    assert abs(robustness.kept_share(-1.0, -1.5) - 0.5) < 1e-9
