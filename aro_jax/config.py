@@ -86,6 +86,10 @@ class EnvConfig:
     # its replica limit in training (envs.serving.draw_surge); evaluation scenarios carry none.
     surge_prob: float = 0.0
     surge_max_multiplier: float = 3.0
+    # Cluster-wide surges (kind "cluster"): in this share of training episodes one surge of
+    # the same size hits every region at the same time, in place of their own, so a policy
+    # meets demand events its peers cannot absorb (envs.cluster.ServingCluster.reset_state).
+    surge_shared_prob: float = 0.0
     # Training token lengths: in this share of training episodes the prompt and answer
     # lengths' log-means move by uniform offsets up to the gap between the chat and code
     # mixes (envs.serving.draw_token_shift), so a policy meets the other workload's lengths;
@@ -414,6 +418,9 @@ def validate(cfg: ExperimentConfig) -> None:
     require(0 <= e.token_shift_prob <= 1, "env.token_shift_prob", f"must be a share of episodes in [0, 1], got {e.token_shift_prob}")
     require(0 <= e.random_fleet_prob <= 1, "env.random_fleet_prob", f"must be a share of episodes in [0, 1], got {e.random_fleet_prob}")
     require(0 <= e.demand_phase_prob <= 1, "env.demand_phase_prob", f"must be a share of episodes in [0, 1], got {e.demand_phase_prob}")
+    require(0 <= e.surge_shared_prob <= 1, "env.surge_shared_prob", f"must be a share of episodes in [0, 1], got {e.surge_shared_prob}")
+    require(e.surge_shared_prob == 0 or e.kind == "cluster", "env.surge_shared_prob",
+            f"needs env.kind=cluster (regions that share one env), got env.kind={e.kind!r}")
     require(1 <= e.demand_scale_max <= 4, "env.demand_scale_max",
             f"must be in [1, 4] (a factor on the demand; 1: none), got {e.demand_scale_max}")
     require(1.5 <= e.surge_max_multiplier < 5, "env.surge_max_multiplier",

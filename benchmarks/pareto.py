@@ -8,7 +8,8 @@ attainment targets, one run per (target, seed), all trained in one compiled prog
 targets are hyperparameter leaves, vmapped with the seeds); the trained weights are saved
 to `--weights`, and `--evaluate-only` evaluates them again without training. The code
 regions' target keeps an offset from the chat regions' (the main job's by default,
-`--code-target-offset` to move it); `--add` trains further targets (at another offset,
+`--code-target-offset` to move it), `--set` trains them under other training settings
+(labelled with them, e.g. cluster-wide surges); `--add` trains further targets (at another offset,
 say) and merges them, with any heuristic setting the JSON lacks, into the JSON already
 there. Heuristics: Reactive (HPA) at
 several target loads, Predictive at several headrooms, both also with spill-over routing,
@@ -18,8 +19,8 @@ pareto.json, then pareto.md and pareto.png from it.
 
 usage: python benchmarks/pareto.py [--targets 0.75 0.8 0.85 0.9 0.95] [--seeds 1]
            [--steps 30000000] [--clusters 16] [--eval-seeds 4] [--scenarios ...]
-           [--tier] [--code-target-offset D] [--add] [--weights PATH]
-           [--evaluate-only] [--render-only]
+           [--tier] [--code-target-offset D] [--set KEY=VALUE ...] [--add]
+           [--weights PATH] [--evaluate-only] [--render-only]
 """
 
 from __future__ import annotations
@@ -79,14 +80,14 @@ KPIS = ("goodput_per_usd", "goodput_rps", "slo_attainment_pct", "rejected_pct", 
 
 def study_config(args):
     """The main job's config (tier off unless --tier), the code regions' target at
-    `--code-target-offset` from the chat regions' where given; training aims its margins
-    above each swept target."""
+    `--code-target-offset` from the chat regions' where given, with `--set`'s overrides;
+    training aims its margins above each swept target."""
     overrides = [f"env.quality_tier={str(args.tier).lower()}", f"env.num_clusters={args.clusters}", f"train.total_env_steps={args.steps}",
                  "train.num_chunks=1", f"eval.num_seeds={args.eval_seeds}"]
-    cfg = load_config(None, overrides)
+    cfg = load_config(None, overrides + args.set)
     if args.code_target_offset is None:
         return cfg
-    return load_config(None, [*overrides, f"objective.slo_targets.code={cfg.objective.slo_target + args.code_target_offset:.6g}"])
+    return load_config(None, [*overrides, *args.set, f"objective.slo_targets.code={cfg.objective.slo_target + args.code_target_offset:.6g}"])
 
 
 def code_offset(cfg) -> float:
@@ -156,6 +157,8 @@ def main() -> int:
     ap.add_argument("--scenarios", nargs="+", default=list(SCENARIOS))
     ap.add_argument("--tier", action="store_true", help="the quality tier on for every policy (learned and heuristics)")
     ap.add_argument("--code-target-offset", type=float, help="the code regions' target minus the chat regions' (default: the main job's)")
+    ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="training config overrides for these runs (e.g. env.surge_shared_prob=0.25); their points are labelled with them")
     ap.add_argument("--add", action="store_true", help="merge these runs, and the heuristic settings the JSON lacks, into the JSON already there")
     ap.add_argument("--weights", help="where the trained weights go (or come from, with --evaluate-only); default runs/pareto/weights[_tier][_codeD].msgpack")
     ap.add_argument("--evaluate-only", action="store_true", help="evaluate the weights saved by an earlier run of the same arguments")
@@ -163,7 +166,9 @@ def main() -> int:
     args = ap.parse_args()
     out = OUT.with_name("pareto_tier.json") if args.tier else OUT
     code = "" if args.code_target_offset is None else f"_code{args.code_target_offset:+g}"
+    code += "".join(f"_{o.replace('=', '')}" for o in args.set)
     args.weights = args.weights or f"runs/pareto/weights{'_tier' if args.tier else ''}{code}.msgpack"
+    train_set = " ".join(args.set)
     if args.render_only:
         write_report(out, None, render)
         plot(out)
@@ -176,10 +181,11 @@ def main() -> int:
         differ = [k for k in ("steps", "clusters", "eval_seeds") if before[k] != getattr(args, k)]
         if differ:
             ap.error(f"--add: {out} was measured with other {', '.join(differ)} ({', '.join(f'{before[k]}' for k in differ)}); pass the same to add to it")
-        clash = {(t, offset) for t in targets} & {(r["setting"], row_offset(r, before)) for r in before["rows"] if r["policy"].startswith("learned")}
+        clash = ({(t, offset, train_set) for t in targets}
+                 & {(r["setting"], row_offset(r, before), r.get("train_set", "")) for r in before["rows"] if r["policy"].startswith("learned")})
         if clash:
-            ap.error(f"--add: {out} already has learned runs at target(s) {sorted(t for t, _ in clash)} with the code offset {offset:+g}; "
-                     "drop --add to measure the study afresh")
+            ap.error(f"--add: {out} already has learned runs at target(s) {sorted(t for t, *_ in clash)} with the code offset {offset:+g}"
+                     f"{' and ' + train_set if train_set else ''}; drop --add to measure the study afresh")
     if args.evaluate_only and not Path(args.weights).is_file():
         ap.error(f"--evaluate-only: no trained weights at {args.weights}; run once without --evaluate-only (or pass --weights PATH)")
     weights, last, train_s = (load_frontier if args.evaluate_only else train_frontier)(args.weights, trainer, keys, hps)
@@ -195,7 +201,8 @@ def main() -> int:
         env, eparams = evaluation.eval_env(cfg, params)
         m = jax.jit(jax.vmap(lambda w: evaluation.run_episodes(env, policy, eparams, key, n, ticks, w, trainer.per_node)))(weights)
         rows += kpi_rows(m, params, cfg.env.tick_s, policy=["learned (slo)"] * len(targets), setting=targets,
-                         seed=[i % args.seeds for i in range(len(targets))], scenario=[scen] * len(targets), code_offset=[offset] * len(targets))
+                         seed=[i % args.seeds for i in range(len(targets))], scenario=[scen] * len(targets), code_offset=[offset] * len(targets),
+                         **({"train_set": [train_set] * len(targets)} if train_set else {}))
         for name, (_, values, make) in families(args.tier).items():
             if before:
                 have = {r["setting"] for r in before["rows"] if r["policy"] == name and r["scenario"] == scen}
@@ -211,7 +218,7 @@ def main() -> int:
     settings = {k: {"parameter": v[0], "values": v[1]} for k, v in families(args.tier).items()}
     if before:
         addition = {"command": command, "machine": machine(), "wall_s": wall_s, "train_s": train_s, "targets": args.targets, "seeds": args.seeds,
-                    "code_target_offset": offset, "train_last": last}
+                    "code_target_offset": offset, "train_set": train_set, "train_last": last}
         data = {**before, "settings": settings, "rows": before["rows"] + rows, "additions": before.get("additions", []) + [addition]}
     else:
         data = {
@@ -242,20 +249,21 @@ def row_offset(row, data) -> float:
     return round(row.get("code_offset", data["code_target_offset"]), 6)
 
 
-def learned_groups(data, scen) -> list[tuple[float, float, list[dict]]]:
-    """(target, code offset, the seeds' rows) per learned point, the study's own offset
-    first, each offset in target order."""
+def learned_groups(data, scen) -> list[tuple[float, float, str, list[dict]]]:
+    """(target, code offset, training overrides, the seeds' rows) per learned point, the
+    study's own offset and training first, each (offset, overrides) in target order."""
     rows = [r for r in data["rows"] if r["policy"].startswith("learned") and r["scenario"] == scen]
     own = round(data["code_target_offset"], 6)
-    keys = sorted({(row_offset(r, data), r["setting"]) for r in rows}, key=lambda k: (k[0] != own, k[0], k[1]))
-    return [(t, d, [r for r in rows if (row_offset(r, data), r["setting"]) == (d, t)]) for d, t in keys]
+    label = lambda r: (row_offset(r, data), r.get("train_set", ""), r["setting"])  # noqa: E731
+    keys = sorted(set(map(label, rows)), key=lambda k: (k[0] != own or k[1] != "", k[1], k[0], k[2]))
+    return [(t, d, v, [r for r in rows if label(r) == (d, v, t)]) for d, v, t in keys]
 
 
 def learned_points(data, scen):
-    """(target, code offset, mean attainment, mean $/1M tok, mean goodput/$) per learned
-    point, over its seeds."""
-    return [(t, d, *(float(np.mean([r[k] for r in group])) for k in ("slo_attainment_pct", "cost_usd_per_mtok", "goodput_per_usd")))
-            for t, d, group in learned_groups(data, scen)]
+    """(target, code offset, training overrides, mean attainment, mean $/1M tok, mean
+    goodput/$) per learned point, over its seeds."""
+    return [(t, d, v, *(float(np.mean([r[k] for r in group])) for k in ("slo_attainment_pct", "cost_usd_per_mtok", "goodput_per_usd")))
+            for t, d, v, group in learned_groups(data, scen)]
 
 
 def band(rows, scen) -> tuple[float, float]:
@@ -278,14 +286,15 @@ def aims(data) -> list[dict]:
         learned = learned_points(data, scen)
         heur = [r for r in rows if r["scenario"] == scen and not r["policy"].startswith("learned")]
         contenders = [h for h in heur if h["slo_attainment_pct"] >= lo]
-        beaten = lambda h: any(a >= h["slo_attainment_pct"] and c < h["cost_usd_per_mtok"] for _, _, a, c, _ in learned)  # noqa: E731
+        beaten = lambda h: any(a >= h["slo_attainment_pct"] and c < h["cost_usd_per_mtok"] for *_, a, c, _ in learned)  # noqa: E731
         unbeaten = [h for h in contenders if not beaten(h)]
         # Descriptive, not the aim: the heuristic points the learned frontier beats over the
         # attainment range its targets span, wherever that range ends.
-        span = (min((a for _, _, a, _, _ in learned), default=0.0), max((a for _, _, a, _, _ in learned), default=0.0))
+        span = (min((a for *_, a, _, _ in learned), default=0.0), max((a for *_, a, _, _ in learned), default=0.0))
         covered = [h for h in heur if span[0] <= h["slo_attainment_pct"] <= span[1]]
-        # The main job's point: its target at the study's own code offset (the main job's).
-        main = next(((att, cost) for t, d, att, cost, _ in learned if abs(t - MAIN_TARGET) < 1e-9 and d == round(data["code_target_offset"], 6)), None)
+        # The main job's point: its target at the study's own code offset and training.
+        main = next(((att, cost) for t, d, v, att, cost, _ in learned
+                     if abs(t - MAIN_TARGET) < 1e-9 and d == round(data["code_target_offset"], 6) and not v), None)
         saving = cheapest = None
         if main:
             reach = [h for h in heur if h["slo_attainment_pct"] >= main[0]]
@@ -295,7 +304,7 @@ def aims(data) -> list[dict]:
         out.append({"scenario": scen, "ceiling": ceiling, "band": lo, "contenders": len(contenders), "unbeaten": unbeaten, "main": main,
                     "learned_span": span, "covered": len(covered), "covered_beaten": sum(map(beaten, covered)),
                     "cheapest": cheapest, "saving_pct": saving,
-                    "frontier_below": bool(learned) and not unbeaten and any(a >= lo for _, _, a, _, _ in learned)})
+                    "frontier_below": bool(learned) and not unbeaten and any(a >= lo for *_, a, _, _ in learned)})
     return out
 
 
@@ -330,7 +339,8 @@ def render(data: dict) -> str:
         *[line for add in data.get("additions", []) for line in (
             f"Added: `{add['command']}` ({add['wall_s'] / 60:.0f} min{'' if add['machine'] == data['machine'] else ', ' + add['machine']}): "
             f"targets {', '.join(f'{t:g}' for t in add['targets'])} x {add['seeds']} seed{'s' if add['seeds'] > 1 else ''} with the code "
-            f"regions at t {add['code_target_offset']:+.2f}, evaluated on the same seeds, and every heuristic setting the study lacked. "
+            f"regions at t {add['code_target_offset']:+.2f}{', trained with `' + add['train_set'] + '`' if add.get('train_set') else ''}, "
+            "evaluated on the same seeds, and every heuristic setting the study lacked. "
             "These points join the learned frontier; the main job's point stays target "
             f"{MAIN_TARGET:g} at t {data['code_target_offset']:+.2f}.", "")],
         *([] if tier == "off" else ["The issue's aim is stated with the tier off ([`pareto.md`](pareto.md)); this is the same study "
@@ -366,7 +376,7 @@ def render(data: dict) -> str:
     if overload:
         pick = lambda pol, setting: [r for r in overload if r["policy"] == pol and abs(r["setting"] - setting) < 1e-9]  # noqa: E731
         mean = lambda rs, k: float(np.mean([r[k] for r in rs]))  # noqa: E731
-        lrn = [r for r in pick("learned (slo)", MAIN_TARGET) if row_offset(r, data) == round(data["code_target_offset"], 6)]
+        lrn = [r for r in pick("learned (slo)", MAIN_TARGET) if row_offset(r, data) == round(data["code_target_offset"], 6) and not r.get("train_set")]
         rea = pick("reactive+tier" if data.get("tier") else "reactive", 0.7)
         if lrn and rea:
             lines += [f"Overload (flash crowd: 5x demand for 30 min, held out): the learned policy at target {MAIN_TARGET:g} drops "
@@ -377,9 +387,9 @@ def render(data: dict) -> str:
     for scen in scenarios_measured(data):
         lines += [f"## {scen}", "", "| policy | setting | SLO attainment (%) | $ / 1M tok | goodput per $ (req) | dropped (%) | mean e2e (ms) | quality |",
                   "|---|---|---|---|---|---|---|---|"]
-        for t, d, group in learned_groups(data, scen):
+        for t, d, v, group in learned_groups(data, scen):
             mean = lambda k: np.mean([r[k] for r in group])  # noqa: E731
-            code = "" if d == round(data["code_target_offset"], 6) else f", code t {d:+.2f}"
+            code = ("" if d == round(data["code_target_offset"], 6) else f", code t {d:+.2f}") + (f", `{v}`" if v else "")
             seeds = f" (mean of {len(group)} seeds)" if len(group) > 1 else ""
             lines.append(f"| learned (slo) | target {t:g}{code}{seeds} | {mean('slo_attainment_pct'):.1f} | {mean('cost_usd_per_mtok'):.3f} | "
                          f"{mean('goodput_per_usd'):,.0f} | {mean('dropped_pct'):.2f} | {mean('e2e_mean_ms'):,.0f} | {mean('quality'):.3f} |")
@@ -404,11 +414,11 @@ def plot(json_path: Path) -> None:
     fig, axes = plt.subplots((len(scens) + cols - 1) // cols, cols, figsize=(5 * cols, 3.8 * ((len(scens) + cols - 1) // cols)), squeeze=False)
     for ax, scen in zip(axes.flat, scens):
         pts = learned_points(data, scen)
-        # one line per code-region offset; every offset gets its own marker and shade
-        offsets = sorted(dict.fromkeys(p[1] for p in pts))
-        for i, d in enumerate(offsets):
-            ax.plot([p[2] for p in pts if p[1] == d], [p[3] for p in pts if p[1] == d], "oDPX*"[i % 5] + "-",
-                    color=str(0.6 * i / max(1, len(offsets) - 1)), label=f"learned (slo targets t, code t {d:+.2f})")
+        # one line per (code-region offset, training overrides), each its own marker and shade
+        groups = list(dict.fromkeys((p[1], p[2]) for p in pts))
+        for i, (d, v) in enumerate(groups):
+            ax.plot([p[3] for p in pts if p[1:3] == (d, v)], [p[4] for p in pts if p[1:3] == (d, v)], "oDPX*h"[i % 6] + "-",
+                    color=str(0.6 * i / max(1, len(groups) - 1)), label=f"learned (slo targets t, code t {d:+.2f}{', ' + v if v else ''})")
         for name, marker in zip(data["settings"], "s^<v>"):
             hs = sorted((r for r in data["rows"] if r["scenario"] == scen and r["policy"] == name), key=lambda r: r["setting"])
             ax.plot([r["slo_attainment_pct"] for r in hs], [r["cost_usd_per_mtok"] for r in hs], marker + "--", label=name, alpha=0.8)

@@ -260,3 +260,22 @@ def test_cluster_registered_and_made_by_gymnax():
     assert isinstance(env, cl.ServingCluster) and env.name == "ServingCluster-v0"
     obs, _ = env.reset(jax.random.PRNGKey(0), params)
     assert obs.shape == (params.rtt_s.shape[0], len(cl.CLUSTER_OBS_FIELDS)) == (10, serving.POLICY_INPUT_DIM + 1)
+
+
+def test_cluster_wide_surges_hit_every_region_at_once(cenv, cparams):
+    """In surge_shared_prob of the episodes every region carries the same surge (start,
+    end, multiplier); in the others each region draws its own, exactly as without the
+    option (the same keys give the same surges)."""
+    nodes = cparams.nodes.replace(surge_prob=jnp.full_like(cparams.nodes.surge_prob, 0.25), max_steps_in_episode=jnp.full_like(cparams.nodes.max_steps_in_episode, 2880))
+    own = cparams.replace(nodes=nodes)
+    shared = cparams.replace(nodes=nodes.replace(surge_shared_prob=jnp.full_like(nodes.surge_prob, 0.4)))
+    keys = jax.random.split(jax.random.key(5), 2000)
+    draw = lambda p: np.asarray(jax.vmap(lambda k: cenv.reset_state(k, p).nodes.surge)(keys), np.float64)  # noqa: E731
+    s_own, s_shared = draw(own), draw(shared)
+    same = (s_shared == s_shared[:, :1]).all(axis=(1, 2))
+    assert same.mean() == pytest.approx(0.4, abs=0.04)
+    assert (s_shared[same, 0, 2] > 1.0).all()  # a shared episode always surges
+    np.testing.assert_array_equal(s_shared[~same], s_own[~same])
+    # Independent draws almost never surge in every region at once.
+    assert not (s_own[..., 2] > 1.0).all(axis=1).any()
+    assert (s_shared[same, 0, 1] - s_shared[same, 0, 0]).min() >= serving.SURGE_DURATION_S[0] - 1

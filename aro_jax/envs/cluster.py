@@ -185,7 +185,15 @@ class ServingCluster(StateObservedEnv):
         random_start = jnp.floor(jax.random.uniform(k_clock, (), maxval=7 * 86_400.0) / tick) * tick
         clock = jnp.where(nodes.random_start[0] > 0.5, random_start, nodes.start_time_s[0])
         nodes = nodes.replace(random_start=jnp.zeros((r,)), start_time_s=jnp.full((r,), clock))
-        return self.reset_regions_state(jax.random.split(k_nodes, r), params.replace(nodes=nodes))
+        state = self.reset_regions_state(jax.random.split(k_nodes, r), params.replace(nodes=nodes))
+        # A cluster-wide surge (surge_shared_prob of the episodes): one draw, from the
+        # cluster's own stream, replaces every region's (the first region's episode length).
+        k_on, k_surge = jax.random.split(jax.random.fold_in(k_clock, 1))
+        first = jax.tree.map(lambda x: x[0], nodes)
+        shared = serving.draw_surge(k_surge, clock, first.replace(surge_prob=1.0))
+        on = jax.random.uniform(k_on) < first.surge_shared_prob
+        surge = jnp.where(on, jnp.broadcast_to(shared, state.nodes.surge.shape), state.nodes.surge)
+        return state.replace(nodes=state.nodes.replace(surge=surge))
 
     def reset_regions_state(self, keys, params: ClusterParams) -> ClusterState:
         """Reset each region with its own key (regions' own start times)."""

@@ -155,6 +155,11 @@ class EnvParams(environment.EnvParams):
     # scenarios evaluated (apply_scenario) carry none.
     surge_prob: float = 0.0
     surge_max_multiplier: float = 3.0
+    # Cluster-wide surges (ServingCluster only): in this share of training episodes one
+    # surge hits every region at once (the same start, length and multiplier), in place of
+    # the regions' own draws, so forwarding to peers is no escape from a demand event that
+    # loads them all (a launch, a news cycle: the held-out traces load every region at once).
+    surge_shared_prob: float = 0.0
     # Training token lengths (domain randomisation): in this share of episodes the prompt
     # and answer lengths' log-means move by uniform offsets up to the gap between the chat
     # and code mixes (serving.draw_token_shift); the scenarios evaluated carry none.
