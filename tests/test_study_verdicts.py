@@ -41,6 +41,16 @@ def test_frontier_aim_judges_the_main_point_and_every_heuristic_in_the_band():
     assert a["frontier_below"] and a["contenders"] == 1
 
 
+
+def test_points_trained_under_other_settings_join_the_frontier_but_not_the_main_point():
+    data = study(row("static-peak", 0.3, 85.0, 1.2))  # cheaper than the added 86 % point at 1.5
+    data["rows"].append(row("learned (slo)", 0.9, 86.0, 0.5, seed=0, train_set="env.surge_shared_prob=0.25"))
+    (a,) = pareto.aims(data)
+    assert a["main"] == (80.0, 1.0)  # not the mean with the other training's point
+    assert a["frontier_below"]  # only the other training's 86 % point at 0.5 beats the heuristic
+    labels = [(t, d, v) for t, d, v, _ in pareto.learned_groups(data, "diurnal")]
+    assert labels == [(0.9, OWN, ""), (0.9, ADDED, ""), (0.9, OWN, "env.surge_shared_prob=0.25")]
+
 def test_band_no_heuristic_reaches_is_met_only_by_a_learned_point_in_it():
     (a,) = pareto.aims(study(row("static-peak", 0.3, 70.0, 2.0)))
     assert a["frontier_below"] and a["contenders"] == 0
