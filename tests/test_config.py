@@ -24,6 +24,7 @@ from aro_jax.config import DEFAULT_CONFIG, ConfigError, ExperimentConfig, load_c
         (["env.surge_shared_prob=2"], "config key 'env.surge_shared_prob'"),
         (["env.kind=node", "env.surge_shared_prob=0.2"], "config key 'env.surge_shared_prob'"),  # no peers share the surge
         (["env.token_shift_prob=-0.1"], "config key 'env.token_shift_prob'"),
+        (["env.burst_shift_prob=1.5"], "config key 'env.burst_shift_prob'"),
         (["env.random_fleet_prob=1.5"], "config key 'env.random_fleet_prob'"),
         (["env.demand_phase_prob=-0.5"], "config key 'env.demand_phase_prob'"),
         (["env.demand_scale_max=0.5"], "config key 'env.demand_scale_max'"),  # below 1 would shrink every episode
@@ -32,7 +33,7 @@ from aro_jax.config import DEFAULT_CONFIG, ConfigError, ExperimentConfig, load_c
         (["federated.personal_sends=offset", "federated.server_momentum=0.5"], "config key 'federated.personal_sends'"),
         (["federated.personal_mix_anneal=true", "federated.personal_mix=1.0"], "config key 'federated.personal_mix_anneal'"),  # no personal policy
     ],
-    ids=["unknown-key", "wrong-type", "minibatches-not-dividing", "unknown-profile", "held-out-scenario", "negative-rate", "override-syntax", "margin-past-one", "drop-margin-past-zero", "surge-as-heavy-as-held-out", "surge-prob-past-one", "shared-surge-prob-past-one", "shared-surge-without-cluster", "token-shift-prob-negative", "random-fleet-prob-past-one", "demand-phase-prob-negative", "demand-scale-below-one", "unknown-message", "offset-without-personal", "offset-with-momentum", "anneal-without-personal"],
+    ids=["unknown-key", "wrong-type", "minibatches-not-dividing", "unknown-profile", "held-out-scenario", "negative-rate", "override-syntax", "margin-past-one", "drop-margin-past-zero", "surge-as-heavy-as-held-out", "surge-prob-past-one", "shared-surge-prob-past-one", "shared-surge-without-cluster", "token-shift-prob-negative", "burst-shift-prob-past-one", "random-fleet-prob-past-one", "demand-phase-prob-negative", "demand-scale-below-one", "unknown-message", "offset-without-personal", "offset-with-momentum", "anneal-without-personal"],
 )
 def test_invalid_override_names_the_key(overrides, expected):
     with pytest.raises(ConfigError) as err:

@@ -461,8 +461,9 @@ def test_evaluated_scenarios_carry_no_surge_and_no_token_shift():
     from aro_jax.config import load_config
 
     cfg = load_config(None, ["env.surge_prob=0.5", "env.surge_max_multiplier=4", "env.token_shift_prob=0.4", "env.random_fleet_prob=0.3",
-                             "env.demand_phase_prob=0.2", "env.demand_scale_max=2"])
+                             "env.demand_phase_prob=0.2", "env.demand_scale_max=2", "env.burst_shift_prob=0.3", "env.surge_shared_prob=0.2"])
     train = scenarios.cluster_params(cfg, "train")
+    assert (np.asarray(train.burst_shift_prob) == 0.3).all() and (np.asarray(train.surge_shared_prob) == 0.2).all()
     assert (np.asarray(train.demand_scale_max) == 2.0).all()
     assert (np.asarray(train.surge_prob) == 0.5).all() and (np.asarray(train.token_shift_prob) == 0.4).all()
     assert (np.asarray(train.random_fleet_prob) == 0.3).all() and (np.asarray(train.demand_phase_prob) == 0.2).all()
@@ -472,6 +473,7 @@ def test_evaluated_scenarios_carry_no_surge_and_no_token_shift():
             assert (np.asarray(p.surge_prob) == 0.0).all() and (np.asarray(p.token_shift_prob) == 0.0).all(), scenario
             assert (np.asarray(p.random_fleet_prob) == 0.0).all() and (np.asarray(p.demand_phase_prob) == 0.0).all(), scenario
             assert (np.asarray(p.demand_scale_max) == 1.0).all(), scenario
+            assert (np.asarray(p.burst_shift_prob) == 0.0).all() and (np.asarray(p.surge_shared_prob) == 0.0).all(), scenario
 
 
 # --------------------------------------------------------------------------------------
@@ -600,6 +602,33 @@ def test_a_token_shift_changes_the_service_and_nothing_else_when_zero(env, param
     np.testing.assert_allclose(longer[:, 0], plain[:, 0], rtol=1e-6)  # the same arrivals
     assert (longer[:, 1] < 0.6 * plain[:, 1]).all()  # e^1.5 = 4.5x the answer tokens
     assert longer[:, 2].mean() > plain[:, 2].mean()
+
+
+def test_burst_shifts_give_a_chat_node_the_code_traces_bursts(env, params):
+    """One episode in burst_shift_prob carries the code trace's burst process: a
+    conversation node's 30 s counts then swing with CV about 1.27 instead of 0.22 around
+    the same expected rate; without it the episode is exactly as before."""
+    keys = jax.random.split(jax.random.key(5), 4000)
+    drawn = jax.vmap(lambda k: env.reset_state(k, params.replace(burst_shift_prob=0.3)))(keys)
+    assert np.asarray(drawn.burst_shift).mean() == pytest.approx(0.3, abs=0.03)
+    assert set(np.unique(np.asarray(drawn.burst_shift))) == {0.0, 1.0}
+
+    base = params.replace(random_start=0.0, start_time_s=10 * 3600.0, max_steps_in_episode=100_000,
+                          traffic=params.traffic.replace(mean_rate_rps=200.0, diurnal_peak_to_trough=1.0, weekend_factor=1.0))
+    _, state = env.reset(jax.random.key(0), base)
+
+    def counts(s):
+        def tick_fn(s, k):
+            _, s, _, _, _, info = env.step(k, s, 0, base)
+            return s, info["metrics"]["arrivals"]
+        return np.asarray(jax.lax.scan(tick_fn, s, jax.random.split(jax.random.key(1), 3000))[1], np.float64)
+
+    plain, bursty = counts(state), counts(state.replace(burst_shift=jnp.ones(())))
+    np.testing.assert_array_equal(counts(state.replace(burst_shift=jnp.zeros(()))), plain)
+    cv = lambda x: x.std() / x.mean()  # noqa: E731
+    assert cv(plain) == pytest.approx(0.22, abs=0.05)
+    assert cv(bursty) == pytest.approx(1.27, rel=0.25)
+    assert bursty.mean() == pytest.approx(plain.mean(), rel=0.15)
 
 
 # --------------------------------------------------------------------------------------

@@ -164,6 +164,10 @@ class EnvParams(environment.EnvParams):
     # and answer lengths' log-means move by uniform offsets up to the gap between the chat
     # and code mixes (serving.draw_token_shift); the scenarios evaluated carry none.
     token_shift_prob: float = 0.0
+    # Training burstiness (domain randomisation): in this share of episodes the arrivals
+    # follow the code trace's burst process (serving.with_burst_shift), whatever the
+    # region's own mix; the scenarios evaluated carry none.
+    burst_shift_prob: float = 0.0
     # Training starting fleets (domain randomisation): in this share of episodes the fleet
     # starts at a whole number of replicas drawn uniformly in [min_replicas, max_replicas],
     # with the CPU and memory that size it (serving.draw_start_fleet), instead of

@@ -215,6 +215,7 @@ def cluster_params(cfg, scenario: str = "train") -> EnvParams:
                           surge_max_multiplier=float(getattr(cfg.env, "surge_max_multiplier", 3.0)),
                           surge_shared_prob=float(getattr(cfg.env, "surge_shared_prob", 0.0)),
                           token_shift_prob=float(getattr(cfg.env, "token_shift_prob", 0.0)),
+                          burst_shift_prob=float(getattr(cfg.env, "burst_shift_prob", 0.0)),
                           random_fleet_prob=float(getattr(cfg.env, "random_fleet_prob", 0.0)),
                           demand_phase_prob=float(getattr(cfg.env, "demand_phase_prob", 0.0)),
                           demand_scale_max=float(getattr(cfg.env, "demand_scale_max", 1.0)))
@@ -243,7 +244,7 @@ def evaluated_day(params: EnvParams) -> EnvParams:
     """A node's params as every evaluation runs them: from Monday 00:00 UTC, without the
     training distribution's random start, surges, token-length shifts, starting fleets,
     demand phases or demand levels."""
-    return params.replace(random_start=0.0, start_time_s=0.0, surge_prob=0.0, surge_shared_prob=0.0, token_shift_prob=0.0, random_fleet_prob=0.0,
+    return params.replace(random_start=0.0, start_time_s=0.0, surge_prob=0.0, surge_shared_prob=0.0, token_shift_prob=0.0, burst_shift_prob=0.0, random_fleet_prob=0.0,
                           demand_phase_prob=0.0, demand_scale_max=1.0)
 
 

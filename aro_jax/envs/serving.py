@@ -48,6 +48,7 @@ class EnvState(environment.EnvState):
     burst_z: jax.Array  # log-AR(1) burst state of the arrivals
     surge: jax.Array  # (start s, end s, demand multiplier) of the episode's surge; multiplier 1: none
     token_shift: jax.Array  # (input, output) log-mean offsets of the episode's token lengths; 0: none
+    burst_shift: jax.Array  # 1: the episode's arrivals follow the code trace's burst process; 0: the region's own
     demand_phase_s: jax.Array  # how far the episode's demand runs ahead of its daily shape; 0: none
     demand_scale: jax.Array  # the episode's demand over the region's planned demand; 1: as planned
     queue_requests: jax.Array
@@ -118,6 +119,7 @@ class ServingNodeEnv(StateObservedEnv):
         # the first tick's metrics are cheap: the expected load against the initial
         # capacity, no latency yet.
         token_shift = draw_token_shift(jax.random.fold_in(key, 2), params)
+        burst_shift = (jax.random.uniform(jax.random.fold_in(key, 6)) < params.burst_shift_prob).astype(jnp.float32)
         capacity = replicas * fluid.replica_capacity_rps(with_token_shift(params, token_shift))
         last = {
             "arrivals": rate * tick,
@@ -145,6 +147,7 @@ class ServingNodeEnv(StateObservedEnv):
             # Its own stream, so the start time's draw is what it was without surges.
             surge=draw_surge(jax.random.fold_in(key, 1), clock_s, params),
             token_shift=token_shift,
+            burst_shift=burst_shift,
             demand_phase_s=demand_phase_s,
             demand_scale=demand_scale,
             queue_requests=zeros,
@@ -278,6 +281,19 @@ def with_token_shift(params: EnvParams, token_shift) -> EnvParams:
     ))
 
 
+# Training burstiness (EnvParams.burst_shift_prob): the code mix's log-AR(1) burst process,
+# fitted to the Azure 2023 code trace's 30 s counts (scenarios.TRAFFIC_MIXES: CV 1.274,
+# lag-1 0.282, against the conversation trace's 0.217 and 0.896), the burstier of the two.
+BURSTY = {k: scenarios.TRAFFIC_MIXES["code"][k] for k in ("burst_cv", "burst_ac1")}
+
+
+def with_burst_shift(traffic, burst_shift):
+    """`traffic` with the code trace's burst process where the episode has a burst shift."""
+    on = burst_shift > 0.5
+    return traffic.replace(burst_cv=jnp.where(on, BURSTY["burst_cv"], traffic.burst_cv),
+                           burst_ac1=jnp.where(on, BURSTY["burst_ac1"], traffic.burst_ac1))
+
+
 def begin_tick(key, state: EnvState, action, params: EnvParams) -> dict:
     """First half of a tick: apply the decision and draw the tick's arrivals. Returns the
     plan `serve_planned` and `end_tick` read (the cluster env routes forwarded requests
@@ -324,7 +340,7 @@ def begin_tick(key, state: EnvState, action, params: EnvParams) -> dict:
     offline = jnp.where(switching, jnp.abs(small_gpu_share(params, small) - small_gpu_share(params, state.small_active_fraction)), 0.0)
 
     # 2. This tick's traffic.
-    demand = surged(episode_demand(params.traffic, state.demand_phase_s, state.demand_scale), state.surge)
+    demand = with_burst_shift(surged(episode_demand(params.traffic, state.demand_phase_s, state.demand_scale), state.surge), state.burst_shift)
     arrivals, burst_z = arrivals_ar(e_burst, z_count, state.clock_s, tick, demand, state.burst_z)
     # Prompts over the context window are rejected at admission (counted, never capped);
     # the fluid model serves the admitted ones with this tick's token mix.
@@ -389,6 +405,7 @@ def end_tick(state: EnvState, plan: dict, core: dict, queue, forwarded, peer: di
         burst_z=plan["burst_z"],
         surge=state.surge,
         token_shift=state.token_shift,
+        burst_shift=state.burst_shift,
         demand_phase_s=state.demand_phase_s,
         demand_scale=state.demand_scale,
         queue_requests=queue,
