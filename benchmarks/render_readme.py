@@ -470,7 +470,8 @@ def pareto() -> list[str]:
         d, stem = load(name), name.removesuffix(".json")
         lines += [f"`{d['command']}` → [`benchmarks/{stem}.md`](benchmarks/{stem}.md) ([plot](benchmarks/{stem}.png)): the main job's "
                   f"config (at the study's commit) trained to targets {', '.join(f'{t:g}' for t in d['targets'])} ({d['seeds']} seed{'s' if d['seeds'] > 1 else ''}"
-                  + "".join(f"; then {', '.join(f'{t:g}' for t in add['targets'])} with the code regions at t {add['code_target_offset']:+.2f} "
+                  + "".join(f"; then {', '.join(f'{t:g}' for t in add['targets'])} with the code regions at t {add['code_target_offset']:+.2f}"
+                            + (f", trained with `{add['train_set']}`" if add.get("train_set") else "") + " "
                             f"({add['seeds']} seed{'s' if add['seeds'] > 1 else ''}, `{add['command']}`)" for add in d.get("additions", []))
                   + ", "
                   f"{d['clusters']} clusters per region, {d['steps'] / 1e6:g}M env steps, `env.token_shift_prob={d.get('token_shift_prob', 0.0):g}`, "
