@@ -8,13 +8,12 @@ attainment targets, one run per (target, seed), all trained in one compiled prog
 targets are hyperparameter leaves, vmapped with the seeds); the trained weights are saved
 to `--weights`, and `--evaluate-only` evaluates them again without training. The code
 regions' target keeps an offset from the chat regions' (the main job's by default,
-`--code-target-offset` to move it), `--set` trains them under other training settings
-(labelled with them, e.g. cluster-wide surges); `--add` trains further targets (at another offset,
-say) and merges them, with any heuristic setting the JSON lacks, into the JSON already
-there. Heuristics: Reactive (HPA) at
-several target loads, Predictive at several headrooms, both also with spill-over routing,
-and Static sized for the peak at several utilisations; each family's settings are vmapped
-in one compiled evaluation. Every policy is evaluated on the same seeds. Writes
+`--code-target-offset` to move it) and `--set` trains them under other training settings
+(their points labelled with them); `--add` trains further targets (at another offset, say)
+and merges them, with any heuristic setting the JSON lacks, into the JSON already there.
+Heuristics: Reactive (HPA) at several target loads, Predictive at several headrooms, both
+also with spill-over routing, and Static sized for the peak at several utilisations; each
+family's settings are vmapped in one compiled evaluation. Every policy is evaluated on the same seeds. Writes
 pareto.json, then pareto.md and pareto.png from it.
 
 usage: python benchmarks/pareto.py [--targets 0.75 0.8 0.85 0.9 0.95] [--seeds 1]

@@ -242,10 +242,10 @@ def with_cluster_peers(nodes: list[EnvParams], names: list[str], models: list[st
 
 def evaluated_day(params: EnvParams) -> EnvParams:
     """A node's params as every evaluation runs them: from Monday 00:00 UTC, without the
-    training distribution's random start, surges, token-length shifts, starting fleets,
-    demand phases or demand levels."""
-    return params.replace(random_start=0.0, start_time_s=0.0, surge_prob=0.0, surge_shared_prob=0.0, token_shift_prob=0.0, burst_shift_prob=0.0, random_fleet_prob=0.0,
-                          demand_phase_prob=0.0, demand_scale_max=1.0)
+    training distribution's random start, surges (own or cluster-wide), token-length and
+    burst shifts, starting fleets, demand phases or demand levels."""
+    return params.replace(random_start=0.0, start_time_s=0.0, surge_prob=0.0, surge_shared_prob=0.0, token_shift_prob=0.0,
+                          burst_shift_prob=0.0, random_fleet_prob=0.0, demand_phase_prob=0.0, demand_scale_max=1.0)
 
 
 def apply_scenario(params: EnvParams, scenario: str, data_dir: str | Path | None = None) -> EnvParams:
