@@ -13,8 +13,8 @@ regions' target keeps an offset from the chat regions' (the main job's by defaul
 and merges them, with any heuristic setting the JSON lacks, into the JSON already there.
 Heuristics: Reactive (HPA) at several target loads, Predictive at several headrooms, both
 also with spill-over routing, and Static sized for the peak at several utilisations; each
-family's settings are vmapped in one compiled evaluation. Every policy is evaluated on the same seeds. Writes
-pareto.json, then pareto.md and pareto.png from it.
+family's settings are vmapped in one compiled evaluation. Every policy is evaluated on the
+same seeds. Writes pareto.json, then pareto.md and pareto.png from it.
 
 usage: python benchmarks/pareto.py [--targets 0.75 0.8 0.85 0.9 0.95] [--seeds 1]
            [--steps 30000000] [--clusters 16] [--eval-seeds 4] [--scenarios ...]
@@ -164,9 +164,8 @@ def main() -> int:
     ap.add_argument("--render-only", action="store_true")
     args = ap.parse_args()
     out = OUT.with_name("pareto_tier.json") if args.tier else OUT
-    code = "" if args.code_target_offset is None else f"_code{args.code_target_offset:+g}"
-    code += "".join(f"_{o.replace('=', '')}" for o in args.set)
-    args.weights = args.weights or f"runs/pareto/weights{'_tier' if args.tier else ''}{code}.msgpack"
+    suffix = ("" if args.code_target_offset is None else f"_code{args.code_target_offset:+g}") + "".join(f"_{o.replace('=', '')}" for o in args.set)
+    args.weights = args.weights or f"runs/pareto/weights{'_tier' if args.tier else ''}{suffix}.msgpack"
     train_set = " ".join(args.set)
     if args.render_only:
         write_report(out, None, render)
@@ -248,13 +247,18 @@ def row_offset(row, data) -> float:
     return round(row.get("code_offset", data["code_target_offset"]), 6)
 
 
+def is_main_job(offset: float, train_set: str, data) -> bool:
+    """Whether a learned point was trained as the main job is: the study's own code offset,
+    no `--set` overrides."""
+    return offset == round(data["code_target_offset"], 6) and not train_set
+
+
 def learned_groups(data, scen) -> list[tuple[float, float, str, list[dict]]]:
     """(target, code offset, training overrides, the seeds' rows) per learned point, the
     study's own offset and training first, each (offset, overrides) in target order."""
     rows = [r for r in data["rows"] if r["policy"].startswith("learned") and r["scenario"] == scen]
-    own = round(data["code_target_offset"], 6)
     label = lambda r: (row_offset(r, data), r.get("train_set", ""), r["setting"])  # noqa: E731
-    keys = sorted(set(map(label, rows)), key=lambda k: (k[0] != own or k[1] != "", k[1], k[0], k[2]))
+    keys = sorted(set(map(label, rows)), key=lambda k: (not is_main_job(k[0], k[1], data), k[1], k[0], k[2]))
     return [(t, d, v, [r for r in rows if label(r) == (d, v, t)]) for d, v, t in keys]
 
 
@@ -293,7 +297,7 @@ def aims(data) -> list[dict]:
         covered = [h for h in heur if span[0] <= h["slo_attainment_pct"] <= span[1]]
         # The main job's point: its target at the study's own code offset and training.
         main = next(((att, cost) for t, d, v, att, cost, _ in learned
-                     if abs(t - MAIN_TARGET) < 1e-9 and d == round(data["code_target_offset"], 6) and not v), None)
+                     if abs(t - MAIN_TARGET) < 1e-9 and is_main_job(d, v, data)), None)
         saving = cheapest = None
         if main:
             reach = [h for h in heur if h["slo_attainment_pct"] >= main[0]]
@@ -375,7 +379,7 @@ def render(data: dict) -> str:
     if overload:
         pick = lambda pol, setting: [r for r in overload if r["policy"] == pol and abs(r["setting"] - setting) < 1e-9]  # noqa: E731
         mean = lambda rs, k: float(np.mean([r[k] for r in rs]))  # noqa: E731
-        lrn = [r for r in pick("learned (slo)", MAIN_TARGET) if row_offset(r, data) == round(data["code_target_offset"], 6) and not r.get("train_set")]
+        lrn = [r for r in pick("learned (slo)", MAIN_TARGET) if is_main_job(row_offset(r, data), r.get("train_set", ""), data)]
         rea = pick("reactive+tier" if data.get("tier") else "reactive", 0.7)
         if lrn and rea:
             lines += [f"Overload (flash crowd: 5x demand for 30 min, held out): the learned policy at target {MAIN_TARGET:g} drops "
