@@ -148,10 +148,12 @@ def defence_for(name: str, f: int) -> tuple[str, int, tuple]:
 class Study:
     """The compiled grid program and evaluator, built once."""
 
-    def __init__(self, steps: int, attack_names: list[str], method: str, pre_rows: list[str]):
+    def __init__(self, steps: int, attack_names: list[str], method: str, pre_rows: list[str], train_set: list[str] = ()):
         # "local": the Local-only reference, each region training alone (nothing is
         # aggregated, so the attack and the defence pass through unused).
-        self.cfg = study_config(steps, ["federated.mode=local"] if method == LOCAL else ["federated.mode=federated", *METHODS[method]])
+        self.train_set = " ".join(train_set)
+        self.cfg = study_config(steps, [*(["federated.mode=local"] if method == LOCAL else ["federated.mode=federated", *METHODS[method]]),
+                                        *train_set])
         self.method = method
         self.defences = defences(pre_rows)
         self.attacks = attack_names
@@ -204,7 +206,8 @@ class Study:
             scores = evaluated(self.cfg, self.evaluate(self.deployed(state)))
             out += [{"method": self.method, "aggregator": self.row_name(defence), "f_assumed": defence[1], "f": 0 if a == "none" else f, "attack": a,
                      "strength": s, "seed": seed, "rounds": done_rounds, "env_steps": done_rounds * self.steps_per_round,
-                     **score, "commit": COMMIT} for (a, s, seed), score in zip(runs, scores)]
+                     **score, **({"train_set": self.train_set} if self.train_set else {}), "commit": COMMIT}
+                    for (a, s, seed), score in zip(runs, scores)]
             print(f"  {done_rounds} rounds: " + ", ".join(f"{a} {np.mean([r['score'] for r in out[-len(runs):] if r['attack'] == a]):.3f}"
                                                       for a in dict.fromkeys(a for a, _, _ in runs)), flush=True)
         return out
@@ -319,11 +322,16 @@ def main():
     ap.add_argument("--local", action="store_true", help="also run the Local-only reference")
     ap.add_argument("--render-only", action="store_true")
     ap.add_argument("--part", default="0/1", help="k/P: run every P-th batch starting at k")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="curves only: train under this config override too (repeatable); the runs are labelled with it and "
+                         "compared only with runs trained the same way, Local-only's included")
     ap.add_argument("--curve", type=int, default=0, metavar="POINTS",
                     help="instead of the grid: the learning curves of these rows and attacks, evaluated at POINTS budgets (robustness_curve.json)")
     args = ap.parse_args()
     recorded = json.loads(GRID_ARGS.read_text()) if GRID_ARGS.exists() else None
-    mine = {k: v for k, v in vars(args).items() if k not in ("part", "render_only", "curve")}
+    mine = {k: v for k, v in vars(args).items() if k not in ("part", "render_only", "curve", "set")}
+    if args.set and not args.curve:
+        ap.error("--set trains curves under other settings: give it with --curve")
     if args.curve or args.render_only:  # the grid's own command draws the grid's header
         grid_args = argparse.Namespace(**recorded) if recorded else args
     elif recorded and {k: v for k, v in recorded.items() if k != "later"} != mine:
@@ -389,13 +397,13 @@ def run_curves(args) -> None:
         aggregator = "local-only" if method == LOCAL else defence_name(defence)
         have = {(r["attack"], strength_key(r["strength"]), r["seed"]) for r in data["records"]
                 if (r["method"], r["aggregator"], r["f_assumed"]) == (method, aggregator, defence[1]) and r["f"] in (0, f)
-                and r["env_steps"] >= 0.99 * args.steps}
+                and r["env_steps"] >= 0.99 * args.steps and r.get("train_set", "") == " ".join(args.set)}
         cells = [(a, strength_value(x, f)) for a in (["none"] if method == LOCAL else args.attacks)
                  for x in STRENGTHS[a][: None if args.sweep else 1]]
         runs = [(a, x, seed) for a, x in cells for seed in range(args.seeds) if (a, strength_key(x), seed) not in have]
         if not runs:
             continue
-        study = Study(args.steps, args.attacks, method, args.pre)
+        study = Study(args.steps, args.attacks, method, args.pre, args.set)
         t0 = time.perf_counter()
         print(f"{method} {aggregator} f={f}: curve of {len(runs)} runs", flush=True)
         data["records"] += study.curve(defence, f, runs, args.curve)
@@ -405,6 +413,33 @@ def run_curves(args) -> None:
         CURVE.write_text(json.dumps(data, indent=0))
         jax.clear_caches()
     plot_curves(data)
+
+
+def trained_as(data: dict, train_set: str = "") -> dict:
+    """The curves trained under `train_set` (a run's `--set` overrides, joined; "": the
+    study's own config): runs trained otherwise are never compared with them."""
+    return {**data, "records": [r for r in data["records"] if r.get("train_set", "") == train_set]}
+
+
+def other_settings(data: dict) -> list[str]:
+    """Per `--set` the curves ran under: their table and their lead over Local-only trained
+    the same way."""
+    lines = []
+    for train_set in dict.fromkeys(r["train_set"] for r in data["records"] if r.get("train_set")):
+        sub = trained_as(data, train_set)
+        lines += [f"### Trained with `{train_set}`", "",
+                  "The rows below, Local-only's included, trained with these overrides on top of the study's config; compared only "
+                  "with one another.", "", *curve_table(sub), "", *versus_local(sub)]
+        recs = curve_view(sub, F_AIM)["records"]
+        n = max(r["env_steps"] for r in recs)
+        for m, a in dict.fromkeys((r["method"], r["aggregator"]) for r in recs if r["aggregator"] != "local-only"):
+            lead, paired = lead_over_local(recs, m, a, n), paired_with_local(recs, m, a, n)
+            if lead and paired:
+                lines += [f"At {n / 1e6:.3g}M env steps, {m} {a} against Local-only, both trained with `{train_set}`: "
+                          f"{lead[0]:+.3f} +- {lead[1]:.3f} ({lead[2]} / {lead[3]} seeds): >= Local-only **{versus_local_verdict(*lead[:2])}**"
+                          f"{lead_parts(recs, m, a, n)}; seed by seed higher in {paired[0]} of {paired[1]} seeds "
+                          f"(median difference {paired[2]:+.3f}).", ""]
+    return lines
 
 
 def curve_view(data: dict, f: int) -> dict:
@@ -465,16 +500,30 @@ def curve_table(data: dict) -> list[str]:
     return lines
 
 
-def lead_over_local(recs: list[dict], method: str, aggregator: str, env_steps: int) -> tuple[float, float, int, int] | None:
-    """A row's no-attack mean score minus Local-only's at `env_steps`, the standard error of
-    that difference over training seeds (Welch), and the two seed counts; None below 2
-    seeds each. A lead within about two standard errors cannot be told from a tie."""
-    runs = lambda m, a: [r["score"] for r in recs if (r["method"], r["aggregator"], r["attack"]) == (m, a, "none")  # noqa: E731
+# What a lead over Local-only is made of: the score, its mean reward (cost and quality),
+# and its constraint penalty (score - reward, so a lead there is fewer violations).
+PARTS = {"score": lambda r: r["score"], "reward": lambda r: r["reward"], "penalty": lambda r: r["score"] - r["reward"]}
+
+
+def lead_over_local(recs: list[dict], method: str, aggregator: str, env_steps: int, part: str = "score") -> tuple[float, float, int, int] | None:
+    """A row's no-attack mean `part` (PARTS) minus Local-only's at `env_steps`, the standard
+    error of that difference over training seeds (Welch), and the two seed counts; None
+    below 2 seeds each. A lead within about two standard errors cannot be told from a tie."""
+    runs = lambda m, a: [PARTS[part](r) for r in recs if (r["method"], r["aggregator"], r["attack"]) == (m, a, "none")  # noqa: E731
                          and abs(r["env_steps"] - env_steps) <= 0.01 * env_steps]
     x, y = runs(method, aggregator), runs(LOCAL, "local-only")
     if len(x) < 2 or len(y) < 2:
         return None
     return float(np.mean(x) - np.mean(y)), float(np.sqrt(np.var(x, ddof=1) / len(x) + np.var(y, ddof=1) / len(y))), len(x), len(y)
+
+
+def lead_parts(recs: list[dict], method: str, aggregator: str, env_steps: int) -> str:
+    """'; of it, reward ... and constraint penalty ...': the lead_over_local of each part."""
+    leads = {k: lead_over_local(recs, method, aggregator, env_steps, k) for k in ("reward", "penalty")}
+    if None in leads.values():
+        return ""
+    return (f"; of it, the mean reward (cost and quality) {leads['reward'][0]:+.3f} +- {leads['reward'][1]:.3f} and the constraint "
+            f"penalty {leads['penalty'][0]:+.3f} +- {leads['penalty'][1]:.3f} (positive: fewer violations than Local-only)")
 
 
 def paired_with_local(recs: list[dict], method: str, aggregator: str, env_steps: int) -> tuple[int, int, float] | None:
@@ -503,11 +552,16 @@ def versus_local(data: dict) -> list[str]:
     if len(steps) < 2 or not fed:
         return []
     lines = ["Federation against Local-only, no attack: each row's mean score minus Local-only's at the same budget, +- the standard "
-             "error of the difference over training seeds (seeds of the row / of Local-only); positive: federation leads.", "",
+             "error of the difference over training seeds (seeds of the row / of Local-only); positive: federation leads. Under each row, the "
+             "lead split into its two parts: the mean reward (cost and quality) and the constraint penalty (score - reward; positive: "
+             "fewer violations than Local-only).", "",
              "| method | aggregator | " + " | ".join(f"{n / 1e6:.3g}M" for n in steps) + " |", "|---|---|" + "---|" * len(steps)]
     for m, a in fed:
-        leads = [lead_over_local(recs, m, a, n) for n in steps]
-        lines.append(f"| {m} | {a} | " + " | ".join("-" if c is None else f"{c[0]:+.3f} +- {c[1]:.3f} ({c[2]} / {c[3]})" for c in leads) + " |")
+        for part in PARTS:
+            leads = [lead_over_local(recs, m, a, n, part) for n in steps]
+            head = f"| {m} | {a} |" if part == "score" else f"| | of which {part} |"
+            lines.append(f"{head} " + " | ".join("-" if c is None else f"{c[0]:+.3f} +- {c[1]:.3f}" + (f" ({c[2]} / {c[3]})" if part == "score" else "")
+                                                 for c in leads) + " |")
     return lines + [""]
 
 
@@ -556,7 +610,7 @@ def curve_aim(data: dict, f: int = F_AIM) -> list[str]:
             f"cell is **{m} {a}**, {score:.3f} under {attack} ({strength:g}) against {base:.3f} with no attack on the same {seeds} seeds: keeps "
             f"{100 * kept:.0f} %, >= 90 % **{'met' if kept >= 0.9 else 'not met'}**"
             + ("" if lead is None else f"; its no-attack lead over Local-only {lead[0]:+.3f} +- {lead[1]:.3f} ({lead[2]} / {lead[3]} seeds): "
-               f">= Local-only **{versus_local_verdict(*lead[:2])}**")
+               f">= Local-only **{versus_local_verdict(*lead[:2])}**{lead_parts(data['records'], m, a, n)}")
             + ("" if paired is None else f"; seed by seed it scores higher than Local-only in {paired[0]} of {paired[1]} seeds "
                f"(median difference {paired[2]:+.3f})")
             + (f". Noise at this budget: normaliser poisoning ({', '.join(f'{k:g}' for k, _ in poison)}), which cannot reach this "
@@ -617,7 +671,7 @@ def plot_curves(data: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    data = curve_view(data, F_AIM)
+    data = curve_view(trained_as(data), F_AIM)
     recs = data["records"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
     best = best_curve_row(data)
@@ -753,13 +807,15 @@ def render(records: list[dict], args) -> None:
                 summary[f"{method} {name}"] = (base[0], worst, min(present, key=lambda a: (cells[a] or (np.inf,))[0]))
         lines += ["", aim_statement(summary, f, local), ""]
     curve = load_curve()
+    own = trained_as(curve)
     if curve["records"]:
         lines += ["## Learning curves", "",
                   f"Command: {', then '.join(f'`{c}`' for c in curve['commands'])}; {curve['machine']}, {curve['seconds'] / 60:.0f} min; "
                   f"code at commit {', '.join(sorted({r['commit'] for r in curve['records']}))}. The same study config, one run per "
                   "seed evaluated along the way (so the learning-rate schedule is the whole budget's), "
                   "mean score over the seeds in the *seeds* column. "
-                  "[Plot](robustness_curve.png).", "", *curve_table(curve), "", *versus_local(curve), *curve_aims(curve), *noise_floor(curve)]
+                  "[Plot](robustness_curve.png).", "", *curve_table(own), "", *versus_local(own), *curve_aims(own), *noise_floor(own),
+                  *other_settings(curve)]
     (HERE / "robustness.md").write_text("\n".join(lines) + "\n")
 
 

@@ -92,3 +92,29 @@ def test_an_attack_is_judged_against_no_attack_on_its_own_seeds():
     ((_, (score, worst)), *_rest) = robustness.best_curve_row(data)
     assert worst == ("alie", 0.0) and score == -1.5
     assert abs(robustness.kept_share(-1.0, -1.5) - 0.5) < 1e-9
+
+
+def test_curves_trained_otherwise_stay_apart_and_a_lead_splits_into_reward_and_penalty():
+    # Seeds 0 and 1 of a federated row and of Local-only, each also trained with margins.
+    def runs(train_set, fed, local):
+        out = []
+        for seed in (0, 1):
+            for (agg, method), (score, reward) in (((("multi_krum", "m")), fed[seed]), (("local-only", "local"), local[seed])):
+                r = {**curve_run(agg, 3 if method == "m" else 0, 0, "none", score), "method": method, "seed": seed, "reward": reward}
+                out.append({**r, "train_set": train_set} if train_set else r)
+        return out
+
+    own = runs("", fed=[(-1.0, -0.4), (-0.6, -0.5)], local=[(-0.7, -0.6), (-0.9, -0.7)])
+    margins = runs("objective.slo_margin=0.03", fed=[(-0.3, -0.3), (-0.4, -0.4)], local=[(-0.6, -0.6), (-0.7, -0.7)])
+    data = {"records": own + margins}
+    recs = robustness.trained_as(data)["records"]
+    assert recs == own  # the margin runs never enter the study's own curves
+    score, reward, penalty = (robustness.lead_over_local(recs, "m", "multi_krum", 100, part) for part in ("score", "reward", "penalty"))
+    # Federation ties on the score (-0.8 against -0.8) but leads on reward by 0.2 and
+    # trails by as much on the constraint penalty; the parts add up to the score.
+    assert abs(score[0]) < 1e-9 and abs(reward[0] - 0.2) < 1e-9 and abs(penalty[0] + 0.2) < 1e-9
+    assert "+0.200" in robustness.lead_parts(recs, "m", "multi_krum", 100)
+    # Trained with margins, the same row leads by 0.3 on the score, against Local-only's
+    # margin runs only (against the own Local-only runs it would read +0.45).
+    (line, *_rest) = [x for x in robustness.other_settings(data) if x.startswith("At ")]
+    assert "+0.300" in line and "(2 / 2 seeds)" in line
