@@ -588,6 +588,12 @@ def _validate_federated(cfg: ExperimentConfig, require) -> None:
     require(fed.local_updates >= 1, "federated.local_updates", f"must be >= 1, got {fed.local_updates}")
     require(fed.server_lr > 0, "federated.server_lr", f"must be > 0, got {fed.server_lr}")
     require(0 < fed.personal_mix <= 1, "federated.personal_mix", f"must be a share in (0, 1] (1: every region runs the global policy), got {fed.personal_mix}")
+    networks = ("actor", "critic", "cost_critic")
+    require(set(fed.personal_own) <= {*networks, *(f"{n}_out" for n in networks)}
+            and (not fed.personal_own or (fed.mode == "federated" and fed.personal_mix < 1)),
+            "federated.personal_own", f"names networks or output layers a personalised region keeps its own (actor, critic, "
+            f"cost_critic, actor_out, critic_out, cost_critic_out; needs federated.mode=federated and federated.personal_mix < 1), "
+            f"got {list(fed.personal_own)}")
     require(fed.personal_sends in ("delta", "offset"), "federated.personal_sends", f"must be delta or offset, got {fed.personal_sends!r}")
     require(not fed.personal_mix_anneal or (fed.mode == "federated" and fed.personal_mix < 1), "federated.personal_mix_anneal",
             "anneals the pull of personal policies: needs federated.mode=federated and federated.personal_mix < 1")

@@ -357,7 +357,7 @@ def robustness() -> list[str]:
     local = cell.get(("local", "local-only", "none"))
     out += ["", "Methods: *shared*, one robust global policy; *personal*, each region's own policy pulled 1 % of the way to the robust "
             f"global per round (*personal-pullP*: P of the way; *personal-offsetP*: the same, each region sending its model's offset "
-            f"from the global instead of its round's delta, `federated.personal_sends`; *-annealed*: the pull fades with the learning rate, `federated.personal_mix_anneal`); *momentum*, the shared policy with each region sending the momentum of its deltas (beta {study.WORKER_MOMENTUM:g}, "
+            f"from the global instead of its round's delta, `federated.personal_sends`; *-annealed*: the pull fades with the learning rate, `federated.personal_mix_anneal`; *-own-critics*: the value and cost critics stay each region's own, never pulled; *-own-heads*: so does the actor's output layer, `federated.personal_own`); *momentum*, the shared policy with each region sending the momentum of its deltas (beta {study.WORKER_MOMENTUM:g}, "
             "`federated.worker_momentum`).", ""]
     if local:
         out.append(f"Local-only (no federation): {np.mean(local):.2f} / {np.min(local):.2f}.")
@@ -365,10 +365,11 @@ def robustness() -> list[str]:
     for f in sorted({r["f"] for r in every if 0 < r["f"] != 3}):
         rows_f, cell_f = grid(f)
         out += ["", f"{f} of 10 regions Byzantine (fewer rows: robustness.md). " + aim(f, rows_f, cell_f)]
-    versus = study.versus_local(study.load_curve())
+    curve = study.trained_as(study.load_curve())  # the study's own config; runs trained with --set stay in robustness.md
+    versus = study.versus_local(curve)
     if versus:
         out += ["", "From the learning curves (robustness.md, *Learning curves*: the same study config run to 6M env steps, "
-                "evaluated along the way). " + versus[0], *versus[1:], *study.curve_aims(study.load_curve())]
+                "evaluated along the way). " + versus[0], *versus[1:], *study.curve_aims(curve)]
     return out
 
 

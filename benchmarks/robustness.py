@@ -83,13 +83,22 @@ WORKER_MOMENTUM = 0.9
 PERSONAL_PULLS = (0.003, 0.0075, 0.03)
 # "personal-offsetP": a pull of P, each region sending its model's offset from the global
 # (federated.personal_sends), so the global is the robust centre of the regions' models;
-# "-annealed": the pull fades with the learning rate (federated.personal_mix_anneal).
+# "-annealed": the pull fades with the learning rate (federated.personal_mix_anneal);
+# "-own-critics": the value and cost critics stay each region's own (federated.personal_own);
+# "-own-heads": so does the actor's output layer, on pulled hidden layers.
 OFFSET_PULLS = (0.0075, 0.03)
 METHODS = {"shared": ["federated.personal_mix=1.0"], "personal": ["federated.personal_mix=0.01"],
            **{f"personal-pull{p}": [f"federated.personal_mix={p}"] for p in PERSONAL_PULLS},
            **{f"personal-offset{p}": [f"federated.personal_mix={p}", "federated.personal_sends=offset"] for p in OFFSET_PULLS},
            **{f"personal-offset{p}-annealed": [f"federated.personal_mix={p}", "federated.personal_sends=offset",
                                                 "federated.personal_mix_anneal=true"] for p in OFFSET_PULLS},
+           **{f"personal-offset{p}-annealed-own-critics": [f"federated.personal_mix={p}", "federated.personal_sends=offset",
+                                                            "federated.personal_mix_anneal=true", "federated.personal_own=[critic,cost_critic]"]
+              for p in OFFSET_PULLS},
+           **{f"personal-offset{p}-annealed-own-heads": [f"federated.personal_mix={p}", "federated.personal_sends=offset",
+                                                          "federated.personal_mix_anneal=true",
+                                                          "federated.personal_own=[critic,cost_critic,actor_out]"]
+              for p in OFFSET_PULLS},
            "momentum": ["federated.personal_mix=1.0", f"federated.worker_momentum={WORKER_MOMENTUM}"]}
 
 # The Local-only reference row's method: every region trains alone.
@@ -566,27 +575,26 @@ def versus_local(data: dict) -> list[str]:
 
 
 def best_curve_row(data: dict):
-    """At the curves' last budget n, of the rows run there under every attack any row met
-    there: the one with the best worst cell (attack at its most damaging strength; an
-    attack that cannot reach a row, normaliser poisoning for personal policies, is its
-    noise, not an attack on it). A row's worst cell is the one that keeps least of its
-    no-attack score on the seeds both ran (paired_cells). -> ((method, aggregator), (worst
-    score, (attack, strength))), the rows compared, the attacks, n, the rows' paired cells;
-    None without one."""
+    """At the curves' last budget n, of the rows run there under every attack and strength
+    any row met there (a row run at fewer strengths has fewer chances to meet its worst):
+    the one with the best worst cell (an attack that cannot reach a row, normaliser
+    poisoning for personal policies, is its noise, not an attack on it). A row's worst cell
+    is the one that keeps least of its no-attack score on the seeds both ran
+    (paired_cells). -> ((method, aggregator), (worst score, (attack, strength))), the rows
+    compared, the attacks, n, the rows' paired cells; None without one."""
     recs = data["records"]
     n = max((r["env_steps"] for r in recs), default=0)
-    every = {r["attack"] for r in recs if abs(r["env_steps"] - n) <= 0.01 * n} - {"none"}
+    every = {(r["attack"], strength_key(r["strength"])) for r in recs if abs(r["env_steps"] - n) <= 0.01 * n and r["attack"] != "none"}
     worst, cells = {}, {}
     for m, a in dict.fromkeys((r["method"], r["aggregator"]) for r in recs if r["aggregator"] != "local-only"):
         cells[(m, a)] = paired_cells(recs, m, a, n)
-        ran = {k for k, _ in cells[(m, a)]}
-        if "none" in ran and every <= ran:
-            reach = every - ({"normaliser_poisoning"} if is_personal(m) else set())
-            key = min((k for k in cells[(m, a)] if k[0] in reach), key=lambda k: kept_share(*cells[(m, a)][k][1::-1]))
+        if ("none", 0.0) in cells[(m, a)] and every <= cells[(m, a)].keys():
+            reach = {k for k in every if not (is_personal(m) and k[0] == "normaliser_poisoning")}
+            key = min(reach, key=lambda k: kept_share(*cells[(m, a)][k][1::-1]))
             worst[(m, a)] = (cells[(m, a)][key][0], key)
     if not worst:
         return None
-    return max(worst.items(), key=lambda kv: kv[1][0]), list(worst), every, n, cells
+    return max(worst.items(), key=lambda kv: kv[1][0]), list(worst), sorted({k[0] for k in every}), n, cells
 
 
 def curve_aim(data: dict, f: int = F_AIM) -> list[str]:
@@ -604,8 +612,8 @@ def curve_aim(data: dict, f: int = F_AIM) -> list[str]:
     lead = lead_over_local(data["records"], m, a, n)
     paired = paired_with_local(data["records"], m, a, n)
     poison = [(k[1], kept_share(b, v)) for k, (v, b, _) in cells[(m, a)].items() if is_personal(m) and k[0] == "normaliser_poisoning"]
-    return [f"{'Aim' if f == F_AIM else 'The same'} at {n / 1e6:.3g}M env steps ({f} of 10 regions Byzantine from round 0; rows run there under every attack: "
-            f"{', '.join(f'{x} {y}' for x, y in compared)}; attacks {', '.join(sorted(every))}; "
+    return [f"{'Aim' if f == F_AIM else 'The same'} at {n / 1e6:.3g}M env steps ({f} of 10 regions Byzantine from round 0; rows run there under every attack "
+            f"and strength any row ran: {', '.join(f'{x} {y}' for x, y in compared)}; attacks {', '.join(every)}; "
             f"{'strengths swept for ' + ', '.join(swept) if swept else 'first strength each'}): the best by its worst "
             f"cell is **{m} {a}**, {score:.3f} under {attack} ({strength:g}) against {base:.3f} with no attack on the same {seeds} seeds: keeps "
             f"{100 * kept:.0f} %, >= 90 % **{'met' if kept >= 0.9 else 'not met'}**"
@@ -769,7 +777,9 @@ def render(records: list[dict], args) -> None:
         "1 % of the way to the robust global per round, the main job's at the time; *personal-pullP*: P of the way; *personal-offsetP*: "
         "the same, each region sending its model's offset from the global instead of its round's delta, so the global is the robust "
         "centre of the regions' models, federated.personal_sends; *-annealed*: the pull fades with the learning rate, "
-        "federated.personal_mix_anneal). nnm+X: nearest-neighbour mixing before X; arc+X: adaptive robust clipping before X.",
+        "federated.personal_mix_anneal; *-own-critics*: the value and cost critics stay each region's own, never pulled; *-own-heads*: "
+        "so does the actor's output layer, a personal head on pulled hidden layers, federated.personal_own). nnm+X: nearest-neighbour "
+        "mixing before X; arc+X: adaptive robust clipping before X.",
         "",
         f"Attack strengths ({'swept; the worst, by mean over seeds, is reported' if args.sweep else 'the first of each list'}"
         f"{'' if args.sweep or not any('--sweep' in c for c in getattr(args, 'later', [])) else '; every one of each list for the rows of the later commands run with --sweep, each cell at its most damaging'}): "

@@ -32,8 +32,11 @@ from aro_jax.config import DEFAULT_CONFIG, ConfigError, ExperimentConfig, load_c
         (["federated.personal_sends=offset", "federated.personal_mix=1.0"], "config key 'federated.personal_sends'"),  # no personal policy
         (["federated.personal_sends=offset", "federated.server_momentum=0.5"], "config key 'federated.personal_sends'"),
         (["federated.personal_mix_anneal=true", "federated.personal_mix=1.0"], "config key 'federated.personal_mix_anneal'"),  # no personal policy
+        (["federated.personal_own=[actor_in]"], "config key 'federated.personal_own'"),
+        (["federated.personal_own=[critic]", "federated.personal_mix=1.0"], "config key 'federated.personal_own'"),  # no personal policy
     ],
-    ids=["unknown-key", "wrong-type", "minibatches-not-dividing", "unknown-profile", "held-out-scenario", "negative-rate", "override-syntax", "margin-past-one", "drop-margin-past-zero", "surge-as-heavy-as-held-out", "surge-prob-past-one", "shared-surge-prob-past-one", "shared-surge-without-cluster", "token-shift-prob-negative", "burst-shift-prob-past-one", "random-fleet-prob-past-one", "demand-phase-prob-negative", "demand-scale-below-one", "unknown-message", "offset-without-personal", "offset-with-momentum", "anneal-without-personal"],
+    ids=["unknown-key", "wrong-type", "minibatches-not-dividing", "unknown-profile", "held-out-scenario", "negative-rate", "override-syntax", "margin-past-one", "drop-margin-past-zero", "surge-as-heavy-as-held-out", "surge-prob-past-one", "shared-surge-prob-past-one", "shared-surge-without-cluster", "token-shift-prob-negative", "burst-shift-prob-past-one", "random-fleet-prob-past-one", "demand-phase-prob-negative", "demand-scale-below-one", "unknown-message", "offset-without-personal", "offset-with-momentum", "anneal-without-personal",
+         "own-unknown-network", "own-without-personal"],
 )
 def test_invalid_override_names_the_key(overrides, expected):
     with pytest.raises(ConfigError) as err:

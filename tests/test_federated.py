@@ -447,3 +447,25 @@ def test_annealed_pull_follows_the_learning_rate(tiny_config):
         np.testing.assert_allclose(moved, pull * (flat(s.global_params) - models), atol=1e-5)
         assert np.abs(flat(s.global_params) - models).max() > 1e-3  # the nodes stand apart from the global: the pull is visible
     assert pull == 0.0
+
+
+@pytest.mark.timeout(300)
+def test_networks_a_region_keeps_its_own_are_never_pulled(tiny_config):
+    """personal_own=[critic, cost_critic]: after the round the actor has moved half of the
+    way to the global, as without the option, and both critics are the region's own
+    trained ones, untouched by the pull; an output layer can be named alone."""
+    cfg, s0, one_round = _program(tiny_config, ["federated.aggregator=median", "federated.num_byzantine=1", "federated.personal_mix=0.5",
+                                                "federated.personal_sends=offset", "federated.personal_own=[critic,cost_critic]"])
+    s1, _ = one_round(s0)
+    models = flat(s0.global_params) + np.asarray(s1.previous_deltas, np.float64)  # each node's model before the pull
+    kept = np.asarray(fedppo.pulled_mask(s0.global_params, ())) - np.asarray(fedppo.pulled_mask(s0.global_params, cfg.federated.personal_own))
+    actor = np.asarray(fedppo.pulled_mask(s0.global_params, ("critic", "cost_critic")), bool)
+    assert actor.sum() > 0 and kept.sum() > 0 and (actor ^ kept.astype(bool)).all()  # the two parts cover every parameter once
+    moved = flat_nodes(s1.nodes.params) - models
+    assert np.abs(flat(s1.global_params) - models)[:, actor].max() > 1e-3  # the pull is visible on the actor
+    np.testing.assert_allclose(moved[:, actor], 0.5 * (flat(s1.global_params) - models)[:, actor], atol=1e-5)
+    np.testing.assert_allclose(moved[:, ~actor], 0.0, atol=1e-6)
+    # A layer may be kept too: the actor's output layer alone on top of the critics.
+    head = np.asarray(fedppo.pulled_mask(s0.global_params, ("critic", "cost_critic", "actor_out")), bool)
+    out_size = sum(x.size for x in jax.tree.leaves(s0.global_params["params"]["actor_out"]))
+    assert (head <= actor).all() and actor.sum() - head.sum() == out_size

@@ -118,3 +118,16 @@ def test_curves_trained_otherwise_stay_apart_and_a_lead_splits_into_reward_and_p
     # margin runs only (against the own Local-only runs it would read +0.45).
     (line, *_rest) = [x for x in robustness.other_settings(data) if x.startswith("At ")]
     assert "+0.300" in line and "(2 / 2 seeds)" in line
+
+
+def test_only_rows_run_at_every_strength_compete_for_best():
+    # Row "a" ran ALIE at two strengths and keeps 50 % at the worse one; row "b" ran only
+    # the milder strength, where it keeps 100 %. Compared by attack alone, "b" would be
+    # the best by its worst cell without having met the strength that hurt "a".
+    def run(agg, attack, strength, score):
+        return {**curve_run(agg, 3, 0 if attack == "none" else 3, attack, score), "strength": strength}
+
+    data = {"records": [run("a", "none", 0.0, -1.0), run("a", "alie", 1.0, -1.0), run("a", "alie", 2.0, -1.5),
+                        run("b", "none", 0.0, -1.0), run("b", "alie", 1.0, -1.0)]}
+    ((best, (score, worst)), compared, attacks, *_rest) = robustness.best_curve_row(data)
+    assert best == ("m", "a") and compared == [("m", "a")] and worst == ("alie", 2.0) and score == -1.5 and attacks == ["alie"]

@@ -133,6 +133,13 @@ class FederatedConfig:
     # lr is near 0, it draws every region's policy onto the global (at a pull of 3 % per
     # round the last 150 rounds keep 1 % of a region's own offset).
     personal_mix_anneal: bool = False
+    # Networks of the actor-critic ("actor", "critic", "cost_critic") or their output layers
+    # ("actor_out", ...) a personalised region keeps its own, never pulled toward the
+    # global. A critic estimates the region's own returns and constraint costs: pulled
+    # toward the centre of regions whose traffic meets its targets more easily, a code
+    # region's cost critic reads its violations low. An own output layer over pulled hidden
+    # layers is a personal head on a shared representation (FedPer, Arivazhagan et al. 2019).
+    personal_own: tuple[str, ...] = ()
     # Iterate averaging (federated mode, one shared policy): the deployed policy is an
     # exponential moving average of the global parameters over rounds with this decay per
     # round (0: the last global). Under DP noise each step's noise is a random walk that the
@@ -400,7 +407,8 @@ def make_federated_train(
                 if fed.personal_mix_anneal and learner.config.anneal_lr:  # the lr's share left after this round's updates
                     updates_done = (state.round + 1) * fed.local_updates
                     pull = pull * (1.0 - jnp.minimum(updates_done, learner.config.total_updates) / learner.config.total_updates)
-                mixed = flat_nodes + pull * (flat_new_global - flat_nodes)
+                pulled = pulled_mask(state.global_params, fed.personal_own)
+                mixed = flat_nodes + pull * pulled * (flat_new_global - flat_nodes)
                 nodes = nodes.replace(params=jax.vmap(unravel)(mixed))
             # Every node reports the same count (K rollouts of a static size); the server
             # does not trust the numbers: the round counts n_nodes x the median report.
@@ -430,6 +438,16 @@ def make_federated_train(
         return jax.lax.scan(lambda s, _: round_step(s, hp), state, None, num_rounds)
 
     return init, train_chunk, learner
+
+
+def pulled_mask(params, own: tuple[str, ...]) -> jax.Array:
+    """Per flat parameter (ravel_pytree order): 1 where the personal pull moves it, 0 in
+    the networks or layers a region keeps its own (layers named NETWORK_i / NETWORK_out)."""
+    def one(path, x):
+        layer = str(path[-2].key)
+        return jnp.full(x.shape, layer not in own and layer.rsplit("_", 1)[0] not in own, x.dtype)
+
+    return ravel_pytree(jax.tree_util.tree_map_with_path(one, params))[0]
 
 
 def privacy_spent(fed: FederatedConfig, rounds: int, sampling_rate: float | None = None, accountant: str = "rdp") -> float:
