@@ -87,18 +87,13 @@ PERSONAL_PULLS = (0.003, 0.0075, 0.03)
 # "-own-critics": the value and cost critics stay each region's own (federated.personal_own);
 # "-own-heads": so does the actor's output layer, on pulled hidden layers.
 OFFSET_PULLS = (0.0075, 0.03)
+ANNEALED = "federated.personal_mix_anneal=true"
+OFFSET_VARIANTS = {"": [], "-annealed": [ANNEALED], "-annealed-own-critics": [ANNEALED, "federated.personal_own=[critic,cost_critic]"],
+                   "-annealed-own-heads": [ANNEALED, "federated.personal_own=[critic,cost_critic,actor_out]"]}
 METHODS = {"shared": ["federated.personal_mix=1.0"], "personal": ["federated.personal_mix=0.01"],
            **{f"personal-pull{p}": [f"federated.personal_mix={p}"] for p in PERSONAL_PULLS},
-           **{f"personal-offset{p}": [f"federated.personal_mix={p}", "federated.personal_sends=offset"] for p in OFFSET_PULLS},
-           **{f"personal-offset{p}-annealed": [f"federated.personal_mix={p}", "federated.personal_sends=offset",
-                                                "federated.personal_mix_anneal=true"] for p in OFFSET_PULLS},
-           **{f"personal-offset{p}-annealed-own-critics": [f"federated.personal_mix={p}", "federated.personal_sends=offset",
-                                                            "federated.personal_mix_anneal=true", "federated.personal_own=[critic,cost_critic]"]
-              for p in OFFSET_PULLS},
-           **{f"personal-offset{p}-annealed-own-heads": [f"federated.personal_mix={p}", "federated.personal_sends=offset",
-                                                          "federated.personal_mix_anneal=true",
-                                                          "federated.personal_own=[critic,cost_critic,actor_out]"]
-              for p in OFFSET_PULLS},
+           **{f"personal-offset{p}{variant}": [f"federated.personal_mix={p}", "federated.personal_sends=offset", *extra]
+              for variant, extra in OFFSET_VARIANTS.items() for p in OFFSET_PULLS},
            "momentum": ["federated.personal_mix=1.0", f"federated.worker_momentum={WORKER_MOMENTUM}"]}
 
 # The Local-only reference row's method: every region trains alone.
@@ -590,6 +585,8 @@ def best_curve_row(data: dict):
         cells[(m, a)] = paired_cells(recs, m, a, n)
         if ("none", 0.0) in cells[(m, a)] and every <= cells[(m, a)].keys():
             reach = {k for k in every if not (is_personal(m) and k[0] == "normaliser_poisoning")}
+            if not reach:
+                continue
             key = min(reach, key=lambda k: kept_share(*cells[(m, a)][k][1::-1]))
             worst[(m, a)] = (cells[(m, a)][key][0], key)
     if not worst:
