@@ -437,12 +437,9 @@ def other_settings(data: dict) -> list[str]:
         recs = curve_view(sub, F_AIM)["records"]
         n = max(r["env_steps"] for r in recs)
         for m, a in dict.fromkeys((r["method"], r["aggregator"]) for r in recs if r["aggregator"] != "local-only"):
-            lead, paired = lead_over_local(recs, m, a, n), paired_with_local(recs, m, a, n)
-            if lead and paired:
-                lines += [f"At {n / 1e6:.3g}M env steps, {m} {a} against Local-only, both trained with `{train_set}`: "
-                          f"{lead[0]:+.3f} +- {lead[1]:.3f} ({lead[2]} / {lead[3]} seeds): >= Local-only **{versus_local_verdict(*lead[:2])}**"
-                          f"{lead_parts(recs, m, a, n)}; seed by seed higher in {paired[0]} of {paired[1]} seeds "
-                          f"(median difference {paired[2]:+.3f}).", ""]
+            if lead_over_local(recs, m, a, n):
+                lines += [f"At {n / 1e6:.3g}M env steps, {m} {a}, both it and Local-only trained with `{train_set}`"
+                          f"{lead_sentence(recs, m, a, n)}.", ""]
     return lines
 
 
@@ -530,6 +527,18 @@ def lead_parts(recs: list[dict], method: str, aggregator: str, env_steps: int) -
             f"penalty {leads['penalty'][0]:+.3f} +- {leads['penalty'][1]:.3f} (positive: fewer violations than Local-only)")
 
 
+def lead_sentence(recs: list[dict], method: str, aggregator: str, env_steps: int) -> str:
+    """'; its no-attack lead over Local-only ...: >= Local-only **verdict**', its parts and
+    its seed-by-seed count; "" below 2 seeds each."""
+    lead, paired = lead_over_local(recs, method, aggregator, env_steps), paired_with_local(recs, method, aggregator, env_steps)
+    if lead is None:
+        return ""
+    return (f"; its no-attack lead over Local-only {lead[0]:+.3f} +- {lead[1]:.3f} ({lead[2]} / {lead[3]} seeds): "
+            f">= Local-only **{versus_local_verdict(*lead[:2])}**{lead_parts(recs, method, aggregator, env_steps)}"
+            + ("" if paired is None else f"; seed by seed it scores higher than Local-only in {paired[0]} of {paired[1]} seeds "
+               f"(median difference {paired[2]:+.3f})"))
+
+
 def paired_with_local(recs: list[dict], method: str, aggregator: str, env_steps: int) -> tuple[int, int, float] | None:
     """Seed by seed (the seeds both a row's no-attack runs and Local-only ran at
     `env_steps`): in how many the row scores higher, of how many, and the median of the
@@ -587,7 +596,7 @@ def best_curve_row(data: dict):
             reach = {k for k in every if not (is_personal(m) and k[0] == "normaliser_poisoning")}
             if not reach:
                 continue
-            key = min(reach, key=lambda k: kept_share(*cells[(m, a)][k][1::-1]))
+            key = min((k for k in cells[(m, a)] if k in reach), key=lambda k: kept_share(*cells[(m, a)][k][1::-1]))  # ties: the first run
             worst[(m, a)] = (cells[(m, a)][key][0], key)
     if not worst:
         return None
@@ -606,18 +615,13 @@ def curve_aim(data: dict, f: int = F_AIM) -> list[str]:
     _, base, seeds = cells[(m, a)][(attack, strength)]
     kept = kept_share(base, score)
     swept = sorted({k for k, _ in cells[(m, a)] if sum(j == k for j, _ in cells[(m, a)]) > 1})
-    lead = lead_over_local(data["records"], m, a, n)
-    paired = paired_with_local(data["records"], m, a, n)
     poison = [(k[1], kept_share(b, v)) for k, (v, b, _) in cells[(m, a)].items() if is_personal(m) and k[0] == "normaliser_poisoning"]
     return [f"{'Aim' if f == F_AIM else 'The same'} at {n / 1e6:.3g}M env steps ({f} of 10 regions Byzantine from round 0; rows run there under every attack "
             f"and strength any row ran: {', '.join(f'{x} {y}' for x, y in compared)}; attacks {', '.join(every)}; "
             f"{'strengths swept for ' + ', '.join(swept) if swept else 'first strength each'}): the best by its worst "
             f"cell is **{m} {a}**, {score:.3f} under {attack} ({strength:g}) against {base:.3f} with no attack on the same {seeds} seeds: keeps "
             f"{100 * kept:.0f} %, >= 90 % **{'met' if kept >= 0.9 else 'not met'}**"
-            + ("" if lead is None else f"; its no-attack lead over Local-only {lead[0]:+.3f} +- {lead[1]:.3f} ({lead[2]} / {lead[3]} seeds): "
-               f">= Local-only **{versus_local_verdict(*lead[:2])}**{lead_parts(data['records'], m, a, n)}")
-            + ("" if paired is None else f"; seed by seed it scores higher than Local-only in {paired[0]} of {paired[1]} seeds "
-               f"(median difference {paired[2]:+.3f})")
+            + lead_sentence(data["records"], m, a, n)
             + (f". Noise at this budget: normaliser poisoning ({', '.join(f'{k:g}' for k, _ in poison)}), which cannot reach this "
                f"row's policies, reads {' / '.join(f'{100 * q:.0f} %' for _, q in poison)} kept" if poison else "")
             + f". {fedavg_at(paired_cells(data['records'], 'shared', NO_DEFENCE[0], n))}.", ""]
