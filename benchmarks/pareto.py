@@ -133,6 +133,12 @@ def load_frontier(path, trainer, keys, hps):
     saved = serialization.msgpack_restore(Path(path).read_bytes())
     template = jax.eval_shape(jax.vmap(lambda k, hp: trainer.weights(trainer.init(k, hp))), keys, hps)
     weights = serialization.from_state_dict(template, saved["weights"])
+    # from_state_dict takes any shapes: weights of other runs would be evaluated silently
+    # (an index past the saved runs reads the last one).
+    for want, got in zip(jax.tree.leaves(template), jax.tree.leaves(weights)):
+        if tuple(want.shape) != np.shape(got):
+            raise ValueError(f"{path} holds weights of shape {np.shape(got)} where these runs ({len(keys)}: targets x seeds) need "
+                             f"{tuple(want.shape)}; pass the --targets, --seeds and settings it was trained with, or train afresh")
     return jax.tree.map(jnp.asarray, weights), saved["last"], float(saved["train_s"])
 
 
@@ -159,13 +165,15 @@ def main() -> int:
     ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                     help="training config overrides for these runs (e.g. env.surge_shared_prob=0.25); their points are labelled with them")
     ap.add_argument("--add", action="store_true", help="merge these runs, and the heuristic settings the JSON lacks, into the JSON already there")
-    ap.add_argument("--weights", help="where the trained weights go (or come from, with --evaluate-only); default runs/pareto/weights[_tier][_codeD].msgpack")
+    ap.add_argument("--weights", help="where the trained weights go (or come from, with --evaluate-only); default runs/pareto/weights[_tier][_codeD][_SET]_tTARGETS_sSEEDS.msgpack")
     ap.add_argument("--evaluate-only", action="store_true", help="evaluate the weights saved by an earlier run of the same arguments")
     ap.add_argument("--render-only", action="store_true")
     args = ap.parse_args()
     out = OUT.with_name("pareto_tier.json") if args.tier else OUT
     suffix = ("" if args.code_target_offset is None else f"_code{args.code_target_offset:+g}") + "".join(f"_{o.replace('=', '')}" for o in args.set)
-    args.weights = args.weights or f"runs/pareto/weights{'_tier' if args.tier else ''}{suffix}.msgpack"
+    # The runs are in the name, so a later study never overwrites an earlier one's weights.
+    runs = f"_t{'-'.join(f'{t:g}' for t in args.targets)}_s{args.seeds}"
+    args.weights = args.weights or f"runs/pareto/weights{'_tier' if args.tier else ''}{suffix}{runs}.msgpack"
     train_set = " ".join(args.set)
     if args.render_only:
         write_report(out, None, render)

@@ -131,3 +131,24 @@ def test_only_rows_run_at_every_strength_compete_for_best():
                         run("b", "none", 0.0, -1.0), run("b", "alie", 1.0, -1.0)]}
     ((best, (score, worst)), compared, attacks, *_rest) = robustness.best_curve_row(data)
     assert best == ("m", "a") and compared == [("m", "a")] and worst == ("alie", 2.0) and score == -1.5 and attacks == ["alie"]
+
+
+def test_pareto_refuses_saved_weights_of_other_runs(tmp_path):
+    """--evaluate-only on weights saved for 2 runs, asked for 4: an error naming the file,
+    where the evaluation would otherwise read run 1's weights for runs 2 and 3."""
+    import argparse
+
+    import jax
+    import numpy as np
+    import pytest
+    from flax import serialization
+
+    args = argparse.Namespace(targets=[0.8, 0.9], seeds=2, steps=100_000, clusters=2, eval_seeds=1, tier=False,
+                              code_target_offset=None, set=[])
+    _, trainer, _, keys, hps = pareto.frontier_runs(args)
+    two = jax.eval_shape(jax.vmap(lambda k, hp: trainer.weights(trainer.init(k, hp))), keys[:2], jax.tree.map(lambda x: x[:2], hps))
+    path = tmp_path / "weights.msgpack"
+    path.write_bytes(serialization.msgpack_serialize({"weights": serialization.to_state_dict(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), two)),
+                                                      "last": {}, "train_s": 1.0}))
+    with pytest.raises(ValueError, match=f"{path} holds weights of shape \\(2,"):
+        pareto.load_frontier(path, trainer, keys, hps)
