@@ -583,6 +583,24 @@ def test_token_shifts_are_drawn_per_episode_within_their_bounds(params):
     np.testing.assert_array_equal(np.asarray(plain.clock_s), np.asarray(shifting.clock_s))
 
 
+def test_token_shifts_toward_the_other_mix_centre_their_range_between_the_two():
+    """With token_shift_toward 0.5, a code region's answers shift around half the gap to the
+    chat mix's lengths (a symmetric draw centres on zero), so the chat mix's lengths lie
+    inside the range and not at its edge; a chat region's shift the other way."""
+    env = serving.ServingNodeEnv()
+    keys = jax.random.split(jax.random.key(6), 4000)
+    for mix, other in (("code", "conversation"), ("conversation", "code")):
+        p = scenarios.node_params(scenarios.NodeSpec(traffic_mix=mix)).replace(token_shift_prob=1.0, token_shift_toward=0.5, random_start=1.0)
+        shift = np.asarray(jax.vmap(lambda k, p=p: env.reset_state(k, p).token_shift)(keys), np.float64)
+        gap = np.asarray([scenarios.TRAFFIC_MIXES[other][k] - scenarios.TRAFFIC_MIXES[mix][k] for k in ("input_log_mean", "output_log_mean")])
+        np.testing.assert_allclose(shift.mean(axis=0), 0.5 * gap, atol=0.06)
+        for j, bound in enumerate(serving.TOKEN_SHIFT_MAX_LOG):
+            assert np.abs(shift[:, j] - 0.5 * gap[j]).max() <= bound + 1e-5
+        # the other mix's answers lie well inside the range: a fifth of the episodes beyond them
+        beyond = np.sign(gap[1]) * (shift[:, 1] - gap[1]) > 0
+        assert beyond.mean() == pytest.approx((serving.TOKEN_SHIFT_MAX_LOG[1] - 0.5 * abs(gap[1])) / (2 * serving.TOKEN_SHIFT_MAX_LOG[1]), abs=0.03)
+
+
 def test_a_token_shift_changes_the_service_and_nothing_else_when_zero(env, params):
     """Longer answers (a +1.5 output log-mean shift) cut a replica's capacity and raise
     latency at the same arrivals; a zero shift gives exactly the unshifted episode."""

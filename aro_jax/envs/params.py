@@ -164,6 +164,12 @@ class EnvParams(environment.EnvParams):
     # and answer lengths' log-means move by uniform offsets up to the gap between the chat
     # and code mixes (serving.draw_token_shift); the scenarios evaluated carry none.
     token_shift_prob: float = 0.0
+    # Where the shifts' range is centred: this fraction of the way from the region's own
+    # lengths to the other mix's (the other mix's log-means minus the region's, set by
+    # scenarios.node_params); 0: on its own, so the other mix's lengths lie at the range's edge.
+    token_shift_toward: float = 0.0
+    other_mix_input_log_offset: float = 0.0
+    other_mix_output_log_offset: float = 0.0
     # Training burstiness (domain randomisation): in this share of episodes the arrivals
     # follow the code trace's burst process (serving.with_burst_shift), whatever the
     # region's own mix; the scenarios evaluated carry none.

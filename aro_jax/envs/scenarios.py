@@ -132,6 +132,7 @@ def node_params(
     if spec.traffic_mix not in TRAFFIC_MIXES:
         raise ValueError(f"traffic_mix must be one of {sorted(TRAFFIC_MIXES)}, got {spec.traffic_mix!r}")
     traffic = TrafficParams(mean_rate_rps=spec.mean_rate_rps, tz_offset_h=spec.tz_offset_h, **TRAFFIC_MIXES[spec.traffic_mix])
+    (other,) = [mix for name, mix in TRAFFIC_MIXES.items() if name != spec.traffic_mix]  # the token-shift scenario's lengths
     slo_ttft_s, slo_tpot_s = slo_for(spec.traffic_mix, profile.model)
     small_slo_ttft_s, small_slo_tpot_s = slo_for(spec.traffic_mix, small.model)
     params = EnvParams(
@@ -157,6 +158,8 @@ def node_params(
         small_slo_ttft_s=small_slo_ttft_s,
         small_slo_tpot_s=small_slo_tpot_s,
         rate_ref_rps=spec.mean_rate_rps,
+        other_mix_input_log_offset=other["input_log_mean"] - traffic.input_log_mean,
+        other_mix_output_log_offset=other["output_log_mean"] - traffic.output_log_mean,
     )
     return _with_static_sizing(params)
 
@@ -215,6 +218,7 @@ def cluster_params(cfg, scenario: str = "train") -> EnvParams:
                           surge_max_multiplier=float(getattr(cfg.env, "surge_max_multiplier", 3.0)),
                           surge_shared_prob=float(getattr(cfg.env, "surge_shared_prob", 0.0)),
                           token_shift_prob=float(getattr(cfg.env, "token_shift_prob", 0.0)),
+                          token_shift_toward=float(getattr(cfg.env, "token_shift_toward", 0.0)),
                           burst_shift_prob=float(getattr(cfg.env, "burst_shift_prob", 0.0)),
                           random_fleet_prob=float(getattr(cfg.env, "random_fleet_prob", 0.0)),
                           demand_phase_prob=float(getattr(cfg.env, "demand_phase_prob", 0.0)),
