@@ -99,6 +99,11 @@ class EnvConfig:
     # lengths (0: on the region's own, the other mix's at the range's edge; 0.5: halfway,
     # so both mixes' lengths lie inside it).
     token_shift_toward: float = 0.0
+    # In this share of the shifted episodes the shift sets in at a random time of the
+    # episode, not at its start: the work per request changes under a running fleet, with
+    # the request rate unchanged (a held-out trace's lengths differ from the plan's from
+    # its first minute, against a fleet sized for the plan).
+    token_shift_onset_prob: float = 0.0
     # Training burstiness: in this share of training episodes the arrivals follow the code
     # trace's burst process (30 s count CV 1.27 against the conversation trace's 0.22;
     # envs.serving.with_burst_shift), so a chat region meets code-like bursts; evaluation
@@ -425,6 +430,8 @@ def validate(cfg: ExperimentConfig) -> None:
     require(0 <= e.surge_prob <= 1, "env.surge_prob", f"must be a share of episodes in [0, 1], got {e.surge_prob}")
     # Below the held-out flash crowd's 5x, which must stay heavier than anything trained on.
     require(0 <= e.token_shift_prob <= 1, "env.token_shift_prob", f"must be a share of episodes in [0, 1], got {e.token_shift_prob}")
+    require(0 <= e.token_shift_onset_prob <= 1, "env.token_shift_onset_prob",
+            f"must be a share of episodes in [0, 1], got {e.token_shift_onset_prob}")
     require(0 <= e.token_shift_toward <= 1, "env.token_shift_toward",
             f"must be a fraction of the way to the other mix's lengths in [0, 1], got {e.token_shift_toward}")
     require(0 <= e.burst_shift_prob <= 1, "env.burst_shift_prob", f"must be a share of episodes in [0, 1], got {e.burst_shift_prob}")

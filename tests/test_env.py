@@ -622,6 +622,32 @@ def test_a_token_shift_changes_the_service_and_nothing_else_when_zero(env, param
     assert longer[:, 2].mean() > plain[:, 2].mean()
 
 
+def test_a_token_shift_with_an_onset_sets_in_midway(env, params):
+    """A shift whose onset is 20 ticks into the episode: the first 20 ticks are the
+    unshifted episode's exactly, and from then on capacity falls as with the shift from
+    the start; onsets drawn in token_shift_onset_prob of the episodes lie inside it."""
+    base = params.replace(random_start=0.0, start_time_s=10 * 3600.0)
+    _, state = env.reset(jax.random.key(0), base)
+    shift = jnp.asarray([0.0, 1.5], jnp.float32)
+
+    def run(s):
+        def tick_fn(s, k):
+            _, s, _, _, _, info = env.step(k, s, 0, base)
+            return s, info["metrics"]["capacity_rps"]
+        return np.asarray(jax.lax.scan(tick_fn, s, jax.random.split(jax.random.key(1), 40))[1], np.float64)
+
+    plain, shifted = run(state), run(state.replace(token_shift=shift))
+    midway = run(state.replace(token_shift=shift, token_shift_onset_s=jnp.float32(20 * base.tick_s)))
+    np.testing.assert_array_equal(midway[:20], plain[:20])
+    assert (midway[21:] < 0.6 * plain[21:]).all() and (shifted[:20] < 0.6 * plain[:20]).all()
+
+    keys = jax.random.split(jax.random.key(7), 2000)
+    onsets = np.asarray(jax.vmap(lambda k: env.reset_state(k, params.replace(token_shift_prob=1.0, token_shift_onset_prob=0.5)).token_shift_onset_s)(keys))
+    episode_s = float(params.max_steps_in_episode * params.tick_s)
+    assert (onsets > 0).mean() == pytest.approx(0.5, abs=0.04)
+    assert onsets.max() <= episode_s and np.median(onsets[onsets > 0]) == pytest.approx(episode_s / 2, rel=0.1)
+
+
 def test_burst_shifts_give_a_chat_node_the_code_traces_bursts(env, params):
     """One episode in burst_shift_prob carries the code trace's burst process: a
     conversation node's 30 s counts then swing with CV about 1.27 instead of 0.22 around

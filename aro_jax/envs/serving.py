@@ -48,6 +48,7 @@ class EnvState(environment.EnvState):
     burst_z: jax.Array  # log-AR(1) burst state of the arrivals
     surge: jax.Array  # (start s, end s, demand multiplier) of the episode's surge; multiplier 1: none
     token_shift: jax.Array  # (input, output) log-mean offsets of the episode's token lengths; 0: none
+    token_shift_onset_s: jax.Array  # seconds into the episode at which the shift sets in; 0: from the start
     burst_shift: jax.Array  # 1: the episode's arrivals follow the code trace's burst process; 0: the region's own
     demand_phase_s: jax.Array  # how far the episode's demand runs ahead of its daily shape; 0: none
     demand_scale: jax.Array  # the episode's demand over the region's planned demand; 1: as planned
@@ -119,8 +120,9 @@ class ServingNodeEnv(StateObservedEnv):
         # the first tick's metrics are cheap: the expected load against the initial
         # capacity, no latency yet.
         token_shift = draw_token_shift(jax.random.fold_in(key, 2), params)
+        token_shift_onset_s = draw_token_shift_onset(jax.random.fold_in(key, 7), params)
         burst_shift = (jax.random.uniform(jax.random.fold_in(key, 6)) < params.burst_shift_prob).astype(jnp.float32)
-        capacity = replicas * fluid.replica_capacity_rps(with_token_shift(params, token_shift))
+        capacity = replicas * fluid.replica_capacity_rps(with_token_shift(params, jnp.where(token_shift_onset_s > 0, 0.0, token_shift)))
         last = {
             "arrivals": rate * tick,
             "e2e_mean_s": zeros,
@@ -147,6 +149,7 @@ class ServingNodeEnv(StateObservedEnv):
             # Its own stream, so the start time's draw is what it was without surges.
             surge=draw_surge(jax.random.fold_in(key, 1), clock_s, params),
             token_shift=token_shift,
+            token_shift_onset_s=token_shift_onset_s,
             burst_shift=burst_shift,
             demand_phase_s=demand_phase_s,
             demand_scale=demand_scale,
@@ -273,6 +276,14 @@ def draw_token_shift(key, params: EnvParams) -> jax.Array:
     return jnp.where(u_on < params.token_shift_prob, offsets, 0.0).astype(jnp.float32)
 
 
+def draw_token_shift_onset(key, params: EnvParams) -> jax.Array:
+    """Seconds into the episode at which its token shift sets in: uniform over the episode
+    in `params.token_shift_onset_prob` of the episodes, 0 (from the start) otherwise."""
+    u_on, u_at = jax.random.uniform(key, (2,))
+    onset = u_at * params.max_steps_in_episode * params.tick_s
+    return jnp.where(u_on < params.token_shift_onset_prob, onset, 0.0).astype(jnp.float32)
+
+
 def with_token_shift(params: EnvParams, token_shift) -> EnvParams:
     """The node's params with the episode's token lengths (exact when the shift is zero)."""
     t = params.traffic
@@ -300,7 +311,7 @@ def begin_tick(key, state: EnvState, action, params: EnvParams) -> dict:
     """First half of a tick: apply the decision and draw the tick's arrivals. Returns the
     plan `serve_planned` and `end_tick` read (the cluster env routes forwarded requests
     between the halves)."""
-    params = with_token_shift(params, state.token_shift)
+    params = with_token_shift(params, jnp.where(state.time * params.tick_s >= state.token_shift_onset_s, state.token_shift, 0.0))
     # One draw for the tick: the burst innovation, the count's noise, the cold start.
     e_burst, z_count, z_cold = jax.random.normal(key, (3,))
     tick = params.tick_s
@@ -407,6 +418,7 @@ def end_tick(state: EnvState, plan: dict, core: dict, queue, forwarded, peer: di
         burst_z=plan["burst_z"],
         surge=state.surge,
         token_shift=state.token_shift,
+        token_shift_onset_s=state.token_shift_onset_s,
         burst_shift=state.burst_shift,
         demand_phase_s=state.demand_phase_s,
         demand_scale=state.demand_scale,
