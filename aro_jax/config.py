@@ -428,7 +428,6 @@ def validate(cfg: ExperimentConfig) -> None:
     require(e.tick_s > 0, "env.tick_s", f"must be > 0, got {e.tick_s}")
     require(e.episode_ticks >= 1, "env.episode_ticks", f"must be >= 1, got {e.episode_ticks}")
     require(0 <= e.surge_prob <= 1, "env.surge_prob", f"must be a share of episodes in [0, 1], got {e.surge_prob}")
-    # Below the held-out flash crowd's 5x, which must stay heavier than anything trained on.
     require(0 <= e.token_shift_prob <= 1, "env.token_shift_prob", f"must be a share of episodes in [0, 1], got {e.token_shift_prob}")
     require(0 <= e.token_shift_onset_prob <= 1, "env.token_shift_onset_prob",
             f"must be a share of episodes in [0, 1], got {e.token_shift_onset_prob}")
@@ -442,6 +441,7 @@ def validate(cfg: ExperimentConfig) -> None:
             f"needs env.kind=cluster (regions that share one env), got env.kind={e.kind!r}")
     require(1 <= e.demand_scale_max <= 4, "env.demand_scale_max",
             f"must be in [1, 4] (a factor on the demand; 1: none), got {e.demand_scale_max}")
+    # Below the held-out flash crowd's 5x, which must stay heavier than anything trained on.
     require(1.5 <= e.surge_max_multiplier < 5, "env.surge_max_multiplier",
             f"must be in [1.5, 5) (1.5x is the smallest surge; the held-out flash crowd is 5x), got {e.surge_max_multiplier}")
     require(e.num_clusters >= 1, "env.num_clusters", f"must be >= 1, got {e.num_clusters}")
