@@ -437,9 +437,9 @@ def other_settings(data: dict) -> list[str]:
         recs = curve_view(sub, F_AIM)["records"]
         n = max(r["env_steps"] for r in recs)
         for m, a in dict.fromkeys((r["method"], r["aggregator"]) for r in recs if r["aggregator"] != "local-only"):
-            if lead_over_local(recs, m, a, n):
-                lines += [f"At {n / 1e6:.3g}M env steps, {m} {a}, both it and Local-only trained with `{train_set}`"
-                          f"{lead_sentence(recs, m, a, n)}.", ""]
+            sentence = lead_sentence(recs, m, a, n)
+            if sentence:
+                lines += [f"At {n / 1e6:.3g}M env steps, {m} {a}, both it and Local-only trained with `{train_set}`{sentence}.", ""]
     return lines
 
 

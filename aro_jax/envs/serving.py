@@ -122,7 +122,7 @@ class ServingNodeEnv(StateObservedEnv):
         token_shift = draw_token_shift(jax.random.fold_in(key, 2), params)
         token_shift_onset_s = draw_token_shift_onset(jax.random.fold_in(key, 7), params)
         burst_shift = (jax.random.uniform(jax.random.fold_in(key, 6)) < params.burst_shift_prob).astype(jnp.float32)
-        capacity = replicas * fluid.replica_capacity_rps(with_token_shift(params, jnp.where(token_shift_onset_s > 0, 0.0, token_shift)))
+        capacity = replicas * fluid.replica_capacity_rps(with_token_shift(params, token_shift_at(0.0, token_shift, token_shift_onset_s)))
         last = {
             "arrivals": rate * tick,
             "e2e_mean_s": zeros,
@@ -284,6 +284,11 @@ def draw_token_shift_onset(key, params: EnvParams) -> jax.Array:
     return jnp.where(u_on < params.token_shift_onset_prob, onset, 0.0).astype(jnp.float32)
 
 
+def token_shift_at(elapsed_s, token_shift, onset_s) -> jax.Array:
+    """The episode's token shift once `elapsed_s` into it has reached its onset; zero before."""
+    return jnp.where(elapsed_s >= onset_s, token_shift, 0.0)
+
+
 def with_token_shift(params: EnvParams, token_shift) -> EnvParams:
     """The node's params with the episode's token lengths (exact when the shift is zero)."""
     t = params.traffic
@@ -311,7 +316,7 @@ def begin_tick(key, state: EnvState, action, params: EnvParams) -> dict:
     """First half of a tick: apply the decision and draw the tick's arrivals. Returns the
     plan `serve_planned` and `end_tick` read (the cluster env routes forwarded requests
     between the halves)."""
-    params = with_token_shift(params, jnp.where(state.time * params.tick_s >= state.token_shift_onset_s, state.token_shift, 0.0))
+    params = with_token_shift(params, token_shift_at(state.time * params.tick_s, state.token_shift, state.token_shift_onset_s))
     # One draw for the tick: the burst innovation, the count's noise, the cold start.
     e_burst, z_count, z_cold = jax.random.normal(key, (3,))
     tick = params.tick_s
