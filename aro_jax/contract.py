@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-ENV_VERSION = "aro-serving-v2"  # v2: the node descriptor follows the live fields
+ENV_VERSION = "aro-serving-v3"  # v2: the node descriptor follows the live fields; v3: the mask knows the pods' CPU and memory share
 
 PAPER_ACTIONS = ("IncreaseCPU", "IncreaseGPU", "IncreaseMemory", "RebalanceWorkload", "MaintainCurrent")
 EXTENDED_ACTIONS = PAPER_ACTIONS + (
@@ -86,7 +86,14 @@ def descriptor_features(values, xp=np):
 MASK_LIMITS = (
     "max_cpu_cores", "max_replicas", "max_host_memory_gb", "max_forward_fraction",
     "cpu_step_cores", "min_replicas", "memory_step_gb", "max_small_model_fraction",
+    "tensor_parallel", "vcpus_per_gpu", "host_memory_gb_per_gpu",
 )
+# A replica's idle CPU demand (fluid.cpu_cores_per_replica): DecreaseCPU never takes the
+# allocation below it, so at or under it the move changes nothing.
+IDLE_CORES_PER_REPLICA = 1.0
+# Relative slack for "below a cap": the learner's raw observations come back through a
+# divide and multiply by the observation scale (float32, ~1e-7 relative error).
+_CAP_SLACK = 1e-5
 
 # Observation normaliser: obs = clip((scaled - mean) / sqrt(var + eps), -clip, clip).
 NORMALIZE_EPS = 1e-8
@@ -106,13 +113,18 @@ def feasible_actions(raw_obs, limits, xp=np):
     lim = lambda name: _limit(limits, name)  # noqa: E731
     total = f("replicas_ready") + f("replicas_pending")
     true = xp.ones_like(total, dtype=bool)
+    # Pods hold their CPU and memory within their GPU instances' share (serving.py, step
+    # 1): past that share an increase is clipped back and changes nothing.
+    pod_gpus = total * lim("tensor_parallel")
+    cpu_cap = xp.minimum(lim("max_cpu_cores"), xp.maximum(pod_gpus * lim("vcpus_per_gpu"), lim("cpu_step_cores")))
+    memory_cap = xp.minimum(lim("max_host_memory_gb"), xp.maximum(pod_gpus * lim("host_memory_gb_per_gpu"), lim("memory_step_gb")))
     return xp.stack([
-        f("cpu_cores") < lim("max_cpu_cores"),
+        f("cpu_cores") < cpu_cap * (1 - _CAP_SLACK),
         total < lim("max_replicas"),
-        f("host_memory_gb") < lim("max_host_memory_gb"),
+        f("host_memory_gb") < memory_cap * (1 - _CAP_SLACK),
         f("forward_fraction") < lim("max_forward_fraction"),
         true,
-        f("cpu_cores") > lim("cpu_step_cores"),
+        f("cpu_cores") > xp.maximum(lim("cpu_step_cores"), f("replicas_ready") * IDLE_CORES_PER_REPLICA),
         f("replicas_ready") > lim("min_replicas"),
         f("host_memory_gb") > lim("memory_step_gb"),
         f("forward_fraction") > 0,

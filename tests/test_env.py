@@ -26,7 +26,7 @@ from aro_jax.envs.serving import (
     RESTORE,
     ServingNodeEnv,
 )
-from aro_jax.contract import DESCRIPTOR_FIELDS, FIELD_INDEX
+from aro_jax.contract import DESCRIPTOR_FIELDS, FIELD_INDEX, IDLE_CORES_PER_REPLICA
 from aro_jax.envs.params import EnvParams
 
 ALLOCATION_FIELDS = ("replicas_ready", "cpu_cores", "host_memory_gb", "forward_fraction", "small_model_fraction")
@@ -382,12 +382,27 @@ def test_action_mask_at_the_limits(env, params):
     assert not mask[DEC_GPU] and not mask[DEC_CPU] and not mask[serving.DEC_MEM]
     assert mask[INC_GPU] and mask[INC_CPU]
 
+    # At the pods' share of one replica's instance, far below the node-wide maxima, more
+    # CPU or memory cannot be had; with cores at the replicas' idle demand, fewer cannot.
+    gpus = float(params.tensor_parallel)
+    at_pod_share = state.replace(
+        replicas_ready=jnp.float32(1.0), replicas_pending=jnp.zeros_like(state.replicas_pending),
+        cpu_cores=jnp.float32(gpus * params.vcpus_per_gpu), host_memory_gb=jnp.float32(gpus * params.host_memory_gb_per_gpu),
+    )
+    assert gpus * params.vcpus_per_gpu < params.max_cpu_cores and gpus * params.host_memory_gb_per_gpu < params.max_host_memory_gb
+    mask = env.action_mask(at_pod_share, params)
+    assert not mask[INC_CPU] and not mask[serving.INC_MEM] and mask[INC_GPU] and mask[DEC_CPU]
+    idle = state.replace(replicas_ready=jnp.float32(4.0), cpu_cores=jnp.float32(4.0 * IDLE_CORES_PER_REPLICA))
+    assert not env.action_mask(idle, params)[DEC_CPU]
+
     paper = ServingNodeEnv("paper")
     assert paper.action_mask(at_max, params).shape == (5,)
 
 
 def test_masked_actions_change_no_allocation(env, invariant_rollout, params, small_node_params):
-    """Along random trajectories, an action the mask forbids acts exactly like MaintainCurrent."""
+    """Along random trajectories, an action the mask forbids acts exactly like MaintainCurrent,
+    and one it allows changes the allocation (no no-op passes as a move: IncreaseCPU at the
+    pods' share of their instances' cores, DecreaseCPU at the replicas' idle demand)."""
     states, _, _ = invariant_rollout
     node_params = [params, small_node_params]
     for node in range(2):
@@ -408,6 +423,8 @@ def test_masked_actions_change_no_allocation(env, invariant_rollout, params, sma
         masks, same = np.asarray(masks), np.asarray(same)
         assert (~masks).any()  # the trajectories did hit some limits
         assert same[~masks].all()
+        moves = masks & (np.arange(env.num_actions) != MAINTAIN)
+        assert not same[moves].any(), [serving.EXTENDED_ACTIONS[a] for a in np.unique(np.nonzero(moves & same)[1])]
 
 
 # --------------------------------------------------------------------------------------

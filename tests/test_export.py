@@ -46,7 +46,7 @@ def test_export_load_bit_identical_actions():
     run_dir, export_dir = trained()
     assert_same_actions(run_dir, export_dir)
     spec = json.loads((export_dir / SPEC_FILE).read_text())
-    assert spec["format_version"].startswith("2.") and spec["env_version"] == sv.ENV_VERSION
+    assert spec["format_version"].startswith("3.") and spec["env_version"] == sv.ENV_VERSION
     assert spec["observation"]["fields"] == list(sv.OBS_FIELDS)
     assert spec["actions"]["names"] == list(sv.EXTENDED_ACTIONS)
     assert len(spec["training"]["config_sha256"]) == 64 and "reward" in spec["training"]["kpis"]["final"]
@@ -96,9 +96,18 @@ def write_signed_spec(export_dir, text: str) -> None:
 
 def test_format_version_mismatch(export_copy):
     spec = json.loads((export_copy / SPEC_FILE).read_text())
-    spec["format_version"] = "1.0"  # before the node descriptor joined the input
+    spec["format_version"] = "2.0"  # before the limits held the pods' CPU and memory share
     write_signed_spec(export_copy, json.dumps(spec))
-    with pytest.raises(ExportError, match="format_version 1.0 is incompatible"):
+    with pytest.raises(ExportError, match="format_version 2.0 is incompatible"):
+        load_policy(export_copy)
+
+
+def test_spec_lacking_a_mask_limit(export_copy):
+    """A signed spec whose node lacks a limit the mask reads is named, not a KeyError mid-run."""
+    spec = json.loads((export_copy / SPEC_FILE).read_text())
+    del spec["nodes"]["solo"]["limits"]["vcpus_per_gpu"]
+    write_signed_spec(export_copy, json.dumps(spec))
+    with pytest.raises(ExportError, match=r"node solo limits lack a number for \['vcpus_per_gpu'\]"):
         load_policy(export_copy)
 
 

@@ -37,7 +37,7 @@ from aro_jax.contract import (
 )
 from aro_jax.deploy.controls import node_controls
 
-FORMAT_VERSION = "2.0"  # 2: the node descriptor is part of the policy input
+FORMAT_VERSION = "3.0"  # 2: the node descriptor is part of the policy input; 3: limits for the pods' CPU and memory share
 SPEC_FILE = "policy.json"
 SPEC_CHECKSUM_FILE = "policy.json.sha256"  # policy.json cannot hold its own digest
 PARAMS_DIR = "params"
@@ -260,7 +260,11 @@ class ExportedPolicy:
                 raise ExportError(f"{path}: node {n} descriptor lacks a number for {lacking}; the spec is incomplete")
             values = np.asarray([v["descriptor"][f] for f in DESCRIPTOR_NAMES], np.float32)
             self._features[n] = contract.descriptor_features(values, xp=np).astype(np.float32)
-        self._limits = {n: {k: np.float32(x) for k, x in v["limits"].items()} for n, v in spec["nodes"].items()}
+        for n, v in spec["nodes"].items():
+            lacking = [k for k in MASK_LIMITS if not isinstance(v.get("limits", {}).get(k), (int, float))]
+            if lacking:
+                raise ExportError(f"{path}: node {n} limits lack a number for {lacking}; the spec is incomplete")
+        self._limits = {n: {k: np.float32(v["limits"][k]) for k in MASK_LIMITS} for n, v in spec["nodes"].items()}
         self._idx = {name: i for i, name in enumerate(self.fields)}
 
     @property

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from aro_jax.contract import IDLE_CORES_PER_REPLICA
 from aro_jax.envs.params import EnvParams, ServiceCurve
 from aro_jax.envs.traffic import TrafficParams, daily_weekly_shape, token_stats, truncated_lognormal_moment
 
@@ -530,7 +531,7 @@ def cpu_cores_per_replica(params: EnvParams):
     """(idle, busy-at-full-load) cores per replica. vLLM V1 runs an API-server and an
     engine-core process plus one worker per GPU, each driving one core when busy
     (vLLM V1 architecture, 2025); idle processes keep about one core busy in total."""
-    return 1.0, 2.0 + params.tensor_parallel
+    return IDLE_CORES_PER_REPLICA, 2.0 + params.tensor_parallel
 
 
 def host_memory_per_replica_gb(params: EnvParams):
