@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 from flax import serialization  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_common import machine, scaling_kpis, write_report  # noqa: E402
+from bench_common import code_commit, machine, scaling_kpis, write_report  # noqa: E402
 
 from aro_jax.config import load_config  # noqa: E402
 from aro_jax.envs import heuristics  # noqa: E402
@@ -223,12 +223,12 @@ def main() -> int:
     command, wall_s = " ".join(["python benchmarks/pareto.py", *sys.argv[1:]]), time.perf_counter() - t_start + (train_s if args.evaluate_only else 0.0)
     settings = {k: {"parameter": v[0], "values": v[1]} for k, v in families(args.tier).items()}
     if before:
-        addition = {"command": command, "machine": machine(), "wall_s": wall_s, "train_s": train_s, "targets": args.targets, "seeds": args.seeds,
+        addition = {"command": command, "commit": code_commit(), "machine": machine(), "wall_s": wall_s, "train_s": train_s, "targets": args.targets, "seeds": args.seeds,
                     "code_target_offset": offset, "train_set": train_set, "train_last": last}
         data = {**before, "settings": settings, "rows": before["rows"] + rows, "additions": before.get("additions", []) + [addition]}
     else:
         data = {
-            "command": command, "machine": machine(), "wall_s": wall_s, "train_s": train_s,
+            "command": command, "commit": code_commit(), "machine": machine(), "wall_s": wall_s, "train_s": train_s,
             "targets": args.targets, "seeds": args.seeds, "steps": args.steps, "clusters": args.clusters, "eval_seeds": args.eval_seeds,
             "max_drop": cfg.objective.max_drop, "slo_margin": cfg.objective.slo_margin, "drop_margin": cfg.objective.drop_margin,
             "code_target_offset": offset,
@@ -332,7 +332,8 @@ def render(data: dict) -> str:
     stem = "pareto_tier" if data.get("tier") else "pareto"
     lines = [
         f"# Cost / SLO-attainment frontiers (quality tier {tier} for every policy)", "",
-        f"Command: `{data['command']}`; machine: {data['machine']}; {data['wall_s'] / 60:.0f} min; figures from {stem}.json, "
+        f"Command: `{data['command']}`{' at ' + data['commit'] if data.get('commit') else ''}; machine: {data['machine']}; "
+        f"{data['wall_s'] / 60:.0f} min; figures from {stem}.json, "
         f"plot [`{stem}.png`]({stem}.png).", "",
         f"Learned: the main job's config (ten regions, multi-Krum, each region's own policy pulled toward the robust global) "
         f"with the tier {tier}, under `objective.kind=slo` (cost minimised subject to SLO attainment >= target and dropped share "
@@ -348,7 +349,7 @@ def render(data: dict) -> str:
         + "; ".join(f"{k} at {v['parameter']} {', '.join(f'{x:g}' for x in v['values'])}" for k, v in data["settings"].items())
         + f". Evaluation: one simulated day, {data['eval_seeds']} seeds x 10 regions, the same seeds for every policy.", "",
         *[line for add in data.get("additions", []) for line in (
-            f"Added: `{add['command']}` ({add['wall_s'] / 60:.0f} min{'' if add['machine'] == data['machine'] else ', ' + add['machine']}): "
+            f"Added: `{add['command']}`{' at ' + add['commit'] if add.get('commit') else ''} ({add['wall_s'] / 60:.0f} min{'' if add['machine'] == data['machine'] else ', ' + add['machine']}): "
             f"targets {', '.join(f'{t:g}' for t in add['targets'])} x {add['seeds']} seed{'s' if add['seeds'] > 1 else ''} with the code "
             f"regions at t {add['code_target_offset']:+.2f}{', trained with `' + add['train_set'] + '`' if add.get('train_set') else ''}, "
             "evaluated on the same seeds, and every heuristic setting the study lacked. "
