@@ -183,15 +183,17 @@ def main() -> int:
     cfg, trainer, targets, keys, hps = frontier_runs(args)
     offset = code_offset(cfg)
     before = json.loads(out.read_text()) if args.add else None
+    commit = code_commit()
     if args.add:
         differ = [k for k in ("steps", "clusters", "eval_seeds") if before[k] != getattr(args, k)]
         if differ:
             ap.error(f"--add: {out} was measured with other {', '.join(differ)} ({', '.join(f'{before[k]}' for k in differ)}); pass the same to add to it")
-        clash = ({(t, offset, train_set) for t in targets}
-                 & {(r["setting"], row_offset(r, before), r.get("train_set", "")) for r in before["rows"] if r["policy"].startswith("learned")})
+        label = train_label({"train_set": train_set, "commit": commit}, before)
+        clash = ({(t, offset, label) for t in targets}
+                 & {(r["setting"], row_offset(r, before), train_label(r, before)) for r in before["rows"] if r["policy"].startswith("learned")})
         if clash:
             ap.error(f"--add: {out} already has learned runs at target(s) {sorted(t for t, *_ in clash)} with the code offset {offset:+g}"
-                     f"{' and ' + train_set if train_set else ''}; drop --add to measure the study afresh")
+                     f"{' and ' + label if label else ''}; drop --add to measure the study afresh")
     if args.evaluate_only and not Path(args.weights).is_file():
         ap.error(f"--evaluate-only: no trained weights at {args.weights}; run once without --evaluate-only (or pass --weights PATH)")
     weights, last, train_s = (load_frontier if args.evaluate_only else train_frontier)(args.weights, trainer, keys, hps)
@@ -208,6 +210,7 @@ def main() -> int:
         m = jax.jit(jax.vmap(lambda w: evaluation.run_episodes(env, policy, eparams, key, n, ticks, w, trainer.per_node)))(weights)
         rows += kpi_rows(m, params, cfg.env.tick_s, policy=["learned (slo)"] * len(targets), setting=targets,
                          seed=[i % args.seeds for i in range(len(targets))], scenario=[scen] * len(targets), code_offset=[offset] * len(targets),
+                         commit=[commit] * len(targets),
                          **({"train_set": [train_set] * len(targets)} if train_set else {}))
         for name, (_, values, make) in families(args.tier).items():
             if before:
@@ -223,12 +226,14 @@ def main() -> int:
     command, wall_s = " ".join(["python benchmarks/pareto.py", *sys.argv[1:]]), time.perf_counter() - t_start + (train_s if args.evaluate_only else 0.0)
     settings = {k: {"parameter": v[0], "values": v[1]} for k, v in families(args.tier).items()}
     if before:
-        addition = {"command": command, "commit": code_commit(), "machine": machine(), "wall_s": wall_s, "train_s": train_s, "targets": args.targets, "seeds": args.seeds,
+        addition = {"command": command, "commit": commit, "machine": machine(), "wall_s": wall_s, "train_s": train_s, "targets": args.targets, "seeds": args.seeds,
                     "code_target_offset": offset, "train_set": train_set, "train_last": last}
         data = {**before, "settings": settings, "rows": before["rows"] + rows, "additions": before.get("additions", []) + [addition]}
+        if not train_set and offset == round(before["code_target_offset"], 6) and MAIN_TARGET in args.targets:
+            data["main_label"] = label  # the main job's own runs at newer code: the main point moves here
     else:
         data = {
-            "command": command, "commit": code_commit(), "machine": machine(), "wall_s": wall_s, "train_s": train_s,
+            "command": command, "commit": commit, "machine": machine(), "wall_s": wall_s, "train_s": train_s,
             "targets": args.targets, "seeds": args.seeds, "steps": args.steps, "clusters": args.clusters, "eval_seeds": args.eval_seeds,
             "max_drop": cfg.objective.max_drop, "slo_margin": cfg.objective.slo_margin, "drop_margin": cfg.objective.drop_margin,
             "code_target_offset": offset,
@@ -255,17 +260,26 @@ def row_offset(row, data) -> float:
     return round(row.get("code_offset", data["code_target_offset"]), 6)
 
 
-def is_main_job(offset: float, train_set: str, data) -> bool:
+def train_label(row, data) -> str:
+    """A learned row's training overrides (`--set`), and the commit it was measured at where
+    that is not the study's own: points of other code are other points."""
+    commit = row.get("commit")
+    at = f"at {commit}" if commit and commit != data.get("commit") else ""
+    return " ".join(x for x in (row.get("train_set", ""), at) if x)
+
+
+def is_main_job(offset: float, label: str, data) -> bool:
     """Whether a learned point was trained as the main job is: the study's own code offset,
-    no `--set` overrides."""
-    return offset == round(data["code_target_offset"], 6) and not train_set
+    no `--set` overrides, and the newest code the study holds the main job's runs of (an
+    `--add` without `--set` at a later commit moves the main point there)."""
+    return offset == round(data["code_target_offset"], 6) and label == data.get("main_label", "")
 
 
 def learned_groups(data, scen) -> list[tuple[float, float, str, list[dict]]]:
     """(target, code offset, training overrides, the seeds' rows) per learned point, the
     study's own offset and training first, each (offset, overrides) in target order."""
     rows = [r for r in data["rows"] if r["policy"].startswith("learned") and r["scenario"] == scen]
-    label = lambda r: (row_offset(r, data), r.get("train_set", ""), r["setting"])  # noqa: E731
+    label = lambda r: (row_offset(r, data), train_label(r, data), r["setting"])  # noqa: E731
     keys = sorted(set(map(label, rows)), key=lambda k: (not is_main_job(k[0], k[1], data), k[1], k[0], k[2]))
     return [(t, d, v, [r for r in rows if label(r) == (d, v, t)]) for d, v, t in keys]
 
@@ -353,8 +367,8 @@ def render(data: dict) -> str:
             f"targets {', '.join(f'{t:g}' for t in add['targets'])} x {add['seeds']} seed{'s' if add['seeds'] > 1 else ''} with the code "
             f"regions at t {add['code_target_offset']:+.2f}{', trained with `' + add['train_set'] + '`' if add.get('train_set') else ''}, "
             "evaluated on the same seeds, and every heuristic setting the study lacked. "
-            "These points join the learned frontier; the main job's point stays target "
-            f"{MAIN_TARGET:g} at t {data['code_target_offset']:+.2f}.", "")],
+            "These points join the learned frontier; the main job's point is target "
+            f"{MAIN_TARGET:g} at t {data['code_target_offset']:+.2f}{', ' + data['main_label'] if data.get('main_label') else ''}.", "")],
         *([] if tier == "off" else ["The issue's aim is stated with the tier off ([`pareto.md`](pareto.md)); this is the same study "
                                     "with the small-model tier available to every policy (the heuristics through the tier rule, "
                                     "`+tier`), checked by the same rule.", ""]),
@@ -388,7 +402,7 @@ def render(data: dict) -> str:
     if overload:
         pick = lambda pol, setting: [r for r in overload if r["policy"] == pol and abs(r["setting"] - setting) < 1e-9]  # noqa: E731
         mean = lambda rs, k: float(np.mean([r[k] for r in rs]))  # noqa: E731
-        lrn = [r for r in pick("learned (slo)", MAIN_TARGET) if is_main_job(row_offset(r, data), r.get("train_set", ""), data)]
+        lrn = [r for r in pick("learned (slo)", MAIN_TARGET) if is_main_job(row_offset(r, data), train_label(r, data), data)]
         rea = pick("reactive+tier" if data.get("tier") else "reactive", 0.7)
         if lrn and rea:
             lines += [f"Overload (flash crowd: 5x demand for 30 min, held out): the learned policy at target {MAIN_TARGET:g} drops "

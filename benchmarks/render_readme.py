@@ -472,7 +472,8 @@ def pareto() -> list[str]:
         lines += [f"`{d['command']}` → [`benchmarks/{stem}.md`](benchmarks/{stem}.md) ([plot](benchmarks/{stem}.png)): the main job's "
                   f"config (at the study's commit) trained to targets {', '.join(f'{t:g}' for t in d['targets'])} ({d['seeds']} seed{'s' if d['seeds'] > 1 else ''}"
                   + "".join(f"; then {', '.join(f'{t:g}' for t in add['targets'])} with the code regions at t {add['code_target_offset']:+.2f}"
-                            + (f", trained with `{add['train_set']}`" if add.get("train_set") else "") + " "
+                            + (f", trained with `{add['train_set']}`" if add.get("train_set") else "")
+                            + (f" at commit {add['commit']}" if add.get("commit") else "") + " "
                             f"({add['seeds']} seed{'s' if add['seeds'] > 1 else ''}, `{add['command']}`)" for add in d.get("additions", []))
                   + ", "
                   f"{d['clusters']} clusters per region, {d['steps'] / 1e6:g}M env steps, `env.token_shift_prob={d.get('token_shift_prob', 0.0):g}`, "
@@ -484,7 +485,8 @@ def pareto() -> list[str]:
                   "heuristic's in the band (attainment >= min(90 %, 0.9 x the ceiling that policy-independent rejects leave)), and at "
                   f"target {pa.MAIN_TARGET:g} >= {pa.PAPER_COST_CLAIM_PCT:g} % cheaper than the cheapest heuristic setting reaching its attainment.", ""]
         for a in pa.aims(d):
-            main = (f"learned at {pa.MAIN_TARGET:g}: {a['main'][0]:.1f} % at ${a['main'][1]:.3f} per 1M tokens" if a["main"] else "no learned point at the main target")
+            main = (f"learned at {pa.MAIN_TARGET:g}{' (' + d['main_label'] + ')' if d.get('main_label') else ''}: {a['main'][0]:.1f} % at "
+                    f"${a['main'][1]:.3f} per 1M tokens" if a["main"] else "no learned point at the main target")
             vs = (f", cost saving {a['saving_pct']:+.0f} % against {a['cheapest']['policy']} {a['cheapest']['setting']:g}" if a["saving_pct"] is not None
                   else ", no heuristic setting reaches that attainment")
             lines.append(f"- {a['scenario']} (ceiling {a['ceiling']:.1f} %, band >= {a['band']:.1f} %): frontier below every heuristic in "

@@ -51,6 +51,18 @@ def test_points_trained_under_other_settings_join_the_frontier_but_not_the_main_
     labels = [(t, d, v) for t, d, v, _ in pareto.learned_groups(data, "diurnal")]
     assert labels == [(0.9, OWN, ""), (0.9, ADDED, ""), (0.9, OWN, "env.surge_shared_prob=0.25")]
 
+def test_main_jobs_runs_at_newer_code_move_the_main_point_and_stay_apart():
+    data = study(row("static-peak", 0.3, 85.0, 1.2))
+    data["commit"] = "old"
+    data["rows"].append(row("learned (slo)", 0.9, 84.0, 0.7, seed=0, commit="new"))
+    assert pareto.aims(data)[0]["main"] == (80.0, 1.0)  # until an addition names the new code the main job's
+    data["main_label"] = "at new"
+    (a,) = pareto.aims(data)
+    assert a["main"] == (84.0, 0.7) and abs(a["saving_pct"] - 100.0 * (1 - 0.7 / 1.2)) < 1e-9
+    labels = [(t, d, v) for t, d, v, _ in pareto.learned_groups(data, "diurnal")]
+    assert labels == [(0.9, OWN, "at new"), (0.9, OWN, ""), (0.9, ADDED, "")]
+
+
 def test_band_no_heuristic_reaches_is_met_only_by_a_learned_point_in_it():
     (a,) = pareto.aims(study(row("static-peak", 0.3, 70.0, 2.0)))
     assert a["frontier_below"] and a["contenders"] == 0
