@@ -366,9 +366,9 @@ def render(data: dict) -> str:
             f"Added: `{add['command']}`{' at ' + add['commit'] if add.get('commit') else ''} ({add['wall_s'] / 60:.0f} min{'' if add['machine'] == data['machine'] else ', ' + add['machine']}): "
             f"targets {', '.join(f'{t:g}' for t in add['targets'])} x {add['seeds']} seed{'s' if add['seeds'] > 1 else ''} with the code "
             f"regions at t {add['code_target_offset']:+.2f}{', trained with `' + add['train_set'] + '`' if add.get('train_set') else ''}, "
-            "evaluated on the same seeds, and every heuristic setting the study lacked. "
-            "These points join the learned frontier; the main job's point is target "
-            f"{MAIN_TARGET:g} at t {data['code_target_offset']:+.2f}{', ' + data['main_label'] if data.get('main_label') else ''}.", "")],
+            "evaluated on the same seeds, and every heuristic setting the study lacked.", "")],
+        *([f"The added points join the learned frontier; the main job's point is target {MAIN_TARGET:g} at t "
+           f"{data['code_target_offset']:+.2f}{', ' + data['main_label'] if data.get('main_label') else ''}.", ""] if data.get("additions") else []),
         *([] if tier == "off" else ["The issue's aim is stated with the tier off ([`pareto.md`](pareto.md)); this is the same study "
                                     "with the small-model tier available to every policy (the heuristics through the tier rule, "
                                     "`+tier`), checked by the same rule.", ""]),
