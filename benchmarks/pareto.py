@@ -11,6 +11,8 @@ regions' target keeps an offset from the chat regions' (the main job's by defaul
 `--code-target-offset` to move it) and `--set` trains them under other training settings
 (their points labelled with them); `--add` trains further targets (at another offset, say)
 and merges them, with any heuristic setting the JSON lacks, into the JSON already there.
+Points measured at another commit than the study's are labelled with it; an `--add` of the
+main job's own settings at the main target at newer code moves the main job's point there.
 Heuristics: Reactive (HPA) at several target loads, Predictive at several headrooms, both
 also with spill-over routing, and Static sized for the peak at several utilisations; each
 family's settings are vmapped in one compiled evaluation. Every policy is evaluated on the
