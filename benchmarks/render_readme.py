@@ -515,7 +515,8 @@ def variants() -> list[str]:
            "| variant | met on Monday | met over the week | drops over the bound |", "|---|---|---|---|"]
     for v in d["variants"]:
         c = mv.counts(v)
-        out.append(f"| `{v['command']}` ({v['name']}) | {c['monday']} / {c['regions']} | {c['week']} / {c['regions']} | "
+        name = v["name"].replace("the current default", "the default when measured")  # names are as of their run
+        out.append(f"| `{v['command']}` ({name}) | {c['monday']} / {c['regions']} | {c['week']} / {c['regions']} | "
                    + (", ".join(c["drops_over"]) or "none") + " |")
     if "training_env" not in d:  # variants from before the token shifts: name the default they override, and today's
         from aro_jax.config import load_config
@@ -524,7 +525,10 @@ def variants() -> list[str]:
         out += ["", "Variants whose name does not say otherwise override an earlier default, which trained on each region's own "
                 "token lengths (`env.token_shift_prob=0`) and aimed 2 points above each target (`objective.slo_margin=0.02`); the "
                 f"main job now shifts the lengths in {100 * now.env.token_shift_prob:g} % of its training episodes (below), aims "
-                f"{100 * now.objective.slo_margin:g} points above and surges in {100 * now.env.surge_prob:g} % of its episodes."]
+                f"{100 * now.objective.slo_margin:g} points above and surges in {100 * now.env.surge_prob:g} % of its episodes"
+                + (f"; its shifts are centred {now.env.token_shift_toward:g} of the way to the other mix's lengths and "
+                   f"{100 * now.env.token_shift_onset_prob:g} % of them set in midway (docs/simulator.md)"
+                   if now.env.token_shift_toward or now.env.token_shift_onset_prob else "") + "."]
     return out
 
 
