@@ -106,6 +106,9 @@ class ServingEmulator:
         self._tick_keys = jax.random.split(k_steps, num_ticks)
         self._step = jax.jit(self._scanned_step)
         self._obs = jax.jit(lambda s: raw_observation(s, params))
+        # Compile the tick now (result discarded): the first POST /advance then answers in a
+        # tick's time, not a compile's, which on a loaded host outlasts a client's timeout.
+        jax.block_until_ready(self._step(self._tick_keys[0], self.state, 4))  # 4: MaintainCurrent
         # With `warmup`, the day starts one tick later: first a tick before it (tick -1, its
         # clock one tick earlier) whose counts are the simulator's reset observation, so a
         # reader that needs two scrapes for rates sees at tick 0 what the simulator's
