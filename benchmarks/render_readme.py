@@ -493,6 +493,10 @@ def pareto() -> list[str]:
                          f"the band **{'yes' if a['frontier_below'] else 'no'}**{'' if a['contenders'] or not a['frontier_below'] else ' (no heuristic setting reaches the band)'}; {main}{vs if a['main'] else ''}; within the learned "
                          f"span ({a['learned_span'][0]:.1f}-{a['learned_span'][1]:.1f} %) a learned point beats {a['covered_beaten']} of "
                          f"{a['covered']} heuristic points.")
+        commits = list(dict.fromkeys(r.get("commit") or d.get("commit") or "the study's own (unrecorded)" for r in d["rows"] if r["policy"].startswith("learned")))
+        if len(commits) > 1:
+            lines.append(f"- The learned points come from code at {', '.join(commits)}; the verdicts above pool them (each is a policy "
+                         "evaluated in the same scenarios; which code a point was trained with is in its label in the study's tables).")
         stale = [s for s in dict.fromkeys(r["scenario"] for r in d["rows"]) if s not in pa.scenarios_measured(d)]
         if stale:
             lines.append(f"- {', '.join(stale)}: not shown; this run evaluated the one-hour traces over a whole day (23 hours "
