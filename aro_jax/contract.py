@@ -14,8 +14,7 @@ from typing import Any
 
 import numpy as np
 
-ENV_VERSION = "aro-serving-v4"  # v2: the node descriptor follows the live fields; v3: the mask knows the pods' CPU and memory share;
-# v4: the offered load (demand over capacity) follows the live fields
+ENV_VERSION = "aro-serving-v3"  # v2: the node descriptor follows the live fields; v3: the mask knows the pods' CPU and memory share
 
 PAPER_ACTIONS = ("IncreaseCPU", "IncreaseGPU", "IncreaseMemory", "RebalanceWorkload", "MaintainCurrent")
 EXTENDED_ACTIONS = PAPER_ACTIONS + (
@@ -73,20 +72,8 @@ DESCRIPTOR_FIELDS = (
     ("max_replicas", 16.0),
 )
 DESCRIPTOR_NAMES = tuple(name for name, _ in DESCRIPTOR_FIELDS)
-
-# Derived from the scaled live fields: the offered load, log2((request rate + backlog per
-# tick) / capacity), clipped to [-LOAD_LOG2_CLIP, LOAD_LOG2_CLIP]. It is the ratio every
-# autoscaler scales by (Kubernetes HPA: desired = ceil(current replicas x metric / target)),
-# and a tanh MLP cannot form a ratio of two inputs across the range it meets: when the
-# work per request grows (longer answers) at a normal request rate, rate and capacity
-# each look ordinary and only their ratio says how many replicas are missing.
-LOAD_FEATURES = ("offered_load_log2",)
-LOAD_LOG2_CLIP = 6.0
-# The policy's input: the scaled live fields, the load features, the descriptor's features.
-POLICY_INPUT_NAMES = OBS_FIELDS + LOAD_FEATURES + DESCRIPTOR_NAMES
-POLICY_INPUT_DIM = len(POLICY_INPUT_NAMES)
-# Trailing input dims the observation normaliser passes through (O(1) by construction).
-PASSTHROUGH_DIM = len(LOAD_FEATURES) + len(DESCRIPTOR_FIELDS)
+# The policy's input: the scaled live fields, then the descriptor's features.
+POLICY_INPUT_DIM = len(OBS_FIELDS) + len(DESCRIPTOR_FIELDS)
 
 
 def descriptor_features(values, xp=np):
@@ -94,19 +81,6 @@ def descriptor_features(values, xp=np):
     cols = [values[..., i] if ref is None else xp.log2(xp.maximum(values[..., i], 1e-9) / ref)
             for i, (_, ref) in enumerate(DESCRIPTOR_FIELDS)]
     return xp.stack(cols, axis=-1)
-
-def load_features(scaled_obs, xp=np):
-    """Scaled live fields (..., len(OBS_FIELDS)), i.e. raw over the node's observation scale
-    (rates over the reference rate, the backlog over the reference rate x tick) ->
-    LOAD_FEATURES (..., 1). In those units (rate + backlog / tick) / capacity is
-    (rate + backlog) / capacity, so no tick length is needed. An idle node with nothing
-    ready reads the lower clip, a loaded one the upper."""
-    f = lambda name: scaled_obs[..., FIELD_INDEX[name]]  # noqa: E731
-    demand = xp.maximum(f("request_rate_rps"), 0.0) + xp.maximum(f("queue_requests"), 0.0)
-    ratio = demand / xp.maximum(f("capacity_rps"), 1e-6)
-    low = 2.0 ** -LOAD_LOG2_CLIP
-    return xp.log2(xp.clip(ratio, low, 1.0 / low))[..., None]
-
 
 # The node limits the feasibility mask reads (EnvParams fields of the same names).
 MASK_LIMITS = (

@@ -68,7 +68,7 @@ def test_registered_and_made_by_gymnax():
     assert isinstance(env, ServingNodeEnv) and isinstance(params, EnvParams)
     assert env.name == "ServingNode-v0"
     assert env.action_space(params).n == env.num_actions == 11
-    assert env.observation_space(params).shape == (POLICY_INPUT_DIM,) == (len(OBS_FIELDS) + 1 + len(DESCRIPTOR_FIELDS),)
+    assert env.observation_space(params).shape == (POLICY_INPUT_DIM,) == (len(OBS_FIELDS) + len(DESCRIPTOR_FIELDS),)
     paper_env, _ = gymnax.make("ServingNode-v0", action_set="paper")
     assert paper_env.num_actions == 5
     with pytest.raises(ValueError, match="action_set"):
@@ -100,9 +100,8 @@ def test_vmap_over_keys(env, params):
 
 
 def test_observation_ends_with_the_node_descriptor(env, params, small_node_params):
-    """The policy input is the scaled live fields, the offered load, then the node's
-    descriptor features: constant over a node's episode, different between a 70B and a 7B
-    node."""
+    """The policy input is the scaled live fields, then the node's descriptor features:
+    constant over a node's episode, different between a 70B and a 7B node."""
     from aro_jax.contract import descriptor_features
     from aro_jax.envs.serving import node_descriptor, observation_scale, raw_observation
 
@@ -111,38 +110,12 @@ def test_observation_ends_with_the_node_descriptor(env, params, small_node_param
         obs, state = env.reset(jax.random.key(0), p)
         obs2, state, *_ = env.step(jax.random.key(1), state, jnp.int32(INC_GPU), p)
         want = np.asarray(descriptor_features(np.asarray(node_descriptor(p)), xp=np))
-        np.testing.assert_allclose(obs[len(OBS_FIELDS) + 1:], want, rtol=1e-6)
-        np.testing.assert_allclose(obs2[len(OBS_FIELDS) + 1:], want, rtol=1e-6)
+        np.testing.assert_allclose(obs[len(OBS_FIELDS):], want, rtol=1e-6)
+        np.testing.assert_allclose(obs2[len(OBS_FIELDS):], want, rtol=1e-6)
         np.testing.assert_allclose(obs2[: len(OBS_FIELDS)], raw_observation(state, p) / observation_scale(p), rtol=1e-5, atol=1e-6)
         tails.append(want)
     assert float(params.weights_gb) != float(small_node_params.weights_gb)
     assert not np.allclose(tails[0], tails[1])
-
-
-def test_offered_load_feature(env, params):
-    """The input's offered load is log2((rate + backlog / tick) / capacity) in natural units,
-    computed here without the observation scale; a 4x collapse of capacity at the same
-    rate and backlog reads +2, the clip bounds an idle node and a node with nothing ready."""
-    from aro_jax.contract import LOAD_LOG2_CLIP
-    from aro_jax.envs.serving import policy_input, raw_observation
-
-    _, state = env.reset(jax.random.key(0), params)
-    for t in range(6):  # a backlog: several scale-downs under the day's load
-        _, state, *_ = env.step(jax.random.key(t), state, jnp.int32(DEC_GPU), params)
-    raw = np.asarray(raw_observation(state, params), np.float64)
-    i = {f: OBS_FIELDS.index(f) for f in ("request_rate_rps", "queue_requests", "capacity_rps")}
-    demand_rps = raw[i["request_rate_rps"]] + raw[i["queue_requests"]] / float(params.tick_s)
-    assert demand_rps > 0 and raw[i["capacity_rps"]] > 0
-    want = np.log2(demand_rps / raw[i["capacity_rps"]])
-    load = lambda r: float(policy_input(jnp.asarray(r, jnp.float32), params)[len(OBS_FIELDS)])  # noqa: E731
-    assert load(raw) == pytest.approx(want, abs=1e-4)
-    collapsed = raw.copy()
-    collapsed[i["capacity_rps"]] /= 4.0
-    assert load(collapsed) - load(raw) == pytest.approx(2.0, abs=1e-4)
-    nothing_ready, idle = raw.copy(), raw.copy()
-    nothing_ready[i["capacity_rps"]] = 0.0
-    idle[[i["request_rate_rps"], i["queue_requests"]]] = 0.0
-    assert load(nothing_ready) == LOAD_LOG2_CLIP and load(idle) == -LOAD_LOG2_CLIP
 
 
 def test_vmap_over_stacked_node_params(env, params, small_node_params):
@@ -600,7 +573,7 @@ def test_a_demand_scale_multiplies_the_arrivals_and_not_the_descriptor(env, para
     plain, plain_obs = arrivals_and_obs(env, base, demand_scale=1.0)
     double, double_obs = arrivals_and_obs(env, base, demand_scale=2.0)
     assert double.sum() / plain.sum() == pytest.approx(2.0, rel=0.02)
-    descriptor = slice(len(OBS_FIELDS) + 1, None)  # after the live fields and the offered load
+    descriptor = slice(len(OBS_FIELDS), None)
     np.testing.assert_array_equal(double_obs[:, descriptor], plain_obs[:, descriptor])
 
 

@@ -46,14 +46,13 @@ def test_export_load_bit_identical_actions():
     run_dir, export_dir = trained()
     assert_same_actions(run_dir, export_dir)
     spec = json.loads((export_dir / SPEC_FILE).read_text())
-    assert spec["format_version"].startswith("4.") and spec["env_version"] == sv.ENV_VERSION
+    assert spec["format_version"].startswith("3.") and spec["env_version"] == sv.ENV_VERSION
     assert spec["observation"]["fields"] == list(sv.OBS_FIELDS)
     assert spec["actions"]["names"] == list(sv.EXTENDED_ACTIONS)
     assert len(spec["training"]["config_sha256"]) == 64 and "reward" in spec["training"]["kpis"]["final"]
     assert set(spec["nodes"]["solo"]["limits"]) >= {"max_cpu_cores", "max_replicas", "max_host_memory_gb"}
     assert list(spec["nodes"]["solo"]["descriptor"]) == list(sv.DESCRIPTOR_NAMES)
-    assert list(spec["observation"]["load_features"]) == ["offered_load_log2"]
-    assert spec["network"]["input_dim"] == len(sv.OBS_FIELDS) + 1 + len(sv.DESCRIPTOR_NAMES)
+    assert spec["network"]["input_dim"] == len(sv.OBS_FIELDS) + len(sv.DESCRIPTOR_NAMES)
 
 
 def test_loader_imports_neither_trainer_nor_env():
@@ -97,9 +96,9 @@ def write_signed_spec(export_dir, text: str) -> None:
 
 def test_format_version_mismatch(export_copy):
     spec = json.loads((export_copy / SPEC_FILE).read_text())
-    spec["format_version"] = "3.0"  # before the offered load was part of the input
+    spec["format_version"] = "2.0"  # before the limits held the pods' CPU and memory share
     write_signed_spec(export_copy, json.dumps(spec))
-    with pytest.raises(ExportError, match="format_version 3.0 is incompatible"):
+    with pytest.raises(ExportError, match="format_version 2.0 is incompatible"):
         load_policy(export_copy)
 
 
@@ -174,9 +173,9 @@ def test_descriptor_is_read_and_checked(export_copy):
 
 
 def test_descriptor_passes_the_normaliser_by():
-    """The normaliser's statistics cover the live fields only: the offered load (log2, O(1))
-    and the descriptor's features (constant per node) reach the network as they are (a
-    running variance of ~0 would amplify the descriptor's rounding)."""
+    """The normaliser's statistics cover the live fields only: the descriptor's features,
+    constant per node, reach the network as they are (a running variance of ~0 would
+    amplify their rounding)."""
     from aro_jax import contract
 
     cfg, _, weights, _ = load_trained_policy(trained()[0])

@@ -33,12 +33,11 @@ import numpy as np
 
 from aro_jax import contract
 from aro_jax.contract import (
-    DESCRIPTOR_FIELDS, DESCRIPTOR_NAMES, ENV_VERSION, FALLBACK_ACTION, LOAD_FEATURES, LOAD_LOG2_CLIP, MASK_LIMITS, NORMALIZE_CLIP, NORMALIZE_EPS, OBS_FIELDS,
+    DESCRIPTOR_FIELDS, DESCRIPTOR_NAMES, ENV_VERSION, FALLBACK_ACTION, MASK_LIMITS, NORMALIZE_CLIP, NORMALIZE_EPS, OBS_FIELDS,
 )
 from aro_jax.deploy.controls import node_controls
 
-FORMAT_VERSION = "4.0"  # 2: the node descriptor is part of the policy input; 3: limits for the pods' CPU and memory share;
-# 4: the offered load is part of the policy input
+FORMAT_VERSION = "3.0"  # 2: the node descriptor is part of the policy input; 3: limits for the pods' CPU and memory share
 SPEC_FILE = "policy.json"
 SPEC_CHECKSUM_FILE = "policy.json.sha256"  # policy.json cannot hold its own digest
 PARAMS_DIR = "params"
@@ -120,15 +119,9 @@ def export_policy(run_dir: str | Path, out_dir: str | Path, overwrite: bool = Fa
         "observation": {
             "fields": list(OBS_FIELDS),
             "descriptor_fields": {name: ref for name, ref in DESCRIPTOR_FIELDS},
-            "load_features": {
-                "offered_load_log2": (f"log2(clip((s.request_rate_rps + s.queue_requests) / max(s.capacity_rps, 1e-6), "
-                                      f"2^-{LOAD_LOG2_CLIP:g}, 2^{LOAD_LOG2_CLIP:g})) with s = raw / observation_scale[node], "
-                                      "negative rates and queues read as 0"),
-            },
-            "preprocess": ("s = raw / observation_scale[node]; obs = s; if normalize: obs = clip((s - obs_mean) / sqrt(obs_var + eps), "
-                           "-clip, clip); input = concat(obs, load_features(s), features(descriptor[node])), features: "
-                           "log2(value / reference) per descriptor field (reference null: the value); load and descriptor "
-                           "features are not normalised"),
+            "preprocess": ("obs = raw / observation_scale[node]; if normalize: obs = clip((obs - obs_mean) / sqrt(obs_var + eps), "
+                           "-clip, clip); input = concat(obs, features(descriptor[node])), features: log2(value / reference) "
+                           "per descriptor field (reference null: the value), not normalised"),
             "normalize": bool(cfg.ppo.normalize_obs),
             "eps": NORMALIZE_EPS,
             "clip": NORMALIZE_CLIP,
@@ -257,9 +250,6 @@ class ExportedPolicy:
             denom = np.sqrt(var + eps).astype(np.float32)
             self._nets[key] = _Net(layers, np.asarray(t["obs_mean"], np.float32), denom)
         self._scale = {n: np.asarray(v["observation_scale"], np.float32) for n, v in spec["nodes"].items()}
-        load_fields = tuple(spec["observation"].get("load_features", ()))
-        if load_fields != LOAD_FEATURES:
-            raise ExportError(f"{path}: load features {list(load_fields)} differ from {ENV_VERSION}'s {list(LOAD_FEATURES)}; re-export the run")
         self.descriptor_fields: tuple[str, ...] = tuple(spec["observation"]["descriptor_fields"])
         if self.descriptor_fields != DESCRIPTOR_NAMES:
             raise ExportError(f"{path}: descriptor fields {list(self.descriptor_fields)} differ from {ENV_VERSION}'s {list(DESCRIPTOR_NAMES)}; re-export the run")
@@ -306,9 +296,10 @@ class ExportedPolicy:
     def logits(self, raw: np.ndarray, node: str) -> np.ndarray:
         net = self._nets[self.spec["nodes"][node]["policy"]]
         features = np.broadcast_to(self._features[node], raw.shape[:-1] + self._features[node].shape)
-        scaled = raw / self._scale[node]
-        x = np.clip((scaled - net.obs_mean) / net.obs_denom, -self._clip, self._clip) if self.normalize else scaled
-        x = np.concatenate([x, contract.load_features(scaled, xp=np).astype(np.float32), features], axis=-1)
+        x = raw / self._scale[node]
+        if self.normalize:
+            x = np.clip((x - net.obs_mean) / net.obs_denom, -self._clip, self._clip)
+        x = np.concatenate([x, features], axis=-1)
         *hidden, (k_out, b_out) = net.layers
         for k, b in hidden:
             x = np.tanh(x @ k + b)

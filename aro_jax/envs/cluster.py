@@ -12,8 +12,8 @@ across the cluster every tick:
     sum(arrivals) = sum(served + served_for_peers + dropped + rejected)
                     + sum(queue' - queue) + (in_flight' - in_flight)
 
-A region observes its own `ServingNode-v0` observation (contract.POLICY_INPUT_NAMES: the
-live fields, the offered load, its node descriptor's features) plus one field, the spare capacity its compatible peers
+A region observes its own `ServingNode-v0` observation (contract.OBS_FIELDS, then its
+node descriptor's features) plus one field, the spare capacity its compatible peers
 advertise (CLUSTER_OBS_FIELDS): no peer's raw traffic. The region axis stays inside one
 device; batches of clusters vmap and shard over devices (regions interact every tick, so
 splitting them across devices would need an exchange per tick).
@@ -29,14 +29,14 @@ import numpy as np
 from flax import struct
 from gymnax.environments import environment, spaces
 
-from aro_jax.contract import ACTION_SETS, POLICY_INPUT_DIM, POLICY_INPUT_NAMES
+from aro_jax.contract import ACTION_SETS, DESCRIPTOR_NAMES, OBS_FIELDS, POLICY_INPUT_DIM
 from aro_jax.envs import fluid, hardware, scenarios, serving
 from aro_jax.envs.autoreset import StateObservedEnv
 from aro_jax.envs.scenarios import rtt_matrix_s, site_of
 from aro_jax.envs.params import EnvParams
 from aro_jax.envs.serving import EnvState
 
-CLUSTER_OBS_FIELDS = POLICY_INPUT_NAMES + ("peer_spare_rps",)
+CLUSTER_OBS_FIELDS = OBS_FIELDS + DESCRIPTOR_NAMES + ("peer_spare_rps",)
 
 # Peers advertise spare capacity up to this utilisation of their own capacity (the
 # single-region env's modelled peer lends up to the same).
@@ -289,8 +289,8 @@ class RegionGrid:
     (ppo.EnvGrid). States and observations carry the region axis first, then the clusters
     (the stacked ClusterStates with their two leading axes swapped and the clock broadcast
     over regions), so a region's slice of the grid is its own envs; the cells of one cluster
-    step together. A region's observation is its ServingNode-v0 observation (POLICY_INPUT_NAMES,
-    the deployment contract an exported policy is served with): the spare
+    step together. A region's observation is its ServingNode-v0 observation (OBS_FIELDS and
+    its descriptor, the deployment contract an exported policy is served with): the spare
     capacity its peers advertise decides, inside the env, how much of what it forwards
     they take.
 

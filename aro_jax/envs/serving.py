@@ -526,12 +526,11 @@ def node_descriptor(params: EnvParams) -> jax.Array:
 
 
 def policy_input(raw_obs: jax.Array, params: EnvParams) -> jax.Array:
-    """What the policy sees (contract.POLICY_INPUT_NAMES): raw observations (..., OBS_FIELDS)
-    over the node's scale, the offered load, then the node descriptor's features."""
-    scaled = raw_obs / observation_scale(params)
+    """What the policy sees: raw observations (..., OBS_FIELDS) over the node's scale,
+    then its descriptor's features (contract.POLICY_INPUT_DIM)."""
     features = contract.descriptor_features(node_descriptor(params), xp=jnp)
     features = jnp.broadcast_to(features, raw_obs.shape[:-1] + features.shape)
-    return jnp.concatenate([scaled, contract.load_features(scaled, xp=jnp), features], axis=-1).astype(jnp.float32)
+    return jnp.concatenate([raw_obs / observation_scale(params), features], axis=-1).astype(jnp.float32)
 
 
 def observation_scale(params: EnvParams) -> jax.Array:

@@ -15,7 +15,7 @@ import numpy as np
 
 from aro_jax import config as config_lib
 from aro_jax.algorithms import ppo
-from aro_jax.contract import PASSTHROUGH_DIM
+from aro_jax.contract import DESCRIPTOR_FIELDS
 from aro_jax.envs import cluster
 from aro_jax.envs.params import EnvParams, RewardWeights
 from aro_jax.envs.scenarios import cluster_params
@@ -89,7 +89,7 @@ def ppo_config(cfg: config_lib.ExperimentConfig) -> ppo.PPOConfig:
     return ppo.PPOConfig(
         num_envs=cfg.env.num_clusters, rollout_steps=p.rollout_steps, num_minibatches=p.num_minibatches,
         update_epochs=p.update_epochs, total_updates=max(config_lib.num_updates(cfg), 1), hidden_sizes=tuple(p.hidden_sizes),
-        anneal_lr=p.anneal_lr, normalize_obs=p.normalize_obs, obs_passthrough=PASSTHROUGH_DIM,
+        anneal_lr=p.anneal_lr, normalize_obs=p.normalize_obs, obs_passthrough=len(DESCRIPTOR_FIELDS),
         action_masking=p.action_masking, frozen_trunk=p.frozen_trunk,
         frozen_normalizer=p.frozen_normalizer, num_costs=len(CONSTRAINTS) if cfg.objective.kind == "slo" else 0,
         dp_clip_norm=cfg.federated.segment_dp_clip_norm, dp_noise_multiplier=cfg.federated.segment_dp_noise_multiplier,
