@@ -99,10 +99,6 @@ class EnvConfig:
     # lengths (0: on the region's own, the other mix's at the range's edge; 0.5: halfway,
     # so both mixes' lengths lie inside it).
     token_shift_toward: float = 0.0
-    # The range's half-width as a fraction of envs.serving.TOKEN_SHIFT_MAX_LOG (1: up to the
-    # gap between the mixes either side of the centre; 0.5 with token_shift_toward 0.5: the
-    # lengths between the region's own and the other mix's, none beyond).
-    token_shift_spread: float = 1.0
     # In this share of the shifted episodes the shift sets in at a random time of the
     # episode, not at its start: the work per request changes under a running fleet, with
     # the request rate unchanged (a held-out trace's lengths differ from the plan's from
@@ -437,8 +433,6 @@ def validate(cfg: ExperimentConfig) -> None:
             f"must be a share of episodes in [0, 1], got {e.token_shift_onset_prob}")
     require(0 <= e.token_shift_toward <= 1, "env.token_shift_toward",
             f"must be a fraction of the way to the other mix's lengths in [0, 1], got {e.token_shift_toward}")
-    require(0 < e.token_shift_spread <= 1, "env.token_shift_spread",
-            f"must be a fraction in (0, 1] of the widest shift range, got {e.token_shift_spread}")
     require(0 <= e.burst_shift_prob <= 1, "env.burst_shift_prob", f"must be a share of episodes in [0, 1], got {e.burst_shift_prob}")
     require(0 <= e.random_fleet_prob <= 1, "env.random_fleet_prob", f"must be a share of episodes in [0, 1], got {e.random_fleet_prob}")
     require(0 <= e.demand_phase_prob <= 1, "env.demand_phase_prob", f"must be a share of episodes in [0, 1], got {e.demand_phase_prob}")

@@ -25,7 +25,6 @@ from aro_jax.config import DEFAULT_CONFIG, ConfigError, ExperimentConfig, load_c
         (["env.kind=node", "env.surge_shared_prob=0.2"], "config key 'env.surge_shared_prob'"),  # no peers share the surge
         (["env.token_shift_prob=-0.1"], "config key 'env.token_shift_prob'"),
         (["env.token_shift_toward=1.5"], "config key 'env.token_shift_toward'"),
-        (["env.token_shift_spread=0"], "config key 'env.token_shift_spread'"),
         (["env.token_shift_onset_prob=-1"], "config key 'env.token_shift_onset_prob'"),
         (["env.burst_shift_prob=1.5"], "config key 'env.burst_shift_prob'"),
         (["env.random_fleet_prob=1.5"], "config key 'env.random_fleet_prob'"),
@@ -38,7 +37,7 @@ from aro_jax.config import DEFAULT_CONFIG, ConfigError, ExperimentConfig, load_c
         (["federated.personal_own=[actor_in]"], "config key 'federated.personal_own'"),
         (["federated.personal_own=[critic]", "federated.personal_mix=1.0"], "config key 'federated.personal_own'"),  # no personal policy
     ],
-    ids=["unknown-key", "wrong-type", "minibatches-not-dividing", "unknown-profile", "held-out-scenario", "negative-rate", "override-syntax", "margin-past-one", "drop-margin-past-zero", "surge-as-heavy-as-held-out", "surge-prob-past-one", "shared-surge-prob-past-one", "shared-surge-without-cluster", "token-shift-prob-negative", "token-shift-toward-past-one", "token-shift-spread-zero", "token-shift-onset-prob-negative", "burst-shift-prob-past-one", "random-fleet-prob-past-one", "demand-phase-prob-negative", "demand-scale-below-one", "unknown-message", "offset-without-personal", "offset-with-momentum", "anneal-without-personal",
+    ids=["unknown-key", "wrong-type", "minibatches-not-dividing", "unknown-profile", "held-out-scenario", "negative-rate", "override-syntax", "margin-past-one", "drop-margin-past-zero", "surge-as-heavy-as-held-out", "surge-prob-past-one", "shared-surge-prob-past-one", "shared-surge-without-cluster", "token-shift-prob-negative", "token-shift-toward-past-one", "token-shift-onset-prob-negative", "burst-shift-prob-past-one", "random-fleet-prob-past-one", "demand-phase-prob-negative", "demand-scale-below-one", "unknown-message", "offset-without-personal", "offset-with-momentum", "anneal-without-personal",
          "own-unknown-network", "own-without-personal"],
 )
 def test_invalid_override_names_the_key(overrides, expected):

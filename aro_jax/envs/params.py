@@ -168,8 +168,6 @@ class EnvParams(environment.EnvParams):
     # lengths to the other mix's (the other mix's log-means minus the region's, set by
     # scenarios.node_params); 0: on its own, so the other mix's lengths lie at the range's edge.
     token_shift_toward: float = 0.0
-    # The range's half-width, a fraction of serving.TOKEN_SHIFT_MAX_LOG.
-    token_shift_spread: float = 1.0
     # In this share of the episodes the shift sets in at a uniform random time of the
     # episode, not at its start (serving.draw_token_shift_onset): the work per request
     # changes under a running fleet sized for the old lengths, while the request rate stays.

@@ -219,7 +219,6 @@ def cluster_params(cfg, scenario: str = "train") -> EnvParams:
                           surge_shared_prob=float(getattr(cfg.env, "surge_shared_prob", 0.0)),
                           token_shift_prob=float(getattr(cfg.env, "token_shift_prob", 0.0)),
                           token_shift_toward=float(getattr(cfg.env, "token_shift_toward", 0.0)),
-                          token_shift_spread=float(getattr(cfg.env, "token_shift_spread", 1.0)),
                           token_shift_onset_prob=float(getattr(cfg.env, "token_shift_onset_prob", 0.0)),
                           burst_shift_prob=float(getattr(cfg.env, "burst_shift_prob", 0.0)),
                           random_fleet_prob=float(getattr(cfg.env, "random_fleet_prob", 0.0)),

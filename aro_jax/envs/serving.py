@@ -268,12 +268,11 @@ TOKEN_SHIFT_MAX_LOG = (0.75, 2.3)  # (input, output)
 
 def draw_token_shift(key, params: EnvParams) -> jax.Array:
     """(input, output) log-mean offsets of an episode's token lengths: uniform within
-    `params.token_shift_spread` x TOKEN_SHIFT_MAX_LOG of a centre `params.token_shift_toward`
-    of the way to the other mix's lengths, in `params.token_shift_prob` of the episodes;
-    zero otherwise."""
+    TOKEN_SHIFT_MAX_LOG of a centre `params.token_shift_toward` of the way to the other
+    mix's lengths, in `params.token_shift_prob` of the episodes; zero otherwise."""
     u_on, u_in, u_out = jax.random.uniform(key, (3,))
     centre = params.token_shift_toward * jnp.stack([params.other_mix_input_log_offset, params.other_mix_output_log_offset])
-    offsets = centre + (2.0 * jnp.stack([u_in, u_out]) - 1.0) * params.token_shift_spread * jnp.asarray(TOKEN_SHIFT_MAX_LOG)
+    offsets = centre + (2.0 * jnp.stack([u_in, u_out]) - 1.0) * jnp.asarray(TOKEN_SHIFT_MAX_LOG)
     return jnp.where(u_on < params.token_shift_prob, offsets, 0.0).astype(jnp.float32)
 
 
