@@ -12,7 +12,8 @@ regions' target keeps an offset from the chat regions' (the main job's by defaul
 (their points labelled with them); `--add` trains further targets (at another offset, say)
 and merges them, with any heuristic setting the JSON lacks, into the JSON already there.
 Points measured at another commit than the study's are labelled with it; an `--add` of the
-main job's own settings at the main target at newer code moves the main job's point there.
+main job's own settings (its config's code offset, no `--set`) at the main target at newer
+code moves the main job's point there.
 Heuristics: Reactive (HPA) at several target loads, Predictive at several headrooms, both
 also with spill-over routing, and Static sized for the peak at several utilisations; each
 family's settings are vmapped in one compiled evaluation. Every policy is evaluated on the
@@ -231,8 +232,10 @@ def main() -> int:
         addition = {"command": command, "commit": commit, "machine": machine(), "wall_s": wall_s, "train_s": train_s, "targets": args.targets, "seeds": args.seeds,
                     "code_target_offset": offset, "train_set": train_set, "train_last": last}
         data = {**before, "settings": settings, "rows": before["rows"] + rows, "additions": before.get("additions", []) + [addition]}
-        if not train_set and offset == round(before["code_target_offset"], 6) and MAIN_TARGET in args.targets:
-            data["main_label"] = label  # the main job's own runs at newer code: the main point moves here
+        if not train_set and offset == code_offset(load_config()) and MAIN_TARGET in args.targets:
+            # The main job's own settings (its config's code offset, no --set) at newer code:
+            # the main point moves here.
+            data["main_label"], data["main_offset"] = label, offset
     else:
         data = {
             "command": command, "commit": commit, "machine": machine(), "wall_s": wall_s, "train_s": train_s,
@@ -271,10 +274,11 @@ def train_label(row, data) -> str:
 
 
 def is_main_job(offset: float, label: str, data) -> bool:
-    """Whether a learned point was trained as the main job is: the study's own code offset,
-    no `--set` overrides, and the newest code the study holds the main job's runs of (an
-    `--add` without `--set` at a later commit moves the main point there)."""
-    return offset == round(data["code_target_offset"], 6) and label == data.get("main_label", "")
+    """Whether a learned point was trained as the main job is: the main job's code offset
+    (the study's own until an addition moved it), no `--set` overrides, and the newest code
+    the study holds the main job's runs of (an `--add` without `--set` at the main job's
+    config's offset at a later commit moves the main point there)."""
+    return offset == round(data.get("main_offset", data["code_target_offset"]), 6) and label == data.get("main_label", "")
 
 
 def learned_groups(data, scen) -> list[tuple[float, float, str, list[dict]]]:

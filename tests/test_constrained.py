@@ -198,3 +198,18 @@ def test_margins_tighten_the_training_limits_only():
     metrics = {"reward": full(0.0), "arrivals": full(100.0), "served": full(99.2), "forwarded": full(0.0), "dropped": full(0.8),
                "rejected": full(0.0), "slo_attainment": full(1.0), "quality": full(1.0)}
     assert trainers.eval_score(plain, metrics) == trainers.eval_score(margin, metrics) == 0.0
+
+
+def test_a_region_target_wins_over_its_workloads():
+    """objective.slo_targets keyed by a region sets that region's target over its traffic
+    mix's, in the env params training and evaluation read; a key naming neither a region
+    nor a mix is one error naming it."""
+    from aro_jax.config import ConfigError, load_config
+    from aro_jax.envs.scenarios import cluster_params
+
+    cfg = load_config(None, ["objective.kind=slo", "objective.slo_targets={code: 0.6, me-central: 0.75}"])
+    want = [0.75 if n.name == "me-central" else 0.6 if n.traffic_mix == "code" else 0.9 for n in cfg.cluster.nodes]
+    assert sorted(set(want)) == [0.6, 0.75, 0.9]
+    np.testing.assert_allclose(np.asarray(cluster_params(cfg).slo_target), want, rtol=1e-6)
+    with pytest.raises(ConfigError, match="config key 'objective.slo_targets.mars': neither a traffic mix nor a region"):
+        load_config(None, ["objective.slo_targets.mars=0.7"])

@@ -61,6 +61,11 @@ def test_main_jobs_runs_at_newer_code_move_the_main_point_and_stay_apart():
     assert a["main"] == (84.0, 0.7) and abs(a["saving_pct"] - 100.0 * (1 - 0.7 / 1.2)) < 1e-9
     labels = [(t, d, v) for t, d, v, _ in pareto.learned_groups(data, "diurnal")]
     assert labels == [(0.9, OWN, "at new"), (0.9, OWN, ""), (0.9, ADDED, "")]
+    # A main job whose config moved the code regions' target: its runs there become the point.
+    data["rows"].append(row("learned (slo)", 0.9, 86.0, 0.8, seed=0, commit="newer", code_offset=ADDED))
+    data["main_label"], data["main_offset"] = "at newer", ADDED
+    assert pareto.aims(data)[0]["main"] == (86.0, 0.8)
+    assert [(t, d, v) for t, d, v, _ in pareto.learned_groups(data, "diurnal")][0] == (0.9, ADDED, "at newer")
 
 
 def test_band_no_heuristic_reaches_is_met_only_by_a_learned_point_in_it():

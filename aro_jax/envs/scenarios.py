@@ -212,7 +212,7 @@ def cluster_params(cfg, scenario: str = "train") -> EnvParams:
         if not cfg.env.quality_tier:  # the tier off for every policy: nothing may degrade quality
             p = p.replace(max_small_model_fraction=0.0)
         if hasattr(cfg, "objective"):
-            p = p.replace(slo_target=float(cfg.objective.target(n.traffic_mix)))
+            p = p.replace(slo_target=float(cfg.objective.target(n.traffic_mix, n.name)))
         if scenario == "train":
             p = p.replace(surge_prob=float(getattr(cfg.env, "surge_prob", 0.0)),
                           surge_max_multiplier=float(getattr(cfg.env, "surge_max_multiplier", 3.0)),
