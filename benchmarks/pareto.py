@@ -230,7 +230,7 @@ def main() -> int:
     settings = {k: {"parameter": v[0], "values": v[1]} for k, v in families(args.tier).items()}
     if before:
         addition = {"command": command, "commit": commit, "machine": machine(), "wall_s": wall_s, "train_s": train_s, "targets": args.targets, "seeds": args.seeds,
-                    "code_target_offset": offset, "train_set": train_set, "train_last": last}
+                    "code_target_offset": offset, "slo_targets": dict(cfg.objective.slo_targets), "train_set": train_set, "train_last": last}
         data = {**before, "settings": settings, "rows": before["rows"] + rows, "additions": before.get("additions", []) + [addition]}
         if not train_set and offset == code_offset(load_config()) and MAIN_TARGET in args.targets:
             # The main job's own settings (its config's code offset, no --set) at newer code:
@@ -327,16 +327,27 @@ def aims(data) -> list[dict]:
         main = next(((att, cost) for t, d, v, att, cost, _ in learned
                      if abs(t - MAIN_TARGET) < 1e-9 and is_main_job(d, v, data)), None)
         saving = cheapest = None
-        if main:
-            reach = [h for h in heur if h["slo_attainment_pct"] >= main[0]]
-            if reach:
-                cheapest = min(reach, key=lambda h: h["cost_usd_per_mtok"])
-                saving = 100.0 * (1.0 - main[1] / cheapest["cost_usd_per_mtok"])
+        reach = [h for h in heur if main and h["slo_attainment_pct"] >= main[0]]
+        if reach:
+            cheapest = min(reach, key=lambda h: h["cost_usd_per_mtok"])
+        elif main and heur:
+            # No setting reaches it, and each family's settings run to the most generous it can
+            # be (SETTINGS): the point lies beyond every heuristic, and is set against the one
+            # that comes closest, which serves fewer requests within their SLO at that cost.
+            cheapest = max(heur, key=lambda h: (h["slo_attainment_pct"], -h["cost_usd_per_mtok"]))
+        if cheapest:
+            saving = 100.0 * (1.0 - main[1] / cheapest["cost_usd_per_mtok"])
         out.append({"scenario": scen, "ceiling": ceiling, "band": lo, "contenders": len(contenders), "unbeaten": unbeaten, "main": main,
                     "learned_span": span, "covered": len(covered), "covered_beaten": sum(map(beaten, covered)),
-                    "cheapest": cheapest, "saving_pct": saving,
+                    "cheapest": cheapest, "saving_pct": saving, "beyond_reach": bool(main) and not reach,
                     "frontier_below": bool(learned) and not unbeaten and any(a >= lo for *_, a, _, _ in learned)})
     return out
+
+
+def region_targets(add: dict) -> str:
+    """', REGION at T, ...' for the per-region targets an addition's config held (none: '')."""
+    own = {k: v for k, v in add.get("slo_targets", {}).items() if k not in ("code", "conversation")}
+    return "".join(f", {k} at {v:g}" for k, v in own.items())
 
 
 def margins_now(data: dict) -> str:
@@ -371,7 +382,7 @@ def render(data: dict) -> str:
         *[line for add in data.get("additions", []) for line in (
             f"Added: `{add['command']}`{' at ' + add['commit'] if add.get('commit') else ''} ({add['wall_s'] / 60:.0f} min{'' if add['machine'] == data['machine'] else ', ' + add['machine']}): "
             f"targets {', '.join(f'{t:g}' for t in add['targets'])} x {add['seeds']} seed{'s' if add['seeds'] > 1 else ''} with the code "
-            f"regions at t {add['code_target_offset']:+.2f}{', trained with `' + add['train_set'] + '`' if add.get('train_set') else ''}, "
+            f"regions at t {add['code_target_offset']:+.2f}{region_targets(add)}{', trained with `' + add['train_set'] + '`' if add.get('train_set') else ''}, "
             "evaluated on the same seeds, and every heuristic setting the study lacked.", "")],
         *([f"The added points join the learned frontier; the main job's point is target {MAIN_TARGET:g} at t "
            f"{data['code_target_offset']:+.2f}{', ' + data['main_label'] if data.get('main_label') else ''}.", ""] if data.get("additions") else []),
@@ -381,7 +392,8 @@ def render(data: dict) -> str:
         f"Aim: on every scenario the learned frontier lies below every heuristic's at attainment >= 90 % (each heuristic point "
         f"there is beaten by a learned point with no lower attainment and a lower cost per 1M tokens), and at the main job's "
         f"target ({MAIN_TARGET:g}) the learned policy costs >= {PAPER_COST_CLAIM_PCT:g} % less than the cheapest heuristic "
-        "setting that reaches its attainment. Prompts over the context window are rejected whatever the policy does and count "
+        "setting that reaches its attainment (where no setting of any family reaches it, than the heuristic point that comes "
+        "closest, which then also serves fewer requests within their SLO). Prompts over the context window are rejected whatever the policy does and count "
         "as misses, so attainment cannot exceed the scenario's ceiling (100 % - rejected share, about 90 % on this cluster); the "
         "band is therefore 90 % of what can be served: attainment >= min(90 %, 0.9 x ceiling).", "",
         f"| scenario | ceiling / band (%) | frontier below every heuristic in the band | learned at target {MAIN_TARGET:g}: attainment / $ per 1M tok | cheapest heuristic reaching it | saving | heuristic points beaten within the learned span of attainment |",
@@ -390,8 +402,9 @@ def render(data: dict) -> str:
     results = aims(data)
     for a in results:
         main = f"{a['main'][0]:.1f} % / {a['main'][1]:.3f}" if a["main"] else "—"
-        cheap = (f"{a['cheapest']['policy']} ({a['cheapest']['setting']:g}): {a['cheapest']['slo_attainment_pct']:.1f} % / "
-                 f"{a['cheapest']['cost_usd_per_mtok']:.3f}") if a["cheapest"] else "none reaches it"
+        cheap = (("none reaches it; the closest: " if a["beyond_reach"] else "")
+                 + f"{a['cheapest']['policy']} ({a['cheapest']['setting']:g}): {a['cheapest']['slo_attainment_pct']:.1f} % / "
+                 f"{a['cheapest']['cost_usd_per_mtok']:.3f}") if a["cheapest"] else "—"
         saving = f"{a['saving_pct']:+.0f} %" if a["saving_pct"] is not None else "—"
         below = ("yes" + ("" if a["contenders"] else " (no heuristic setting reaches the band)")) if a["frontier_below"] else (
             f"no ({len(a['unbeaten'])} of {a['contenders']} unbeaten: " + ", ".join(f"{h['policy']} {h['setting']:g}" for h in a["unbeaten"][:4]) + ")"

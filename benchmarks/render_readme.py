@@ -487,8 +487,9 @@ def pareto() -> list[str]:
         for a in pa.aims(d):
             main = (f"learned at {pa.MAIN_TARGET:g}{' (' + d['main_label'] + ')' if d.get('main_label') else ''}: {a['main'][0]:.1f} % at "
                     f"${a['main'][1]:.3f} per 1M tokens" if a["main"] else "no learned point at the main target")
-            vs = (f", cost saving {a['saving_pct']:+.0f} % against {a['cheapest']['policy']} {a['cheapest']['setting']:g}" if a["saving_pct"] is not None
-                  else ", no heuristic setting reaches that attainment")
+            vs = (f", cost saving {a['saving_pct']:+.0f} % against {a['cheapest']['policy']} {a['cheapest']['setting']:g}"
+                  + (f" ({a['cheapest']['slo_attainment_pct']:.1f} %, the closest: no heuristic setting reaches that attainment)" if a["beyond_reach"] else "")
+                  if a["saving_pct"] is not None else ", no heuristic setting reaches that attainment")
             lines.append(f"- {a['scenario']} (ceiling {a['ceiling']:.1f} %, band >= {a['band']:.1f} %): frontier below every heuristic in "
                          f"the band **{'yes' if a['frontier_below'] else 'no'}**{'' if a['contenders'] or not a['frontier_below'] else ' (no heuristic setting reaches the band)'}; {main}{vs if a['main'] else ''}; within the learned "
                          f"span ({a['learned_span'][0]:.1f}-{a['learned_span'][1]:.1f} %) a learned point beats {a['covered_beaten']} of "

@@ -68,6 +68,16 @@ def test_main_jobs_runs_at_newer_code_move_the_main_point_and_stay_apart():
     assert [(t, d, v) for t, d, v, _ in pareto.learned_groups(data, "diurnal")][0] == (0.9, ADDED, "at newer")
 
 
+def test_a_main_point_beyond_every_heuristic_is_set_against_the_closest():
+    """Where no heuristic setting reaches the main point's attainment, the saving is against
+    the heuristic point that comes closest (it serves fewer requests within their SLO); one
+    that reaches it is still the one compared with, however costly."""
+    (a,) = pareto.aims(study(row("static-peak", 0.2, 78.0, 2.0), row("reactive", 0.5, 70.0, 0.5)))
+    assert a["beyond_reach"] and a["cheapest"]["policy"] == "static-peak" and abs(a["saving_pct"] - 50.0) < 1e-9
+    (a,) = pareto.aims(study(row("static-peak", 0.2, 80.5, 1.1), row("reactive", 0.5, 78.0, 0.5)))
+    assert not a["beyond_reach"] and a["cheapest"]["policy"] == "static-peak" and a["saving_pct"] < 18.0
+
+
 def test_band_no_heuristic_reaches_is_met_only_by_a_learned_point_in_it():
     (a,) = pareto.aims(study(row("static-peak", 0.3, 70.0, 2.0)))
     assert a["frontier_below"] and a["contenders"] == 0
