@@ -344,6 +344,11 @@ def aims(data) -> list[dict]:
     return out
 
 
+def main_addition(data: dict) -> dict:
+    """The addition that measured the main point ({} while it is the study's own)."""
+    return next((a for a in reversed(data.get("additions", [])) if not a.get("train_set") and f"at {a.get('commit')}" == data.get("main_label")), {})
+
+
 def region_targets(add: dict) -> str:
     """', REGION at T, ...' for the per-region targets an addition's config held (none: '')."""
     own = {k: v for k, v in add.get("slo_targets", {}).items() if k not in ("code", "conversation")}
@@ -385,7 +390,8 @@ def render(data: dict) -> str:
             f"regions at t {add['code_target_offset']:+.2f}{region_targets(add)}{', trained with `' + add['train_set'] + '`' if add.get('train_set') else ''}, "
             "evaluated on the same seeds, and every heuristic setting the study lacked.", "")],
         *([f"The added points join the learned frontier; the main job's point is target {MAIN_TARGET:g} at t "
-           f"{data['code_target_offset']:+.2f}{', ' + data['main_label'] if data.get('main_label') else ''}.", ""] if data.get("additions") else []),
+           f"{data.get('main_offset', data['code_target_offset']):+.2f}{region_targets(main_addition(data))}"
+           f"{', ' + data['main_label'] if data.get('main_label') else ''}.", ""] if data.get("additions") else []),
         *([] if tier == "off" else ["The issue's aim is stated with the tier off ([`pareto.md`](pareto.md)); this is the same study "
                                     "with the small-model tier available to every policy (the heuristics through the tier rule, "
                                     "`+tier`), checked by the same rule.", ""]),

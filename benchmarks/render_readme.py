@@ -119,7 +119,7 @@ def main_job() -> list[str]:
         drops_over = [r for r in targets if regions[f"{r} / {learned}"]["dropped_pct"] > 100 * cfg["max_drop"]]
         quality_ok = ppo["quality"] >= cfg.get("min_quality", 0.0)
         text += (f"The policy is trained on the operator's objective (`objective.kind: slo`): the cheapest allocation whose "
-                 f"regions meet their SLO attainment targets ({100 * cfg['slo_target']:.0f} %" + (f"; per workload {per_mix}" if per_mix else "")
+                 f"regions meet their SLO attainment targets ({100 * cfg['slo_target']:.0f} %" + (f"; per workload or region {per_mix}" if per_mix else "")
                  + f"), with at most {100 * cfg['max_drop']:g} % dropped and served quality >= {cfg.get('min_quality', 0):g} of the large "
                  f"model's. On the training day it meets its target in **{len(met)} of {len(targets)} regions**"
                  + missed_regions(regions, targets, learned, met)
