@@ -15,7 +15,7 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -55,6 +55,10 @@ class NodeConfig:
     max_replicas: int = 16
     peer_rtt_ms: float = 50.0  # round trip to the region's rebalancing peer
     peer_spare_rps: float = 2.0  # spare capacity that peer lends
+    # This deployment's own SLO-attainment target (objective.kind slo), over its workload's
+    # (objective.slo_targets) and objective.slo_target: a 7B deployment can reach what a
+    # 70B one serving the same workload cannot. None: its workload's.
+    slo_target: Optional[float] = None  # noqa: UP045 (OmegaConf reads typing.Optional)
 
 
 @dataclass
@@ -176,12 +180,11 @@ class ObjectiveConfig:
 
     kind: str = "paper"
     slo_target: float = 0.9  # share of requests within their TTFT and TPOT SLOs (drops and rejects count as misses)
-    # Per workload (traffic mix) or per region targets that replace slo_target, e.g.
-    # {code: 0.6, me-central: 0.75}: an operator sets attainment targets per service, and
-    # one number cannot be right for a chat service and a 0.125 s-TTFT code-completion
-    # service alike, nor for a 70B deployment that cannot reach what a 7B one can. A
-    # region's own key wins over its workload's. A sweep over slo_target applies the swept
-    # target to every region instead.
+    # Per workload (traffic mix) targets that replace slo_target for its regions, e.g.
+    # {code: 0.6}: an operator sets attainment targets per service, and one number cannot
+    # be right for a chat service and a 0.125 s-TTFT code-completion service alike (a
+    # region's own cluster.nodes[].slo_target wins over both). A sweep over slo_target
+    # applies the swept target to every region instead.
     slo_targets: dict[str, float] = field(default_factory=dict)
     # Training aims this far above every target (the limits of the constraints), while
     # evaluation judges the targets: the constraint holds on average over the training
@@ -198,10 +201,10 @@ class ObjectiveConfig:
     # meet an SLO is to serve most traffic with the 7B model.
     min_quality: float = 0.98
 
-    def target(self, traffic_mix: str, region: str | None = None) -> float:
-        """A region's attainment target: its own (slo_targets), else its workload's, else
-        slo_target."""
-        return self.slo_targets.get(region, self.slo_targets.get(traffic_mix, self.slo_target))
+    def target(self, traffic_mix: str, own: float | None = None) -> float:
+        """A region's attainment target: its own (cluster.nodes[].slo_target), else its
+        workload's (slo_targets), else slo_target."""
+        return own if own is not None else self.slo_targets.get(traffic_mix, self.slo_target)
 
 
 @dataclass
@@ -480,12 +483,14 @@ def validate(cfg: ExperimentConfig) -> None:
     o = cfg.objective
     require(o.kind in ("paper", "slo"), "objective.kind", f"must be paper or slo, got {o.kind!r}")
     require(0 < o.slo_target < 1, "objective.slo_target", f"must be a share in (0, 1), got {o.slo_target}")
-    regions = [n.name for n in cfg.cluster.nodes]
-    for key, target in o.slo_targets.items():
-        require(key in scenarios.TRAFFIC_MIXES or key in regions, f"objective.slo_targets.{key}",
-                f"neither a traffic mix nor a region; choose from {sorted(scenarios.TRAFFIC_MIXES)} or {regions}")
-        require(math.isfinite(target) and 0 < target < 1, f"objective.slo_targets.{key}", f"must be a share in (0, 1), got {target}")
-    highest = max([o.slo_target, *o.slo_targets.values()])
+    for mix, target in o.slo_targets.items():
+        require(mix in scenarios.TRAFFIC_MIXES, f"objective.slo_targets.{mix}", f"unknown traffic mix; choose from {sorted(scenarios.TRAFFIC_MIXES)}")
+        require(math.isfinite(target) and 0 < target < 1, f"objective.slo_targets.{mix}", f"must be a share in (0, 1), got {target}")
+    own = [n.slo_target for n in cfg.cluster.nodes if n.slo_target is not None]
+    for i, n in enumerate(cfg.cluster.nodes):
+        require(n.slo_target is None or (math.isfinite(n.slo_target) and 0 < n.slo_target < 1), f"cluster.nodes.{i}.slo_target",
+                f"must be a share in (0, 1) (or null: its workload's target), got {n.slo_target}")
+    highest = max([o.slo_target, *o.slo_targets.values(), *own])
     require(0 <= o.slo_margin < 1 - highest, "objective.slo_margin",
             f"must be >= 0 and leave every target plus the margin below 1 (highest target {highest}), got {o.slo_margin}")
     require(0 <= o.max_drop < 1, "objective.max_drop", f"must be a share in [0, 1), got {o.max_drop}")

@@ -63,7 +63,7 @@ def config(steps: int, extra, nodes=None):
 def targets_met(cfg, metrics, params) -> int:
     names = [n.name for n in cfg.cluster.nodes]
     rows = evaluation.region_kpis(metrics, cfg.env.tick_s, params, names)
-    return sum(rows[n.name]["slo_attainment_pct"] >= 100 * cfg.objective.target(n.traffic_mix, n.name)
+    return sum(rows[n.name]["slo_attainment_pct"] >= 100 * cfg.objective.target(n.traffic_mix, n.slo_target)
                for n in cfg.cluster.nodes)
 
 

@@ -137,7 +137,7 @@ def collect(run_dir: Path, wall_s: float | None, command: str) -> dict:
         "ppo": config["ppo"],
         "federated": config["federated"],
         # Each region's attainment target (its workload's, else the run's slo_target).
-        "region_targets": {n.name: run_cfg.objective.target(n.traffic_mix, n.name) for n in run_cfg.cluster.nodes},
+        "region_targets": {n.name: run_cfg.objective.target(n.traffic_mix, n.slo_target) for n in run_cfg.cluster.nodes},
         "region_mix": {n["name"]: n.get("traffic_mix", "conversation") for n in config["cluster"]["nodes"]},
         "week": week_by_region(run_dir),
         "overload": overload(run_dir),

@@ -40,7 +40,7 @@ def measure(seeds: int) -> dict:
     env, eparams = evaluation.eval_env(cfg, params)
     key = jax.random.PRNGKey(0)  # the main job's evaluation key
     names = [n.name for n in cfg.cluster.nodes]
-    targets = [cfg.objective.target(n.traffic_mix, n.name) for n in cfg.cluster.nodes]
+    targets = [cfg.objective.target(n.traffic_mix, n.slo_target) for n in cfg.cluster.nodes]
     crowd, crowd_ticks, _ = scenario_plan(cfg, OVERLOAD_SCENARIO)
     rows = []
     for s, m in enumerate(per_seed):

@@ -56,7 +56,7 @@ def collect(name: str, overrides: str, run_dir: Path, train_s: float | None) -> 
         "slo_margin": o.slo_margin,
         "drop_margin": o.drop_margin,
         "max_drop": o.max_drop,
-        "targets": {n.name: o.target(n.traffic_mix, n.name) for n in cfg.cluster.nodes},
+        "targets": {n.name: o.target(n.traffic_mix, n.slo_target) for n in cfg.cluster.nodes},
         "train_cost_usd_per_h": final["cost_usd_per_h"],
         "final_multipliers": final_multipliers(run_dir),
         "week": week_by_region(run_dir),

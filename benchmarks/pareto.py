@@ -230,7 +230,7 @@ def main() -> int:
     settings = {k: {"parameter": v[0], "values": v[1]} for k, v in families(args.tier).items()}
     if before:
         addition = {"command": command, "commit": commit, "machine": machine(), "wall_s": wall_s, "train_s": train_s, "targets": args.targets, "seeds": args.seeds,
-                    "code_target_offset": offset, "slo_targets": dict(cfg.objective.slo_targets), "train_set": train_set, "train_last": last}
+                    "code_target_offset": offset, "slo_targets": {**cfg.objective.slo_targets, **{n.name: n.slo_target for n in cfg.cluster.nodes if n.slo_target is not None}}, "train_set": train_set, "train_last": last}
         data = {**before, "settings": settings, "rows": before["rows"] + rows, "additions": before.get("additions", []) + [addition]}
         if not train_set and offset == code_offset(load_config()) and MAIN_TARGET in args.targets:
             # The main job's own settings (its config's code offset, no --set) at newer code:

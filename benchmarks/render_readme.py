@@ -113,13 +113,17 @@ def main_job() -> list[str]:
     targets = s.get("region_targets") or {}
     text = ""
     if cfg["kind"] == "slo" and targets:
-        per_mix = ", ".join(f"{m} {100 * t:.0f} %" for m, t in (cfg.get("slo_targets") or {}).items())
+        mix_targets = {m: t for m, t in (cfg.get("slo_targets") or {}).items() if m not in targets}
+        region_mix = s.get("region_mix") or {}
+        own = {r: t for r, t in targets.items() if abs(t - mix_targets.get(region_mix.get(r), cfg["slo_target"])) > 1e-9}
+        per_mix = "; ".join(x for x in (", ".join(f"{m} {100 * t:.0f} %" for m, t in mix_targets.items()),
+                                        "per deployment " + ", ".join(f"{r} {100 * t:.0f} %" for r, t in own.items()) if own else "") if x)
         met = targets_met(regions, targets, learned)
         drop_ok = ppo["dropped_pct"] <= 100 * cfg["max_drop"]
         drops_over = [r for r in targets if regions[f"{r} / {learned}"]["dropped_pct"] > 100 * cfg["max_drop"]]
         quality_ok = ppo["quality"] >= cfg.get("min_quality", 0.0)
         text += (f"The policy is trained on the operator's objective (`objective.kind: slo`): the cheapest allocation whose "
-                 f"regions meet their SLO attainment targets ({100 * cfg['slo_target']:.0f} %" + (f"; per workload or region {per_mix}" if per_mix else "")
+                 f"regions meet their SLO attainment targets ({100 * cfg['slo_target']:.0f} %" + (f"; per workload {per_mix}" if per_mix else "")
                  + f"), with at most {100 * cfg['max_drop']:g} % dropped and served quality >= {cfg.get('min_quality', 0):g} of the large "
                  f"model's. On the training day it meets its target in **{len(met)} of {len(targets)} regions**"
                  + missed_regions(regions, targets, learned, met)

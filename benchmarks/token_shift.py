@@ -64,7 +64,7 @@ def measure(key: str, probs: list[float], seeds: int, steps: int | None, scenari
             m = jax.jit(jax.vmap(lambda w: evaluation.run_episodes(  # noqa: B023
                 env, policy, eparams, jax.random.PRNGKey(0), EVAL_SEEDS, ticks, w, trainer.per_node)))(weights)  # noqa: B023
             names = [n.name for n in cfg.cluster.nodes]
-            targets = [100 * cfg.objective.target(n.traffic_mix, n.name) for n in cfg.cluster.nodes]
+            targets = [100 * cfg.objective.target(n.traffic_mix, n.slo_target) for n in cfg.cluster.nodes]
             for s in range(seeds):
                 ms = jax.tree.map(lambda x: np.asarray(x[s]), m)  # noqa: B023
                 k = evaluation.cluster_kpis(ms, cfg.env.tick_s, params)

@@ -200,16 +200,16 @@ def test_margins_tighten_the_training_limits_only():
     assert trainers.eval_score(plain, metrics) == trainers.eval_score(margin, metrics) == 0.0
 
 
-def test_a_region_target_wins_over_its_workloads():
-    """objective.slo_targets keyed by a region sets that region's target over its traffic
-    mix's, in the env params training and evaluation read; a key naming neither a region
-    nor a mix is one error naming it."""
+def test_a_deployments_own_target_wins_over_its_workloads():
+    """A node's slo_target sets that region's target over its traffic mix's, in the env
+    params training and evaluation read (the main job's 7B code regions); one out of (0, 1)
+    is one error naming the node."""
     from aro_jax.config import ConfigError, load_config
     from aro_jax.envs.scenarios import cluster_params
 
-    cfg = load_config(None, ["objective.kind=slo", "objective.slo_targets={code: 0.6, me-central: 0.75}"])
-    want = [0.75 if n.name == "me-central" else 0.6 if n.traffic_mix == "code" else 0.9 for n in cfg.cluster.nodes]
+    cfg = load_config(None, ["objective.kind=slo"])
+    want = [0.75 if n.name in ("eu-central", "me-central") else 0.6 if n.traffic_mix == "code" else 0.9 for n in cfg.cluster.nodes]
     assert sorted(set(want)) == [0.6, 0.75, 0.9]
     np.testing.assert_allclose(np.asarray(cluster_params(cfg).slo_target), want, rtol=1e-6)
-    with pytest.raises(ConfigError, match="config key 'objective.slo_targets.mars': neither a traffic mix nor a region"):
-        load_config(None, ["objective.slo_targets.mars=0.7"])
+    with pytest.raises(ConfigError, match=r"config key 'cluster.nodes.3.slo_target': must be a share in \(0, 1\)"):
+        load_config(None, ["cluster.nodes.3.slo_target=1.5"])

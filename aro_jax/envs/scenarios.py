@@ -115,6 +115,7 @@ class NodeSpec:
     max_replicas: int = 16
     peer_rtt_ms: float = 50.0
     peer_spare_rps: float = 2.0
+    slo_target: float | None = None  # the deployment's own attainment target (config.NodeConfig)
 
 
 def node_params(
@@ -212,7 +213,7 @@ def cluster_params(cfg, scenario: str = "train") -> EnvParams:
         if not cfg.env.quality_tier:  # the tier off for every policy: nothing may degrade quality
             p = p.replace(max_small_model_fraction=0.0)
         if hasattr(cfg, "objective"):
-            p = p.replace(slo_target=float(cfg.objective.target(n.traffic_mix, n.name)))
+            p = p.replace(slo_target=float(cfg.objective.target(n.traffic_mix, n.slo_target)))
         if scenario == "train":
             p = p.replace(surge_prob=float(getattr(cfg.env, "surge_prob", 0.0)),
                           surge_max_multiplier=float(getattr(cfg.env, "surge_max_multiplier", 3.0)),

@@ -91,8 +91,9 @@ class SweepSpec:
         """The base config with the overrides and (optionally) one point's values, validated."""
         extra = [f"{SWEEPABLE[k]}={float(v)!r}" for k, v in (values or {}).items()]
         cfg = load_config(self.base, [*self.overrides, *extra])
-        if self.sweeps_slo_target:  # the swept target holds for every region: no per-workload ones
-            cfg = dataclasses.replace(cfg, objective=dataclasses.replace(cfg.objective, slo_targets={}))
+        if self.sweeps_slo_target:  # the swept target holds for every region: no per-workload or per-region ones
+            cfg = dataclasses.replace(cfg, objective=dataclasses.replace(cfg.objective, slo_targets={}), cluster=dataclasses.replace(
+                cfg.cluster, nodes=[dataclasses.replace(n, slo_target=None) for n in cfg.cluster.nodes]))
         return cfg
 
     @property

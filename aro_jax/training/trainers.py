@@ -76,7 +76,7 @@ def eval_score(cfg: config_lib.ExperimentConfig, metrics: dict) -> float:
         dropped = per_node(metrics["dropped"]) / arrivals
         done = np.asarray(metrics["served"]) + np.asarray(metrics["forwarded"])
         quality_loss = per_node((1.0 - np.asarray(metrics["quality"])) * done) / np.maximum(per_node(done), 1e-9)
-        targets = np.array([cfg.objective.target(n.traffic_mix, n.name) for n in cfg.cluster.nodes])
+        targets = np.array([cfg.objective.target(n.traffic_mix, n.slo_target) for n in cfg.cluster.nodes])
         weight = arrivals / arrivals.sum()
         violation = (np.maximum(missed - (1.0 - targets), 0.0) + np.maximum(dropped - cfg.objective.max_drop, 0.0)
                      + np.maximum(quality_loss - (1.0 - cfg.objective.min_quality), 0.0))
