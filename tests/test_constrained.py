@@ -211,5 +211,7 @@ def test_a_deployments_own_target_wins_over_its_workloads():
     want = [0.75 if n.name in ("eu-central", "me-central") else 0.6 if n.traffic_mix == "code" else 0.9 for n in cfg.cluster.nodes]
     assert sorted(set(want)) == [0.6, 0.75, 0.9]
     np.testing.assert_allclose(np.asarray(cluster_params(cfg).slo_target), want, rtol=1e-6)
+    from aro_jax.envs.cluster import DEFAULT_CLUSTER_FILE, file_cluster_params
+    np.testing.assert_allclose(np.asarray(file_cluster_params(DEFAULT_CLUSTER_FILE).nodes.slo_target)[[3, 9]], [0.75, 0.75], rtol=1e-6)
     with pytest.raises(ConfigError, match=r"config key 'cluster.nodes.3.slo_target': must be a share in \(0, 1\)"):
         load_config(None, ["cluster.nodes.3.slo_target=1.5"])

@@ -162,6 +162,8 @@ def node_params(
         other_mix_input_log_offset=other["input_log_mean"] - traffic.input_log_mean,
         other_mix_output_log_offset=other["output_log_mean"] - traffic.output_log_mean,
     )
+    if spec.slo_target is not None:  # a cluster file's own target (cluster_params applies the objective's over it)
+        params = params.replace(slo_target=float(spec.slo_target))
     return _with_static_sizing(params)
 
 
