@@ -59,11 +59,15 @@ def training_env(env) -> dict:
     return {k: float(get(k, off)) for k, off in TRAINING_ENV_OFF.items()}
 
 
-def train_and_evaluate_seeds(cfg, seeds: int, scenarios: tuple[str, ...] = ()) -> tuple[dict[str, list[dict]], float]:
+def train_and_evaluate_seeds(cfg, seeds: int, scenarios: tuple[str, ...] = (), weights_path=None) -> tuple[dict[str, list[dict]], float]:
     """Train seeds 0..seeds-1 of `cfg` in one program (trainers.train_seeds) and evaluate
     each like the main job (evaluation seeds, key 0, the config's env) on its scenario and
-    on each of `scenarios`: ({scenario: metrics per seed}, training seconds)."""
+    on each of `scenarios`: ({scenario: metrics per seed}, training seconds). With
+    `weights_path`, the seeds' weights (leading axis: seed) are kept there as msgpack, for
+    a look at what a seed's policy does after the run."""
     import jax
+    import numpy as np
+    from flax import serialization
 
     from aro_jax.envs.scenarios import scenario_plan
     from aro_jax.training import evaluation, learned_policy, trainers
@@ -72,6 +76,9 @@ def train_and_evaluate_seeds(cfg, seeds: int, scenarios: tuple[str, ...] = ()) -
     trainer, weights = trainers.train_seeds(cfg, seeds)
     jax.block_until_ready(weights)
     train_s = time.perf_counter() - t0
+    if weights_path is not None:
+        Path(weights_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(weights_path).write_bytes(serialization.msgpack_serialize(serialization.to_state_dict(jax.tree.map(np.asarray, weights))))
     policy = learned_policy.greedy_policy(trainer.network, cfg.ppo.normalize_obs, cfg.ppo.action_masking)
     out = {}
     for scenario in dict.fromkeys((cfg.eval.scenario, *scenarios)):

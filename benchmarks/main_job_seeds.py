@@ -1,7 +1,9 @@
 """The main job's spread over training seeds: the embedded default config trained with
 `--seeds` seeds in one vmapped program (no logging), each seed's policy evaluated like
 the main job (one simulated day from Monday 00:00 UTC, 8 evaluation seeds x 10 regions)
-next to Reactive + tier. Writes main_job_seeds.json and the markdown rendered from it.
+next to Reactive + tier, there and on the held-out flash crowd and traces (the traces where
+../shared/data has them). Writes main_job_seeds.json and the markdown rendered from it; the
+seeds' weights go to runs/main_job_seeds/weights.msgpack.
 
 usage: python benchmarks/main_job_seeds.py [--seeds 3] [--render-only]
 """
@@ -25,23 +27,28 @@ from main_job import OVERLOAD_SCENARIO, overload_kpis  # noqa: E402
 
 from aro_jax.config import load_config  # noqa: E402
 from aro_jax.envs.heuristics import HEURISTICS  # noqa: E402
-from aro_jax.envs.scenarios import scenario_plan  # noqa: E402
+from aro_jax.envs.scenarios import scenario_plan, trace_path  # noqa: E402
 from aro_jax.training import evaluation  # noqa: E402
 
 OUT = Path(__file__).with_name("main_job_seeds.json")
+WEIGHTS = Path("runs/main_job_seeds/weights.msgpack")
+# Held out from training: heavier demand (OVERLOAD_SCENARIO), then the real traces, whose
+# result varied most between training seeds (benchmarks/pareto.md).
+HELD_OUT_TRACES = ("trace-conv", "trace-code")
 SHOWN = ("goodput_per_usd", "goodput_rps", "slo_attainment_pct", "dropped_pct", "cost_usd_per_h", "replicas", "quality")
 
 
 def measure(seeds: int) -> dict:
     cfg = load_config()
-    by_scenario, train_s = train_and_evaluate_seeds(cfg, seeds, (OVERLOAD_SCENARIO,))
+    held_out = (OVERLOAD_SCENARIO, *(t for t in HELD_OUT_TRACES if trace_path(cfg.env.data_dir, t).exists()))
+    by_scenario, train_s = train_and_evaluate_seeds(cfg, seeds, held_out, WEIGHTS)
     per_seed = by_scenario[cfg.eval.scenario]
     params, ticks, _ = scenario_plan(cfg, cfg.eval.scenario)
     env, eparams = evaluation.eval_env(cfg, params)
     key = jax.random.PRNGKey(0)  # the main job's evaluation key
     names = [n.name for n in cfg.cluster.nodes]
     targets = [cfg.objective.target(n.traffic_mix, n.slo_target) for n in cfg.cluster.nodes]
-    crowd, crowd_ticks, _ = scenario_plan(cfg, OVERLOAD_SCENARIO)
+    plans = {s: scenario_plan(cfg, s) for s in held_out}
     rows = []
     for s, m in enumerate(per_seed):
         k = evaluation.cluster_kpis(m, cfg.env.tick_s, params)
@@ -50,13 +57,16 @@ def measure(seeds: int) -> dict:
         met = sum(regions[n]["slo_attainment_pct"] >= 100 * t for n, t in zip(names, targets, strict=True))
         drops_over = sum(regions[n]["dropped_pct"] > 100 * cfg.objective.max_drop for n in names)
         rows.append({"seed": s, **{x: k[x] for x in SHOWN}, "targets_met": met, "drops_over": drops_over, "regions": len(names),
-                     "overload": overload_kpis(cfg, by_scenario[OVERLOAD_SCENARIO][s], crowd)})
+                     "held_out": {h: overload_kpis(cfg, by_scenario[h][s], plans[h][0]) for h in held_out}})
         print(rows[-1], flush=True)
     m = evaluation.run_episodes(env, HEURISTICS["reactive+tier"](cfg.env.tick_s), eparams, key, cfg.eval.num_seeds, ticks)
     k = evaluation.cluster_kpis(m, cfg.env.tick_s, params)
-    crowd_env, crowd_eparams = evaluation.eval_env(cfg, crowd)
-    m_crowd = evaluation.run_episodes(crowd_env, HEURISTICS["reactive+tier"](cfg.env.tick_s), crowd_eparams, key, cfg.eval.num_seeds, crowd_ticks)
-    return {"rows": rows, "reactive_tier": {x: k[x] for x in SHOWN}, "reactive_tier_overload": overload_kpis(cfg, m_crowd, crowd), "train_s": train_s, "steps_per_seed": cfg.train.total_env_steps,
+    reactive_held_out = {}
+    for h, (hparams, hticks, _) in plans.items():
+        henv, heparams = evaluation.eval_env(cfg, hparams)
+        m_h = evaluation.run_episodes(henv, HEURISTICS["reactive+tier"](cfg.env.tick_s), heparams, key, cfg.eval.num_seeds, hticks)
+        reactive_held_out[h] = overload_kpis(cfg, m_h, hparams)
+    return {"rows": rows, "reactive_tier": {x: k[x] for x in SHOWN}, "reactive_tier_held_out": reactive_held_out, "train_s": train_s, "steps_per_seed": cfg.train.total_env_steps,
             "env_kind": cfg.env.kind, "training_env": training_env(cfg.env), "ppo": dataclasses.asdict(cfg.ppo),
             "objective": dataclasses.asdict(cfg.objective), "federated": dataclasses.asdict(cfg.federated)}
 
@@ -77,11 +87,13 @@ def render(d: dict) -> str:
     lines.append("| learned, mean ± sd | " + " | ".join(f"{evaluation.format_value(v.mean())} ± {evaluation.format_value(v.std(ddof=1))}"
                                                        if len(v) > 1 else evaluation.format_value(v.mean()) for v in vals.values()) + " | | |")
     lines.append("| Reactive + tier | " + " | ".join(evaluation.format_value(d["reactive_tier"][k]) for k in SHOWN) + " | | |")
-    if "reactive_tier_overload" in d:
-        lines += ["", f"On the held-out {OVERLOAD_SCENARIO} (5x demand for 30 minutes, heavier than anything trained on; the same "
-                  "evaluation seeds):", "", "| policy | SLO attainment (%) | dropped (%) | most dropped in | cost ($/h) |", "|---|---|---|---|---|"]
-        crowd = [(f"learned, seed {r['seed']}", r["overload"]) for r in d["rows"]] + [("Reactive + tier", d["reactive_tier_overload"])]
-        for name, o in crowd:
+    about = {OVERLOAD_SCENARIO: "5x demand for 30 minutes, heavier than anything trained on",
+             "trace-conv": "the Azure conversation trace replayed in every region from Monday 00:00 UTC",
+             "trace-code": "the Azure code trace replayed in every region from Monday 00:00 UTC"}
+    for h, reactive in d["reactive_tier_held_out"].items():
+        lines += ["", f"On the held-out {h} ({about[h]}; the same evaluation seeds):", "",
+                  "| policy | SLO attainment (%) | dropped (%) | most dropped in | cost ($/h) |", "|---|---|---|---|---|"]
+        for name, o in [(f"learned, seed {r['seed']}", r["held_out"][h]) for r in d["rows"]] + [("Reactive + tier", reactive)]:
             lines.append(f"| {name} | {o['slo_attainment_pct']:.1f} | {o['dropped_pct']:.2f} | {o['worst_drop_region']} "
                          f"{o['worst_drop_pct']:.2f} % | {o['cost_usd_per_h']:,.0f} |")
     return "\n".join(lines) + "\n"

@@ -197,6 +197,12 @@ def main_job() -> list[str]:
                  + (f"; regions at their attainment target per seed: {', '.join(str(r['targets_met']) for r in d['rows'])} of "
                     f"{d['rows'][0]['regions']}, over the drop bound: {', '.join(str(r['drops_over']) for r in d['rows'])}"
                     if all("targets_met" in r for r in d["rows"]) else "") + ". ")
+        for h, rt_h in d.get("reactive_tier_held_out", {}).items():  # where the seeds part ways
+            seeds_h = [r["held_out"][h] for r in d["rows"]]
+            attained = ", ".join(f"{o['slo_attainment_pct']:.1f}" for o in seeds_h)
+            dropped = ", ".join(f"{o['dropped_pct']:.2f}" for o in seeds_h)
+            text += (f"On the held-out {h} the seeds reach {attained} % attainment with {dropped} % dropped (Reactive + tier "
+                     f"{rt_h['slo_attainment_pct']:.1f} %, {rt_h['dropped_pct']:.2f} %). ")
         for key, what in (("slo_attainment_pct", "{:.1f} % attainment"), ("goodput_per_usd", "{:,.0f} goodput per dollar")):
             if not v[key].min() <= ppo[key] <= v[key].max():  # the headline run is not a typical seed: say so
                 text += (f"The run above ({what.format(ppo[key])}) lies {'below' if ppo[key] < v[key].min() else 'above'} every one "
