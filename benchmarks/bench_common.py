@@ -59,13 +59,16 @@ def training_env(env) -> dict:
     return {k: float(get(k, off)) for k, off in TRAINING_ENV_OFF.items()}
 
 
-def train_and_evaluate_seeds(cfg, seeds: int, scenarios: tuple[str, ...] = (), weights_path=None) -> tuple[dict[str, list[dict]], float]:
+def train_and_evaluate_seeds(cfg, seeds: int, scenarios: tuple[str, ...] = (), weights_path=None,
+                             evaluate_only: bool = False) -> tuple[dict[str, list[dict]], float | None]:
     """Train seeds 0..seeds-1 of `cfg` in one program (trainers.train_seeds) and evaluate
     each like the main job (evaluation seeds, key 0, the config's env) on its scenario and
     on each of `scenarios`: ({scenario: metrics per seed}, training seconds). With
-    `weights_path`, the seeds' weights (leading axis: seed) are kept there as msgpack, for
-    a look at what a seed's policy does after the run."""
+    `weights_path`, the seeds' weights (leading axis: seed) are kept there as msgpack;
+    with `evaluate_only` too, they are read back from there instead of trained (training
+    seconds None)."""
     import jax
+    import jax.numpy as jnp
     import numpy as np
     from flax import serialization
 
@@ -73,12 +76,21 @@ def train_and_evaluate_seeds(cfg, seeds: int, scenarios: tuple[str, ...] = (), w
     from aro_jax.training import evaluation, learned_policy, trainers
 
     t0 = time.perf_counter()
-    trainer, weights = trainers.train_seeds(cfg, seeds)
-    jax.block_until_ready(weights)
-    train_s = time.perf_counter() - t0
-    if weights_path is not None:
-        Path(weights_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(weights_path).write_bytes(serialization.msgpack_serialize(serialization.to_state_dict(jax.tree.map(np.asarray, weights))))
+    if evaluate_only:
+        trainer, hp = trainers.make_trainer(cfg), trainers.hyperparams(cfg)
+        keys = jnp.stack([jax.random.PRNGKey(s) for s in range(seeds)])
+        template = jax.eval_shape(jax.vmap(lambda k: trainer.weights(trainer.init(k, hp))), keys)
+        weights = serialization.from_state_dict(template, serialization.msgpack_restore(Path(weights_path).read_bytes()))
+        if [np.shape(x) for x in jax.tree.leaves(weights)] != [x.shape for x in jax.tree.leaves(template)]:
+            raise ValueError(f"{weights_path} holds other runs' weights than {seeds} seeds of this config: train afresh")
+        weights, train_s = jax.tree.map(jnp.asarray, weights), None
+    else:
+        trainer, weights = trainers.train_seeds(cfg, seeds)
+        jax.block_until_ready(weights)
+        train_s = time.perf_counter() - t0
+        if weights_path is not None:
+            Path(weights_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(weights_path).write_bytes(serialization.msgpack_serialize(serialization.to_state_dict(jax.tree.map(np.asarray, weights))))
     policy = learned_policy.greedy_policy(trainer.network, cfg.ppo.normalize_obs, cfg.ppo.action_masking)
     out = {}
     for scenario in dict.fromkeys((cfg.eval.scenario, *scenarios)):

@@ -5,12 +5,14 @@ next to Reactive + tier, there and on the held-out flash crowd and traces (the t
 ../shared/data has them). Writes main_job_seeds.json and the markdown rendered from it; the
 seeds' weights go to runs/main_job_seeds/weights.msgpack.
 
-usage: python benchmarks/main_job_seeds.py [--seeds 3] [--render-only]
+usage: python benchmarks/main_job_seeds.py [--seeds 3] [--evaluate-only] [--render-only]
+(--evaluate-only: the weights kept by the last run, evaluated again without training)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import dataclasses
 import os
 import sys
@@ -28,6 +30,7 @@ from main_job import OVERLOAD_SCENARIO, overload_kpis  # noqa: E402
 from aro_jax.config import load_config  # noqa: E402
 from aro_jax.envs.heuristics import HEURISTICS  # noqa: E402
 from aro_jax.envs.scenarios import scenario_plan, trace_path  # noqa: E402
+from aro_jax import contract as ct  # noqa: E402
 from aro_jax.training import evaluation  # noqa: E402
 
 OUT = Path(__file__).with_name("main_job_seeds.json")
@@ -35,13 +38,39 @@ WEIGHTS = Path("runs/main_job_seeds/weights.msgpack")
 # Held out from training: heavier demand (OVERLOAD_SCENARIO), then the real traces, whose
 # result varied most between training seeds (benchmarks/pareto.md).
 HELD_OUT_TRACES = ("trace-conv", "trace-code")
+# What a policy does where it fails: its decisions on the ticks its worst region drops more
+# than DROPPING_SHARE of that tick's arrivals, by kind of move.
+DROPPING_SHARE = 0.05
+MOVES = {"scale out": (ct.INC_GPU,), "scale in": (ct.DEC_GPU,), "CPU or memory": (ct.INC_CPU, ct.DEC_CPU, ct.INC_MEM, ct.DEC_MEM),
+         "forward or pull back": (ct.REBALANCE, ct.PULL_BACK), "quality tier": (ct.DEGRADE, ct.RESTORE), "maintain": (ct.MAINTAIN,)}
 SHOWN = ("goodput_per_usd", "goodput_rps", "slo_attainment_pct", "dropped_pct", "cost_usd_per_h", "replicas", "quality")
 
 
-def measure(seeds: int) -> dict:
+def moves_when_dropping(cfg, m, region: str) -> dict:
+    """`region`'s mean ready replicas, the share of its ticks dropping more than
+    DROPPING_SHARE, and on those ticks the share of each kind of move (MOVES)."""
+    i = [n.name for n in cfg.cluster.nodes].index(region)
+    action, arrivals, dropped = (np.asarray(m[k])[i] for k in ("action", "arrivals", "dropped"))
+    dropping = dropped > DROPPING_SHARE * np.maximum(arrivals, 1e-9)
+    return {"replicas": float(np.asarray(m["replicas_ready"])[i].mean()), "dropping_ticks_pct": float(100 * dropping.mean()),
+            "moves": {k: float(np.isin(action[dropping], ids).mean()) if dropping.any() else 0.0 for k, ids in MOVES.items()}}
+
+
+def held_out_kpis(cfg, m, params) -> dict:
+    """overload_kpis, and what the policy does in the region that drops most."""
+    k = overload_kpis(cfg, m, params)
+    return {**k, "worst_region_moves": moves_when_dropping(cfg, m, k["worst_drop_region"])}
+
+
+def measure(seeds: int, evaluate_only: bool) -> dict:
     cfg = load_config()
     held_out = (OVERLOAD_SCENARIO, *(t for t in HELD_OUT_TRACES if trace_path(cfg.env.data_dir, t).exists()))
-    by_scenario, train_s = train_and_evaluate_seeds(cfg, seeds, held_out, WEIGHTS)
+    by_scenario, train_s = train_and_evaluate_seeds(cfg, seeds, held_out, WEIGHTS, evaluate_only)
+    trained = None
+    if evaluate_only:  # the run that trained these weights, from its report
+        last = json.loads(OUT.read_text())
+        trained = last.get("trained") or {k: last[k] for k in ("command", "wall_s", "commit")}
+        train_s = last["train_s"]
     per_seed = by_scenario[cfg.eval.scenario]
     params, ticks, _ = scenario_plan(cfg, cfg.eval.scenario)
     env, eparams = evaluation.eval_env(cfg, params)
@@ -57,7 +86,7 @@ def measure(seeds: int) -> dict:
         met = sum(regions[n]["slo_attainment_pct"] >= 100 * t for n, t in zip(names, targets, strict=True))
         drops_over = sum(regions[n]["dropped_pct"] > 100 * cfg.objective.max_drop for n in names)
         rows.append({"seed": s, **{x: k[x] for x in SHOWN}, "targets_met": met, "drops_over": drops_over, "regions": len(names),
-                     "held_out": {h: overload_kpis(cfg, by_scenario[h][s], plans[h][0]) for h in held_out}})
+                     "held_out": {h: held_out_kpis(cfg, by_scenario[h][s], plans[h][0]) for h in held_out}})
         print(rows[-1], flush=True)
     m = evaluation.run_episodes(env, HEURISTICS["reactive+tier"](cfg.env.tick_s), eparams, key, cfg.eval.num_seeds, ticks)
     k = evaluation.cluster_kpis(m, cfg.env.tick_s, params)
@@ -65,15 +94,18 @@ def measure(seeds: int) -> dict:
     for h, (hparams, hticks, _) in plans.items():
         henv, heparams = evaluation.eval_env(cfg, hparams)
         m_h = evaluation.run_episodes(henv, HEURISTICS["reactive+tier"](cfg.env.tick_s), heparams, key, cfg.eval.num_seeds, hticks)
-        reactive_held_out[h] = overload_kpis(cfg, m_h, hparams)
-    return {"rows": rows, "reactive_tier": {x: k[x] for x in SHOWN}, "reactive_tier_held_out": reactive_held_out, "train_s": train_s, "steps_per_seed": cfg.train.total_env_steps,
+        reactive_held_out[h] = held_out_kpis(cfg, m_h, hparams)
+    return {"rows": rows, "reactive_tier": {x: k[x] for x in SHOWN}, "reactive_tier_held_out": reactive_held_out, "train_s": train_s, "trained": trained, "steps_per_seed": cfg.train.total_env_steps,
             "env_kind": cfg.env.kind, "training_env": training_env(cfg.env), "ppo": dataclasses.asdict(cfg.ppo),
             "objective": dataclasses.asdict(cfg.objective), "federated": dataclasses.asdict(cfg.federated)}
 
 
 def render(d: dict) -> str:
-    lines = ["# The main job over training seeds", "", f"Command: `{d['command']}`  ", f"Machine: {d['machine']}, {d['wall_s'] / 60:.0f} min "
-             f"({d['train_s'] / 60:.0f} min training {len(d['rows'])} seeds x {d['steps_per_seed'] / 1e6:.0f}M env steps in one program)", "",
+    t = d.get("trained") or d
+    lines = ["# The main job over training seeds", "", f"Command: `{t['command']}`"
+             + (f", then `{d['command']}` (code at {d['commit']}, {d['wall_s'] / 60:.0f} min)" if d.get("trained") else "") + "  ",
+             f"Machine: {d['machine']}, {t['wall_s'] / 60:.0f} min ({d['train_s'] / 60:.0f} min training {len(d['rows'])} seeds x "
+             f"{d['steps_per_seed'] / 1e6:.0f}M env steps in one program; code at {t['commit']})", "",
              "Each seed's policy on the main job's evaluation (one day, 8 evaluation seeds x 10 regions), and Reactive + tier on "
              "the same days. Seed 0 is the main job's seed; trained here inside a vmap over seeds, it need not be bit-equal to the "
              "main job's run.", "",
@@ -92,19 +124,24 @@ def render(d: dict) -> str:
              "trace-code": "the Azure code trace replayed in every region from Monday 00:00 UTC"}
     for h, reactive in d["reactive_tier_held_out"].items():
         lines += ["", f"On the held-out {h} ({about[h]}; the same evaluation seeds):", "",
-                  "| policy | SLO attainment (%) | dropped (%) | most dropped in | cost ($/h) |", "|---|---|---|---|---|"]
+                  "| policy | SLO attainment (%) | dropped (%) | most dropped in | cost ($/h) | its replicas there | its ticks dropping "
+                  f"> {DROPPING_SHARE:.0%} | its moves on them: " + " / ".join(MOVES) + " |", "|---" * 8 + "|"]
         for name, o in [(f"learned, seed {r['seed']}", r["held_out"][h]) for r in d["rows"]] + [("Reactive + tier", reactive)]:
+            w = o.get("worst_region_moves")
             lines.append(f"| {name} | {o['slo_attainment_pct']:.1f} | {o['dropped_pct']:.2f} | {o['worst_drop_region']} "
-                         f"{o['worst_drop_pct']:.2f} % | {o['cost_usd_per_h']:,.0f} |")
+                         f"{o['worst_drop_pct']:.2f} % | {o['cost_usd_per_h']:,.0f} | "
+                         + (f"{w['replicas']:.1f} | {w['dropping_ticks_pct']:.0f} % | " + " / ".join(f"{v:.2f}" for v in w["moves"].values())
+                            if w else "- | - | -") + " |")
     return "\n".join(lines) + "\n"
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--evaluate-only", action="store_true", help=f"evaluate the weights the last run kept in {WEIGHTS} instead of training")
     ap.add_argument("--render-only", action="store_true")
     args = ap.parse_args()
-    run_report(OUT, render, lambda: measure(args.seeds), args.render_only)
+    run_report(OUT, render, lambda: measure(args.seeds, args.evaluate_only), args.render_only)
 
 if __name__ == "__main__":
     main()
