@@ -12,8 +12,8 @@ usage: python benchmarks/main_job_seeds.py [--seeds 3] [--evaluate-only] [--rend
 from __future__ import annotations
 
 import argparse
-import json
 import dataclasses
+import json
 import os
 import sys
 from pathlib import Path
@@ -127,11 +127,10 @@ def render(d: dict) -> str:
                   "| policy | SLO attainment (%) | dropped (%) | most dropped in | cost ($/h) | its replicas there | its ticks dropping "
                   f"> {DROPPING_SHARE:.0%} | its moves on them: " + " / ".join(MOVES) + " |", "|---" * 8 + "|"]
         for name, o in [(f"learned, seed {r['seed']}", r["held_out"][h]) for r in d["rows"]] + [("Reactive + tier", reactive)]:
-            w = o.get("worst_region_moves")
+            w = o["worst_region_moves"]
             lines.append(f"| {name} | {o['slo_attainment_pct']:.1f} | {o['dropped_pct']:.2f} | {o['worst_drop_region']} "
-                         f"{o['worst_drop_pct']:.2f} % | {o['cost_usd_per_h']:,.0f} | "
-                         + (f"{w['replicas']:.1f} | {w['dropping_ticks_pct']:.0f} % | " + " / ".join(f"{v:.2f}" for v in w["moves"].values())
-                            if w else "- | - | -") + " |")
+                         f"{o['worst_drop_pct']:.2f} % | {o['cost_usd_per_h']:,.0f} | {w['replicas']:.1f} | {w['dropping_ticks_pct']:.0f} % | "
+                         + " / ".join(f"{v:.2f}" for v in w["moves"].values()) + " |")
     return "\n".join(lines) + "\n"
 
 
