@@ -203,10 +203,12 @@ def main_job() -> list[str]:
             dropped = ", ".join(f"{o['dropped_pct']:.2f}" for o in seeds_h)
             text += (f"On the held-out {h} the seeds reach {attained} % attainment with {dropped} % dropped (Reactive + tier "
                      f"{rt_h['slo_attainment_pct']:.1f} %, {rt_h['dropped_pct']:.2f} %). ")
-        for key, what in (("slo_attainment_pct", "{:.1f} % attainment"), ("goodput_per_usd", "{:,.0f} goodput per dollar")):
-            if not v[key].min() <= ppo[key] <= v[key].max():  # the headline run is not a typical seed: say so
-                text += (f"The run above ({what.format(ppo[key])}) lies {'below' if ppo[key] < v[key].min() else 'above'} every one "
-                         "of these seeds (trained in one vmapped program, which need not be bit-equal to the driver's chunked run). ")
+        outside = [f"{'below' if ppo[key] < v[key].min() else 'above'} every one of these seeds in {what.format(ppo[key])}"
+                   for key, what in (("slo_attainment_pct", "attainment ({:.1f} %)"), ("goodput_per_usd", "goodput per dollar ({:,.0f})"))
+                   if not v[key].min() <= ppo[key] <= v[key].max()]
+        if outside:  # the headline run is not a typical seed: say so
+            text += (f"The run above lies {' and '.join(outside)} (they were trained in one vmapped program, which need not be "
+                     "bit-equal to the driver's chunked run). ")
     out += [
         "",
         text + "Every baseline also runs with the quality-tier rule (`+tier`, thresholds tuned once on the training scenario: "
