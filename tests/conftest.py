@@ -6,12 +6,23 @@ import os
 # (DESIGN.md "Speed"); must be set before jax is imported.
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_scheduler=false")
 
+from pathlib import Path  # noqa: E402
+
+import jax  # noqa: E402
 import pytest  # noqa: E402
 
 from aro_jax.envs import scenarios  # noqa: E402
 from aro_jax.envs.serving import ServingNodeEnv  # noqa: E402
 
 SHORT_EPISODE_TICKS = 64
+
+# Many tests train the same small configs again (a resume against the uninterrupted run,
+# one run per test module): a persistent compilation cache, shared by the xdist workers
+# and kept between sessions, compiles each program once. A hit needs the same program,
+# compile options and jax version; an unreadable entry only warns and compiles again.
+jax.config.update("jax_compilation_cache_dir", str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "xla"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 @pytest.fixture(scope="session")

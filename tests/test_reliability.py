@@ -25,23 +25,6 @@ from test_checkpoint import CHUNKS, TIMING_FIELDS, TINY_RUN, abstract_trees, ass
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compile_once(tmp_path_factory):
-    """Most tests here train the tiny config again (the same compiled programs): a
-    persistent compilation cache, for this module only, compiles each program once."""
-    from jax.experimental.compilation_cache import compilation_cache
-
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs", "jax_persistent_cache_min_entry_size_bytes")
-    before = {n: getattr(jax.config, n) for n in names}
-    for n, v in zip(names, (str(tmp_path_factory.mktemp("xla-cache")), 0.0, 0)):
-        jax.config.update(n, v)
-    compilation_cache.reset_cache()
-    yield
-    for n, v in before.items():
-        jax.config.update(n, v)
-    compilation_cache.reset_cache()
-
-
 @pytest.fixture(scope="module")
 def run_a(tmp_path_factory):
     """The tiny config trained to the end (4 chunks, a checkpoint after each); tests copy
