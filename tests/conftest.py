@@ -18,7 +18,8 @@ SHORT_EPISODE_TICKS = 64
 
 # Many tests train the same small configs again (a resume against the uninterrupted run,
 # one run per test module): a persistent compilation cache, shared by the xdist workers
-# and kept between sessions, compiles each program once. A hit needs the same program,
+# and kept between sessions, compiles each program once (twice where both workers meet it
+# at the same moment). A hit needs the same program,
 # compile options and jax version; an unreadable entry only warns and compiles again.
 jax.config.update("jax_compilation_cache_dir", str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "xla"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
