@@ -56,6 +56,23 @@ def test_each_region_learns_only_from_its_own_row():
     assert all(m == 0.0 for i, m in enumerate(moved) if i != 2), moved
 
 
+def test_each_local_rollout_acts_with_the_latest_update():
+    """Local mode in the cluster env: one round of two local updates equals two rounds of
+    one (nothing happens between local-mode rounds), so the second rollout acts with the
+    parameters and normaliser the first update left, as single-region PPO does. A round
+    whose rollouts all acted with its starting policy would end elsewhere."""
+    ends = []
+    for local_updates, rounds in ((2, 1), (1, 2)):
+        cfg = load_config(TINY, ["env.kind=cluster", "federated.mode=local", f"federated.local_updates={local_updates}"])
+        node_params = cluster_params(cfg, "train")
+        init, chunk, _ = trainers.make_federated(cfg, node_params)
+        hp = trainers.hyperparams(cfg)
+        state = jax.jit(lambda k: chunk(init(k, hp), hp, rounds)[0])(jax.random.PRNGKey(0))
+        ends.append((flat(state.nodes.params), flat(state.nodes.obs_stats)))
+    np.testing.assert_allclose(ends[0][0], ends[1][0], atol=1e-5)
+    np.testing.assert_allclose(ends[0][1], ends[1][1], rtol=1e-5, atol=1e-6)
+
+
 def test_coupled_grid_steps_every_region_of_a_cluster_together():
     """The grid layout round-trips, and a grid step is the cluster env's step of each
     cluster (region axis first): rewards, observations and the routed work agree."""

@@ -282,7 +282,9 @@ def make_federated_train(
         unrow = lambda tree: jax.tree.map(lambda x: x[:, None], tree)  # noqa: E731
         num_envs = nodes.obs.shape[2]
 
-        def env_step(carry, _):
+        def env_step(nodes, carry):
+            """One tick of every node with the nodes' current policies (`nodes`: the state
+            the local updates' scan carries, so each rollout acts with the latest update)."""
             env_state, obs, keys = carry
             env_state, obs = place((env_state, obs))
             keys, k_act, k_env = jnp.moveaxis(jax.vmap(lambda k: jax.random.split(k, 3))(keys), 1, 0)
@@ -294,7 +296,8 @@ def make_federated_train(
 
         def one(carry, _):
             nodes, stats = carry
-            (env_state, obs, keys), collected = jax.lax.scan(env_step, (nodes.env_state, nodes.obs, nodes.key), None, learner.config.rollout_steps)
+            (env_state, obs, keys), collected = jax.lax.scan(lambda c, _: env_step(nodes, c), (nodes.env_state, nodes.obs, nodes.key),
+                                                             None, learner.config.rollout_steps)
             nodes = nodes.replace(env_state=env_state, obs=obs, key=keys)
             collected = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), collected)  # (steps, nodes, ...) -> (nodes, steps, ...)
             nodes, metrics, batch_stats = jax.vmap(learner.learn, in_axes=(0, 0, None))(nodes, collected, hp)
