@@ -167,6 +167,34 @@ def test_step_compiles_once(cenv, cparams):
     assert step._cache_size() == 1
 
 
+def test_lazy_resets_step_as_the_mapped_env_step(cenv, cparams):
+    """autoreset.batched_step (resets computed only on ticks where some cluster's episode
+    ends) against vmap(env.step), from the same states every tick, across staggered
+    episode ends: the same next states, observations and final observations. A step that
+    skipped the reset would keep the finished episode's clock."""
+    from aro_jax.envs.autoreset import batched_step
+
+    clusters, regions = 3, cparams.rtt_s.shape[0]
+    p = cparams.replace(max_steps_in_episode=5)
+    plain = jax.jit(jax.vmap(cenv.step, in_axes=(0, 0, 0, None)))
+    lazy = jax.jit(batched_step(cenv, lambda f: jax.vmap(f, in_axes=(0, 0, 0, None))))
+    _, state = jax.vmap(cenv.reset, in_axes=(0, None))(jax.random.split(jax.random.key(0), clusters), p)
+    # Stagger the clusters' episodes so some ticks end one episode and not the others.
+    state = state.replace(time=jnp.arange(clusters))
+    ends = partial = 0
+    for t in range(12):
+        keys = jax.random.split(jax.random.key(t + 1), clusters)
+        action = jax.random.randint(jax.random.key(100 + t), (clusters, regions), 0, cenv.num_actions)
+        want, got = plain(keys, state, action, p), lazy(keys, state, action, p)
+        ended = int(np.asarray(want[4]).sum())
+        ends, partial = ends + ended, partial + (0 < ended < clusters)
+        for w, g in zip(jax.tree.leaves((want[0], want[1], want[2], want[5]["final_observation"])),
+                        jax.tree.leaves((got[0], got[1], got[2], got[5]["final_observation"]))):
+            np.testing.assert_allclose(np.asarray(g, np.float64), np.asarray(w, np.float64), rtol=2e-5, atol=1e-5)
+        state = want[1]
+    assert ends >= 6 and partial >= 6  # several episodes ended, on ticks where other clusters' did not
+
+
 def test_long_rollout_with_hundredfold_spikes_is_finite(cenv, cparams):
     t = cparams.nodes.traffic
     spiky = t.replace(flash_start_s=jnp.full_like(t.flash_start_s, 0.0), flash_duration_s=jnp.full_like(t.flash_duration_s, 7 * 86_400.0),

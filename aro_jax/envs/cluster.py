@@ -31,7 +31,7 @@ from gymnax.environments import environment, spaces
 
 from aro_jax.contract import ACTION_SETS, DESCRIPTOR_NAMES, OBS_FIELDS, POLICY_INPUT_DIM
 from aro_jax.envs import fluid, hardware, scenarios, serving
-from aro_jax.envs.autoreset import StateObservedEnv
+from aro_jax.envs.autoreset import StateObservedEnv, batched_step
 from aro_jax.envs.scenarios import rtt_matrix_s, site_of
 from aro_jax.envs.params import EnvParams
 from aro_jax.envs.serving import EnvState
@@ -300,7 +300,7 @@ class RegionGrid:
     def __init__(self, env: ServingCluster, links: ClusterParams):
         self.links = links
         self._reset = jax.vmap(env.reset, in_axes=(0, None))
-        self._step = jax.vmap(env.step, in_axes=(0, 0, 0, None))
+        self._step = batched_step(env, lambda f: jax.vmap(f, in_axes=(0, 0, 0, None)))
 
     @staticmethod
     def to_grid(state: ClusterState, regions: int):
