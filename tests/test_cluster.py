@@ -239,7 +239,7 @@ _TWO_DEVICES = textwrap.dedent("""
 def test_one_and_two_devices_agree():
     """The cluster batch axis sharded over 2 fake CPU devices gives the same results as
     one device (a fresh process: the device count is fixed at import)."""
-    flags = "--xla_force_host_platform_device_count=2 --xla_cpu_enable_concurrency_optimized_scheduler=false"
+    flags = f"--xla_force_host_platform_device_count=2 {os.environ['XLA_FLAGS']}"  # conftest's flags
     env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", _TWO_DEVICES], env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0 and "EQUAL" in proc.stdout, proc.stderr[-3000:]

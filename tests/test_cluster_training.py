@@ -166,7 +166,7 @@ _TWO_DEVICES = textwrap.dedent("""
 def test_one_and_two_devices_train_the_same_in_the_cluster():
     """Federated PPO in the cluster env, one round, on 1 device and on 2 fake CPU devices
     (clusters split; regions split): the same parameters to float rounding."""
-    flags = "--xla_force_host_platform_device_count=2 --xla_cpu_enable_concurrency_optimized_scheduler=false"
+    flags = f"--xla_force_host_platform_device_count=2 {os.environ['XLA_FLAGS']}"  # conftest's flags
     env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", _TWO_DEVICES, str(TINY.with_name("cluster4.yaml"))], env=env, capture_output=True, text=True, timeout=550)
     assert proc.returncode == 0 and "EQUAL" in proc.stdout, proc.stderr[-3000:]

@@ -117,7 +117,7 @@ def test_closed_loop_through_prometheus(tmp_path):
         ],
     }))
     logs = {name: open(tmp_path / f"{name}.log", "w") for name in ("emulator", "prometheus", "agent")}
-    env = {**os.environ, "XLA_FLAGS": "--xla_cpu_enable_concurrency_optimized_scheduler=false", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # with conftest's XLA_FLAGS
     commands = {
         "emulator": [sys.executable, "-m", "aro_jax.deploy.emulator", "--run-dir", str(run_dir), "--node", "solo", "--port", str(em_port), "--ticks", str(TICKS),
                      "--namespace", "llm", "--deployment", "vllm", "--warmup"],

@@ -20,7 +20,7 @@ cluster:
   nodes:
     - {name: us-east, profile: llama2-70b-h100-tp4, traffic_mix: conversation, mean_rate_rps: 18.0, tz_offset_h: -5.0}
 env: {num_clusters: 64}
-train: {total_env_steps: 3000000, num_chunks: 2}
+train: {total_env_steps: 1500000, num_chunks: 2}
 """
 SEEDS, TICKS = 4, 2880  # four full simulated days
 

@@ -10,7 +10,8 @@ import sys
 
 out, local_devices = sys.argv[1], int(sys.argv[2])
 dist = len(sys.argv) > 3 and "=" not in sys.argv[3]
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={local_devices} --xla_cpu_enable_concurrency_optimized_scheduler=false"
+inherited = os.environ.get("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_scheduler=false")  # the tests' flags (conftest)
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={local_devices} {inherited}"
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
