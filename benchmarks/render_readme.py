@@ -221,8 +221,50 @@ def main_job() -> list[str]:
         "",
         "![learning curve](benchmarks/main_job/learning_curve.png)",
         "![one day of one region](benchmarks/main_job/timeline_diurnal.png)",
+        *stale_rollouts(),
     ]
     return out
+
+
+# The commit from which each local rollout of a cluster-env round acts with the latest
+# update's parameters (fedppo.coupled_local_phase); runs recorded before it collected all
+# of a round's rollouts with the round's starting policy.
+ON_POLICY_ROLLOUTS = "15f1154"
+CLUSTER_STUDIES = {"federation.json": "federation", "unseen_region.json": "unseen_region", "robustness_curve.json": "robustness",
+                   "robustness_runs": "robustness", "pareto.json": "pareto", "main_job_variants.json": "main_job_variants",
+                   "token_shift.json": "token_shift", "privacy_utility.json": "privacy_utility", "random_fleet.json": "random_fleet",
+                   "paper_table.json": "paper_table"}
+
+
+def recorded_commits(tree) -> set[str]:
+    """Every "commit" a study's JSON records, its "-dirty" mark dropped."""
+    if isinstance(tree, dict):
+        return {c for k, v in tree.items() for c in ({v.removesuffix("-dirty")} if k == "commit" and isinstance(v, str) else recorded_commits(v))}
+    return {c for v in tree for c in recorded_commits(v)} if isinstance(tree, list) else set()
+
+
+def stale_rollouts() -> list[str]:
+    """The cluster-env studies with runs recorded before on-policy rollouts: named, so no
+    reader compares them with the main job as if they trained the same way."""
+    import subprocess
+
+    def after_fix(commit: str) -> bool:
+        return subprocess.run(["git", "merge-base", "--is-ancestor", ON_POLICY_ROLLOUTS, commit], cwd=ROOT, capture_output=True).returncode == 0
+
+    stale = []
+    for rel, md in CLUSTER_STUDIES.items():
+        path = B / rel
+        files = sorted(path.glob("*.json")) if path.is_dir() else [path] if path.is_file() else []
+        commits = set().union(*(recorded_commits(json.loads(f.read_text())) for f in files))
+        if commits and not all(after_fix(c) for c in commits) and md not in stale:
+            stale.append(md)
+    if not stale:
+        return []
+    return ["", "Trained before on-policy rollouts: in the studies " + ", ".join(f"[`{m}.md`](benchmarks/{m}.md)" for m in stale)
+            + f" some or all runs predate commit {ON_POLICY_ROLLOUTS}, from which each local rollout of a cluster-env round acts with "
+            "the latest update's policy; before it, all of a round's rollouts acted with the round's starting policy. The main job "
+            "and its seeds above trained on-policy. Those studies compare their rows with one another, trained alike; their levels "
+            "may move once rerun."]
 
 
 def speed() -> list[str]:
