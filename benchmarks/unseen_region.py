@@ -43,7 +43,8 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_common import run_report  # noqa: E402
-from federation import config, score_row  # noqa: E402
+import federation  # noqa: E402
+from federation import score_row  # noqa: E402
 
 from aro_jax import contract  # noqa: E402
 from aro_jax.envs.heuristics import HEURISTICS, Policy  # noqa: E402
@@ -69,6 +70,12 @@ ZERO_SHOT = "federated (zero-shot)"
 REACTIVE = "Reactive + tier"
 AFTER = ("joins the federation", "federated + local fine-tune", "Local-only from scratch")  # the budget rows
 LOCAL = ["federated.mode=local"]
+
+
+def config(steps: int, extra, nodes=None):
+    """federation.py's config trained to the targets and the drop bound themselves (no
+    margins), as this study's recorded runs were."""
+    return federation.config(steps, ["objective.slo_margin=0", "objective.drop_margin=0", *extra], nodes)
 
 
 def mixed_policy(network, heuristic: Policy, cfg) -> Policy:
