@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -158,7 +159,7 @@ def run_report(json_path: Path, render: Callable[[dict], str], measure: Callable
         return write_report(json_path, None, render)
     t0 = time.perf_counter()
     data = measure()
-    data.update(command=f"python benchmarks/{Path(sys.argv[0]).name} " + " ".join(sys.argv[1:]), machine=machine(),
+    data.update(command=f"python benchmarks/{Path(sys.argv[0]).name} " + shlex.join(sys.argv[1:]), machine=machine(),  # copy-pasteable
                 wall_s=time.perf_counter() - t0, commit=code_commit())
     data = write_report(json_path, data, render)
     print(Path(json_path).with_suffix(".md").read_text())
