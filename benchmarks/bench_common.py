@@ -152,6 +152,11 @@ def write_report(json_path: Path, data: dict | None, render: Callable[[dict], st
     return data
 
 
+def command_line() -> str:
+    """This benchmark's command as run, copy-pasteable."""
+    return f"python benchmarks/{Path(sys.argv[0]).name} " + shlex.join(sys.argv[1:])
+
+
 def run_report(json_path: Path, render: Callable[[dict], str], measure: Callable[[], dict], render_only: bool) -> dict:
     """A benchmark's main: `measure()` (timed, with the command and machine recorded) into
     `json_path` and its markdown, or with `render_only` the markdown of the JSON there."""
@@ -159,8 +164,7 @@ def run_report(json_path: Path, render: Callable[[dict], str], measure: Callable
         return write_report(json_path, None, render)
     t0 = time.perf_counter()
     data = measure()
-    data.update(command=f"python benchmarks/{Path(sys.argv[0]).name} " + shlex.join(sys.argv[1:]), machine=machine(),  # copy-pasteable
-                wall_s=time.perf_counter() - t0, commit=code_commit())
+    data.update(command=command_line(), machine=machine(), wall_s=time.perf_counter() - t0, commit=code_commit())
     data = write_report(json_path, data, render)
     print(Path(json_path).with_suffix(".md").read_text())
     return data

@@ -8,7 +8,9 @@ score (trainers.eval_score: mean reward minus 10 x each region's violated share)
 mean reward, goodput per dollar, attainment, drops, and how many regions meet their
 attainment target. A region the federation never trained on is unseen_region.py's.
 
-Writes federation.json, and federation.md rendered from it.
+Run at several budgets (--steps), it shows where federation pays: every budget's rows are
+kept in federation.json, and federation.md, rendered from it, tabulates the best federated
+learner's lead over Local-only at each.
 
 usage: python benchmarks/federation.py [--steps 10000000] [--seeds 2] [--learners LEARNER ...] [--render-only]
 """
@@ -28,7 +30,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_common import run_report, train_and_evaluate_seeds  # noqa: E402
+from bench_common import code_commit, command_line, run_report, train_and_evaluate_seeds  # noqa: E402
 
 from aro_jax.config import load_config  # noqa: E402
 from aro_jax.envs.heuristics import HEURISTICS  # noqa: E402
@@ -42,6 +44,12 @@ LEARNERS = {
     # The main job itself (default.yaml: each region's own policy pulled 0.1 % of the way
     # to the multi-Krum global each round).
     "federated, personal (the main job: multi-Krum f=3, pull 0.001)": [],
+    # The robustness study's personalised method: each region sends its model's offset from
+    # the global, so the global is the robust centre of the regions' models (nearest-neighbour
+    # mixing before multi-Krum), and the pull of 3 % a round fades with the learning rate.
+    "federated, personal (NNM + multi-Krum f=3, offsets, pull 0.03 annealed)": [
+        "federated.pre_aggregators=[nnm]", "federated.personal_mix=0.03", "federated.personal_sends=offset",
+        "federated.personal_mix_anneal=true"],
     "federated, one shared policy (multi-Krum f=3)": ["federated.personal_mix=1.0"],
     "federated, one shared policy (FedAvg)": ["federated.personal_mix=1.0", "federated.aggregator=mean", "federated.num_byzantine=0"],
     # One local update per round: the deltas are one PPO update's, as centralized PPO's
@@ -61,17 +69,18 @@ def config(steps: int, extra, nodes=None):
     return cfg
 
 
-def targets_met(cfg, metrics, params) -> int:
-    names = [n.name for n in cfg.cluster.nodes]
-    rows = evaluation.region_kpis(metrics, cfg.env.tick_s, params, names)
-    return sum(rows[n.name]["slo_attainment_pct"] >= 100 * cfg.objective.target(n.traffic_mix, n.slo_target)
-               for n in cfg.cluster.nodes)
+REGION_SHOWN = ("slo_attainment_pct", "dropped_pct", "cost_usd_per_h")
 
 
 def score_row(cfg, metrics, params) -> dict:
+    """The cluster's KPIs, and each region's with its attainment target."""
     k = evaluation.cluster_kpis(metrics, cfg.env.tick_s, params)
+    by_region = evaluation.region_kpis(metrics, cfg.env.tick_s, params, [n.name for n in cfg.cluster.nodes])
+    regions = {n.name: {**{x: by_region[n.name][x] for x in REGION_SHOWN},
+                        "target_pct": 100 * cfg.objective.target(n.traffic_mix, n.slo_target)} for n in cfg.cluster.nodes}
     return {"objective": trainers.eval_score(cfg, metrics), "reward": float(np.mean(metrics["reward"])),
-            **{x: k[x] for x in SHOWN}, "targets_met": targets_met(cfg, metrics, params)}
+            **{x: k[x] for x in SHOWN}, "targets_met": sum(r["slo_attainment_pct"] >= r["target_pct"] for r in regions.values()),
+            "regions": regions}
 
 
 def same_budget(steps: int, seeds: int, learners: list[str]) -> dict:
@@ -93,17 +102,28 @@ def same_budget(steps: int, seeds: int, learners: list[str]) -> dict:
     return out
 
 
+def budgets_of(data: dict) -> list[dict]:
+    """The budgets a federation.json holds, each {steps, seeds, same_budget, commands,
+    commits}; a file written before budgets were kept apart holds one."""
+    if "budgets" in data or not data:
+        return data.get("budgets", [])
+    return [{"steps": data["steps"], "seeds": data["seeds"], "same_budget": data["same_budget"],
+             "commands": [*data.get("earlier_commands", []), data["command"]], "commits": [data["commit"]]}]
+
+
 def measure(steps: int, seeds: int, learners: list[str]) -> dict:
-    """A run; with a subset of the learners, the other learners' rows already in
-    federation.json (at the same steps and seeds) are kept."""
-    data = {"steps": steps, "seeds": seeds, "eval_seeds": EVAL_SEEDS, "objective": dataclasses.asdict(config(steps, []).objective),
-            "same_budget": same_budget(steps, seeds, learners)}
-    if set(learners) != set(LEARNERS) and OUT.exists():
-        old = json.loads(OUT.read_text())
-        if (old["steps"], old["seeds"], old.get("objective")) == (steps, seeds, data["objective"]):
-            data["same_budget"] = {**old["same_budget"], **data["same_budget"]}
-            data["earlier_commands"] = [*old.get("earlier_commands", []), old["command"]]
-    return data
+    """A run at one budget and number of training seeds, added to those federation.json
+    already holds (with the same objective and evaluation); at the same budget and seeds,
+    the learners not run again keep their rows."""
+    objective = dataclasses.asdict(config(steps, []).objective)
+    old = json.loads(OUT.read_text()) if OUT.exists() else {}
+    same = old.get("objective") == objective and old.get("eval_seeds") == EVAL_SEEDS
+    budgets = {(b["steps"], b["seeds"]): b for b in (budgets_of(old) if same else [])}
+    kept = budgets.get((steps, seeds), {"same_budget": {}, "commands": [], "commits": []})
+    rows = same_budget(steps, seeds, learners)
+    budgets[steps, seeds] = {"steps": steps, "seeds": seeds, "same_budget": {**kept["same_budget"], **rows},
+                             "commands": [*kept["commands"], command_line()], "commits": sorted({*kept["commits"], code_commit()})}
+    return {"eval_seeds": EVAL_SEEDS, "objective": objective, "budgets": [budgets[k] for k in sorted(budgets)]}
 
 
 def _fmt(xs, digits=2):
@@ -111,19 +131,27 @@ def _fmt(xs, digits=2):
     return f"{xs.mean():.{digits}f}" + (f" ± {xs.std(ddof=1):.{digits}f}" if len(xs) > 1 else "")
 
 
+def lead(sb: dict) -> tuple[str, float, float] | None:
+    """The best federated learner on the objective, its mean lead over Local-only, and the
+    larger of the two rows' standard deviations over training seeds."""
+    scores = {k: np.array([row["objective"] for row in v["rows"]]) for k, v in sb.items()}
+    fed = [k for k in sb if k.startswith("federated")]
+    if not fed or "Local-only" not in sb:
+        return None
+    best = max(fed, key=lambda k: scores[k].mean())
+    noise = max(float(scores[k].std(ddof=1)) if len(scores[k]) > 1 else 0.0 for k in (best, "Local-only"))
+    return best, float(scores[best].mean() - scores["Local-only"].mean()), noise
+
+
 def verdict(sb: dict) -> list[str]:
     """The same-budget aim, checked on the table: the best federated learner's mean
     objective against Local-only's, and whether the seeds resolve the gap."""
-    scores = {k: np.array([row["objective"] for row in v["rows"]]) for k, v in sb.items()}
-    spread = {k: float(x.std(ddof=1)) if len(x) > 1 else 0.0 for k, x in scores.items()}
-    fed = [k for k in sb if k.startswith("federated")]
-    if not fed or "Local-only" not in sb:
+    if (found := lead(sb)) is None:
         return []
-    best = max(fed, key=lambda k: scores[k].mean())
-    gap = float(scores[best].mean() - scores["Local-only"].mean())
-    noise = max(spread[best], spread["Local-only"])
-    return ["", f"Best federated learner on the objective: **{best}** ({scores[best].mean():.3f}) against Local-only's "
-            f"{scores['Local-only'].mean():.3f}. Aim (the best federated method >= Local-only at the same budget): "
+    best, gap, noise = found
+    ours, local = (np.mean([row["objective"] for row in sb[k]["rows"]]) for k in (best, "Local-only"))
+    return ["", f"Best federated learner on the objective: **{best}** ({ours:.3f}) against Local-only's "
+            f"{local:.3f}. Aim (the best federated method >= Local-only at the same budget): "
             + (f"**not shown**: {'ahead' if gap >= 0 else 'behind'} by {gap:+.3f}, inside the spread between training seeds "
                f"(standard deviation up to {noise:.3f}), not a difference these seeds resolve."
                if abs(gap) < noise else f"**{'met' if gap >= 0 else 'not met'}**."), ""]
@@ -138,26 +166,77 @@ def margins(d: dict) -> str:
             "point under the drop bound, as the main job is")
 
 
-def render(d: dict) -> str:
-    earlier = "".join(f"`{c}`, then " for c in d.get("earlier_commands", []))
-    lines = ["# Where federation pays", "", f"Command: {earlier}`{d['command']}`  ",
-             f"Machine: {d['machine']}, {d['wall_s'] / 60:.0f} min (the last command); code at commit {d.get('commit', 'unknown')}.", "",
-             f"## The same budget: {d['steps'] / 1e6:g}M env steps, {d['seeds']} training seeds", "",
-             "The main job's config (cluster env, constrained objective: chat regions 90 % attainment, code 60 %, <= 1 % dropped, "
-             f"quality >= 0.98{margins(d)}), evaluated on the diurnal day ({d['eval_seeds']} evaluation seeds, common to every row). *objective*: "
-             "the constrained objective's score (mean reward per tick minus 10 x each region's violated share, arrival-weighted; "
-             "higher is better). Mean ± standard deviation over training seeds.", "",
-             "| learner | objective | reward | goodput/$ | attainment (%) | dropped (%) | cost ($/h) | forwarded (%) | targets met (of 10) | train (s) |",
+def budget_table(b: dict) -> list[str]:
+    """One budget's rows and its verdict."""
+    lines = ["| learner | objective | reward | goodput/$ | attainment (%) | dropped (%) | cost ($/h) | forwarded (%) | targets met (of 10) | train (s) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    sb = d["same_budget"]
+    sb = b["same_budget"]
     order = [k for k in LEARNERS if k in sb] + [k for k in sb if k not in LEARNERS]  # the heuristic last
     for label, r in ((k, sb[k]) for k in order):
         col = lambda k: [row[k] for row in r["rows"]]  # noqa: E731
         lines.append(f"| {label} | {_fmt(col('objective'), 3)} | {_fmt(col('reward'), 3)} | {_fmt(col('goodput_per_usd'), 0)} | "
                      f"{_fmt(col('slo_attainment_pct'), 1)} | {_fmt(col('dropped_pct'), 2)} | {_fmt(col('cost_usd_per_h'), 0)} | "
                      f"{_fmt(col('forwarded_pct'), 1)} | {_fmt(col('targets_met'), 1)} | {r['train_s']:.0f} |")
-    lines += verdict(sb)
-    return "\n".join(lines) + "\n"
+    return lines + verdict(sb)
+
+
+def region_table(b: dict) -> list[str]:
+    """Where the best federated learner's lead comes from: each region's attainment and cost
+    against Local-only's (means over training seeds; rows that recorded regions only)."""
+    found = lead(b["same_budget"])
+    if found is None or not all("regions" in row for k in (found[0], "Local-only") for row in b["same_budget"][k]["rows"]):
+        return []
+    best = found[0]
+    mean = lambda k, region, x: np.mean([row["regions"][region][x] for row in b["same_budget"][k]["rows"]])  # noqa: E731
+    first = b["same_budget"][best]["rows"][0]["regions"]
+    lines = [f"Per region, {best} against Local-only (means over training seeds; *at target*: seeds whose attainment meets the "
+             "region's target):", "",
+             "| region | target (%) | attainment (%) | Local-only | at target | Local-only | cost ($/h) | Local-only | dropped (%) | Local-only |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for region, r in first.items():
+        hits = lambda k: sum(row["regions"][region]["slo_attainment_pct"] >= row["regions"][region]["target_pct"]  # noqa: E731
+                             for row in b["same_budget"][k]["rows"])
+        lines.append(f"| {region} | {r['target_pct']:.0f} | {mean(best, region, 'slo_attainment_pct'):.1f} | "
+                     f"{mean('Local-only', region, 'slo_attainment_pct'):.1f} | {hits(best)}/{b['seeds']} | {hits('Local-only')}/{b['seeds']} | "
+                     f"{mean(best, region, 'cost_usd_per_h'):.0f} | {mean('Local-only', region, 'cost_usd_per_h'):.0f} | "
+                     f"{mean(best, region, 'dropped_pct'):.2f} | {mean('Local-only', region, 'dropped_pct'):.2f} |")
+    return lines
+
+
+def budget_section(b: dict) -> list[str]:
+    regions = region_table(b)
+    return [f"## {b['steps'] / 1e6:g}M env steps, {b['seeds']} training seeds", "",
+            "Commands: " + ", then ".join(f"`{c}`" for c in b["commands"]) + f"; code at commit {', '.join(b['commits'])}.", "",
+            *budget_table(b), *([*regions, ""] if regions else [])]
+
+
+def summary(d: dict) -> list[str]:
+    """Per budget, the best federated learner's lead over Local-only: where federation pays."""
+    lines = ["| budget | training seeds | best federated learner | lead over Local-only | standard error | seeds' spread (sd) |",
+             "|---|---|---|---|---|---|"]
+    for b in d["budgets"]:
+        if (found := lead(b["same_budget"])) is not None:
+            best, gap, noise = found
+            se = np.sqrt(sum(np.var([row["objective"] for row in b["same_budget"][k]["rows"]], ddof=1) / b["seeds"]
+                             for k in (best, "Local-only"))) if b["seeds"] > 1 else float("nan")
+            lines.append(f"| {b['steps'] / 1e6:g}M | {b['seeds']} | {best} | {gap:+.3f} | {se:.3f} | {noise:.3f} |")
+    return lines
+
+
+def render(d: dict) -> str:
+    d = {**d, "budgets": budgets_of(d)}
+    lines = ["# Where federation pays", "",
+             f"Machine: {d['machine']}; the last command took {d['wall_s'] / 60:.0f} min. Each budget's commands and code commits are under it.", "",
+             "Every learner trains the main job's config (cluster env, constrained objective: chat regions 90 % attainment, code 60 %, "
+             f"<= 1 % dropped, quality >= 0.98{margins(d)}) for the budget's env steps, its learning-rate schedule over the whole "
+             f"budget, and is evaluated on the diurnal day ({d['eval_seeds']} evaluation seeds, common to every row). *objective*: "
+             "the constrained objective's score (mean reward per tick minus 10 x each region's violated share, arrival-weighted; "
+             "higher is better). Mean ± standard deviation over training seeds. *lead*: the best federated learner's mean objective "
+             "minus Local-only's at the same budget; *standard error*: the lead's, over training seeds; the aim reads met when "
+             "the lead is positive and larger than either row's standard deviation.", "", *summary(d), ""]
+    for b in d["budgets"]:
+        lines += budget_section(b) + [""]
+    return "\n".join(lines).rstrip() + "\n"
 
 
 def main():

@@ -237,9 +237,11 @@ CLUSTER_STUDIES = {"federation.json": "federation", "unseen_region.json": "unsee
 
 
 def recorded_commits(tree) -> set[str]:
-    """Every "commit" a study's JSON records, its "-dirty" mark dropped."""
+    """Every "commit" (and "commits" list) a study's JSON records, "-dirty" marks dropped."""
     if isinstance(tree, dict):
-        return {c for k, v in tree.items() for c in ({v.removesuffix("-dirty")} if k == "commit" and isinstance(v, str) else recorded_commits(v))}
+        return {c for k, v in tree.items()
+                for c in ({v.removesuffix("-dirty")} if k == "commit" and isinstance(v, str)
+                          else {x.removesuffix("-dirty") for x in v} if k == "commits" else recorded_commits(v))}
     return {c for v in tree for c in recorded_commits(v)} if isinstance(tree, list) else set()
 
 
@@ -428,19 +430,20 @@ def robustness() -> list[str]:
 
 
 def federation() -> list[str]:
-    path = B / "federation.json"
-    if not path.exists():
+    """The lead per budget, and the largest budget's table (benchmarks/federation.py)."""
+    if not (B / "federation.json").is_file():
         return []
-    d = json.loads(path.read_text())
-    md = (B / "federation.md").read_text().splitlines()
-    start = md.index(next(ln for ln in md if ln.startswith("| learner")))
-    table = md[start: next(i for i in range(start, len(md) + 1) if i == len(md) or not md[i].startswith("|"))]
-    verdict = next(ln for ln in md if ln.startswith("Best federated learner"))
-    out = [f"`{d['command']}` → [`benchmarks/federation.md`](benchmarks/federation.md): the main job's config as of "
-           f"commit {d.get('commit', 'unknown')} at {d['steps'] / 1e6:g}M env steps, {d['seeds']} training seeds; "
-           "*objective*: the constrained objective's score "
-           "(higher is better).", "", *table, "", verdict]
-    return out
+    sys.path.insert(0, str(B))
+    import federation as study
+
+    d = json.loads((B / "federation.json").read_text())
+    budgets = study.budgets_of(d)
+    largest = budgets[-1]
+    return [f"[`benchmarks/federation.md`](benchmarks/federation.md): every learner trains the main job's config for the "
+            "budget's env steps; *objective*: the constrained objective's score (higher is better). The best federated "
+            "learner's lead over Local-only at each budget:", "", *study.summary({**d, "budgets": budgets}), "",
+            f"At {largest['steps'] / 1e6:g}M env steps ({largest['seeds']} training seeds; `{largest['commands'][-1]}`, code at "
+            f"commit {', '.join(largest['commits'])}):", "", *study.budget_table(largest)[:-1]]
 
 
 def unseen_region() -> list[str]:
