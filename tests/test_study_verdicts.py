@@ -2,12 +2,14 @@
 judges the main job's point, not a point added at another code target, and a band no
 heuristic reaches reads as such; the robustness curves (benchmarks/robustness.py) keep
 runs whose defence assumed another f apart and judge an attack against no attack on the
-same seeds."""
+same seeds; the federation study (benchmarks/federation.py) keeps each budget and number
+of training seeds apart and reads a lead inside the seeds' spread as not shown."""
 
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import federation  # noqa: E402
 import pareto  # noqa: E402
 import robustness  # noqa: E402
 
@@ -179,3 +181,41 @@ def test_pareto_refuses_saved_weights_of_other_runs(tmp_path):
                                                       "last": {}, "train_s": 1.0}))
     with pytest.raises(ValueError, match=f"{path} holds weights of shape \\(2,"):
         pareto.load_frontier(path, trainer, keys, hps)
+
+
+def scored(*objectives):
+    return {"rows": [{"objective": x} for x in objectives], "train_s": 0.0}
+
+
+def test_federation_lead_is_met_only_beyond_the_seeds_spread():
+    fed = "federated, personal (NNM + multi-Krum f=3, offsets, pull 0.03 annealed)"
+
+    def aim(local, ours):
+        return federation.verdict({"Local-only": scored(*local), fed: scored(*ours)})[1].split("same budget): ")[1]
+
+    assert aim([-0.9, -0.8, -0.7], [-0.6, -0.7, -0.5]).startswith("**met**")  # +0.2 against sd 0.1
+    assert aim([-0.9, -0.8, -0.7], [-0.75, -0.65, -0.85]).startswith("**not shown**: ahead by +0.050")
+    assert aim([-0.9, -0.8, -0.7], [-1.1, -1.0, -0.9]).startswith("**not met**")
+    best, gap, _ = federation.lead({"Local-only": scored(-1.0), fed: scored(-0.5), "centralized (pooled data, one policy)": scored(0.0)})
+    assert (best, gap) == (fed, 0.5)  # centralized is no federated learner
+
+
+def test_federation_keeps_each_budget_and_seed_count_apart(tmp_path, monkeypatch):
+    monkeypatch.setattr(federation, "OUT", tmp_path / "federation.json")
+    score = {}
+    monkeypatch.setattr(federation, "same_budget", lambda steps, seeds, learners: {k: scored(score[k]) for k in learners})
+
+    def run(steps, seeds, *learners):
+        data = federation.measure(steps, seeds, list(learners))
+        data.update(command="cmd", machine="m", wall_s=1.0, commit="c")
+        federation.OUT.write_text(federation.json.dumps(data))
+        return {(b["steps"], b["seeds"]): {k: v["rows"][0]["objective"] for k, v in b["same_budget"].items()} for b in data["budgets"]}
+
+    score.update({"Local-only": -1.0, "centralized (pooled data, one policy)": -2.0})
+    small, large = 3_000_000, 10_000_000
+    run(large, 3, "Local-only")
+    both = {"Local-only": -1.0, "centralized (pooled data, one policy)": -2.0}
+    assert run(large, 3, "centralized (pooled data, one policy)")[large, 3] == both
+    score["Local-only"] = -0.5
+    assert run(large, 6, "Local-only") == {(large, 3): both, (large, 6): {"Local-only": -0.5}}
+    assert list(run(small, 3, "Local-only")) == [(small, 3), (large, 3), (large, 6)]
