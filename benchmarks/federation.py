@@ -101,15 +101,6 @@ def same_budget(steps: int, seeds: int, learners: list[str]) -> dict:
     return out
 
 
-def budgets_of(data: dict) -> list[dict]:
-    """The budgets a federation.json holds, each {steps, seeds, same_budget, commands,
-    commits}; a file written before budgets were kept apart holds one."""
-    if "budgets" in data or not data:
-        return data.get("budgets", [])
-    return [{"steps": data["steps"], "seeds": data["seeds"], "same_budget": data["same_budget"],
-             "commands": [*data.get("earlier_commands", []), data["command"]], "commits": [data["commit"]]}]
-
-
 def measure(steps: int, seeds: int, learners: list[str]) -> dict:
     """A run at one budget and number of training seeds, added to those federation.json
     already holds (with the same objective and evaluation); at the same budget and seeds,
@@ -117,7 +108,7 @@ def measure(steps: int, seeds: int, learners: list[str]) -> dict:
     objective = dataclasses.asdict(config(steps, []).objective)
     old = json.loads(OUT.read_text()) if OUT.exists() else {}
     same = old.get("objective") == objective and old.get("eval_seeds") == EVAL_SEEDS
-    budgets = {(b["steps"], b["seeds"]): b for b in (budgets_of(old) if same else [])}
+    budgets = {(b["steps"], b["seeds"]): b for b in (old["budgets"] if same else [])}
     kept = budgets.get((steps, seeds), {"same_budget": {}, "commands": [], "commits": []})
     rows = same_budget(steps, seeds, learners)
     budgets[steps, seeds] = {"steps": steps, "seeds": seeds, "same_budget": {**kept["same_budget"], **rows},
@@ -223,7 +214,6 @@ def summary(d: dict) -> list[str]:
 
 
 def render(d: dict) -> str:
-    d = {**d, "budgets": budgets_of(d)}
     lines = ["# Where federation pays", "",
              f"Machine: {d['machine']}; the last command took {d['wall_s'] / 60:.0f} min. Each budget's commands and code commits are under it.", "",
              "Every learner trains the main job's config (cluster env, constrained objective: chat regions 90 % attainment, code 60 %, "

@@ -437,11 +437,10 @@ def federation() -> list[str]:
     import federation as study
 
     d = json.loads((B / "federation.json").read_text())
-    budgets = study.budgets_of(d)
-    largest = budgets[-1]
+    largest = d["budgets"][-1]
     return [f"[`benchmarks/federation.md`](benchmarks/federation.md): every learner trains the main job's config for the "
             "budget's env steps; *objective*: the constrained objective's score (higher is better). The best federated "
-            "learner's lead over Local-only at each budget:", "", *study.summary({**d, "budgets": budgets}), "",
+            "learner's lead over Local-only at each budget:", "", *study.summary(d), "",
             f"At {largest['steps'] / 1e6:g}M env steps ({largest['seeds']} training seeds; `{largest['commands'][-1]}`, code at "
             f"commit {', '.join(largest['commits'])}):", "", *study.budget_table(largest)[:-1]]
 
