@@ -41,14 +41,15 @@ OUT = Path(__file__).with_name("federation.json")
 # The learners compared, as overrides of the main job's config (default.yaml).
 LEARNERS = {
     "Local-only": ["federated.mode=local"],
-    # The main job itself (default.yaml): each region sends its model's offset from the
-    # global, so the global is the robust centre of the regions' models (nearest-neighbour
-    # mixing before multi-Krum), and a pull of 3 % a round fades with the learning rate.
-    "federated, personal (the main job: NNM + multi-Krum f=3, offsets, pull 0.03 annealed)": [],
-    # The main job before it: each region sends its round's delta, a constant pull of 0.1 %.
-    "federated, personal (multi-Krum f=3, deltas, pull 0.001)": [
-        "federated.pre_aggregators=[]", "federated.personal_mix=0.001", "federated.personal_sends=delta",
-        "federated.personal_mix_anneal=false"],
+    # The main job itself (default.yaml): each region's own policy pulled 0.1 % of the way
+    # to the multi-Krum global each round, each region sending its round's delta.
+    "federated, personal (the main job: multi-Krum f=3, deltas, pull 0.001)": [],
+    # The robustness study's personalised method: each region sends its model's offset from
+    # the global, so the global is the robust centre of the regions' models (nearest-neighbour
+    # mixing before multi-Krum), and the pull of 3 % a round fades with the learning rate.
+    "federated, personal (NNM + multi-Krum f=3, offsets, pull 0.03 annealed)": [
+        "federated.pre_aggregators=[nnm]", "federated.personal_mix=0.03", "federated.personal_sends=offset",
+        "federated.personal_mix_anneal=true"],
     "federated, one shared policy (multi-Krum f=3)": ["federated.personal_mix=1.0"],
     "federated, one shared policy (FedAvg)": ["federated.personal_mix=1.0", "federated.aggregator=mean", "federated.num_byzantine=0"],
     # One local update per round: the deltas are one PPO update's, as centralized PPO's
