@@ -123,10 +123,15 @@ def _fmt(xs, digits=2):
     return f"{xs.mean():.{digits}f}" + (f" ± {xs.std(ddof=1):.{digits}f}" if len(xs) > 1 else "")
 
 
+def objectives(entry: dict) -> np.ndarray:
+    """A learner's objective per training seed."""
+    return np.array([row["objective"] for row in entry["rows"]])
+
+
 def lead(sb: dict) -> tuple[str, float, float] | None:
     """The best federated learner on the objective, its mean lead over Local-only, and the
     larger of the two rows' standard deviations over training seeds."""
-    scores = {k: np.array([row["objective"] for row in v["rows"]]) for k, v in sb.items()}
+    scores = {k: objectives(v) for k, v in sb.items()}
     fed = [k for k in sb if k.startswith("federated")]
     if not fed or "Local-only" not in sb:
         return None
@@ -141,7 +146,7 @@ def verdict(sb: dict) -> list[str]:
     if (found := lead(sb)) is None:
         return []
     best, gap, noise = found
-    ours, local = (np.mean([row["objective"] for row in sb[k]["rows"]]) for k in (best, "Local-only"))
+    ours, local = (objectives(sb[k]).mean() for k in (best, "Local-only"))
     return ["", f"Best federated learner on the objective: **{best}** ({ours:.3f}) against Local-only's "
             f"{local:.3f}. Aim (the best federated method >= Local-only at the same budget): "
             + (f"**not shown**: {'ahead' if gap >= 0 else 'behind'} by {gap:+.3f}, inside the spread between training seeds "
@@ -209,8 +214,8 @@ def summary(d: dict) -> list[str]:
     for b in d["budgets"]:
         if (found := lead(b["same_budget"])) is not None:
             best, gap, noise = found
-            mean = lambda k: np.mean([row["objective"] for row in b["same_budget"][k]["rows"]])  # noqa: E731
-            se = np.sqrt(sum(np.var([row["objective"] for row in b["same_budget"][k]["rows"]], ddof=1) / b["seeds"]
+            mean = lambda k: objectives(b["same_budget"][k]).mean()  # noqa: E731
+            se = np.sqrt(sum(objectives(b["same_budget"][k]).var(ddof=1) / b["seeds"]
                              for k in (best, "Local-only"))) if b["seeds"] > 1 else float("nan")
             own = f"{mean(MAIN_JOB) - mean('Local-only'):+.3f}" if MAIN_JOB in b["same_budget"] else "not run"
             lines.append(f"| {b['steps'] / 1e6:g}M | {b['seeds']} | {best} | {gap:+.3f} | {se:.3f} | {noise:.3f} | {own} |")
