@@ -3,6 +3,7 @@ report pattern, and rate formatting."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -139,6 +140,20 @@ def code_commit() -> str:
     git = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout.strip()  # noqa: E731
     head = git("rev-parse", "--short", "HEAD") or "unknown"
     return head + ("-dirty" if git("status", "--porcelain", "--", "aro_jax") else "")
+
+
+# The commit from which each local rollout of a cluster-env round acts with the latest
+# update's parameters (fedppo.coupled_local_phase); runs recorded before it collected all
+# of a round's rollouts with the round's starting policy, so their levels are not comparable.
+ON_POLICY_ROLLOUTS = "15f1154"
+
+
+@functools.lru_cache(maxsize=None)
+def on_policy_rollouts(commit: str) -> bool:
+    """Whether code at `commit` ("-dirty" allowed) trained with on-policy cluster rollouts."""
+    root = Path(__file__).resolve().parents[1]
+    rev = commit.removesuffix("-dirty")
+    return subprocess.run(["git", "merge-base", "--is-ancestor", ON_POLICY_ROLLOUTS, rev], cwd=root, capture_output=True).returncode == 0
 
 
 def write_report(json_path: Path, data: dict | None, render: Callable[[dict], str]) -> dict:

@@ -226,10 +226,6 @@ def main_job() -> list[str]:
     return out
 
 
-# The commit from which each local rollout of a cluster-env round acts with the latest
-# update's parameters (fedppo.coupled_local_phase); runs recorded before it collected all
-# of a round's rollouts with the round's starting policy.
-ON_POLICY_ROLLOUTS = "15f1154"
 CLUSTER_STUDIES = {"federation.json": "federation", "unseen_region.json": "unseen_region", "robustness_curve.json": "robustness",
                    "robustness_runs": "robustness", "pareto.json": "pareto", "main_job_variants.json": "main_job_variants",
                    "token_shift.json": "token_shift", "privacy_utility.json": "privacy_utility", "random_fleet.json": "random_fleet",
@@ -248,17 +244,15 @@ def recorded_commits(tree) -> set[str]:
 def stale_rollouts() -> list[str]:
     """The cluster-env studies with runs recorded before on-policy rollouts: named, so no
     reader compares them with the main job as if they trained the same way."""
-    import subprocess
-
-    def after_fix(commit: str) -> bool:
-        return subprocess.run(["git", "merge-base", "--is-ancestor", ON_POLICY_ROLLOUTS, commit], cwd=ROOT, capture_output=True).returncode == 0
+    sys.path.insert(0, str(B))
+    from bench_common import ON_POLICY_ROLLOUTS, on_policy_rollouts
 
     stale = []
     for rel, md in CLUSTER_STUDIES.items():
         path = B / rel
         files = sorted(path.glob("*.json")) if path.is_dir() else [path] if path.is_file() else []
         commits = set().union(*(recorded_commits(json.loads(f.read_text())) for f in files))
-        if commits and not all(after_fix(c) for c in commits) and md not in stale:
+        if commits and not all(on_policy_rollouts(c) for c in commits) and md not in stale:
             stale.append(md)
     if not stale:
         return []

@@ -38,6 +38,7 @@ import json
 import os
 import sys
 import platform
+import subprocess
 import time
 from pathlib import Path
 
@@ -50,7 +51,7 @@ import numpy as np  # noqa: E402
 from aro_jax.training import evaluation, learned_policy, trainers  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_common import code_commit  # noqa: E402
+from bench_common import ON_POLICY_ROLLOUTS, code_commit, on_policy_rollouts  # noqa: E402
 from aro_jax.config import load_config  # noqa: E402
 from aro_jax.envs.scenarios import cluster_params  # noqa: E402
 from aro_jax.federated import aggregators, attacks, fedppo  # noqa: E402
@@ -284,6 +285,12 @@ def load() -> list[dict]:
     return [r for f in sorted(RUNS.glob("*.json")) if f != GRID_ARGS for r in json.loads(f.read_text()) if "method" in r]
 
 
+def on_policy(records: list[dict]) -> list[dict]:
+    """The runs trained with on-policy cluster rollouts: only they count as done or are
+    compared with new runs (bench_common.ON_POLICY_ROLLOUTS)."""
+    return [r for r in records if on_policy_rollouts(r.get("commit", "unknown"))]
+
+
 def save(name: str, records: list[dict]) -> None:
     RUNS.mkdir(exist_ok=True)
     (RUNS / f"{name}.json").write_text(json.dumps(records, indent=0))
@@ -371,7 +378,7 @@ def main():
         for method, f, name in batches[part::parts]:
             defence = defence_for(name, f)
             cells = [(a, strength_value(s, f)) for a in args.attacks for s in STRENGTHS[a][: None if args.sweep else 1]]
-            cells = [(a, s) for a, s in cells if not done(records, method, defence, 0 if a == "none" else f, a, s, args.seeds)]
+            cells = [(a, s) for a, s in cells if not done(on_policy(records), method, defence, 0 if a == "none" else f, a, s, args.seeds)]
             if not cells:
                 continue
             study = studies.get(method) or studies.setdefault(method, Study(args.steps, args.attacks, method, args.pre))
@@ -386,7 +393,20 @@ CURVE = HERE / "robustness_curve.json"
 
 
 def load_curve() -> dict:
-    return json.loads(CURVE.read_text()) if CURVE.exists() else {"commands": [], "records": []}
+    """The curves recorded so far. Runs that predate on-policy rollouts are set aside, with
+    the commit whose robustness_curve.json still holds them: their levels are not comparable
+    with the runs after, and they must not count as done."""
+    if not CURVE.exists():
+        return {"commands": [], "records": []}
+    data = json.loads(CURVE.read_text())
+    fresh = on_policy(data["records"])
+    if len(fresh) < len(data["records"]):
+        last = subprocess.run(["git", "log", "-1", "--format=%h", "--", str(CURVE)], cwd=HERE, capture_output=True, text=True).stdout.strip()
+        before = data.get("set_aside", {}).get("runs", 0)
+        data = {**data, "records": fresh, "set_aside": {"runs": before + len(data["records"]) - len(fresh), "commit": last}}
+        if not fresh:
+            data.update(commands=[], seconds=0.0)
+    return data
 
 
 def run_curves(args) -> None:
@@ -751,6 +771,8 @@ def aim_statement(summary: dict[str, tuple[float, float, str]], f: int, local: f
 
 
 def render(records: list[dict], args) -> None:
+    fresh = on_policy(records)
+    records = fresh or records
     seeds = max((r["seed"] for r in records), default=-1) + 1
     cfg = study_config(args.steps, ["federated.mode=federated"])
     lines = [
@@ -788,6 +810,10 @@ def render(records: list[dict], args) -> None:
         "lowest cell mean minus the same row's no-attack mean. *kept*: 1 - (no-attack mean - lowest cell mean) / |no-attack mean| "
         "(scores are negative: costs and penalties).",
         "",
+        *([] if fresh or not records else [
+            f"Every grid run below predates commit {ON_POLICY_ROLLOUTS}, from which each local rollout of a round acts with the "
+            "latest update's policy; before it, all of a round's rollouts acted with the round's starting policy. The grid's rows "
+            "compare with one another, trained alike; *Learning curves* below holds the runs trained on-policy.", ""]),
     ]
     local_rows = [r["score"] for r in records if r["aggregator"] == "local-only"]
     local = float(np.mean(local_rows)) if local_rows else None
@@ -819,9 +845,14 @@ def render(records: list[dict], args) -> None:
         lines += ["", aim_statement(summary, f, local), ""]
     curve = load_curve()
     own = trained_as(curve)
+    aside = curve.get("set_aside")
+    if curve["records"] or aside:
+        lines += ["## Learning curves", ""]
+    if aside:
+        lines += [f"{aside['runs']} earlier curve runs predate on-policy rollouts (commit {ON_POLICY_ROLLOUTS}) and are set aside: "
+                  f"`git show {aside['commit']}:benchmarks/robustness_curve.json` holds them. Every curve below trained on-policy.", ""]
     if curve["records"]:
-        lines += ["## Learning curves", "",
-                  f"Command: {', then '.join(f'`{c}`' for c in curve['commands'])}; {curve['machine']}, {curve['seconds'] / 60:.0f} min; "
+        lines += [f"Command: {', then '.join(f'`{c}`' for c in curve['commands'])}; {curve['machine']}, {curve['seconds'] / 60:.0f} min; "
                   f"code at commit {', '.join(sorted({r['commit'] for r in curve['records']}))}. The same study config, one run per "
                   "seed evaluated along the way (so the learning-rate schedule is the whole budget's), "
                   "mean score over the seeds in the *seeds* column. "

@@ -1,8 +1,8 @@
 """The studies' verdicts read what they claim: the frontier aim (benchmarks/pareto.py)
 judges the main job's point, not a point added at another code target, and a band no
 heuristic reaches reads as such; the robustness curves (benchmarks/robustness.py) keep
-runs whose defence assumed another f apart and judge an attack against no attack on the
-same seeds; the federation study (benchmarks/federation.py) keeps each budget and number
+runs whose defence assumed another f apart, judge an attack against no attack on the
+same seeds and set aside runs that predate on-policy rollouts; the federation study (benchmarks/federation.py) keeps each budget and number
 of training seeds apart and reads a lead inside the seeds' spread as not shown."""
 
 import sys
@@ -109,6 +109,20 @@ def test_curves_keep_each_f_with_its_own_no_attack_runs():
     for f, base, worst in ((3, -1.0, -1.05), (1, -2.0, -2.1)):
         cells = robustness.paired_cells(robustness.curve_view(data, f)["records"], "m", "multi_krum", 100)
         assert cells[("none", 0.0)][0] == base and cells[("alie", 0.0)] == (worst, base, 1)
+
+
+def test_curves_set_aside_runs_before_on_policy_rollouts(tmp_path, monkeypatch):
+    # 05a6245 trained with the round's starting policy; the fix commit itself is on-policy.
+    before, after = ({**curve_run("multi_krum", 3, 0, "none", score), "commit": c} for score, c in ((-9.0, "05a6245"), (-1.0, "15f1154")))
+    monkeypatch.setattr(robustness, "CURVE", tmp_path / "curve.json")
+    robustness.CURVE.write_text(robustness.json.dumps({"commands": ["old", "new"], "seconds": 60.0, "records": [before, after]}))
+    data = robustness.load_curve()
+    assert data["records"] == [after] and data["set_aside"]["runs"] == 1 and data["commands"] == ["old", "new"]
+    # Only the stale run recorded: nothing counts as done, and its commands go with it.
+    robustness.CURVE.write_text(robustness.json.dumps({"commands": ["old"], "seconds": 60.0, "records": [before]}))
+    data = robustness.load_curve()
+    assert data["records"] == [] and data["commands"] == [] and data["set_aside"]["runs"] == 1
+    assert robustness.on_policy([before, after, {**after, "commit": "15f1154-dirty"}]) == [after, {**after, "commit": "15f1154-dirty"}]
 
 
 def test_an_attack_is_judged_against_no_attack_on_its_own_seeds():
