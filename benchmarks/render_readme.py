@@ -383,13 +383,20 @@ def robustness() -> list[str]:
         local = cell.get(("local", "local-only", "none"))
         return study.aim_statement(summary, f, float(np.mean(local)) if local else None)
 
+    curve = study.trained_as(study.load_curve())  # the study's own config; runs trained with --set stay in robustness.md
+    versus = study.versus_local(curve)
+    out = ["From the learning curves (robustness.md, *Learning curves*: the study config run to 6M env steps with on-policy "
+           "rollouts, evaluated along the way). " + versus[0], *versus[1:], *study.curve_aims(curve), ""] if versus else []
     rows, cell = grid(3)
     if not rows:
-        return []
+        return out
+    if not study.on_policy(rows):
+        out += [f"The grid below ran before on-policy rollouts (commit {study.ON_POLICY_ROLLOUTS}): its rows compare with one "
+                "another, trained alike, and not with the curves above.", ""]
     fed = [r for r in rows if r["aggregator"] != "local-only"]
     attacks = [a for a in study.ATTACKS if any(r["attack"] == a for r in fed)]
     strength = {a: study.strength_value(study.STRENGTHS[a][0], 3) for a in attacks}  # the first listed of each
-    out = [
+    out += [
         "`python benchmarks/robustness.py` (the command and study config are in "
         "[`benchmarks/robustness.md`](benchmarks/robustness.md)): three of the ten regions attack from round 0, each robust "
         f"aggregator assumes f = 3, in the cluster env at a small budget (4 clusters per region; not converged); code at commit "
@@ -415,11 +422,6 @@ def robustness() -> list[str]:
     for f in sorted({r["f"] for r in every if 0 < r["f"] != 3}):
         rows_f, cell_f = grid(f)
         out += ["", f"{f} of 10 regions Byzantine (fewer rows: robustness.md). " + aim(f, rows_f, cell_f)]
-    curve = study.trained_as(study.load_curve())  # the study's own config; runs trained with --set stay in robustness.md
-    versus = study.versus_local(curve)
-    if versus:
-        out += ["", "From the learning curves (robustness.md, *Learning curves*: the same study config run to 6M env steps, "
-                "evaluated along the way). " + versus[0], *versus[1:], *study.curve_aims(curve)]
     return out
 
 
