@@ -386,7 +386,7 @@ def robustness() -> list[str]:
     curve = study.trained_as(study.load_curve())  # the study's own config; runs trained with --set stay in robustness.md
     versus = study.versus_local(curve)
     out = ["From the learning curves (robustness.md, *Learning curves*: the study config run to 6M env steps with on-policy "
-           "rollouts, evaluated along the way). " + versus[0], *versus[1:], *study.curve_aims(curve), ""] if versus else []
+           "rollouts, evaluated along the way). " + versus[0], *versus[1:], *study.curve_aims(curve)] if versus else []  # each aim ends in ""
     rows, cell = grid(3)
     if not rows:
         return out
