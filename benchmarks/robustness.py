@@ -481,17 +481,20 @@ def attack_label(key: tuple) -> str:
     return f"{attack} {strength:g} (f = {f})"
 
 
-def paired_means(no_attack: dict[int, float], attacked: dict[int, float]) -> tuple[float, float, int] | None:
+def paired_means(no_attack: dict[int, float], attacked: dict[int, float]) -> tuple[float, float, int, float] | None:
     """Seed -> score of a row's no-attack and attacked runs -> (attacked mean, no-attack
-    mean, how many seeds) on the seeds both ran, so an attack run on fewer seeds is not
-    judged against other seeds' luck; None without a common seed."""
+    mean, how many seeds, standard error of the mean seed-by-seed difference; nan below 2
+    seeds) on the seeds both ran, so an attack run on fewer seeds is not judged against
+    other seeds' luck; None without a common seed."""
     seeds = sorted(no_attack.keys() & attacked.keys())
     if not seeds:
         return None
-    return float(np.mean([attacked[k] for k in seeds])), float(np.mean([no_attack[k] for k in seeds])), len(seeds)
+    diff = [attacked[k] - no_attack[k] for k in seeds]
+    stderr = float(np.std(diff, ddof=1) / np.sqrt(len(seeds))) if len(seeds) > 1 else float("nan")
+    return float(np.mean([attacked[k] for k in seeds])), float(np.mean([no_attack[k] for k in seeds])), len(seeds), stderr
 
 
-def paired_cells(recs: list[dict], method: str, aggregator: str, env_steps: int) -> dict[tuple[str, float], tuple[float, float, int]]:
+def paired_cells(recs: list[dict], method: str, aggregator: str, env_steps: int) -> dict[tuple[str, float], tuple[float, float, int, float]]:
     """(attack, strength) -> paired_means of a row's runs at `env_steps` against its no-attack runs."""
     by_cell: dict[tuple[str, float], dict[int, float]] = {}
     for r in recs:
@@ -517,7 +520,7 @@ def curve_table(data: dict) -> list[str]:
             base = (key[0], key[1], key[2], 0, "none", 0.0)
             by_seed = lambda k, n: {r["seed"]: r["score"] for r in recs if curve_key(r) == k and r["env_steps"] == n}  # noqa: E731
             pairs = [paired_means(by_seed(base, n), by_seed(key, n)) for n in steps]
-            lines.append("| | | kept | | " + " | ".join("-" if p is None else f"{100 * kept_share(p[1], p[0]):.0f} %" for p in pairs) + " |")
+            lines.append("| | | kept | | " + " | ".join("-" if p is None else kept_text(p) for p in pairs) + " |")
     return lines
 
 
@@ -632,15 +635,16 @@ def curve_aim(data: dict, f: int = F_AIM) -> list[str]:
     if best is None:
         return []
     ((m, a), (score, (attack, strength))), compared, every, n, cells = best
-    _, base, seeds = cells[(m, a)][(attack, strength)]
-    kept = kept_share(base, score)
+    _, base, seeds, stderr = cells[(m, a)][(attack, strength)]
+    kept, kept_err = kept_share(base, score), stderr / max(abs(base), 1e-9)
     swept = sorted({k for k, _ in cells[(m, a)] if sum(j == k for j, _ in cells[(m, a)]) > 1})
-    poison = [(k[1], kept_share(b, v)) for k, (v, b, _) in cells[(m, a)].items() if is_personal(m) and k[0] == "normaliser_poisoning"]
+    poison = [(k[1], kept_share(b, v)) for k, (v, b, *_) in cells[(m, a)].items() if is_personal(m) and k[0] == "normaliser_poisoning"]
     return [f"{'Aim' if f == F_AIM else 'The same'} at {n / 1e6:.3g}M env steps ({f} of 10 regions Byzantine from round 0; rows run there under every attack "
             f"and strength any row ran: {', '.join(f'{x} {y}' for x, y in compared)}; attacks {', '.join(every)}; "
             f"{'strengths swept for ' + ', '.join(swept) if swept else 'first strength each'}): the best by its worst "
             f"cell is **{m} {a}**, {score:.3f} under {attack} ({strength:g}) against {base:.3f} with no attack on the same {seeds} seeds: keeps "
-            f"{100 * kept:.0f} %, >= 90 % **{'met' if kept >= 0.9 else 'not met'}**"
+            f"{100 * kept:.0f} % +- {100 * kept_err:.0f} (standard error of the seed-by-seed difference), >= 90 % "
+            f"**{keep_verdict(kept, kept_err)}**"
             + lead_sentence(data["records"], m, a, n)
             + (f". Noise at this budget: normaliser poisoning ({', '.join(f'{k:g}' for k, _ in poison)}), which cannot reach this "
                f"row's policies, reads {' / '.join(f'{100 * q:.0f} %' for _, q in poison)} kept" if poison else "")
@@ -650,6 +654,20 @@ def curve_aim(data: dict, f: int = F_AIM) -> list[str]:
 def curve_aims(data: dict) -> list[str]:
     """curve_aim at f = 3 (the issue's aim), then at each other f the curves ran."""
     return [line for f in [F_AIM, *sorted({r["f"] for r in data["records"]} - {0, F_AIM})] for line in curve_aim(data, f)]
+
+
+def kept_text(pair: tuple[float, float, int, float]) -> str:
+    """'71 %', or '71 +- 12 %' with the paired standard error where there are 2 or more seeds."""
+    kept, err = kept_share(pair[1], pair[0]), pair[3] / max(abs(pair[1]), 1e-9)
+    return f"{100 * kept:.0f} %" if np.isnan(err) else f"{100 * kept:.0f} +- {100 * err:.0f} %"
+
+
+def keep_verdict(kept: float, err: float) -> str:
+    """The >= 90 % aim on the mean, and whether a miss lies within two standard errors of it
+    (then more seeds could still turn it)."""
+    if kept >= 0.9:
+        return "met"
+    return "not met" + (", within two standard errors of 90 %" if 0.9 - kept < 2 * err else "")
 
 
 def versus_local_verdict(lead: float, stderr: float) -> str:
@@ -666,7 +684,7 @@ def fedavg_at(cells: dict[tuple[str, float], tuple[float, float, int]]) -> str:
     attacked = {k: v for k, v in cells.items() if k[0] != "none"}
     if not attacked:
         return "FedAvg did not run at this budget; its collapse is shown at the grid's budget above"
-    (attack, strength), (score, base, _) = min(attacked.items(), key=lambda kv: kept_share(kv[1][1], kv[1][0]))
+    (attack, strength), (score, base, *_) = min(attacked.items(), key=lambda kv: kept_share(kv[1][1], kv[1][0]))
     kept = kept_share(base, score)
     return (f"FedAvg at this budget: {score:.3g} under {attack} ({strength:g}) against {base:.3f} with no attack, keeps "
             f"{100 * kept:.0f} %: collapses (keeps < 50 %) **{'yes' if kept < 0.5 else 'no'}**")
@@ -681,7 +699,7 @@ def noise_floor(data: dict) -> list[str]:
     out = []
     for method, agg in dict.fromkeys((r["method"], r["aggregator"]) for r in recs if is_personal(r["method"])):
         steps = sorted({r["env_steps"] for r in recs if (r["method"], r["aggregator"], r["attack"]) == (method, agg, "normaliser_poisoning")})
-        kept = {(n, k): kept_share(base, v) for n in steps for k, (v, base, _) in paired_cells(recs, method, agg, n).items()
+        kept = {(n, k): kept_share(base, v) for n in steps for k, (v, base, *_) in paired_cells(recs, method, agg, n).items()
                 if k[0] == "normaliser_poisoning"}
         if kept:
             n, k = min(kept, key=kept.get)

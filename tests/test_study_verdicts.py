@@ -108,7 +108,7 @@ def test_curves_keep_each_f_with_its_own_no_attack_runs():
     # Each f's kept share is against its own defence's no-attack score: 95 % at f = 3 and at f = 1.
     for f, base, worst in ((3, -1.0, -1.05), (1, -2.0, -2.1)):
         cells = robustness.paired_cells(robustness.curve_view(data, f)["records"], "m", "multi_krum", 100)
-        assert cells[("none", 0.0)][0] == base and cells[("alie", 0.0)] == (worst, base, 1)
+        assert cells[("none", 0.0)][0] == base and cells[("alie", 0.0)][:3] == (worst, base, 1)
 
 
 def test_curves_set_aside_runs_before_on_policy_rollouts(tmp_path, monkeypatch):
@@ -131,10 +131,24 @@ def test_an_attack_is_judged_against_no_attack_on_its_own_seeds():
     runs = [(0, "none", -1.0), (1, "none", -3.0), (0, "alie", -1.5), (0, "ipm", -1.1), (1, "ipm", -3.1)]
     data = {"records": [{**curve_run("multi_krum", 3, 0 if a == "none" else 3, a, score), "seed": seed} for seed, a, score in runs]}
     cells = robustness.paired_cells(data["records"], "m", "multi_krum", 100)
-    assert cells[("alie", 0.0)] == (-1.5, -1.0, 1)
+    assert cells[("alie", 0.0)][:3] == (-1.5, -1.0, 1)
     ((_, (score, worst)), *_rest) = robustness.best_curve_row(data)
     assert worst == ("alie", 0.0) and score == -1.5
     assert abs(robustness.kept_share(-1.0, -1.5) - 0.5) < 1e-9
+
+
+def test_kept_share_carries_the_seed_by_seed_standard_error():
+    # Seed-by-seed differences -0.1, -0.3, -0.2: sd 0.1, standard error 0.1 / sqrt(3); an
+    # unpaired error would add the no-attack runs' own spread (-0.5 .. -1.5) to it.
+    runs = [(0, -1.0, -1.1), (1, -0.5, -0.8), (2, -1.5, -1.7)]
+    data = {"records": [{**curve_run("multi_krum", 3, 0 if a == "none" else 3, a, score), "seed": seed}
+                        for seed, base, hit in runs for a, score in (("none", base), ("alie", hit))]}
+    attacked, base, seeds, stderr = robustness.paired_cells(data["records"], "m", "multi_krum", 100)[("alie", 0.0)]
+    assert seeds == 3 and abs(stderr - 0.1 / 3 ** 0.5) < 1e-6 and abs(base + 1.0) < 1e-9 and abs(attacked + 1.2) < 1e-9
+    assert robustness.kept_text((attacked, base, seeds, stderr)) == "80 +- 6 %"
+    assert robustness.keep_verdict(0.8, 0.04) == "not met"
+    assert robustness.keep_verdict(0.85, 0.03) == "not met, within two standard errors of 90 %"
+    assert robustness.keep_verdict(0.9, 0.2) == "met"
 
 
 def test_curves_trained_otherwise_stay_apart_and_a_lead_splits_into_reward_and_penalty():
