@@ -113,6 +113,10 @@ class EnvConfig:
     # envs.serving.with_burst_shift), so a chat region meets code-like bursts; evaluation
     # scenarios carry none.
     burst_shift_prob: float = 0.0
+    # The mirror for code regions: in this share of their training episodes the arrivals
+    # follow the conversation trace's smooth process, so sustained load is met as such and
+    # not waited out as a burst would be; evaluation scenarios carry none.
+    smooth_shift_prob: float = 0.0
     # Training starting fleets: this share of training episodes starts from a fleet drawn
     # uniformly between the region's replica limits (envs.serving.draw_start_fleet) instead
     # of the one sized for its mean rate, so holding the starting fleet is no safe habit;
@@ -440,6 +444,7 @@ def validate(cfg: ExperimentConfig) -> None:
     require(0 <= e.token_shift_toward <= 1, "env.token_shift_toward",
             f"must be a fraction of the way to the other mix's lengths in [0, 1], got {e.token_shift_toward}")
     require(0 <= e.burst_shift_prob <= 1, "env.burst_shift_prob", f"must be a share of episodes in [0, 1], got {e.burst_shift_prob}")
+    require(0 <= e.smooth_shift_prob <= 1, "env.smooth_shift_prob", f"must be a share of episodes in [0, 1], got {e.smooth_shift_prob}")
     require(0 <= e.random_fleet_prob <= 1, "env.random_fleet_prob", f"must be a share of episodes in [0, 1], got {e.random_fleet_prob}")
     require(0 <= e.demand_phase_prob <= 1, "env.demand_phase_prob", f"must be a share of episodes in [0, 1], got {e.demand_phase_prob}")
     require(0 <= e.surge_shared_prob <= 1, "env.surge_shared_prob", f"must be a share of episodes in [0, 1], got {e.surge_shared_prob}")

@@ -50,8 +50,8 @@ def machine() -> str:
 
 # The training distribution's randomisation (env section): results of runs that differ in
 # these are not the same config's spread. Each with its value when off.
-TRAINING_ENV_OFF = {"surge_prob": 0.0, "token_shift_prob": 0.0, "random_fleet_prob": 0.0, "demand_phase_prob": 0.0,
-                    "demand_scale_max": 1.0}
+TRAINING_ENV_OFF = {"surge_prob": 0.0, "token_shift_prob": 0.0, "burst_shift_prob": 0.0, "smooth_shift_prob": 0.0,
+                    "random_fleet_prob": 0.0, "demand_phase_prob": 0.0, "demand_scale_max": 1.0}
 TRAINING_ENV_KEYS = tuple(TRAINING_ENV_OFF)
 
 

@@ -692,6 +692,34 @@ def test_burst_shifts_give_a_chat_node_the_code_traces_bursts(env, params):
     assert bursty.mean() == pytest.approx(plain.mean(), rel=0.15)
 
 
+def test_smooth_shifts_give_a_code_node_the_conversation_traces_arrivals(env, params):
+    """A code node's shift is drawn with smooth_shift_prob (burst_shift_prob is a chat
+    node's) and carries the conversation trace's smooth process: its 30 s counts swing with
+    CV about 0.22 instead of 1.27 around the same expected rate."""
+    code = params.replace(traffic=params.traffic.replace(**{k: jnp.float32(v) for k, v in serving.BURSTY.items()}))
+    keys = jax.random.split(jax.random.key(5), 4000)
+    draw = lambda p: np.asarray(jax.vmap(lambda k: env.reset_state(k, p))(keys).burst_shift).mean()  # noqa: E731
+    assert draw(code.replace(burst_shift_prob=0.9)) == 0.0
+    assert draw(code.replace(smooth_shift_prob=0.3)) == pytest.approx(0.3, abs=0.03)
+    assert draw(params.replace(smooth_shift_prob=0.9)) == 0.0
+
+    base = code.replace(random_start=0.0, start_time_s=10 * 3600.0, max_steps_in_episode=100_000,
+                        traffic=code.traffic.replace(mean_rate_rps=200.0, diurnal_peak_to_trough=1.0, weekend_factor=1.0))
+    _, state = env.reset(jax.random.key(0), base)
+
+    def counts(s):
+        def tick_fn(s, k):
+            _, s, _, _, _, info = env.step(k, s, 0, base)
+            return s, info["metrics"]["arrivals"]
+        return np.asarray(jax.lax.scan(tick_fn, s, jax.random.split(jax.random.key(1), 3000))[1], np.float64)
+
+    own, smooth = counts(state), counts(state.replace(burst_shift=jnp.ones(())))
+    cv = lambda x: x.std() / x.mean()  # noqa: E731
+    assert cv(own) == pytest.approx(1.27, rel=0.25)
+    assert cv(smooth) == pytest.approx(0.22, abs=0.05)
+    assert smooth.mean() == pytest.approx(own.mean(), rel=0.15)
+
+
 # --------------------------------------------------------------------------------------
 # Training starting fleets
 # --------------------------------------------------------------------------------------

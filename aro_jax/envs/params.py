@@ -174,10 +174,12 @@ class EnvParams(environment.EnvParams):
     token_shift_onset_prob: float = 0.0
     other_mix_input_log_offset: float = 0.0
     other_mix_output_log_offset: float = 0.0
-    # Training burstiness (domain randomisation): in this share of episodes the arrivals
-    # follow the code trace's burst process (serving.with_burst_shift), whatever the
-    # region's own mix; the scenarios evaluated carry none.
+    # Training burstiness (domain randomisation): in this share of a chat region's episodes
+    # the arrivals follow the code trace's burst process, and in smooth_shift_prob of a code
+    # region's the conversation trace's (serving.with_burst_shift); the scenarios evaluated
+    # carry none.
     burst_shift_prob: float = 0.0
+    smooth_shift_prob: float = 0.0
     # Training starting fleets (domain randomisation): in this share of episodes the fleet
     # starts at a whole number of replicas drawn uniformly in [min_replicas, max_replicas],
     # with the CPU and memory that size it (serving.draw_start_fleet), instead of

@@ -224,6 +224,7 @@ def cluster_params(cfg, scenario: str = "train") -> EnvParams:
                           token_shift_toward=float(getattr(cfg.env, "token_shift_toward", 0.0)),
                           token_shift_onset_prob=float(getattr(cfg.env, "token_shift_onset_prob", 0.0)),
                           burst_shift_prob=float(getattr(cfg.env, "burst_shift_prob", 0.0)),
+                          smooth_shift_prob=float(getattr(cfg.env, "smooth_shift_prob", 0.0)),
                           random_fleet_prob=float(getattr(cfg.env, "random_fleet_prob", 0.0)),
                           demand_phase_prob=float(getattr(cfg.env, "demand_phase_prob", 0.0)),
                           demand_scale_max=float(getattr(cfg.env, "demand_scale_max", 1.0)))
@@ -253,7 +254,7 @@ def evaluated_day(params: EnvParams) -> EnvParams:
     training distribution's random start, surges (own or cluster-wide), token-length and
     burst shifts, starting fleets, demand phases or demand levels."""
     return params.replace(random_start=0.0, start_time_s=0.0, surge_prob=0.0, surge_shared_prob=0.0, token_shift_prob=0.0,
-                          burst_shift_prob=0.0, random_fleet_prob=0.0, demand_phase_prob=0.0, demand_scale_max=1.0)
+                          burst_shift_prob=0.0, smooth_shift_prob=0.0, random_fleet_prob=0.0, demand_phase_prob=0.0, demand_scale_max=1.0)
 
 
 def apply_scenario(params: EnvParams, scenario: str, data_dir: str | Path | None = None) -> EnvParams:

@@ -49,7 +49,7 @@ class EnvState(environment.EnvState):
     surge: jax.Array  # (start s, end s, demand multiplier) of the episode's surge; multiplier 1: none
     token_shift: jax.Array  # (input, output) log-mean offsets of the episode's token lengths; 0: none
     token_shift_onset_s: jax.Array  # seconds into the episode at which the shift sets in; 0: from the start
-    burst_shift: jax.Array  # 1: the episode's arrivals follow the code trace's burst process; 0: the region's own
+    burst_shift: jax.Array  # 1: the episode's arrivals follow the other workload's burst process (with_burst_shift); 0: the region's own
     demand_phase_s: jax.Array  # how far the episode's demand runs ahead of its daily shape; 0: none
     demand_scale: jax.Array  # the episode's demand over the region's planned demand; 1: as planned
     queue_requests: jax.Array
@@ -121,7 +121,8 @@ class ServingNodeEnv(StateObservedEnv):
         # capacity, no latency yet.
         token_shift = draw_token_shift(jax.random.fold_in(key, 2), params)
         token_shift_onset_s = draw_token_shift_onset(jax.random.fold_in(key, 7), params)
-        burst_shift = (jax.random.uniform(jax.random.fold_in(key, 6)) < params.burst_shift_prob).astype(jnp.float32)
+        shift_prob = jnp.where(is_bursty(params.traffic), params.smooth_shift_prob, params.burst_shift_prob)
+        burst_shift = (jax.random.uniform(jax.random.fold_in(key, 6)) < shift_prob).astype(jnp.float32)
         capacity = replicas * fluid.replica_capacity_rps(with_token_shift(params, token_shift_at(0.0, token_shift, token_shift_onset_s)))
         last = {
             "arrivals": rate * tick,
@@ -299,17 +300,26 @@ def with_token_shift(params: EnvParams, token_shift) -> EnvParams:
     ))
 
 
-# Training burstiness (EnvParams.burst_shift_prob): the code mix's log-AR(1) burst process,
-# fitted to the Azure 2023 code trace's 30 s counts (scenarios.TRAFFIC_MIXES: CV 1.274,
-# lag-1 0.282, against the conversation trace's 0.217 and 0.896), the burstier of the two.
+# Training burstiness (EnvParams.burst_shift_prob, smooth_shift_prob): the two mixes'
+# log-AR(1) burst processes, fitted to the Azure 2023 traces' 30 s counts
+# (scenarios.TRAFFIC_MIXES: code CV 1.274, lag-1 0.282; conversation 0.217, 0.896).
 BURSTY = {k: scenarios.TRAFFIC_MIXES["code"][k] for k in ("burst_cv", "burst_ac1")}
+SMOOTH = {k: scenarios.TRAFFIC_MIXES["conversation"][k] for k in ("burst_cv", "burst_ac1")}
+
+
+def is_bursty(traffic) -> jax.Array:
+    """Whether a region's own arrivals are at least as bursty as the code trace's."""
+    return traffic.burst_cv >= BURSTY["burst_cv"]
 
 
 def with_burst_shift(traffic, burst_shift):
-    """`traffic` with the code trace's burst process where the episode has a burst shift."""
+    """`traffic` with the other workload's burst process where the episode has a burst
+    shift: a chat region meets the code trace's bursts, a code region the conversation
+    trace's smooth arrivals (whose sustained load is no burst to wait out)."""
     on = burst_shift > 0.5
-    return traffic.replace(burst_cv=jnp.where(on, BURSTY["burst_cv"], traffic.burst_cv),
-                           burst_ac1=jnp.where(on, BURSTY["burst_ac1"], traffic.burst_ac1))
+    other = {k: jnp.where(is_bursty(traffic), SMOOTH[k], BURSTY[k]) for k in BURSTY}
+    return traffic.replace(burst_cv=jnp.where(on, other["burst_cv"], traffic.burst_cv),
+                           burst_ac1=jnp.where(on, other["burst_ac1"], traffic.burst_ac1))
 
 
 def begin_tick(key, state: EnvState, action, params: EnvParams) -> dict:
