@@ -665,6 +665,25 @@ def test_a_token_shift_with_an_onset_sets_in_midway(env, params):
     assert onsets.max() <= episode_s and np.median(onsets[onsets > 0]) == pytest.approx(episode_s / 2, rel=0.1)
 
 
+def steady_counts(env, params, burst_shift):
+    """3,000 ticks' arrival counts of a node at a steady 200 req/s (no daily shape), its
+    episode's burst shift set to `burst_shift` (None: as reset drew it)."""
+    base = params.replace(random_start=0.0, start_time_s=10 * 3600.0, max_steps_in_episode=100_000,
+                          traffic=params.traffic.replace(mean_rate_rps=200.0, diurnal_peak_to_trough=1.0, weekend_factor=1.0))
+    _, state = env.reset(jax.random.key(0), base)
+    if burst_shift is not None:
+        state = state.replace(burst_shift=jnp.asarray(burst_shift, jnp.float32))
+
+    def tick_fn(s, k):
+        _, s, _, _, _, info = env.step(k, s, 0, base)
+        return s, info["metrics"]["arrivals"]
+    return np.asarray(jax.lax.scan(tick_fn, state, jax.random.split(jax.random.key(1), 3000))[1], np.float64)
+
+
+def cv(x: np.ndarray) -> float:
+    return float(x.std() / x.mean())
+
+
 def test_burst_shifts_give_a_chat_node_the_code_traces_bursts(env, params):
     """One episode in burst_shift_prob carries the code trace's burst process: a
     conversation node's 30 s counts then swing with CV about 1.27 instead of 0.22 around
@@ -674,19 +693,8 @@ def test_burst_shifts_give_a_chat_node_the_code_traces_bursts(env, params):
     assert np.asarray(drawn.burst_shift).mean() == pytest.approx(0.3, abs=0.03)
     assert set(np.unique(np.asarray(drawn.burst_shift))) == {0.0, 1.0}
 
-    base = params.replace(random_start=0.0, start_time_s=10 * 3600.0, max_steps_in_episode=100_000,
-                          traffic=params.traffic.replace(mean_rate_rps=200.0, diurnal_peak_to_trough=1.0, weekend_factor=1.0))
-    _, state = env.reset(jax.random.key(0), base)
-
-    def counts(s):
-        def tick_fn(s, k):
-            _, s, _, _, _, info = env.step(k, s, 0, base)
-            return s, info["metrics"]["arrivals"]
-        return np.asarray(jax.lax.scan(tick_fn, s, jax.random.split(jax.random.key(1), 3000))[1], np.float64)
-
-    plain, bursty = counts(state), counts(state.replace(burst_shift=jnp.ones(())))
-    np.testing.assert_array_equal(counts(state.replace(burst_shift=jnp.zeros(()))), plain)
-    cv = lambda x: x.std() / x.mean()  # noqa: E731
+    plain, bursty = steady_counts(env, params, 0.0), steady_counts(env, params, 1.0)
+    np.testing.assert_array_equal(steady_counts(env, params, None), plain)
     assert cv(plain) == pytest.approx(0.22, abs=0.05)
     assert cv(bursty) == pytest.approx(1.27, rel=0.25)
     assert bursty.mean() == pytest.approx(plain.mean(), rel=0.15)
@@ -703,18 +711,7 @@ def test_smooth_shifts_give_a_code_node_the_conversation_traces_arrivals(env, pa
     assert draw(code.replace(smooth_shift_prob=0.3)) == pytest.approx(0.3, abs=0.03)
     assert draw(params.replace(smooth_shift_prob=0.9)) == 0.0
 
-    base = code.replace(random_start=0.0, start_time_s=10 * 3600.0, max_steps_in_episode=100_000,
-                        traffic=code.traffic.replace(mean_rate_rps=200.0, diurnal_peak_to_trough=1.0, weekend_factor=1.0))
-    _, state = env.reset(jax.random.key(0), base)
-
-    def counts(s):
-        def tick_fn(s, k):
-            _, s, _, _, _, info = env.step(k, s, 0, base)
-            return s, info["metrics"]["arrivals"]
-        return np.asarray(jax.lax.scan(tick_fn, s, jax.random.split(jax.random.key(1), 3000))[1], np.float64)
-
-    own, smooth = counts(state), counts(state.replace(burst_shift=jnp.ones(())))
-    cv = lambda x: x.std() / x.mean()  # noqa: E731
+    own, smooth = steady_counts(env, code, 0.0), steady_counts(env, code, 1.0)
     assert cv(own) == pytest.approx(1.27, rel=0.25)
     assert cv(smooth) == pytest.approx(0.22, abs=0.05)
     assert smooth.mean() == pytest.approx(own.mean(), rel=0.15)
