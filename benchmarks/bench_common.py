@@ -52,11 +52,10 @@ def machine() -> str:
 # these are not the same config's spread. Each with its value when off.
 TRAINING_ENV_OFF = {"surge_prob": 0.0, "token_shift_prob": 0.0, "burst_shift_prob": 0.0, "smooth_shift_prob": 0.0,
                     "random_fleet_prob": 0.0, "demand_phase_prob": 0.0, "demand_scale_max": 1.0}
-TRAINING_ENV_KEYS = tuple(TRAINING_ENV_OFF)
 
 
 def training_env(env) -> dict:
-    """TRAINING_ENV_KEYS of a config's env section (a dataclass or a resolved YAML dict)."""
+    """The TRAINING_ENV_OFF keys of a config's env section (a dataclass or a resolved YAML dict)."""
     get = env.get if isinstance(env, dict) else lambda k, d: getattr(env, k, d)
     return {k: float(get(k, off)) for k, off in TRAINING_ENV_OFF.items()}
 

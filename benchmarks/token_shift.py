@@ -22,7 +22,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_common import TRAINING_ENV_KEYS, run_report  # noqa: E402
+from bench_common import run_report  # noqa: E402
 
 from aro_jax.config import load_config  # noqa: E402
 from aro_jax.envs.heuristics import HEURISTICS  # noqa: E402
@@ -40,6 +40,12 @@ WHAT = {
     "random_fleet_prob": ("Training starting fleets", "the fleet starts at a whole number of replicas drawn uniformly between the "
                           "region's replica limits (with the CPU and memory that size it) instead of the one sized for its mean rate"),
     "surge_prob": ("Training surges", "one flash crowd of 1.5x to env.surge_max_multiplier x demand lasts 10-60 minutes"),
+    "burst_shift_prob": ("Training burstiness (chat regions)", "a chat region's arrivals follow the code trace's burst process "
+                         "(30 s count CV 1.27 against its own 0.22)"),
+    "smooth_shift_prob": ("Training smoothness (code regions)", "a code region's arrivals follow the conversation trace's smooth "
+                          "process (30 s count CV 0.22 against its own 1.27)"),
+    "demand_phase_prob": ("Training demand phases", "the demand runs a uniform 0-24 h ahead of the daily shape while the observed "
+                          "clock and the forecaster keep local time"),
 }
 
 
@@ -131,7 +137,7 @@ def render(d: dict) -> str:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--key", choices=TRAINING_ENV_KEYS, default="token_shift_prob", help="the env's training share to vary")
+    ap.add_argument("--key", choices=list(WHAT), default="token_shift_prob", help="the env's training share to vary")
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--probs", type=float, nargs="+", default=[0.0, 0.5])
     ap.add_argument("--steps", type=int, help="env steps per run (default: the main job's)")
