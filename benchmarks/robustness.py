@@ -678,7 +678,7 @@ def versus_local_verdict(lead: float, stderr: float) -> str:
     return "met" if lead > 0 else "not met"
 
 
-def fedavg_at(cells: dict[tuple[str, float], tuple[float, float, int]]) -> str:
+def fedavg_at(cells: dict[tuple[str, float], tuple[float, float, int, float]]) -> str:
     """FedAvg's (one shared policy, plain mean) worst attack cell (paired_cells) against its
     no-attack score on the same seeds at one budget, and whether it collapses (keeps < 50 %)."""
     attacked = {k: v for k, v in cells.items() if k[0] != "none"}
