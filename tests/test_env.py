@@ -399,6 +399,51 @@ def test_action_mask_at_the_limits(env, params):
     assert paper.action_mask(at_max, params).shape == (5,)
 
 
+def test_the_weights_cache_fills_over_a_load_time_and_a_resize_evicts_it(env, params):
+    """A scale-out loads from host memory only once the weights' copy there has filled
+    from remote storage; memory raised the tick before buys nothing, and a decrease that
+    squeezes the copy out costs a refill (it used to be whole the moment memory had room)."""
+    per_replica = fluid.host_memory_per_replica_gb(params)
+    fill_ticks = int(np.ceil(params.weights_gb / fluid.weights_cache_fill_gb_per_s(params) / params.tick_s))
+    cached_ticks = int(np.ceil(fluid.cached_cold_start_s(params) / params.tick_s))
+    assert fill_ticks >= 4 and cached_ticks == 1
+    _, state = env.reset(jax.random.key(0), params)
+    no_room = float(sizing.memory_for(params, 3.0))  # three pods, no room for the weights beside them
+    state = state.replace(
+        replicas_ready=jnp.float32(2.0), replicas_pending=jnp.zeros_like(state.replicas_pending),
+        host_memory_gb=jnp.float32(no_room), weights_cache_gb=jnp.float32(0.0),
+    )
+    assert no_room - 3 * per_replica < params.weights_gb
+
+    def run(state, actions):
+        for i, a in enumerate(actions):
+            state, *_ = env.transition(jax.random.key(i), state, a, params)
+        return state
+
+    def start_ticks(state):
+        """Ticks until a replica ordered now serves."""
+        after = run(state, [INC_GPU])
+        if after.replicas_pending.sum():  # the pipeline shifted once at the tick's end
+            return int(np.flatnonzero(np.asarray(after.replicas_pending))[0]) + 2
+        assert after.replicas_ready == state.replicas_ready + 1
+        return 1
+
+    assert start_ticks(state) > cached_ticks + 2  # from remote storage
+    raised = run(state, [serving.INC_MEM] * 3)
+    assert serving.weights_room_gb(params, raised.host_memory_gb, 3.0) == params.weights_gb
+    assert float(raised.weights_cache_gb) < params.weights_gb
+    assert start_ticks(raised) > cached_ticks + 2  # room alone is not a cache
+    warm = run(raised, [MAINTAIN] * fill_ticks)
+    assert float(warm.weights_cache_gb) == params.weights_gb
+    # The copy is resident memory an operator sees.
+    expected_util = (2 * per_replica + params.weights_gb) / float(warm.host_memory_gb)
+    np.testing.assert_allclose(float(warm.last["memory_util"]), expected_util, rtol=1e-5)
+    assert start_ticks(warm) == cached_ticks
+    squeezed = run(warm, [serving.DEC_MEM] * 3 + [serving.INC_MEM] * 3)
+    assert float(squeezed.weights_cache_gb) < params.weights_gb
+    assert start_ticks(squeezed) > cached_ticks + 2
+
+
 def test_masked_actions_change_no_allocation(env, invariant_rollout, params, small_node_params):
     """Along random trajectories, an action the mask forbids acts exactly like MaintainCurrent,
     and one it allows changes the allocation (no no-op passes as a move: IncreaseCPU at the

@@ -346,11 +346,12 @@ def serve_tick(
     gpus_offline_fraction: jax.Array = 0.0,
     incoming_requests: jax.Array | None = None,
     incoming_rtt_s: jax.Array = 0.0,
+    weights_cache_gb: jax.Array = 0.0,
 ) -> tuple[dict[str, jax.Array], jax.Array]:
     """The node's own half of a tick: serves its `local` (kept) arrivals and, given
     `incoming_requests`, requests forwarded in from peers (they join the same FCFS queue
     and are served at this node's load; their SLO check adds `incoming_rtt_s`, the mean
-    round trip they travelled). Returns (core metrics, queue'): local latency, the
+    round trip they travelled). `weights_cache_gb` of host memory hold the weights' copy. Returns (core metrics, queue'): local latency, the
     allocation's bill, and what a request served here for a peer meets (`peer_*`)."""
     tick = params.tick_s
     tokens = token_moments(params.traffic)
@@ -430,9 +431,7 @@ def serve_tick(
     e2e_p95_s = ttft_p95_s + (tokens["output_p95"] - 1.0) * tpot_s
 
     cpu_needed = idle_cores * replicas_serving + busy_cores * served / tick / jnp.maximum(per_replica_rps, 1e-9)
-    mem_used = jnp.minimum(replicas_billed * host_mem_per_replica, host_memory_gb)
-    weights_cached = host_memory_gb >= replicas_billed * host_mem_per_replica + params.weights_gb
-    mem_used = mem_used + jnp.where(weights_cached, params.weights_gb, 0.0)
+    mem_used = jnp.minimum(replicas_billed * host_mem_per_replica, host_memory_gb) + weights_cache_gb
 
     hours = tick / 3600.0
     bill_usd = (
@@ -544,4 +543,11 @@ def cached_cold_start_s(params: EnvParams):
     """Weights in host memory load over PCIe Gen4 x16 (~25 GB/s per GPU) plus ~20 s of
     engine start-up and CUDA-graph capture (vLLM)."""
     return 20.0 + params.weights_gb / (25.0 * params.tensor_parallel)
+
+
+def weights_cache_fill_gb_per_s(params: EnvParams):
+    """The weights' copy in host memory fills from the remote storage a cold start
+    loads from, at its pace: the weights over the cold start's mean (BLIS) less what a
+    start from host memory still takes."""
+    return params.weights_gb / jnp.maximum(params.cold_start_mean_s - cached_cold_start_s(params), 1.0)
 

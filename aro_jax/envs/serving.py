@@ -41,6 +41,7 @@ class EnvState(environment.EnvState):
     replicas_draining: jax.Array
     cpu_cores: jax.Array
     host_memory_gb: jax.Array
+    weights_cache_gb: jax.Array  # the model weights' copy in host memory (begin_tick)
     forward_fraction: jax.Array
     small_model_fraction: jax.Array  # the tier's target share of requests
     small_active_fraction: jax.Array  # the share the GPUs are split for now
@@ -142,6 +143,8 @@ class ServingNodeEnv(StateObservedEnv):
             replicas_draining=zeros,
             cpu_cores=cpu_cores,
             host_memory_gb=host_memory_gb,
+            # A running fleet has had time to cache the weights wherever memory has room.
+            weights_cache_gb=weights_room_gb(params, host_memory_gb, replicas),
             forward_fraction=zeros,
             small_model_fraction=zeros,
             small_active_fraction=zeros,
@@ -322,6 +325,11 @@ def with_burst_shift(traffic, burst_shift):
                            burst_ac1=jnp.where(on, other["burst_ac1"], traffic.burst_ac1))
 
 
+def weights_room_gb(params: EnvParams, host_memory_gb, replicas):
+    """Host memory (GB) left for the weights' copy beside `replicas` pods, at most the weights."""
+    return jnp.clip(host_memory_gb - replicas * fluid.host_memory_per_replica_gb(params), 0.0, params.weights_gb)
+
+
 def begin_tick(key, state: EnvState, action, params: EnvParams) -> dict:
     """First half of a tick: apply the decision and draw the tick's arrivals. Returns the
     plan `serve_planned` and `end_tick` read (the cluster env routes forwarded requests
@@ -336,8 +344,9 @@ def begin_tick(key, state: EnvState, action, params: EnvParams) -> dict:
     replicas_total = state.replicas_ready + state.replicas_pending.sum()
     scale_up = (a == INC_GPU) & (replicas_total < params.max_replicas)
     scale_down = (a == DEC_GPU) & (state.replicas_ready > params.min_replicas)
-    host_mem_per_replica = fluid.host_memory_per_replica_gb(params)
-    cached = state.host_memory_gb >= (replicas_total + 1) * host_mem_per_replica + params.weights_gb
+    # A new replica loads from host memory when the weights' copy there is whole and
+    # fits beside the pods, its own included; otherwise from remote storage.
+    cached = jnp.minimum(state.weights_cache_gb, weights_room_gb(params, state.host_memory_gb, replicas_total + 1)) >= params.weights_gb
     cold_s = params.cold_start_mean_s + params.cold_start_sd_s * z_cold
     cold_s = jnp.where(cached, fluid.cached_cold_start_s(params), cold_s)
     delay_ticks = jnp.clip(jnp.ceil(cold_s / tick), 1, PENDING_SLOTS).astype(jnp.int32)
@@ -359,6 +368,12 @@ def begin_tick(key, state: EnvState, action, params: EnvParams) -> dict:
     pod_gpus = (ready + pending.sum()) * params.tensor_parallel
     cpu = jnp.clip(cpu, params.cpu_step_cores, jnp.maximum(pod_gpus * params.vcpus_per_gpu, params.cpu_step_cores))
     mem = jnp.clip(mem, params.memory_step_gb, jnp.maximum(pod_gpus * params.host_memory_gb_per_gpu, params.memory_step_gb))
+    billed = ready + pending.sum() + draining
+    # The weights' copy is page cache: a resize that leaves it no room beside the pods
+    # evicts what does not fit, and it refills from remote storage over a cold start's
+    # load time, so memory raised just before a scale-out does not make it fast.
+    room = weights_room_gb(params, mem, billed)
+    cache = jnp.minimum(jnp.minimum(state.weights_cache_gb, room) + fluid.weights_cache_fill_gb_per_s(params) * tick, room)
 
     # Quality tier on dedicated small-model GPUs: a new target share restarts the GPUs
     # that change model; until they serve, the old split holds and they serve nothing.
@@ -376,9 +391,8 @@ def begin_tick(key, state: EnvState, action, params: EnvParams) -> dict:
     params_tick = params.replace(traffic=at_tick(state.clock_s, params.traffic))
     in_outage = (state.clock_s >= params.outage_start_s) & (state.clock_s < params.outage_start_s + params.outage_duration_s)
     serving = ready * jnp.where(in_outage & (params.outage_start_s >= 0), 1.0 - params.outage_capacity_loss, 1.0)
-    billed = ready + pending.sum() + draining
     return dict(
-        ready=ready, pending=pending, draining=draining, cpu=cpu, mem=mem, fwd=fwd, small=small, left=left, offline=offline,
+        ready=ready, pending=pending, draining=draining, cpu=cpu, mem=mem, cache=cache, fwd=fwd, small=small, left=left, offline=offline,
         arrivals=arrivals, admitted=arrivals - rejected, rejected=rejected, burst_z=burst_z, params_tick=params_tick,
         serving=serving, billed=billed,
     )
@@ -388,7 +402,7 @@ def serve_planned(plan: dict, state: EnvState, params: EnvParams, forwarded, inc
     """The node serves its kept arrivals (and `incoming` requests from peers): fluid.serve_tick."""
     return fluid.serve_tick(
         plan["params_tick"], plan["admitted"] - forwarded, state.queue_requests, plan["serving"], plan["cpu"], plan["mem"],
-        plan["billed"], state.small_active_fraction, plan["offline"], incoming, incoming_rtt_s,
+        plan["billed"], state.small_active_fraction, plan["offline"], incoming, incoming_rtt_s, plan["cache"],
     )
 
 
@@ -426,6 +440,7 @@ def end_tick(state: EnvState, plan: dict, core: dict, queue, forwarded, peer: di
         replicas_draining=plan["draining"],
         cpu_cores=plan["cpu"],
         host_memory_gb=plan["mem"],
+        weights_cache_gb=plan["cache"],
         forward_fraction=plan["fwd"],
         small_model_fraction=plan["small"],
         small_active_fraction=small_active,
