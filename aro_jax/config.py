@@ -77,8 +77,8 @@ class EnvConfig:
     # Holds traces/ for trace-replay scenarios; relative paths resolve against the config
     # file that sets them (an override: the current directory); default: default_data_dir().
     data_dir: str = field(default_factory=default_data_dir)
-    # "gpu-cloud" (GPU-only prices, CPU/memory as components) or "hyperscaler" (AWS
-    # on-demand instance prices, which cover CPU/memory): aro_jax.envs.hardware.PRICE_SETS
+    # "gpu-cloud" (CoreWeave's GPU-hour prices) or "hyperscaler" (AWS on-demand instance
+    # prices); both cover the pods' CPU and memory: aro_jax.envs.hardware.PRICE_SETS
     prices: str = "gpu-cloud"
     quality_tier: bool = True  # false: no small-model tier for any policy (DegradeQuality is masked)
     # "cluster": the regions share one ServingCluster env (forwarded requests are served by

@@ -227,9 +227,8 @@ def render(d: dict) -> str:
                          f"{r['burst_cv']:.4f} | {r['burst_ac1']:.3f} | {r['model_ac1']:.3f} | {r['sim_cv_30s']:.3f} | {r['sim_cv_5min']:.3f} | {r['sim_ac1']:.3f} |")
     lines += [
         "", "## Price sets and pod shapes", "",
-        "`env.prices: gpu-cloud` (default; Vidur's CoreWeave GPU prices, CPU and memory billed as components) or",
-        "`hyperscaler` (AWS on-demand instance price per GPU, which covers the pod's CPU and memory). A pod's CPU and",
-        "memory requests are bounded by its instance's share per GPU in both.", "",
+        "`env.prices: gpu-cloud` (default; Vidur's CoreWeave GPU-hour prices) or `hyperscaler` (AWS on-demand",
+        "instance price per GPU). Both cover the pod's CPU and memory, which are bounded by its instance's share per GPU.", "",
         "| GPU | instance | vCPUs / GPU | memory GB / GPU | gpu-cloud $/GPU-h | hyperscaler $/GPU-h |", "|---|---|---|---|---|---|",
     ]
     for r in d["prices"]:

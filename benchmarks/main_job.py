@@ -35,10 +35,13 @@ WEEK_SEEDS = 2
 def week_by_region(run_dir: Path) -> dict:
     """The trained policy over the whole training week from Monday 00:00 UTC (the window its
     constraints are averaged over), WEEK_SEEDS seeds: each region's SLO attainment per
-    day and over the week (drops and rejects as misses) and its dropped share."""
+    day and over the week (drops and rejects as misses), its dropped share, and the share
+    of its consecutive tick pairs that reverse a CPU or memory move (a resize undone on the
+    next tick: churn that buys nothing unless the model gives it away)."""
     import jax
     import numpy as np
 
+    from aro_jax import contract as ct
     from aro_jax.envs.scenarios import cluster_params
     from aro_jax.training import checkpointing, evaluation
 
@@ -50,10 +53,15 @@ def week_by_region(run_dir: Path) -> dict:
     by_day = lambda x: x.reshape(x.shape[0], WEEK_SEEDS, 7, day).sum(axis=(1, 3))  # (regions, days)  # noqa: E731
     arrivals, missed = by_day(m["arrivals"]), by_day((1.0 - m["slo_attainment"]) * attempted)
     dropped = m["dropped"].sum(axis=(1, 2))
+    a = m["action"]  # (regions, seeds, ticks)
+    undone = sum((a[..., :-1] == x) & (a[..., 1:] == y) for x, y in
+                 ((ct.INC_CPU, ct.DEC_CPU), (ct.DEC_CPU, ct.INC_CPU), (ct.INC_MEM, ct.DEC_MEM), (ct.DEC_MEM, ct.INC_MEM)))
+    reversed_pct = 100 * undone.mean(axis=(1, 2))
     return {
         node.name: {"attainment_pct_by_day": (100 * (1 - missed[i] / arrivals[i])).tolist(),
                     "attainment_pct": float(100 * (1 - missed[i].sum() / arrivals[i].sum())),
-                    "dropped_pct": float(100 * dropped[i] / arrivals[i].sum())}
+                    "dropped_pct": float(100 * dropped[i] / arrivals[i].sum()),
+                    "resizes_reversed_pct": float(reversed_pct[i])}
         for i, node in enumerate(cfg.cluster.nodes)
     }
 

@@ -147,7 +147,10 @@ def test_price_sets():
     hyper = node_params(NodeSpec(profile="llama2-70b-h100-tp4"), prices="hyperscaler")
     assert float(gpu_cloud.replica_price_usd_per_h) == pytest.approx(4 * 4.25)
     assert float(hyper.replica_price_usd_per_h) == pytest.approx(4 * 98.32 / 8)  # p5.48xlarge share
-    assert float(hyper.cpu_usd_per_core_h) == 0.0 and float(gpu_cloud.cpu_usd_per_core_h) > 0.0
+    # Either price covers the pods' CPU and memory: trimming them on a GPU node saves nothing.
+    for p in (gpu_cloud, hyper):
+        bill = lambda cores, memory_gb: float(fluid.fluid_tick(p, 10.0, 0.0, 2.0, cores, memory_gb, 2.0, 0.0, 0.0)[0]["cost_usd"])  # noqa: E731
+        assert bill(16.0, 128.0) == bill(96.0, 1024.0) > 0.0
     with pytest.raises(ValueError, match="gpu-cloud"):
         node_params(NodeSpec(), prices="spot")
 

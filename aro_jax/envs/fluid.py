@@ -14,10 +14,6 @@ from aro_jax.contract import IDLE_CORES_PER_REPLICA
 from aro_jax.envs.params import EnvParams, ServiceCurve
 from aro_jax.envs.traffic import TrafficParams, daily_weekly_shape, token_stats, truncated_lognormal_moment
 
-# Cost of the CPU side under the gpu-cloud price set (GPUs priced alone, CPU and memory as
-# components): GCP N2 predefined on-demand list price (us-central1, 2024).
-CPU_USD_PER_CORE_H = 0.031611
-MEMORY_USD_PER_GB_H = 0.004237
 # Inter-region egress within a continent, GCP/AWS list price ($/GB, 2024).
 EGRESS_USD_PER_GB = 0.02
 BYTES_PER_TOKEN = 4.0  # ~4 characters of UTF-8 English per BPE token (OpenAI tokenizer guide)

@@ -219,9 +219,10 @@ INSTANCES = {
 # AWS", 2026), so for AWS today the "hyperscaler" set is an upper bound.
 HYPERSCALER_H100_USD_PER_H = {"aws p5.48xlarge": 98.32, "azure ND96isr_H100_v5": 98.32, "gcp a3-highgpu-8g": 88.25}
 
-# Price sets: "gpu-cloud" prices GPUs alone (Vidur's CoreWeave Feb 2024 figures, above)
-# and CPU/memory as components; "hyperscaler" prices the instance share per GPU, which
-# covers the pod's CPU and memory. Default: gpu-cloud.
+# Price sets: "gpu-cloud" prices the GPU-hour (Vidur's CoreWeave Feb 2024 figures, above),
+# "hyperscaler" the instance share per GPU. Either covers the pod's CPU and memory
+# (CoreWeave bills a GPU pod at the GPU price, which includes the host's vCPUs and RAM;
+# docs.coreweave.com, "Billing and charges"). Default: gpu-cloud.
 PRICE_SETS = ("gpu-cloud", "hyperscaler")
 DEFAULT_PRICE_SET = "gpu-cloud"
 

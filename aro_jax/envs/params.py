@@ -133,13 +133,15 @@ class EnvParams(environment.EnvParams):
     # they serve nothing meanwhile.
     tier_switch_s: float = 240.0
     # Pod bounds per GPU from the replica's instance type (defaults: AWS p4de.24xlarge,
-    # 96 vCPUs and 1152 GiB over 8 GPUs; hardware.INSTANCES), and the CPU/memory prices
-    # (GCP N2 list prices under gpu-cloud, fluid.CPU_USD_PER_CORE_H; 0 under hyperscaler,
-    # where the instance price covers them).
+    # 96 vCPUs and 1152 GiB over 8 GPUs; hardware.INSTANCES), and what the pods' CPU and
+    # memory requests cost on top of the GPUs: nothing under either price set, whose GPU
+    # price covers the host's vCPUs and RAM (CoreWeave's billing docs: a GPU pod is billed
+    # at the GPU price, which includes them; AWS bills the instance). A price here would
+    # be right only where freed cores and memory are sold to other work.
     vcpus_per_gpu: float = 12.0
     host_memory_gb_per_gpu: float = 144.0
-    cpu_usd_per_core_h: float = 0.031611
-    memory_usd_per_gb_h: float = 0.004237
+    cpu_usd_per_core_h: float = 0.0
+    memory_usd_per_gb_h: float = 0.0
     reward: RewardWeights = dataclasses.field(default_factory=RewardWeights)
     cost_ref_usd_per_h: float = 1.0  # normalises cost: static allocation for peak load
     rate_ref_rps: float = 1.0  # normalises rates: the node's mean load

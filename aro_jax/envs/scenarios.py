@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from aro_jax.envs import hardware, sizing
-from aro_jax.envs.fluid import CPU_USD_PER_CORE_H, MEMORY_USD_PER_GB_H, replica_capacity_rps
+from aro_jax.envs.fluid import replica_capacity_rps
 from aro_jax.envs.params import EnvParams, RewardWeights, ServiceCurve
 from aro_jax.envs.traffic import TrafficParams, peak_rate_rps
 
@@ -128,7 +128,6 @@ def node_params(
     if prices == "gpu-cloud":
         gpu_price = profile.gpu_price_usd_per_h  # a calibrated profile file may set its own
     instance = hardware.INSTANCES[profile.gpu]
-    covered = prices == "hyperscaler"  # the instance price covers the pod's CPU and memory
     small = hardware.get_profile(hardware.quality_tier_of(profile))
     if spec.traffic_mix not in TRAFFIC_MIXES:
         raise ValueError(f"traffic_mix must be one of {sorted(TRAFFIC_MIXES)}, got {spec.traffic_mix!r}")
@@ -150,8 +149,6 @@ def node_params(
         host_memory_gb_per_gpu=instance.memory_gb_per_gpu,
         max_cpu_cores=float(spec.max_replicas * profile.tensor_parallel * instance.vcpus_per_gpu),
         max_host_memory_gb=float(spec.max_replicas * profile.tensor_parallel * instance.memory_gb_per_gpu),
-        cpu_usd_per_core_h=0.0 if covered else CPU_USD_PER_CORE_H,
-        memory_usd_per_gb_h=0.0 if covered else MEMORY_USD_PER_GB_H,
         peer_rtt_s=spec.peer_rtt_ms / 1e3,
         peer_spare_rps=spec.peer_spare_rps,
         slo_ttft_s=slo_ttft_s,
