@@ -347,8 +347,9 @@ def serve_tick(
     """The node's own half of a tick: serves its `local` (kept) arrivals and, given
     `incoming_requests`, requests forwarded in from peers (they join the same FCFS queue
     and are served at this node's load; their SLO check adds `incoming_rtt_s`, the mean
-    round trip they travelled). `weights_cache_gb` of host memory hold the weights' copy. Returns (core metrics, queue'): local latency, the
-    allocation's bill, and what a request served here for a peer meets (`peer_*`)."""
+    round trip they travelled); `weights_cache_gb` of host memory hold the weights' copy.
+    Returns (core metrics, queue'): local latency, the allocation's bill, and what a
+    request served here for a peer meets (`peer_*`)."""
     tick = params.tick_s
     tokens = token_moments(params.traffic)
     t_out = tokens["output_mean"]
