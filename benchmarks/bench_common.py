@@ -145,14 +145,22 @@ def code_commit() -> str:
 # update's parameters (fedppo.coupled_local_phase); runs recorded before it collected all
 # of a round's rollouts with the round's starting policy, so their levels are not comparable.
 ON_POLICY_ROLLOUTS = "15f1154"
+# The simulator's last change that moves results (the weight cache in host memory fills
+# over a load time; the GPU price covers the pods' CPU and memory).
+SIMULATOR_CHANGE = "be56a8e"
 
 
 @functools.lru_cache(maxsize=None)
-def on_policy_rollouts(commit: str) -> bool:
-    """Whether code at `commit` ("-dirty" allowed) trained with on-policy cluster rollouts."""
+def has_change(commit: str, change: str) -> bool:
+    """Whether code at `commit` ("-dirty" allowed) has the commit `change` in its history."""
     root = Path(__file__).resolve().parents[1]
     rev = commit.removesuffix("-dirty")
-    return subprocess.run(["git", "merge-base", "--is-ancestor", ON_POLICY_ROLLOUTS, rev], cwd=root, capture_output=True).returncode == 0
+    return subprocess.run(["git", "merge-base", "--is-ancestor", change, rev], cwd=root, capture_output=True).returncode == 0
+
+
+def on_policy_rollouts(commit: str) -> bool:
+    """Whether code at `commit` trained with on-policy cluster rollouts."""
+    return has_change(commit, ON_POLICY_ROLLOUTS)
 
 
 def write_report(json_path: Path, data: dict | None, render: Callable[[dict], str]) -> dict:

@@ -226,7 +226,7 @@ def main_job() -> list[str]:
         "",
         "![learning curve](benchmarks/main_job/learning_curve.png)",
         "![one day of one region](benchmarks/main_job/timeline_diurnal.png)",
-        *stale_rollouts(),
+        *stale_studies(),
     ]
     return out
 
@@ -246,26 +246,53 @@ def recorded_commits(tree) -> set[str]:
     return {c for v in tree for c in recorded_commits(v)} if isinstance(tree, list) else set()
 
 
-def stale_rollouts() -> list[str]:
-    """The cluster-env studies with runs recorded before on-policy rollouts: named, so no
-    reader compares them with the main job as if they trained the same way."""
+# Studies of the simulator's results beyond the cluster-env training studies.
+SIMULATOR_STUDIES = {**CLUSTER_STUDIES, "smooth_shift.json": "smooth_shift", "pareto_tier.json": "pareto_tier",
+                     "spill_threshold.json": "spill_threshold", "tier_thresholds.json": "tier_thresholds",
+                     "trace_clock.json": "trace_clock", "heterogeneity.json": "heterogeneity"}
+
+
+def predating(change: str, studies: dict[str, str], unrecorded: bool) -> list[str]:
+    """The `studies` with a run recorded at code before the commit `change` (and, where
+    `unrecorded`, those that record no commit, so cannot show they are after it)."""
     sys.path.insert(0, str(B))
-    from bench_common import ON_POLICY_ROLLOUTS, on_policy_rollouts
+    from bench_common import has_change
 
     stale = []
-    for rel, md in CLUSTER_STUDIES.items():
+    for rel, md in studies.items():
         path = B / rel
         files = sorted(path.glob("*.json")) if path.is_dir() else [path] if path.is_file() else []
+        if not files:
+            continue
         commits = set().union(*(recorded_commits(json.loads(f.read_text())) for f in files))
-        if commits and not all(on_policy_rollouts(c) for c in commits) and md not in stale:
+        if (not all(has_change(c, change) for c in commits) if commits else unrecorded) and md not in stale:
             stale.append(md)
-    if not stale:
-        return []
-    return ["", "Trained before on-policy rollouts: in the studies " + ", ".join(f"[`{m}.md`](benchmarks/{m}.md)" for m in stale)
-            + f" some or all runs predate commit {ON_POLICY_ROLLOUTS}, from which each local rollout of a cluster-env round acts with "
-            "the latest update's policy; before it, all of a round's rollouts acted with the round's starting policy. The main job "
-            "and its seeds above trained on-policy. Those studies compare their rows with one another, trained alike; their levels "
-            "may move once rerun."]
+    return stale
+
+
+def stale_studies() -> list[str]:
+    """The studies with runs recorded before on-policy rollouts or before the simulator's
+    last change: named, so no reader compares them with the main job as if they were
+    measured alike."""
+    sys.path.insert(0, str(B))
+    from bench_common import ON_POLICY_ROLLOUTS, SIMULATOR_CHANGE
+
+    links = lambda names: ", ".join(f"[`{m}.md`](benchmarks/{m}.md)" for m in names)  # noqa: E731
+    out = []
+    off_policy = predating(ON_POLICY_ROLLOUTS, CLUSTER_STUDIES, unrecorded=False)
+    if off_policy:
+        out += ["", f"Trained before on-policy rollouts: in the studies {links(off_policy)} some or all runs predate commit "
+                f"{ON_POLICY_ROLLOUTS}, from which each local rollout of a cluster-env round acts with the latest update's policy; "
+                "before it, all of a round's rollouts acted with the round's starting policy. The main job and its seeds above "
+                "trained on-policy. Those studies compare their rows with one another, trained alike; their levels may move once rerun."]
+    old_simulator = predating(SIMULATOR_CHANGE, SIMULATOR_STUDIES, unrecorded=True)
+    if old_simulator:
+        out += ["", f"Measured on an earlier simulator: {links(old_simulator)} have runs from before commit {SIMULATOR_CHANGE} "
+                "(or record no commit). Before it, a replica started from host memory in about 25 s the moment memory had room "
+                "for the weights (the copy now fills from storage over a cold start's load time), and the default price set "
+                "billed the pods' CPU and memory on top of the GPUs (CoreWeave's GPU price covers them); see docs/simulator.md. "
+                "The main job and its seeds above ran on the current simulator."]
+    return out
 
 
 def speed() -> list[str]:

@@ -3,7 +3,8 @@ judges the main job's point, not a point added at another code target, and a ban
 heuristic reaches reads as such; the robustness curves (benchmarks/robustness.py) keep
 runs whose defence assumed another f apart, judge an attack against no attack on the
 same seeds and set aside runs that predate on-policy rollouts; the federation study (benchmarks/federation.py) keeps each budget and number
-of training seeds apart and reads a lead inside the seeds' spread as not shown."""
+of training seeds apart and reads a lead inside the seeds' spread as not shown; the README
+names the studies measured before the simulator's last change."""
 
 import sys
 from pathlib import Path
@@ -247,3 +248,18 @@ def test_federation_keeps_each_budget_and_seed_count_apart(tmp_path, monkeypatch
     score["Local-only"] = -0.5
     assert run(large, 6, "Local-only") == {(large, 3): both, (large, 6): {"Local-only": -0.5}}
     assert list(run(small, 3, "Local-only")) == [(small, 3), (large, 3), (large, 6)]
+
+
+def test_the_readme_names_studies_measured_on_an_earlier_simulator(tmp_path, monkeypatch):
+    import json
+
+    import render_readme
+    from bench_common import SIMULATOR_CHANGE
+
+    monkeypatch.setattr(render_readme, "B", tmp_path)
+    (tmp_path / "pareto.json").write_text(json.dumps({"rows": [], "additions": [{"commit": "0a9657c"}]}))  # before the change
+    (tmp_path / "token_shift.json").write_text(json.dumps({"commit": SIMULATOR_CHANGE}))  # at it
+    (tmp_path / "smooth_shift.json").write_text(json.dumps({"commit": "fb07b8f-dirty"}))  # after it
+    (tmp_path / "heterogeneity.json").write_text("{}")  # no commit recorded: cannot show it is current
+    assert render_readme.predating(SIMULATOR_CHANGE, render_readme.SIMULATOR_STUDIES, unrecorded=True) == ["pareto", "heterogeneity"]
+    assert render_readme.predating(SIMULATOR_CHANGE, render_readme.CLUSTER_STUDIES, unrecorded=False) == ["pareto"]
