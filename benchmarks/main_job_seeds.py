@@ -36,7 +36,7 @@ from aro_jax.training import evaluation  # noqa: E402
 OUT = Path(__file__).with_name("main_job_seeds.json")
 WEIGHTS = Path("runs/main_job_seeds/weights.msgpack")
 # Held out from training: heavier demand (OVERLOAD_SCENARIO), then the real traces, whose
-# result varied most between training seeds (benchmarks/pareto.md).
+# result varied most between training seeds (benchmarks/pareto.md at 0a9657c).
 HELD_OUT_TRACES = ("trace-conv", "trace-code")
 # What a policy does where it fails: its decisions on the ticks its worst region drops more
 # than DROPPING_SHARE of that tick's arrivals, by kind of move.
