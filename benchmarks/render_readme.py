@@ -145,7 +145,7 @@ def main_job() -> list[str]:
                      + (" (" + ", ".join(f"{r} {week[r]['dropped_pct']:.2f} %" for r in over_drop) + ")" if over_drop else "")
                      + f"; its worst region-day is {worst} at "
                      f"{min(week[worst]['attainment_pct_by_day']):.1f} % against {100 * targets[worst]:.0f} %. ")
-            if "resizes_reversed_pct" in week[worst]:  # churn: a CPU or memory move undone on the next tick
+            if all("resizes_reversed_pct" in week[r] for r in targets):  # churn: a CPU or memory move undone on the next tick
                 churn = sorted(targets, key=lambda r: week[r]["resizes_reversed_pct"])
                 text += (f"It undoes a CPU or memory move on the next tick on {week[churn[len(churn) // 2]]['resizes_reversed_pct']:.1f} % "
                          f"of a region's tick pairs (median over regions; most in {churn[-1]}, "
