@@ -30,7 +30,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_common import code_commit, command_line, run_report, train_and_evaluate_seeds  # noqa: E402
+from bench_common import SIMULATOR_CHANGE, code_commit, command_line, has_change, run_report, train_and_evaluate_seeds  # noqa: E402
 
 from aro_jax.config import load_config  # noqa: E402
 from aro_jax.envs.heuristics import HEURISTICS  # noqa: E402
@@ -110,12 +110,17 @@ def measure(steps: int, seeds: int, learners: list[str]) -> dict:
     objective = dataclasses.asdict(config(steps, []).objective)
     old = json.loads(OUT.read_text()) if OUT.exists() else {}
     same = old.get("objective") == objective and old.get("eval_seeds") == EVAL_SEEDS
-    budgets = {(b["steps"], b["seeds"]): b for b in (old["budgets"] if same else [])}
+    # Budgets measured on an earlier simulator are set aside, not mixed with new rows.
+    current = [b for b in (old["budgets"] if same else []) if all(has_change(c, SIMULATOR_CHANGE) for c in b["commits"])]
+    aside = old.get("set_aside") or ({"budgets": len(old["budgets"]) - len(current), "commit": code_commit().removesuffix("-dirty")}
+                                      if same and len(current) < len(old["budgets"]) else None)
+    budgets = {(b["steps"], b["seeds"]): b for b in current}
     kept = budgets.get((steps, seeds), {"same_budget": {}, "commands": [], "commits": []})
     rows = same_budget(steps, seeds, learners)
     budgets[steps, seeds] = {"steps": steps, "seeds": seeds, "same_budget": {**kept["same_budget"], **rows},
                              "commands": [*kept["commands"], command_line()], "commits": sorted({*kept["commits"], code_commit()})}
-    return {"eval_seeds": EVAL_SEEDS, "objective": objective, "budgets": [budgets[k] for k in sorted(budgets)]}
+    return {"eval_seeds": EVAL_SEEDS, "objective": objective, "budgets": [budgets[k] for k in sorted(budgets)],
+            **({"set_aside": aside} if aside else {})}
 
 
 def _fmt(xs, digits=2):
@@ -233,6 +238,9 @@ def render(d: dict) -> str:
              "minus Local-only's at the same budget; *standard error*: the lead's, over training seeds; the aim reads met when "
              "the lead is positive and larger than either row's standard deviation; *the main job's federation's lead*: the same "
              "for the main job's own federated learner.", "", *summary(d), ""]
+    if aside := d.get("set_aside"):
+        lines += [f"{aside['budgets']} earlier budgets were measured before the simulator's change at commit {SIMULATOR_CHANGE} "
+                  f"and are set aside: `git show {aside['commit']}:benchmarks/federation.json` holds them.", ""]
     for b in d["budgets"]:
         lines += budget_section(b) + [""]
     return "\n".join(lines).rstrip() + "\n"
