@@ -240,7 +240,7 @@ CLUSTER_STUDIES = {"federation.json": "federation", "unseen_region.json": "unsee
 def recorded_commits(tree) -> set[str]:
     """Every "commit" (and "commits" list) a study's JSON records, "-dirty" marks dropped."""
     if isinstance(tree, dict):
-        return {c for k, v in tree.items()
+        return {c for k, v in tree.items() if k != "set_aside"  # where runs set aside are kept, not a run's code
                 for c in ({v.removesuffix("-dirty")} if k == "commit" and isinstance(v, str)
                           else {x.removesuffix("-dirty") for x in v} if k == "commits" else recorded_commits(v))}
     return {c for v in tree for c in recorded_commits(v)} if isinstance(tree, list) else set()

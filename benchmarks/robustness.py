@@ -51,7 +51,7 @@ import numpy as np  # noqa: E402
 from aro_jax.training import evaluation, learned_policy, trainers  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_common import ON_POLICY_ROLLOUTS, code_commit, on_policy_rollouts  # noqa: E402
+from bench_common import ON_POLICY_ROLLOUTS, SIMULATOR_CHANGE, code_commit, has_change, on_policy_rollouts  # noqa: E402
 from aro_jax.config import load_config  # noqa: E402
 from aro_jax.envs.scenarios import cluster_params  # noqa: E402
 from aro_jax.federated import aggregators, attacks, fedppo  # noqa: E402
@@ -291,6 +291,12 @@ def on_policy(records: list[dict]) -> list[dict]:
     return [r for r in records if on_policy_rollouts(r.get("commit", "unknown"))]
 
 
+def current_simulator(records: list[dict]) -> list[dict]:
+    """The runs on the current simulator (bench_common.SIMULATOR_CHANGE), which came after
+    on-policy rollouts: only they count as done or are compared with new curves."""
+    return [r for r in records if has_change(r.get("commit", "unknown"), SIMULATOR_CHANGE)]
+
+
 def save(name: str, records: list[dict]) -> None:
     RUNS.mkdir(exist_ok=True)
     (RUNS / f"{name}.json").write_text(json.dumps(records, indent=0))
@@ -393,17 +399,17 @@ CURVE = HERE / "robustness_curve.json"
 
 
 def load_curve() -> dict:
-    """The curves recorded so far. Runs that predate on-policy rollouts are set aside, with
-    the commit whose robustness_curve.json still holds them: their levels are not comparable
-    with the runs after, and they must not count as done."""
+    """The curves recorded so far. Runs that predate the current simulator (and so on-policy
+    rollouts) are set aside, with the commit whose robustness_curve.json still holds them:
+    their levels are not comparable with the runs after, and they must not count as done."""
     if not CURVE.exists():
         return {"commands": [], "records": []}
     data = json.loads(CURVE.read_text())
-    fresh = on_policy(data["records"])
+    fresh = current_simulator(data["records"])
     if len(fresh) < len(data["records"]):
         last = subprocess.run(["git", "log", "-1", "--format=%h", "--", str(CURVE)], cwd=HERE, capture_output=True, text=True).stdout.strip()
-        before = data.get("set_aside", {}).get("runs", 0)
-        data = {**data, "records": fresh, "set_aside": {"runs": before + len(data["records"]) - len(fresh), "commit": last}}
+        # That file names in its own set_aside where runs set aside before it are kept.
+        data = {**data, "records": fresh, "set_aside": {"runs": len(data["records"]) - len(fresh), "commit": last}}
         if not fresh:
             data.update(commands=[], seconds=0.0)
     return data
@@ -867,8 +873,9 @@ def render(records: list[dict], args) -> None:
     if curve["records"] or aside:
         lines += ["## Learning curves", ""]
     if aside:
-        lines += [f"{aside['runs']} earlier curve runs predate on-policy rollouts (commit {ON_POLICY_ROLLOUTS}) and are set aside: "
-                  f"`git show {aside['commit']}:benchmarks/robustness_curve.json` holds them. Every curve below trained on-policy.", ""]
+        lines += [f"{aside['runs']} earlier curve runs predate on-policy rollouts (commit {ON_POLICY_ROLLOUTS}) or the simulator's "
+                  f"last change (commit {SIMULATOR_CHANGE}) and are set aside: `git show {aside['commit']}:benchmarks/robustness_curve.json` "
+                  "holds them. Every curve below trained on-policy on the current simulator.", ""]
     if curve["records"]:
         lines += [f"Command: {', then '.join(f'`{c}`' for c in curve['commands'])}; {curve['machine']}, {curve['seconds'] / 60:.0f} min; "
                   f"code at commit {', '.join(sorted({r['commit'] for r in curve['records']}))}. The same study config, one run per "
