@@ -112,13 +112,15 @@ def test_curves_keep_each_f_with_its_own_no_attack_runs():
         assert cells[("none", 0.0)][0] == base and cells[("alie", 0.0)][:3] == (worst, base, 1)
 
 
-def test_curves_set_aside_runs_before_on_policy_rollouts(tmp_path, monkeypatch):
-    # 05a6245 trained with the round's starting policy; the fix commit itself is on-policy.
-    before, after = ({**curve_run("multi_krum", 3, 0, "none", score), "commit": c} for score, c in ((-9.0, "05a6245"), (-1.0, "15f1154")))
+def test_curves_set_aside_runs_before_on_policy_rollouts_or_the_current_simulator(tmp_path, monkeypatch):
+    # 05a6245 trained with the round's starting policy; 15f1154 on-policy on the earlier
+    # simulator; the simulator's change itself is current.
+    before, earlier, after = ({**curve_run("multi_krum", 3, 0, "none", score), "commit": c}
+                              for score, c in ((-9.0, "05a6245"), (-2.0, "15f1154"), (-1.0, robustness.SIMULATOR_CHANGE)))
     monkeypatch.setattr(robustness, "CURVE", tmp_path / "curve.json")
-    robustness.CURVE.write_text(robustness.json.dumps({"commands": ["old", "new"], "seconds": 60.0, "records": [before, after]}))
+    robustness.CURVE.write_text(robustness.json.dumps({"commands": ["old", "new"], "seconds": 60.0, "records": [before, earlier, after]}))
     data = robustness.load_curve()
-    assert data["records"] == [after] and data["set_aside"]["runs"] == 1 and data["commands"] == ["old", "new"]
+    assert data["records"] == [after] and data["set_aside"]["runs"] == 2 and data["commands"] == ["old", "new"]
     # Only the stale run recorded: nothing counts as done, and its commands go with it.
     robustness.CURVE.write_text(robustness.json.dumps({"commands": ["old"], "seconds": 60.0, "records": [before]}))
     data = robustness.load_curve()
@@ -258,8 +260,26 @@ def test_the_readme_names_studies_measured_on_an_earlier_simulator(tmp_path, mon
 
     monkeypatch.setattr(render_readme, "B", tmp_path)
     (tmp_path / "pareto.json").write_text(json.dumps({"rows": [], "additions": [{"commit": "0a9657c"}]}))  # before the change
-    (tmp_path / "token_shift.json").write_text(json.dumps({"commit": SIMULATOR_CHANGE}))  # at it
+    # At it; where the runs it set aside are kept is no run of its own.
+    (tmp_path / "token_shift.json").write_text(json.dumps({"commit": SIMULATOR_CHANGE, "set_aside": {"commit": "0a9657c"}}))
     (tmp_path / "smooth_shift.json").write_text(json.dumps({"commit": "fb07b8f-dirty"}))  # after it
     (tmp_path / "heterogeneity.json").write_text("{}")  # no commit recorded: cannot show it is current
     assert render_readme.predating(SIMULATOR_CHANGE, render_readme.SIMULATOR_STUDIES, unrecorded=True) == ["pareto", "heterogeneity"]
     assert render_readme.predating(SIMULATOR_CHANGE, render_readme.CLUSTER_STUDIES, unrecorded=False) == ["pareto"]
+
+
+def test_federation_sets_aside_budgets_measured_on_an_earlier_simulator(tmp_path, monkeypatch):
+    from bench_common import SIMULATOR_CHANGE
+
+    monkeypatch.setattr(federation, "OUT", tmp_path / "federation.json")
+    monkeypatch.setattr(federation, "same_budget", lambda steps, seeds, learners: {k: scored(-1.0) for k in learners})
+    objective = federation.dataclasses.asdict(federation.config(10_000_000, []).objective)
+    old = lambda steps, commit: {"steps": steps, "seeds": 3, "commands": ["c"], "commits": [commit],  # noqa: E731
+                                 "same_budget": {"Local-only": scored(-5.0)}}
+    federation.OUT.write_text(federation.json.dumps({"eval_seeds": federation.EVAL_SEEDS, "objective": objective, "budgets": [
+        old(3_000_000, "0a9657c"), old(20_000_000, SIMULATOR_CHANGE)]}))
+    data = federation.measure(10_000_000, 3, ["Local-only"])
+    # The budget from before the change goes; the one at it stays beside the new one.
+    assert [(b["steps"], b["commits"][0]) for b in data["budgets"]][1:] == [(20_000_000, SIMULATOR_CHANGE)]
+    assert data["budgets"][0]["steps"] == 10_000_000 and data["set_aside"]["budgets"] == 1
+    assert "are set aside: `git show " in federation.render({**data, "budgets": [], "machine": "m", "wall_s": 1.0})
