@@ -700,14 +700,19 @@ def noise_floor(data: dict) -> list[str]:
     """A personal policy keeps its own normaliser, so normaliser poisoning cannot reach it:
     a personal row's poisoned runs differ from its no-attack runs only by run-to-run noise
     where the two ran in different batches (float reductions reorder). Their lowest kept
-    share over the budgets is the floor above which "kept" cannot be told from no harm."""
+    share over the budgets is the floor above which "kept" cannot be told from no harm; in
+    one batch the two are equal."""
     recs = curve_view(data, F_AIM)["records"]
     out = []
     for method, agg in dict.fromkeys((r["method"], r["aggregator"]) for r in recs if is_personal(r["method"])):
         steps = sorted({r["env_steps"] for r in recs if (r["method"], r["aggregator"], r["attack"]) == (method, agg, "normaliser_poisoning")})
         kept = {(n, k): kept_share(base, v) for n in steps for k, (v, base, *_) in paired_cells(recs, method, agg, n).items()
                 if k[0] == "normaliser_poisoning"}
-        if kept:
+        if kept and min(kept.values()) >= 1.0:
+            out.append(f"Normaliser poisoning leaves {method} {agg} exactly at its no-attack score at every budget: the two cells "
+                       "ran in one batch, and the attack cannot reach its policies (each keeps its own normaliser). Between "
+                       "batches, run-to-run noise is not measured by these runs.")
+        elif kept:
             n, k = min(kept, key=kept.get)
             out.append(f"Noise floor: {method} {agg} keeps {100 * kept[(n, k)]:.0f} % of its no-attack score under normaliser poisoning "
                        f"({k[1]:g}) at {n / 1e6:.3g}M env steps, an attack that cannot reach its policies (each keeps its own normaliser): "
