@@ -423,8 +423,9 @@ def robustness() -> list[str]:
     if not rows:
         return out
     if not study.on_policy(rows):
-        out += [f"The grid below ran before on-policy rollouts (commit {study.ON_POLICY_ROLLOUTS}): its rows compare with one "
-                "another, trained alike, and not with the curves above.", ""]
+        out += [f"The grid below ran before on-policy rollouts (commit {study.ON_POLICY_ROLLOUTS}) and on the earlier simulator "
+                f"(before commit {study.SIMULATOR_CHANGE}): its rows compare with one another, trained alike, and not with the "
+                "curves above.", ""]
     fed = [r for r in rows if r["aggregator"] != "local-only"]
     attacks = [a for a in study.ATTACKS if any(r["attack"] == a for r in fed)]
     strength = {a: study.strength_value(study.STRENGTHS[a][0], 3) for a in attacks}  # the first listed of each

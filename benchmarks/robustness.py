@@ -841,8 +841,9 @@ def render(records: list[dict], args) -> None:
         "",
         *([] if fresh or not records else [
             f"Every grid run below predates commit {ON_POLICY_ROLLOUTS}, from which each local rollout of a round acts with the "
-            "latest update's policy; before it, all of a round's rollouts acted with the round's starting policy. The grid's rows "
-            "compare with one another, trained alike; *Learning curves* below holds the runs trained on-policy.", ""]),
+            "latest update's policy; before it, all of a round's rollouts acted with the round's starting policy. They also predate "
+            f"the simulator's last change (commit {SIMULATOR_CHANGE}). The grid's rows compare with one another, trained alike; "
+            "*Learning curves* below holds the runs trained on-policy on the current simulator.", ""]),
     ]
     local_rows = [r["score"] for r in records if r["aggregator"] == "local-only"]
     local = float(np.mean(local_rows)) if local_rows else None
