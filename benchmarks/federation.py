@@ -112,8 +112,9 @@ def measure(steps: int, seeds: int, learners: list[str]) -> dict:
     same = old.get("objective") == objective and old.get("eval_seeds") == EVAL_SEEDS
     # Budgets measured on an earlier simulator are set aside, not mixed with new rows.
     current = [b for b in (old["budgets"] if same else []) if all(has_change(c, SIMULATOR_CHANGE) for c in b["commits"])]
-    aside = old.get("set_aside") or ({"budgets": len(old["budgets"]) - len(current), "commit": code_commit().removesuffix("-dirty")}
-                                      if same and len(current) < len(old["budgets"]) else None)
+    dropped = len(old["budgets"]) - len(current) if same else 0
+    # The file at this commit holds them (and names in its own set_aside any set aside before).
+    aside = {"budgets": dropped, "commit": code_commit().removesuffix("-dirty")} if dropped else old.get("set_aside")
     budgets = {(b["steps"], b["seeds"]): b for b in current}
     kept = budgets.get((steps, seeds), {"same_budget": {}, "commands": [], "commits": []})
     rows = same_budget(steps, seeds, learners)

@@ -474,8 +474,8 @@ def federation() -> list[str]:
             f"commit {', '.join(largest['commits'])}):", "", *study.budget_table(largest)[:-1], "",
             *main_job_federation(largest["same_budget"], study.MAIN_JOB),
             "On the simulator before be56a8e, trained as the main job (30M env steps, 3 seeds, code f63f2f2), the learner "
-            "sending offsets (NNM + multi-Krum, pull 0.03 annealed) dropped 12-16 % of the held-out conversation trace in every seed, against 1.0-8.9 % with the main job's "
-            "federation (`configs/default.yaml` records it)."]
+            "sending offsets (NNM + multi-Krum, pull 0.03 annealed) dropped 12-16 % of the held-out conversation trace in "
+            "every seed, against 1.0-8.9 % with the main job's federation (`configs/default.yaml` records it)."]
 
 
 def main_job_federation(rows: dict, main_job: str) -> list[str]:
