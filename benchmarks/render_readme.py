@@ -472,18 +472,19 @@ def federation() -> list[str]:
             "learner's lead over Local-only at each budget:", "", *study.summary(d), "",
             f"At {largest['steps'] / 1e6:g}M env steps ({largest['seeds']} training seeds; `{largest['commands'][-1]}`, code at "
             f"commit {', '.join(largest['commits'])}):", "", *study.budget_table(largest)[:-1], "",
-            *main_job_federation(largest["same_budget"], study.MAIN_JOB),
+            *main_job_federation(largest["same_budget"], study),
             "On the simulator before be56a8e, trained as the main job (30M env steps, 3 seeds, code f63f2f2), the learner "
             "sending offsets (NNM + multi-Krum, pull 0.03 annealed) dropped 12-16 % of the held-out conversation trace in "
             "every seed, against 1.0-8.9 % with the main job's federation (`configs/default.yaml` records it)."]
 
 
-def main_job_federation(rows: dict, main_job: str) -> list[str]:
+def main_job_federation(rows: dict, study) -> list[str]:
     """Where the main job's own federation stands among the learners of one budget."""
+    main_job = study.MAIN_JOB
     if main_job not in rows:
         return []
     mean = lambda k, x: float(np.mean([r[x] for r in rows[k]["rows"]]))  # noqa: E731
-    learned = [k for k in rows if rows[k]["train_s"] > 0]
+    learned = [k for k in rows if k in study.LEARNERS]
     ranks = {x: 1 + sum(mean(k, x) > mean(main_job, x) for k in learned) for x in ("objective", "targets_met")}
     return [f"The main job's own federation ranks {ranks['objective']} of {len(learned)} learned rows on the objective and "
             f"{ranks['targets_met']} of {len(learned)} on targets met ({mean(main_job, 'targets_met'):.1f} of 10 on average).", ""]

@@ -283,3 +283,12 @@ def test_federation_sets_aside_budgets_measured_on_an_earlier_simulator(tmp_path
     assert [(b["steps"], b["commits"][0]) for b in data["budgets"]][1:] == [(20_000_000, SIMULATOR_CHANGE)]
     assert data["budgets"][0]["steps"] == 10_000_000 and data["set_aside"]["budgets"] == 1
     assert "are set aside: `git show " in federation.render({**data, "budgets": [], "machine": "m", "wall_s": 1.0})
+
+
+def test_noise_floor_tells_equal_cells_from_run_to_run_noise():
+    run = lambda attack, score: {**curve_run("nnm+multi_krum", 3, 0 if attack == "none" else 3, attack, score),  # noqa: E731
+                                 "method": "personal-offset0.03"}
+    equal = robustness.noise_floor({"records": [run("none", -1.0), run("normaliser_poisoning", -1.0)]})
+    assert "exactly at its no-attack score" in equal[0]
+    apart = robustness.noise_floor({"records": [run("none", -1.0), run("normaliser_poisoning", -1.1)]})
+    assert apart[0].startswith("Noise floor: personal-offset0.03 nnm+multi_krum keeps 90 %")
